@@ -1,0 +1,27 @@
+//! The AFC domain of the station controller cluster, with no I/O and no async runtime.
+//!
+//! Everything a controller and a gate agent must agree on lives here, so both sides are built from
+//! the same definitions and tested without sockets:
+//!
+//! - [`model`]: identifiers, money, time and dates, card types, media, directions, reject reasons.
+//! - [`mode`]: the station operating-mode bitmask (SPEC §2) and the mode history gates consult.
+//! - [`network`]: the network description and fare rule, compiled into an OD [`network::FareTable`].
+//! - [`blacklist`]: `(media, id)` entries and number ranges, a full base plus ordered deltas.
+//! - [`qr`]: the ride-code byte layout, its ed25519 verification, the replay cache and a generator.
+//! - [`decision`]: the tap decision, a pure function of (tap, parameters, modes, now).
+//! - [`package`]: signed parameter packages, their body encodings and chunking for MQTT.
+//! - [`ledger`]: the transaction record, its canonical bytes, the hash chain, signed gate batches.
+//! - [`wire`] and [`topic`]: the JSON messages and topic names of SPEC §5.
+//! - [`varint`]: the small integer codec the compact encodings share.
+
+pub mod blacklist;
+pub mod decision;
+pub mod ledger;
+pub mod mode;
+pub mod model;
+pub mod network;
+pub mod package;
+pub mod qr;
+pub mod topic;
+pub mod varint;
+pub mod wire;
