@@ -1,1 +1,4 @@
+//! Integration tests of the AFC domain library: one test binary, a module per area.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod decisions;
