@@ -1,0 +1,338 @@
+//! The gate's durable storage: the transaction outbox, the gate_seq counter, and the parameter
+//! packages it holds. The only module that knows sled, so the engine could be swapped.
+//!
+//! Outbox rules (SPEC §5, §7, §8):
+//! - `gate_seq` is assigned here and written in the same atomic batch as the record it numbers,
+//!   and [`Store::append`] returns only after the batch is flushed to disk. So a number is never
+//!   used before it is durable, and a record the reader was told about is never lost.
+//! - Records leave only through [`Store::ack`], when the controllers' `tx/ack` covers them.
+//! - The outbox is bounded by bytes. Past the capacity, [`Store::append`] refuses with
+//!   [`StoreError::Full`] (the caller refuses the tap with `outbox_full`); nothing is dropped.
+//!
+//! Parameter rules: a package is stored whole in one value, and switching pending → active is one
+//! atomic batch, so a crash mid-write leaves the previous set.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("storage error in a batch: {0}")]
+    Batch(String),
+    #[error("the outbox is full ({bytes} of {capacity} bytes)")]
+    Full { bytes: u64, capacity: u64 },
+    #[error("stored value {0} is corrupt")]
+    Corrupt(&'static str),
+}
+
+const NEXT_SEQ: &[u8] = b"next_seq";
+const ACKED_THROUGH: &[u8] = b"acked_through";
+
+/// Which slot of a parameter kind a package sits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Active,
+    Pending,
+}
+
+impl Slot {
+    fn as_str(self) -> &'static str {
+        match self {
+            Slot::Active => "active",
+            Slot::Pending => "pending",
+        }
+    }
+}
+
+fn param_key(kind: &str, slot: Slot) -> Vec<u8> {
+    format!("{kind}/{}", slot.as_str()).into_bytes()
+}
+
+/// Per-record overhead counted against the capacity (key and bookkeeping).
+const RECORD_OVERHEAD: u64 = 16;
+
+pub struct Store {
+    db: sled::Db,
+    /// gate_seq (big-endian u64) → record bytes.
+    outbox: sled::Tree,
+    /// Counters: next gate_seq, highest acked.
+    meta: sled::Tree,
+    /// `{kind}/{active|pending}` → package bytes; other small state by name.
+    params: sled::Tree,
+    capacity: u64,
+    /// Bytes the outbox holds (records plus overhead), kept in memory.
+    bytes: AtomicU64,
+    depth: AtomicU64,
+    /// Serializes gate_seq assignment.
+    seq: Mutex<u64>,
+}
+
+fn be(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+fn read_u64(v: Option<sled::IVec>, what: &'static str) -> Result<Option<u64>, StoreError> {
+    match v {
+        None => Ok(None),
+        Some(b) => {
+            let arr: [u8; 8] = b.as_ref().try_into().map_err(|_| StoreError::Corrupt(what))?;
+            Ok(Some(u64::from_be_bytes(arr)))
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`; the outbox may hold up to `capacity` bytes.
+    pub fn open(dir: &Path, capacity: u64) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(dir).mode(sled::Mode::LowSpace).open()?;
+        let outbox = db.open_tree("outbox")?;
+        let meta = db.open_tree("meta")?;
+        let params = db.open_tree("params")?;
+        let mut bytes = 0u64;
+        let mut depth = 0u64;
+        let mut last = 0u64;
+        for kv in outbox.iter() {
+            let (k, v) = kv?;
+            let arr: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("outbox key"))?;
+            last = last.max(u64::from_be_bytes(arr));
+            bytes += v.len() as u64 + RECORD_OVERHEAD;
+            depth += 1;
+        }
+        let next = read_u64(meta.get(NEXT_SEQ)?, "next_seq")?.unwrap_or(1).max(last + 1);
+        Ok(Store {
+            db,
+            outbox,
+            meta,
+            params,
+            capacity,
+            bytes: AtomicU64::new(bytes),
+            depth: AtomicU64::new(depth),
+            seq: Mutex::new(next),
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes the outbox holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records waiting for an ack.
+    pub fn depth(&self) -> u64 {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    /// Whether a record of about `len` bytes still fits.
+    pub fn has_room(&self, len: usize) -> bool {
+        self.bytes() + len as u64 + RECORD_OVERHEAD <= self.capacity
+    }
+
+    /// Whether the outbox is past `percent` of its capacity (the near-full alarm).
+    pub fn above(&self, percent: u64) -> bool {
+        self.bytes().saturating_mul(100) >= self.capacity.saturating_mul(percent)
+    }
+
+    /// The gate_seq the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        *self.seq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Numbers a record, stores it and the advanced counter in one batch, and flushes; returns the
+    /// gate_seq once both are durable. `make` builds the record bytes from its gate_seq.
+    pub fn append(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
+        let seq = {
+            let mut next = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = *next;
+            let record = make(seq);
+            let cost = record.len() as u64 + RECORD_OVERHEAD;
+            let bytes = self.bytes();
+            if bytes + cost > self.capacity {
+                return Err(StoreError::Full { bytes, capacity: self.capacity });
+            }
+            let outbox = &self.outbox;
+            let meta = &self.meta;
+            use sled::Transactional;
+            (outbox, meta)
+                .transaction(|(o, m)| {
+                    o.insert(&be(seq), record.as_slice())?;
+                    m.insert(NEXT_SEQ, &be(seq + 1))?;
+                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| StoreError::Batch(format!("{e:?}")))?;
+            *next = seq + 1;
+            self.bytes.fetch_add(cost, Ordering::Relaxed);
+            self.depth.fetch_add(1, Ordering::Relaxed);
+            seq
+        };
+        // Outside the lock, so concurrent appends share one disk flush.
+        self.db.flush()?;
+        Ok(seq)
+    }
+
+    /// Up to `max_records` records (and about `max_bytes`) after `after`, in gate_seq order.
+    pub fn pending(
+        &self,
+        after: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        let mut size = 0;
+        for kv in self.outbox.range(be(after.saturating_add(1))..) {
+            let (k, v) = kv?;
+            let arr: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("outbox key"))?;
+            if !out.is_empty() && (out.len() >= max_records || size + v.len() > max_bytes) {
+                break;
+            }
+            size += v.len();
+            out.push((u64::from_be_bytes(arr), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes every record with gate_seq ≤ `through`; returns how many were removed.
+    pub fn ack(&self, through: u64) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        let mut freed = 0u64;
+        for kv in self.outbox.range(..=be(through)) {
+            let (k, v) = kv?;
+            batch.remove(k);
+            removed += 1;
+            freed += v.len() as u64 + RECORD_OVERHEAD;
+        }
+        if removed > 0 {
+            self.outbox.apply_batch(batch)?;
+            self.bytes.fetch_sub(freed.min(self.bytes()), Ordering::Relaxed);
+            self.depth.fetch_sub((removed as u64).min(self.depth()), Ordering::Relaxed);
+        }
+        let prev = self.acked_through()?;
+        if through > prev {
+            self.meta.insert(ACKED_THROUGH, &be(through))?;
+        }
+        Ok(removed)
+    }
+
+    /// The highest gate_seq acknowledged so far (0 before any).
+    pub fn acked_through(&self) -> Result<u64, StoreError> {
+        Ok(read_u64(self.meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0))
+    }
+
+    /// Flushes whatever is buffered (acks, small state).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The package held in a slot of a parameter kind.
+    pub fn param(&self, kind: &str, slot: Slot) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.params.get(param_key(kind, slot))?.map(|v| v.to_vec()))
+    }
+
+    /// Stores a verified package in a slot, durably.
+    pub fn put_param(&self, kind: &str, slot: Slot, package: &[u8]) -> Result<(), StoreError> {
+        self.params.insert(param_key(kind, slot), package)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Makes the pending package of `kind` the active one, in one atomic batch.
+    pub fn activate_pending(&self, kind: &str) -> Result<bool, StoreError> {
+        let Some(p) = self.params.get(param_key(kind, Slot::Pending))? else { return Ok(false) };
+        let mut batch = sled::Batch::default();
+        batch.insert(param_key(kind, Slot::Active), p);
+        batch.remove(param_key(kind, Slot::Pending));
+        self.params.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(true)
+    }
+
+    /// Small named state (the last mode message, recent command ids ...).
+    pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.params.get(format!("state/{name}"))?.map(|v| v.to_vec()))
+    }
+
+    pub fn put_state(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.params.insert(format!("state/{name}"), value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_seq_survives_a_restart_and_acks_remove_only_what_they_cover() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 1 << 20).unwrap();
+            for i in 1..=5u64 {
+                assert_eq!(s.append(|seq| format!("r{seq}").into_bytes()).unwrap(), i);
+            }
+            assert_eq!(s.ack(2).unwrap(), 2);
+            assert_eq!(s.depth(), 3);
+        }
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.depth(), 3);
+        assert_eq!(s.acked_through().unwrap(), 2);
+        let p = s.pending(0, 10, 1 << 20).unwrap();
+        assert_eq!(p.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(p[0].1, b"r3");
+        assert_eq!(s.append(|_| b"x".to_vec()).unwrap(), 6);
+        // Even when everything is acked, numbers are never reused.
+        s.ack(6).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.depth(), 0);
+        assert_eq!(s.append(|_| b"y".to_vec()).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_and_drops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 100).unwrap();
+        s.append(|_| vec![0; 50]).unwrap();
+        assert!(s.above(50));
+        assert!(matches!(s.append(|_| vec![0; 50]), Err(StoreError::Full { .. })));
+        assert_eq!(s.depth(), 1);
+        assert!(!s.has_room(50));
+        s.ack(1).unwrap();
+        assert!(s.has_room(50));
+        assert_eq!(s.append(|_| vec![0; 50]).unwrap(), 2);
+    }
+
+    #[test]
+    fn pending_batches_are_bounded_by_count_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        for _ in 0..10 {
+            s.append(|_| vec![1; 100]).unwrap();
+        }
+        assert_eq!(s.pending(0, 4, 1 << 20).unwrap().len(), 4);
+        assert_eq!(s.pending(0, 100, 250).unwrap().len(), 2);
+        assert_eq!(s.pending(8, 100, 1 << 20).unwrap().len(), 2);
+        assert_eq!(s.pending(0, 100, 10).unwrap().len(), 1, "one record always fits");
+    }
+
+    #[test]
+    fn a_pending_package_replaces_the_active_one_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        s.put_param("fare_table", Slot::Active, b"v1").unwrap();
+        s.put_param("fare_table", Slot::Pending, b"v2").unwrap();
+        assert!(s.activate_pending("fare_table").unwrap());
+        assert_eq!(s.param("fare_table", Slot::Active).unwrap().unwrap(), b"v2");
+        assert_eq!(s.param("fare_table", Slot::Pending).unwrap(), None);
+        assert!(!s.activate_pending("fare_table").unwrap());
+    }
+}
