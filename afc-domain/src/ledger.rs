@@ -240,8 +240,7 @@ impl TxRecord {
         } else {
             None
         };
-        let entry_time =
-            if get_bool(&mut r, Field::EntryTime)? { Some(Timestamp(r.i64()?)) } else { None };
+        let entry_time = if get_bool(&mut r, Field::EntryTime)? { Some(Timestamp(r.i64()?)) } else { None };
         let occurred_at = Timestamp(r.i64()?);
         let modes = ModeBits(get_u16(&mut r, Field::Modes)?);
         let params = ParamVersions {

@@ -211,11 +211,7 @@ fn parse(code: &[u8]) -> Result<Parsed, QrError> {
     // u32 seconds and u16 seconds: neither the product nor the sum can overflow i64.
     let issued_at = Timestamp(i64::from(issued_secs) * 1000);
     let expires_at = Timestamp(issued_at.0 + i64::from(valid_secs) * 1000);
-    Ok(Parsed {
-        claims: QrClaims { issuer, key_id, account, issued_at, expires_at, nonce },
-        body,
-        signature,
-    })
+    Ok(Parsed { claims: QrClaims { issuer, key_id, account, issued_at, expires_at, nonce }, body, signature })
 }
 
 /// Eight bytes of the body from `at`; only called with the constant offsets 5 and 19.
@@ -248,9 +244,7 @@ pub fn verify(code: &[u8], keys: &QrKeySet, now: Timestamp, skew: QrSkew) -> Res
         return Err(QrError::KeyNotValid { issuer, key_id });
     }
     let signature = Signature::from_bytes(&parsed.signature);
-    verifying
-        .verify_strict(&signing_message(&parsed.body), &signature)
-        .map_err(|_| QrError::BadSignature)?;
+    verifying.verify_strict(&signing_message(&parsed.body), &signature).map_err(|_| QrError::BadSignature)?;
     if now.0 > expires_at.0.saturating_add(skew.ms()) {
         return Err(QrError::Expired { expires_at });
     }
@@ -650,10 +644,8 @@ mod tests {
         let inverted = QrIssuerKey { valid_from: k.valid_to, valid_to: k.valid_from, ..k.clone() };
         assert_eq!(QrKeySet::new(vec![inverted]), Err(QrKeyError::InvertedValidity { issuer: 7, key_id: 2 }));
         // Not every 32-byte string decompresses to a curve point; find one that does not.
-        let bad = (0u8..=255)
-            .map(|b| [b; 32])
-            .find(|bytes| VerifyingKey::from_bytes(bytes).is_err())
-            .unwrap();
+        let bad =
+            (0u8..=255).map(|b| [b; 32]).find(|bytes| VerifyingKey::from_bytes(bytes).is_err()).unwrap();
         assert_eq!(
             QrKeySet::new(vec![QrIssuerKey { public_key: bad, ..k }]),
             Err(QrKeyError::BadPublicKey { issuer: 7, key_id: 2 })
