@@ -26,6 +26,7 @@
 //! | 14 | `modes` | varint |
 //! | 15 | `params` | 5 varints: fare_table, blacklist, qr_keys, gate_config, mode |
 //! | 16 | `replay_unchecked` | bool byte |
+//! | 17 | `qr` | presence byte + issuer varint + nonce varint |
 //!
 //! [`TxRecord::from_canonical`] is strict: it refuses unknown codes, invalid identifiers, trailing
 //! bytes and any input that is not exactly what `canonical_bytes` would produce (for instance a
@@ -94,6 +95,16 @@ pub struct TxRecord {
     /// Set when the gate could not confirm a QR code's station-wide replay check (it was cut off
     /// from the controllers) and clearing should check for a duplicate use.
     pub replay_unchecked: bool,
+    /// For a QR tap: the code's issuer and nonce, so clearing can find a duplicate use of one code
+    /// (the account alone is in `id`).
+    pub qr: Option<QrRef>,
+}
+
+/// Which QR code a transaction used: with the account (`TxRecord::id`) it identifies the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QrRef {
+    pub issuer: u16,
+    pub nonce: u64,
 }
 
 /// The format version byte that starts every record's canonical bytes.
@@ -124,6 +135,7 @@ pub enum Field {
     EntryTime,
     Modes,
     ReplayUnchecked,
+    Qr,
 }
 
 /// Why canonical bytes or a gate batch were refused.
@@ -206,6 +218,14 @@ impl TxRecord {
             varint::put_u64(out, v);
         }
         out.push(u8::from(self.replay_unchecked));
+        match self.qr {
+            None => out.push(0),
+            Some(q) => {
+                out.push(1);
+                varint::put_u64(out, u64::from(q.issuer));
+                varint::put_u64(out, q.nonce);
+            }
+        }
     }
 
     /// Decodes canonical bytes, refusing anything `canonical_bytes` would not have produced.
@@ -251,6 +271,11 @@ impl TxRecord {
             mode: r.u64()?,
         };
         let replay_unchecked = get_bool(&mut r, Field::ReplayUnchecked)?;
+        let qr = if get_bool(&mut r, Field::Qr)? {
+            Some(QrRef { issuer: get_u16(&mut r, Field::Qr)?, nonce: r.u64()? })
+        } else {
+            None
+        };
         if !r.is_empty() {
             return Err(LedgerError::TrailingBytes(r.remaining()));
         }
@@ -274,6 +299,7 @@ impl TxRecord {
             modes,
             params,
             replay_unchecked,
+            qr,
         };
         // Varints accept redundant continuation bytes; re-encoding catches every such alias.
         if record.canonical_bytes() != bytes {
@@ -610,6 +636,7 @@ mod tests {
             modes: ModeBits::NORMAL,
             params: ParamVersions { fare_table: 3, blacklist: 120, qr_keys: 2, gate_config: 1, mode: 9 },
             replay_unchecked: false,
+            qr: None,
         }
     }
 
@@ -623,6 +650,7 @@ mod tests {
             entry_station: None,
             entry_time: None,
             replay_unchecked: true,
+            qr: Some(QrRef { issuer: 3, nonce: u64::MAX }),
             ..sample(seq)
         }
     }

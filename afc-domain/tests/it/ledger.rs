@@ -37,6 +37,7 @@ fn record(gate: &str, seq: u64) -> TxRecord {
         modes: ModeBits::NORMAL,
         params: ParamVersions { fare_table: 1, blacklist: 1, qr_keys: 1, gate_config: 1, mode: 1 },
         replay_unchecked: false,
+        qr: None,
     }
 }
 
