@@ -6,6 +6,9 @@
 //! 12, 4 up to 18, 5 up to 26, 6 up to 34, 7 up to 44, 8 up to 54 (limits inclusive), then +1 yuan per
 //! 15 km started; the ordinary Mingzhu card pays 80 %, students 50 %, rounded down to the fen.
 
+// Test code: a helper that cannot load the shipped data should fail the test loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use afc_domain::model::{BusinessDayRule, CardType, StationCode};
