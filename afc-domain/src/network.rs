@@ -19,6 +19,8 @@
 //!   exit must not cost more than the shortest real journey.
 //! - An overstay surcharge without `max_ride_minutes` is refused as a configuration error rather than
 //!   silently ignored.
+//! - The input documents refuse unknown fields: a misspelt `max_ride_minutes` must be an error, not a
+//!   silently absent ride limit.
 //! - A network holds at most [`MAX_STATIONS`] stations, which bounds the table a gate must hold
 //!   (1024² entries × 8 bytes = 8 MiB; Dalian's 100 stations take 80 KB).
 //!
@@ -51,6 +53,7 @@ const FORMAT: u8 = 1;
 
 /// A metro network as the operator describes it: the project's own JSON format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetworkDescription {
     /// A human name, shown in the console next to the parameter version.
     pub name: String,
@@ -69,6 +72,7 @@ pub struct NetworkDescription {
 
 /// A station of the network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Station {
     /// The numeric code written on cards and used in the OD table.
     pub code: StationCode,
@@ -83,6 +87,7 @@ pub struct Station {
 
 /// A line: stops in running order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Line {
     /// A short unique id (`"1"`, `"3B"`), used in error messages.
     pub id: String,
@@ -94,6 +99,7 @@ pub struct Line {
 
 /// One stop of a line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Stop {
     /// The station id (not the code), as in [`Station::id`].
     pub station: String,
@@ -105,6 +111,7 @@ pub struct Stop {
 /// An out-of-station transfer: passengers may leave at `from` and re-enter at `to` (or back) as one
 /// journey. Usable in both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TransferLink {
     /// One station id.
     pub from: String,
@@ -127,6 +134,7 @@ impl NetworkDescription {
 
 /// How a distance becomes a fare, and who pays how much of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FareRule {
     /// A human name, shown in the console.
     pub name: String,
@@ -151,6 +159,7 @@ pub struct FareRule {
 
 /// One distance band.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Band {
     /// The inclusive upper limit of the band, in metres: exactly this distance is still in the band.
     pub up_to_m: u32,
@@ -161,6 +170,7 @@ pub struct Band {
 /// The increment beyond the last band: `fen` more for every `per_m` metres, or part thereof,
 /// started beyond the last band's limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Increment {
     /// Fen added per step.
     pub fen: u32,
@@ -1279,6 +1289,26 @@ mod tests {
         check(
             &|r| r.business_day.utc_offset_minutes = 2000,
             FareError::InvalidBusinessDay { utc_offset_minutes: 2000, rollover_minute_of_day: 240 },
+        );
+    }
+
+    #[test]
+    fn a_misspelt_field_in_a_fare_rule_is_refused() {
+        let mut v = serde_json::to_value(dalian_rule()).unwrap();
+        v["max_ride_minute"] = serde_json::json!(120);
+        let e = serde_json::from_value::<FareRule>(v).unwrap_err();
+        assert!(e.to_string().contains("max_ride_minute"), "{e}");
+    }
+
+    #[test]
+    fn a_distance_beyond_u32_metres_is_refused() {
+        let net = network(
+            vec![station(1, "a"), station(2, "b"), station(3, "c")],
+            vec![line("1", "a", &[("b", u32::MAX), ("c", 1)])],
+        );
+        assert_eq!(
+            err(&net, &dalian_rule()),
+            FareError::DistanceOverflow { from: "a".into(), to: "c".into() }
         );
     }
 
