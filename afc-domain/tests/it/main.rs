@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod decisions;
+mod fares;
 mod ledger;
 mod qr;
 mod wire;
