@@ -151,6 +151,10 @@ impl BlacklistError {
     }
 }
 
+/// How many items one entry of a sparse index stands for. The index of 1,000,000 singles is then
+/// 250 KB, which stays in cache, and a lookup touches only one 256-byte block of the big vector.
+const BLOCK: usize = 32;
+
 /// The ids of one medium, in canonical form (see the module documentation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct MediaList {
@@ -158,16 +162,39 @@ struct MediaList {
     singles: Vec<u64>,
     /// Inclusive ranges of at least two ids, increasing, neither overlapping nor touching.
     ranges: Vec<(u64, u64)>,
+    /// Every [`BLOCK`]th single, so a lookup bisects a small, cached vector first.
+    singles_index: Vec<u64>,
+    /// The start of every [`BLOCK`]th range, likewise.
+    ranges_index: Vec<u64>,
+}
+
+/// The block of `items` that holds the last item whose key is at or below `id`, if any.
+fn block_of<'a, T>(items: &'a [T], index: &[u64], id: u64) -> &'a [T] {
+    let Some(k) = index.partition_point(|&first| first <= id).checked_sub(1) else {
+        return &[];
+    };
+    let start = k.saturating_mul(BLOCK);
+    items.get(start..items.len().min(start.saturating_add(BLOCK))).unwrap_or(&[])
 }
 
 impl MediaList {
+    /// A list from canonical singles and ranges, with its indexes built.
+    fn new(mut singles: Vec<u64>, mut ranges: Vec<(u64, u64)>) -> MediaList {
+        singles.shrink_to_fit();
+        ranges.shrink_to_fit();
+        let singles_index = singles.iter().step_by(BLOCK).copied().collect();
+        let ranges_index = ranges.iter().step_by(BLOCK).map(|&(first, _)| first).collect();
+        MediaList { singles, ranges, singles_index, ranges_index }
+    }
+
     fn contains(&self, id: u64) -> bool {
-        if self.singles.binary_search(&id).is_ok() {
+        if block_of(&self.singles, &self.singles_index, id).binary_search(&id).is_ok() {
             return true;
         }
         // The ranges starting at or below `id`; only the last of them can cover it.
-        let after = self.ranges.partition_point(|&(first, _)| first <= id);
-        after.checked_sub(1).and_then(|i| self.ranges.get(i)).is_some_and(|&(_, last)| id <= last)
+        let block = block_of(&self.ranges, &self.ranges_index, id);
+        let after = block.partition_point(|&(first, _)| first <= id);
+        after.checked_sub(1).and_then(|i| block.get(i)).is_some_and(|&(_, last)| id <= last)
     }
 
     /// Every single and range as `(first, last)`, in increasing order.
@@ -184,7 +211,8 @@ impl MediaList {
     }
 
     fn heap_bytes(&self) -> usize {
-        self.singles.capacity() * std::mem::size_of::<u64>()
+        (self.singles.capacity() + self.singles_index.capacity() + self.ranges_index.capacity())
+            * std::mem::size_of::<u64>()
             + self.ranges.capacity() * std::mem::size_of::<(u64, u64)>()
     }
 }
@@ -193,17 +221,17 @@ impl MediaList {
 /// merging the ones that overlap or touch.
 #[derive(Default)]
 struct Builder {
-    out: MediaList,
+    /// Finished singles, in order.
+    singles: Vec<u64>,
+    /// Finished ranges, in order.
+    ranges: Vec<(u64, u64)>,
     /// The interval still growing: the next push may extend it.
     pending: Option<(u64, u64)>,
 }
 
 impl Builder {
     fn with_capacity(singles: usize, ranges: usize) -> Builder {
-        Builder {
-            out: MediaList { singles: Vec::with_capacity(singles), ranges: Vec::with_capacity(ranges) },
-            pending: None,
-        }
+        Builder { singles: Vec::with_capacity(singles), ranges: Vec::with_capacity(ranges), pending: None }
     }
 
     fn push(&mut self, (first, last): (u64, u64)) {
@@ -219,9 +247,9 @@ impl Builder {
 
     fn emit(&mut self, (first, last): (u64, u64)) {
         if first == last {
-            self.out.singles.push(first);
+            self.singles.push(first);
         } else {
-            self.out.ranges.push((first, last));
+            self.ranges.push((first, last));
         }
     }
 
@@ -229,9 +257,7 @@ impl Builder {
         if let Some(done) = self.pending.take() {
             self.emit(done);
         }
-        self.out.singles.shrink_to_fit();
-        self.out.ranges.shrink_to_fit();
-        self.out
+        MediaList::new(self.singles, self.ranges)
     }
 }
 
@@ -679,7 +705,7 @@ fn decode_section(
     }
 
     // Singles and ranges must not overlap or touch each other either.
-    let list = MediaList { singles, ranges };
+    let list = MediaList::new(singles, ranges);
     let mut prev_end: Option<u64> = None;
     for (first, last) in list.intervals() {
         if let Some(p) = prev_end {
@@ -810,6 +836,23 @@ mod tests {
         assert!(!bl.contains(Media::Qr, 151));
         assert!(!bl.contains(Media::Token, 150));
         assert_eq!(bl.entry_count(), 103);
+    }
+
+    #[test]
+    fn lookups_are_correct_across_index_block_boundaries() {
+        // Singles at 10, 13, 16, ... and ranges [1_000_000 + 10k, +3] for k < 5000: many blocks each.
+        let singles = (0..5000u64).map(|k| svc(10 + 3 * k, 10 + 3 * k));
+        let ranges = (0..5000u64).map(|k| svc(1_000_000 + 10 * k, 1_000_000 + 10 * k + 3));
+        let bl = Blacklist::from_entries(1, singles.chain(ranges));
+        assert!(bl.lists[0].singles_index.len() > 100 && bl.lists[0].ranges_index.len() > 100);
+        for id in 0..16_000u64 {
+            let expect = id >= 10 && id < 10 + 3 * 5000 && (id - 10) % 3 == 0;
+            assert_eq!(bl.contains(Media::Svc, id), expect, "{id}");
+        }
+        for id in 999_990..1_050_010u64 {
+            let expect = (1_000_000..1_050_000).contains(&id) && (id - 1_000_000) % 10 <= 3;
+            assert_eq!(bl.contains(Media::Svc, id), expect, "{id}");
+        }
     }
 
     #[test]
