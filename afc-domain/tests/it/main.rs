@@ -4,5 +4,6 @@
 mod decisions;
 mod fares;
 mod ledger;
+mod packages;
 mod qr;
 mod wire;
