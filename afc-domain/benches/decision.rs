@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
     let s = setup();
     let stream = taps(&s, 4096);
     let modes = ModeState::default();
-    let mut replay = ReplayCache::new(1024);
+    let mut replay = ReplayCache::new(1024, QrSkew::default());
     let mut i = 0usize;
     c.bench_function("decide_svc_exit_dalian_1m_blacklist", |b| {
         b.iter(|| {
@@ -88,7 +88,7 @@ fn percentiles() {
     let s = setup();
     let stream = taps(&s, 200_000);
     let modes = ModeState::default();
-    let mut replay = ReplayCache::new(1024);
+    let mut replay = ReplayCache::new(1024, QrSkew::default());
     let mut ns = Vec::with_capacity(stream.len());
     let mut opened = 0usize;
     for (station, tap) in &stream {

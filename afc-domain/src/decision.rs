@@ -26,7 +26,7 @@
 //! - Under hours_24 a token stays valid into the next business day (the night did not roll over).
 
 use crate::blacklist::Blacklist;
-use crate::ledger::{ParamVersions, TxRecord};
+use crate::ledger::{ParamVersions, QrRef, TxRecord};
 use crate::mode::{ModeBits, ModeState};
 use crate::model::{Direction, Ident, Media, Reason, StationCode, Timestamp};
 use crate::network::FareTable;
@@ -109,6 +109,7 @@ impl Decision {
             modes: self.modes,
             params,
             replay_unchecked: false,
+            qr: self.qr.map(|c| QrRef { issuer: c.issuer, nonce: c.nonce }),
         }
     }
 }

@@ -111,7 +111,7 @@ impl World {
             qr_key,
             modes: ModeState::default(),
             now: noon(),
-            replay: ReplayCache::new(1000),
+            replay: ReplayCache::new(1000, QrSkew::default()),
         }
     }
 

@@ -2,4 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod decisions;
+mod fares;
+mod ledger;
+mod packages;
+mod qr;
 mod wire;
