@@ -28,31 +28,14 @@ use tokio_util::sync::CancellationToken;
 use crate::hardware::{u32_to_words, words_to_u32, RegisterMap};
 use crate::metrics::Metrics;
 
-/// Which way the flaps open for one passage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Aisle {
-    Entry,
-    Exit,
-}
+/// Which way the flaps open for one passage (the domain's entry / exit).
+pub use afc_domain::model::Direction as Aisle;
+pub use afc_domain::wire::GateDirection;
 
-/// The gate's direction setting (holding register `direction`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GateDirection {
-    Closed = 0,
-    Entry = 1,
-    Exit = 2,
-    Bidirectional = 3,
-}
-
-impl GateDirection {
-    pub fn allows(self, aisle: Aisle) -> bool {
-        matches!(
-            (self, aisle),
-            (GateDirection::Bidirectional, _)
-                | (GateDirection::Entry, Aisle::Entry)
-                | (GateDirection::Exit, Aisle::Exit)
-        )
+fn aisle_index(a: Aisle) -> usize {
+    match a {
+        Aisle::Entry => 0,
+        Aisle::Exit => 1,
     }
 }
 
@@ -164,9 +147,15 @@ pub struct PlcHandle {
     tx: mpsc::Sender<Request>,
     online: watch::Receiver<bool>,
     events: broadcast::Sender<PlcEvent>,
+    inputs: watch::Receiver<PlcInputs>,
 }
 
 impl PlcHandle {
+    /// What the last poll read (counters for heartbeats).
+    pub fn last_inputs(&self) -> PlcInputs {
+        *self.inputs.borrow()
+    }
+
     /// Whether the PLC can be commanded right now.
     pub fn online(&self) -> bool {
         *self.online.borrow()
@@ -255,7 +244,9 @@ pub fn spawn(config: PlcConfig, metrics: Arc<Metrics>, cancel: CancellationToken
     let (tx, rx) = mpsc::channel(64);
     let (online_tx, online) = watch::channel(false);
     let (events, _) = broadcast::channel(256);
+    let (inputs_tx, inputs) = watch::channel(PlcInputs::default());
     let task = PlcTask {
+        inputs: inputs_tx,
         config,
         metrics,
         online: online_tx,
@@ -272,13 +263,15 @@ pub fn spawn(config: PlcConfig, metrics: Arc<Metrics>, cancel: CancellationToken
         pending_opens: [VecDeque::new(), VecDeque::new()],
     };
     tokio::spawn(task.run(rx, cancel));
-    PlcHandle { tx, online, events }
+    PlcHandle { tx, online, events, inputs }
 }
 
 /// How long an open command waits for its passage before it no longer explains a counted one.
 const OPEN_WINDOW: Duration = Duration::from_secs(15);
 
 struct PlcTask {
+    /// The last inputs read, for heartbeats.
+    inputs: watch::Sender<PlcInputs>,
     config: PlcConfig,
     metrics: Arc<Metrics>,
     online: watch::Sender<bool>,
@@ -439,7 +432,7 @@ impl PlcTask {
         self.write_coil(c.out_of_service, d.out_of_service).await?;
         self.write_coil(c.alarm, d.alarm).await?;
         let dir = self.config.map.holding_registers.direction;
-        self.write_registers(dir, vec![d.direction as u16]).await
+        self.write_registers(dir, vec![d.direction.code()]).await
     }
 
     async fn show(&mut self, display_code: u16, display_fen: u32) -> Step<()> {
@@ -447,7 +440,7 @@ impl PlcTask {
         let [hi, lo] = u32_to_words(display_fen);
         if h.direction == h.display_code.wrapping_add(1) && h.display_fen == h.display_code.wrapping_add(2) {
             // The default layout: code, direction and fare are contiguous, one call.
-            let words = vec![display_code, self.desired.direction as u16, hi, lo];
+            let words = vec![display_code, self.desired.direction.code(), hi, lo];
             self.write_registers(h.display_code, words).await
         } else {
             self.write_registers(h.display_code, vec![display_code]).await?;
@@ -469,7 +462,7 @@ impl PlcTask {
                     Aisle::Exit => c.open_exit,
                 };
                 self.write_coil(coil, true).await?;
-                self.pending_opens[aisle as usize].push_back(Instant::now());
+                self.pending_opens[aisle_index(aisle)].push_back(Instant::now());
             }
             Command::Show { display_code, display_fen } => self.show(display_code, display_fen).await?,
             Command::FreePassage(on) => {
@@ -495,7 +488,7 @@ impl PlcTask {
                 self.desired.direction = d;
                 if self.ctx.is_some() {
                     let addr = self.config.map.holding_registers.direction;
-                    self.write_registers(addr, vec![d as u16]).await?;
+                    self.write_registers(addr, vec![d.code()]).await?;
                 }
             }
             Command::ReadInputs => return self.read_inputs().await.map(Reply::Inputs),
@@ -544,6 +537,7 @@ impl PlcTask {
             ..PlcInputs::default()
         });
         self.last = Some(now);
+        self.inputs.send_replace(now);
         if now.emergency_input != prev.emergency_input {
             self.raise(PlcEvent::EmergencyInput(now.emergency_input));
             self.desired.emergency = now.emergency_input;
@@ -563,7 +557,7 @@ impl PlcTask {
             (Aisle::Entry, now.entries_total.wrapping_sub(prev.entries_total)),
             (Aisle::Exit, now.exits_total.wrapping_sub(prev.exits_total)),
         ] {
-            let pending = &mut self.pending_opens[aisle as usize];
+            let pending = &mut self.pending_opens[aisle_index(aisle)];
             while pending.front().is_some_and(|t| expiry.is_some_and(|e| *t < e)) {
                 pending.pop_front();
             }

@@ -89,7 +89,11 @@ fn read_u64(v: Option<sled::IVec>, what: &'static str) -> Result<Option<u64>, St
 impl Store {
     /// Opens (or creates) the store in `dir`; the outbox may hold up to `capacity` bytes.
     pub fn open(dir: &Path, capacity: u64) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::LowSpace).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::LowSpace)
+            .cache_capacity(8 * 1024 * 1024)
+            .open()?;
         let outbox = db.open_tree("outbox")?;
         let meta = db.open_tree("meta")?;
         let params = db.open_tree("params")?;
@@ -253,6 +257,26 @@ impl Store {
         self.params.apply_batch(batch)?;
         self.db.flush()?;
         Ok(true)
+    }
+
+    /// Writes a kind's active set and (optionally) removes its pending package, in one atomic
+    /// batch, flushed.
+    pub fn set_active(&self, kind: &str, value: &[u8], clear_pending: bool) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(param_key(kind, Slot::Active), value);
+        if clear_pending {
+            batch.remove(param_key(kind, Slot::Pending));
+        }
+        self.params.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Drops a kind's pending package.
+    pub fn clear_pending(&self, kind: &str) -> Result<(), StoreError> {
+        self.params.remove(param_key(kind, Slot::Pending))?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Small named state (the last mode message, recent command ids ...).
