@@ -353,16 +353,21 @@ impl TrustedKeys {
         self.keys.keys().copied()
     }
 
+    /// How many keys are trusted.
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// Whether no key is trusted (every package would be refused).
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 }
 
 /// The body of a `blacklist` package: a full base or a delta on the previous version.
+// A body is a transient value, decoded once per package and then applied, so the size gap between
+// the variants (a few hundred bytes of vector headers) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlacklistBody {
     /// Replaces whatever the gate holds.
@@ -390,6 +395,7 @@ impl BlacklistBody {
         out
     }
 
+    /// Reads [`BlacklistBody::encode`]'s bytes; the inner list is validated as canonical.
     pub fn decode(bytes: &[u8]) -> Result<BlacklistBody, PackageError> {
         let (&tag, rest) = bytes.split_first().ok_or(PackageError::EmptyBody)?;
         match tag {
