@@ -47,8 +47,11 @@ fn taps(s: &Setup, n: usize) -> Vec<(StationCode, TapRequest)> {
         .map(|i| {
             let here = s.stations[(i * 7) % s.stations.len()];
             let from = s.stations[(i * 13 + 5) % s.stations.len()];
-            let card_id =
-                if i % 10 == 0 { blacklisted[i % blacklisted.len()] } else { 3104_0000_0000_0000 + (i as u64 * 7919) };
+            let card_id = if i % 10 == 0 {
+                blacklisted[i % blacklisted.len()]
+            } else {
+                3104_0000_0000_0000 + (i as u64 * 7919)
+            };
             let card = SvcCard {
                 card_id,
                 card_type: if i % 3 == 0 { CardType::Student } else { CardType::Ordinary },

@@ -10,6 +10,8 @@ struct Cli {}
 
 fn main() -> std::process::ExitCode {
     let _ = Cli::parse();
-    eprintln!("gate-agent: not built yet; the shared decision engine lives in afc-domain (see ARCHITECTURE.md)");
+    eprintln!(
+        "gate-agent: not built yet; the shared decision engine lives in afc-domain (see ARCHITECTURE.md)"
+    );
     std::process::ExitCode::from(2)
 }
