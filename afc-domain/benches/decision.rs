@@ -11,11 +11,12 @@ use std::time::Instant;
 use afc_domain::blacklist::{realistic_sample, Blacklist};
 use afc_domain::decision::{decide, Params};
 use afc_domain::mode::ModeState;
-use afc_domain::model::{CardType, Date, Direction, StationCode, Timestamp};
+use afc_domain::model::{CardType, Date, Direction, Media, StationCode, Timestamp};
 use afc_domain::network::{compile, FareRule, FareTable, NetworkDescription};
-use afc_domain::qr::{QrKeySet, QrSkew, ReplayCache};
+use afc_domain::qr::{self, QrIssue, QrIssuerKey, QrKeySet, QrSkew, ReplayCache};
 use afc_domain::wire::{EntryRecord, SvcCard, TapMedia, TapRequest};
 use criterion::{black_box, criterion_group, Criterion};
+use ed25519_dalek::SigningKey;
 
 struct Setup {
     fares: FareTable,
@@ -42,13 +43,17 @@ fn setup() -> Setup {
 
 /// A varied stream of exit taps: different cards (some blacklisted range hits), origins, stations.
 fn taps(s: &Setup, n: usize) -> Vec<(StationCode, TapRequest)> {
-    let blacklisted: Vec<u64> = realistic_sample(1_000, 42).iter().map(|e| e.first).collect();
+    let blacklisted: Vec<u64> =
+        s.blacklist.entries().filter(|e| e.media == Media::Svc).step_by(997).map(|e| e.first).collect();
     (0..n)
         .map(|i| {
             let here = s.stations[(i * 7) % s.stations.len()];
             let from = s.stations[(i * 13 + 5) % s.stations.len()];
-            let card_id =
-                if i % 10 == 0 { blacklisted[i % blacklisted.len()] } else { 3104_0000_0000_0000 + (i as u64 * 7919) };
+            let card_id = if i % 10 == 0 {
+                blacklisted[i % blacklisted.len()]
+            } else {
+                3104_0000_0000_0000 + (i as u64 * 7919)
+            };
             let card = SvcCard {
                 card_id,
                 card_type: if i % 3 == 0 { CardType::Student } else { CardType::Ordinary },
@@ -119,10 +124,66 @@ fn percentiles() {
     );
 }
 
+/// QR ride codes cost one ed25519 verification each; timed separately from stored-value taps.
+fn qr_percentiles() {
+    let issuer_key = SigningKey::from_bytes(&[7u8; 32]);
+    let mut s = setup();
+    s.qr_keys = QrKeySet::new(vec![QrIssuerKey {
+        issuer: 1,
+        key_id: 1,
+        public_key: issuer_key.verifying_key().to_bytes(),
+        valid_from: Timestamp(0),
+        valid_to: s.now.plus_days(365),
+    }])
+    .unwrap();
+    let codes: Vec<TapRequest> = (0..20_000u64)
+        .map(|nonce| {
+            let issue = QrIssue {
+                issuer: 1,
+                key_id: 1,
+                account: 10_000 + nonce % 5000,
+                issued_at: s.now,
+                valid_secs: 60,
+                nonce,
+            };
+            let code = qr::encode_text(&qr::generate(&issue, &issuer_key));
+            TapRequest { direction: Direction::Entry, media: TapMedia::Qr { code } }
+        })
+        .collect();
+    let modes = ModeState::default();
+    let mut replay = ReplayCache::new(50_000, QrSkew::default());
+    let p = Params {
+        station: s.stations[0],
+        fares: &s.fares,
+        blacklist: &s.blacklist,
+        qr_keys: &s.qr_keys,
+        qr_skew: QrSkew::default(),
+    };
+    let mut ns = Vec::with_capacity(codes.len());
+    let mut opened = 0usize;
+    for tap in &codes {
+        let t0 = Instant::now();
+        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay));
+        ns.push(t0.elapsed().as_nanos() as u64);
+        opened += usize::from(d.accepted());
+    }
+    assert_eq!(opened, codes.len());
+    ns.sort_unstable();
+    let q = |f: f64| ns[((ns.len() as f64 * f) as usize).min(ns.len() - 1)];
+    println!(
+        "QR decision latency over {} codes: p50 {} ns, p99 {} ns, max {} ns",
+        ns.len(),
+        q(0.50),
+        q(0.99),
+        ns[ns.len() - 1]
+    );
+}
+
 criterion_group!(benches, bench);
 
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
     percentiles();
+    qr_percentiles();
 }

@@ -846,7 +846,7 @@ mod tests {
         let bl = Blacklist::from_entries(1, singles.chain(ranges));
         assert!(bl.lists[0].singles_index.len() > 100 && bl.lists[0].ranges_index.len() > 100);
         for id in 0..16_000u64 {
-            let expect = id >= 10 && id < 10 + 3 * 5000 && (id - 10) % 3 == 0;
+            let expect = (10..10 + 3 * 5000).contains(&id) && (id - 10) % 3 == 0;
             assert_eq!(bl.contains(Media::Svc, id), expect, "{id}");
         }
         for id in 999_990..1_050_010u64 {

@@ -234,14 +234,17 @@ impl Ctx<'_, '_> {
                 d.open(reason)
             }
             Direction::Exit => {
-                let clear_entry = CardWrite { balance_fen: card.balance_fen, tx_counter, entry: None, retain: false };
+                let clear_entry =
+                    CardWrite { balance_fen: card.balance_fen, tx_counter, entry: None, retain: false };
                 if self.bits.has(ModeBits::TRAIN_DISRUPTION) {
                     d.entry = card.entry;
                     d.balance_after = Some(card.balance_fen);
                     d.card_write = Some(clear_entry);
                     return d.open(Reason::OkTrainDisruption);
                 }
-                let priced = match self.origin(card.entry, None, |from| fares.fare_fen(from, self.p.station, card.card_type)) {
+                let priced = match self
+                    .origin(card.entry, None, |from| fares.fare_fen(from, self.p.station, card.card_type))
+                {
                     Ok(p) => p,
                     Err(reason) => return d.reject(reason),
                 };
@@ -312,8 +315,12 @@ impl Ctx<'_, '_> {
                 }
                 let entry = EntryRecord { station: self.p.station, time: self.now };
                 d.entry = Some(entry);
-                d.card_write =
-                    Some(CardWrite { balance_fen: token.paid_fen, tx_counter: 0, entry: Some(entry), retain: false });
+                d.card_write = Some(CardWrite {
+                    balance_fen: token.paid_fen,
+                    tx_counter: 0,
+                    entry: Some(entry),
+                    retain: false,
+                });
                 d.open(reason)
             }
             Direction::Exit => {

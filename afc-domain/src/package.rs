@@ -46,7 +46,7 @@ pub const PACKAGE_MAGIC: [u8; 4] = *b"AFCP";
 /// The package format, after the magic; bumped on any incompatible change.
 pub const PACKAGE_FORMAT: u8 = 1;
 /// Bytes of an encoded package before the body: magic, format, header, signature.
-pub const PACKAGE_PREFIX_LEN: usize = 4 + 1 + HEADER_LEN + 64;
+pub const PACKAGE_PREFIX_LEN: usize = 4 + 1 + PACKAGE_HEADER_LEN + 64;
 /// The largest package accepted (64 MiB): far above a 1,000,000-entry blacklist (about 1.5 MB),
 /// far below what would hurt a gate.
 pub const MAX_PACKAGE_BYTES: u64 = 64 * 1024 * 1024;
@@ -54,7 +54,7 @@ pub const MAX_PACKAGE_BYTES: u64 = 64 * 1024 * 1024;
 /// anything else the same key signs.
 const SIGNING_DOMAIN: &[u8] = b"afc/v1 parameter package\0";
 /// Bytes of the canonical header: kind, version, effective_from, body_len, body_sha256, key_id.
-const HEADER_LEN: usize = 1 + 8 + 8 + 8 + 32 + 4;
+pub const PACKAGE_HEADER_LEN: usize = 1 + 8 + 8 + 8 + 32 + 4;
 
 /// What a package is and what its signature vouches for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +75,8 @@ pub struct PackageHeader {
 
 impl PackageHeader {
     /// The canonical fixed-width big-endian bytes of the header.
-    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
+    pub fn to_bytes(&self) -> [u8; PACKAGE_HEADER_LEN] {
+        let mut b = [0u8; PACKAGE_HEADER_LEN];
         b[0] = self.kind.code();
         b[1..9].copy_from_slice(&self.version.to_be_bytes());
         b[9..17].copy_from_slice(&self.effective_from.millis().to_be_bytes());
@@ -88,7 +88,7 @@ impl PackageHeader {
 
     /// The message the signature is made over: a domain prefix, the format, the header.
     fn signed_message(&self) -> Vec<u8> {
-        let mut m = Vec::with_capacity(SIGNING_DOMAIN.len() + 1 + HEADER_LEN);
+        let mut m = Vec::with_capacity(SIGNING_DOMAIN.len() + 1 + PACKAGE_HEADER_LEN);
         m.extend_from_slice(SIGNING_DOMAIN);
         m.push(PACKAGE_FORMAT);
         m.extend_from_slice(&self.to_bytes());
@@ -353,16 +353,21 @@ impl TrustedKeys {
         self.keys.keys().copied()
     }
 
+    /// How many keys are trusted.
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// Whether no key is trusted (every package would be refused).
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 }
 
 /// The body of a `blacklist` package: a full base or a delta on the previous version.
+// A body is a transient value, decoded once per package and then applied, so the size gap between
+// the variants (a few hundred bytes of vector headers) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlacklistBody {
     /// Replaces whatever the gate holds.
@@ -390,6 +395,7 @@ impl BlacklistBody {
         out
     }
 
+    /// Reads [`BlacklistBody::encode`]'s bytes; the inner list is validated as canonical.
     pub fn decode(bytes: &[u8]) -> Result<BlacklistBody, PackageError> {
         let (&tag, rest) = bytes.split_first().ok_or(PackageError::EmptyBody)?;
         match tag {

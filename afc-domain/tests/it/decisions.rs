@@ -40,7 +40,12 @@ fn network() -> NetworkDescription {
         lines: vec![Line {
             id: "1".into(),
             name: "Line 1".into(),
-            stops: vec![stop("a", None), stop("b", Some(3000)), stop("c", Some(4000)), stop("d", Some(10_000))],
+            stops: vec![
+                stop("a", None),
+                stop("b", Some(3000)),
+                stop("c", Some(4000)),
+                stop("d", Some(10_000)),
+            ],
         }],
         transfers: vec![],
     }
@@ -163,7 +168,8 @@ fn card(card_type: CardType, balance_fen: u32, entry: Option<(StationCode, i64)>
         balance_fen,
         expiry: Date::from_ymd(2030, 1, 1).unwrap(),
         tx_counter: 41,
-        entry: entry.map(|(station, minutes_ago)| EntryRecord { station, time: noon().plus_minutes(-minutes_ago) }),
+        entry: entry
+            .map(|(station, minutes_ago)| EntryRecord { station, time: noon().plus_minutes(-minutes_ago) }),
     }
 }
 
@@ -177,7 +183,13 @@ fn token(origin: StationCode, paid_fen: u32, entry: Option<StationCode>) -> Toke
     }
 }
 
-fn assert_decision(d: &Decision, kind: DecisionKind, reason: Reason, fare_fen: u32, balance_after: Option<u32>) {
+fn assert_decision(
+    d: &Decision,
+    kind: DecisionKind,
+    reason: Reason,
+    fare_fen: u32,
+    balance_after: Option<u32>,
+) {
     assert_eq!((d.kind, d.reason), (kind, reason), "{d:?}");
     assert_eq!(d.fare_fen, fare_fen, "fare of {d:?}");
     assert_eq!(d.balance_after, balance_after, "balance after {d:?}");
@@ -199,38 +211,262 @@ fn svc_cases() -> Vec<SvcCase> {
     let none = ModeBits::NORMAL;
     let c = |name, at, bits, direction, card, expect| SvcCase { name, at, bits, direction, card, expect };
     vec![
-        c("a valid entry opens and writes the entry", A, none, In, card(CardType::Ordinary, 1000, None), (OpenEntry, Reason::Ok, 0, Some(1000))),
-        c("a blacklisted card is refused at entry", A, none, In, SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 1000, None) }, (Reject, Reason::Blacklisted, 0, None)),
-        c("a blacklisted card is refused at exit", D, none, Out, SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 1000, Some((A, 30))) }, (Reject, Reason::Blacklisted, 0, None)),
-        c("an expired card is refused at entry", A, none, In, SvcCard { expiry: today().plus_days(-1), ..card(CardType::Ordinary, 1000, None) }, (Reject, Reason::CardExpired, 0, None)),
-        c("a card expiring today is still valid", A, none, In, SvcCard { expiry: today(), ..card(CardType::Ordinary, 1000, None) }, (OpenEntry, Reason::Ok, 0, Some(1000))),
-        c("date_free lets an expired card in", A, ModeBits::DATE_FREE, In, SvcCard { expiry: today().plus_days(-30), ..card(CardType::Ordinary, 1000, None) }, (OpenEntry, Reason::Ok, 0, Some(1000))),
-        c("an open entry is refused (anti-passback)", A, none, In, card(CardType::Ordinary, 1000, Some((B, 30))), (Reject, Reason::EntryExists, 0, None)),
-        c("sequence_free accepts an entry over an open entry", A, ModeBits::SEQUENCE_FREE, In, card(CardType::Ordinary, 1000, Some((B, 30))), (OpenEntry, Reason::OkSequenceFree, 0, Some(1000))),
-        c("a balance below the discounted minimum fare is refused at entry", A, none, In, card(CardType::Ordinary, 159, None), (Reject, Reason::InsufficientBalance, 160, None)),
-        c("a balance equal to the discounted minimum fare enters", A, none, In, card(CardType::Ordinary, 160, None), (OpenEntry, Reason::Ok, 0, Some(160))),
-        c("fare_free lets a low balance in", A, ModeBits::FARE_FREE, In, card(CardType::Ordinary, 0, None), (OpenEntry, Reason::Ok, 0, Some(0))),
-        c("a card type the fare rule does not list is refused", A, none, In, card(CardType::Staff, 1000, None), (Reject, Reason::CardTypeNotAccepted, 0, None)),
-        c("an elderly_free card enters with no balance", A, none, In, card(CardType::ElderlyFree, 0, None), (OpenEntry, Reason::Ok, 0, Some(0))),
-        c("an ordinary card pays 80 percent of the OD fare", D, none, Out, card(CardType::Ordinary, 1000, Some((A, 30))), (OpenExit, Reason::Ok, 320, Some(680))),
-        c("a student card pays 50 percent of the OD fare", C, none, Out, card(CardType::Student, 1000, Some((A, 30))), (OpenExit, Reason::Ok, 150, Some(850))),
-        c("an elderly_free card pays nothing", D, none, Out, card(CardType::ElderlyFree, 0, Some((A, 30))), (OpenExit, Reason::Ok, 0, Some(0))),
-        c("a same-station exit pays the discounted minimum fare", A, none, Out, card(CardType::Ordinary, 1000, Some((A, 5))), (OpenExit, Reason::Ok, 160, Some(840))),
-        c("an exit without entry is refused", D, none, Out, card(CardType::Ordinary, 1000, None), (Reject, Reason::NoEntry, 0, None)),
-        c("sequence_free prices an exit without entry at the minimum fare", D, ModeBits::SEQUENCE_FREE, Out, card(CardType::Ordinary, 1000, None), (OpenExit, Reason::OkSequenceFree, 160, Some(840))),
-        c("insufficient balance at exit is refused with the fare due", D, none, Out, card(CardType::Ordinary, 319, Some((A, 30))), (Reject, Reason::InsufficientBalance, 320, None)),
-        c("fare_free charges what the card holds and records the shortfall", D, ModeBits::FARE_FREE, Out, card(CardType::Ordinary, 100, Some((A, 30))), (OpenExit, Reason::OkFareShortfall, 100, Some(0))),
-        c("train_disruption makes the exit free", D, ModeBits::TRAIN_DISRUPTION, Out, card(CardType::Ordinary, 1000, Some((A, 30))), (OpenExit, Reason::OkTrainDisruption, 0, Some(1000))),
-        c("train_disruption lets an exit without entry out free", D, ModeBits::TRAIN_DISRUPTION, Out, card(CardType::Ordinary, 0, None), (OpenExit, Reason::OkTrainDisruption, 0, Some(0))),
-        c("closed refuses every tap", A, ModeBits::CLOSED, In, card(CardType::Ordinary, 1000, None), (Reject, Reason::StationClosed, 0, None)),
-        c("closed refuses exits too", D, ModeBits::CLOSED, Out, card(CardType::Ordinary, 1000, Some((A, 30))), (Reject, Reason::StationClosed, 0, None)),
-        c("emergency_release opens without card processing", A, ModeBits::EMERGENCY_RELEASE, In, card(CardType::Ordinary, 0, Some((B, 30))), (OpenEntry, Reason::OkEmergencyRelease, 0, None)),
-        c("emergency_release wins over closed", D, ModeBits::EMERGENCY_RELEASE.with(ModeBits::CLOSED), Out, card(CardType::Ordinary, 0, None), (OpenExit, Reason::OkEmergencyRelease, 0, None)),
-        c("entry_free opens entry without processing", A, ModeBits::ENTRY_FREE, In, SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 0, None) }, (OpenEntry, Reason::OkEntryFree, 0, None)),
-        c("fare_free with sequence_free lets an exit without entry and no money out", D, ModeBits::FARE_FREE.with(ModeBits::SEQUENCE_FREE), Out, card(CardType::Ordinary, 50, None), (OpenExit, Reason::OkFareShortfall, 50, Some(0))),
-        c("train_disruption with closed is still closed", D, ModeBits::TRAIN_DISRUPTION.with(ModeBits::CLOSED), Out, card(CardType::Ordinary, 1000, Some((A, 30))), (Reject, Reason::StationClosed, 0, None)),
-        c("hours_24 alone changes nothing for a card", D, ModeBits::HOURS_24, Out, card(CardType::Ordinary, 1000, Some((A, 30))), (OpenExit, Reason::Ok, 320, Some(680))),
-        c("time_free alone changes nothing without a ride limit", D, ModeBits::TIME_FREE, Out, card(CardType::Ordinary, 1000, Some((A, 600))), (OpenExit, Reason::Ok, 320, Some(680))),
+        c(
+            "a valid entry opens and writes the entry",
+            A,
+            none,
+            In,
+            card(CardType::Ordinary, 1000, None),
+            (OpenEntry, Reason::Ok, 0, Some(1000)),
+        ),
+        c(
+            "a blacklisted card is refused at entry",
+            A,
+            none,
+            In,
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 1000, None) },
+            (Reject, Reason::Blacklisted, 0, None),
+        ),
+        c(
+            "a blacklisted card is refused at exit",
+            D,
+            none,
+            Out,
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 1000, Some((A, 30))) },
+            (Reject, Reason::Blacklisted, 0, None),
+        ),
+        c(
+            "an expired card is refused at entry",
+            A,
+            none,
+            In,
+            SvcCard { expiry: today().plus_days(-1), ..card(CardType::Ordinary, 1000, None) },
+            (Reject, Reason::CardExpired, 0, None),
+        ),
+        c(
+            "a card expiring today is still valid",
+            A,
+            none,
+            In,
+            SvcCard { expiry: today(), ..card(CardType::Ordinary, 1000, None) },
+            (OpenEntry, Reason::Ok, 0, Some(1000)),
+        ),
+        c(
+            "date_free lets an expired card in",
+            A,
+            ModeBits::DATE_FREE,
+            In,
+            SvcCard { expiry: today().plus_days(-30), ..card(CardType::Ordinary, 1000, None) },
+            (OpenEntry, Reason::Ok, 0, Some(1000)),
+        ),
+        c(
+            "an open entry is refused (anti-passback)",
+            A,
+            none,
+            In,
+            card(CardType::Ordinary, 1000, Some((B, 30))),
+            (Reject, Reason::EntryExists, 0, None),
+        ),
+        c(
+            "sequence_free accepts an entry over an open entry",
+            A,
+            ModeBits::SEQUENCE_FREE,
+            In,
+            card(CardType::Ordinary, 1000, Some((B, 30))),
+            (OpenEntry, Reason::OkSequenceFree, 0, Some(1000)),
+        ),
+        c(
+            "a balance below the discounted minimum fare is refused at entry",
+            A,
+            none,
+            In,
+            card(CardType::Ordinary, 159, None),
+            (Reject, Reason::InsufficientBalance, 160, None),
+        ),
+        c(
+            "a balance equal to the discounted minimum fare enters",
+            A,
+            none,
+            In,
+            card(CardType::Ordinary, 160, None),
+            (OpenEntry, Reason::Ok, 0, Some(160)),
+        ),
+        c(
+            "fare_free lets a low balance in",
+            A,
+            ModeBits::FARE_FREE,
+            In,
+            card(CardType::Ordinary, 0, None),
+            (OpenEntry, Reason::Ok, 0, Some(0)),
+        ),
+        c(
+            "a card type the fare rule does not list is refused",
+            A,
+            none,
+            In,
+            card(CardType::Staff, 1000, None),
+            (Reject, Reason::CardTypeNotAccepted, 0, None),
+        ),
+        c(
+            "an elderly_free card enters with no balance",
+            A,
+            none,
+            In,
+            card(CardType::ElderlyFree, 0, None),
+            (OpenEntry, Reason::Ok, 0, Some(0)),
+        ),
+        c(
+            "an ordinary card pays 80 percent of the OD fare",
+            D,
+            none,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (OpenExit, Reason::Ok, 320, Some(680)),
+        ),
+        c(
+            "a student card pays 50 percent of the OD fare",
+            C,
+            none,
+            Out,
+            card(CardType::Student, 1000, Some((A, 30))),
+            (OpenExit, Reason::Ok, 150, Some(850)),
+        ),
+        c(
+            "an elderly_free card pays nothing",
+            D,
+            none,
+            Out,
+            card(CardType::ElderlyFree, 0, Some((A, 30))),
+            (OpenExit, Reason::Ok, 0, Some(0)),
+        ),
+        c(
+            "a same-station exit pays the discounted minimum fare",
+            A,
+            none,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 5))),
+            (OpenExit, Reason::Ok, 160, Some(840)),
+        ),
+        c(
+            "an exit without entry is refused",
+            D,
+            none,
+            Out,
+            card(CardType::Ordinary, 1000, None),
+            (Reject, Reason::NoEntry, 0, None),
+        ),
+        c(
+            "sequence_free prices an exit without entry at the minimum fare",
+            D,
+            ModeBits::SEQUENCE_FREE,
+            Out,
+            card(CardType::Ordinary, 1000, None),
+            (OpenExit, Reason::OkSequenceFree, 160, Some(840)),
+        ),
+        c(
+            "insufficient balance at exit is refused with the fare due",
+            D,
+            none,
+            Out,
+            card(CardType::Ordinary, 319, Some((A, 30))),
+            (Reject, Reason::InsufficientBalance, 320, None),
+        ),
+        c(
+            "fare_free charges what the card holds and records the shortfall",
+            D,
+            ModeBits::FARE_FREE,
+            Out,
+            card(CardType::Ordinary, 100, Some((A, 30))),
+            (OpenExit, Reason::OkFareShortfall, 100, Some(0)),
+        ),
+        c(
+            "train_disruption makes the exit free",
+            D,
+            ModeBits::TRAIN_DISRUPTION,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (OpenExit, Reason::OkTrainDisruption, 0, Some(1000)),
+        ),
+        c(
+            "train_disruption lets an exit without entry out free",
+            D,
+            ModeBits::TRAIN_DISRUPTION,
+            Out,
+            card(CardType::Ordinary, 0, None),
+            (OpenExit, Reason::OkTrainDisruption, 0, Some(0)),
+        ),
+        c(
+            "closed refuses every tap",
+            A,
+            ModeBits::CLOSED,
+            In,
+            card(CardType::Ordinary, 1000, None),
+            (Reject, Reason::StationClosed, 0, None),
+        ),
+        c(
+            "closed refuses exits too",
+            D,
+            ModeBits::CLOSED,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (Reject, Reason::StationClosed, 0, None),
+        ),
+        c(
+            "emergency_release opens without card processing",
+            A,
+            ModeBits::EMERGENCY_RELEASE,
+            In,
+            card(CardType::Ordinary, 0, Some((B, 30))),
+            (OpenEntry, Reason::OkEmergencyRelease, 0, None),
+        ),
+        c(
+            "emergency_release wins over closed",
+            D,
+            ModeBits::EMERGENCY_RELEASE.with(ModeBits::CLOSED),
+            Out,
+            card(CardType::Ordinary, 0, None),
+            (OpenExit, Reason::OkEmergencyRelease, 0, None),
+        ),
+        c(
+            "entry_free opens entry without processing",
+            A,
+            ModeBits::ENTRY_FREE,
+            In,
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 0, None) },
+            (OpenEntry, Reason::OkEntryFree, 0, None),
+        ),
+        c(
+            "fare_free with sequence_free lets an exit without entry and no money out",
+            D,
+            ModeBits::FARE_FREE.with(ModeBits::SEQUENCE_FREE),
+            Out,
+            card(CardType::Ordinary, 50, None),
+            (OpenExit, Reason::OkFareShortfall, 50, Some(0)),
+        ),
+        c(
+            "train_disruption with closed is still closed",
+            D,
+            ModeBits::TRAIN_DISRUPTION.with(ModeBits::CLOSED),
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (Reject, Reason::StationClosed, 0, None),
+        ),
+        c(
+            "hours_24 alone changes nothing for a card",
+            D,
+            ModeBits::HOURS_24,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (OpenExit, Reason::Ok, 320, Some(680)),
+        ),
+        c(
+            "time_free alone changes nothing without a ride limit",
+            D,
+            ModeBits::TIME_FREE,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 600))),
+            (OpenExit, Reason::Ok, 320, Some(680)),
+        ),
     ]
 }
 
@@ -240,13 +476,23 @@ fn every_stored_value_rule_and_mode_bit_decides_as_specified() {
         let mut w = World::at(case.at).mode(case.bits);
         let d = w.svc(case.direction, case.card.clone());
         let (kind, reason, fare, balance) = case.expect;
-        assert_eq!((d.kind, d.reason, d.fare_fen, d.balance_after), (kind, reason, fare, balance), "case: {}", case.name);
+        assert_eq!(
+            (d.kind, d.reason, d.fare_fen, d.balance_after),
+            (kind, reason, fare, balance),
+            "case: {}",
+            case.name
+        );
         if d.accepted() && d.reason != Reason::OkEmergencyRelease && d.reason != Reason::OkEntryFree {
             let write = d.card_write.as_ref().unwrap_or_else(|| panic!("case {}: no card write", case.name));
             assert_eq!(write.tx_counter, case.card.tx_counter + 1, "case: {}", case.name);
             assert_eq!(Some(write.balance_fen), d.balance_after, "case: {}", case.name);
             match case.direction {
-                In => assert_eq!(write.entry, Some(EntryRecord { station: case.at, time: w.now }), "case: {}", case.name),
+                In => assert_eq!(
+                    write.entry,
+                    Some(EntryRecord { station: case.at, time: w.now }),
+                    "case: {}",
+                    case.name
+                ),
                 Out => assert_eq!(write.entry, None, "case: {}", case.name),
             }
         } else {
@@ -273,7 +519,10 @@ fn an_open_entry_left_at_a_station_under_emergency_release_is_accepted_anywhere_
     let mut w = World::at(C);
     w.modes.set(A, ModeBits::EMERGENCY_RELEASE, entered.plus_minutes(5));
     w.modes.set(A, ModeBits::NORMAL, entered.plus_minutes(90));
-    let stale = SvcCard { entry: Some(EntryRecord { station: A, time: entered }), ..card(CardType::Ordinary, 1000, None) };
+    let stale = SvcCard {
+        entry: Some(EntryRecord { station: A, time: entered }),
+        ..card(CardType::Ordinary, 1000, None)
+    };
     let d = w.svc(In, stale.clone());
     assert_decision(&d, OpenEntry, Reason::OkEmergencyGrace, 0, Some(1000));
     assert_eq!(d.card_write.unwrap().entry.unwrap().station, C);
@@ -303,7 +552,11 @@ fn an_exit_without_entry_after_entry_free_elsewhere_is_priced_from_that_station(
     two.modes.set(A, ModeBits::ENTRY_FREE, noon().plus_minutes(-60));
     two.modes.set(C, ModeBits::ENTRY_FREE, noon().plus_minutes(-60));
     let cheapest = two.svc(Out, card(CardType::Ordinary, 1000, None));
-    assert_eq!((cheapest.entry.unwrap().station, cheapest.fare_fen), (C, 240), "C to D (10 km) is cheaper than A to D");
+    assert_eq!(
+        (cheapest.entry.unwrap().station, cheapest.fare_fen),
+        (C, 240),
+        "C to D (10 km) is cheaper than A to D"
+    );
 
     let mut long_ago = World::at(D);
     long_ago.modes.set(B, ModeBits::ENTRY_FREE, noon().plus_days(-3));
@@ -374,11 +627,22 @@ fn a_token_enters_only_at_its_origin_on_its_business_day() {
     assert_eq!(w.tap(In, TapMedia::Token { token: token(B, 300, None) }).reason, Reason::TokenWrongStation);
     let yesterday = TokenCard { sold_on: today().plus_days(-1), ..token(A, 300, None) };
     assert_eq!(w.tap(In, TapMedia::Token { token: yesterday.clone() }).reason, Reason::TokenExpired);
-    assert_eq!(w.tap(In, TapMedia::Token { token: token(A, 300, Some(A)) }).reason, Reason::TokenAlreadyEntered);
-    assert_eq!(w.tap(In, TapMedia::Token { token: token(A, 950, None) }).kind, OpenEntry, "token ids 900-999 are blacklisted, token 5001 is not");
+    assert_eq!(
+        w.tap(In, TapMedia::Token { token: token(A, 300, Some(A)) }).reason,
+        Reason::TokenAlreadyEntered
+    );
+    assert_eq!(
+        w.tap(In, TapMedia::Token { token: token(A, 950, None) }).kind,
+        OpenEntry,
+        "token ids 900-999 are blacklisted, token 5001 is not"
+    );
 
     let mut night = World::at(A).mode(ModeBits::HOURS_24);
-    assert_eq!(night.tap(In, TapMedia::Token { token: yesterday }).kind, OpenEntry, "hours_24 keeps yesterday's token valid");
+    assert_eq!(
+        night.tap(In, TapMedia::Token { token: yesterday }).kind,
+        OpenEntry,
+        "hours_24 keeps yesterday's token valid"
+    );
 }
 
 #[test]
@@ -414,6 +678,9 @@ fn a_decision_becomes_a_ledger_record_with_everything_clearing_needs() {
     let station = "dl-d".parse().unwrap();
     let gate = "g03".parse().unwrap();
     let rec = d.to_record(&station, &gate, 17, Default::default(), w.now);
-    assert_eq!((rec.gate_seq, rec.media, rec.fare_fen, rec.balance_before, rec.balance_after), (17, Media::Svc, 320, Some(1000), Some(680)));
+    assert_eq!(
+        (rec.gate_seq, rec.media, rec.fare_fen, rec.balance_before, rec.balance_after),
+        (17, Media::Svc, 320, Some(1000), Some(680))
+    );
     assert_eq!((rec.entry_station, rec.card_tx_counter, rec.accepted), (Some(A), Some(42), true));
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use afc_domain::ledger::{
     batch_signing_bytes, chain_hash, sign_batch, verify_batch, verify_chain, ChainError, GateProgress,
-    LedgerEntry, LedgerError, LedgerHead, ParamVersions, TxRecord, GENESIS_HASH,
+    LedgerEntry, LedgerError, LedgerHead, ParamVersions, QrRef, TxRecord, GENESIS_HASH,
 };
 use afc_domain::mode::ModeBits;
 use afc_domain::model::{Direction, Ident, Media, Reason, StationCode, Timestamp};
@@ -65,6 +65,7 @@ prop_compose! {
             any::<Option<u32>>(), any::<Option<u16>>(), any::<Option<i64>>(), any::<i64>(), any::<u16>(),
             arb_params(), any::<bool>(),
         ),
+        qr in any::<Option<(u16, u64)>>(),
     ) -> TxRecord {
         TxRecord {
             station, gate, gate_seq, media, id, direction, accepted, reason, fare_fen, shortfall_fen,
@@ -75,6 +76,7 @@ prop_compose! {
             modes: ModeBits(modes),
             params,
             replay_unchecked,
+            qr: qr.map(|(issuer, nonce)| QrRef { issuer, nonce }),
         }
     }
 }

@@ -37,15 +37,6 @@ fn blacklist_package(version: u64, body: &BlacklistBody) -> Package {
     )
 }
 
-/// What a gate does with the chunks of a pointer `{sha256, size, chunks}`.
-fn reassemble(chunks: &[Vec<u8>], sha: [u8; 32], len: usize) -> Result<Vec<u8>, ChunkError> {
-    let mut r = Reassembler::new(sha, len as u64, chunks.len() as u32)?;
-    for c in chunks {
-        r.add(c)?;
-    }
-    r.finish()
-}
-
 #[test]
 fn a_million_entry_blacklist_survives_signing_chunking_and_out_of_order_reassembly() {
     let t = Instant::now();
@@ -201,69 +192,6 @@ fn a_missing_chunk_is_named_by_its_index() {
     assert_eq!(err, ChunkError::Missing { missing: vec![3] });
     assert!(err.to_string().contains("[3]"), "{err}");
     assert_eq!(err.code(), "chunks_missing");
-}
-
-/// Figures for the report, not a timed test: run with
-/// `cargo test --release -p afc-domain --test it blacklist_figures -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn blacklist_figures() {
-    let entries = realistic_sample(1_000_000, 7);
-    let t = Instant::now();
-    let list = Blacklist::from_entries(1, entries.iter().copied());
-    let build = t.elapsed();
-    let t = Instant::now();
-    let encoded = list.encode();
-    let encode = t.elapsed();
-    let t = Instant::now();
-    let decoded = Blacklist::decode(&encoded).unwrap();
-    let decode = t.elapsed();
-    assert_eq!(decoded, list);
-
-    // Lookups: half hits (ids on the list), half misses (random ids in the same issuer pools).
-    let mut probes: Vec<(Media, u64)> = entries.iter().step_by(7).map(|e| (e.media, e.first)).collect();
-    probes.extend(realistic_sample(probes.len(), 8).iter().map(|e| (e.media, e.first + 1)));
-    probes.shuffle(&mut rand::rngs::StdRng::seed_from_u64(1));
-    let t = Instant::now();
-    let mut hits = 0usize;
-    for _ in 0..5 {
-        for &(m, id) in &probes {
-            hits += usize::from(list.contains(m, std::hint::black_box(id)));
-        }
-    }
-    let per_lookup = t.elapsed().as_nanos() as f64 / (5 * probes.len()) as f64;
-
-    let delta = BlacklistDelta {
-        from_version: 1,
-        to_version: 2,
-        add: realistic_sample(1000, 11),
-        remove: entries.iter().take(100).copied().collect(),
-    };
-    let mut applied = list.clone();
-    let t = Instant::now();
-    applied.apply_delta(&delta).unwrap();
-    let apply = t.elapsed();
-
-    let t = Instant::now();
-    let p = blacklist_package(1, &BlacklistBody::Full(list.clone())).encode();
-    let sign = t.elapsed();
-    let chunks = split(&p, MAX_CHUNK_BYTES);
-    let t = Instant::now();
-    let bytes = reassemble(&chunks, package_sha256(&p), p.len()).unwrap();
-    let pkg = Package::decode_verified(&bytes, &trusted(), None).unwrap();
-    let _ = BlacklistBody::from_package(&pkg).unwrap();
-    let receive = t.elapsed();
-
-    println!("items {} ids {} heap {} B", list.item_count(), list.entry_count(), list.heap_bytes());
-    println!("encoded {} B = {:.2} B/entry", encoded.len(), encoded.len() as f64 / 1e6);
-    println!("from_entries {build:?}, encode {encode:?}, decode {decode:?}");
-    println!("contains: {per_lookup:.0} ns/lookup mean over {} lookups ({hits} hits)", 5 * probes.len());
-    println!("apply 1,000-add/100-remove delta: {apply:?}");
-    println!(
-        "package {} B, {} chunks; encode+sign {sign:?}; reassemble+verify+decode {receive:?}",
-        p.len(),
-        chunks.len()
-    );
 }
 
 proptest! {

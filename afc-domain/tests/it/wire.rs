@@ -286,6 +286,7 @@ fn tx_record() -> impl Strategy<Value = TxRecord> {
                 mode: p[4],
             },
             replay_unchecked,
+            qr: None,
         },
     )
 }
