@@ -9,6 +9,12 @@
 //! - The outbox is bounded by bytes. Past the capacity, [`Store::append`] refuses with
 //!   [`StoreError::Full`] (the caller refuses the tap with `outbox_full`); nothing is dropped.
 //!
+//! Durability: sled 0.34's `flush` ends with `sync_file_range` on Linux, which writes the pages but
+//! neither flushes the device's write cache nor commits metadata; that is not enough for "a tap
+//! whose gate opened is never lost" across a power cut. So every flush here is followed by an
+//! `fdatasync` of sled's data file ([`Store::sync`]); fsync works on the file, not on the
+//! descriptor, so it covers what sled wrote through its own handle.
+//!
 //! Parameter rules: a package is stored whole in one value, and switching pending → active is one
 //! atomic batch, so a crash mid-write leaves the previous set.
 
@@ -22,6 +28,8 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
     #[error("storage error in a batch: {0}")]
     Batch(String),
     #[error("the outbox is full ({bytes} of {capacity} bytes)")]
@@ -58,6 +66,8 @@ const RECORD_OVERHEAD: u64 = 16;
 
 pub struct Store {
     db: sled::Db,
+    /// sled's data file, opened only to `fdatasync` it after each flush.
+    data_file: std::fs::File,
     /// gate_seq (big-endian u64) → record bytes.
     outbox: sled::Tree,
     /// Counters: next gate_seq, highest acked.
@@ -108,8 +118,10 @@ impl Store {
             depth += 1;
         }
         let next = read_u64(meta.get(NEXT_SEQ)?, "next_seq")?.unwrap_or(1).max(last + 1);
+        let data_file = std::fs::File::open(dir.join("db"))?;
         Ok(Store {
             db,
+            data_file,
             outbox,
             meta,
             params,
@@ -177,7 +189,7 @@ impl Store {
             seq
         };
         // Outside the lock, so concurrent appends share one disk flush.
-        self.db.flush()?;
+        self.sync()?;
         Ok(seq)
     }
 
@@ -232,7 +244,14 @@ impl Store {
 
     /// Flushes whatever is buffered (acks, small state).
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.sync()
+    }
+
+    /// sled's flush, then an `fdatasync` of its data file, so what was written survives a power
+    /// cut and not only a process crash.
+    fn sync(&self) -> Result<(), StoreError> {
         self.db.flush()?;
+        self.data_file.sync_data()?;
         Ok(())
     }
 
@@ -244,7 +263,7 @@ impl Store {
     /// Stores a verified package in a slot, durably.
     pub fn put_param(&self, kind: &str, slot: Slot, package: &[u8]) -> Result<(), StoreError> {
         self.params.insert(param_key(kind, slot), package)?;
-        self.db.flush()?;
+        self.sync()?;
         Ok(())
     }
 
@@ -255,7 +274,7 @@ impl Store {
         batch.insert(param_key(kind, Slot::Active), p);
         batch.remove(param_key(kind, Slot::Pending));
         self.params.apply_batch(batch)?;
-        self.db.flush()?;
+        self.sync()?;
         Ok(true)
     }
 
@@ -268,14 +287,14 @@ impl Store {
             batch.remove(param_key(kind, Slot::Pending));
         }
         self.params.apply_batch(batch)?;
-        self.db.flush()?;
+        self.sync()?;
         Ok(())
     }
 
     /// Drops a kind's pending package.
     pub fn clear_pending(&self, kind: &str) -> Result<(), StoreError> {
         self.params.remove(param_key(kind, Slot::Pending))?;
-        self.db.flush()?;
+        self.sync()?;
         Ok(())
     }
 
@@ -286,7 +305,7 @@ impl Store {
 
     pub fn put_state(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
         self.params.insert(format!("state/{name}"), value)?;
-        self.db.flush()?;
+        self.sync()?;
         Ok(())
     }
 }
