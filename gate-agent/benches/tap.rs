@@ -225,6 +225,15 @@ async fn main() {
         fmt(pct(&mut coil, 0.99)),
         fmt(floor)
     );
+    let m = &running.metrics;
+    println!(
+        "means inside the agent: decision {:?}, record flush (sled + fdatasync, display write alongside) {:?}, \
+         coil write {:?}, register write {:?}",
+        m.decision_seconds.mean(),
+        m.outbox_flush_seconds.mean(),
+        m.modbus_histogram("write_coil").map(|h| h.mean()).unwrap_or_default(),
+        m.modbus_histogram("write_registers").map(|h| h.mean()).unwrap_or_default(),
+    );
     println!("median / floor = {:.2}", pct(&mut in_process, 0.5).as_secs_f64() / floor.as_secs_f64());
     println!(
         "(for comparison: appending fdatasync, which also commits the file size: p50 {}  p99 {})",

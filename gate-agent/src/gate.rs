@@ -2,8 +2,9 @@
 //!
 //! A tap goes: pre-checks (outbox room, PLC reachable, in service, direction, parameters held) →
 //! [`decide`] with the parameters in force → the record is numbered and made durable in the outbox
-//! → then, together, the answer to the reader and the flap command to the PLC. Nothing opens and
-//! nothing is promised to the reader before the record is on disk.
+//! (the display is written to the PLC meanwhile: it opens nothing) → then, together, the answer to
+//! the reader and the open coil. Nothing opens and nothing is promised to the reader before the
+//! record is on disk.
 //!
 //! A refusal by a pre-check (the gate cannot decide: PLC offline, outbox full, out of service,
 //! wrong direction, no fare table) touches no card and writes no record; every decision of the
@@ -42,7 +43,9 @@ pub fn now() -> Timestamp {
 /// What the flaps must do after the reader is answered.
 #[derive(Debug, Clone, Copy)]
 pub enum Flap {
-    Open { aisle: Direction, display_code: u16, display_fen: u32 },
+    /// Open for one passage (the display was written while the record was being flushed).
+    Open { aisle: Direction },
+    /// Show a refusal that no record was written for.
     Show { display_code: u16, display_fen: u32 },
 }
 
@@ -239,18 +242,29 @@ impl Gate {
         let offline = !self.mqtt_connected.load(Ordering::Relaxed);
         let mut record_template: TxRecord = d.to_record(&self.station, &self.gate, 0, params.versions, at);
         record_template.replay_unchecked = d.qr.is_some() && offline;
+        let shown_fen = match (d.kind, d.direction) {
+            (DecisionKind::Reject, _) => d.fare_fen,
+            (_, Direction::Exit) => d.fare_fen,
+            (_, Direction::Entry) => d.balance_after.or(d.balance_before).unwrap_or(0),
+        };
         let store = self.store.clone();
         let t = Instant::now();
-        let seq = tokio::task::spawn_blocking(move || {
-            store.append(|seq| {
-                record_template.gate_seq = seq;
-                record_template.canonical_bytes()
-            })
-        })
-        .await
-        .map_err(|e| StoreError::Batch(format!("append task failed: {e}")))?;
+        // The display is written while the record is flushed (it opens nothing); the coil only
+        // after the record is durable.
+        let (appended, shown) = tokio::join!(
+            tokio::task::spawn_blocking(move || {
+                store.append(|seq| {
+                    record_template.gate_seq = seq;
+                    record_template.canonical_bytes()
+                })
+            }),
+            self.plc.show(d.reason.code(), shown_fen)
+        );
         self.metrics.outbox_flush_seconds.observe(t.elapsed());
-        let seq = match seq {
+        if let Err(e) = shown {
+            tracing::warn!(error = %e, "display write failed");
+        }
+        let seq = match appended.map_err(|e| StoreError::Batch(format!("append task failed: {e}")))? {
             Ok(seq) => seq,
             Err(StoreError::Full { .. }) => return Ok(self.refuse(&tap, Reason::OutboxFull)),
             Err(e) => return Err(e),
@@ -271,18 +285,10 @@ impl Gate {
                 gate: self.gate.clone(),
             }));
         }
-        let shown_fen = match d.direction {
-            Direction::Exit => d.fare_fen,
-            Direction::Entry => d.balance_after.or(d.balance_before).unwrap_or(0),
-        };
         let flap = match d.kind {
-            DecisionKind::OpenEntry => {
-                Flap::Open { aisle: Direction::Entry, display_code: d.reason.code(), display_fen: shown_fen }
-            }
-            DecisionKind::OpenExit => {
-                Flap::Open { aisle: Direction::Exit, display_code: d.reason.code(), display_fen: shown_fen }
-            }
-            DecisionKind::Reject => Flap::Show { display_code: d.reason.code(), display_fen: d.fare_fen },
+            DecisionKind::OpenEntry => Some(Flap::Open { aisle: Direction::Entry }),
+            DecisionKind::OpenExit => Some(Flap::Open { aisle: Direction::Exit }),
+            DecisionKind::Reject => None,
         };
         Ok(TapOutcome {
             response: ReaderResponse {
@@ -292,7 +298,7 @@ impl Gate {
                 card_write: d.card_write,
                 gate_seq: Some(seq),
             },
-            flap: Some(flap),
+            flap,
             started,
         })
     }
@@ -301,8 +307,8 @@ impl Gate {
     pub async fn run_flap(&self, outcome: &TapOutcome) {
         let Some(flap) = outcome.flap else { return };
         let r = match flap {
-            Flap::Open { aisle, display_code, display_fen } => {
-                let r = self.plc.open(aisle, display_code, display_fen).await;
+            Flap::Open { aisle } => {
+                let r = self.plc.open_coil(aisle).await;
                 if r.is_ok() {
                     self.metrics.tap_to_flap_seconds.observe(outcome.started.elapsed());
                 }

@@ -44,6 +44,12 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The mean of everything observed (zero before the first observation).
+    pub fn mean(&self) -> Duration {
+        let n = self.count().max(1);
+        Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed) / n)
+    }
+
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         let sep = if labels.is_empty() { "" } else { "," };
@@ -119,6 +125,11 @@ impl Metrics {
     /// The number of decisions with this reason so far (for tests and health).
     pub fn decisions_with_reason(&self, reason: &str) -> u64 {
         get(&self.decisions).iter().filter(|(k, _)| k[1] == reason).map(|(_, v)| *v).sum()
+    }
+
+    /// The latency histogram of one Modbus operation, if it was called.
+    pub fn modbus_histogram(&self, op: &'static str) -> Option<Arc<Histogram>> {
+        self.modbus_calls.lock().unwrap_or_else(|p| p.into_inner()).get(op).cloned()
     }
 
     pub fn modbus_call(&self, op: &'static str, d: Duration) {

@@ -122,8 +122,19 @@ impl PlcConfig {
 }
 
 enum Command {
-    Open { aisle: Aisle, display_code: u16, display_fen: u32 },
-    Show { display_code: u16, display_fen: u32 },
+    Open {
+        aisle: Aisle,
+        display_code: u16,
+        display_fen: u32,
+    },
+    /// The open coil alone (the display was written already).
+    Coil {
+        aisle: Aisle,
+    },
+    Show {
+        display_code: u16,
+        display_fen: u32,
+    },
     FreePassage(bool),
     OutOfService(bool),
     Direction(GateDirection),
@@ -181,6 +192,11 @@ impl PlcHandle {
     /// Shows the decision and opens the flaps for one passage; returns once the PLC acknowledged.
     pub async fn open(&self, aisle: Aisle, display_code: u16, display_fen: u32) -> Result<(), PlcError> {
         self.call(Command::Open { aisle, display_code, display_fen }).await.map(|_| ())
+    }
+
+    /// Opens the flaps for one passage without touching the display (written just before).
+    pub async fn open_coil(&self, aisle: Aisle) -> Result<(), PlcError> {
+        self.call(Command::Coil { aisle }).await.map(|_| ())
     }
 
     /// Shows a message (a reject reason) without opening.
@@ -450,13 +466,24 @@ impl PlcTask {
 
     async fn execute(&mut self, cmd: Command) -> Step<Reply> {
         let c = self.config.map.coils;
-        let needs_link = matches!(cmd, Command::Open { .. } | Command::Show { .. } | Command::ReadInputs);
+        let needs_link = matches!(
+            cmd,
+            Command::Open { .. } | Command::Coil { .. } | Command::Show { .. } | Command::ReadInputs
+        );
         if needs_link && self.ctx.is_none() {
             return Err(PlcError::Offline);
         }
         match cmd {
             Command::Open { aisle, display_code, display_fen } => {
                 self.show(display_code, display_fen).await?;
+                let coil = match aisle {
+                    Aisle::Entry => c.open_entry,
+                    Aisle::Exit => c.open_exit,
+                };
+                self.write_coil(coil, true).await?;
+                self.pending_opens[aisle_index(aisle)].push_back(Instant::now());
+            }
+            Command::Coil { aisle } => {
                 let coil = match aisle {
                     Aisle::Entry => c.open_entry,
                     Aisle::Exit => c.open_exit,
