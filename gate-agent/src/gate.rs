@@ -90,6 +90,11 @@ pub struct Gate {
     settings: Mutex<Settings>,
     /// Whether the MQTT session is up (a QR accepted while cut off is marked replay_unchecked).
     pub mqtt_connected: AtomicBool,
+    /// Set while the controllers have been unreachable longer than gate_config allows: the
+    /// passage is freed (SPEC §1, release on controller loss).
+    controller_lost: AtomicBool,
+    /// Whether the agent last asked the PLC to hold the flaps open.
+    free_passage: AtomicBool,
     /// Woken after every append, so the uploader sends at once.
     pub new_records: Notify,
     near_full_percent: u64,
@@ -135,6 +140,8 @@ impl Gate {
             qr_skew: p.qr_skew,
             settings: Mutex::new(Settings { direction, in_service: true }),
             mqtt_connected: AtomicBool::new(false),
+            controller_lost: AtomicBool::new(false),
+            free_passage: AtomicBool::new(false),
             new_records: Notify::new(),
             near_full_percent: p.near_full_percent,
             near_full_raised: AtomicBool::new(false),
@@ -173,7 +180,9 @@ impl Gate {
         let bits = self.modes().bits_at(self.station_code, now());
         let s = *self.settings.lock().unwrap_or_else(|p| p.into_inner());
         let free = bits.has(ModeBits::EMERGENCY_RELEASE)
-            || (bits.has(ModeBits::ENTRY_FREE) && s.direction.allows(Direction::Entry));
+            || (bits.has(ModeBits::ENTRY_FREE) && s.direction.allows(Direction::Entry))
+            || self.controller_lost.load(Ordering::Relaxed);
+        self.free_passage.store(free, Ordering::Relaxed);
         for r in [
             self.plc.set_free_passage(free).await,
             self.plc.set_direction(s.direction).await,
@@ -365,6 +374,31 @@ impl Gate {
         *self.modes.write().unwrap_or_else(|p| p.into_inner()) = (msg.version, Arc::new(state));
         self.sync_outputs().await;
         Ok(())
+    }
+
+    /// Whether the agent holds the flaps open (modes, controller loss; the hard-wired emergency
+    /// input is handled by the PLC task on its own).
+    pub fn free_passage(&self) -> bool {
+        self.free_passage.load(Ordering::Relaxed)
+    }
+
+    /// Called about once a second with how long the controllers have been unreachable (`None`
+    /// while connected): frees the passage past the gate_config limit, restores it on return.
+    pub async fn controller_loss(&self, for_how_long: Option<std::time::Duration>) {
+        let limit = self.params.in_force(now()).gate_config.release_on_controller_loss_secs;
+        let lost = match (limit, for_how_long) {
+            (Some(l), Some(d)) => d.as_secs() >= l,
+            _ => false,
+        };
+        if lost != self.controller_lost.swap(lost, Ordering::Relaxed) {
+            if lost {
+                tracing::warn!(?for_how_long, "controllers lost too long: freeing the passage");
+            } else {
+                tracing::info!("controllers back: passage restored");
+            }
+            self.event(AlarmKind::ControllerLost, !lost, None);
+            self.sync_outputs().await;
+        }
     }
 
     /// Applies the gate_config in force (direction) to the settings and the PLC.

@@ -216,6 +216,8 @@ async fn session_task(
     let mut heartbeat = tokio::time::interval(ctx.settings.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hb_seq = 0u64;
+    let mut lost_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    let mut loss_tick = tokio::time::interval(Duration::from_secs(1));
     let mut extra_subs: Vec<String> = Vec::new();
     let mut queued: VecDeque<(String, Vec<u8>)> = VecDeque::new();
     let mut alarms: BTreeMap<AlarmKind, bool> = BTreeMap::new();
@@ -302,6 +304,14 @@ async fn session_task(
                 };
                 g.event(kind, cleared, detail);
             }
+            _ = loss_tick.tick() => {
+                if ctx.connected() {
+                    lost_since = None;
+                } else if lost_since.is_none() {
+                    lost_since = Some(tokio::time::Instant::now());
+                }
+                g.controller_loss(lost_since.map(|t| t.elapsed())).await;
+            }
             _ = heartbeat.tick() => {
                 if !ctx.connected() { continue; }
                 hb_seq += 1;
@@ -322,7 +332,7 @@ async fn session_task(
                     plc_online: g.plc().online(),
                     direction: g.direction(),
                     in_service: g.in_service(),
-                    free_passage: inputs.flaps_open && !inputs.passage_entry && !inputs.passage_exit,
+                    free_passage: g.free_passage() || inputs.emergency_input,
                     alarms: alarms.iter().filter(|(_, on)| **on).map(|(k, _)| *k).collect(),
                 };
                 let topic = ctx.topic(|station, gate| Topic::GateHeartbeat { station, gate });

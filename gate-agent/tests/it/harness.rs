@@ -409,8 +409,10 @@ pub struct Agent {
     pub reader: SocketAddr,
     pub metrics_addr: SocketAddr,
     cancel: CancellationToken,
-    /// Holds the agent's data directory until the test ends.
-    _dir: tempfile::TempDir,
+    /// Holds the agent's data directory until the test ends (taken by [`Agent::restart`]).
+    dir: Option<tempfile::TempDir>,
+    broker_port: u16,
+    plc: SocketAddr,
 }
 
 impl Drop for Agent {
@@ -425,20 +427,61 @@ impl Agent {
     }
 
     pub async fn start_with(broker_port: u16, plc: &Plc, extra: &str) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
+        Agent::start_in(tempfile::tempdir().unwrap(), broker_port, plc.addr, extra).await
+    }
+
+    /// Stops this agent and starts a new one on the same data directory (as after a crash or a
+    /// reboot), waiting until the old one has let go of its storage.
+    pub async fn restart(mut self) -> Agent {
+        self.cancel.cancel();
+        let dir = self.dir.take().unwrap();
+        let (port, plc) = (self.broker_port, self.plc);
+        drop(self);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let dir = Arc::new(Mutex::new(Some(dir)));
+        loop {
+            let d = dir.lock().unwrap().take().unwrap();
+            match Agent::try_start_in(d, port, plc, "").await {
+                Ok(a) => return a,
+                Err(d) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "the old agent never released its storage"
+                    );
+                    *dir.lock().unwrap() = Some(d);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    async fn start_in(dir: tempfile::TempDir, broker_port: u16, plc: SocketAddr, extra: &str) -> Agent {
+        match Agent::try_start_in(dir, broker_port, plc, extra).await {
+            Ok(a) => a,
+            Err(_) => panic!("the agent did not start"),
+        }
+    }
+
+    async fn try_start_in(
+        dir: tempfile::TempDir,
+        broker_port: u16,
+        plc: SocketAddr,
+        extra: &str,
+    ) -> Result<Agent, tempfile::TempDir> {
         let reader = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (reader_addr, metrics_addr) = (reader.local_addr().unwrap(), metrics.local_addr().unwrap());
-        let path = write_config(dir.path(), broker_port, plc.addr, reader_addr, extra);
+        let path = write_config(dir.path(), broker_port, plc, reader_addr, extra);
         let config = Config::load(&path).unwrap();
         let cancel = CancellationToken::new();
-        let running =
-            gate_agent::start(&config, Listeners { reader, metrics: Some(metrics) }, cancel.clone())
-                .await
-                .unwrap();
+        let listeners = Listeners { reader, metrics: Some(metrics) };
+        let running = match gate_agent::start(&config, listeners, cancel.clone()).await {
+            Ok(r) => r,
+            Err(_) => return Err(dir),
+        };
         let g = running.gate.clone();
         eventually("the PLC to be online", || g.plc().online().then_some(())).await;
-        Agent { running, reader: reader_addr, metrics_addr, cancel, _dir: dir }
+        Ok(Agent { running, reader: reader_addr, metrics_addr, cancel, dir: Some(dir), broker_port, plc })
     }
 
     /// Gives the agent parameters directly, as if they had been downloaded.

@@ -131,3 +131,90 @@ async fn a_future_dated_fare_table_switches_at_its_time_while_the_broker_is_down
     assert!(fares.iter().all(|(t, f)| (*t < switch_at) == (*f == 400)), "{fares:?}");
     assert_eq!(agent.running.gate.params.versions()[&ParamKind::FareTable].active, Some(2));
 }
+
+#[tokio::test]
+async fn a_pending_fare_table_survives_a_restart_and_switches_on_time_with_no_broker() {
+    let plc = plc().await;
+    let agent = Agent::start(free_port(), &plc).await;
+    agent.seed_defaults();
+    let switch_at = now().0 + 2_000;
+    agent.seed(ParamKind::FareTable, 2, Timestamp(switch_at), fare_body(150));
+    let agent = agent.restart().await;
+    let v = agent.running.gate.params.versions();
+    assert_eq!((v[&ParamKind::FareTable].active, v[&ParamKind::FareTable].pending), (Some(1), Some(2)));
+    assert_eq!(v[&ParamKind::Blacklist].active, Some(1));
+    let g = agent.running.gate.clone();
+    let t = eventually("the switch after the restart", || {
+        (g.params.versions()[&ParamKind::FareTable].active == Some(2)).then(now)
+    })
+    .await;
+    assert!(t.0 >= switch_at);
+    let mut reader = agent.reader().await;
+    let entered = now().plus_minutes(-30);
+    let r = reader
+        .tap(&svc_tap(Direction::Exit, card(3104_0000_0000_4001, 5000, Some((FAR, entered)))))
+        .await
+        .unwrap();
+    assert!(matches!(r, ReaderReply::Response(ref r) if r.fare_fen == 600), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_blacklist_delta_applies_on_the_version_held_and_a_delta_for_another_version_is_refused() {
+    use afc_domain::blacklist::{Blacklist, Entry};
+    use afc_domain::model::Media;
+    use afc_domain::package::BlacklistBody;
+    let (_plc, agent, c) = rig().await;
+    let fares = package(ParamKind::FareTable, 1, Timestamp(0), fare_body(100), &package_key());
+    c.publish_package(ParamKind::FareTable, &fares, 1, Timestamp(0)).await;
+    let v1 = Blacklist::from_entries(1, [Entry::single(Media::Svc, BLACKLISTED)]);
+    let full = package(
+        ParamKind::Blacklist,
+        1,
+        Timestamp(0),
+        BlacklistBody::Full(v1.clone()).encode(),
+        &package_key(),
+    );
+    c.publish_package(ParamKind::Blacklist, &full, 1, Timestamp(0)).await;
+    let g = agent.running.gate.clone();
+    eventually("v1 active", || (g.params.in_force(now()).versions.blacklist == 1).then_some(())).await;
+    let newly = 3104_0000_0000_0777u64;
+    let v2 = Blacklist::from_entries(
+        2,
+        [Entry::single(Media::Svc, BLACKLISTED), Entry::single(Media::Svc, newly)],
+    );
+    let delta = v1.delta_to(&v2);
+    let pkg =
+        package(ParamKind::Blacklist, 2, Timestamp(0), BlacklistBody::Delta(delta).encode(), &package_key());
+    c.publish_package(ParamKind::Blacklist, &pkg, 2, Timestamp(0)).await;
+    eventually("the delta active", || (g.params.in_force(now()).versions.blacklist == 2).then_some(())).await;
+    eventually("fares active", || g.params.in_force(now()).fares.clone().map(|_| ())).await;
+    let mut reader = agent.reader().await;
+    let r = reader.tap(&svc_tap(Direction::Entry, card(newly, 1000, None))).await.unwrap();
+    assert!(matches!(r, ReaderReply::Response(ref r) if r.reason == Reason::Blacklisted), "{r:?}");
+    // A delta made for version 5 does not apply to version 2.
+    let v5 = Blacklist::from_entries(5, []);
+    let v6 = Blacklist::from_entries(6, [Entry::single(Media::Svc, 1)]);
+    let stray = package(
+        ParamKind::Blacklist,
+        6,
+        Timestamp(0),
+        BlacklistBody::Delta(v5.delta_to(&v6)).encode(),
+        &package_key(),
+    );
+    c.publish_package(ParamKind::Blacklist, &stray, 6, Timestamp(0)).await;
+    let r = eventually("the stray delta's refusal", || rejected_reason(&c, ParamKind::Blacklist, 6)).await;
+    assert!(r.contains("delta"), "{r}");
+    assert_eq!(g.params.in_force(now()).versions.blacklist, 2);
+}
+
+#[tokio::test]
+async fn a_gate_config_may_free_the_passage_when_the_controllers_are_lost_too_long() {
+    use gate_agent::params::GateConfigBody;
+    let plc = plc().await;
+    let agent = Agent::start(free_port(), &plc).await;
+    let body = GateConfigBody { release_on_controller_loss_secs: Some(1), ..GateConfigBody::default() };
+    agent.seed(ParamKind::GateConfig, 1, Timestamp(0), serde_json::to_vec(&body).unwrap());
+    let (s, ok) = plc.sim.wait_for(DEADLINE, |s| s.free_passage).await;
+    assert!(ok, "{s:?}");
+    assert!(agent.running.gate.free_passage());
+}
