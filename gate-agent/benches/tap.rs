@@ -1,7 +1,7 @@
 //! Gate benchmarks (SPEC §11), one command: `cargo bench -p gate-agent --bench tap`.
 //!
 //! 1. Tap → flap command acknowledged by the PLC simulator, in process: decide with a 1,000,000
-//!    entry blacklist, number and flush the record to the outbox, write display + coil over Modbus
+//!    entry blacklist, number the record and fdatasync it in the outbox, write display + coil over Modbus
 //!    TCP; p50 / p99 over many taps. The same taps are also timed from a reader socket (JSON line
 //!    out, response line back).
 //! 2. The floor, in the same run: one `fdatasync` of a small record on the same file system, and
@@ -203,6 +203,15 @@ async fn main() {
         ctx.write_single_coil(3, false).await.unwrap().unwrap();
         coil.push(t.elapsed());
     }
+    // The outbox append alone (sled insert + sled flush + fdatasync), on a store of its own.
+    let store = gate_agent::store::Store::open(&dir.path().join("store-alone"), 1 << 30).unwrap();
+    let mut appends = Vec::with_capacity(TAPS);
+    for _ in 0..TAPS {
+        let t = Instant::now();
+        store.append(|_| vec![7u8; 200]).unwrap();
+        appends.push(t.elapsed());
+    }
+    drop(store);
     let floor = pct(&mut fsync, 0.5) + pct(&mut coil, 0.5);
     println!("\n== tap → flap command acknowledged by the PLC simulator ({TAPS} taps, 1M blacklist)");
     println!(
@@ -227,12 +236,17 @@ async fn main() {
     );
     let m = &running.metrics;
     println!(
-        "means inside the agent: decision {:?}, record flush (sled + fdatasync, display write alongside) {:?}, \
+        "means inside the agent: decision {:?}, record flush (log frame + fdatasync, display write alongside) {:?}, \
          coil write {:?}, register write {:?}",
         m.decision_seconds.mean(),
         m.outbox_flush_seconds.mean(),
         m.modbus_histogram("write_coil").map(|h| h.mean()).unwrap_or_default(),
         m.modbus_histogram("write_registers").map(|h| h.mean()).unwrap_or_default(),
+    );
+    println!(
+        "outbox append alone (log frame + fdatasync): p50 {}  p99 {}",
+        fmt(pct(&mut appends, 0.5)),
+        fmt(pct(&mut appends, 0.99))
     );
     println!("median / floor = {:.2}", pct(&mut in_process, 0.5).as_secs_f64() / floor.as_secs_f64());
     println!(

@@ -1,19 +1,23 @@
 //! The gate's durable storage: the transaction outbox, the gate_seq counter, and the parameter
-//! packages it holds. The only module that knows sled, so the engine could be swapped.
+//! packages it holds. The only module that knows the storage engines, so they could be swapped.
+//!
+//! The outbox is an append-only log of framed records ([`log`]), one `fdatasync` per tap; sled
+//! holds the rest (the acknowledged point, parameter packages, small state).
 //!
 //! Outbox rules (SPEC §5, §7, §8):
-//! - `gate_seq` is assigned here and written in the same atomic batch as the record it numbers,
-//!   and [`Store::append`] returns only after the batch is flushed to disk. So a number is never
-//!   used before it is durable, and a record the reader was told about is never lost.
+//! - `gate_seq` is assigned here and written inside the frame of the record it numbers, and
+//!   [`Store::append`] returns only after `fdatasync`. So a number is never used before it is
+//!   durable, and a record the reader was told about is never lost. After a restart the next
+//!   number is above both the last record in the log and the last acknowledged one.
 //! - Records leave only through [`Store::ack`], when the controllers' `tx/ack` covers them.
 //! - The outbox is bounded by bytes. Past the capacity, [`Store::append`] refuses with
 //!   [`StoreError::Full`] (the caller refuses the tap with `outbox_full`); nothing is dropped.
 //!
-//! Durability: sled 0.34's `flush` ends with `sync_file_range` on Linux, which writes the pages but
-//! neither flushes the device's write cache nor commits metadata; that is not enough for "a tap
-//! whose gate opened is never lost" across a power cut. So every flush here is followed by an
-//! `fdatasync` of sled's data file ([`Store::sync`]); fsync works on the file, not on the
-//! descriptor, so it covers what sled wrote through its own handle.
+//! Why not sled for the outbox: sled 0.34's `flush` ends with `sync_file_range` on Linux, which
+//! writes the pages but neither flushes the device's write cache nor commits metadata, so a record
+//! would need a second sync (an `fdatasync` after sled's own) on the path of every tap; the log
+//! needs one. Every sled flush here is still followed by an `fdatasync` of sled's data file
+//! ([`Store::sync`]): fsync works on the file, not the descriptor, so it covers what sled wrote.
 //!
 //! Parameter rules: a package is stored whole in one value, and switching pending → active is one
 //! atomic batch, so a crash mid-write leaves the previous set.
@@ -23,6 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use thiserror::Error;
+
+mod log;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -38,7 +44,6 @@ pub enum StoreError {
     Corrupt(&'static str),
 }
 
-const NEXT_SEQ: &[u8] = b"next_seq";
 const ACKED_THROUGH: &[u8] = b"acked_through";
 
 /// Which slot of a parameter kind a package sits in.
@@ -61,25 +66,20 @@ fn param_key(kind: &str, slot: Slot) -> Vec<u8> {
     format!("{kind}/{}", slot.as_str()).into_bytes()
 }
 
-/// Per-record overhead counted against the capacity (key and bookkeeping).
-const RECORD_OVERHEAD: u64 = 16;
-
 pub struct Store {
     db: sled::Db,
     /// sled's data file, opened only to `fdatasync` it after each flush.
     data_file: std::fs::File,
-    /// gate_seq (big-endian u64) → record bytes.
-    outbox: sled::Tree,
-    /// Counters: next gate_seq, highest acked.
+    /// The record log, under a lock that also serializes gate_seq assignment.
+    outbox: Mutex<log::Log>,
+    /// The highest acknowledged gate_seq.
     meta: sled::Tree,
     /// `{kind}/{active|pending}` → package bytes; other small state by name.
     params: sled::Tree,
     capacity: u64,
-    /// Bytes the outbox holds (records plus overhead), kept in memory.
+    /// Bytes the outbox holds (frames of unacknowledged records), mirrored for lock-free reads.
     bytes: AtomicU64,
     depth: AtomicU64,
-    /// Serializes gate_seq assignment.
-    seq: Mutex<u64>,
 }
 
 fn be(v: u64) -> [u8; 8] {
@@ -104,32 +104,14 @@ impl Store {
             .mode(sled::Mode::LowSpace)
             .cache_capacity(8 * 1024 * 1024)
             .open()?;
-        let outbox = db.open_tree("outbox")?;
         let meta = db.open_tree("meta")?;
         let params = db.open_tree("params")?;
-        let mut bytes = 0u64;
-        let mut depth = 0u64;
-        let mut last = 0u64;
-        for kv in outbox.iter() {
-            let (k, v) = kv?;
-            let arr: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("outbox key"))?;
-            last = last.max(u64::from_be_bytes(arr));
-            bytes += v.len() as u64 + RECORD_OVERHEAD;
-            depth += 1;
-        }
-        let next = read_u64(meta.get(NEXT_SEQ)?, "next_seq")?.unwrap_or(1).max(last + 1);
         let data_file = std::fs::File::open(dir.join("db"))?;
-        Ok(Store {
-            db,
-            data_file,
-            outbox,
-            meta,
-            params,
-            capacity,
-            bytes: AtomicU64::new(bytes),
-            depth: AtomicU64::new(depth),
-            seq: Mutex::new(next),
-        })
+        let acked = read_u64(meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0);
+        let outbox = log::Log::open(&dir.join("outbox"), acked)?;
+        let bytes = AtomicU64::new(outbox.live_bytes());
+        let depth = AtomicU64::new(outbox.live_count() as u64);
+        Ok(Store { db, data_file, outbox: Mutex::new(outbox), meta, params, capacity, bytes, depth })
     }
 
     pub fn capacity(&self) -> u64 {
@@ -148,7 +130,7 @@ impl Store {
 
     /// Whether a record of about `len` bytes still fits.
     pub fn has_room(&self, len: usize) -> bool {
-        self.bytes() + len as u64 + RECORD_OVERHEAD <= self.capacity
+        self.bytes() + log::Log::cost(len) <= self.capacity
     }
 
     /// Whether the outbox is past `percent` of its capacity (the near-full alarm).
@@ -156,84 +138,58 @@ impl Store {
         self.bytes().saturating_mul(100) >= self.capacity.saturating_mul(percent)
     }
 
-    /// The gate_seq the next record will get.
-    pub fn next_seq(&self) -> u64 {
-        *self.seq.lock().unwrap_or_else(|p| p.into_inner())
+    fn log(&self) -> std::sync::MutexGuard<'_, log::Log> {
+        // The log's state is updated only after each I/O succeeded; after a panic it is still
+        // consistent with the files.
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Numbers a record, stores it and the advanced counter in one batch, and flushes; returns the
-    /// gate_seq once both are durable. `make` builds the record bytes from its gate_seq.
+    /// The gate_seq the next record will get.
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.log().last_seq().max(self.acked_through()?) + 1)
+    }
+
+    /// Numbers a record, writes it and `fdatasync`s it; returns its gate_seq once durable. `make`
+    /// builds the record bytes from its gate_seq.
     pub fn append(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
-        let seq = {
-            let mut next = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-            let seq = *next;
-            let record = make(seq);
-            let cost = record.len() as u64 + RECORD_OVERHEAD;
-            let bytes = self.bytes();
-            if bytes + cost > self.capacity {
-                return Err(StoreError::Full { bytes, capacity: self.capacity });
-            }
-            let outbox = &self.outbox;
-            let meta = &self.meta;
-            use sled::Transactional;
-            (outbox, meta)
-                .transaction(|(o, m)| {
-                    o.insert(&be(seq), record.as_slice())?;
-                    m.insert(NEXT_SEQ, &be(seq + 1))?;
-                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| StoreError::Batch(format!("{e:?}")))?;
-            *next = seq + 1;
-            self.bytes.fetch_add(cost, Ordering::Relaxed);
-            self.depth.fetch_add(1, Ordering::Relaxed);
-            seq
-        };
-        // Outside the lock, so concurrent appends share one disk flush.
-        self.sync()?;
+        let acked = self.acked_through()?;
+        let mut log = self.log();
+        let seq = log.last_seq().max(acked) + 1;
+        let record = make(seq);
+        let cost = log::Log::cost(record.len());
+        let bytes = log.live_bytes();
+        if bytes + cost > self.capacity {
+            return Err(StoreError::Full { bytes, capacity: self.capacity });
+        }
+        log.append(seq, &record)?;
+        self.bytes.store(log.live_bytes(), Ordering::Relaxed);
+        self.depth.store(log.live_count() as u64, Ordering::Relaxed);
         Ok(seq)
     }
 
-    /// Up to `max_records` records (and about `max_bytes`) after `after`, in gate_seq order.
+    /// Up to `max_records` records (and about `max_bytes`, at least one) after `after`, in
+    /// gate_seq order.
     pub fn pending(
         &self,
         after: u64,
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        let mut size = 0;
-        for kv in self.outbox.range(be(after.saturating_add(1))..) {
-            let (k, v) = kv?;
-            let arr: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("outbox key"))?;
-            if !out.is_empty() && (out.len() >= max_records || size + v.len() > max_bytes) {
-                break;
-            }
-            size += v.len();
-            out.push((u64::from_be_bytes(arr), v.to_vec()));
-        }
-        Ok(out)
+        Ok(self.log().read(after, max_records, max_bytes)?)
     }
 
-    /// Removes every record with gate_seq ≤ `through`; returns how many were removed.
+    /// Removes every record with gate_seq ≤ `through`; returns how many were removed. The
+    /// acknowledged point is made durable first, so the numbers stay above it after a restart.
     pub fn ack(&self, through: u64) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
-        let mut freed = 0u64;
-        for kv in self.outbox.range(..=be(through)) {
-            let (k, v) = kv?;
-            batch.remove(k);
-            removed += 1;
-            freed += v.len() as u64 + RECORD_OVERHEAD;
-        }
-        if removed > 0 {
-            self.outbox.apply_batch(batch)?;
-            self.bytes.fetch_sub(freed.min(self.bytes()), Ordering::Relaxed);
-            self.depth.fetch_sub((removed as u64).min(self.depth()), Ordering::Relaxed);
-        }
         let prev = self.acked_through()?;
         if through > prev {
             self.meta.insert(ACKED_THROUGH, &be(through))?;
+            self.sync()?;
         }
+        let mut log = self.log();
+        let removed = log.ack(through)?;
+        self.bytes.store(log.live_bytes(), Ordering::Relaxed);
+        self.depth.store(log.live_count() as u64, Ordering::Relaxed);
         Ok(removed)
     }
 
