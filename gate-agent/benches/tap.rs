@@ -152,16 +152,35 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    // 1. tap → durable record → flap acknowledged, in process.
+    // 1 and 2, interleaved so that both see the same disk and CPU conditions: a tap (decide,
+    // durable record, display and coil acknowledged), then the floor's two parts — an fdatasync of
+    // a small record written in place in a preallocated file (as the outbox log does), and a bare
+    // coil write to the same simulator on a connection of its own.
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::File::create(dir.path().join("floor")).unwrap();
+    f.write_all_at(&vec![0u8; 200 * TAPS], 0).unwrap();
+    f.sync_all().unwrap();
+    let stream = tokio::net::TcpStream::connect(plc_addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut ctx = tokio_modbus::client::tcp::attach_slave(stream, tokio_modbus::Slave(1));
     let mut in_process = Vec::with_capacity(TAPS);
+    let mut fsync = Vec::with_capacity(TAPS);
+    let mut coil = Vec::with_capacity(TAPS);
     for i in 0..TAPS {
         let t = Instant::now();
         let outcome = gate.tap(tap(i)).await.unwrap();
         assert_eq!(outcome.response.reason, Reason::Ok);
         gate.run_flap(&outcome).await;
         in_process.push(t.elapsed());
+        let t = Instant::now();
+        f.write_all_at(&[7u8; 200], (i * 200) as u64).unwrap();
+        f.sync_data().unwrap();
+        fsync.push(t.elapsed());
+        let t = Instant::now();
+        ctx.write_single_coil(3, false).await.unwrap().unwrap();
+        coil.push(t.elapsed());
     }
-    // The same through the reader socket (response line back; the flap runs alongside).
+    // The same taps through the reader socket (response line back; the coil runs alongside).
     let mut conn = ReaderConn::connect(reader_addr).await.unwrap();
     let mut socket = Vec::with_capacity(TAPS);
     for i in 0..TAPS {
@@ -171,21 +190,7 @@ async fn main() {
         assert!(matches!(r, ReaderReply::Response(ref r) if r.reason == Reason::Ok));
     }
     assert!(running.metrics.modbus_errors() == 0, "Modbus errors during the run");
-
-    // 2. The floor: fdatasync of a small record (written in place in a preallocated file, as a
-    // log segment is; appending also commits the new file size and is shown for comparison), and
-    // a bare coil write.
-    use std::os::unix::fs::FileExt as _;
-    let f = std::fs::File::create(dir.path().join("floor")).unwrap();
-    f.write_all_at(&vec![0u8; 200 * TAPS], 0).unwrap();
-    f.sync_all().unwrap();
-    let mut fsync = Vec::with_capacity(TAPS);
-    for i in 0..TAPS {
-        let t = Instant::now();
-        f.write_all_at(&[7u8; 200], (i * 200) as u64).unwrap();
-        f.sync_data().unwrap();
-        fsync.push(t.elapsed());
-    }
+    // For comparison: fdatasync after an append that grows the file (commits the size too).
     let mut g = std::fs::File::create(dir.path().join("floor-append")).unwrap();
     let mut append = Vec::with_capacity(TAPS);
     for _ in 0..TAPS {
@@ -194,16 +199,7 @@ async fn main() {
         g.sync_data().unwrap();
         append.push(t.elapsed());
     }
-    let stream = tokio::net::TcpStream::connect(plc_addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let mut ctx = tokio_modbus::client::tcp::attach_slave(stream, tokio_modbus::Slave(1));
-    let mut coil = Vec::with_capacity(TAPS);
-    for _ in 0..TAPS {
-        let t = Instant::now();
-        ctx.write_single_coil(3, false).await.unwrap().unwrap();
-        coil.push(t.elapsed());
-    }
-    // The outbox append alone (sled insert + sled flush + fdatasync), on a store of its own.
+    // The outbox append alone, on a store of its own.
     let store = gate_agent::store::Store::open(&dir.path().join("store-alone"), 1 << 30).unwrap();
     let mut appends = Vec::with_capacity(TAPS);
     for _ in 0..TAPS {

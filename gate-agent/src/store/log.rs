@@ -8,6 +8,11 @@
 //! torn frame is never half-read and never followed by new frames. A frame is only reported
 //! written after `fdatasync` returned, so a torn frame is one nobody was told about.
 //!
+//! Segments are preallocated (written with zeros, synced, then renamed into place), so appending a
+//! frame changes no file size and its `fdatasync` commits no metadata: under other disk traffic a
+//! size change waits for a journal commit, an in-place write does not. A zero length word ends the
+//! frames of a segment.
+//!
 //! Whole segments are deleted once every record in them is acknowledged; the segment being
 //! written is never deleted, so the last gate_seq used is always on disk.
 
@@ -76,6 +81,11 @@ impl Log {
         for e in std::fs::read_dir(dir)? {
             let e = e?;
             let name = e.file_name();
+            if name.to_str().is_some_and(|n| n.ends_with(".tmp")) {
+                // A segment whose preallocation did not finish: it never held a record.
+                std::fs::remove_file(e.path())?;
+                continue;
+            }
             let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else { continue };
             if let Ok(first) = stem.parse::<u64>() {
                 names.push((first, e.path()));
@@ -117,10 +127,12 @@ impl Log {
                 last_seq = seq;
                 off += HEADER + len + CHECK;
             }
-            if (off as u64) < bytes.len() as u64 {
-                tracing::warn!(segment = %path.display(), valid = off, total = bytes.len(), "outbox log: cutting a torn tail");
-                file.set_len(off as u64)?;
-                file.sync_all()?;
+            if bytes[off..].iter().any(|b| *b != 0) {
+                // A torn or corrupt frame: zero it and everything after, so the next frame
+                // written here is never read as part of it.
+                tracing::warn!(segment = %path.display(), valid = off, "outbox log: clearing a torn tail");
+                file.write_all_at(&vec![0u8; bytes.len() - off], off as u64)?;
+                file.sync_data()?;
             }
             log.last_seq = log.last_seq.max(last_seq);
             log.segments.insert(first, Segment { file, path, len: off as u64, last_seq });
@@ -150,13 +162,18 @@ impl Log {
         if payload.is_empty() || payload.len() > MAX_RECORD || seq <= self.last_seq {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad outbox record"));
         }
+        let frame_bytes = frame_len(payload.len());
         let needs_new = match self.segments.last_key_value() {
             None => true,
-            Some((_, s)) => s.len >= SEGMENT_BYTES,
+            Some((_, s)) => s.len + frame_bytes > SEGMENT_BYTES.max(frame_bytes),
         };
         if needs_new {
             let path = self.dir.join(format!("{seq:020}.log"));
-            let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+            let tmp = self.dir.join(format!("{seq:020}.log.tmp"));
+            let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+            file.write_all_at(&vec![0u8; SEGMENT_BYTES as usize], 0)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
             // The new name must survive a crash too.
             File::open(&self.dir)?.sync_all()?;
             self.segments.insert(seq, Segment { file, path, len: 0, last_seq: seq - 1 });
@@ -248,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_tail_is_cut_and_writing_goes_on_after_the_last_whole_record() {
+    fn a_torn_tail_is_cleared_and_writing_goes_on_after_the_last_whole_record() {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut log = Log::open(dir.path(), 0).unwrap();
@@ -257,20 +274,30 @@ mod tests {
             }
         }
         let path = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
-        let whole = std::fs::metadata(&path).unwrap().len();
-        // A frame torn half-way, then one whose check fails.
+        let whole = (1..=5).map(|s| frame_len(format!("record {s}").len())).sum::<u64>();
+        // A frame torn half-way.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[20, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, b'x'], whole).unwrap();
         let mut log = Log::open(dir.path(), 0).unwrap();
         assert_eq!((log.last_seq(), log.live_count()), (5, 5));
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+        assert!(
+            std::fs::read(&path).unwrap()[whole as usize..].iter().all(|b| *b == 0),
+            "the torn frame is cleared"
+        );
         log.append(6, b"record 6").unwrap();
+        drop(log);
+        assert_eq!(Log::open(dir.path(), 0).unwrap().last_seq(), 6);
+        // A frame failing its check is not trusted, nor anything after it.
         let mut bytes = std::fs::read(&path).unwrap();
-        let n = bytes.len();
-        bytes[n - 1] ^= 1;
+        bytes[whole as usize + HEADER] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         let log = Log::open(dir.path(), 0).unwrap();
-        assert_eq!(log.last_seq(), 5, "a record failing its check is not trusted");
+        assert_eq!(log.last_seq(), 5);
+        // A preallocation cut short by a crash leaves a .tmp file that is removed.
+        std::fs::write(dir.path().join("00000000000000000099.log.tmp"), b"partial").unwrap();
+        drop(log);
+        Log::open(dir.path(), 0).unwrap();
+        assert!(!dir.path().join("00000000000000000099.log.tmp").exists());
     }
 
     #[test]
