@@ -26,6 +26,10 @@ async fn requests_without_the_right_token_are_refused_401() {
         .await
         .unwrap();
     assert_eq!(basic.status(), 401);
+    let sub = serde_json::json!({"kind": "qr_keys", "version": 1, "effective_from": 0, "body": {"keys": []}});
+    let admin = http.post(server.url("/v1/admin/stations/xian_rd/params")).json(&sub).send().await.unwrap();
+    assert_eq!(admin.status(), 401);
+    assert_eq!(server.client.stats(&station()).await.unwrap().feed_items, 0);
     assert_eq!(server.client.stats(&station()).await.unwrap().records, 0);
     server.stop().await;
 }
@@ -120,4 +124,65 @@ async fn metrics_expose_the_afc_clearing_figures() {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_binary_serves_with_a_token_file_and_stops_cleanly_on_sigterm() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let key_file = dir.path().join("feed.key");
+    std::fs::write(&key_file, hex::encode([5u8; 32])).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_clearing-server"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--feed-key-file")
+        .arg(&key_file)
+        .env_remove("AFC_CLEARING_TOKEN")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let guard = KillOnDrop(child);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = ClearingClient::new(&base, TOKEN, ClientConfig::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.watermark(&station()).await.is_err() {
+        assert!(Instant::now() < deadline, "binary not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let key = client.feed_key().await.unwrap();
+    let expected = ed25519_dalek::SigningKey::from_bytes(&[5; 32]).verifying_key().to_bytes();
+    assert_eq!(key.public_key, expected);
+    let chain = testdata::ledger(&station(), 5);
+    assert_eq!(
+        client.upload(&station(), &batch(&chain, 1, 5)).await.unwrap(),
+        clearing::UploadOutcome::Acked(5)
+    );
+    let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut guard = guard;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = guard.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "binary did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit}");
 }

@@ -237,3 +237,34 @@ async fn a_batch_over_the_record_limit_is_refused_413() {
     assert_eq!(server.client.stats(&station()).await.unwrap().records, 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_uploads_of_the_same_batches_store_each_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let chain = std::sync::Arc::new(testdata::ledger(&station(), 2_000));
+    // Two uploaders (say, an old and a new leader) race over the same backlog; each retries from
+    // the server's expected_from on a conflict.
+    let uploaders: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, chain) = (server.client.clone(), chain.clone());
+            tokio::spawn(async move {
+                let mut next = 1;
+                while next <= 2_000 {
+                    let last = (next + 99).min(2_000);
+                    match c.upload(&station(), &batch(&chain, next, last)).await.unwrap() {
+                        UploadOutcome::Acked(acked) => next = acked.max(last) + 1,
+                        UploadOutcome::Conflict { expected_from } => next = expected_from,
+                    }
+                }
+            })
+        })
+        .collect();
+    for u in uploaders {
+        u.await.unwrap();
+    }
+    let stats = server.client.stats(&station()).await.unwrap();
+    assert_eq!((stats.records, stats.duplicate_keys), (2_000, 0));
+    assert_eq!(stats.last_hash, chain[1_999].hash);
+    server.stop().await;
+}
