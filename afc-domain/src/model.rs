@@ -504,8 +504,13 @@ pub enum ParamKind {
 }
 
 impl ParamKind {
-    pub const ALL: [ParamKind; 5] =
-        [ParamKind::FareTable, ParamKind::Blacklist, ParamKind::QrKeys, ParamKind::GateConfig, ParamKind::Mode];
+    pub const ALL: [ParamKind; 5] = [
+        ParamKind::FareTable,
+        ParamKind::Blacklist,
+        ParamKind::QrKeys,
+        ParamKind::GateConfig,
+        ParamKind::Mode,
+    ];
 
     pub fn code(self) -> u8 {
         match self {

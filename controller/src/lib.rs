@@ -1,0 +1,15 @@
+//! The station controller node: the replicated station ledger and parameter store.
+//!
+//! Three controller nodes per station replicate one state machine with Raft (openraft on sled), so
+//! any one industrial PC can die without losing a fare. Map of the crate:
+//!
+//! - [`types`]: the Raft type configuration (entries carry a [`state::Request`]).
+//! - [`state`]: the state machine as pure logic: ledger appends with dedup and hash chain, gate
+//!   keys, packages, modes, clearing cursor, audit, prune. No I/O.
+//! - [`chain`]: hash chain, per-gate progress and batch signatures (moving to `afc_domain::ledger`).
+//! - [`storage`]: the only module that touches sled: Raft log, vote, state machine, snapshot files.
+
+pub mod chain;
+pub mod state;
+pub mod storage;
+pub mod types;
