@@ -8,8 +8,18 @@
 //!   keys, packages, modes, clearing cursor, audit, prune. No I/O.
 //! - [`chain`]: hash chain, per-gate progress and batch signatures (moving to `afc_domain::ledger`).
 //! - [`storage`]: the only module that touches sled: Raft log, vote, state machine, snapshot files.
+//! - [`network`]: the Raft peer client over HTTP (pooled, authenticated, with timeouts).
+//! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).
+//! - [`node`]: one node: store + Raft, one-time bootstrap, writes that reach the leader.
+//! - [`config`]: the TOML configuration, validated once.
+//! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
 pub mod chain;
+pub mod config;
+pub mod http;
+pub mod network;
+pub mod node;
+pub mod service;
 pub mod state;
 pub mod storage;
 pub mod types;

@@ -463,3 +463,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Some(Snapshot { meta: c.meta, snapshot: Box::new(f) }))
     }
 }
+
+impl StateMachineStore {
+    /// Flushes everything to disk (used at shutdown).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+}

@@ -21,6 +21,9 @@ const END: u32 = u32::MAX;
 /// Largest frame accepted (a package body is the largest item).
 const MAX_FRAME: u32 = 256 * 1024 * 1024;
 
+/// One stored item: key and value.
+pub type Item = (Vec<u8>, Vec<u8>);
+
 /// Streams a snapshot into a file.
 pub struct SnapshotWriter {
     w: BufWriter<File>,
@@ -120,7 +123,7 @@ impl<R: Read> SnapshotReader<R> {
     }
 
     /// The next `(key, value)`, or None after the end marker and a matching checksum.
-    pub fn next_item(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn next_item(&mut self) -> Result<Option<Item>, StoreError> {
         if self.done {
             return Ok(None);
         }
