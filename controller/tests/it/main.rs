@@ -1,4 +1,5 @@
 //! Integration tests of the controller: one binary, one module per subject.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 mod state_machine;

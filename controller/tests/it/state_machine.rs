@@ -15,7 +15,7 @@ struct Items(BTreeMap<Vec<u8>, Vec<u8>>);
 
 impl LedgerRead for Items {
     fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError> {
-        Ok(self.0.get(&keys::ledger(index).to_vec()).map(|v| serde_json::from_slice(v).unwrap()))
+        Ok(self.0.get(keys::ledger(index).as_slice()).map(|v| serde_json::from_slice(v).unwrap()))
     }
 }
 
