@@ -4,7 +4,6 @@
 //! `cluster_secret_file` or the `AFC_CLUSTER_SECRET` environment variable, never from the file
 //! itself, so the config can be shared and checked in.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -45,9 +44,9 @@ pub struct Config {
     /// Form a new cluster from `initial_members` if, and only if, the store is empty.
     #[serde(default)]
     pub bootstrap: bool,
-    /// Node id → advertised address of the first voters, used only by bootstrap.
+    /// The first voters (id and advertised address), used only by bootstrap.
     #[serde(default)]
-    pub initial_members: BTreeMap<u64, String>,
+    pub initial_members: Vec<Member>,
     /// File holding the cluster secret (first line, trimmed). Overrides `AFC_CLUSTER_SECRET`.
     #[serde(default)]
     pub cluster_secret_file: Option<PathBuf>,
@@ -58,6 +57,14 @@ pub struct Config {
     /// Filled by [`Config::load`] from the file or environment; never read from the TOML.
     #[serde(skip)]
     pub cluster_secret: String,
+}
+
+/// A voter of the initial cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
 }
 
 /// Raft timing and log compaction.
@@ -145,7 +152,7 @@ impl Config {
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
         }
-        if self.bootstrap && !self.initial_members.contains_key(&self.node_id) {
+        if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());
         }
         Ok(())

@@ -100,12 +100,8 @@ impl Node {
             tracing::info!("bootstrap requested but the store already holds Raft state: not repeated");
             return Ok(());
         }
-        let members: BTreeMap<NodeId, PeerNode> = self
-            .config
-            .initial_members
-            .iter()
-            .map(|(id, addr)| (*id, PeerNode { addr: addr.clone() }))
-            .collect();
+        let members: BTreeMap<NodeId, PeerNode> =
+            self.config.initial_members.iter().map(|m| (m.id, PeerNode { addr: m.addr.clone() })).collect();
         tracing::info!(?members, "bootstrapping a new cluster");
         self.raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))
     }
