@@ -123,8 +123,7 @@ async fn learner(
     body: web::Json<AddLearner>,
 ) -> Result<HttpResponse, NodeError> {
     authorize(&req, &node)?;
-    node.add_learner(body.into_inner(), hops(&req)).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({})))
+    Ok(HttpResponse::Ok().json(node.add_learner(body.into_inner(), hops(&req)).await?))
 }
 
 async fn voters(
@@ -133,8 +132,7 @@ async fn voters(
     body: web::Json<SetVoters>,
 ) -> Result<HttpResponse, NodeError> {
     authorize(&req, &node)?;
-    node.set_voters(body.into_inner(), hops(&req)).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({})))
+    Ok(HttpResponse::Ok().json(node.set_voters(body.into_inner(), hops(&req)).await?))
 }
 
 async fn metrics(req: HttpRequest, node: Shared) -> Result<HttpResponse, NodeError> {

@@ -32,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     // A panic anywhere leaves a half-alive node: abort instead, and let the supervisor restart it.
     let default_hook = std::panic::take_hook();

@@ -69,6 +69,12 @@ pub struct SetVoters {
     pub voters: BTreeSet<NodeId>,
 }
 
+/// Answer of a membership change: the log index of the change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MembershipChanged {
+    pub log_index: u64,
+}
+
 /// What one attempt at a leader-only operation gave.
 enum Attempt<T> {
     Done(T),
@@ -118,11 +124,11 @@ impl Node {
     }
 
     /// Adds a learner (blocking until it has caught up with the log), via the leader.
-    pub async fn add_learner(&self, req: AddLearner, hops: u32) -> Result<(), NodeError> {
+    pub async fn add_learner(&self, req: AddLearner, hops: u32) -> Result<MembershipChanged, NodeError> {
         self.leader_op("/admin/learner", &req, hops, || async {
             let node = PeerNode { addr: req.addr.clone() };
             match self.raft.add_learner(req.node_id, node, true).await {
-                Ok(_) => Ok(Attempt::Done(())),
+                Ok(r) => Ok(Attempt::Done(MembershipChanged { log_index: r.log_id.index })),
                 Err(e) => forward_or_fail(e),
             }
         })
@@ -130,10 +136,10 @@ impl Node {
     }
 
     /// Replaces the set of voters (learners are promoted, removed voters leave), via the leader.
-    pub async fn set_voters(&self, req: SetVoters, hops: u32) -> Result<(), NodeError> {
+    pub async fn set_voters(&self, req: SetVoters, hops: u32) -> Result<MembershipChanged, NodeError> {
         self.leader_op("/admin/voters", &req, hops, || async {
             match self.raft.change_membership(req.voters.clone(), false).await {
-                Ok(_) => Ok(Attempt::Done(())),
+                Ok(r) => Ok(Attempt::Done(MembershipChanged { log_index: r.log_id.index })),
                 Err(e) => forward_or_fail(e),
             }
         })
@@ -162,8 +168,9 @@ impl Node {
             if let Some(addr) = leader {
                 match self.forward(&addr, path, body, hops + 1).await {
                     Ok(v) => return Ok(v),
-                    // The leader just died or moved: wait for the next one.
-                    Err(NodeError::HttpClient(e)) => {
+                    // The leader just died or moved: wait for the next one. (A request that
+                    // timed out may have been done; the operations here are safe to repeat.)
+                    Err(NodeError::HttpClient(e)) if e.is_connect() || e.is_timeout() => {
                         tracing::debug!(%addr, error = %e, "forward to leader failed; retrying")
                     }
                     Err(NodeError::Forward { status: 503, body }) => {

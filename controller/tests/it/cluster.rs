@@ -249,7 +249,7 @@ async fn membership_grows_to_four_voters_and_back_to_three() {
     poll_http(&c, 4).await;
 
     let r = c.post(3, "/admin/learner", &AddLearner { node_id: 4, addr: addr4 }).await.unwrap();
-    assert!(r.status().is_success(), "{:?}", r.text().await);
+    assert!(r.status().is_success(), "{:?}\n{}\n{}", r.text().await, c.nodes[&4].log(), c.nodes[&3].log());
     let r = c.post(2, "/admin/voters", &SetVoters { voters: [1, 2, 3, 4].into() }).await.unwrap();
     assert!(r.status().is_success(), "{:?}", r.text().await);
     let leader = c.wait_leader(Duration::from_secs(10), None).await;
