@@ -183,7 +183,7 @@ impl fmt::Display for StationCode {
 #[serde(transparent)]
 pub struct Ident(String);
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error("invalid identifier {0:?}: 1-64 characters of A-Z a-z 0-9 _ -")]
 pub struct IdentError(pub String);
 

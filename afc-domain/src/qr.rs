@@ -1,1 +1,705 @@
-//! (in progress)
+//! QR ride codes (SPEC §1 `qr`, §12): the byte layout, offline ed25519 verification against the
+//! issuer keys of the `qr_keys` parameter set, a replay cache, and a generator for simulators.
+//!
+//! # Byte layout (version 1, 91 bytes, big-endian)
+//!
+//! | offset | size | field | meaning |
+//! |---|---|---|---|
+//! | 0 | 1 | version | [`QR_VERSION`] (1) |
+//! | 1 | 2 | issuer | issuer id (Alipay, WeChat, a bank, UnionPay, …) |
+//! | 3 | 2 | key_id | which of the issuer's keys signed, so issuers can rotate keys |
+//! | 5 | 8 | account | the account clearing charges |
+//! | 13 | 4 | issued_at | Unix seconds (u32: good until 2106) |
+//! | 17 | 2 | valid_secs | validity from `issued_at`, seconds (at most ~18 h) |
+//! | 19 | 8 | nonce | chosen by the issuer, unique per account; the replay key |
+//! | 27 | 64 | signature | ed25519 over [`QR_SIGNING_DOMAIN`] ‖ bytes 0..27 |
+//!
+//! QR codes carry text, so the code travels as unpadded base64url ([`encode_text`], 122
+//! characters, fits a version-6 QR code at level M).
+//!
+//! # Checks and their order
+//!
+//! [`verify`] checks the layout, then the key (known, and valid now), then the signature, then the
+//! validity window with a configurable clock-skew tolerance ([`QrSkew`]). Only a code that passes
+//! all of them reaches the [`ReplayCache`], so a forger cannot fill the cache.
+
+use std::collections::{BTreeSet, HashMap};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ledger::hex_array;
+use crate::model::{Reason, Timestamp};
+
+/// The layout version this module reads and writes.
+pub const QR_VERSION: u8 = 1;
+/// Bytes covered by the signature (everything before it).
+pub const QR_BODY_LEN: usize = 27;
+/// Length of the ed25519 signature.
+pub const QR_SIGNATURE_LEN: usize = 64;
+/// Total length of a code.
+pub const QR_CODE_LEN: usize = QR_BODY_LEN + QR_SIGNATURE_LEN;
+/// Length of the text form: unpadded base64 of [`QR_CODE_LEN`] bytes.
+pub const QR_TEXT_LEN: usize = (QR_CODE_LEN * 4).div_ceil(3);
+/// Prefix of the signed message, so an issuer key's ride-code signatures cannot be confused with
+/// anything else the same key signs.
+pub const QR_SIGNING_DOMAIN: &[u8] = b"afc/v1/qr-ride-code\0";
+
+/// What an issuer puts in a code (the generator's input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QrIssue {
+    pub issuer: u16,
+    pub key_id: u16,
+    pub account: u64,
+    /// Stored in whole seconds: milliseconds are dropped, instants outside 1970..2106 are clamped.
+    pub issued_at: Timestamp,
+    pub valid_secs: u16,
+    pub nonce: u64,
+}
+
+/// What a verified code says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QrClaims {
+    pub issuer: u16,
+    pub key_id: u16,
+    /// The account clearing charges; recorded as the transaction's `id`.
+    pub account: u64,
+    pub issued_at: Timestamp,
+    /// `issued_at + valid_secs`.
+    pub expires_at: Timestamp,
+    /// With `issuer` and `account`, identifies this code for the replay check.
+    pub nonce: u64,
+}
+
+impl QrClaims {
+    /// The code's identity for the replay check.
+    pub fn replay_key(&self) -> ReplayKey {
+        ReplayKey { issuer: self.issuer, account: self.account, nonce: self.nonce }
+    }
+}
+
+/// How far the gate's clock and the issuer's clock may disagree: a code is still accepted this long
+/// after it expires, and this long before it is issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QrSkew {
+    pub tolerance_ms: u32,
+}
+
+impl QrSkew {
+    /// No tolerance at all.
+    pub const NONE: QrSkew = QrSkew { tolerance_ms: 0 };
+
+    pub fn from_millis(tolerance_ms: u32) -> QrSkew {
+        QrSkew { tolerance_ms }
+    }
+
+    fn ms(self) -> i64 {
+        i64::from(self.tolerance_ms)
+    }
+}
+
+impl Default for QrSkew {
+    /// 30 seconds: phones and gates are NTP-synchronised, but phone clocks drift and codes are
+    /// displayed for a while before they are scanned.
+    fn default() -> Self {
+        QrSkew { tolerance_ms: 30_000 }
+    }
+}
+
+/// Why a code was refused. [`QrError::reason`] gives the reject reason for the gate and ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum QrError {
+    #[error("QR code text is {len} characters, expected {}", QR_TEXT_LEN)]
+    TextLength { len: usize },
+    #[error("QR code text is not unpadded base64url")]
+    TextEncoding,
+    #[error("QR code is {len} bytes, expected {}", QR_CODE_LEN)]
+    WrongLength { len: usize },
+    #[error("QR code has layout version {0}, expected {}", QR_VERSION)]
+    UnknownVersion(u8),
+    #[error("no key {key_id} of QR issuer {issuer} is known")]
+    UnknownKey { issuer: u16, key_id: u16 },
+    #[error("key {key_id} of QR issuer {issuer} is not valid at this time")]
+    KeyNotValid { issuer: u16, key_id: u16 },
+    #[error("QR code signature does not verify")]
+    BadSignature,
+    #[error("QR code expired at {expires_at:?}")]
+    Expired { expires_at: Timestamp },
+    #[error("QR code is issued at {issued_at:?}, in the future")]
+    NotYetValid { issued_at: Timestamp },
+    #[error("QR code was already used")]
+    Replayed,
+}
+
+impl QrError {
+    /// The reject reason shown at the gate and recorded in the ledger.
+    pub fn reason(&self) -> Reason {
+        match self {
+            QrError::TextLength { .. }
+            | QrError::TextEncoding
+            | QrError::WrongLength { .. }
+            | QrError::UnknownVersion(_) => Reason::QrMalformed,
+            QrError::UnknownKey { .. } | QrError::KeyNotValid { .. } => Reason::QrUnknownKey,
+            QrError::BadSignature => Reason::QrBadSignature,
+            QrError::Expired { .. } => Reason::QrExpired,
+            QrError::NotYetValid { .. } => Reason::QrNotYetValid,
+            QrError::Replayed => Reason::QrReplayed,
+        }
+    }
+}
+
+/// Builds a signed code (for simulators, tests and the reference issuer).
+pub fn generate(issue: &QrIssue, key: &SigningKey) -> Vec<u8> {
+    let secs = issue.issued_at.secs().clamp(0, i64::from(u32::MAX));
+    // Cannot fail: clamped to the u32 range just above.
+    let secs = u32::try_from(secs).unwrap_or(u32::MAX);
+    let mut body = [0u8; QR_BODY_LEN];
+    body[0] = QR_VERSION;
+    body[1..3].copy_from_slice(&issue.issuer.to_be_bytes());
+    body[3..5].copy_from_slice(&issue.key_id.to_be_bytes());
+    body[5..13].copy_from_slice(&issue.account.to_be_bytes());
+    body[13..17].copy_from_slice(&secs.to_be_bytes());
+    body[17..19].copy_from_slice(&issue.valid_secs.to_be_bytes());
+    body[19..27].copy_from_slice(&issue.nonce.to_be_bytes());
+    let signature = key.sign(&signing_message(&body));
+    let mut code = Vec::with_capacity(QR_CODE_LEN);
+    code.extend_from_slice(&body);
+    code.extend_from_slice(&signature.to_bytes());
+    code
+}
+
+/// The text form of a code: unpadded base64url.
+pub fn encode_text(code: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(code)
+}
+
+/// Decodes the text form. Only the exact length of a version-1 code is accepted, which also bounds
+/// the allocation.
+pub fn decode_text(text: &str) -> Result<Vec<u8>, QrError> {
+    if text.len() != QR_TEXT_LEN {
+        return Err(QrError::TextLength { len: text.len() });
+    }
+    URL_SAFE_NO_PAD.decode(text).map_err(|_| QrError::TextEncoding)
+}
+
+/// A code split into its parts, signature not yet checked.
+struct Parsed {
+    claims: QrClaims,
+    body: [u8; QR_BODY_LEN],
+    signature: [u8; QR_SIGNATURE_LEN],
+}
+
+fn parse(code: &[u8]) -> Result<Parsed, QrError> {
+    let code: &[u8; QR_CODE_LEN] = code.try_into().map_err(|_| QrError::WrongLength { len: code.len() })?;
+    let (body_part, sig_part) = code.split_at(QR_BODY_LEN);
+    let mut body = [0u8; QR_BODY_LEN];
+    body.copy_from_slice(body_part);
+    let mut signature = [0u8; QR_SIGNATURE_LEN];
+    signature.copy_from_slice(sig_part);
+    if body[0] != QR_VERSION {
+        return Err(QrError::UnknownVersion(body[0]));
+    }
+    let issuer = u16::from_be_bytes([body[1], body[2]]);
+    let key_id = u16::from_be_bytes([body[3], body[4]]);
+    let account = u64::from_be_bytes(array8(&body, 5));
+    let issued_secs = u32::from_be_bytes([body[13], body[14], body[15], body[16]]);
+    let valid_secs = u16::from_be_bytes([body[17], body[18]]);
+    let nonce = u64::from_be_bytes(array8(&body, 19));
+    // u32 seconds and u16 seconds: neither the product nor the sum can overflow i64.
+    let issued_at = Timestamp(i64::from(issued_secs) * 1000);
+    let expires_at = Timestamp(issued_at.0 + i64::from(valid_secs) * 1000);
+    Ok(Parsed { claims: QrClaims { issuer, key_id, account, issued_at, expires_at, nonce }, body, signature })
+}
+
+/// Eight bytes of the body from `at`; only called with the constant offsets 5 and 19.
+fn array8(body: &[u8; QR_BODY_LEN], at: usize) -> [u8; 8] {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&body[at..at + 8]);
+    a
+}
+
+fn signing_message(body: &[u8; QR_BODY_LEN]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(QR_SIGNING_DOMAIN.len() + QR_BODY_LEN);
+    m.extend_from_slice(QR_SIGNING_DOMAIN);
+    m.extend_from_slice(body);
+    m
+}
+
+/// Reads a code's claims **without checking anything but the layout**: for logs and diagnostics,
+/// never for a decision.
+pub fn decode_unverified(code: &[u8]) -> Result<QrClaims, QrError> {
+    parse(code).map(|p| p.claims)
+}
+
+/// Verifies a code offline: layout, key, signature and validity window (not replays: pass the
+/// claims to a [`ReplayCache`] next).
+pub fn verify(code: &[u8], keys: &QrKeySet, now: Timestamp, skew: QrSkew) -> Result<QrClaims, QrError> {
+    let parsed = parse(code)?;
+    let QrClaims { issuer, key_id, issued_at, expires_at, .. } = parsed.claims;
+    let (entry, verifying) = keys.lookup(issuer, key_id).ok_or(QrError::UnknownKey { issuer, key_id })?;
+    if now < entry.valid_from || now > entry.valid_to {
+        return Err(QrError::KeyNotValid { issuer, key_id });
+    }
+    let signature = Signature::from_bytes(&parsed.signature);
+    verifying.verify_strict(&signing_message(&parsed.body), &signature).map_err(|_| QrError::BadSignature)?;
+    if now.0 > expires_at.0.saturating_add(skew.ms()) {
+        return Err(QrError::Expired { expires_at });
+    }
+    if issued_at.0 > now.0.saturating_add(skew.ms()) {
+        return Err(QrError::NotYetValid { issued_at });
+    }
+    Ok(parsed.claims)
+}
+
+/// [`decode_text`] then [`verify`].
+pub fn verify_text(text: &str, keys: &QrKeySet, now: Timestamp, skew: QrSkew) -> Result<QrClaims, QrError> {
+    verify(&decode_text(text)?, keys, now, skew)
+}
+
+/// One issuer public key, as listed in the `qr_keys` parameter set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QrIssuerKey {
+    pub issuer: u16,
+    pub key_id: u16,
+    /// The ed25519 public key, 64 hex digits in JSON.
+    #[serde(with = "hex_array")]
+    pub public_key: [u8; 32],
+    /// The key is accepted from this instant (inclusive) …
+    pub valid_from: Timestamp,
+    /// … until this one (inclusive), so issuers can rotate keys with an overlap.
+    pub valid_to: Timestamp,
+}
+
+/// Why a `qr_keys` parameter set was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum QrKeyError {
+    #[error("key {key_id} of issuer {issuer} is not an ed25519 public key")]
+    BadPublicKey { issuer: u16, key_id: u16 },
+    #[error("key {key_id} of issuer {issuer} is a weak (small-order) ed25519 key")]
+    WeakPublicKey { issuer: u16, key_id: u16 },
+    #[error("key {key_id} of issuer {issuer} is listed more than once")]
+    Duplicate { issuer: u16, key_id: u16 },
+    #[error("key {key_id} of issuer {issuer} has valid_from after valid_to")]
+    InvertedValidity { issuer: u16, key_id: u16 },
+    #[error("qr_keys body is not valid JSON for a key set: {0}")]
+    Json(String),
+}
+
+/// The JSON body of a `qr_keys` parameter package: `{"keys": [QrIssuerKey, …]}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct QrKeySetBody {
+    keys: Vec<QrIssuerKey>,
+}
+
+/// The issuer keys a gate trusts, checked and indexed once at load: sorted by `(issuer, key_id)`
+/// for an O(log n) lookup, with each public key already decompressed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "QrKeySetBody", into = "QrKeySetBody")]
+pub struct QrKeySet {
+    /// Sorted by `(issuer, key_id)`, no duplicates.
+    keys: Vec<QrIssuerKey>,
+    /// `verifying[i]` is `keys[i].public_key`, parsed.
+    verifying: Vec<VerifyingKey>,
+}
+
+impl QrKeySet {
+    /// Checks and indexes a key list: refuses bytes that are not a public key, weak keys,
+    /// duplicates of `(issuer, key_id)` and inverted validity periods.
+    pub fn new(mut keys: Vec<QrIssuerKey>) -> Result<QrKeySet, QrKeyError> {
+        keys.sort_by_key(|k| (k.issuer, k.key_id));
+        let mut verifying = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            let (issuer, key_id) = (k.issuer, k.key_id);
+            if i > 0 && keys.get(i - 1).is_some_and(|p| (p.issuer, p.key_id) == (issuer, key_id)) {
+                return Err(QrKeyError::Duplicate { issuer, key_id });
+            }
+            if k.valid_from > k.valid_to {
+                return Err(QrKeyError::InvertedValidity { issuer, key_id });
+            }
+            let vk = VerifyingKey::from_bytes(&k.public_key)
+                .map_err(|_| QrKeyError::BadPublicKey { issuer, key_id })?;
+            if vk.is_weak() {
+                return Err(QrKeyError::WeakPublicKey { issuer, key_id });
+            }
+            verifying.push(vk);
+        }
+        Ok(QrKeySet { keys, verifying })
+    }
+
+    /// An empty set: every code is refused as `qr_unknown_key`.
+    pub fn empty() -> QrKeySet {
+        QrKeySet { keys: Vec::new(), verifying: Vec::new() }
+    }
+
+    /// Parses and checks the JSON body of a `qr_keys` package.
+    pub fn from_json(body: &[u8]) -> Result<QrKeySet, QrKeyError> {
+        let body: QrKeySetBody = serde_json::from_slice(body).map_err(|e| QrKeyError::Json(e.to_string()))?;
+        QrKeySet::new(body.keys)
+    }
+
+    /// The keys, sorted by `(issuer, key_id)`.
+    pub fn keys(&self) -> &[QrIssuerKey] {
+        &self.keys
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key `key_id` of `issuer`, whatever its validity period.
+    pub fn get(&self, issuer: u16, key_id: u16) -> Option<&QrIssuerKey> {
+        self.lookup(issuer, key_id).map(|(k, _)| k)
+    }
+
+    fn lookup(&self, issuer: u16, key_id: u16) -> Option<(&QrIssuerKey, &VerifyingKey)> {
+        let i = self.keys.binary_search_by_key(&(issuer, key_id), |k| (k.issuer, k.key_id)).ok()?;
+        Some((self.keys.get(i)?, self.verifying.get(i)?))
+    }
+}
+
+impl TryFrom<QrKeySetBody> for QrKeySet {
+    type Error = QrKeyError;
+    fn try_from(body: QrKeySetBody) -> Result<Self, Self::Error> {
+        QrKeySet::new(body.keys)
+    }
+}
+
+impl From<QrKeySet> for QrKeySetBody {
+    fn from(set: QrKeySet) -> Self {
+        QrKeySetBody { keys: set.keys }
+    }
+}
+
+/// A code's identity for replay detection: the issuer's nonce is unique per account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReplayKey {
+    pub issuer: u16,
+    pub account: u64,
+    pub nonce: u64,
+}
+
+/// The codes already used, each remembered until it expires (plus the skew tolerance), after which
+/// [`verify`] refuses it as expired anyway.
+///
+/// Bounded: it never holds more than `capacity` entries. When full, the entry that expires soonest
+/// is dropped (it is the one whose protection would end first anyway) and
+/// [`evictions`](Self::evictions) counts it. A dropped code could be replayed for the rest of its
+/// validity window, so size the cache for the traffic: every code used station-wide within one
+/// validity window (plus skew) must fit. A station of 40 gates at 30 taps a minute each, with
+/// 5-minute codes, needs 6,000 entries; 100,000 leaves a wide margin. A non-zero eviction count
+/// means the cache is too small and should raise an alarm.
+///
+/// Memory: each entry is a 24-byte key and an 8-byte instant, held in a hash map (lookup) and an
+/// ordered set (expiry order): 107 bytes of heap per entry measured with table and node overhead,
+/// 10.7 MB at 100,000 entries when full. Size it to the traffic rather than to a round number.
+///
+/// A gate clock that jumps forward drops entries early; one that jumps back keeps them longer (safe).
+#[derive(Debug, Clone)]
+pub struct ReplayCache {
+    /// The most entries ever held.
+    capacity: usize,
+    /// Added to each code's expiry, matching the tolerance [`verify`] applies.
+    skew: QrSkew,
+    /// Each remembered code and the instant (ms) after which it can be forgotten.
+    by_key: HashMap<ReplayKey, i64>,
+    /// The same entries ordered by that instant, to purge and evict the soonest first.
+    by_expiry: BTreeSet<(i64, ReplayKey)>,
+    /// Entries dropped before their expiry because the cache was full.
+    evictions: u64,
+}
+
+impl ReplayCache {
+    /// A cache holding at most `capacity` codes (at least 1).
+    pub fn new(capacity: usize, skew: QrSkew) -> ReplayCache {
+        ReplayCache {
+            capacity: capacity.max(1),
+            skew,
+            by_key: HashMap::new(),
+            by_expiry: BTreeSet::new(),
+            evictions: 0,
+        }
+    }
+
+    /// Refuses a code already used, otherwise remembers it. Call after [`verify`] succeeds. A code
+    /// already past its expiry (plus skew) is refused as expired, not remembered.
+    pub fn check_and_insert(&mut self, claims: &QrClaims, now: Timestamp) -> Result<(), QrError> {
+        let forget_at = claims.expires_at.0.saturating_add(self.skew.ms());
+        if now.0 > forget_at {
+            return Err(QrError::Expired { expires_at: claims.expires_at });
+        }
+        self.purge_expired(now);
+        let key = claims.replay_key();
+        if self.by_key.contains_key(&key) {
+            return Err(QrError::Replayed);
+        }
+        self.insert(key, forget_at);
+        Ok(())
+    }
+
+    /// Remembers a code used at another gate of the station (shared through the controllers).
+    /// Returns whether it was new here.
+    pub fn insert_seen(&mut self, key: ReplayKey, expires_at: Timestamp, now: Timestamp) -> bool {
+        let forget_at = expires_at.0.saturating_add(self.skew.ms());
+        if now.0 > forget_at {
+            return false;
+        }
+        self.purge_expired(now);
+        self.insert(key, forget_at)
+    }
+
+    /// Whether the code is remembered as used (and not yet forgettable at `now`).
+    pub fn contains(&self, key: &ReplayKey, now: Timestamp) -> bool {
+        self.by_key.get(key).is_some_and(|&forget_at| now.0 <= forget_at)
+    }
+
+    /// Forgets every code that has expired (plus skew) at `now`; returns how many.
+    pub fn purge_expired(&mut self, now: Timestamp) -> usize {
+        let mut purged = 0;
+        while let Some(&(forget_at, key)) = self.by_expiry.first() {
+            if forget_at >= now.0 {
+                break;
+            }
+            self.by_expiry.pop_first();
+            self.by_key.remove(&key);
+            purged += 1;
+        }
+        purged
+    }
+
+    fn insert(&mut self, key: ReplayKey, forget_at: i64) -> bool {
+        if let Some(old) = self.by_key.get_mut(&key) {
+            if forget_at > *old {
+                self.by_expiry.remove(&(*old, key));
+                self.by_expiry.insert((forget_at, key));
+                *old = forget_at;
+            }
+            return false;
+        }
+        if self.by_key.len() >= self.capacity {
+            self.evictions += 1;
+            match self.by_expiry.first() {
+                Some(&(soonest, victim)) if soonest <= forget_at => {
+                    self.by_expiry.pop_first();
+                    self.by_key.remove(&victim);
+                }
+                // The new code expires before everything held: it is the one not kept.
+                _ => return true,
+            }
+        }
+        self.by_key.insert(key, forget_at);
+        self.by_expiry.insert((forget_at, key));
+        true
+    }
+
+    /// Codes currently remembered.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Codes dropped before their expiry because the cache was full (for a metric; should stay 0).
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_790_000_000_000;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn issuer_key(issuer: u16, key_id: u16, sk: &SigningKey) -> QrIssuerKey {
+        QrIssuerKey {
+            issuer,
+            key_id,
+            public_key: sk.verifying_key().to_bytes(),
+            valid_from: Timestamp(T0 - Timestamp::DAY_MS),
+            valid_to: Timestamp(T0 + Timestamp::DAY_MS),
+        }
+    }
+
+    fn issue(nonce: u64) -> QrIssue {
+        QrIssue { issuer: 7, key_id: 2, account: 42, issued_at: Timestamp(T0), valid_secs: 60, nonce }
+    }
+
+    fn keyset() -> QrKeySet {
+        QrKeySet::new(vec![issuer_key(7, 2, &key(1)), issuer_key(9, 1, &key(2))]).unwrap()
+    }
+
+    #[test]
+    fn a_fresh_code_verifies_and_says_what_was_issued() {
+        let code = generate(&issue(5), &key(1));
+        assert_eq!(code.len(), QR_CODE_LEN);
+        let claims = verify(&code, &keyset(), Timestamp(T0 + 1_000), QrSkew::NONE).unwrap();
+        assert_eq!(
+            claims,
+            QrClaims {
+                issuer: 7,
+                key_id: 2,
+                account: 42,
+                issued_at: Timestamp(T0),
+                expires_at: Timestamp(T0 + 60_000),
+                nonce: 5
+            }
+        );
+    }
+
+    #[test]
+    fn the_text_form_is_122_url_safe_characters_and_round_trips() {
+        let code = generate(&issue(5), &key(1));
+        let text = encode_text(&code);
+        assert_eq!(text.len(), QR_TEXT_LEN);
+        assert_eq!(QR_TEXT_LEN, 122);
+        assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert_eq!(decode_text(&text).unwrap(), code);
+        assert_eq!(decode_text("abc"), Err(QrError::TextLength { len: 3 }));
+        assert_eq!(decode_text(&"*".repeat(QR_TEXT_LEN)), Err(QrError::TextEncoding));
+    }
+
+    #[test]
+    fn each_error_maps_to_its_reject_reason() {
+        let ks = keyset();
+        let now = Timestamp(T0 + 1_000);
+        let good = generate(&issue(5), &key(1));
+        let err = |code: &[u8]| verify(code, &ks, now, QrSkew::NONE).unwrap_err();
+
+        assert_eq!(err(&good[..90]), QrError::WrongLength { len: 90 });
+        let mut v2 = good.clone();
+        v2[0] = 2;
+        assert_eq!(err(&v2), QrError::UnknownVersion(2));
+        let unknown = generate(&QrIssue { key_id: 3, ..issue(5) }, &key(1));
+        assert_eq!(err(&unknown), QrError::UnknownKey { issuer: 7, key_id: 3 });
+        let forged = generate(&issue(5), &key(9));
+        assert_eq!(err(&forged), QrError::BadSignature);
+        let mut altered = good.clone();
+        altered[12] ^= 1; // the account's last byte
+        assert_eq!(err(&altered), QrError::BadSignature);
+        let late = verify(&good, &ks, Timestamp(T0 + 60_001), QrSkew::NONE).unwrap_err();
+        assert_eq!(late, QrError::Expired { expires_at: Timestamp(T0 + 60_000) });
+        let early = verify(&good, &ks, Timestamp(T0 - 1), QrSkew::NONE).unwrap_err();
+        assert_eq!(early, QrError::NotYetValid { issued_at: Timestamp(T0) });
+        let stale_key = verify(&good, &ks, Timestamp(T0 + 2 * Timestamp::DAY_MS), QrSkew::NONE);
+        assert_eq!(stale_key, Err(QrError::KeyNotValid { issuer: 7, key_id: 2 }));
+
+        let reasons = [
+            (QrError::TextEncoding, Reason::QrMalformed),
+            (QrError::WrongLength { len: 0 }, Reason::QrMalformed),
+            (QrError::UnknownVersion(2), Reason::QrMalformed),
+            (QrError::UnknownKey { issuer: 1, key_id: 1 }, Reason::QrUnknownKey),
+            (QrError::KeyNotValid { issuer: 1, key_id: 1 }, Reason::QrUnknownKey),
+            (QrError::BadSignature, Reason::QrBadSignature),
+            (QrError::Expired { expires_at: Timestamp(0) }, Reason::QrExpired),
+            (QrError::NotYetValid { issued_at: Timestamp(0) }, Reason::QrNotYetValid),
+            (QrError::Replayed, Reason::QrReplayed),
+        ];
+        for (e, r) in reasons {
+            assert_eq!(e.reason(), r, "{e}");
+        }
+    }
+
+    #[test]
+    fn clock_skew_is_tolerated_both_ways_up_to_the_configured_limit() {
+        let ks = keyset();
+        let code = generate(&issue(5), &key(1));
+        let skew = QrSkew::from_millis(5_000);
+        assert!(verify(&code, &ks, Timestamp(T0 - 5_000), skew).is_ok());
+        assert!(verify(&code, &ks, Timestamp(T0 - 5_001), skew).is_err());
+        assert!(verify(&code, &ks, Timestamp(T0 + 65_000), skew).is_ok());
+        assert!(verify(&code, &ks, Timestamp(T0 + 65_001), skew).is_err());
+    }
+
+    #[test]
+    fn a_key_set_refuses_duplicates_bad_keys_and_inverted_periods() {
+        let k = issuer_key(7, 2, &key(1));
+        assert_eq!(
+            QrKeySet::new(vec![k.clone(), k.clone()]),
+            Err(QrKeyError::Duplicate { issuer: 7, key_id: 2 })
+        );
+        // The identity point is a valid encoding but a small-order (weak) key.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(
+            QrKeySet::new(vec![QrIssuerKey { public_key: identity, ..k.clone() }]),
+            Err(QrKeyError::WeakPublicKey { issuer: 7, key_id: 2 })
+        );
+        let inverted = QrIssuerKey { valid_from: k.valid_to, valid_to: k.valid_from, ..k.clone() };
+        assert_eq!(QrKeySet::new(vec![inverted]), Err(QrKeyError::InvertedValidity { issuer: 7, key_id: 2 }));
+        // Not every 32-byte string decompresses to a curve point; find one that does not.
+        let bad =
+            (0u8..=255).map(|b| [b; 32]).find(|bytes| VerifyingKey::from_bytes(bytes).is_err()).unwrap();
+        assert_eq!(
+            QrKeySet::new(vec![QrIssuerKey { public_key: bad, ..k }]),
+            Err(QrKeyError::BadPublicKey { issuer: 7, key_id: 2 })
+        );
+    }
+
+    #[test]
+    fn a_code_is_refused_as_replayed_within_its_window_and_as_expired_after() {
+        let ks = keyset();
+        let mut cache = ReplayCache::new(10, QrSkew::NONE);
+        let code = generate(&issue(5), &key(1));
+        let now = Timestamp(T0 + 1_000);
+        let claims = verify(&code, &ks, now, QrSkew::NONE).unwrap();
+        assert_eq!(cache.check_and_insert(&claims, now), Ok(()));
+        assert_eq!(cache.check_and_insert(&claims, Timestamp(T0 + 60_000)), Err(QrError::Replayed));
+        let later = Timestamp(T0 + 60_001);
+        assert!(matches!(verify(&code, &ks, later, QrSkew::NONE), Err(QrError::Expired { .. })));
+        assert!(matches!(cache.check_and_insert(&claims, later), Err(QrError::Expired { .. })));
+        // Another nonce of the same account is a different code.
+        let other = verify(&generate(&issue(6), &key(1)), &ks, now, QrSkew::NONE).unwrap();
+        assert_eq!(cache.check_and_insert(&other, now), Ok(()));
+    }
+
+    #[test]
+    fn codes_seen_at_other_gates_are_refused_here() {
+        let mut cache = ReplayCache::new(10, QrSkew::NONE);
+        let claims = decode_unverified(&generate(&issue(5), &key(1))).unwrap();
+        let now = Timestamp(T0);
+        assert!(cache.insert_seen(claims.replay_key(), claims.expires_at, now));
+        assert!(!cache.insert_seen(claims.replay_key(), claims.expires_at, now));
+        assert!(cache.contains(&claims.replay_key(), now));
+        assert_eq!(cache.check_and_insert(&claims, now), Err(QrError::Replayed));
+    }
+
+    #[test]
+    fn a_full_cache_evicts_the_soonest_to_expire_and_counts_it() {
+        let mut cache = ReplayCache::new(3, QrSkew::NONE);
+        let now = Timestamp(T0);
+        let k = |nonce| ReplayKey { issuer: 1, account: 1, nonce };
+        for (nonce, exp) in [(1, 50_000), (2, 10_000), (3, 30_000)] {
+            assert!(cache.insert_seen(k(nonce), Timestamp(T0 + exp), now));
+        }
+        assert!(cache.insert_seen(k(4), Timestamp(T0 + 40_000), now));
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.evictions(), 1);
+        assert!(!cache.contains(&k(2), now));
+        assert!(cache.contains(&k(4), now));
+        // A code expiring before everything held is the one not kept.
+        assert!(cache.insert_seen(k(5), Timestamp(T0 + 1_000), now));
+        assert!(!cache.contains(&k(5), now));
+        assert_eq!(cache.evictions(), 2);
+        // Expired entries are purged without counting as evictions.
+        assert_eq!(cache.purge_expired(Timestamp(T0 + 45_000)), 2);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.evictions(), 2);
+    }
+}

@@ -6,7 +6,7 @@
 //! - [`types`]: the Raft type configuration (entries carry a [`state::Request`]).
 //! - [`state`]: the state machine as pure logic: ledger appends with dedup and hash chain, gate
 //!   keys, packages, modes, clearing cursor, audit, prune. No I/O.
-//! - [`chain`]: hash chain, per-gate progress and batch signatures (moving to `afc_domain::ledger`).
+//! - [`chain`]: the ledger primitives used (hash chain, gate progress, batch signatures) from `afc_domain`.
 //! - [`storage`]: the only module that touches sled: Raft log, vote, state machine, snapshot files.
 //! - [`network`]: the Raft peer client over HTTP (pooled, authenticated, with timeouts).
 //! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).

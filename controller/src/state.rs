@@ -20,7 +20,7 @@ use openraft::{LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::chain::{self, GateProgress, LedgerEntry, GENESIS_HASH};
+use crate::chain::{self, GateProgress, LedgerEntry, LedgerError, SeqStatus, GENESIS_HASH};
 use crate::types::{Node, NodeId};
 
 /// Most records one batch may carry (a gate uploads far fewer; this bounds one log entry).
@@ -66,6 +66,17 @@ pub enum Request {
     Prune { before: Timestamp },
 }
 
+impl From<afc_domain::wire::TxBatch> for Request {
+    fn from(b: afc_domain::wire::TxBatch) -> Request {
+        Request::AppendTxBatch {
+            station: b.station,
+            gate: b.gate,
+            records: b.records,
+            signature: b.signature,
+        }
+    }
+}
+
 impl Request {
     /// Short name for logs and metrics.
     pub fn name(&self) -> &'static str {
@@ -95,6 +106,8 @@ pub enum Rejection {
     EmptyBatch,
     #[error("batch has {records} records, more than {max}")]
     BatchTooLarge { records: usize, max: usize },
+    #[error("invalid batch: {detail}")]
+    InvalidBatch { detail: String },
     #[error("invalid public key: {detail}")]
     BadPublicKey { detail: String },
     #[error("{kind} version {version} is not above the current {current}")]
@@ -112,6 +125,8 @@ pub enum Response {
     Appended {
         appended: u32,
         duplicates: u32,
+        /// Records too far ahead of the gate's high-water mark, not taken (the gate re-sends them).
+        deferred: u32,
         /// Ledger indexes given to the new records (absent when none was new).
         first_index: Option<u64>,
         last_index: Option<u64>,
@@ -388,32 +403,45 @@ impl StationState {
         let Some(info) = self.gates.get_mut(gate) else {
             return reject(Rejection::UnknownGate { gate: gate.clone() });
         };
-        let verified = decode_signature(signature)
-            .zip(VerifyingKey::from_bytes(&info.tx_public_key).ok())
-            .is_some_and(|(sig, key)| chain::verify_batch(station, gate, records, &sig, &key));
-        if !verified {
+        let (Some(sig), Ok(key)) =
+            (decode_signature(signature), VerifyingKey::from_bytes(&info.tx_public_key))
+        else {
             return reject(Rejection::BadSignature);
+        };
+        match chain::verify_batch(station, gate, records, &sig, &key) {
+            Ok(()) => {}
+            Err(LedgerError::BadSignature) => return reject(Rejection::BadSignature),
+            Err(e) => return reject(Rejection::InvalidBatch { detail: e.to_string() }),
         }
-        let (mut appended, mut duplicates) = (0u32, 0u32);
+        let (mut appended, mut duplicates, mut deferred) = (0u32, 0u32, 0u32);
         let mut first_index = None;
         for rec in records {
-            if !info.progress.record(rec.gate_seq) {
-                duplicates += 1;
-                continue;
+            match info.progress.classify(rec.gate_seq) {
+                SeqStatus::New => {}
+                SeqStatus::BeyondWindow => {
+                    deferred += 1;
+                    continue;
+                }
+                SeqStatus::Duplicate | SeqStatus::Zero => {
+                    duplicates += 1;
+                    continue;
+                }
             }
+            info.progress.record(rec.gate_seq);
             let index = self.next_index;
-            let hash = chain::chain_hash(&self.last_hash, rec);
-            let entry = LedgerEntry { index, hash, record: rec.clone() };
+            let entry = LedgerEntry::new(index, &self.last_hash, rec.clone());
+            let hash = entry.hash;
             out.push(Write::Put(keys::ledger(index).to_vec(), encode(&entry)));
             self.last_hash = hash;
             self.next_index += 1;
             appended += 1;
             first_index.get_or_insert(index);
         }
-        let through_seq = info.progress.contiguous_through();
+        let through_seq = info.progress.contiguous_through;
         Response::Appended {
             appended,
             duplicates,
+            deferred,
             first_index,
             last_index: first_index.map(|_| self.last_index()),
             through_seq,

@@ -40,6 +40,7 @@ pub fn record(station: &str, gate: &str, seq: u64) -> TxRecord {
         modes: ModeBits::NORMAL,
         params: ParamVersions::default(),
         replay_unchecked: false,
+        qr: None,
     }
 }
 

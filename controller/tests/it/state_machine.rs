@@ -61,6 +61,7 @@ fn a_signed_batch_is_appended_with_contiguous_indexes_and_a_hash_chain() {
         Response::Appended {
             appended: 3,
             duplicates: 0,
+            deferred: 0,
             first_index: Some(1),
             last_index: Some(3),
             through_seq: 3
@@ -86,6 +87,7 @@ fn a_resent_batch_is_not_counted_twice() {
         Response::Appended {
             appended: 2,
             duplicates: 2,
+            deferred: 0,
             first_index: Some(4),
             last_index: Some(5),
             through_seq: 5

@@ -16,5 +16,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
 
 #[test]
 fn the_sled_store_passes_the_openraft_storage_suite() {
+    // Its fsyncs would slow the timed cluster tests down: take turns.
+    let _serial = crate::harness::CLUSTER_LOCK.blocking_lock();
     Suite::test_all(SledBuilder).unwrap();
 }

@@ -1,0 +1,686 @@
+//! Tap decisions, rule by rule and mode bit by mode bit (SPEC §2–3).
+//!
+//! The test network is one line A(101) – B(102) – C(103) – D(104) with 3, 4 and 10 km between
+//! neighbours. Bands: ≤ 6 km 2.00, ≤ 12 km 3.00, ≤ 18 km 4.00, then +1.00 per 15 km started.
+//! Ordinary cards pay 80 %, students 50 %, elderly_free 0 %; staff cards are not accepted.
+//! Full fares from A: A 2.00 (minimum), B 2.00 (3 km), C 3.00 (7 km), D 4.00 (17 km).
+
+use std::collections::BTreeMap;
+
+use afc_domain::blacklist::{Blacklist, Entry};
+use afc_domain::decision::{decide, Decision, Params};
+use afc_domain::mode::{ModeBits, ModeState};
+use afc_domain::model::{BusinessDayRule, CardType, Date, Direction, Media, Reason, StationCode, Timestamp};
+use afc_domain::network::{
+    compile, Band, FareRule, FareTable, Increment, Line, NetworkDescription, Station, Stop,
+};
+use afc_domain::qr::{self, QrIssue, QrIssuerKey, QrKeySet, QrSkew, ReplayCache};
+use afc_domain::wire::{DecisionKind, EntryRecord, SvcCard, TapMedia, TapRequest, TokenCard};
+use ed25519_dalek::SigningKey;
+
+const A: StationCode = StationCode(101);
+const B: StationCode = StationCode(102);
+const C: StationCode = StationCode(103);
+const D: StationCode = StationCode(104);
+const BLACKLISTED_CARD: u64 = 3104_0000_0000_0666;
+const BLACKLISTED_ACCOUNT: u64 = 77;
+
+fn network() -> NetworkDescription {
+    let station = |code: u16, id: &str| Station {
+        code: StationCode(code),
+        id: id.to_owned(),
+        name_zh: id.to_owned(),
+        name_en: id.to_owned(),
+    };
+    let stop = |id: &str, m: Option<u32>| Stop { station: id.to_owned(), m_from_prev: m };
+    NetworkDescription {
+        name: "test line".into(),
+        provenance: vec![],
+        stations: vec![station(101, "a"), station(102, "b"), station(103, "c"), station(104, "d")],
+        lines: vec![Line {
+            id: "1".into(),
+            name: "Line 1".into(),
+            stops: vec![
+                stop("a", None),
+                stop("b", Some(3000)),
+                stop("c", Some(4000)),
+                stop("d", Some(10_000)),
+            ],
+        }],
+        transfers: vec![],
+    }
+}
+
+fn rule(max_ride_minutes: Option<u32>, overstay_surcharge_fen: u32) -> FareRule {
+    FareRule {
+        name: "test".into(),
+        bands: vec![
+            Band { up_to_m: 6000, fare_fen: 200 },
+            Band { up_to_m: 12_000, fare_fen: 300 },
+            Band { up_to_m: 18_000, fare_fen: 400 },
+        ],
+        beyond: Some(Increment { fen: 100, per_m: 15_000 }),
+        min_fare_fen: 200,
+        discounts: BTreeMap::from([
+            (CardType::Ordinary, 80),
+            (CardType::Student, 50),
+            (CardType::ElderlyFree, 0),
+        ]),
+        token_percent: 100,
+        max_ride_minutes,
+        overstay_surcharge_fen,
+        business_day: BusinessDayRule::default(),
+    }
+}
+
+/// A gate's world: fare table, blacklist, QR keys, modes, clock and replay cache.
+struct World {
+    station: StationCode,
+    fares: FareTable,
+    blacklist: Blacklist,
+    qr_keys: QrKeySet,
+    qr_key: SigningKey,
+    modes: ModeState,
+    now: Timestamp,
+    replay: ReplayCache,
+}
+
+impl World {
+    fn at(station: StationCode) -> World {
+        World::with_rule(station, rule(None, 0))
+    }
+
+    fn with_rule(station: StationCode, rule: FareRule) -> World {
+        let qr_key = SigningKey::from_bytes(&[7u8; 32]);
+        let qr_keys = QrKeySet::new(vec![QrIssuerKey {
+            issuer: 1,
+            key_id: 1,
+            public_key: qr_key.verifying_key().to_bytes(),
+            valid_from: Timestamp(0),
+            valid_to: Timestamp::from_secs(4_000_000_000),
+        }])
+        .unwrap();
+        let blacklist = Blacklist::from_entries(
+            1,
+            [
+                Entry { media: Media::Svc, first: BLACKLISTED_CARD, last: BLACKLISTED_CARD },
+                Entry { media: Media::Qr, first: BLACKLISTED_ACCOUNT, last: BLACKLISTED_ACCOUNT },
+                Entry { media: Media::Token, first: 900, last: 999 },
+            ],
+        );
+        World {
+            station,
+            fares: compile(&network(), &rule).unwrap(),
+            blacklist,
+            qr_keys,
+            qr_key,
+            modes: ModeState::default(),
+            now: noon(),
+            replay: ReplayCache::new(1000, QrSkew::default()),
+        }
+    }
+
+    fn mode(mut self, bits: ModeBits) -> World {
+        self.modes.set(self.station, bits, self.now.plus_minutes(-1));
+        self
+    }
+
+    fn tap(&mut self, direction: Direction, media: TapMedia) -> Decision {
+        let params = Params {
+            station: self.station,
+            fares: &self.fares,
+            blacklist: &self.blacklist,
+            qr_keys: &self.qr_keys,
+            qr_skew: QrSkew::default(),
+        };
+        decide(&TapRequest { direction, media }, &params, &self.modes, self.now, &mut self.replay)
+    }
+
+    fn svc(&mut self, direction: Direction, card: SvcCard) -> Decision {
+        self.tap(direction, TapMedia::Svc { card })
+    }
+
+    fn qr_code(&self, account: u64, nonce: u64) -> String {
+        let issue = QrIssue {
+            issuer: 1,
+            key_id: 1,
+            account,
+            issued_at: self.now.plus_minutes(-1),
+            valid_secs: 300,
+            nonce,
+        };
+        qr::encode_text(&qr::generate(&issue, &self.qr_key))
+    }
+}
+
+fn today() -> Date {
+    Date::from_ymd(2026, 11, 26).unwrap()
+}
+
+fn noon() -> Timestamp {
+    Timestamp::from_local(today(), 12, 0, 480)
+}
+
+fn card(card_type: CardType, balance_fen: u32, entry: Option<(StationCode, i64)>) -> SvcCard {
+    SvcCard {
+        card_id: 3104_0000_0000_0001,
+        card_type,
+        balance_fen,
+        expiry: Date::from_ymd(2030, 1, 1).unwrap(),
+        tx_counter: 41,
+        entry: entry
+            .map(|(station, minutes_ago)| EntryRecord { station, time: noon().plus_minutes(-minutes_ago) }),
+    }
+}
+
+fn token(origin: StationCode, paid_fen: u32, entry: Option<StationCode>) -> TokenCard {
+    TokenCard {
+        token_id: 5001,
+        origin,
+        paid_fen,
+        sold_on: today(),
+        entry: entry.map(|station| EntryRecord { station, time: noon().plus_minutes(-20) }),
+    }
+}
+
+fn assert_decision(
+    d: &Decision,
+    kind: DecisionKind,
+    reason: Reason,
+    fare_fen: u32,
+    balance_after: Option<u32>,
+) {
+    assert_eq!((d.kind, d.reason), (kind, reason), "{d:?}");
+    assert_eq!(d.fare_fen, fare_fen, "fare of {d:?}");
+    assert_eq!(d.balance_after, balance_after, "balance after {d:?}");
+}
+
+use DecisionKind::{OpenEntry, OpenExit, Reject};
+use Direction::{Entry as In, Exit as Out};
+
+struct SvcCase {
+    name: &'static str,
+    at: StationCode,
+    bits: ModeBits,
+    direction: Direction,
+    card: SvcCard,
+    expect: (DecisionKind, Reason, u32, Option<u32>),
+}
+
+fn svc_cases() -> Vec<SvcCase> {
+    let none = ModeBits::NORMAL;
+    let c = |name, at, bits, direction, card, expect| SvcCase { name, at, bits, direction, card, expect };
+    vec![
+        c(
+            "a valid entry opens and writes the entry",
+            A,
+            none,
+            In,
+            card(CardType::Ordinary, 1000, None),
+            (OpenEntry, Reason::Ok, 0, Some(1000)),
+        ),
+        c(
+            "a blacklisted card is refused at entry",
+            A,
+            none,
+            In,
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 1000, None) },
+            (Reject, Reason::Blacklisted, 0, None),
+        ),
+        c(
+            "a blacklisted card is refused at exit",
+            D,
+            none,
+            Out,
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 1000, Some((A, 30))) },
+            (Reject, Reason::Blacklisted, 0, None),
+        ),
+        c(
+            "an expired card is refused at entry",
+            A,
+            none,
+            In,
+            SvcCard { expiry: today().plus_days(-1), ..card(CardType::Ordinary, 1000, None) },
+            (Reject, Reason::CardExpired, 0, None),
+        ),
+        c(
+            "a card expiring today is still valid",
+            A,
+            none,
+            In,
+            SvcCard { expiry: today(), ..card(CardType::Ordinary, 1000, None) },
+            (OpenEntry, Reason::Ok, 0, Some(1000)),
+        ),
+        c(
+            "date_free lets an expired card in",
+            A,
+            ModeBits::DATE_FREE,
+            In,
+            SvcCard { expiry: today().plus_days(-30), ..card(CardType::Ordinary, 1000, None) },
+            (OpenEntry, Reason::Ok, 0, Some(1000)),
+        ),
+        c(
+            "an open entry is refused (anti-passback)",
+            A,
+            none,
+            In,
+            card(CardType::Ordinary, 1000, Some((B, 30))),
+            (Reject, Reason::EntryExists, 0, None),
+        ),
+        c(
+            "sequence_free accepts an entry over an open entry",
+            A,
+            ModeBits::SEQUENCE_FREE,
+            In,
+            card(CardType::Ordinary, 1000, Some((B, 30))),
+            (OpenEntry, Reason::OkSequenceFree, 0, Some(1000)),
+        ),
+        c(
+            "a balance below the discounted minimum fare is refused at entry",
+            A,
+            none,
+            In,
+            card(CardType::Ordinary, 159, None),
+            (Reject, Reason::InsufficientBalance, 160, None),
+        ),
+        c(
+            "a balance equal to the discounted minimum fare enters",
+            A,
+            none,
+            In,
+            card(CardType::Ordinary, 160, None),
+            (OpenEntry, Reason::Ok, 0, Some(160)),
+        ),
+        c(
+            "fare_free lets a low balance in",
+            A,
+            ModeBits::FARE_FREE,
+            In,
+            card(CardType::Ordinary, 0, None),
+            (OpenEntry, Reason::Ok, 0, Some(0)),
+        ),
+        c(
+            "a card type the fare rule does not list is refused",
+            A,
+            none,
+            In,
+            card(CardType::Staff, 1000, None),
+            (Reject, Reason::CardTypeNotAccepted, 0, None),
+        ),
+        c(
+            "an elderly_free card enters with no balance",
+            A,
+            none,
+            In,
+            card(CardType::ElderlyFree, 0, None),
+            (OpenEntry, Reason::Ok, 0, Some(0)),
+        ),
+        c(
+            "an ordinary card pays 80 percent of the OD fare",
+            D,
+            none,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (OpenExit, Reason::Ok, 320, Some(680)),
+        ),
+        c(
+            "a student card pays 50 percent of the OD fare",
+            C,
+            none,
+            Out,
+            card(CardType::Student, 1000, Some((A, 30))),
+            (OpenExit, Reason::Ok, 150, Some(850)),
+        ),
+        c(
+            "an elderly_free card pays nothing",
+            D,
+            none,
+            Out,
+            card(CardType::ElderlyFree, 0, Some((A, 30))),
+            (OpenExit, Reason::Ok, 0, Some(0)),
+        ),
+        c(
+            "a same-station exit pays the discounted minimum fare",
+            A,
+            none,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 5))),
+            (OpenExit, Reason::Ok, 160, Some(840)),
+        ),
+        c(
+            "an exit without entry is refused",
+            D,
+            none,
+            Out,
+            card(CardType::Ordinary, 1000, None),
+            (Reject, Reason::NoEntry, 0, None),
+        ),
+        c(
+            "sequence_free prices an exit without entry at the minimum fare",
+            D,
+            ModeBits::SEQUENCE_FREE,
+            Out,
+            card(CardType::Ordinary, 1000, None),
+            (OpenExit, Reason::OkSequenceFree, 160, Some(840)),
+        ),
+        c(
+            "insufficient balance at exit is refused with the fare due",
+            D,
+            none,
+            Out,
+            card(CardType::Ordinary, 319, Some((A, 30))),
+            (Reject, Reason::InsufficientBalance, 320, None),
+        ),
+        c(
+            "fare_free charges what the card holds and records the shortfall",
+            D,
+            ModeBits::FARE_FREE,
+            Out,
+            card(CardType::Ordinary, 100, Some((A, 30))),
+            (OpenExit, Reason::OkFareShortfall, 100, Some(0)),
+        ),
+        c(
+            "train_disruption makes the exit free",
+            D,
+            ModeBits::TRAIN_DISRUPTION,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (OpenExit, Reason::OkTrainDisruption, 0, Some(1000)),
+        ),
+        c(
+            "train_disruption lets an exit without entry out free",
+            D,
+            ModeBits::TRAIN_DISRUPTION,
+            Out,
+            card(CardType::Ordinary, 0, None),
+            (OpenExit, Reason::OkTrainDisruption, 0, Some(0)),
+        ),
+        c(
+            "closed refuses every tap",
+            A,
+            ModeBits::CLOSED,
+            In,
+            card(CardType::Ordinary, 1000, None),
+            (Reject, Reason::StationClosed, 0, None),
+        ),
+        c(
+            "closed refuses exits too",
+            D,
+            ModeBits::CLOSED,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (Reject, Reason::StationClosed, 0, None),
+        ),
+        c(
+            "emergency_release opens without card processing",
+            A,
+            ModeBits::EMERGENCY_RELEASE,
+            In,
+            card(CardType::Ordinary, 0, Some((B, 30))),
+            (OpenEntry, Reason::OkEmergencyRelease, 0, None),
+        ),
+        c(
+            "emergency_release wins over closed",
+            D,
+            ModeBits::EMERGENCY_RELEASE.with(ModeBits::CLOSED),
+            Out,
+            card(CardType::Ordinary, 0, None),
+            (OpenExit, Reason::OkEmergencyRelease, 0, None),
+        ),
+        c(
+            "entry_free opens entry without processing",
+            A,
+            ModeBits::ENTRY_FREE,
+            In,
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 0, None) },
+            (OpenEntry, Reason::OkEntryFree, 0, None),
+        ),
+        c(
+            "fare_free with sequence_free lets an exit without entry and no money out",
+            D,
+            ModeBits::FARE_FREE.with(ModeBits::SEQUENCE_FREE),
+            Out,
+            card(CardType::Ordinary, 50, None),
+            (OpenExit, Reason::OkFareShortfall, 50, Some(0)),
+        ),
+        c(
+            "train_disruption with closed is still closed",
+            D,
+            ModeBits::TRAIN_DISRUPTION.with(ModeBits::CLOSED),
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (Reject, Reason::StationClosed, 0, None),
+        ),
+        c(
+            "hours_24 alone changes nothing for a card",
+            D,
+            ModeBits::HOURS_24,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 30))),
+            (OpenExit, Reason::Ok, 320, Some(680)),
+        ),
+        c(
+            "time_free alone changes nothing without a ride limit",
+            D,
+            ModeBits::TIME_FREE,
+            Out,
+            card(CardType::Ordinary, 1000, Some((A, 600))),
+            (OpenExit, Reason::Ok, 320, Some(680)),
+        ),
+    ]
+}
+
+#[test]
+fn every_stored_value_rule_and_mode_bit_decides_as_specified() {
+    for case in svc_cases() {
+        let mut w = World::at(case.at).mode(case.bits);
+        let d = w.svc(case.direction, case.card.clone());
+        let (kind, reason, fare, balance) = case.expect;
+        assert_eq!(
+            (d.kind, d.reason, d.fare_fen, d.balance_after),
+            (kind, reason, fare, balance),
+            "case: {}",
+            case.name
+        );
+        if d.accepted() && d.reason != Reason::OkEmergencyRelease && d.reason != Reason::OkEntryFree {
+            let write = d.card_write.as_ref().unwrap_or_else(|| panic!("case {}: no card write", case.name));
+            assert_eq!(write.tx_counter, case.card.tx_counter + 1, "case: {}", case.name);
+            assert_eq!(Some(write.balance_fen), d.balance_after, "case: {}", case.name);
+            match case.direction {
+                In => assert_eq!(
+                    write.entry,
+                    Some(EntryRecord { station: case.at, time: w.now }),
+                    "case: {}",
+                    case.name
+                ),
+                Out => assert_eq!(write.entry, None, "case: {}", case.name),
+            }
+        } else {
+            assert_eq!(d.card_write, None, "case: {}", case.name);
+        }
+    }
+}
+
+#[test]
+fn an_overstay_adds_the_surcharge_unless_time_free() {
+    let mut w = World::with_rule(D, rule(Some(120), 300));
+    let within = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 120))));
+    assert_decision(&within, OpenExit, Reason::Ok, 320, Some(680));
+    let over = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 121))));
+    assert_decision(&over, OpenExit, Reason::Ok, 620, Some(380));
+    let mut free = World::with_rule(D, rule(Some(120), 300)).mode(ModeBits::TIME_FREE);
+    let waived = free.svc(Out, card(CardType::Ordinary, 1000, Some((A, 500))));
+    assert_decision(&waived, OpenExit, Reason::Ok, 320, Some(680));
+}
+
+#[test]
+fn an_open_entry_left_at_a_station_under_emergency_release_is_accepted_anywhere_for_seven_days() {
+    let entered = noon().plus_days(-3);
+    let mut w = World::at(C);
+    w.modes.set(A, ModeBits::EMERGENCY_RELEASE, entered.plus_minutes(5));
+    w.modes.set(A, ModeBits::NORMAL, entered.plus_minutes(90));
+    let stale = SvcCard {
+        entry: Some(EntryRecord { station: A, time: entered }),
+        ..card(CardType::Ordinary, 1000, None)
+    };
+    let d = w.svc(In, stale.clone());
+    assert_decision(&d, OpenEntry, Reason::OkEmergencyGrace, 0, Some(1000));
+    assert_eq!(d.card_write.unwrap().entry.unwrap().station, C);
+
+    w.now = entered.plus_days(8);
+    let late = w.svc(In, stale);
+    assert_eq!(late.reason, Reason::EntryExists);
+
+    let mut no_emergency = World::at(C);
+    let entered_before_release = SvcCard {
+        entry: Some(EntryRecord { station: B, time: entered }),
+        ..card(CardType::Ordinary, 1000, None)
+    };
+    assert_eq!(no_emergency.svc(In, entered_before_release).reason, Reason::EntryExists);
+}
+
+#[test]
+fn an_exit_without_entry_after_entry_free_elsewhere_is_priced_from_that_station() {
+    let mut w = World::at(D);
+    w.modes.set(B, ModeBits::ENTRY_FREE, noon().plus_minutes(-60));
+    let d = w.svc(Out, card(CardType::Ordinary, 1000, None));
+    // B to D is 14 km: 4.00 full, 3.20 at 80 %.
+    assert_decision(&d, OpenExit, Reason::OkEntryFreeExit, 320, Some(680));
+    assert_eq!(d.entry.unwrap().station, B);
+
+    let mut two = World::at(D);
+    two.modes.set(A, ModeBits::ENTRY_FREE, noon().plus_minutes(-60));
+    two.modes.set(C, ModeBits::ENTRY_FREE, noon().plus_minutes(-60));
+    let cheapest = two.svc(Out, card(CardType::Ordinary, 1000, None));
+    assert_eq!(
+        (cheapest.entry.unwrap().station, cheapest.fare_fen),
+        (C, 240),
+        "C to D (10 km) is cheaper than A to D"
+    );
+
+    let mut long_ago = World::at(D);
+    long_ago.modes.set(B, ModeBits::ENTRY_FREE, noon().plus_days(-3));
+    long_ago.modes.set(B, ModeBits::NORMAL, noon().plus_days(-3).plus_minutes(60));
+    assert_eq!(long_ago.svc(Out, card(CardType::Ordinary, 1000, None)).reason, Reason::NoEntry);
+}
+
+#[test]
+fn an_entry_record_from_a_station_the_table_does_not_know_is_refused() {
+    let mut w = World::at(D);
+    let d = w.svc(Out, card(CardType::Ordinary, 1000, Some((StationCode(999), 10))));
+    assert_eq!(d.reason, Reason::UnknownStation);
+}
+
+#[test]
+fn a_card_whose_counter_would_wrap_is_sent_to_the_desk() {
+    let mut w = World::at(A);
+    let d = w.svc(In, SvcCard { tx_counter: u32::MAX, ..card(CardType::Ordinary, 1000, None) });
+    assert_eq!(d.reason, Reason::CardInvalid);
+}
+
+#[test]
+fn a_valid_qr_code_opens_once_and_its_replay_is_refused() {
+    let mut w = World::at(A);
+    let code = w.qr_code(42, 1);
+    let first = w.tap(In, TapMedia::Qr { code: code.clone() });
+    assert_decision(&first, OpenEntry, Reason::Ok, 0, None);
+    assert_eq!((first.media, first.id), (Media::Qr, 42));
+    assert!(first.qr.is_some());
+    let again = w.tap(In, TapMedia::Qr { code });
+    assert_eq!((again.kind, again.reason), (Reject, Reason::QrReplayed));
+    let fresh = w.qr_code(42, 2);
+    assert_eq!(w.tap(Out, TapMedia::Qr { code: fresh }).kind, OpenExit);
+}
+
+#[test]
+fn bad_qr_codes_are_refused_with_their_reason() {
+    let mut w = World::at(A);
+    assert_eq!(w.tap(In, TapMedia::Qr { code: "not a code".into() }).reason, Reason::QrMalformed);
+    let blacklisted = w.qr_code(BLACKLISTED_ACCOUNT, 9);
+    assert_eq!(w.tap(In, TapMedia::Qr { code: blacklisted }).reason, Reason::Blacklisted);
+
+    let forger = SigningKey::from_bytes(&[9u8; 32]);
+    let issue = QrIssue { issuer: 1, key_id: 1, account: 5, issued_at: w.now, valid_secs: 300, nonce: 3 };
+    let forged = qr::encode_text(&qr::generate(&issue, &forger));
+    assert_eq!(w.tap(In, TapMedia::Qr { code: forged }).reason, Reason::QrBadSignature);
+
+    let unknown = QrIssue { issuer: 2, ..issue };
+    let unknown = qr::encode_text(&qr::generate(&unknown, &w.qr_key));
+    assert_eq!(w.tap(In, TapMedia::Qr { code: unknown }).reason, Reason::QrUnknownKey);
+
+    let old = QrIssue { issued_at: w.now.plus_minutes(-60), ..issue };
+    let old = qr::encode_text(&qr::generate(&old, &w.qr_key));
+    assert_eq!(w.tap(In, TapMedia::Qr { code: old }).reason, Reason::QrExpired);
+
+    let future = QrIssue { issued_at: w.now.plus_minutes(60), ..issue };
+    let future = qr::encode_text(&qr::generate(&future, &w.qr_key));
+    assert_eq!(w.tap(In, TapMedia::Qr { code: future }).reason, Reason::QrNotYetValid);
+}
+
+#[test]
+fn a_token_enters_only_at_its_origin_on_its_business_day() {
+    let mut w = World::at(A);
+    let d = w.tap(In, TapMedia::Token { token: token(A, 300, None) });
+    assert_decision(&d, OpenEntry, Reason::Ok, 0, None);
+    assert_eq!(d.card_write.unwrap().entry.unwrap().station, A);
+
+    assert_eq!(w.tap(In, TapMedia::Token { token: token(B, 300, None) }).reason, Reason::TokenWrongStation);
+    let yesterday = TokenCard { sold_on: today().plus_days(-1), ..token(A, 300, None) };
+    assert_eq!(w.tap(In, TapMedia::Token { token: yesterday.clone() }).reason, Reason::TokenExpired);
+    assert_eq!(
+        w.tap(In, TapMedia::Token { token: token(A, 300, Some(A)) }).reason,
+        Reason::TokenAlreadyEntered
+    );
+    assert_eq!(
+        w.tap(In, TapMedia::Token { token: token(A, 950, None) }).kind,
+        OpenEntry,
+        "token ids 900-999 are blacklisted, token 5001 is not"
+    );
+
+    let mut night = World::at(A).mode(ModeBits::HOURS_24);
+    assert_eq!(
+        night.tap(In, TapMedia::Token { token: yesterday }).kind,
+        OpenEntry,
+        "hours_24 keeps yesterday's token valid"
+    );
+}
+
+#[test]
+fn a_token_exit_needs_its_paid_value_to_cover_the_fare_and_is_retained() {
+    let mut w = World::at(D);
+    let ok = w.tap(Out, TapMedia::Token { token: token(A, 400, Some(A)) });
+    assert_decision(&ok, OpenExit, Reason::Ok, 400, None);
+    assert!(ok.card_write.unwrap().retain, "the exit gate keeps the token");
+
+    let under = w.tap(Out, TapMedia::Token { token: token(A, 300, Some(A)) });
+    assert_eq!((under.kind, under.reason, under.fare_fen), (Reject, Reason::TokenUnderpaid, 400));
+    assert_eq!(under.card_write, None);
+
+    assert_eq!(w.tap(Out, TapMedia::Token { token: token(A, 400, None) }).reason, Reason::NoEntry);
+    let mut blacklisted = token(A, 400, Some(A));
+    blacklisted.token_id = 901;
+    assert_eq!(w.tap(Out, TapMedia::Token { token: blacklisted }).reason, Reason::Blacklisted);
+
+    let mut disrupted = World::at(D).mode(ModeBits::TRAIN_DISRUPTION);
+    let free = disrupted.tap(Out, TapMedia::Token { token: token(A, 200, Some(A)) });
+    assert_decision(&free, OpenExit, Reason::OkTrainDisruption, 0, None);
+    assert!(free.card_write.unwrap().retain);
+
+    let mut fare_free = World::at(D).mode(ModeBits::FARE_FREE);
+    let short = fare_free.tap(Out, TapMedia::Token { token: token(A, 200, Some(A)) });
+    assert_eq!((short.reason, short.fare_fen, short.shortfall_fen), (Reason::OkFareShortfall, 200, 200));
+}
+
+#[test]
+fn a_decision_becomes_a_ledger_record_with_everything_clearing_needs() {
+    let mut w = World::at(D);
+    let d = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 30))));
+    let station = "dl-d".parse().unwrap();
+    let gate = "g03".parse().unwrap();
+    let rec = d.to_record(&station, &gate, 17, Default::default(), w.now);
+    assert_eq!(
+        (rec.gate_seq, rec.media, rec.fare_fen, rec.balance_before, rec.balance_after),
+        (17, Media::Svc, 320, Some(1000), Some(680))
+    );
+    assert_eq!((rec.entry_station, rec.card_tx_counter, rec.accepted), (Some(A), Some(42), true));
+}
