@@ -71,6 +71,8 @@ pub struct Member {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftTuning {
+    /// Leader heartbeat interval. openraft also uses it as the timeout of one append request, so
+    /// it must exceed the time a follower takes to write and fsync `max_payload_entries` entries.
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -89,14 +91,14 @@ impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
             heartbeat_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
             snapshot_after_logs: 20_000,
             logs_kept_after_snapshot: 5_000,
             snapshot_chunk_bytes: 4 * 1024 * 1024,
             install_snapshot_timeout_ms: 10_000,
             connect_timeout_ms: 500,
-            max_payload_entries: 300,
+            max_payload_entries: 64,
         }
     }
 }

@@ -183,7 +183,7 @@ impl Node {
                 return Err(NodeError::NoLeader(WRITE_DEADLINE));
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
+            backoff = (backoff * 2).min(Duration::from_millis(100));
         }
     }
 

@@ -113,9 +113,9 @@ cluster_secret_file = "{secret}"
 
 {members}
 [raft]
-heartbeat_ms = 50
-election_timeout_min_ms = 300
-election_timeout_max_ms = 600
+heartbeat_ms = 100
+election_timeout_min_ms = 400
+election_timeout_max_ms = 800
 snapshot_after_logs = {snap}
 logs_kept_after_snapshot = {keep}
 connect_timeout_ms = 200
@@ -259,7 +259,22 @@ connect_timeout_ms = 200
             if all {
                 return;
             }
-            assert!(Instant::now() < deadline, "not every node applied {index} within {timeout:?}");
+            if Instant::now() >= deadline {
+                let mut report = String::new();
+                for id in self.running() {
+                    let m = self.metrics(id).await;
+                    report += &format!("node {id}: {m:?}\n");
+                    for l in self.nodes[&id]
+                        .log()
+                        .lines()
+                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                        .take(30)
+                    {
+                        report += &format!("  {}\n", &l[..l.len().min(400)]);
+                    }
+                }
+                panic!("not every node applied {index} within {timeout:?}:\n{report}");
+            }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
