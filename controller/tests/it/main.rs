@@ -3,6 +3,7 @@
 
 mod cluster;
 mod common;
+mod crash;
 mod harness;
 mod state_machine;
 mod storage_suite;
