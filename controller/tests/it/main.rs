@@ -3,6 +3,7 @@
 
 mod cluster;
 mod common;
+mod config;
 mod crash;
 mod harness;
 mod state_machine;
