@@ -104,7 +104,7 @@ fn main() {
     let chunks = split(&p, MAX_CHUNK_BYTES);
     let t = Instant::now();
     let bytes = reassemble(&chunks, package_sha256(&p), p.len()).unwrap();
-    let pkg = Package::decode_verified(&bytes, &trusted(), None).unwrap();
+    let pkg = Package::decode_verified(&bytes, ParamKind::Blacklist, &trusted(), None).unwrap();
     let _ = BlacklistBody::from_package(&pkg).unwrap();
     let receive = t.elapsed();
 

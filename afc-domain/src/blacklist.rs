@@ -661,7 +661,8 @@ fn decode_section(
 
     // Every single takes at least one byte, so the count is bounded by the input left.
     let n = read_count(r, section, media, "singles", 1)?;
-    let mut singles = Vec::with_capacity(n);
+    // Grow as items decode: a hostile count is bounded by the input, but 8 bytes per input byte.
+    let mut singles = Vec::with_capacity(n.min(1 << 16));
     let mut prev: Option<u64> = None;
     for _ in 0..n {
         let gap = read_u64(r, "single id")?;
@@ -681,7 +682,7 @@ fn decode_section(
 
     // Every range takes at least two bytes.
     let n = read_count(r, section, media, "ranges", 2)?;
-    let mut ranges = Vec::with_capacity(n);
+    let mut ranges = Vec::with_capacity(n.min(1 << 16));
     let mut prev_last: Option<u64> = None;
     for _ in 0..n {
         let gap = read_u64(r, "range gap")?;

@@ -73,6 +73,9 @@ pub struct Decision {
     pub modes: ModeBits,
     /// The verified QR claims, so the gate can share the used code station-wide.
     pub qr: Option<QrClaims>,
+    /// The replay cache was full, so single use of this QR code could not be guaranteed here:
+    /// the transaction is flagged for clearing's duplicate check.
+    pub replay_unchecked: bool,
 }
 
 impl Decision {
@@ -102,13 +105,18 @@ impl Decision {
             shortfall_fen: self.shortfall_fen,
             balance_before: self.balance_before,
             balance_after: self.balance_after,
-            card_tx_counter: self.card_write.as_ref().map(|w| w.tx_counter),
+            // Only stored-value cards keep a transaction counter.
+            card_tx_counter: self
+                .card_write
+                .as_ref()
+                .filter(|_| self.media == Media::Svc)
+                .map(|w| w.tx_counter),
             entry_station: self.entry.map(|e| e.station),
             entry_time: self.entry.map(|e| e.time),
             occurred_at,
             modes: self.modes,
             params,
-            replay_unchecked: false,
+            replay_unchecked: self.replay_unchecked,
             qr: self.qr.map(|c| QrRef { issuer: c.issuer, nonce: c.nonce }),
         }
     }
@@ -138,6 +146,7 @@ pub fn decide(
         entry: None,
         modes: bits,
         qr: None,
+        replay_unchecked: false,
     };
     if bits.has(ModeBits::EMERGENCY_RELEASE) {
         return base.open(Reason::OkEmergencyRelease);
@@ -204,7 +213,8 @@ impl Ctx<'_, '_> {
         };
         match d.direction {
             Direction::Entry => {
-                let today = self.now.local_date(fares.business_day().utc_offset_minutes);
+                // A card is valid through its expiry date's business day (which ends at rollover).
+                let today = fares.business_day().business_day(self.now);
                 if !self.bits.has(ModeBits::DATE_FREE) && card.expiry < today {
                     return d.reject(Reason::CardExpired);
                 }
@@ -279,8 +289,9 @@ impl Ctx<'_, '_> {
         if self.p.blacklist.contains(Media::Qr, claims.account) {
             return d.reject(Reason::Blacklisted);
         }
-        if let Err(e) = replay.check_and_insert(&claims, self.now) {
-            return d.reject(e.reason());
+        match replay.check_and_insert(&claims, self.now) {
+            Ok(held) => d.replay_unchecked = !held,
+            Err(e) => return d.reject(e.reason()),
         }
         if d.direction == Direction::Entry {
             d.entry = Some(EntryRecord { station: self.p.station, time: self.now });
@@ -294,16 +305,13 @@ impl Ctx<'_, '_> {
         if self.p.blacklist.contains(Media::Token, token.token_id) {
             return d.reject(Reason::Blacklisted);
         }
-        let today = fares.business_day().business_day(self.now);
-        let valid_today = token.sold_on == today
-            || (self.bits.has(ModeBits::HOURS_24) && token.sold_on.plus_days(1) == today)
-            || self.bits.has(ModeBits::DATE_FREE);
+        let date_free = self.bits.has(ModeBits::DATE_FREE);
         match d.direction {
             Direction::Entry => {
                 if token.origin != self.p.station {
                     return d.reject(Reason::TokenWrongStation);
                 }
-                if !valid_today {
+                if !date_free && !self.token_valid_at(token, self.now) {
                     return d.reject(Reason::TokenExpired);
                 }
                 let mut reason = Reason::Ok;
@@ -330,7 +338,10 @@ impl Ctx<'_, '_> {
                     d.card_write = Some(retained);
                     return d.open(Reason::OkTrainDisruption);
                 }
-                if !valid_today {
+                // Judged at entry: a passenger who entered on the token's day may leave after the
+                // rollover.
+                let judged_at = token.entry.map_or(self.now, |e| e.time);
+                if !date_free && !self.token_valid_at(token, judged_at) {
                     return d.reject(Reason::TokenExpired);
                 }
                 let Some(min_fare) = fares.token_fare_fen(self.p.station, self.p.station) else {
@@ -360,9 +371,22 @@ impl Ctx<'_, '_> {
         }
     }
 
+    /// Whether a token sold on `sold_on` is valid at `t`: on its business day, or on the next one
+    /// if hours_24 was in force at its origin when the night's rollover came (the day never ended).
+    fn token_valid_at(&self, token: &TokenCard, t: Timestamp) -> bool {
+        let rule = self.p.fares.business_day();
+        let day = rule.business_day(t);
+        if day == token.sold_on {
+            return true;
+        }
+        let next = token.sold_on.plus_days(1);
+        let rollover = Timestamp::from_local(next, 0, rule.rollover_minute_of_day, rule.utc_offset_minutes);
+        day == next && self.modes.bits_at(token.origin, rollover).has(ModeBits::HOURS_24)
+    }
+
     /// Where an exiting passenger is priced from: the entry record, else an entry_free station
     /// (restricted to `only_from` for tokens, which can only have entered where they were sold),
-    /// else the minimum fare under sequence_free, else `no_entry`.
+    /// else under sequence_free the fare from `only_from` or the minimum fare, else `no_entry`.
     fn origin(
         &self,
         entry: Option<EntryRecord>,
@@ -383,7 +407,12 @@ impl Ctx<'_, '_> {
             return Ok(Priced { entry: Some(entry), fare: Some(fare), reason: Reason::OkEntryFreeExit });
         }
         if self.bits.has(ModeBits::SEQUENCE_FREE) {
-            return Ok(Priced { entry: None, fare: None, reason: Reason::OkSequenceFree });
+            // A token can only have entered where it was sold, so its fare is known.
+            let fare = match only_from {
+                Some(origin) => Some(fare_from(origin).ok_or(Reason::UnknownStation)?),
+                None => None,
+            };
+            return Ok(Priced { entry: None, fare, reason: Reason::OkSequenceFree });
         }
         Err(Reason::NoEntry)
     }

@@ -268,11 +268,15 @@ impl Package {
     /// does with a reassembled package before looking at its body.
     pub fn decode_verified(
         bytes: &[u8],
+        expected: ParamKind,
         keys: &TrustedKeys,
         held: Option<u64>,
     ) -> Result<Package, PackageError> {
         let p = Package::decode(bytes)?;
         p.verify(keys)?;
+        if p.header.kind != expected {
+            return Err(PackageError::WrongKind { expected, found: p.header.kind });
+        }
         check_version_order(p.header.kind, held, p.header.version)?;
         Ok(p)
     }

@@ -429,7 +429,11 @@ impl ReplayCache {
 
     /// Refuses a code already used, otherwise remembers it. Call after [`verify`] succeeds. A code
     /// already past its expiry (plus skew) is refused as expired, not remembered.
-    pub fn check_and_insert(&mut self, claims: &QrClaims, now: Timestamp) -> Result<(), QrError> {
+    ///
+    /// Returns whether replay protection held: `Ok(false)` means the cache was full, so this code
+    /// or another one was not kept and could be replayed; the caller accepts the tap but flags the
+    /// transaction (`replay_unchecked`) so clearing checks it for a duplicate.
+    pub fn check_and_insert(&mut self, claims: &QrClaims, now: Timestamp) -> Result<bool, QrError> {
         let forget_at = claims.expires_at.0.saturating_add(self.skew.ms());
         if now.0 > forget_at {
             return Err(QrError::Expired { expires_at: claims.expires_at });
@@ -439,8 +443,9 @@ impl ReplayCache {
         if self.by_key.contains_key(&key) {
             return Err(QrError::Replayed);
         }
+        let full = self.by_key.len() >= self.capacity;
         self.insert(key, forget_at);
-        Ok(())
+        Ok(!full)
     }
 
     /// Remembers a code used at another gate of the station (shared through the controllers).
@@ -659,14 +664,14 @@ mod tests {
         let code = generate(&issue(5), &key(1));
         let now = Timestamp(T0 + 1_000);
         let claims = verify(&code, &ks, now, QrSkew::NONE).unwrap();
-        assert_eq!(cache.check_and_insert(&claims, now), Ok(()));
+        assert_eq!(cache.check_and_insert(&claims, now), Ok(true));
         assert_eq!(cache.check_and_insert(&claims, Timestamp(T0 + 60_000)), Err(QrError::Replayed));
         let later = Timestamp(T0 + 60_001);
         assert!(matches!(verify(&code, &ks, later, QrSkew::NONE), Err(QrError::Expired { .. })));
         assert!(matches!(cache.check_and_insert(&claims, later), Err(QrError::Expired { .. })));
         // Another nonce of the same account is a different code.
         let other = verify(&generate(&issue(6), &key(1)), &ks, now, QrSkew::NONE).unwrap();
-        assert_eq!(cache.check_and_insert(&other, now), Ok(()));
+        assert_eq!(cache.check_and_insert(&other, now), Ok(true));
     }
 
     #[test]

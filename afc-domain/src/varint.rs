@@ -65,6 +65,11 @@ impl<'a> Reader<'a> {
             }
             v |= part << (7 * i);
             if b & 0x80 == 0 {
+                // A zero final byte after the first is padding: `put_u64` never writes it, so
+                // refusing it keeps exactly one byte form per value.
+                if b == 0 && i > 0 {
+                    return Err(Overlong);
+                }
                 return Ok(v);
             }
         }
@@ -132,6 +137,13 @@ mod tests {
         }
         assert!(r.is_empty());
         assert_eq!(r.u64(), Err(Truncated));
+    }
+
+    #[test]
+    fn a_padded_varint_is_refused_so_each_value_has_one_byte_form() {
+        assert_eq!(Reader::new(&[0x80, 0x00]).u64(), Err(Overlong));
+        assert_eq!(Reader::new(&[0x81, 0x80, 0x00]).u64(), Err(Overlong));
+        assert_eq!(Reader::new(&[0x00]).u64(), Ok(0));
     }
 
     #[test]

@@ -154,7 +154,8 @@ pub struct ReaderResponse {
     pub decision: DecisionKind,
     /// Why; shown on the gate display and recorded in the ledger.
     pub reason: Reason,
-    /// Fen charged by this tap (0 at entry and for rejects).
+    /// Fen charged by this tap (0 at entry); on a reject for insufficient balance or an underpaid
+    /// token, the fare that was due, for the display (nothing is charged).
     pub fare_fen: u32,
     /// What to write to the card; `None` when nothing changes (rejects, QR codes).
     pub card_write: Option<CardWrite>,

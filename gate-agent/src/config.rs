@@ -49,9 +49,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The hex ed25519 seed (32 bytes) the gate signs its transaction batches with.
     pub signing_key_file: PathBuf,
-    /// Station package-signing keys the gate trusts: key id → hex public key.
+    /// Station package-signing keys the gate trusts: key id (decimal) → hex public key.
     #[serde(default)]
-    pub trusted_keys: BTreeMap<u32, String>,
+    pub trusted_keys: BTreeMap<String, String>,
     /// The aisle direction until a gate_config package or a command says otherwise.
     #[serde(default = "default_direction")]
     pub direction: GateDirection,
@@ -219,8 +219,14 @@ impl Config {
     }
 
     pub fn trusted_keys(&self) -> Result<TrustedKeys, ConfigError> {
-        TrustedKeys::from_hex_pairs(self.trusted_keys.iter().map(|(k, v)| (*k, v.as_str())))
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
+        let mut pairs = Vec::with_capacity(self.trusted_keys.len());
+        for (id, key) in &self.trusted_keys {
+            let id: u32 = id
+                .parse()
+                .map_err(|_| ConfigError::Invalid(format!("trusted key id {id:?} is not a number")))?;
+            pairs.push((id, key.as_str()));
+        }
+        TrustedKeys::from_hex_pairs(pairs).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     /// Reads the gate's batch-signing key.

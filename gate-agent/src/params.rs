@@ -289,7 +289,7 @@ impl Params {
         bytes: &[u8],
         now: Timestamp,
     ) -> Result<ParamState, Rejection> {
-        let pkg = Package::decode_verified(bytes, &self.keys, Some(self.held(kind)))
+        let pkg = Package::decode_verified(bytes, kind, &self.keys, Some(self.held(kind)))
             .map_err(|e| Rejection::new(e.code(), e.to_string()))?;
         let h = pkg.header;
         if h.kind != kind || h.version != version {

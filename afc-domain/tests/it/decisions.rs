@@ -637,12 +637,72 @@ fn a_token_enters_only_at_its_origin_on_its_business_day() {
         "token ids 900-999 are blacklisted, token 5001 is not"
     );
 
-    let mut night = World::at(A).mode(ModeBits::HOURS_24);
+    let mut night = World::at(A);
+    night.modes.set(A, ModeBits::HOURS_24, Timestamp::from_local(today(), 1, 0, 480));
     assert_eq!(
-        night.tap(In, TapMedia::Token { token: yesterday }).kind,
+        night.tap(In, TapMedia::Token { token: yesterday.clone() }).kind,
         OpenEntry,
-        "hours_24 keeps yesterday's token valid"
+        "hours_24 through the night keeps yesterday's token valid"
     );
+
+    let mut set_at_noon = World::at(A).mode(ModeBits::HOURS_24);
+    assert_eq!(
+        set_at_noon.tap(In, TapMedia::Token { token: yesterday }).reason,
+        Reason::TokenExpired,
+        "hours_24 set after the rollover does not revive yesterday's tokens"
+    );
+}
+
+#[test]
+fn a_token_that_entered_before_the_rollover_may_leave_after_it() {
+    let mut w = World::at(D);
+    let entered = Timestamp::from_local(today().plus_days(1), 3, 50, 480);
+    w.now = Timestamp::from_local(today().plus_days(1), 4, 10, 480);
+    let t = TokenCard { entry: Some(EntryRecord { station: A, time: entered }), ..token(A, 400, None) };
+    assert_eq!(w.tap(Out, TapMedia::Token { token: t }).kind, OpenExit);
+    let late = TokenCard { entry: Some(EntryRecord { station: A, time: w.now }), ..token(A, 400, None) };
+    assert_eq!(w.tap(Out, TapMedia::Token { token: late }).reason, Reason::TokenExpired);
+}
+
+#[test]
+fn a_token_without_entry_under_sequence_free_pays_from_where_it_was_sold() {
+    let mut w = World::at(D).mode(ModeBits::SEQUENCE_FREE);
+    let cheap = w.tap(Out, TapMedia::Token { token: token(A, 200, None) });
+    assert_eq!(
+        (cheap.reason, cheap.fare_fen),
+        (Reason::TokenUnderpaid, 400),
+        "A to D costs 4.00, not the minimum fare"
+    );
+    let paid = w.tap(Out, TapMedia::Token { token: token(A, 400, None) });
+    assert_decision(&paid, OpenExit, Reason::OkSequenceFree, 400, None);
+}
+
+#[test]
+fn a_card_is_valid_through_the_business_day_of_its_expiry_date() {
+    let mut w = World::at(A);
+    w.now = Timestamp::from_local(today().plus_days(1), 0, 30, 480);
+    let expiring_today = SvcCard { expiry: today(), ..card(CardType::Ordinary, 1000, None) };
+    assert_eq!(
+        w.svc(In, expiring_today.clone()).kind,
+        OpenEntry,
+        "00:30 still belongs to the expiry's business day"
+    );
+    w.now = Timestamp::from_local(today().plus_days(1), 4, 0, 480);
+    assert_eq!(w.svc(In, expiring_today).reason, Reason::CardExpired);
+}
+
+#[test]
+fn a_qr_code_accepted_while_the_replay_cache_is_full_is_flagged_for_clearing() {
+    let mut w = World::at(A);
+    w.replay = ReplayCache::new(1, QrSkew::default());
+    let first = w.tap(In, TapMedia::Qr { code: w.qr_code(1, 1) });
+    assert!(first.accepted() && !first.replay_unchecked);
+    let second = w.tap(In, TapMedia::Qr { code: w.qr_code(2, 2) });
+    assert!(second.accepted() && second.replay_unchecked, "{second:?}");
+    let station = "s".parse().unwrap();
+    let rec = second.to_record(&station, &station, 2, Default::default(), w.now);
+    assert!(rec.replay_unchecked);
+    assert_eq!(rec.qr.map(|q| q.nonce), Some(2));
 }
 
 #[test]

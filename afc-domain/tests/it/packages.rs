@@ -62,7 +62,7 @@ fn a_million_entry_blacklist_survives_signing_chunking_and_out_of_order_reassemb
     }
     assert!(complete);
     let bytes = r.finish().unwrap();
-    let verified = Package::decode_verified(&bytes, &trusted(), Some(11)).unwrap();
+    let verified = Package::decode_verified(&bytes, ParamKind::Blacklist, &trusted(), Some(11)).unwrap();
     let BlacklistBody::Full(got) = BlacklistBody::from_package(&verified).unwrap() else {
         panic!("expected a full list");
     };
@@ -89,7 +89,7 @@ fn a_delta_package_applies_on_its_base_and_a_gap_is_refused() {
     let delta =
         BlacklistDelta { from_version: 3, to_version: 4, add: realistic_sample(1000, 99), remove: vec![] };
     let p = blacklist_package(4, &BlacklistBody::Delta(delta.clone()));
-    let got = Package::decode_verified(&p.encode(), &trusted(), Some(3)).unwrap();
+    let got = Package::decode_verified(&p.encode(), ParamKind::Blacklist, &trusted(), Some(3)).unwrap();
     let BlacklistBody::Delta(d) = BlacklistBody::from_package(&got).unwrap() else {
         panic!("expected a delta");
     };
@@ -171,9 +171,17 @@ fn tampering_with_any_header_field_or_the_body_is_refused() {
 #[test]
 fn an_older_or_equal_version_is_refused_after_verification() {
     let p = Package::sign(ParamKind::Mode, 4, Timestamp(0), b"{}".to_vec(), KEY_ID, &station_key());
-    let err = Package::decode_verified(&p.encode(), &trusted(), Some(4)).unwrap_err();
+    let err = Package::decode_verified(&p.encode(), ParamKind::Mode, &trusted(), Some(4)).unwrap_err();
     assert_eq!(err, PackageError::VersionNotNewer { kind: ParamKind::Mode, held: 4, offered: 4 });
     assert_eq!(err.code(), "version_not_newer");
+}
+
+#[test]
+fn a_validly_signed_package_of_another_kind_is_refused() {
+    let p = Package::sign(ParamKind::Mode, 9, Timestamp(0), b"{}".to_vec(), KEY_ID, &station_key());
+    let err = Package::decode_verified(&p.encode(), ParamKind::GateConfig, &trusted(), None).unwrap_err();
+    assert_eq!(err, PackageError::WrongKind { expected: ParamKind::GateConfig, found: ParamKind::Mode });
+    assert_eq!(err.code(), "wrong_kind");
 }
 
 #[test]

@@ -1,0 +1,207 @@
+//! One station's parameter feed: signed items, persisted one file per item, appended from the
+//! admin endpoint or from JSON files dropped into the feed directory.
+//!
+//! Storage: `{station dir}/feed/{seq:012}.json`, each `{"source": …, "item": FeedItem}`, written to
+//! a temporary name, fsynced and renamed, so an item is either wholly there or absent.
+//!
+//! Feed directory: `{feed_dir}/{station}/*.json`, each a [`FeedSubmission`], taken in file-name
+//! order the next time the station's feed is read. A file is taken once (its name is recorded as
+//! the item's source); a file that does not validate is logged and skipped until it changes.
+//! Writers should write under another name and rename to `*.json`.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use afc_domain::model::Ident;
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{sign_feed_item, FeedError, FeedItem, FeedSubmission};
+use crate::store::{sync_dir, StoreError};
+
+/// An item as stored, with where it came from.
+#[derive(Serialize, Deserialize)]
+struct StoredItem {
+    /// `"file:NAME"` for a feed-directory file, `"admin"` for the admin endpoint.
+    source: String,
+    item: FeedItem,
+}
+
+/// Why a feed operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedStoreError {
+    #[error(transparent)]
+    Feed(#[from] FeedError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The signed feed of one station.
+pub struct FeedStore {
+    station: Ident,
+    dir: PathBuf,
+    /// Every item, `items[i].seq == i + 1`.
+    items: Vec<FeedItem>,
+    /// Feed-directory file names already taken.
+    taken: HashSet<String>,
+    /// Feed-directory files that failed, with the modification time they failed at.
+    failed: HashMap<String, Option<SystemTime>>,
+    /// Latest version per kind family, for the strictly-increasing rule.
+    latest: HashMap<&'static str, u64>,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_owned(), source }
+}
+
+impl FeedStore {
+    /// Opens the feed stored under `station_dir`, checking that the items are numbered 1, 2, ….
+    pub fn open(station: Ident, station_dir: &Path) -> Result<FeedStore, StoreError> {
+        let dir = station_dir.join("feed");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut stored = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = entry.map_err(io_err(&dir))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let text = std::fs::read(&path).map_err(io_err(&path))?;
+            let item: StoredItem = serde_json::from_slice(&text).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                index: 0,
+                reason: e.to_string(),
+            })?;
+            stored.push(item);
+        }
+        stored.sort_by_key(|s| s.item.seq);
+        let mut feed = FeedStore {
+            station,
+            dir,
+            items: Vec::with_capacity(stored.len()),
+            taken: HashSet::new(),
+            failed: HashMap::new(),
+            latest: HashMap::new(),
+        };
+        for (i, s) in stored.into_iter().enumerate() {
+            if s.item.seq != i as u64 + 1 {
+                return Err(StoreError::Corrupt {
+                    path: feed.dir.clone(),
+                    index: s.item.seq,
+                    reason: format!("feed item {} is missing", i + 1),
+                });
+            }
+            if let Some(name) = s.source.strip_prefix("file:") {
+                feed.taken.insert(name.to_owned());
+            }
+            feed.note_version(&s.item);
+            feed.items.push(s.item);
+        }
+        Ok(feed)
+    }
+
+    fn note_version(&mut self, item: &FeedItem) {
+        let latest = self.latest.entry(item.kind.family()).or_default();
+        *latest = (*latest).max(item.version);
+    }
+
+    /// How many items the feed holds.
+    pub fn len(&self) -> u64 {
+        self.items.len() as u64
+    }
+
+    /// Whether the feed is empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Up to `limit` items with `seq > after`.
+    pub fn page(&self, after: u64, limit: usize) -> &[FeedItem] {
+        let start = usize::try_from(after).unwrap_or(usize::MAX).min(self.items.len());
+        let end = start.saturating_add(limit).min(self.items.len());
+        &self.items[start..end]
+    }
+
+    /// Validates, signs and durably appends `submission`; returns the new item.
+    pub fn publish(
+        &mut self,
+        submission: FeedSubmission,
+        source: String,
+        key: &SigningKey,
+        key_id: u32,
+    ) -> Result<FeedItem, FeedStoreError> {
+        submission.validate()?;
+        let family = submission.kind.family();
+        let latest = self.latest.get(family).copied().unwrap_or(0);
+        if submission.version <= latest {
+            return Err(FeedError::VersionOrder { family, latest, offered: submission.version }.into());
+        }
+        let seq = self.len() + 1;
+        let item = sign_feed_item(&self.station, seq, submission, key, key_id);
+        let stored = StoredItem { source, item };
+        let name = format!("{seq:012}.json");
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let path = self.dir.join(&name);
+        let json = serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            index: seq,
+            reason: e.to_string(),
+        })?;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(io_err(&path))?;
+        sync_dir(&self.dir)?;
+        if let Some(name) = stored.source.strip_prefix("file:") {
+            self.taken.insert(name.to_owned());
+        }
+        self.note_version(&stored.item);
+        let item = stored.item.clone();
+        self.items.push(stored.item);
+        Ok(item)
+    }
+
+    /// Takes the new `*.json` files of `dir` (the station's feed directory) in name order.
+    /// Returns how many were published; failures are logged and remembered until the file changes.
+    pub fn ingest_dir(&mut self, dir: &Path, key: &SigningKey, key_id: u32) -> usize {
+        let Ok(listing) = std::fs::read_dir(dir) else { return 0 };
+        let mut names: Vec<(String, Option<SystemTime>)> = listing
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let modified = e.metadata().ok().and_then(|m| m.modified().ok());
+                name.ends_with(".json").then_some((name, modified))
+            })
+            .filter(|(name, modified)| !self.taken.contains(name) && self.failed.get(name) != Some(modified))
+            .collect();
+        names.sort();
+        let mut published = 0;
+        for (name, modified) in names {
+            let path = dir.join(&name);
+            let result = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| serde_json::from_slice::<FeedSubmission>(&bytes).map_err(|e| e.to_string()))
+                .and_then(|sub| {
+                    self.publish(sub, format!("file:{name}"), key, key_id)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+            match result {
+                Ok(()) => {
+                    published += 1;
+                    self.failed.remove(&name);
+                    tracing::info!(station = %self.station, file = %name, seq = self.len(), "feed item published from the feed directory");
+                }
+                Err(error) => {
+                    tracing::warn!(station = %self.station, file = %name, %error, "feed-directory file refused");
+                    self.failed.insert(name, modified);
+                }
+            }
+        }
+        published
+    }
+}

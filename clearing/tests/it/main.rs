@@ -1,0 +1,9 @@
+//! Integration tests of the clearing server: the real server on 127.0.0.1:0, in a temp dir,
+//! driven through the typed client and raw HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod feed;
+mod robustness;
+mod upload;

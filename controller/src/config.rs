@@ -1,0 +1,188 @@
+//! The node's configuration file (TOML), loaded and validated once at start.
+//!
+//! Every field is documented in `deploy/controller.example.toml`. The cluster secret comes from
+//! `cluster_secret_file` or the `AFC_CLUSTER_SECRET` environment variable, never from the file
+//! itself, so the config can be shared and checked in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use afc_domain::model::Ident;
+use serde::Deserialize;
+
+/// Environment variable that may hold the cluster secret.
+pub const SECRET_ENV: &str = "AFC_CLUSTER_SECRET";
+/// Shortest secret accepted.
+pub const MIN_SECRET_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration of one controller node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's Raft id, unique within the station's cluster.
+    pub node_id: u64,
+    /// The station this cluster serves (batches for another station are refused).
+    pub station: Ident,
+    /// Where the sled database and snapshot files live.
+    pub data_dir: PathBuf,
+    /// Address the Raft/admin HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Address other nodes use to reach this one (defaults to `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Form a new cluster from `initial_members` if, and only if, the store is empty.
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// The first voters (id and advertised address), used only by bootstrap.
+    #[serde(default)]
+    pub initial_members: Vec<Member>,
+    /// File holding the cluster secret (first line, trimmed). Overrides `AFC_CLUSTER_SECRET`.
+    #[serde(default)]
+    pub cluster_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    /// Filled by [`Config::load`] from the file or environment; never read from the TOML.
+    #[serde(skip)]
+    pub cluster_secret: String,
+}
+
+/// A voter of the initial cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+}
+
+/// Raft timing and log compaction.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    /// Leader heartbeat interval. openraft also uses it as the timeout of one append request, so
+    /// it must exceed the time a follower takes to write and fsync `max_payload_entries` entries.
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept after a snapshot, so a briefly absent follower catches up from the log.
+    pub logs_kept_after_snapshot: u64,
+    pub snapshot_chunk_bytes: u64,
+    pub install_snapshot_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Most entries in one append request.
+    pub max_payload_entries: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_after_logs: 20_000,
+            logs_kept_after_snapshot: 5_000,
+            snapshot_chunk_bytes: 4 * 1024 * 1024,
+            install_snapshot_timeout_ms: 10_000,
+            connect_timeout_ms: 500,
+            max_payload_entries: 64,
+        }
+    }
+}
+
+/// Ledger housekeeping.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Records acknowledged by clearing are dropped once older than this many days.
+    pub retention_days: u32,
+    /// How often the leader proposes a prune.
+    pub prune_interval_secs: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { retention_days: 30, prune_interval_secs: 3600 }
+    }
+}
+
+impl Config {
+    /// Reads, parses, resolves the secret and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut cfg: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        cfg.cluster_secret = match &cfg.cluster_secret_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.clone(), source })?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned(),
+            None => std::env::var(SECRET_ENV).unwrap_or_default(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.cluster_secret.len() < MIN_SECRET_LEN {
+            return bad(format!(
+                "the cluster secret (cluster_secret_file or {SECRET_ENV}) must have at least {MIN_SECRET_LEN} characters"
+            ));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return bad("raft.election_timeout_min_ms must exceed twice raft.heartbeat_ms".into());
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
+        }
+        if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
+            return bad("bootstrap needs initial_members to include this node_id".into());
+        }
+        Ok(())
+    }
+
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// openraft's configuration from ours.
+    pub fn openraft(&self) -> Result<openraft::Config, ConfigError> {
+        let r = &self.raft;
+        let c = openraft::Config {
+            cluster_name: format!("afc-{}", self.station),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            install_snapshot_timeout: r.install_snapshot_timeout_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: r.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: r.snapshot_chunk_bytes,
+            max_payload_entries: r.max_payload_entries,
+            ..Default::default()
+        };
+        c.validate().map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.raft.connect_timeout_ms)
+    }
+}

@@ -1,0 +1,205 @@
+//! The Raft/admin HTTP listener (actix-web): peer RPCs under `/raft/`, cluster management and
+//! replicated writes under `/admin/`, `GET /healthz`. Everything but `/healthz` needs the cluster
+//! secret. Errors are JSON `{code, message}`; [`NodeError`] is mapped to a status here, only here.
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::network::{constant_time_eq, SnapshotChunkHeader, HOPS_HEADER, SECRET_HEADER, SNAPSHOT_HEADER};
+use crate::node::{AddLearner, Node, NodeError, SetVoters};
+use crate::state::Request;
+use crate::types::{NodeId, TypeConfig};
+
+/// Largest JSON body accepted (an append request of `max_payload_entries` full batches).
+const JSON_LIMIT: usize = 256 * 1024 * 1024;
+/// Most ledger entries one read returns.
+const MAX_PAGE: usize = 10_000;
+
+#[derive(Serialize)]
+struct ErrorBody {
+    code: &'static str,
+    message: String,
+}
+
+impl ResponseError for NodeError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            NodeError::Unauthorized => StatusCode::UNAUTHORIZED,
+            NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NodeError::NoLeader(_) | NodeError::TooManyHops | NodeError::Forward { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            NodeError::Raft(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let code = match self {
+            NodeError::Unauthorized => "unauthorized",
+            NodeError::BadRequest(_) => "bad_request",
+            NodeError::NoLeader(_) => "no_leader",
+            NodeError::TooManyHops => "forward_loop",
+            NodeError::Forward { .. } => "forward_failed",
+            NodeError::Raft(_) => "raft_unavailable",
+            _ => "internal",
+        };
+        HttpResponse::build(self.status_code()).json(ErrorBody { code, message: self.to_string() })
+    }
+}
+
+type Shared = web::Data<Arc<Node>>;
+
+fn authorize(req: &HttpRequest, node: &Node) -> Result<(), NodeError> {
+    let given = req.headers().get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if constant_time_eq(given, node.config.cluster_secret.as_bytes()) {
+        Ok(())
+    } else {
+        Err(NodeError::Unauthorized)
+    }
+}
+
+fn hops(req: &HttpRequest) -> u32 {
+    req.headers().get(HOPS_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A Raft protocol answer: 200 with the response, or 503 with the JSON `RaftError`.
+fn raft_reply<T: Serialize, E: Serialize>(r: Result<T, E>) -> HttpResponse {
+    match r {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => HttpResponse::ServiceUnavailable().json(e),
+    }
+}
+
+async fn append(
+    req: HttpRequest,
+    node: Shared,
+    body: web::Json<AppendEntriesRequest<TypeConfig>>,
+) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    Ok(raft_reply(node.raft.append_entries(body.into_inner()).await))
+}
+
+async fn vote(
+    req: HttpRequest,
+    node: Shared,
+    body: web::Json<VoteRequest<NodeId>>,
+) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    Ok(raft_reply(node.raft.vote(body.into_inner()).await))
+}
+
+async fn snapshot(req: HttpRequest, node: Shared, body: web::Bytes) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    let header = req
+        .headers()
+        .get(SNAPSHOT_HEADER)
+        .ok_or_else(|| NodeError::BadRequest(format!("missing {SNAPSHOT_HEADER}")))?;
+    let h: SnapshotChunkHeader =
+        serde_json::from_slice(header.as_bytes()).map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    let rpc = InstallSnapshotRequest::<TypeConfig> {
+        vote: h.vote,
+        meta: h.meta,
+        offset: h.offset,
+        data: body.to_vec(),
+        done: h.done,
+    };
+    Ok(raft_reply(node.raft.install_snapshot(rpc).await))
+}
+
+async fn write(req: HttpRequest, node: Shared, body: web::Json<Request>) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    let resp = node.write(body.into_inner(), hops(&req)).await?;
+    Ok(HttpResponse::Ok().json(resp))
+}
+
+async fn learner(
+    req: HttpRequest,
+    node: Shared,
+    body: web::Json<AddLearner>,
+) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    Ok(HttpResponse::Ok().json(node.add_learner(body.into_inner(), hops(&req)).await?))
+}
+
+async fn voters(
+    req: HttpRequest,
+    node: Shared,
+    body: web::Json<SetVoters>,
+) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    Ok(HttpResponse::Ok().json(node.set_voters(body.into_inner(), hops(&req)).await?))
+}
+
+async fn metrics(req: HttpRequest, node: Shared) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    let m = node.raft.metrics().borrow().clone();
+    Ok(HttpResponse::Ok().json(m))
+}
+
+/// A summary of the replicated state, for operators and tests.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StateSummary {
+    pub node_id: NodeId,
+    pub last_applied_index: Option<u64>,
+    pub next_index: u64,
+    pub first_retained: u64,
+    pub last_hash: String,
+    pub clearing_acked_through: u64,
+    /// gate → contiguous high-water mark.
+    pub gates: std::collections::BTreeMap<String, u64>,
+}
+
+async fn state(req: HttpRequest, node: Shared) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    let s = node.sm.state()?;
+    Ok(HttpResponse::Ok().json(StateSummary {
+        node_id: node.id,
+        last_applied_index: s.last_applied.map(|l| l.index),
+        next_index: s.next_index,
+        first_retained: s.first_retained,
+        last_hash: hex::encode(s.last_hash),
+        clearing_acked_through: s.clearing_acked_through,
+        gates: s.gates.iter().map(|(g, i)| (g.to_string(), i.progress.contiguous_through)).collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+}
+
+async fn ledger(req: HttpRequest, node: Shared, q: web::Query<Page>) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    let limit = q.limit.unwrap_or(1000).min(MAX_PAGE);
+    Ok(HttpResponse::Ok().json(node.sm.ledger_entries(q.from, limit)?))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().body("ok")
+}
+
+/// Registers every route of the Raft/admin listener.
+pub fn configure(node: Arc<Node>) -> impl Fn(&mut web::ServiceConfig) + Clone {
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(web::Data::new(node.clone()))
+            .app_data(web::JsonConfig::default().limit(JSON_LIMIT))
+            .app_data(web::PayloadConfig::default().limit(JSON_LIMIT))
+            .route("/raft/append", web::post().to(append))
+            .route("/raft/vote", web::post().to(vote))
+            .route("/raft/snapshot", web::post().to(snapshot))
+            .route("/admin/write", web::post().to(write))
+            .route("/admin/learner", web::post().to(learner))
+            .route("/admin/voters", web::post().to(voters))
+            .route("/admin/metrics", web::get().to(metrics))
+            .route("/admin/state", web::get().to(state))
+            .route("/admin/ledger", web::get().to(ledger))
+            .route("/healthz", web::get().to(healthz));
+    }
+}

@@ -1,0 +1,25 @@
+//! The station controller node: the replicated station ledger and parameter store.
+//!
+//! Three controller nodes per station replicate one state machine with Raft (openraft on sled), so
+//! any one industrial PC can die without losing a fare. Map of the crate:
+//!
+//! - [`types`]: the Raft type configuration (entries carry a [`state::Request`]).
+//! - [`state`]: the state machine as pure logic: ledger appends with dedup and hash chain, gate
+//!   keys, packages, modes, clearing cursor, audit, prune. No I/O.
+//! - [`chain`]: the ledger primitives used (hash chain, gate progress, batch signatures) from `afc_domain`.
+//! - [`storage`]: the only module that touches sled: Raft log, vote, state machine, snapshot files.
+//! - [`network`]: the Raft peer client over HTTP (pooled, authenticated, with timeouts).
+//! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).
+//! - [`node`]: one node: store + Raft, one-time bootstrap, writes that reach the leader.
+//! - [`config`]: the TOML configuration, validated once.
+//! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
+
+pub mod chain;
+pub mod config;
+pub mod http;
+pub mod network;
+pub mod node;
+pub mod service;
+pub mod state;
+pub mod storage;
+pub mod types;

@@ -1,0 +1,180 @@
+//! Raft peer traffic over HTTP: the client side ([`PeerNetwork`], used by openraft to reach other
+//! nodes) and the shared wire conventions. The server side is in [`crate::http`].
+//!
+//! Every request carries the cluster secret in [`SECRET_HEADER`]; the server compares it in
+//! constant time. Bodies are JSON, except snapshot chunks, whose bytes travel raw with the chunk's
+//! metadata in [`SNAPSHOT_HEADER`]. A protocol error from the peer comes back as HTTP 503 with the
+//! JSON `RaftError`; a connection failure or timeout is `Unreachable`, so openraft backs off.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Node, NodeId, SnapshotMeta, TypeConfig, Vote};
+
+/// Header carrying the cluster secret on every peer and admin request.
+pub const SECRET_HEADER: &str = "x-afc-cluster-secret";
+/// Header carrying a snapshot chunk's metadata (JSON [`SnapshotChunkHeader`]).
+pub const SNAPSHOT_HEADER: &str = "x-afc-snapshot";
+/// Header counting how many times a write was forwarded (loops stop at [`MAX_FORWARD_HOPS`]).
+pub const HOPS_HEADER: &str = "x-afc-forward-hops";
+pub const MAX_FORWARD_HOPS: u32 = 3;
+
+/// Metadata of one snapshot chunk; the chunk's bytes are the request body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotChunkHeader {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub offset: u64,
+    pub done: bool,
+}
+
+/// Compares two secrets without leaking, through timing, where they first differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The peer network: one pooled HTTP client shared by every peer connection.
+#[derive(Clone)]
+pub struct PeerNetwork {
+    http: reqwest::Client,
+    secret: Arc<str>,
+}
+
+impl PeerNetwork {
+    /// `connect_timeout` bounds connection setup; each call also has openraft's deadline.
+    pub fn new(secret: &str, connect_timeout: Duration) -> Result<PeerNetwork, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(PeerNetwork { http, secret: Arc::from(secret) })
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
+        PeerConnection { net: self.clone(), target, base: format!("http://{}", node.addr) }
+    }
+}
+
+/// A connection to one peer (cheap: the HTTP pool is shared).
+pub struct PeerConnection {
+    net: PeerNetwork,
+    target: NodeId,
+    base: String,
+}
+
+/// Outcome of one HTTP exchange, before mapping into openraft's error types.
+enum Failure<E> {
+    Unreachable(Unreachable),
+    Network(NetworkError),
+    Remote(E),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("peer answered HTTP {status}: {body}")]
+struct HttpStatusError {
+    status: u16,
+    body: String,
+}
+
+impl PeerConnection {
+    async fn call<Resp, E>(
+        &self,
+        path: &str,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Resp, Failure<E>>
+    where
+        Resp: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        let _ = path;
+        let resp = req
+            .header(SECRET_HEADER, &*self.net.secret)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| Failure::Unreachable(Unreachable::new(&e)))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| Failure::Unreachable(Unreachable::new(&e)))?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| Failure::Network(NetworkError::new(&e)));
+        }
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            if let Ok(e) = serde_json::from_slice::<E>(&bytes) {
+                return Err(Failure::Remote(e));
+            }
+        }
+        let body = String::from_utf8_lossy(&bytes).chars().take(300).collect();
+        Err(Failure::Network(NetworkError::new(&HttpStatusError { status: status.as_u16(), body })))
+    }
+
+    fn map<E: std::error::Error>(&self, f: Failure<E>) -> RPCError<NodeId, Node, E> {
+        match f {
+            Failure::Unreachable(u) => RPCError::Unreachable(u),
+            Failure::Network(n) => RPCError::Network(n),
+            Failure::Remote(e) => RPCError::RemoteError(RemoteError::new(self.target, e)),
+        }
+    }
+
+    fn post_json<T: Serialize>(&self, path: &str, body: &T) -> reqwest::RequestBuilder {
+        self.net.http.post(format!("{}{}", self.base, path)).json(body)
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let req = self.post_json("/raft/append", &rpc);
+        self.call("/raft/append", req, option.hard_ttl()).await.map_err(|f| self.map(f))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let header =
+            SnapshotChunkHeader { vote: rpc.vote, meta: rpc.meta, offset: rpc.offset, done: rpc.done };
+        let header = serde_json::to_string(&header).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let req = self
+            .net
+            .http
+            .post(format!("{}/raft/snapshot", self.base))
+            .header(SNAPSHOT_HEADER, header)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(rpc.data);
+        self.call("/raft/snapshot", req, option.hard_ttl()).await.map_err(|f| self.map(f))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let req = self.post_json("/raft/vote", &rpc);
+        self.call("/raft/vote", req, option.hard_ttl()).await.map_err(|f| self.map(f))
+    }
+}

@@ -1,0 +1,227 @@
+//! One controller node: opens the store, starts Raft, bootstraps once, and offers writes that
+//! reach the leader from any node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, ConfigError};
+use crate::network::{PeerNetwork, HOPS_HEADER, MAX_FORWARD_HOPS, SECRET_HEADER};
+use crate::state::{Request, Response};
+use crate::storage::{self, StateMachineStore, StoreError};
+use crate::types::{Node as PeerNode, NodeId, Raft};
+
+/// How long a write waits for a leader (an election after a crash takes about one election
+/// timeout) before giving up.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// Timeout of one forwarded request.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything that can fail in a node, mapped to HTTP status in one place ([`crate::http`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("http client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("no leader reachable within {0:?}")]
+    NoLeader(Duration),
+    #[error("forwarded too many times (a leader change loop?)")]
+    TooManyHops,
+    #[error("the leader refused the forwarded request: HTTP {status}: {body}")]
+    Forward { status: u16, body: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("missing or wrong cluster secret")]
+    Unauthorized,
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running node's handles.
+pub struct Node {
+    pub id: NodeId,
+    pub raft: Raft,
+    /// Read access to the state machine (shared with Raft).
+    pub sm: StateMachineStore,
+    pub config: Arc<Config>,
+    http: reqwest::Client,
+}
+
+/// Body of `POST /admin/learner`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddLearner {
+    pub node_id: NodeId,
+    pub addr: String,
+}
+
+/// Body of `POST /admin/voters`: the complete new set of voters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetVoters {
+    pub voters: BTreeSet<NodeId>,
+}
+
+/// Answer of a membership change: the log index of the change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MembershipChanged {
+    pub log_index: u64,
+}
+
+/// What one attempt at a leader-only operation gave.
+enum Attempt<T> {
+    Done(T),
+    /// Not the leader: the leader's address, if known.
+    Forward(Option<String>),
+}
+
+impl Node {
+    /// Opens the store and starts Raft. Bootstraps the cluster if asked and the store is empty.
+    pub async fn start(config: Arc<Config>) -> Result<Arc<Node>, NodeError> {
+        let (log, sm) = storage::open(&config.data_dir)?;
+        let was_empty = storage::is_empty(&log, &sm)?;
+        let net = PeerNetwork::new(&config.cluster_secret, config.connect_timeout())?;
+        let raft = Raft::new(config.node_id, Arc::new(config.openraft()?), net, log, sm.clone())
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let http = reqwest::Client::builder().connect_timeout(config.connect_timeout()).build()?;
+        let node = Arc::new(Node { id: config.node_id, raft, sm, config: config.clone(), http });
+        if config.bootstrap {
+            node.bootstrap(was_empty).await?;
+        }
+        Ok(node)
+    }
+
+    /// One-time cluster formation: only on an empty store, never on a restart.
+    async fn bootstrap(&self, was_empty: bool) -> Result<(), NodeError> {
+        let initialized = self.raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        if !was_empty || initialized {
+            tracing::info!("bootstrap requested but the store already holds Raft state: not repeated");
+            return Ok(());
+        }
+        let members: BTreeMap<NodeId, PeerNode> =
+            self.config.initial_members.iter().map(|m| (m.id, PeerNode { addr: m.addr.clone() })).collect();
+        tracing::info!(?members, "bootstrapping a new cluster");
+        self.raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))
+    }
+
+    /// Commits `req` through the leader, wherever it is, and returns what applying it did.
+    pub async fn write(&self, req: Request, hops: u32) -> Result<Response, NodeError> {
+        self.leader_op("/admin/write", &req, hops, || async {
+            match self.raft.client_write(req.clone()).await {
+                Ok(r) => Ok(Attempt::Done(r.data)),
+                Err(e) => forward_or_fail(e),
+            }
+        })
+        .await
+    }
+
+    /// Adds a learner (blocking until it has caught up with the log), via the leader.
+    pub async fn add_learner(&self, req: AddLearner, hops: u32) -> Result<MembershipChanged, NodeError> {
+        self.leader_op("/admin/learner", &req, hops, || async {
+            let node = PeerNode { addr: req.addr.clone() };
+            match self.raft.add_learner(req.node_id, node, true).await {
+                Ok(r) => Ok(Attempt::Done(MembershipChanged { log_index: r.log_id.index })),
+                Err(e) => forward_or_fail(e),
+            }
+        })
+        .await
+    }
+
+    /// Replaces the set of voters (learners are promoted, removed voters leave), via the leader.
+    pub async fn set_voters(&self, req: SetVoters, hops: u32) -> Result<MembershipChanged, NodeError> {
+        self.leader_op("/admin/voters", &req, hops, || async {
+            match self.raft.change_membership(req.voters.clone(), false).await {
+                Ok(r) => Ok(Attempt::Done(MembershipChanged { log_index: r.log_id.index })),
+                Err(e) => forward_or_fail(e),
+            }
+        })
+        .await
+    }
+
+    /// Runs `local` here if this node leads; otherwise forwards `body` to the leader's `path`.
+    /// While no leader is known (an election), retries with backoff until [`WRITE_DEADLINE`].
+    async fn leader_op<B, T, F, Fut>(&self, path: &str, body: &B, hops: u32, local: F) -> Result<T, NodeError>
+    where
+        B: Serialize,
+        T: DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, NodeError>>,
+    {
+        if hops > MAX_FORWARD_HOPS {
+            return Err(NodeError::TooManyHops);
+        }
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let leader = match local().await? {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Forward(addr) => addr,
+            };
+            if let Some(addr) = leader {
+                match self.forward(&addr, path, body, hops + 1).await {
+                    Ok(v) => return Ok(v),
+                    // The leader just died or moved: wait for the next one. (A request that
+                    // timed out may have been done; the operations here are safe to repeat.)
+                    Err(NodeError::HttpClient(e)) if e.is_connect() || e.is_timeout() => {
+                        tracing::debug!(%addr, error = %e, "forward to leader failed; retrying")
+                    }
+                    Err(NodeError::Forward { status: 503, body }) => {
+                        tracing::debug!(%addr, %body, "leader unavailable; retrying")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if Instant::now() + backoff > deadline {
+                return Err(NodeError::NoLeader(WRITE_DEADLINE));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    async fn forward<B: Serialize, T: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &B,
+        hops: u32,
+    ) -> Result<T, NodeError> {
+        let resp = self
+            .http
+            .post(format!("http://{addr}{path}"))
+            .header(SECRET_HEADER, &self.config.cluster_secret)
+            .header(HOPS_HEADER, hops.to_string())
+            .timeout(FORWARD_TIMEOUT)
+            .json(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.json().await?);
+        }
+        let body = resp.text().await.unwrap_or_default().chars().take(500).collect();
+        Err(NodeError::Forward { status: status.as_u16(), body })
+    }
+}
+
+fn forward_or_fail<T>(
+    e: RaftError<NodeId, ClientWriteError<NodeId, PeerNode>>,
+) -> Result<Attempt<T>, NodeError> {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(ForwardToLeader { leader_node, .. })) => {
+            Ok(Attempt::Forward(leader_node.map(|n| n.addr)))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Err(NodeError::BadRequest(e.to_string()))
+        }
+        RaftError::Fatal(e) => Err(NodeError::Raft(e.to_string())),
+    }
+}

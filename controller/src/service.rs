@@ -1,0 +1,127 @@
+//! Running a node: the HTTP listener, the background tasks, and shutdown in a fixed, logged order.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::{App, HttpServer};
+use afc_domain::model::Timestamp;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http;
+use crate::node::{Node, NodeError};
+use crate::state::{Request, Response};
+
+/// Starts the node on an already-bound listener (tests bind port 0) and runs until `shutdown`.
+///
+/// Shutdown order: 1. stop accepting HTTP and finish requests in flight; 2. stop background
+/// tasks; 3. stop Raft (no more appends or applies); 4. flush storage.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let config = Arc::new(config);
+    let node = Node::start(config.clone()).await?;
+    tracing::info!(node_id = node.id, addr = %listener.local_addr()?, station = %config.station, "controller node started");
+
+    let routes = http::configure(node.clone());
+    let server = HttpServer::new(move || App::new().configure(routes.clone()))
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen(listener)?
+        .run();
+    let server_handle = server.handle();
+    let server_task = tokio::spawn(server);
+
+    let tasks = CancellationToken::new();
+    let pruner = tokio::spawn(prune_task(node.clone(), tasks.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutdown 1/4: stopping the HTTP listener");
+    server_handle.stop(true).await;
+    if let Err(e) = server_task.await {
+        tracing::warn!(error = %e, "HTTP server task ended abnormally");
+    }
+    tracing::info!("shutdown 2/4: stopping background tasks");
+    tasks.cancel();
+    if let Err(e) = pruner.await {
+        tracing::warn!(error = %e, "pruner task ended abnormally");
+    }
+    tracing::info!("shutdown 3/4: stopping raft");
+    if let Err(e) = node.raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown reported an error");
+    }
+    tracing::info!("shutdown 4/4: flushing storage");
+    node.sm.flush().await?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+fn now() -> Timestamp {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// Task `ledger-pruner`: on the leader, every `prune_interval_secs`, proposes dropping records that
+/// clearing acknowledged and that are older than the retention. Retries with backoff on failure.
+async fn prune_task(node: Arc<Node>, stop: CancellationToken) {
+    let every = Duration::from_secs(node.config.ledger.prune_interval_secs.max(1));
+    let retention_days = i64::from(node.config.ledger.retention_days);
+    let mut wait = every;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                tracing::info!(task = "ledger-pruner", "stopped");
+                return;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if node.raft.current_leader().await != Some(node.id) {
+            wait = every;
+            continue;
+        }
+        let before = now().plus_days(-retention_days);
+        match node.write(Request::Prune { before }, 0).await {
+            Ok(Response::Pruned { removed, first_retained }) => {
+                tracing::info!(task = "ledger-pruner", removed, first_retained, "pruned ledger");
+                // A capped prune left more to do: go again soon.
+                wait = if removed > 0 { Duration::from_secs(1) } else { every };
+            }
+            Ok(other) => {
+                tracing::warn!(task = "ledger-pruner", ?other, "unexpected prune response");
+                wait = every;
+            }
+            Err(e) => {
+                wait = (wait / 2).max(Duration::from_secs(5));
+                tracing::warn!(task = "ledger-pruner", error = %e, retry_in = ?wait, "prune failed");
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,560 @@
+//! The station state machine as pure logic: what each replicated command does.
+//!
+//! Nothing here touches sled or a socket. [`StationState`] is the small part of the state (heads,
+//! counters, gate keys, per-gate progress, package versions, mode history, the clearing cursor); it
+//! lives in memory and is written as one value after every applied batch of log entries. The large
+//! parts (ledger entries, audit entries, package bodies) are immutable items under the keys built by
+//! [`keys`]; applying a command yields the [`Write`]s to make, and the storage module applies them
+//! together with the new `StationState` in one atomic sled batch.
+//!
+//! Every command is deterministic: the same log gives the same state on every node. Rejections are
+//! no-ops with a typed reason, never errors: a forged batch must not stop the log.
+
+use std::collections::BTreeMap;
+
+use afc_domain::ledger::TxRecord;
+use afc_domain::mode::{ModeBits, ModeState, MODE_HISTORY_DAYS};
+use afc_domain::model::{Ident, ParamKind, StationCode, Timestamp};
+use ed25519_dalek::VerifyingKey;
+use openraft::{LogId, StoredMembership};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::chain::{self, GateProgress, LedgerEntry, LedgerError, SeqStatus, GENESIS_HASH};
+use crate::types::{Node, NodeId};
+
+/// Most records one batch may carry (a gate uploads far fewer; this bounds one log entry).
+pub const MAX_BATCH_RECORDS: usize = 10_000;
+/// Most ledger entries one `Prune` removes, so a single apply stays short; the next prune goes on.
+pub const MAX_PRUNE_PER_COMMAND: u64 = 200_000;
+/// Package versions kept per kind (the current one and the one a rollback returns to).
+pub const PACKAGE_VERSIONS_KEPT: usize = 2;
+
+/// A replicated command: the application data of a Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// A gate's signed batch of transactions (SPEC §5 `gates/{gate}/tx`).
+    AppendTxBatch {
+        station: Ident,
+        gate: Ident,
+        records: Vec<TxRecord>,
+        /// ed25519 signature by the gate's key, hex.
+        signature: String,
+    },
+    /// Registers a gate, or rotates its transaction-signing key.
+    RegisterGate {
+        gate: Ident,
+        /// ed25519 public key, hex (32 bytes).
+        tx_public_key: String,
+        hardware_profile: String,
+    },
+    /// Stores a signed parameter package; `version` must exceed the kind's current version.
+    PutPackage {
+        kind: ParamKind,
+        version: u64,
+        #[serde(with = "b64")]
+        package: Vec<u8>,
+    },
+    /// Changes the station's operating mode.
+    SetMode { station: StationCode, bits: ModeBits, reason: String, actor: String, at: Timestamp },
+    /// Central clearing has acknowledged every ledger entry up to `through_index`.
+    ClearingAck { through_index: u64 },
+    /// One line of the replicated audit log.
+    Audit { actor: String, action: String, detail: String, at: Timestamp },
+    /// Drops ledger entries acknowledged by clearing whose `occurred_at` is before `before`.
+    Prune { before: Timestamp },
+}
+
+impl From<afc_domain::wire::TxBatch> for Request {
+    fn from(b: afc_domain::wire::TxBatch) -> Request {
+        Request::AppendTxBatch {
+            station: b.station,
+            gate: b.gate,
+            records: b.records,
+            signature: b.signature,
+        }
+    }
+}
+
+impl Request {
+    /// Short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::AppendTxBatch { .. } => "append_tx_batch",
+            Request::RegisterGate { .. } => "register_gate",
+            Request::PutPackage { .. } => "put_package",
+            Request::SetMode { .. } => "set_mode",
+            Request::ClearingAck { .. } => "clearing_ack",
+            Request::Audit { .. } => "audit",
+            Request::Prune { .. } => "prune",
+        }
+    }
+}
+
+/// Why a command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum Rejection {
+    #[error("gate {gate} is not registered")]
+    UnknownGate { gate: Ident },
+    #[error("batch signature does not verify against the gate's key")]
+    BadSignature,
+    #[error("record {gate_seq} names station/gate {station}/{gate}, not the batch's")]
+    RecordMismatch { gate_seq: u64, station: Ident, gate: Ident },
+    #[error("batch is empty")]
+    EmptyBatch,
+    #[error("batch has {records} records, more than {max}")]
+    BatchTooLarge { records: usize, max: usize },
+    #[error("invalid batch: {detail}")]
+    InvalidBatch { detail: String },
+    #[error("invalid public key: {detail}")]
+    BadPublicKey { detail: String },
+    #[error("{kind} version {version} is not above the current {current}")]
+    StaleVersion { kind: ParamKind, version: u64, current: u64 },
+    #[error("acknowledgement through {through_index} is beyond the last ledger index {last_index}")]
+    AckBeyondLedger { through_index: u64, last_index: u64 },
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// A blank or membership entry, or an entry re-applied after a restart.
+    None,
+    Appended {
+        appended: u32,
+        duplicates: u32,
+        /// Records too far ahead of the gate's high-water mark, not taken (the gate re-sends them).
+        deferred: u32,
+        /// Ledger indexes given to the new records (absent when none was new).
+        first_index: Option<u64>,
+        last_index: Option<u64>,
+        /// The gate's contiguous high-water mark, for `tx/ack`.
+        through_seq: u64,
+    },
+    GateRegistered {
+        gate: Ident,
+        key_replaced: bool,
+    },
+    PackageStored {
+        kind: ParamKind,
+        version: u64,
+        #[serde(with = "hex::serde")]
+        sha256: [u8; 32],
+    },
+    ModeSet {
+        bits: ModeBits,
+        previous: ModeBits,
+    },
+    ClearingAcked {
+        acked_through: u64,
+        moved: bool,
+    },
+    Audited {
+        seq: u64,
+    },
+    Pruned {
+        removed: u64,
+        first_retained: u64,
+    },
+    Rejected {
+        rejection: Rejection,
+    },
+}
+
+/// A registered gate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateInfo {
+    #[serde(with = "hex::serde")]
+    pub tx_public_key: [u8; 32],
+    pub hardware_profile: String,
+    /// Contiguous high-water mark and out-of-order seqs received.
+    pub progress: GateProgress,
+}
+
+/// The versions of one package kind held in the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageVersions {
+    /// Stored versions, ascending; the last is current. At most [`PACKAGE_VERSIONS_KEPT`] after a prune.
+    pub versions: Vec<u64>,
+    #[serde(with = "hex::serde")]
+    pub current_sha256: [u8; 32],
+}
+
+impl PackageVersions {
+    pub fn current(&self) -> u64 {
+        self.versions.last().copied().unwrap_or(0)
+    }
+}
+
+/// One recorded mode change (who, why, when), kept at least [`MODE_HISTORY_DAYS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeChange {
+    pub station: StationCode,
+    pub bits: ModeBits,
+    pub reason: String,
+    pub actor: String,
+    pub at: Timestamp,
+}
+
+/// The small, in-memory part of the state machine. Serialised whole after each applied batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StationState {
+    /// The last log entry applied; re-applying an entry at or below it is a no-op.
+    pub last_applied: Option<LogId<NodeId>>,
+    pub last_membership: StoredMembership<NodeId, Node>,
+    /// Index the next ledger entry gets (entries are numbered from 1).
+    pub next_index: u64,
+    /// Lowest ledger index still stored (entries below were pruned after clearing acknowledged them).
+    pub first_retained: u64,
+    #[serde(with = "hex::serde")]
+    pub last_hash: [u8; 32],
+    pub gates: BTreeMap<Ident, GateInfo>,
+    /// Keyed by `ParamKind::as_str()`.
+    pub packages: BTreeMap<String, PackageVersions>,
+    pub modes: ModeState,
+    pub mode_changes: Vec<ModeChange>,
+    /// Highest ledger index acknowledged by central clearing (0 = none); only moves forward.
+    pub clearing_acked_through: u64,
+    /// Sequence number the next audit line gets (from 1).
+    pub next_audit: u64,
+}
+
+impl Default for StationState {
+    fn default() -> Self {
+        StationState {
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+            next_index: 1,
+            first_retained: 1,
+            last_hash: GENESIS_HASH,
+            gates: BTreeMap::new(),
+            packages: BTreeMap::new(),
+            modes: ModeState::default(),
+            mode_changes: Vec::new(),
+            clearing_acked_through: 0,
+            next_audit: 1,
+        }
+    }
+}
+
+/// Key layout of the state machine tree. Big-endian numbers keep items in index order.
+pub mod keys {
+    use afc_domain::model::ParamKind;
+
+    /// The serialised [`super::StationState`].
+    pub const STATE: &[u8] = b"s";
+    pub const LEDGER_PREFIX: u8 = b'L';
+    pub const AUDIT_PREFIX: u8 = b'A';
+    pub const PACKAGE_PREFIX: u8 = b'P';
+
+    pub fn ledger(index: u64) -> [u8; 9] {
+        prefixed(LEDGER_PREFIX, index)
+    }
+
+    pub fn audit(seq: u64) -> [u8; 9] {
+        prefixed(AUDIT_PREFIX, seq)
+    }
+
+    pub fn package(kind: ParamKind, version: u64) -> [u8; 10] {
+        let mut k = [0u8; 10];
+        k[0] = PACKAGE_PREFIX;
+        k[1] = kind.code();
+        k[2..].copy_from_slice(&version.to_be_bytes());
+        k
+    }
+
+    fn prefixed(p: u8, n: u64) -> [u8; 9] {
+        let mut k = [0u8; 9];
+        k[0] = p;
+        k[1..].copy_from_slice(&n.to_be_bytes());
+        k
+    }
+}
+
+/// A change to the immutable items of the state machine tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// An audit line as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub actor: String,
+    pub action: String,
+    pub detail: String,
+    pub at: Timestamp,
+}
+
+/// Errors reading stored items while applying (storage failures, not rejections).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("ledger entry {index} is missing or undecodable: {detail}")]
+    Corrupt { index: u64, detail: String },
+}
+
+/// Read access to stored ledger entries, for `Prune`.
+pub trait LedgerRead {
+    fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError>;
+}
+
+impl StationState {
+    /// Index of the last ledger entry (0 when the ledger is empty).
+    pub fn last_index(&self) -> u64 {
+        self.next_index - 1
+    }
+
+    /// Number of ledger entries currently stored.
+    pub fn ledger_len(&self) -> u64 {
+        self.next_index.saturating_sub(self.first_retained)
+    }
+
+    /// Applies one command; returns what happened and pushes the item writes to `out`.
+    pub fn apply(
+        &mut self,
+        req: &Request,
+        ledger: &dyn LedgerRead,
+        out: &mut Vec<Write>,
+    ) -> Result<Response, ReadError> {
+        let resp = match req {
+            Request::AppendTxBatch { station, gate, records, signature } => {
+                self.append_batch(station, gate, records, signature, out)
+            }
+            Request::RegisterGate { gate, tx_public_key, hardware_profile } => {
+                self.register_gate(gate, tx_public_key, hardware_profile)
+            }
+            Request::PutPackage { kind, version, package } => self.put_package(*kind, *version, package, out),
+            Request::SetMode { station, bits, reason, actor, at } => {
+                let previous = self.modes.bits_at(*station, *at);
+                self.modes.set(*station, *bits, *at);
+                let horizon = at.plus_days(-(MODE_HISTORY_DAYS + 1));
+                self.modes.prune(horizon);
+                self.mode_changes.retain(|c| c.at >= horizon);
+                self.mode_changes.push(ModeChange {
+                    station: *station,
+                    bits: *bits,
+                    reason: reason.clone(),
+                    actor: actor.clone(),
+                    at: *at,
+                });
+                Response::ModeSet { bits: *bits, previous }
+            }
+            Request::ClearingAck { through_index } => {
+                if *through_index > self.last_index() {
+                    Response::Rejected {
+                        rejection: Rejection::AckBeyondLedger {
+                            through_index: *through_index,
+                            last_index: self.last_index(),
+                        },
+                    }
+                } else if *through_index <= self.clearing_acked_through {
+                    Response::ClearingAcked { acked_through: self.clearing_acked_through, moved: false }
+                } else {
+                    self.clearing_acked_through = *through_index;
+                    Response::ClearingAcked { acked_through: *through_index, moved: true }
+                }
+            }
+            Request::Audit { actor, action, detail, at } => {
+                let seq = self.next_audit;
+                self.next_audit += 1;
+                let entry = AuditEntry {
+                    seq,
+                    actor: actor.clone(),
+                    action: action.clone(),
+                    detail: detail.clone(),
+                    at: *at,
+                };
+                out.push(Write::Put(keys::audit(seq).to_vec(), encode(&entry)));
+                Response::Audited { seq }
+            }
+            Request::Prune { before } => self.prune(*before, ledger, out)?,
+        };
+        Ok(resp)
+    }
+
+    fn append_batch(
+        &mut self,
+        station: &Ident,
+        gate: &Ident,
+        records: &[TxRecord],
+        signature: &str,
+        out: &mut Vec<Write>,
+    ) -> Response {
+        let reject = |rejection| Response::Rejected { rejection };
+        if records.is_empty() {
+            return reject(Rejection::EmptyBatch);
+        }
+        if records.len() > MAX_BATCH_RECORDS {
+            return reject(Rejection::BatchTooLarge { records: records.len(), max: MAX_BATCH_RECORDS });
+        }
+        if let Some(r) = records.iter().find(|r| &r.station != station || &r.gate != gate) {
+            return reject(Rejection::RecordMismatch {
+                gate_seq: r.gate_seq,
+                station: r.station.clone(),
+                gate: r.gate.clone(),
+            });
+        }
+        let Some(info) = self.gates.get_mut(gate) else {
+            return reject(Rejection::UnknownGate { gate: gate.clone() });
+        };
+        let (Some(sig), Ok(key)) =
+            (decode_signature(signature), VerifyingKey::from_bytes(&info.tx_public_key))
+        else {
+            return reject(Rejection::BadSignature);
+        };
+        match chain::verify_batch(station, gate, records, &sig, &key) {
+            Ok(()) => {}
+            Err(LedgerError::BadSignature) => return reject(Rejection::BadSignature),
+            Err(e) => return reject(Rejection::InvalidBatch { detail: e.to_string() }),
+        }
+        let (mut appended, mut duplicates, mut deferred) = (0u32, 0u32, 0u32);
+        let mut first_index = None;
+        for rec in records {
+            match info.progress.classify(rec.gate_seq) {
+                SeqStatus::New => {}
+                SeqStatus::BeyondWindow => {
+                    deferred += 1;
+                    continue;
+                }
+                SeqStatus::Duplicate | SeqStatus::Zero => {
+                    duplicates += 1;
+                    continue;
+                }
+            }
+            info.progress.record(rec.gate_seq);
+            let index = self.next_index;
+            let entry = LedgerEntry::new(index, &self.last_hash, rec.clone());
+            let hash = entry.hash;
+            out.push(Write::Put(keys::ledger(index).to_vec(), encode(&entry)));
+            self.last_hash = hash;
+            self.next_index += 1;
+            appended += 1;
+            first_index.get_or_insert(index);
+        }
+        let through_seq = info.progress.contiguous_through;
+        Response::Appended {
+            appended,
+            duplicates,
+            deferred,
+            first_index,
+            last_index: first_index.map(|_| self.last_index()),
+            through_seq,
+        }
+    }
+
+    fn register_gate(&mut self, gate: &Ident, key_hex: &str, hardware_profile: &str) -> Response {
+        let key = match decode_key(key_hex) {
+            Ok(k) => k,
+            Err(detail) => return Response::Rejected { rejection: Rejection::BadPublicKey { detail } },
+        };
+        let key_replaced = match self.gates.get_mut(gate) {
+            Some(info) => {
+                let replaced = info.tx_public_key != key;
+                info.tx_public_key = key;
+                info.hardware_profile = hardware_profile.to_owned();
+                replaced
+            }
+            None => {
+                self.gates.insert(
+                    gate.clone(),
+                    GateInfo {
+                        tx_public_key: key,
+                        hardware_profile: hardware_profile.to_owned(),
+                        progress: GateProgress::default(),
+                    },
+                );
+                false
+            }
+        };
+        Response::GateRegistered { gate: gate.clone(), key_replaced }
+    }
+
+    fn put_package(
+        &mut self,
+        kind: ParamKind,
+        version: u64,
+        package: &[u8],
+        out: &mut Vec<Write>,
+    ) -> Response {
+        let held = self.packages.entry(kind.as_str().to_owned()).or_default();
+        let current = held.current();
+        if version <= current {
+            return Response::Rejected { rejection: Rejection::StaleVersion { kind, version, current } };
+        }
+        let sha256: [u8; 32] = Sha256::digest(package).into();
+        held.versions.push(version);
+        held.current_sha256 = sha256;
+        out.push(Write::Put(keys::package(kind, version).to_vec(), package.to_vec()));
+        Response::PackageStored { kind, version, sha256 }
+    }
+
+    fn prune(
+        &mut self,
+        before: Timestamp,
+        ledger: &dyn LedgerRead,
+        out: &mut Vec<Write>,
+    ) -> Result<Response, ReadError> {
+        let mut removed = 0;
+        while self.first_retained <= self.clearing_acked_through && removed < MAX_PRUNE_PER_COMMAND {
+            let index = self.first_retained;
+            let entry = ledger.ledger_entry(index)?.ok_or_else(|| ReadError::Corrupt {
+                index,
+                detail: "missing below the acknowledged point".into(),
+            })?;
+            if entry.record.occurred_at >= before {
+                break;
+            }
+            out.push(Write::Delete(keys::ledger(index).to_vec()));
+            self.first_retained += 1;
+            removed += 1;
+        }
+        for (name, held) in self.packages.iter_mut() {
+            let Some(kind) = ParamKind::parse(name) else { continue };
+            while held.versions.len() > PACKAGE_VERSIONS_KEPT {
+                let old = held.versions.remove(0);
+                out.push(Write::Delete(keys::package(kind, old).to_vec()));
+            }
+        }
+        Ok(Response::Pruned { removed, first_retained: self.first_retained })
+    }
+}
+
+/// JSON encoding of stored items. Plain data structs with string map keys always serialise.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Cannot fail: every stored type is plain data with string map keys (see the tests).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode_signature(hex_sig: &str) -> Option<[u8; 64]> {
+    let bytes = hex::decode(hex_sig).ok()?;
+    bytes.try_into().ok()
+}
+
+fn decode_key(hex_key: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(hex_key).map_err(|e| e.to_string())?;
+    let key: [u8; 32] = bytes.try_into().map_err(|_| "expected 32 bytes".to_owned())?;
+    VerifyingKey::from_bytes(&key).map_err(|e| e.to_string())?;
+    Ok(key)
+}
+
+/// Serde helper: bytes as a base64 string in JSON.
+pub mod b64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,37 @@
+//! The configuration file: the documented example parses, secrets come from a file or env.
+
+use std::path::Path;
+
+use controller::config::Config;
+
+fn example() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.example.toml")
+}
+
+#[test]
+fn the_documented_example_config_loads_with_a_secret_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(example()).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef-secret\n").unwrap();
+    let text = text.replace("/etc/afc/cluster-secret", secret.to_str().unwrap());
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    assert_eq!(cfg.node_id, 1);
+    assert_eq!(cfg.cluster_secret, "0123456789abcdef-secret");
+    assert_eq!(cfg.initial_members.len(), 3);
+    assert_eq!(cfg.raft.heartbeat_ms, 100);
+    cfg.openraft().unwrap();
+}
+
+#[test]
+fn a_config_without_a_secret_or_with_an_unknown_field_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(example()).unwrap();
+    let missing = text.replace("/etc/afc/cluster-secret", "/nonexistent/secret");
+    std::fs::write(dir.path().join("a.toml"), missing).unwrap();
+    assert!(Config::load(&dir.path().join("a.toml")).is_err());
+    std::fs::write(dir.path().join("b.toml"), format!("typo_field = 1\n{text}")).unwrap();
+    assert!(Config::load(&dir.path().join("b.toml")).is_err());
+}

@@ -1,0 +1,243 @@
+//! The pure state machine: ledger appends, dedup, hash chain, rejections, cursor, prune.
+
+use std::collections::BTreeMap;
+
+use afc_domain::mode::ModeBits;
+use afc_domain::model::{ParamKind, StationCode, Timestamp};
+use controller::chain::{chain_hash, LedgerEntry, GENESIS_HASH};
+use controller::state::{keys, LedgerRead, ReadError, Rejection, Request, Response, StationState, Write};
+
+use crate::common::*;
+
+/// An in-memory item store standing in for sled.
+#[derive(Default)]
+struct Items(BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl LedgerRead for Items {
+    fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError> {
+        Ok(self.0.get(keys::ledger(index).as_slice()).map(|v| serde_json::from_slice(v).unwrap()))
+    }
+}
+
+impl Items {
+    fn apply(&mut self, st: &mut StationState, req: &Request) -> Response {
+        let mut out = Vec::new();
+        let resp = st.apply(req, self, &mut out).unwrap();
+        for w in out {
+            match w {
+                Write::Put(k, v) => {
+                    self.0.insert(k, v);
+                }
+                Write::Delete(k) => {
+                    self.0.remove(&k);
+                }
+            }
+        }
+        resp
+    }
+
+    fn ledger(&self) -> Vec<LedgerEntry> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k[0] == keys::LEDGER_PREFIX)
+            .map(|(_, v)| serde_json::from_slice(v).unwrap())
+            .collect()
+    }
+}
+
+fn setup() -> (StationState, Items) {
+    let mut st = StationState::default();
+    let mut items = Items::default();
+    items.apply(&mut st, &register("g01", &gate_key(1)));
+    (st, items)
+}
+
+#[test]
+fn a_signed_batch_is_appended_with_contiguous_indexes_and_a_hash_chain() {
+    let (mut st, mut items) = setup();
+    let r = items.apply(&mut st, &batch("g01", &gate_key(1), 1..=3));
+    assert_eq!(
+        r,
+        Response::Appended {
+            appended: 3,
+            duplicates: 0,
+            deferred: 0,
+            first_index: Some(1),
+            last_index: Some(3),
+            through_seq: 3
+        }
+    );
+    let ledger = items.ledger();
+    assert_eq!(ledger.iter().map(|e| e.index).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let mut prev = GENESIS_HASH;
+    for e in &ledger {
+        assert_eq!(e.hash, chain_hash(&prev, &e.record));
+        prev = e.hash;
+    }
+    assert_eq!(st.last_hash, prev);
+}
+
+#[test]
+fn a_resent_batch_is_not_counted_twice() {
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &batch("g01", &gate_key(1), 1..=3));
+    let r = items.apply(&mut st, &batch("g01", &gate_key(1), 2..=5));
+    assert_eq!(
+        r,
+        Response::Appended {
+            appended: 2,
+            duplicates: 2,
+            deferred: 0,
+            first_index: Some(4),
+            last_index: Some(5),
+            through_seq: 5
+        }
+    );
+    let r = items.apply(&mut st, &batch("g01", &gate_key(1), 1..=5));
+    assert!(matches!(r, Response::Appended { appended: 0, duplicates: 5, first_index: None, .. }));
+    assert_eq!(items.ledger().len(), 5);
+}
+
+#[test]
+fn out_of_order_seqs_hold_the_high_water_mark_until_the_gap_fills() {
+    let (mut st, mut items) = setup();
+    let r = items.apply(&mut st, &batch("g01", &gate_key(1), [1, 2, 5]));
+    assert!(matches!(r, Response::Appended { appended: 3, through_seq: 2, .. }));
+    let r = items.apply(&mut st, &batch("g01", &gate_key(1), [3, 4]));
+    assert!(matches!(r, Response::Appended { appended: 2, through_seq: 5, .. }));
+}
+
+#[test]
+fn a_forged_batch_is_a_no_op_with_a_reason() {
+    let (mut st, mut items) = setup();
+    let before = st.clone();
+    let r = items.apply(&mut st, &batch("g01", &gate_key(9), 1..=3));
+    assert_eq!(r, Response::Rejected { rejection: Rejection::BadSignature });
+    let Request::AppendTxBatch { station, gate, mut records, signature } = batch("g01", &gate_key(1), 1..=2)
+    else {
+        unreachable!()
+    };
+    records[1].fare_fen = 1; // tampered after signing
+    let r = items.apply(&mut st, &Request::AppendTxBatch { station, gate, records, signature });
+    assert_eq!(r, Response::Rejected { rejection: Rejection::BadSignature });
+    let r = items.apply(&mut st, &batch("g02", &gate_key(2), 1..=1));
+    assert_eq!(r, Response::Rejected { rejection: Rejection::UnknownGate { gate: ident("g02") } });
+    assert_eq!(st, before);
+    assert!(items.ledger().is_empty());
+}
+
+#[test]
+fn a_record_from_another_gate_in_a_batch_rejects_the_whole_batch() {
+    let (mut st, mut items) = setup();
+    let Request::AppendTxBatch { station, gate, mut records, .. } = batch("g01", &gate_key(1), 1..=2) else {
+        unreachable!()
+    };
+    records[0].gate = ident("g07");
+    let sig = controller::chain::sign_batch(&station, &gate, &records, &gate_key(1));
+    let req = Request::AppendTxBatch { station, gate, records, signature: hex::encode(sig) };
+    assert!(matches!(
+        items.apply(&mut st, &req),
+        Response::Rejected { rejection: Rejection::RecordMismatch { gate_seq: 1, .. } }
+    ));
+}
+
+#[test]
+fn package_versions_must_increase_per_kind() {
+    let (mut st, mut items) = setup();
+    let put = |kind, version| Request::PutPackage { kind, version, package: vec![version as u8; 10] };
+    assert!(matches!(items.apply(&mut st, &put(ParamKind::Blacklist, 2)), Response::PackageStored { .. }));
+    assert!(matches!(items.apply(&mut st, &put(ParamKind::FareTable, 1)), Response::PackageStored { .. }));
+    assert_eq!(
+        items.apply(&mut st, &put(ParamKind::Blacklist, 2)),
+        Response::Rejected {
+            rejection: Rejection::StaleVersion { kind: ParamKind::Blacklist, version: 2, current: 2 }
+        }
+    );
+    assert!(matches!(items.apply(&mut st, &put(ParamKind::Blacklist, 3)), Response::PackageStored { .. }));
+}
+
+#[test]
+fn the_clearing_cursor_only_moves_forward_and_never_past_the_ledger() {
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &batch("g01", &gate_key(1), 1..=5));
+    let ack = |n| Request::ClearingAck { through_index: n };
+    assert_eq!(items.apply(&mut st, &ack(3)), Response::ClearingAcked { acked_through: 3, moved: true });
+    assert_eq!(items.apply(&mut st, &ack(2)), Response::ClearingAcked { acked_through: 3, moved: false });
+    assert!(matches!(
+        items.apply(&mut st, &ack(6)),
+        Response::Rejected { rejection: Rejection::AckBeyondLedger { through_index: 6, last_index: 5 } }
+    ));
+    assert_eq!(st.clearing_acked_through, 3);
+}
+
+#[test]
+fn prune_drops_only_acknowledged_old_records() {
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &batch("g01", &gate_key(1), 1..=10));
+    items.apply(&mut st, &Request::ClearingAck { through_index: 6 });
+    // Records occurred at 1_800_000_000 + seq seconds: before seq 4's time drops seqs 1..=3.
+    let before = Timestamp::from_secs(1_800_000_004);
+    assert_eq!(
+        items.apply(&mut st, &Request::Prune { before }),
+        Response::Pruned { removed: 3, first_retained: 4 }
+    );
+    // Far in the future: stops at the acknowledged point, never beyond.
+    let later = Timestamp::from_secs(1_900_000_000);
+    assert_eq!(
+        items.apply(&mut st, &Request::Prune { before: later }),
+        Response::Pruned { removed: 3, first_retained: 7 }
+    );
+    assert_eq!(items.ledger().first().map(|e| e.index), Some(7));
+    assert_eq!(st.ledger_len(), 4);
+    // The chain continues from the head after pruning.
+    let r = items.apply(&mut st, &batch("g01", &gate_key(1), 11..=11));
+    assert!(matches!(r, Response::Appended { first_index: Some(11), .. }));
+}
+
+#[test]
+fn mode_changes_are_kept_as_history_for_seven_days() {
+    let (mut st, mut items) = setup();
+    let s = StationCode(101);
+    let t0 = Timestamp::from_secs(1_800_000_000);
+    let set =
+        |bits, at| Request::SetMode { station: s, bits, reason: "drill".into(), actor: "op1".into(), at };
+    let r = items.apply(&mut st, &set(ModeBits::EMERGENCY_RELEASE, t0));
+    assert_eq!(r, Response::ModeSet { bits: ModeBits::EMERGENCY_RELEASE, previous: ModeBits::NORMAL });
+    items.apply(&mut st, &set(ModeBits::NORMAL, t0.plus_minutes(30)));
+    assert!(st.modes.emergency_grace(s, t0, t0.plus_days(6)));
+    items.apply(&mut st, &set(ModeBits::FARE_FREE, t0.plus_days(3)));
+    assert_eq!(st.mode_changes.len(), 3);
+    items.apply(&mut st, &set(ModeBits::NORMAL, t0.plus_days(10)));
+    assert_eq!(st.mode_changes.len(), 2, "changes older than the history window are dropped");
+}
+
+#[test]
+fn audit_lines_are_numbered() {
+    let (mut st, mut items) = setup();
+    let a = Request::Audit { actor: "eng".into(), action: "x".into(), detail: "y".into(), at: Timestamp(1) };
+    assert_eq!(items.apply(&mut st, &a), Response::Audited { seq: 1 });
+    assert_eq!(items.apply(&mut st, &a), Response::Audited { seq: 2 });
+}
+
+#[test]
+fn every_request_round_trips_through_json() {
+    let reqs = vec![
+        batch("g01", &gate_key(1), 1..=2),
+        register("g01", &gate_key(1)),
+        Request::PutPackage { kind: ParamKind::QrKeys, version: 4, package: vec![0, 1, 255] },
+        Request::SetMode {
+            station: StationCode(1),
+            bits: ModeBits::CLOSED,
+            reason: "r".into(),
+            actor: "a".into(),
+            at: Timestamp(5),
+        },
+        Request::ClearingAck { through_index: 9 },
+        Request::Audit { actor: "a".into(), action: "b".into(), detail: "c".into(), at: Timestamp(1) },
+        Request::Prune { before: Timestamp(77) },
+    ];
+    for r in reqs {
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r, "{json}");
+    }
+}
