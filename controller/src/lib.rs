@@ -12,8 +12,11 @@
 //! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).
 //! - [`node`]: one node: store + Raft, one-time bootstrap, writes that reach the leader.
 //! - [`config`]: the TOML configuration, validated once.
+//! - [`api`]: the public operations HTTP API (`/api/v1`, `/metrics`, `/healthz`, `/readyz`, OpenAPI):
+//!   bearer-token roles, audited writes through Raft, one error enum mapped to HTTP status.
 //! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
+pub mod api;
 pub mod chain;
 pub mod config;
 pub mod http;
