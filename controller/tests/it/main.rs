@@ -7,5 +7,6 @@ mod common;
 mod config;
 mod crash;
 mod harness;
+mod prometheus;
 mod state_machine;
 mod storage_suite;
