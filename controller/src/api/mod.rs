@@ -76,6 +76,7 @@ macro_rules! routes {
 }
 
 routes! {
+    GET "/" Public false "The maintenance console (HTML; it logs in with a token)." => crate::console::page;
     GET "/healthz" Public false "Liveness: the process answers." => records::healthz;
     GET "/readyz" Public false "Readiness: this node knows a leader." => records::readyz;
     GET "/metrics" Public false "Prometheus metrics (text format)." => metrics::metrics;

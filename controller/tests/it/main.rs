@@ -5,6 +5,7 @@ mod api;
 mod cluster;
 mod common;
 mod config;
+mod console;
 mod crash;
 mod harness;
 mod prometheus;
