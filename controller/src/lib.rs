@@ -12,10 +12,15 @@
 //! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).
 //! - [`node`]: one node: store + Raft, one-time bootstrap, writes that reach the leader.
 //! - [`config`]: the TOML configuration, validated once.
+//! - [`api`]: the public operations HTTP API (`/api/v1`, `/metrics`, `/healthz`, `/readyz`, OpenAPI):
+//!   bearer-token roles, audited writes through Raft, one error enum mapped to HTTP status.
+//! - [`console`]: the maintenance console page (HTML + script built into the binary), served at `/`.
 //! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
+pub mod api;
 pub mod chain;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod network;
 pub mod node;
