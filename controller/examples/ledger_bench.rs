@@ -106,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
             cluster_secret_file: None,
             raft: RaftTuning::default(),
             ledger: LedgerConfig::default(),
+            clearing: Default::default(),
             cluster_secret: SECRET.into(),
         };
         nodes.push(tokio::spawn(controller::service::run(cfg, listener, shutdown.clone())));

@@ -54,6 +54,8 @@ pub struct Config {
     pub raft: RaftTuning,
     #[serde(default)]
     pub ledger: LedgerConfig,
+    #[serde(default)]
+    pub clearing: ClearingConfig,
     /// Filled by [`Config::load`] from the file or environment; never read from the TOML.
     #[serde(skip)]
     pub cluster_secret: String,
@@ -119,6 +121,78 @@ impl Default for LedgerConfig {
     }
 }
 
+/// Environment variable that may hold the clearing bearer token.
+pub const CLEARING_TOKEN_ENV: &str = "AFC_CLEARING_TOKEN";
+
+/// Upload of the station ledger to central clearing by the leader (SPEC §8), task `clearing-sync`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClearingConfig {
+    /// Base URL of the clearing server (`https://acc.example:8480`). Absent: no upload at all.
+    pub url: Option<String>,
+    /// File whose first line is the bearer token. Overrides `AFC_CLEARING_TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// Most ledger records in one upload (the reference server accepts up to 100,000).
+    pub batch_records: usize,
+    /// First wait after a failure; doubled after each further failure up to `backoff_max_ms`.
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How often an idle leader looks for new ledger entries.
+    pub poll_ms: u64,
+    /// Timeout of a whole watermark call, and of a whole upload.
+    pub request_timeout_ms: u64,
+    pub upload_timeout_ms: u64,
+}
+
+impl Default for ClearingConfig {
+    fn default() -> Self {
+        ClearingConfig {
+            url: None,
+            token_file: None,
+            batch_records: 5_000,
+            backoff_min_ms: 200,
+            backoff_max_ms: 30_000,
+            poll_ms: 200,
+            request_timeout_ms: 15_000,
+            upload_timeout_ms: 120_000,
+        }
+    }
+}
+
+impl ClearingConfig {
+    /// The bearer token, from `token_file` or `AFC_CLEARING_TOKEN`.
+    pub fn token(&self) -> Result<String, ConfigError> {
+        let token = match &self.token_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.clone(), source })?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned(),
+            None => std::env::var(CLEARING_TOKEN_ENV).unwrap_or_default(),
+        };
+        if token.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "clearing.url is set but no token: set clearing.token_file or {CLEARING_TOKEN_ENV}"
+            )));
+        }
+        Ok(token)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.batch_records == 0 || self.batch_records > 100_000 {
+            return Err(ConfigError::Invalid("clearing.batch_records must be 1..=100000".into()));
+        }
+        if self.backoff_min_ms == 0 || self.backoff_max_ms < self.backoff_min_ms || self.poll_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "clearing: backoff_min_ms and poll_ms must be > 0, backoff_max_ms >= backoff_min_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads, parses, resolves the secret and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -154,6 +228,7 @@ impl Config {
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
         }
+        self.clearing.validate()?;
         if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());
         }

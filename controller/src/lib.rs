@@ -12,9 +12,12 @@
 //! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).
 //! - [`node`]: one node: store + Raft, one-time bootstrap, writes that reach the leader.
 //! - [`config`]: the TOML configuration, validated once.
+//! - [`clearing_sync`]: task `clearing-sync`: the leader uploads the ledger to central clearing from
+//!   the replicated cursor, reconciles with clearing's watermark, and exposes a `ClearingStatus`.
 //! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
 pub mod chain;
+pub mod clearing_sync;
 pub mod config;
 pub mod http;
 pub mod network;

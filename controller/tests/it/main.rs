@@ -1,6 +1,7 @@
 //! Integration tests of the controller: one binary, one module per subject.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+mod clearing_sync;
 mod cluster;
 mod common;
 mod config;
