@@ -103,7 +103,8 @@ pub struct ClearingStatus {
     pub last_error_at: Option<Timestamp>,
     /// The current alarm, if any (cleared by the next successful upload).
     pub alarm: Option<ClearingAlarm>,
-    /// Alarms raised since this node started (a counter for `/metrics`).
+    /// Alarms raised since this node started (a counter for `/metrics`; an alarm that persists
+    /// across retries counts once).
     pub alarms_total: u64,
     /// Batches clearing acknowledged, and the records in them, since this node started.
     pub batches_acked: u64,
@@ -160,7 +161,10 @@ impl ClearingStatusHandle {
     fn alarm(&self, kind: AlarmKind, message: String) {
         tracing::error!(task = TASK, alarm = ?kind, %message, "clearing alarm");
         self.update(|s| {
-            s.alarms_total += 1;
+            // A condition retried with backoff is one alarm, not one per attempt.
+            if s.alarm.as_ref().is_none_or(|a| a.kind != kind) {
+                s.alarms_total += 1;
+            }
             s.alarm = Some(ClearingAlarm { kind, message, at: now() });
         });
     }
