@@ -107,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             raft: RaftTuning::default(),
             ledger: LedgerConfig::default(),
             api: Default::default(),
+            clearing: Default::default(),
             cluster_secret: SECRET.into(),
         };
         nodes.push(tokio::spawn(controller::service::run(cfg, listener, shutdown.clone())));

@@ -15,10 +15,13 @@
 //! - [`api`]: the public operations HTTP API (`/api/v1`, `/metrics`, `/healthz`, `/readyz`, OpenAPI):
 //!   bearer-token roles, audited writes through Raft, one error enum mapped to HTTP status.
 //! - [`console`]: the maintenance console page (HTML + script built into the binary), served at `/`.
+//! - [`clearing_sync`]: task `clearing-sync`: the leader uploads the ledger to central clearing from
+//!   the replicated cursor, reconciles with clearing's watermark, and exposes a `ClearingStatus`.
 //! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
 pub mod api;
 pub mod chain;
+pub mod clearing_sync;
 pub mod config;
 pub mod console;
 pub mod http;

@@ -9,6 +9,7 @@ use afc_domain::model::Timestamp;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState, NoGateView};
+use crate::clearing_sync;
 use crate::config::Config;
 use crate::http;
 use crate::node::{Node, NodeError};
@@ -70,6 +71,15 @@ pub async fn run_with_api(
 
     let tasks = CancellationToken::new();
     let pruner = tokio::spawn(prune_task(node.clone(), tasks.clone()));
+    // `clearing.status` is what the HTTP API's clearing view and /metrics read.
+    let clearing = match clearing_sync::start(node.clone(), tasks.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tasks.cancel();
+            server_handle.stop(true).await;
+            return Err(e.into());
+        }
+    };
 
     shutdown.cancelled().await;
     tracing::info!("shutdown 1/4: stopping the HTTP listeners");
@@ -87,6 +97,11 @@ pub async fn run_with_api(
     tasks.cancel();
     if let Err(e) = pruner.await {
         tracing::warn!(error = %e, "pruner task ended abnormally");
+    }
+    if let Some(task) = clearing.task {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "clearing-sync task ended abnormally");
+        }
     }
     tracing::info!("shutdown 3/4: stopping raft");
     if let Err(e) = node.raft.shutdown().await {

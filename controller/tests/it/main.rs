@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod api;
+mod clearing_sync;
 mod cluster;
 mod common;
 mod config;
