@@ -11,6 +11,8 @@
 //! - [`decision`]: the tap decision, a pure function of (tap, parameters, modes, now).
 //! - [`package`]: signed parameter packages, their body encodings and chunking for MQTT.
 //! - [`ledger`]: the transaction record, its canonical bytes, the hash chain, signed gate batches.
+//! - [`rollout`]: the staged rollout state machine (canary, soak, all gates, rollback by republish)
+//!   and the second-operator guard for mass blacklist insertions.
 //! - [`wire`] and [`topic`]: the JSON messages and topic names of SPEC §5.
 //! - [`varint`]: the small integer codec the compact encodings share.
 
@@ -22,6 +24,7 @@ pub mod model;
 pub mod network;
 pub mod package;
 pub mod qr;
+pub mod rollout;
 pub mod topic;
 pub mod varint;
 pub mod wire;

@@ -54,6 +54,11 @@ pub struct Config {
     pub raft: RaftTuning,
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// The public operations HTTP API and console (`/api/v1`, `/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub clearing: ClearingConfig,
     /// Filled by [`Config::load`] from the file or environment; never read from the TOML.
     #[serde(skip)]
     pub cluster_secret: String,
@@ -119,6 +124,119 @@ impl Default for LedgerConfig {
     }
 }
 
+/// The public operations HTTP listener: the JSON API, the console, metrics and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address the API listener binds; `None` serves no API (the Raft/admin listener still runs).
+    pub listen: Option<SocketAddr>,
+    /// The station's numeric code (SPEC §3, Dalian: line × 100 + n), the station mode changes name.
+    pub station_code: u16,
+    /// Bearer tokens accepted, each stored as the sha256 of the token, never the token itself.
+    pub tokens: Vec<ApiToken>,
+    /// File holding the station package-signing key (ed25519 seed, 64 hex characters, first line).
+    /// Without it, parameter uploads answer 503 `signing_key_missing`.
+    pub signing_key_file: Option<PathBuf>,
+    /// Key id written into signed packages, so gates can tell rotated keys apart.
+    pub signing_key_id: u32,
+    /// A blacklist upload adding more card ids than this needs a second engineer's confirmation.
+    pub blacklist_confirm_threshold: u64,
+    /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: None,
+            station_code: 0,
+            tokens: Vec::new(),
+            signing_key_file: None,
+            signing_key_id: 1,
+            blacklist_confirm_threshold: 10_000,
+            max_body_bytes: 16 * 1024 * 1024,
+/// Environment variable that may hold the clearing bearer token.
+pub const CLEARING_TOKEN_ENV: &str = "AFC_CLEARING_TOKEN";
+
+/// Upload of the station ledger to central clearing by the leader (SPEC §8), task `clearing-sync`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClearingConfig {
+    /// Base URL of the clearing server (`https://acc.example:8480`). Absent: no upload at all.
+    pub url: Option<String>,
+    /// File whose first line is the bearer token. Overrides `AFC_CLEARING_TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// Most ledger records in one upload (the reference server accepts up to 100,000).
+    pub batch_records: usize,
+    /// First wait after a failure; doubled after each further failure up to `backoff_max_ms`.
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How often an idle leader looks for new ledger entries.
+    pub poll_ms: u64,
+    /// Timeout of a whole watermark call, and of a whole upload.
+    pub request_timeout_ms: u64,
+    pub upload_timeout_ms: u64,
+}
+
+impl Default for ClearingConfig {
+    fn default() -> Self {
+        ClearingConfig {
+            url: None,
+            token_file: None,
+            batch_records: 5_000,
+            backoff_min_ms: 200,
+            backoff_max_ms: 30_000,
+            poll_ms: 200,
+            request_timeout_ms: 15_000,
+            upload_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// One API bearer token: who holds it, what it may do, and its sha256 (hex).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// The holder's name, written into the audit log as the actor.
+    pub name: String,
+    /// `viewer`, `operator` or `engineer`.
+    pub role: String,
+    /// sha256 of the token, 64 hex characters (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
+impl ClearingConfig {
+    /// The bearer token, from `token_file` or `AFC_CLEARING_TOKEN`.
+    pub fn token(&self) -> Result<String, ConfigError> {
+        let token = match &self.token_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.clone(), source })?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned(),
+            None => std::env::var(CLEARING_TOKEN_ENV).unwrap_or_default(),
+        };
+        if token.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "clearing.url is set but no token: set clearing.token_file or {CLEARING_TOKEN_ENV}"
+            )));
+        }
+        Ok(token)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.batch_records == 0 || self.batch_records > 100_000 {
+            return Err(ConfigError::Invalid("clearing.batch_records must be 1..=100000".into()));
+        }
+        if self.backoff_min_ms == 0 || self.backoff_max_ms < self.backoff_min_ms || self.poll_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "clearing: backoff_min_ms and poll_ms must be > 0, backoff_max_ms >= backoff_min_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads, parses, resolves the secret and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -154,6 +272,18 @@ impl Config {
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
         }
+        for t in &self.api.tokens {
+            if !matches!(t.role.as_str(), "viewer" | "operator" | "engineer") {
+                return bad(format!(
+                    "api.tokens: role {:?} of {:?} is not viewer, operator or engineer",
+                    t.role, t.name
+                ));
+            }
+            if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
+                return bad(format!("api.tokens: sha256 of {:?} must be 64 hex characters", t.name));
+            }
+        }
+        self.clearing.validate()?;
         if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());
         }

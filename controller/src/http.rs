@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{InstallSnapshotRequest, VoteRequest};
 use serde::{Deserialize, Serialize};
 
 use crate::network::{constant_time_eq, SnapshotChunkHeader, HOPS_HEADER, SECRET_HEADER, SNAPSHOT_HEADER};
 use crate::node::{AddLearner, Node, NodeError, SetVoters};
 use crate::state::Request;
-use crate::types::{NodeId, TypeConfig};
+use crate::types::{codec, NodeId, TypeConfig};
 
-/// Largest JSON body accepted (an append request of `max_payload_entries` full batches).
+/// Largest body accepted (an append request of `max_payload_entries` full batches).
 const JSON_LIMIT: usize = 256 * 1024 * 1024;
 /// Most ledger entries one read returns.
 const MAX_PAGE: usize = 10_000;
@@ -75,13 +75,11 @@ fn raft_reply<T: Serialize, E: Serialize>(r: Result<T, E>) -> HttpResponse {
     }
 }
 
-async fn append(
-    req: HttpRequest,
-    node: Shared,
-    body: web::Json<AppendEntriesRequest<TypeConfig>>,
-) -> Result<HttpResponse, NodeError> {
+/// `POST /raft/append`: the body is binary ([`codec::encode_append`]).
+async fn append(req: HttpRequest, node: Shared, body: web::Bytes) -> Result<HttpResponse, NodeError> {
     authorize(&req, &node)?;
-    Ok(raft_reply(node.raft.append_entries(body.into_inner()).await))
+    let rpc = codec::decode_append(&body).map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    Ok(raft_reply(node.raft.append_entries(rpc).await))
 }
 
 async fn vote(

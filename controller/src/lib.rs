@@ -12,10 +12,18 @@
 //! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).
 //! - [`node`]: one node: store + Raft, one-time bootstrap, writes that reach the leader.
 //! - [`config`]: the TOML configuration, validated once.
+//! - [`api`]: the public operations HTTP API (`/api/v1`, `/metrics`, `/healthz`, `/readyz`, OpenAPI):
+//!   bearer-token roles, audited writes through Raft, one error enum mapped to HTTP status.
+//! - [`console`]: the maintenance console page (HTML + script built into the binary), served at `/`.
+//! - [`clearing_sync`]: task `clearing-sync`: the leader uploads the ledger to central clearing from
+//!   the replicated cursor, reconciles with clearing's watermark, and exposes a `ClearingStatus`.
 //! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
+pub mod api;
 pub mod chain;
+pub mod clearing_sync;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod network;
 pub mod node;

@@ -2,8 +2,9 @@
 //! nodes) and the shared wire conventions. The server side is in [`crate::http`].
 //!
 //! Every request carries the cluster secret in [`SECRET_HEADER`]; the server compares it in
-//! constant time. Bodies are JSON, except snapshot chunks, whose bytes travel raw with the chunk's
-//! metadata in [`SNAPSHOT_HEADER`]. A protocol error from the peer comes back as HTTP 503 with the
+//! constant time. Bodies are JSON, except append requests (binary, [`crate::types::codec`]: they
+//! carry the log entries) and snapshot chunks, whose bytes travel raw with the chunk's metadata in
+//! [`SNAPSHOT_HEADER`]. A protocol error from the peer comes back as HTTP 503 with the
 //! JSON `RaftError`; a connection failure or timeout is `Unreachable`, so openraft backs off.
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::types::codec;
 use crate::types::{Node, NodeId, SnapshotMeta, TypeConfig, Vote};
 
 /// Header carrying the cluster secret on every peer and admin request.
@@ -144,7 +146,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        let req = self.post_json("/raft/append", &rpc);
+        let body = codec::encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let req = self
+            .net
+            .http
+            .post(format!("{}/raft/append", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
         self.call("/raft/append", req, option.hard_ttl()).await.map_err(|f| self.map(f))
     }
 

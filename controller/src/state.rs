@@ -431,7 +431,7 @@ impl StationState {
             let index = self.next_index;
             let entry = LedgerEntry::new(index, &self.last_hash, rec.clone());
             let hash = entry.hash;
-            out.push(Write::Put(keys::ledger(index).to_vec(), encode(&entry)));
+            out.push(Write::Put(keys::ledger(index).to_vec(), encode_ledger_entry(&entry)));
             self.last_hash = hash;
             self.next_index += 1;
             appended += 1;
@@ -522,6 +522,36 @@ impl StationState {
             }
         }
         Ok(Response::Pruned { removed, first_retained: self.first_retained })
+    }
+}
+
+/// Format byte of a stored ledger entry: `LEDGER_ITEM_FORMAT ‖ hash (32 bytes) ‖ canonical record`
+/// (the index is the key). Older stores hold JSON, which starts with `{`.
+pub const LEDGER_ITEM_FORMAT: u8 = 1;
+
+/// The stored form of a ledger entry: its hash and its record's canonical bytes.
+pub fn encode_ledger_entry(entry: &LedgerEntry) -> Vec<u8> {
+    let record = entry.record.canonical_bytes();
+    let mut out = Vec::with_capacity(33 + record.len());
+    out.push(LEDGER_ITEM_FORMAT);
+    out.extend_from_slice(&entry.hash);
+    out.extend_from_slice(&record);
+    out
+}
+
+/// Decodes a stored ledger entry at `index` (written by [`encode_ledger_entry`], or JSON).
+pub fn decode_ledger_entry(index: u64, bytes: &[u8]) -> Result<LedgerEntry, ReadError> {
+    let corrupt = |detail: String| ReadError::Corrupt { index, detail };
+    match bytes.split_first() {
+        Some((&LEDGER_ITEM_FORMAT, rest)) if rest.len() >= 32 => {
+            let (hash, record) = rest.split_at(32);
+            let mut h = [0u8; 32];
+            h.copy_from_slice(hash);
+            let record = TxRecord::from_canonical(record).map_err(|e| corrupt(e.to_string()))?;
+            Ok(LedgerEntry { index, hash: h, record })
+        }
+        Some((b'{', _)) => serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string())),
+        _ => Err(corrupt("unknown item format".into())),
     }
 }
 

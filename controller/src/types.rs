@@ -3,6 +3,8 @@
 
 use crate::state::{Request, Response};
 
+pub mod codec;
+
 /// A controller node's id in the Raft cluster (from the config file; unique per station).
 pub type NodeId = u64;
 

@@ -8,6 +8,7 @@ use openraft::{ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader};
 use sled::{Db, Tree};
 
 use super::{names, StoreError};
+use crate::types::codec;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// The log store. Cheap to clone: clones share the same trees (a clone is the log reader).
@@ -69,7 +70,7 @@ impl LogStore {
         let mut out = Vec::new();
         for kv in iter {
             let (_, v) = kv?;
-            out.push(serde_json::from_slice(&v)?);
+            out.push(codec::decode_entry(&v)?);
         }
         Ok(out)
     }
@@ -115,7 +116,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id = self.last_purged().map_err(read_err)?;
         let last = match self.log.last().map_err(|e| read_err(e.into()))? {
             Some((_, v)) => {
-                let e: Entry = serde_json::from_slice(&v).map_err(|e| read_err(e.into()))?;
+                let e: Entry = codec::decode_entry(&v).map_err(|e| read_err(e.into()))?;
                 Some(e.log_id)
             }
             None => None,
@@ -160,7 +161,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let v = serde_json::to_vec(&entry).map_err(|e| write_err(e.into()))?;
+            let v = codec::encode_entry(&entry).map_err(|e| write_err(e.into()))?;
             batch.insert(&key(entry.log_id.index), v);
         }
         self.log.apply_batch(batch).map_err(|e| write_err(e.into()))?;

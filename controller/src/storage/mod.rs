@@ -45,6 +45,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("encoding: {0}")]
     Codec(#[from] serde_json::Error),
+    #[error("log entry encoding: {0}")]
+    Entry(#[from] crate::types::codec::CodecError),
     #[error("file: {0}")]
     Io(#[from] std::io::Error),
     #[error("corrupt store: {0}")]

@@ -15,7 +15,9 @@ use sled::{Db, Tree};
 use super::snapshot::{SnapshotReader, SnapshotWriter};
 use super::{names, StoreError};
 use crate::chain::LedgerEntry;
-use crate::state::{keys, AuditEntry, LedgerRead, ReadError, Request, Response, StationState, Write};
+use crate::state::{
+    decode_ledger_entry, keys, AuditEntry, LedgerRead, ReadError, Request, Response, StationState, Write,
+};
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 /// Items per sled batch when loading a snapshot.
@@ -78,13 +80,16 @@ struct TreeReader<'a>(&'a Tree);
 impl LedgerRead for TreeReader<'_> {
     fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError> {
         let v = self.0.get(keys::ledger(index)).map_err(|e| ReadError::Storage(e.to_string()))?;
-        match v {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| ReadError::Corrupt { index, detail: e.to_string() }),
-        }
+        v.map(|v| decode_ledger_entry(index, &v)).transpose()
     }
+}
+
+/// The index in a ledger item's key.
+fn ledger_index(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt(format!("ledger key of {} bytes", key.len())))
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -160,8 +165,8 @@ impl StateMachineStore {
         let end = keys::ledger(u64::MAX);
         let mut out = Vec::new();
         for kv in tree.range(keys::ledger(from)..end).take(limit) {
-            let (_, v) = kv?;
-            out.push(serde_json::from_slice(&v)?);
+            let (k, v) = kv?;
+            out.push(decode_ledger_entry(ledger_index(&k)?, &v)?);
         }
         Ok(out)
     }

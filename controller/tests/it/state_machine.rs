@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use afc_domain::mode::ModeBits;
 use afc_domain::model::{ParamKind, StationCode, Timestamp};
 use controller::chain::{chain_hash, LedgerEntry, GENESIS_HASH};
-use controller::state::{keys, LedgerRead, ReadError, Rejection, Request, Response, StationState, Write};
+use controller::state::{
+    decode_ledger_entry, keys, LedgerRead, ReadError, Rejection, Request, Response, StationState, Write,
+};
 
 use crate::common::*;
 
@@ -15,7 +17,7 @@ struct Items(BTreeMap<Vec<u8>, Vec<u8>>);
 
 impl LedgerRead for Items {
     fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError> {
-        Ok(self.0.get(keys::ledger(index).as_slice()).map(|v| serde_json::from_slice(v).unwrap()))
+        Ok(self.0.get(keys::ledger(index).as_slice()).map(|v| decode_ledger_entry(index, v).unwrap()))
     }
 }
 
@@ -40,7 +42,7 @@ impl Items {
         self.0
             .iter()
             .filter(|(k, _)| k[0] == keys::LEDGER_PREFIX)
-            .map(|(_, v)| serde_json::from_slice(v).unwrap())
+            .map(|(k, v)| decode_ledger_entry(u64::from_be_bytes(k[1..9].try_into().unwrap()), v).unwrap())
             .collect()
     }
 }
