@@ -155,6 +155,22 @@ impl Default for ApiConfig {
             signing_key_id: 1,
             blacklist_confirm_threshold: 10_000,
             max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// One API bearer token: who holds it, what it may do, and its sha256 (hex).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// The holder's name, written into the audit log as the actor.
+    pub name: String,
+    /// `viewer`, `operator` or `engineer`.
+    pub role: String,
+    /// sha256 of the token, 64 hex characters (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
+}
+
 /// Environment variable that may hold the clearing bearer token.
 pub const CLEARING_TOKEN_ENV: &str = "AFC_CLEARING_TOKEN";
 
@@ -193,16 +209,6 @@ impl Default for ClearingConfig {
     }
 }
 
-/// One API bearer token: who holds it, what it may do, and its sha256 (hex).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiToken {
-    /// The holder's name, written into the audit log as the actor.
-    pub name: String,
-    /// `viewer`, `operator` or `engineer`.
-    pub role: String,
-    /// sha256 of the token, 64 hex characters (`printf %s TOKEN | sha256sum`).
-    pub sha256: String,
 impl ClearingConfig {
     /// The bearer token, from `token_file` or `AFC_CLEARING_TOKEN`.
     pub fn token(&self) -> Result<String, ConfigError> {
@@ -272,6 +278,7 @@ impl Config {
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
         }
+        self.clearing.validate()?;
         for t in &self.api.tokens {
             if !matches!(t.role.as_str(), "viewer" | "operator" | "engineer") {
                 return bad(format!(
@@ -283,7 +290,6 @@ impl Config {
                 return bad(format!("api.tokens: sha256 of {:?} must be 64 hex characters", t.name));
             }
         }
-        self.clearing.validate()?;
         if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());
         }
