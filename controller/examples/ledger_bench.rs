@@ -106,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
             cluster_secret_file: None,
             raft: RaftTuning::default(),
             ledger: LedgerConfig::default(),
+            mqtt: None,
             cluster_secret: SECRET.into(),
         };
         nodes.push(tokio::spawn(controller::service::run(cfg, listener, shutdown.clone())));

@@ -11,12 +11,15 @@
 //! - [`network`]: the Raft peer client over HTTP (pooled, authenticated, with timeouts).
 //! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).
 //! - [`node`]: one node: store + Raft, one-time bootstrap, writes that reach the leader.
+//! - [`leader`]: the leader's MQTT duties: embedded broker, tx ingest and acks, parameter and mode
+//!   publishing, gate commands, the in-memory gate board, QR replay relay.
 //! - [`config`]: the TOML configuration, validated once.
 //! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
 pub mod chain;
 pub mod config;
 pub mod http;
+pub mod leader;
 pub mod network;
 pub mod node;
 pub mod service;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http;
+use crate::leader;
 use crate::node::{Node, NodeError};
 use crate::state::{Request, Response};
 
@@ -38,6 +39,18 @@ pub async fn run(
 
     let tasks = CancellationToken::new();
     let pruner = tokio::spawn(prune_task(node.clone(), tasks.clone()));
+    let leader_duties = match &config.mqtt {
+        Some(mqtt) => {
+            if mqtt.broker == crate::config::BrokerMode::Embedded {
+                leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes)
+                    .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))?;
+            }
+            // The HTTP API reads gates and sends commands through this handle.
+            let duties = leader::Duties::new(node.clone(), mqtt.clone());
+            Some((duties.clone(), leader::spawn(duties, tasks.clone())))
+        }
+        None => None,
+    };
 
     shutdown.cancelled().await;
     tracing::info!("shutdown 1/4: stopping the HTTP listener");
@@ -49,6 +62,11 @@ pub async fn run(
     tasks.cancel();
     if let Err(e) = pruner.await {
         tracing::warn!(error = %e, "pruner task ended abnormally");
+    }
+    if let Some((_, handle)) = leader_duties {
+        if let Err(e) = handle.await {
+            tracing::warn!(error = %e, "leader duties ended abnormally");
+        }
     }
     tracing::info!("shutdown 3/4: stopping raft");
     if let Err(e) = node.raft.shutdown().await {

@@ -6,5 +6,6 @@ mod common;
 mod config;
 mod crash;
 mod harness;
+mod mqtt;
 mod state_machine;
 mod storage_suite;
