@@ -10,7 +10,14 @@ use afc_domain::mode::ModeBits;
 use afc_domain::model::{ParamKind, StationCode, Timestamp};
 use afc_domain::package::{Package, Reassembler, TrustedKeys};
 use afc_domain::topic::Topic;
-use afc_domain::wire::{self, ModeMessage, ParamPointer, StationState, TxAck, TxBatch};
+use afc_domain::wire::Command as WireCommand;
+use afc_domain::wire::{
+    self, AlarmKind, CommandAck, CommandKind, CommandResult, GateBirth, GateCounters, GateDirection,
+    GateEvent, GateStatus, HardwareInfo, Heartbeat, ModeMessage, ParamPointer, ParamState, ParamsAck,
+    PlcEndpoint, QrUsed, QrUsedBatch, StationState, TxAck, TxBatch,
+};
+use controller::config::{BrokerMode, Config, LedgerConfig, Member, MqttConfig, RaftTuning};
+use controller::leader::{CommandError, Duties};
 use controller::state::{Request, Response};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
@@ -320,4 +327,157 @@ async fn a_stored_package_is_published_as_chunks_then_a_pointer_and_an_emergency
     assert_eq!(m.since, Timestamp::from_secs(1_800_000_100));
     assert!(m.version > 0);
     assert!(!m.history.is_empty());
+}
+
+/// One node in this process, bootstrapped alone, with the embedded broker and the leader duties.
+async fn single_node(
+    root: &std::path::Path,
+) -> (std::sync::Arc<controller::node::Node>, std::sync::Arc<Duties>, u16) {
+    let port = free_port();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mqtt = MqttConfig {
+        broker: BrokerMode::Embedded,
+        embedded_listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        address: format!("127.0.0.1:{port}"),
+        station_code: Some(1),
+        command_timeout_ms: 700,
+        clock_drift_alarm_ms: 2000,
+        ..MqttConfig::default()
+    };
+    let cfg = Config {
+        node_id: 1,
+        station: ident("s1"),
+        data_dir: root.join("data"),
+        listen,
+        advertise: None,
+        bootstrap: true,
+        initial_members: vec![Member { id: 1, addr: listen.to_string() }],
+        cluster_secret_file: None,
+        raft: RaftTuning::default(),
+        ledger: LedgerConfig::default(),
+        mqtt: Some(mqtt.clone()),
+        cluster_secret: SECRET.into(),
+    };
+    let node = controller::node::Node::start(std::sync::Arc::new(cfg)).await.unwrap();
+    node.raft
+        .wait(Some(Duration::from_secs(10)))
+        .state(openraft::ServerState::Leader, "single node leads")
+        .await
+        .unwrap();
+    controller::leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes).unwrap();
+    let duties = Duties::new(node.clone(), mqtt);
+    (node, duties, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_to_every_gate() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let (node, duties, port) = single_node(root.path()).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let supervisor = controller::leader::spawn(duties.clone(), stop.clone());
+    poll("the embedded broker", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+    let mut g =
+        FakeGate::connect(port, "fake-g01", &[topic("state"), topic("gates/g01/cmd"), topic("qr/used")])
+            .await;
+    wait_state(&mut g, 1).await;
+
+    // Birth, a heartbeat from a clock 5 s ahead, an alarm, a parameter report.
+    let g01 = ident("g01");
+    let birth = GateStatus::Online(GateBirth {
+        session: "sess-1".into(),
+        versions: BTreeMap::new(),
+        hardware: HardwareInfo {
+            profile: "default".into(),
+            plc: PlcEndpoint { address: "127.0.0.1:502".into(), unit_id: 1 },
+            agent_version: "test".into(),
+        },
+    });
+    g.publish(&topic("gates/g01/status"), wire::encode(&birth)).await;
+    let hb = Heartbeat {
+        at: Timestamp(controller_now().millis() + 5_000),
+        seq: 1,
+        counters: GateCounters { taps: 7, ..GateCounters::default() },
+        outbox_depth: 3,
+        outbox_bytes: 300,
+        plc_online: true,
+        direction: GateDirection::Bidirectional,
+        in_service: true,
+        free_passage: false,
+        alarms: vec![],
+    };
+    g.publish(&topic("gates/g01/heartbeat"), wire::encode(&hb)).await;
+    let ev = GateEvent { at: controller_now(), kind: AlarmKind::DoorFault, cleared: false, detail: None };
+    g.publish(&topic("gates/g01/events"), wire::encode(&ev)).await;
+    let ack = ParamsAck { kind: ParamKind::FareTable, version: 4, state: ParamState::Active, reason: None };
+    g.publish(&topic("gates/g01/params/ack"), wire::encode(&ack)).await;
+    g.publish(&topic("gates/g01/heartbeat"), b"garbage".to_vec()).await;
+    let view = poll_async("the gate board to show g01", Duration::from_secs(5), || {
+        duties
+            .gate(&g01)
+            .filter(|v| v.alarms.contains(&AlarmKind::DoorFault) && !v.versions_reported.is_empty())
+    })
+    .await;
+    assert!(view.online);
+    assert_eq!(view.session.as_deref(), Some("sess-1"));
+    assert!(view.clock_drift, "a clock 5 s ahead is flagged: {view:?}");
+    assert!(view.alarms.contains(&AlarmKind::ClockDrift));
+    assert_eq!(view.counters.taps, 7);
+    assert_eq!(view.outbox_depth, 3);
+    assert_eq!(view.versions_reported[&ParamKind::FareTable].active, Some(4));
+
+    // A command: the gate answers, the caller gets the answer.
+    let d = duties.clone();
+    let sent = tokio::spawn(async move { d.send_command(&ident("g01"), CommandKind::OpenOnceEntry).await });
+    let cmd_topic = topic("gates/g01/cmd");
+    let cmd: WireCommand = g
+        .wait_for("the command", Duration::from_secs(5), |p| {
+            (p.topic == cmd_topic).then(|| wire::decode::<WireCommand>(&p.payload).ok()).flatten()
+        })
+        .await;
+    assert_eq!(cmd.command, CommandKind::OpenOnceEntry);
+    assert!(cmd.expires_at.is_some());
+    let answer = CommandAck { id: cmd.id.clone(), result: CommandResult::Ok, detail: None };
+    g.publish(&topic("gates/g01/cmd/ack"), wire::encode(&answer)).await;
+    assert_eq!(sent.await.unwrap().unwrap(), answer);
+    // A gate that never answers: the caller hears so after the timeout.
+    let silent = duties.send_command(&ident("g02"), CommandKind::InService).await;
+    assert!(matches!(silent, Err(CommandError::Timeout(_))), "{silent:?}");
+
+    // A QR code used at g01 is relayed to every gate on `qr/used`.
+    let used = QrUsed {
+        issuer: 1,
+        account: 42,
+        nonce: 7,
+        expires_at: Timestamp::from_secs(1_900_000_000),
+        gate: g01,
+    };
+    let started = Instant::now();
+    g.publish(&topic("gates/g01/qr/used"), wire::encode(&QrUsedBatch { entries: vec![used.clone()] })).await;
+    let qr_topic = topic("qr/used");
+    let relayed: QrUsedBatch = g
+        .wait_for("the relayed QR code", Duration::from_secs(5), |p| {
+            (p.topic == qr_topic).then(|| wire::decode::<QrUsedBatch>(&p.payload).ok()).flatten()
+        })
+        .await;
+    assert_eq!(relayed.entries, vec![used]);
+    assert!(started.elapsed() < Duration::from_millis(500), "relayed after {:?}", started.elapsed());
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), supervisor).await.unwrap().unwrap();
+    assert!(duties.gates().is_empty(), "the board is cleared when the duties stop");
+    node.raft.shutdown().await.unwrap();
+}
+
+/// Polls `f` (which may read shared state) until it returns Some.
+async fn poll_async<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    poll(what, timeout, &mut f).await
+}
+
+fn controller_now() -> Timestamp {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    Timestamp(ms as i64)
 }
