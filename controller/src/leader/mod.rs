@@ -225,6 +225,10 @@ async fn end_session(duties: &Duties, cancel: CancellationToken, handle: tokio::
     if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
         tracing::warn!(task = "leader-supervisor", "session tasks did not stop within 5 s");
     }
+    // Again: a session cancelled before it ran installs its handles on its way out.
+    if let Ok(mut live) = duties.live.write() {
+        *live = None;
+    }
     if let Ok(mut b) = duties.board.write() {
         b.clear();
     }

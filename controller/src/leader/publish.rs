@@ -8,8 +8,9 @@
 //! kind's version moves on, the old version's chunks are cleared (empty retained payloads); on
 //! the first pass of a leadership the chunks of stored but superseded versions are cleared too.
 //!
-//! The `mode` message carries `version` = the millisecond time of the last mode change, so a
-//! gate ignores a stale retained one; an emergency release reaches the broker within one
+//! The `mode` message carries a `version` that grows with every change (the millisecond time of
+//! the change, or one more than the previous version if that is larger), so a gate ignores a
+//! stale retained one; an emergency release reaches the broker within one
 //! [`POLL`] of being applied here.
 
 use std::collections::BTreeMap;
@@ -183,11 +184,47 @@ pub fn mode_message(state: &StationState, station: Option<StationCode>) -> ModeM
     let station = station.or_else(|| state.mode_changes.last().map(|c| c.station));
     let last = state.mode_changes.iter().rev().find(|c| Some(c.station) == station);
     let (bits, since) = last.map_or((ModeBits::NORMAL, Timestamp(0)), |c| (c.bits, c.at));
-    ModeMessage {
-        version: u64::try_from(since.millis()).unwrap_or(0),
-        bits,
-        since,
-        history_ref: None,
-        history: state.modes.periods.clone(),
+    // Monotonic even if a later change carries an earlier time (a leader with a slower clock):
+    // each change numbers at least one above the one before.
+    let version = state
+        .mode_changes
+        .iter()
+        .fold(0u64, |v, c| v.saturating_add(1).max(u64::try_from(c.at.millis()).unwrap_or(0)));
+    ModeMessage { version, bits, since, history_ref: None, history: state.modes.periods.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::state::ModeChange;
+
+    fn change(bits: ModeBits, at: i64) -> ModeChange {
+        ModeChange {
+            station: StationCode(1),
+            bits,
+            reason: String::new(),
+            actor: String::new(),
+            at: Timestamp(at),
+        }
+    }
+
+    #[test]
+    fn a_mode_change_stamped_earlier_than_the_last_still_gets_a_higher_version() {
+        let mut state = StationState::default();
+        state.mode_changes.push(change(ModeBits::EMERGENCY_RELEASE, 1_000));
+        let first = mode_message(&state, Some(StationCode(1)));
+        state.mode_changes.push(change(ModeBits::NORMAL, 900));
+        let second = mode_message(&state, Some(StationCode(1)));
+        assert_eq!(first.version, 1_000);
+        assert!(second.version > first.version);
+        assert_eq!(second.bits, ModeBits::NORMAL);
+        assert_eq!(second.since, Timestamp(900));
+    }
+
+    #[test]
+    fn without_any_change_the_mode_is_normal_and_unnumbered() {
+        let m = mode_message(&StationState::default(), None);
+        assert_eq!((m.bits, m.version), (ModeBits::NORMAL, 0));
     }
 }
