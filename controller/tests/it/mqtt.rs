@@ -302,6 +302,26 @@ async fn a_stored_package_is_published_as_chunks_then_a_pointer_and_an_emergency
     keys.insert(1, signer.verifying_key());
     Package::decode(&bytes).unwrap().verify(&keys).unwrap();
 
+    // Version 2 replaces it: its pointer follows, and version 1's chunks are cleared.
+    let pkg2 =
+        Package::sign(kind, 2, Timestamp::from_secs(1_800_000_050), vec![1; 2000], 1, &signer).encode();
+    let r = c.write(leader, &Request::PutPackage { kind, version: 2, package: pkg2 }).await.unwrap();
+    assert!(matches!(r, Response::PackageStored { version: 2, .. }), "{r:?}");
+    let mut cleared = std::collections::BTreeSet::new();
+    let mut pointer2 = None;
+    g.wait_for("version 2's pointer and version 1's chunks cleared", Duration::from_secs(15), |p| {
+        if let Ok(Topic::ParamChunk { chunk, version: 1, .. }) = Topic::parse(&p.topic) {
+            if p.payload.is_empty() {
+                cleared.insert(chunk);
+            }
+        }
+        if p.topic == current {
+            pointer2 = wire::decode::<ParamPointer>(&p.payload).ok();
+        }
+        (cleared.len() == chunks.len() && pointer2.as_ref().is_some_and(|p| p.version == 2)).then_some(())
+    })
+    .await;
+
     // Emergency release: the mode message reaches the gate within a second of the commit.
     let set = Request::SetMode {
         station: StationCode(1),
