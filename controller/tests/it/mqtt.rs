@@ -37,9 +37,9 @@ async fn start_broker() -> u16 {
     port
 }
 
-/// Writes node `id`'s config with an `[mqtt]` section (external broker on `port`, gate g01 seeded)
-/// and starts it.
-fn spawn_node(c: &mut Cluster, id: u64, port: u16) {
+/// Writes node `id`'s config with an `[mqtt]` section (broker on `port`, gate g01 seeded) and starts
+/// it. With `embedded_on` = Some(id), that node runs the broker itself.
+fn spawn_node(c: &mut Cluster, id: u64, port: u16, embedded_on: Option<u64>) {
     let addr = c.initial[&id].clone();
     let dir = c.root.path().join(format!("node{id}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -62,7 +62,8 @@ election_timeout_max_ms = 1200
 connect_timeout_ms = 200
 
 [mqtt]
-broker = "external"
+broker = "{broker}"
+embedded_listen = "127.0.0.1:{port}"
 address = "127.0.0.1:{port}"
 client_id_prefix = "ctl"
 station_code = 1
@@ -73,6 +74,7 @@ gate = "g01"
 tx_public_key = "{key}"
 "#,
         bootstrap = id == 1,
+        broker = if embedded_on == Some(id) { "embedded" } else { "external" },
         data = dir.join("data").display(),
         secret = dir.join("secret").display(),
         key = hex::encode(gate_key(1).verifying_key().to_bytes()),
@@ -94,14 +96,14 @@ tx_public_key = "{key}"
     c.nodes.insert(id, NodeProc { id, addr, dir, child: Some(child) });
 }
 
-async fn start_cluster(port: u16) -> Cluster {
+async fn start_cluster(port: u16, embedded_on: Option<u64>) -> Cluster {
     let root = tempfile::tempdir().unwrap();
     let initial: BTreeMap<u64, String> =
         (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
     let mut c = Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial };
     for id in 1..=3 {
-        spawn_node(&mut c, id, port);
+        spawn_node(&mut c, id, port, embedded_on);
     }
     c.wait_leader(Duration::from_secs(20), None).await;
     c
@@ -217,7 +219,7 @@ async fn wait_ack(g: &mut FakeGate, through: u64) {
 async fn a_gate_batch_lands_on_all_three_nodes_is_acked_and_a_resend_after_failover_is_acked_again() {
     let _serial = CLUSTER_LOCK.lock().await;
     let port = start_broker().await;
-    let mut c = start_cluster(port).await;
+    let mut c = start_cluster(port, None).await;
     let leader = c.wait_leader(Duration::from_secs(10), None).await;
     let mut g = FakeGate::connect(port, "fake-g01", &[topic("state"), topic("gates/g01/tx/ack")]).await;
     wait_state(&mut g, leader).await;
@@ -255,10 +257,16 @@ async fn a_gate_batch_lands_on_all_three_nodes_is_acked_and_a_resend_after_failo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_package_is_published_as_chunks_then_a_pointer_and_an_emergency_release_within_a_second() {
+async fn with_a_node_running_the_broker_a_stored_package_is_published_as_chunks_then_a_pointer_and_an_emergency_release_within_a_second(
+) {
     let _serial = CLUSTER_LOCK.lock().await;
-    let port = start_broker().await;
-    let c = start_cluster(port).await;
+    // Node 1 runs the embedded broker; every node connects to it.
+    let port = free_port();
+    let c = start_cluster(port, Some(1)).await;
+    poll("node 1's broker to accept connections", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
     let leader = c.wait_leader(Duration::from_secs(10), None).await;
     let kind = ParamKind::Blacklist;
     let mut g = FakeGate::connect(
