@@ -107,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             raft: RaftTuning::default(),
             ledger: LedgerConfig::default(),
             mqtt: None,
+            api: Default::default(),
             cluster_secret: SECRET.into(),
         };
         nodes.push(tokio::spawn(controller::service::run(cfg, listener, shutdown.clone())));

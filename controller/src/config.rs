@@ -57,6 +57,9 @@ pub struct Config {
     /// The MQTT side (SPEC §5): absent means this node does not talk to gates.
     #[serde(default)]
     pub mqtt: Option<MqttConfig>,
+    /// The public operations HTTP API and console (`/api/v1`, `/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub api: ApiConfig,
     /// Filled by [`Config::load`] from the file or environment; never read from the TOML.
     #[serde(skip)]
     pub cluster_secret: String,
@@ -209,6 +212,41 @@ impl Default for MqttConfig {
     }
 }
 
+/// The public operations HTTP listener: the JSON API, the console, metrics and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address the API listener binds; `None` serves no API (the Raft/admin listener still runs).
+    pub listen: Option<SocketAddr>,
+    /// The station's numeric code (SPEC §3, Dalian: line × 100 + n), the station mode changes name.
+    pub station_code: u16,
+    /// Bearer tokens accepted, each stored as the sha256 of the token, never the token itself.
+    pub tokens: Vec<ApiToken>,
+    /// File holding the station package-signing key (ed25519 seed, 64 hex characters, first line).
+    /// Without it, parameter uploads answer 503 `signing_key_missing`.
+    pub signing_key_file: Option<PathBuf>,
+    /// Key id written into signed packages, so gates can tell rotated keys apart.
+    pub signing_key_id: u32,
+    /// A blacklist upload adding more card ids than this needs a second engineer's confirmation.
+    pub blacklist_confirm_threshold: u64,
+    /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: None,
+            station_code: 0,
+            tokens: Vec::new(),
+            signing_key_file: None,
+            signing_key_id: 1,
+            blacklist_confirm_threshold: 10_000,
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
 impl MqttConfig {
     /// The password from `password_file` or `AFC_MQTT_PASSWORD` (`None` when neither is set).
     pub fn password(&self) -> Result<Option<String>, ConfigError> {
@@ -219,6 +257,18 @@ impl MqttConfig {
             None => Ok(std::env::var(MQTT_PASSWORD_ENV).ok()),
         }
     }
+}
+
+/// One API bearer token: who holds it, what it may do, and its sha256 (hex).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// The holder's name, written into the audit log as the actor.
+    pub name: String,
+    /// `viewer`, `operator` or `engineer`.
+    pub role: String,
+    /// sha256 of the token, 64 hex characters (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
 }
 
 impl Config {
@@ -255,6 +305,17 @@ impl Config {
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
+        }
+        for t in &self.api.tokens {
+            if !matches!(t.role.as_str(), "viewer" | "operator" | "engineer") {
+                return bad(format!(
+                    "api.tokens: role {:?} of {:?} is not viewer, operator or engineer",
+                    t.role, t.name
+                ));
+            }
+            if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
+                return bad(format!("api.tokens: sha256 of {:?} must be 64 hex characters", t.name));
+            }
         }
         if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());

@@ -14,10 +14,15 @@
 //! - [`leader`]: the leader's MQTT duties: embedded broker, tx ingest and acks, parameter and mode
 //!   publishing, gate commands, the in-memory gate board, QR replay relay.
 //! - [`config`]: the TOML configuration, validated once.
+//! - [`api`]: the public operations HTTP API (`/api/v1`, `/metrics`, `/healthz`, `/readyz`, OpenAPI):
+//!   bearer-token roles, audited writes through Raft, one error enum mapped to HTTP status.
+//! - [`console`]: the maintenance console page (HTML + script built into the binary), served at `/`.
 //! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
+pub mod api;
 pub mod chain;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod leader;
 pub mod network;

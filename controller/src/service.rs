@@ -8,6 +8,7 @@ use actix_web::{App, HttpServer};
 use afc_domain::model::Timestamp;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{self, ApiState, NoGateView};
 use crate::config::Config;
 use crate::http;
 use crate::leader;
@@ -15,12 +16,27 @@ use crate::node::{Node, NodeError};
 use crate::state::{Request, Response};
 
 /// Starts the node on an already-bound listener (tests bind port 0) and runs until `shutdown`.
-///
-/// Shutdown order: 1. stop accepting HTTP and finish requests in flight; 2. stop background
-/// tasks; 3. stop Raft (no more appends or applies); 4. flush storage.
+/// The API listener, if `api.listen` is set, is bound here.
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let api = match config.api.listen {
+        Some(addr) => Some(TcpListener::bind(addr)?),
+        None => None,
+    };
+    run_with_api(config, listener, api, shutdown).await
+}
+
+/// [`run`] with the operations API on an already-bound listener (or none).
+///
+/// Shutdown order: 1. stop accepting HTTP (API, then Raft/admin) and finish requests in flight;
+/// 2. stop background tasks; 3. stop Raft (no more appends or applies); 4. flush storage.
+pub async fn run_with_api(
+    config: Config,
+    listener: TcpListener,
+    api_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     let config = Arc::new(config);
@@ -37,23 +53,49 @@ pub async fn run(
     let server_handle = server.handle();
     let server_task = tokio::spawn(server);
 
-    let tasks = CancellationToken::new();
-    let pruner = tokio::spawn(prune_task(node.clone(), tasks.clone()));
-    let leader_duties = match &config.mqtt {
-        Some(mqtt) => {
-            if mqtt.broker == crate::config::BrokerMode::Embedded {
-                leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes)
-                    .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))?;
-            }
-            // The HTTP API reads gates and sends commands through this handle.
-            let duties = leader::Duties::new(node.clone(), mqtt.clone());
-            Some((duties.clone(), leader::spawn(duties, tasks.clone())))
+    // The leader's MQTT duties: the API reads gates (and sends commands) through this handle.
+    let duties = config.mqtt.as_ref().map(|m| leader::Duties::new(node.clone(), m.clone()));
+    let gate_view: Arc<dyn api::GateView> = match &duties {
+        Some(d) => d.clone(),
+        None => Arc::new(NoGateView),
+    };
+    let api_server = match api_listener {
+        Some(l) => {
+            let state = Arc::new(ApiState::new(node.clone(), gate_view.clone(), Arc::default())?);
+            tracing::info!(addr = %l.local_addr()?, "operations API listening");
+            let routes = api::configure(state);
+            let server = HttpServer::new(move || App::new().configure(routes.clone()))
+                .workers(2)
+                .disable_signals()
+                .shutdown_timeout(5)
+                .listen(l)?
+                .run();
+            Some((server.handle(), tokio::spawn(server)))
         }
         None => None,
     };
 
+    let tasks = CancellationToken::new();
+    let pruner = tokio::spawn(prune_task(node.clone(), tasks.clone()));
+    let leader_duties = match (&config.mqtt, duties) {
+        (Some(mqtt), Some(duties)) => {
+            if mqtt.broker == crate::config::BrokerMode::Embedded {
+                leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes)
+                    .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))?;
+            }
+            Some((duties.clone(), leader::spawn(duties, tasks.clone())))
+        }
+        _ => None,
+    };
+
     shutdown.cancelled().await;
-    tracing::info!("shutdown 1/4: stopping the HTTP listener");
+    tracing::info!("shutdown 1/4: stopping the HTTP listeners");
+    if let Some((handle, task)) = api_server {
+        handle.stop(true).await;
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "API server task ended abnormally");
+        }
+    }
     server_handle.stop(true).await;
     if let Err(e) = server_task.await {
         tracing::warn!(error = %e, "HTTP server task ended abnormally");

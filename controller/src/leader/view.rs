@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use afc_domain::model::{Ident, ParamKind, Timestamp};
 use afc_domain::wire::{
-    AlarmKind, GateCounters, GateEvent, GateStatus, Heartbeat, KindVersions, ParamState, ParamsAck,
+    AlarmKind, GateCounters, GateDirection, GateEvent, GateStatus, Heartbeat, KindVersions, ParamState,
+    ParamsAck,
 };
 use serde::Serialize;
 
@@ -44,6 +45,10 @@ pub struct GateView {
     pub counters: GateCounters,
     /// Transactions waiting in the gate's outbox at the last heartbeat.
     pub outbox_depth: u64,
+    /// The aisle setting, service state and free passage at the last heartbeat.
+    pub direction: Option<GateDirection>,
+    pub in_service: bool,
+    pub free_passage: bool,
     /// The gate's last events, newest last, at most [`RECENT_EVENTS`].
     pub recent_events: VecDeque<GateEvent>,
 }
@@ -72,6 +77,9 @@ impl GateView {
             alarms: BTreeSet::new(),
             counters: GateCounters::default(),
             outbox_depth: 0,
+            direction: None,
+            in_service: false,
+            free_passage: false,
             recent_events: VecDeque::new(),
         }
     }
@@ -128,6 +136,9 @@ impl Board {
         v.clock_drift = offset.abs() > drift_bound_ms;
         v.counters = hb.counters;
         v.outbox_depth = hb.outbox_depth;
+        v.direction = Some(hb.direction);
+        v.in_service = hb.in_service;
+        v.free_passage = hb.free_passage;
         v.alarms = hb.alarms.iter().copied().collect();
         if v.clock_drift {
             v.alarms.insert(AlarmKind::ClockDrift);
@@ -178,6 +189,46 @@ impl Board {
             r.is_none_or(|r| r.active != Some(*want) && r.pending != Some(*want))
         });
         v
+    }
+}
+
+/// The snake_case JSON name of a unit enum value (`door_fault`, `bidirectional`).
+fn json_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|j| j.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// The operations API's gate list (`/api/v1/gates`) reads the board through this.
+impl crate::api::GateView for super::Duties {
+    fn gates(&self) -> Vec<crate::api::GateSnapshot> {
+        super::Duties::gates(self)
+            .into_iter()
+            .map(|v| crate::api::GateSnapshot {
+                gate: v.gate.to_string(),
+                online: v.online,
+                direction: v.direction.map(|d| json_name(&d)),
+                in_service: v.in_service,
+                free_passage: v.free_passage,
+                alarms: v.alarms.iter().map(json_name).collect(),
+                reported_versions: v
+                    .versions_reported
+                    .iter()
+                    .filter_map(|(k, r)| r.active.map(|a| (k.to_string(), a)))
+                    .collect(),
+                counters: [
+                    ("taps", v.counters.taps),
+                    ("entries", v.counters.entries),
+                    ("exits", v.counters.exits),
+                    ("rejects", v.counters.rejects),
+                    ("tailgating", v.counters.tailgating),
+                    ("forced_passage", v.counters.forced_passage),
+                    ("outbox_depth", v.outbox_depth),
+                ]
+                .into_iter()
+                .map(|(k, n)| (k.to_owned(), n))
+                .collect(),
+                last_seen_ms: v.last_heartbeat.map(|t| t.millis()),
+            })
+            .collect()
     }
 }
 

@@ -1,11 +1,14 @@
 //! Integration tests of the controller: one binary, one module per subject.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+mod api;
 mod cluster;
 mod common;
 mod config;
+mod console;
 mod crash;
 mod harness;
 mod mqtt;
+mod prometheus;
 mod state_machine;
 mod storage_suite;

@@ -384,6 +384,7 @@ async fn single_node(
         raft: RaftTuning::default(),
         ledger: LedgerConfig::default(),
         mqtt: Some(mqtt.clone()),
+        api: Default::default(),
         cluster_secret: SECRET.into(),
     };
     let node = controller::node::Node::start(std::sync::Arc::new(cfg)).await.unwrap();

@@ -1,0 +1,317 @@
+//! `/api/v1/parameters`: list and show stored packages; compile and sign a fare table from a network
+//! and a fare rule; upload blacklists (full or delta), holding mass insertions for a second
+//! engineer's confirmation (SPEC §4: a real metro once blocked 250,000 good cards).
+
+use std::collections::BTreeMap;
+
+use actix_web::{web, HttpResponse};
+use afc_domain::blacklist::{Blacklist, BlacklistDelta, Entry};
+use afc_domain::model::{ParamKind, Timestamp};
+use afc_domain::network::{compile, FareRule, NetworkDescription};
+use afc_domain::package::{package_sha256, BlacklistBody, Package};
+use serde::{Deserialize, Serialize};
+
+use super::{now, reason, ApiError, ApiState, Caller};
+use crate::state::{Request, Response};
+
+/// How long a held mass insertion waits for its confirmation.
+const PENDING_TTL_MS: i64 = 30 * 60 * 1000;
+
+/// Held blacklist uploads, by id.
+#[derive(Debug, Default)]
+pub struct Pending {
+    next_id: u64,
+    held: BTreeMap<u64, Held>,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    by: String,
+    body: BlacklistBody,
+    effective_from: Timestamp,
+    reason: String,
+    added: u64,
+    at: Timestamp,
+}
+
+/// One kind's stored versions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KindOut {
+    pub kind: String,
+    pub versions: Vec<u64>,
+    pub current: u64,
+    pub current_sha256: Option<String>,
+}
+
+pub async fn list(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let s = state.node.sm.state()?;
+    let out: Vec<KindOut> = ParamKind::ALL
+        .iter()
+        .map(|k| {
+            let held = s.packages.get(k.as_str()).cloned().unwrap_or_default();
+            KindOut {
+                kind: k.as_str().to_owned(),
+                current: held.current(),
+                current_sha256: (held.current() > 0).then(|| hex::encode(held.current_sha256)),
+                versions: held.versions,
+            }
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+/// `GET /api/v1/parameters/{kind}/{version}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PackageOut {
+    pub kind: String,
+    pub version: u64,
+    pub effective_from: i64,
+    pub key_id: u32,
+    pub body_len: u64,
+    pub body_sha256: String,
+    /// sha256 of the whole signed package, as gates see it in the `current` pointer.
+    pub package_sha256: String,
+    pub package_len: usize,
+}
+
+pub async fn show(
+    _c: Caller,
+    state: web::Data<ApiState>,
+    path: web::Path<(String, u64)>,
+) -> Result<HttpResponse, ApiError> {
+    let (kind_name, version) = path.into_inner();
+    let kind = ParamKind::parse(&kind_name).ok_or_else(|| ApiError::NotFound(format!("kind {kind_name}")))?;
+    let bytes = state
+        .node
+        .sm
+        .package(kind, version)?
+        .ok_or_else(|| ApiError::NotFound(format!("{kind_name} version {version}")))?;
+    let p = Package::decode(&bytes).map_err(|e| ApiError::Internal(format!("stored package: {e}")))?;
+    Ok(HttpResponse::Ok().json(PackageOut {
+        kind: kind_name,
+        version,
+        effective_from: p.header.effective_from.0,
+        key_id: p.header.key_id,
+        body_len: p.header.body_len,
+        body_sha256: hex::encode(p.header.body_sha256),
+        package_sha256: hex::encode(package_sha256(&bytes)),
+        package_len: bytes.len(),
+    }))
+}
+
+fn current_version(state: &ApiState, kind: ParamKind) -> Result<u64, ApiError> {
+    Ok(state.node.sm.state()?.packages.get(kind.as_str()).map(|p| p.current()).unwrap_or(0))
+}
+
+/// Signs `body` as `version` of `kind` and stores it through Raft (audited).
+async fn sign_and_store(
+    state: &ApiState,
+    caller: &Caller,
+    (action, detail): (&str, String),
+    kind: ParamKind,
+    version: u64,
+    effective_from: Timestamp,
+    body: Vec<u8>,
+) -> Result<HttpResponse, ApiError> {
+    let (key_id, key) = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
+    let package = Package::sign(kind, version, effective_from, body, *key_id, key).encode();
+    let size = package.len();
+    let req = Request::PutPackage { kind, version, package };
+    match state.audited_write(caller, action, detail, req).await? {
+        Response::PackageStored { sha256, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
+            "kind": kind.as_str(), "version": version, "sha256": hex::encode(sha256),
+            "size": size, "effective_from": effective_from.0,
+        }))),
+        other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+    }
+}
+
+/// `POST /api/v1/parameters/fare-table`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FareUpload {
+    pub network: NetworkDescription,
+    pub fare_rule: FareRule,
+    /// ms since the epoch; default now.
+    pub effective_from: Option<i64>,
+    pub reason: String,
+}
+
+pub async fn upload_fare_table(
+    caller: Caller,
+    state: web::Data<ApiState>,
+    body: web::Json<FareUpload>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.into_inner();
+    let why = reason(&b.reason)?;
+    let table = compile(&b.network, &b.fare_rule).map_err(|e| ApiError::InvalidParameters(e.to_string()))?;
+    let version = current_version(&state, ParamKind::FareTable)? + 1;
+    let detail = format!(
+        "fare_table v{version} from network {:?} ({} stations) and rule {:?}: {why}",
+        b.network.name,
+        table.stations().len(),
+        b.fare_rule.name
+    );
+    let eff = Timestamp(b.effective_from.unwrap_or(now().0));
+    sign_and_store(
+        &state,
+        &caller,
+        ("parameters.fare_table", detail),
+        ParamKind::FareTable,
+        version,
+        eff,
+        table.encode(),
+    )
+    .await
+}
+
+/// `POST /api/v1/parameters/blacklist`: exactly one of `full` and `delta`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlacklistUpload {
+    /// The complete list; replaces what gates hold.
+    pub full: Option<Vec<Entry>>,
+    pub delta: Option<DeltaUpload>,
+    pub effective_from: Option<i64>,
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaUpload {
+    /// The version this delta was written against: must be the current one, else 409.
+    pub from_version: u64,
+    #[serde(default)]
+    pub add: Vec<Entry>,
+    #[serde(default)]
+    pub remove: Vec<Entry>,
+}
+
+/// Ids in the current full blacklist, when the current package is a full list (else 0).
+fn current_full_ids(state: &ApiState, version: u64) -> Result<u64, ApiError> {
+    if version == 0 {
+        return Ok(0);
+    }
+    let Some(bytes) = state.node.sm.package(ParamKind::Blacklist, version)? else { return Ok(0) };
+    let body = Package::decode(&bytes).ok().and_then(|p| BlacklistBody::decode(&p.body).ok());
+    Ok(match body {
+        Some(BlacklistBody::Full(b)) => b.entry_count(),
+        _ => 0,
+    })
+}
+
+pub async fn upload_blacklist(
+    caller: Caller,
+    state: web::Data<ApiState>,
+    body: web::Json<BlacklistUpload>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.into_inner();
+    let why = reason(&b.reason)?;
+    let current = current_version(&state, ParamKind::Blacklist)?;
+    let version = current + 1;
+    let (body, added) = match (b.full, b.delta) {
+        (Some(entries), None) => {
+            let list = Blacklist::from_entries(version, entries);
+            let added = list.entry_count().saturating_sub(current_full_ids(&state, current)?);
+            (BlacklistBody::Full(list), added)
+        }
+        (None, Some(d)) => {
+            if d.from_version != current {
+                return Err(ApiError::Conflict(format!(
+                    "delta written against blacklist v{}, the current version is v{current}",
+                    d.from_version
+                )));
+            }
+            let delta =
+                BlacklistDelta { from_version: current, to_version: version, add: d.add, remove: d.remove }
+                    .normalized();
+            let added = delta.added_count();
+            (BlacklistBody::Delta(delta), added)
+        }
+        _ => return Err(ApiError::BadRequest("give exactly one of full and delta".into())),
+    };
+    let eff = Timestamp(b.effective_from.unwrap_or(now().0));
+    let threshold = state.node.config.api.blacklist_confirm_threshold;
+    if added > threshold {
+        let id = {
+            let mut p =
+                state.pending.lock().map_err(|_| ApiError::Internal("pending lock poisoned".into()))?;
+            let at = now();
+            p.held.retain(|_, h| h.at.0 + PENDING_TTL_MS > at.0);
+            p.next_id += 1;
+            let id = p.next_id;
+            p.held.insert(
+                id,
+                Held { by: caller.name.clone(), body, effective_from: eff, reason: why.clone(), added, at },
+            );
+            id
+        };
+        state
+            .audit(
+                &caller,
+                "parameters.blacklist.held",
+                format!("pending {id}: adds {added} ids (> {threshold}): {why}"),
+            )
+            .await?;
+        return Ok(HttpResponse::Accepted().json(serde_json::json!({
+            "code": "confirmation_required", "pending_id": id, "added": added, "threshold": threshold,
+            "message": "a second engineer must confirm this upload",
+        })));
+    }
+    store_blacklist(&state, &caller, body, eff, format!("adds {added} ids: {why}")).await
+}
+
+async fn store_blacklist(
+    state: &ApiState,
+    caller: &Caller,
+    body: BlacklistBody,
+    eff: Timestamp,
+    detail: String,
+) -> Result<HttpResponse, ApiError> {
+    let version = body.version();
+    let what = if matches!(body, BlacklistBody::Full(_)) { "full" } else { "delta" };
+    let detail = format!("blacklist v{version} ({what}) {detail}");
+    sign_and_store(
+        state,
+        caller,
+        ("parameters.blacklist", detail),
+        ParamKind::Blacklist,
+        version,
+        eff,
+        body.encode(),
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Confirm {
+    pub reason: String,
+}
+
+pub async fn confirm_blacklist(
+    caller: Caller,
+    state: web::Data<ApiState>,
+    id: web::Path<u64>,
+    body: web::Json<Confirm>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let why = reason(&body.reason)?;
+    let held = {
+        let mut p = state.pending.lock().map_err(|_| ApiError::Internal("pending lock poisoned".into()))?;
+        let h = p.held.get(&id).cloned().ok_or_else(|| ApiError::NotFound(format!("pending upload {id}")))?;
+        if h.by == caller.name {
+            return Err(ApiError::SameConfirmer { actor: caller.name.clone() });
+        }
+        p.held.remove(&id);
+        h
+    };
+    if current_version(&state, ParamKind::Blacklist)? + 1 != held.body.version() {
+        return Err(ApiError::Conflict(format!("pending upload {id} is stale: the blacklist changed since")));
+    }
+    let detail = format!(
+        "adds {} ids, uploaded by {} ({}), confirmed by {}: {why}",
+        held.added, held.by, held.reason, caller.name
+    );
+    store_blacklist(&state, &caller, held.body, held.effective_from, detail).await
+}

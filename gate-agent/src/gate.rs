@@ -1,0 +1,485 @@
+//! The gate: one tap from reader to flap, the station modes, operator commands and tx acks.
+//!
+//! A tap goes: pre-checks (outbox room, PLC reachable, in service, direction, parameters held) →
+//! [`decide`] with the parameters in force → the record is numbered and made durable in the outbox
+//! (the display is written to the PLC meanwhile: it opens nothing) → then, together, the answer to
+//! the reader and the open coil. Nothing opens and nothing is promised to the reader before the
+//! record is on disk.
+//!
+//! A refusal by a pre-check (the gate cannot decide: PLC offline, outbox full, out of service,
+//! wrong direction, no fare table) touches no card and writes no record; every decision of the
+//! shared engine, accepted or refused, is recorded.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use afc_domain::decision::{decide, Params as DecisionParams};
+use afc_domain::ledger::TxRecord;
+use afc_domain::mode::{ModeBits, ModeState};
+use afc_domain::model::{Direction, Ident, Reason, StationCode, Timestamp};
+use afc_domain::qr::{QrSkew, ReplayCache, ReplayKey};
+use afc_domain::wire::{
+    self, AlarmKind, Command, CommandAck, CommandKind, CommandResult, DecisionKind, GateDirection, GateEvent,
+    ModeMessage, QrUsed, QrUsedBatch, ReaderResponse, TapRequest,
+};
+use tokio::sync::{mpsc, Notify};
+
+use crate::metrics::Metrics;
+use crate::params::Params;
+use crate::plc::{PlcError, PlcHandle};
+use crate::store::{Store, StoreError};
+
+/// The wall clock as a domain timestamp.
+pub fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Timestamp(ms)
+}
+
+/// What the flaps must do after the reader is answered.
+#[derive(Debug, Clone, Copy)]
+pub enum Flap {
+    /// Open for one passage (the display was written while the record was being flushed).
+    Open { aisle: Direction },
+    /// Show a refusal that no record was written for.
+    Show { display_code: u16, display_fen: u32 },
+}
+
+/// The result of one tap: the answer for the reader and the flap command to run with it.
+#[derive(Debug, Clone)]
+pub struct TapOutcome {
+    pub response: ReaderResponse,
+    pub flap: Option<Flap>,
+    /// When the tap arrived, for the tap → flap latency.
+    pub started: Instant,
+}
+
+/// Operator settings of the aisle.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    direction: GateDirection,
+    in_service: bool,
+}
+
+/// Alarms and messages the gate hands to the MQTT task.
+#[derive(Debug)]
+pub enum Outgoing {
+    Event(GateEvent),
+    QrUsed(QrUsed),
+}
+
+/// How many executed command ids are remembered, so a redelivered command runs once.
+const COMMAND_MEMORY: usize = 256;
+
+pub struct Gate {
+    pub station: Ident,
+    pub gate: Ident,
+    pub station_code: StationCode,
+    store: Arc<Store>,
+    pub params: Arc<Params>,
+    plc: PlcHandle,
+    metrics: Arc<Metrics>,
+    /// The station mode history and the version of the last mode message applied.
+    modes: RwLock<(u64, Arc<ModeState>)>,
+    replay: Mutex<ReplayCache>,
+    qr_skew: QrSkew,
+    settings: Mutex<Settings>,
+    /// Whether the MQTT session is up (a QR accepted while cut off is marked replay_unchecked).
+    pub mqtt_connected: AtomicBool,
+    /// Set while the controllers have been unreachable longer than gate_config allows: the
+    /// passage is freed (SPEC §1, release on controller loss).
+    controller_lost: AtomicBool,
+    /// Whether the agent last asked the PLC to hold the flaps open.
+    free_passage: AtomicBool,
+    /// Woken after every append, so the uploader sends at once.
+    pub new_records: Notify,
+    near_full_percent: u64,
+    near_full_raised: AtomicBool,
+    recent_commands: Mutex<VecDeque<String>>,
+    out: mpsc::UnboundedSender<Outgoing>,
+    pub taps: AtomicU64,
+    pub rejects: AtomicU64,
+}
+
+pub struct GateParts {
+    pub station: Ident,
+    pub gate: Ident,
+    pub station_code: StationCode,
+    pub store: Arc<Store>,
+    pub params: Arc<Params>,
+    pub plc: PlcHandle,
+    pub metrics: Arc<Metrics>,
+    pub qr_skew: QrSkew,
+    pub replay_capacity: usize,
+    pub direction: GateDirection,
+    pub near_full_percent: u64,
+    pub out: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl Gate {
+    pub fn new(p: GateParts) -> Gate {
+        let modes = match p.store.state("mode").ok().flatten().map(|b| wire::decode::<ModeMessage>(&b)) {
+            Some(Ok(m)) => (m.version, Arc::new(mode_state(p.station_code, &m))),
+            _ => (0, Arc::new(ModeState::default())),
+        };
+        let direction = p.params.in_force(now()).gate_config.direction.unwrap_or(p.direction);
+        let g = Gate {
+            station: p.station,
+            gate: p.gate,
+            station_code: p.station_code,
+            store: p.store,
+            params: p.params,
+            plc: p.plc,
+            metrics: p.metrics,
+            modes: RwLock::new(modes),
+            replay: Mutex::new(ReplayCache::new(p.replay_capacity, p.qr_skew)),
+            qr_skew: p.qr_skew,
+            settings: Mutex::new(Settings { direction, in_service: true }),
+            mqtt_connected: AtomicBool::new(false),
+            controller_lost: AtomicBool::new(false),
+            free_passage: AtomicBool::new(false),
+            new_records: Notify::new(),
+            near_full_percent: p.near_full_percent,
+            near_full_raised: AtomicBool::new(false),
+            recent_commands: Mutex::new(VecDeque::new()),
+            out: p.out,
+            taps: AtomicU64::new(0),
+            rejects: AtomicU64::new(0),
+        };
+        g.update_outbox_metrics();
+        g
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn plc(&self) -> &PlcHandle {
+        &self.plc
+    }
+
+    pub fn direction(&self) -> GateDirection {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).direction
+    }
+
+    pub fn in_service(&self) -> bool {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).in_service
+    }
+
+    pub fn modes(&self) -> Arc<ModeState> {
+        self.modes.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    /// Applies the outputs the current settings and modes ask of the PLC (after start and after
+    /// every change).
+    pub async fn sync_outputs(&self) {
+        let bits = self.modes().bits_at(self.station_code, now());
+        let s = *self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let free = bits.has(ModeBits::EMERGENCY_RELEASE)
+            || (bits.has(ModeBits::ENTRY_FREE) && s.direction.allows(Direction::Entry))
+            || self.controller_lost.load(Ordering::Relaxed);
+        self.free_passage.store(free, Ordering::Relaxed);
+        for r in [
+            self.plc.set_free_passage(free).await,
+            self.plc.set_direction(s.direction).await,
+            self.plc.set_out_of_service(!s.in_service).await,
+        ] {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not apply gate outputs now; the PLC task re-applies them");
+            }
+        }
+    }
+
+    fn refuse(&self, tap: &TapRequest, reason: Reason) -> TapOutcome {
+        self.rejects.fetch_add(1, Ordering::Relaxed);
+        self.metrics.decision(false, reason.as_str(), tap.media.media().as_str(), tap.direction.as_str());
+        TapOutcome {
+            response: ReaderResponse {
+                decision: DecisionKind::Reject,
+                reason,
+                fare_fen: 0,
+                card_write: None,
+                gate_seq: None,
+            },
+            flap: Some(Flap::Show { display_code: reason.code(), display_fen: 0 }),
+            started: Instant::now(),
+        }
+    }
+
+    /// Decides one tap and makes its record durable; the caller then answers the reader and runs
+    /// the flap command ([`Gate::run_flap`]) together.
+    pub async fn tap(self: &Arc<Self>, tap: TapRequest) -> Result<TapOutcome, StoreError> {
+        let started = Instant::now();
+        self.taps.fetch_add(1, Ordering::Relaxed);
+        // A record is a few hundred bytes; refuse before deciding if even that will not fit.
+        if !self.store.has_room(512) {
+            return Ok(self.refuse(&tap, Reason::OutboxFull));
+        }
+        if !self.plc.online() {
+            return Ok(self.refuse(&tap, Reason::PlcOffline));
+        }
+        let s = *self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        if !s.in_service {
+            return Ok(self.refuse(&tap, Reason::OutOfService));
+        }
+        if !s.direction.allows(tap.direction) {
+            return Ok(self.refuse(&tap, Reason::WrongDirection));
+        }
+        let at = now();
+        let params = self.params.in_force(at);
+        let Some(fares) = params.fares.clone() else {
+            return Ok(self.refuse(&tap, Reason::NoParameters));
+        };
+        let modes = self.modes();
+        let dp = DecisionParams {
+            station: self.station_code,
+            fares: &fares,
+            blacklist: &params.blacklist,
+            qr_keys: &params.qr_keys,
+            qr_skew: self.qr_skew,
+        };
+        let t = Instant::now();
+        let d = {
+            let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+            decide(&tap, &dp, &modes, at, &mut replay)
+        };
+        self.metrics.decision_seconds.observe(t.elapsed());
+        let offline = !self.mqtt_connected.load(Ordering::Relaxed);
+        let mut record_template: TxRecord = d.to_record(&self.station, &self.gate, 0, params.versions, at);
+        record_template.replay_unchecked = d.qr.is_some() && offline;
+        let shown_fen = match (d.kind, d.direction) {
+            (DecisionKind::Reject, _) => d.fare_fen,
+            (_, Direction::Exit) => d.fare_fen,
+            (_, Direction::Entry) => d.balance_after.or(d.balance_before).unwrap_or(0),
+        };
+        let store = self.store.clone();
+        let t = Instant::now();
+        // The display is written while the record is flushed (it opens nothing); the coil only
+        // after the record is durable.
+        let (appended, shown) = tokio::join!(
+            tokio::task::spawn_blocking(move || {
+                store.append(|seq| {
+                    record_template.gate_seq = seq;
+                    record_template.canonical_bytes()
+                })
+            }),
+            self.plc.show(d.reason.code(), shown_fen)
+        );
+        self.metrics.outbox_flush_seconds.observe(t.elapsed());
+        if let Err(e) = shown {
+            tracing::warn!(error = %e, "display write failed");
+        }
+        let seq = match appended.map_err(|e| StoreError::Batch(format!("append task failed: {e}")))? {
+            Ok(seq) => seq,
+            Err(StoreError::Full { .. }) => return Ok(self.refuse(&tap, Reason::OutboxFull)),
+            Err(e) => return Err(e),
+        };
+        self.update_outbox_metrics();
+        self.new_records.notify_one();
+        let accepted = d.accepted();
+        if !accepted {
+            self.rejects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics.decision(accepted, d.reason.as_str(), d.media.as_str(), d.direction.as_str());
+        if let (Some(claims), true) = (d.qr, accepted) {
+            let _ = self.out.send(Outgoing::QrUsed(QrUsed {
+                issuer: claims.issuer,
+                account: claims.account,
+                nonce: claims.nonce,
+                expires_at: claims.expires_at,
+                gate: self.gate.clone(),
+            }));
+        }
+        let flap = match d.kind {
+            DecisionKind::OpenEntry => Some(Flap::Open { aisle: Direction::Entry }),
+            DecisionKind::OpenExit => Some(Flap::Open { aisle: Direction::Exit }),
+            DecisionKind::Reject => None,
+        };
+        Ok(TapOutcome {
+            response: ReaderResponse {
+                decision: d.kind,
+                reason: d.reason,
+                fare_fen: d.fare_fen,
+                card_write: d.card_write,
+                gate_seq: Some(seq),
+            },
+            flap,
+            started,
+        })
+    }
+
+    /// Runs the flap command of a tap (after its record is durable).
+    pub async fn run_flap(&self, outcome: &TapOutcome) {
+        let Some(flap) = outcome.flap else { return };
+        let r = match flap {
+            Flap::Open { aisle } => {
+                let r = self.plc.open_coil(aisle).await;
+                if r.is_ok() {
+                    self.metrics.tap_to_flap_seconds.observe(outcome.started.elapsed());
+                }
+                r
+            }
+            Flap::Show { display_code, display_fen } => self.plc.show(display_code, display_fen).await,
+        };
+        if let Err(e) = r {
+            if !matches!(e, PlcError::Offline) || matches!(flap, Flap::Open { .. }) {
+                tracing::error!(error = %e, ?flap, seq = ?outcome.response.gate_seq, "flap command failed");
+            }
+        }
+    }
+
+    fn update_outbox_metrics(&self) {
+        self.metrics.outbox_depth.store(self.store.depth(), Ordering::Relaxed);
+        self.metrics.outbox_bytes.store(self.store.bytes(), Ordering::Relaxed);
+        self.metrics.outbox_capacity_bytes.store(self.store.capacity(), Ordering::Relaxed);
+        let near = self.store.above(self.near_full_percent);
+        if near != self.near_full_raised.swap(near, Ordering::Relaxed) {
+            if near {
+                tracing::warn!(bytes = self.store.bytes(), "outbox near full");
+                self.metrics.event("outbox_near_full");
+            }
+            self.event(AlarmKind::OutboxNearFull, !near, Some(format!("{} bytes", self.store.bytes())));
+        }
+    }
+
+    /// Hands an alarm to the MQTT task.
+    pub fn event(&self, kind: AlarmKind, cleared: bool, detail: Option<String>) {
+        let _ = self.out.send(Outgoing::Event(GateEvent { at: now(), kind, cleared, detail }));
+    }
+
+    /// The controllers committed every gate_seq up to `through`: drop them from the outbox.
+    pub fn on_tx_ack(&self, through: u64) -> Result<usize, StoreError> {
+        let n = self.store.ack(through)?;
+        self.metrics.acked_seq.fetch_max(through, Ordering::Relaxed);
+        self.update_outbox_metrics();
+        Ok(n)
+    }
+
+    /// A new mode message: ignore a stale one, persist, swap the mode state, drive the outputs.
+    pub async fn apply_mode(&self, msg: ModeMessage) -> Result<(), StoreError> {
+        {
+            let held = self.modes.read().unwrap_or_else(|p| p.into_inner()).0;
+            if msg.version != 0 && msg.version < held {
+                tracing::debug!(version = msg.version, held, "stale mode message ignored");
+                return Ok(());
+            }
+        }
+        self.store.put_state("mode", &wire::encode(&msg))?;
+        let state = mode_state(self.station_code, &msg);
+        tracing::info!(bits = %msg.bits, version = msg.version, "station mode");
+        *self.modes.write().unwrap_or_else(|p| p.into_inner()) = (msg.version, Arc::new(state));
+        self.sync_outputs().await;
+        Ok(())
+    }
+
+    /// Whether the agent holds the flaps open (modes, controller loss; the hard-wired emergency
+    /// input is handled by the PLC task on its own).
+    pub fn free_passage(&self) -> bool {
+        self.free_passage.load(Ordering::Relaxed)
+    }
+
+    /// Called about once a second with how long the controllers have been unreachable (`None`
+    /// while connected): frees the passage past the gate_config limit, restores it on return.
+    pub async fn controller_loss(&self, for_how_long: Option<std::time::Duration>) {
+        let limit = self.params.in_force(now()).gate_config.release_on_controller_loss_secs;
+        let lost = match (limit, for_how_long) {
+            (Some(l), Some(d)) => d.as_secs() >= l,
+            _ => false,
+        };
+        if lost != self.controller_lost.swap(lost, Ordering::Relaxed) {
+            if lost {
+                tracing::warn!(?for_how_long, "controllers lost too long: freeing the passage");
+            } else {
+                tracing::info!("controllers back: passage restored");
+            }
+            self.event(AlarmKind::ControllerLost, !lost, None);
+            self.sync_outputs().await;
+        }
+    }
+
+    /// Applies the gate_config in force (direction) to the settings and the PLC.
+    pub async fn apply_gate_config(&self) {
+        let cfg = self.params.in_force(now()).gate_config.clone();
+        if let Some(d) = cfg.direction {
+            self.settings.lock().unwrap_or_else(|p| p.into_inner()).direction = d;
+        }
+        self.sync_outputs().await;
+    }
+
+    /// QR codes used at other gates of the station: remember them for the replay check.
+    pub fn on_qr_used(&self, batch: &QrUsedBatch) {
+        let at = now();
+        let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        for u in batch.entries.iter().filter(|u| u.gate != self.gate) {
+            replay.insert_seen(
+                ReplayKey { issuer: u.issuer, account: u.account, nonce: u.nonce },
+                u.expires_at,
+                at,
+            );
+        }
+    }
+
+    /// Executes an operator command at most once per id and says how it went.
+    pub async fn command(&self, cmd: &Command) -> CommandAck {
+        let ack = |result, detail: Option<String>| CommandAck { id: cmd.id.clone(), result, detail };
+        {
+            let mut recent = self.recent_commands.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.contains(&cmd.id) {
+                return ack(CommandResult::Ok, Some("already executed".into()));
+            }
+            if cmd.is_expired(now()) {
+                return ack(CommandResult::Expired, None);
+            }
+            recent.push_back(cmd.id.clone());
+            if recent.len() > COMMAND_MEMORY {
+                recent.pop_front();
+            }
+        }
+        tracing::info!(id = %cmd.id, command = cmd.command.as_str(), "operator command");
+        let result = match cmd.command {
+            CommandKind::OpenOnceEntry | CommandKind::OpenOnceExit => {
+                let aisle = if cmd.command == CommandKind::OpenOnceEntry {
+                    Direction::Entry
+                } else {
+                    Direction::Exit
+                };
+                if self.modes().bits_at(self.station_code, now()).has(ModeBits::EMERGENCY_RELEASE) {
+                    return ack(
+                        CommandResult::Rejected,
+                        Some("flaps are held open by emergency release".into()),
+                    );
+                }
+                self.plc.open(aisle, Reason::Ok.code(), 0).await
+            }
+            CommandKind::SetDirection { direction } => {
+                self.settings.lock().unwrap_or_else(|p| p.into_inner()).direction = direction;
+                self.plc.set_direction(direction).await
+            }
+            CommandKind::OutOfService | CommandKind::InService => {
+                let on = cmd.command == CommandKind::OutOfService;
+                self.settings.lock().unwrap_or_else(|p| p.into_inner()).in_service = !on;
+                self.plc.set_out_of_service(on).await
+            }
+        };
+        match result {
+            Ok(()) => ack(CommandResult::Ok, None),
+            Err(e) => ack(CommandResult::Failed, Some(e.to_string())),
+        }
+    }
+}
+
+/// The mode state a message describes: its history, then the current bits of this station.
+pub fn mode_state(station: StationCode, m: &ModeMessage) -> ModeState {
+    let mut s = ModeState { periods: m.history.clone() };
+    s.set(station, m.bits, m.since);
+    s
+}
+
+/// The record a tap would produce, for tests that check what was stored.
+pub fn decode_record(bytes: &[u8]) -> Option<TxRecord> {
+    TxRecord::from_canonical(bytes).ok()
+}

@@ -1,0 +1,156 @@
+//! The gate agent: one per gate (ticket barrier). It decides every tap locally with the shared
+//! decision engine, keeps every transaction in a durable outbox until the station ledger has it,
+//! drives the flaps through the gate PLC over Modbus TCP, and talks to the station controllers over
+//! MQTT. It keeps deciding whatever is down above it.
+//!
+//! Code map:
+//! - [`config`]: the TOML configuration, read and validated once.
+//! - [`gate`]: one tap from reader to flap; modes, operator commands, tx acks.
+//! - [`reader`]: the card reader interface (SPEC §7), JSON lines over local TCP.
+//! - [`store`]: the durable outbox (gate_seq, records until acked) and parameter slots (sled).
+//! - [`params`]: parameter packages: verification, pending/active, the switch at `effective_from`.
+//! - [`mqtt`]: session, birth/will, heartbeats, uploads, downloads, commands (rumqttc).
+//! - [`plc`]: the Modbus task that owns the PLC connection; commands, polling, alarms.
+//! - [`hardware`]: the PLC register map (SPEC §6) and hardware profiles.
+//! - [`plc_sim`]: a simulated gate PLC (Modbus TCP server) with fault injection.
+//! - [`reader_sim`]: a simulated card reader producing realistic taps.
+//! - [`metrics`]: Prometheus series and the `/metrics` + `/healthz` listener.
+//!
+//! [`run`] wires them together; `main.rs` only parses flags, loads the configuration, binds the
+//! listeners and turns signals into a cancellation.
+
+pub mod config;
+pub mod gate;
+pub mod hardware;
+pub mod metrics;
+pub mod mqtt;
+pub mod params;
+pub mod plc;
+pub mod plc_sim;
+pub mod reader;
+pub mod reader_sim;
+pub mod store;
+
+use std::sync::Arc;
+
+use afc_domain::qr::QrSkew;
+use afc_domain::wire::{HardwareInfo, PlcEndpoint};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::gate::{Gate, GateParts};
+use crate::metrics::Metrics;
+use crate::params::{Params, ParamsError};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+}
+
+/// The sockets the agent serves, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    pub reader: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+/// What a running agent exposes to its caller (tests look inside).
+pub struct Running {
+    pub gate: Arc<Gate>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Starts every task of the agent; they run until `cancel` fires.
+pub async fn start(
+    config: &Config,
+    listeners: Listeners,
+    cancel: CancellationToken,
+) -> Result<Running, RunError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| RunError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    let metrics = Metrics::new();
+    let store = Arc::new(Store::open(&config.data_dir.join("store"), config.outbox.max_bytes)?);
+    let (acks_tx, acks_rx) = tokio::sync::mpsc::unbounded_channel();
+    let params = Arc::new(Params::open(store.clone(), config.trusted_keys()?, metrics.clone(), acks_tx)?);
+    let plc_config = config.plc_config()?;
+    let unit_id = plc_config.map.unit_id;
+    let plc = plc::spawn(plc_config, metrics.clone(), cancel.clone());
+    let plc_events = plc.subscribe_events();
+    let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+    let gate = Arc::new(Gate::new(GateParts {
+        station: config.station.clone(),
+        gate: config.gate.clone(),
+        station_code: config.station_code,
+        store,
+        params,
+        plc,
+        metrics: metrics.clone(),
+        qr_skew: QrSkew::from_millis(config.qr.skew_ms),
+        replay_capacity: config.qr.replay_capacity,
+        direction: config.direction,
+        near_full_percent: config.outbox.near_full_percent,
+        out: out_tx,
+    }));
+    let settings = mqtt::MqttSettings {
+        brokers: config.mqtt.brokers.clone(),
+        client_id: config.mqtt.client_id.clone().unwrap_or_else(|| config.gate.to_string()),
+        credentials: match (&config.mqtt.username, config.mqtt_password()?) {
+            (Some(u), Some(p)) => Some((u.clone(), p)),
+            (Some(u), None) => Some((u.clone(), String::new())),
+            _ => None,
+        },
+        keep_alive: std::time::Duration::from_secs(config.mqtt.keep_alive_secs),
+        heartbeat: std::time::Duration::from_secs(config.mqtt.heartbeat_secs.max(1)),
+        batch_records: config.mqtt.batch_records.max(1),
+        ack_timeout: std::time::Duration::from_millis(config.mqtt.ack_timeout_ms),
+        backoff_max: std::time::Duration::from_millis(config.mqtt.reconnect_backoff_max_ms),
+        package_timeout: std::time::Duration::from_millis(config.mqtt.package_timeout_ms),
+        hardware: HardwareInfo {
+            profile: config
+                .plc
+                .profile_file
+                .as_ref()
+                .and_then(|p| p.file_stem())
+                .map_or_else(|| "default".to_owned(), |s| s.to_string_lossy().into_owned()),
+            plc: PlcEndpoint { address: config.plc.address.to_string(), unit_id },
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+    };
+    mqtt::spawn(
+        settings,
+        gate.clone(),
+        config.signing_key()?,
+        metrics.clone(),
+        out_rx,
+        acks_rx,
+        plc_events,
+        cancel.clone(),
+    );
+    tokio::spawn(reader::serve(listeners.reader, gate.clone(), metrics.clone(), cancel.clone()));
+    if let Some(l) = listeners.metrics {
+        tokio::spawn(metrics::serve(l, metrics.clone(), cancel.clone()));
+    }
+    let g = gate.clone();
+    tokio::spawn(async move { g.sync_outputs().await });
+    tracing::info!(station = %config.station, gate = %config.gate, "gate agent started");
+    Ok(Running { gate, metrics })
+}
+
+/// Runs the agent until `cancel` fires, then flushes the store.
+pub async fn run(config: &Config, listeners: Listeners, cancel: CancellationToken) -> Result<(), RunError> {
+    let running = start(config, listeners, cancel.clone()).await?;
+    cancel.cancelled().await;
+    tracing::info!("shutting down: flushing the store");
+    running.gate.store().flush()?;
+    tracing::info!("gate agent stopped");
+    Ok(())
+}

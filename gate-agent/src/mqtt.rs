@@ -1,0 +1,641 @@
+//! The gate's MQTT side (SPEC §5): session, uploads, parameter downloads, modes and commands.
+//!
+//! Named tasks, each with one job:
+//! - `mqtt-eventloop` owns the rumqttc `EventLoop` and only polls it: it never awaits anything that
+//!   could stall polling. Incoming publishes go to `mqtt-inbox` over an unbounded channel;
+//!   connection changes go out on a watch. On an error it backs off and tries the next broker.
+//! - `mqtt-session` reacts to every ConnAck: renews the subscriptions, publishes the retained birth
+//!   status (the will says `{online:false}`), and sends heartbeats, alarms and `params/ack`.
+//! - `mqtt-inbox` handles each message, persists its effect, and only then acks it (manual acks):
+//!   parameter pointers and chunks, modes, commands, tx acks, used QR codes. A malformed message is
+//!   counted, logged, acked and skipped.
+//! - `mqtt-upload` sends the outbox in gate_seq order as signed batches on `gates/{gate}/tx` and
+//!   waits for `tx/ack`; without an ack in time it sends again from the acknowledged point (the
+//!   ledger de-duplicates on gate_seq). Records stay in the outbox, never in the client's queue.
+//!
+//! Sessions are clean: what matters survives in the gate's own storage (the outbox) or is retained
+//! on the broker (pointers, chunks, mode) and comes back on re-subscription.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use afc_domain::ledger::{sign_batch, TxRecord};
+use afc_domain::model::{Ident, ParamKind};
+use afc_domain::package::{Reassembler, MAX_CHUNK_BYTES};
+use afc_domain::topic::{filters, Topic};
+use afc_domain::wire::{
+    self, AlarmKind, Command, GateBirth, GateCounters, GateStatus, HardwareInfo, Heartbeat, ModeMessage,
+    ParamPointer, ParamState, ParamsAck, QrUsedBatch, TxAck, TxBatch, MAX_PAYLOAD,
+};
+use ed25519_dalek::SigningKey;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::split_host_port;
+use crate::gate::{now, Gate, Outgoing};
+use crate::metrics::Metrics;
+use crate::plc::PlcEvent;
+
+/// Settings of the MQTT side.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    pub brokers: Vec<String>,
+    pub client_id: String,
+    pub credentials: Option<(String, String)>,
+    pub keep_alive: Duration,
+    pub heartbeat: Duration,
+    pub batch_records: usize,
+    pub ack_timeout: Duration,
+    pub backoff_max: Duration,
+    pub package_timeout: Duration,
+    pub hardware: HardwareInfo,
+}
+
+/// Largest incoming packet: a 256 KiB chunk plus topic and headers, with room to spare.
+pub const MAX_INCOMING_PACKET: usize = MAX_CHUNK_BYTES + 64 * 1024;
+/// Largest outgoing packet: a transaction batch of at most [`MAX_PAYLOAD`] plus headers.
+pub const MAX_OUTGOING_PACKET: usize = MAX_PAYLOAD + 64 * 1024;
+/// Most bytes of records per batch (keeps the JSON well under [`MAX_PAYLOAD`]).
+const BATCH_RECORD_BYTES: usize = 256 * 1024;
+/// Alarms kept while the broker is unreachable.
+const MAX_QUEUED_OUT: usize = 1000;
+
+fn options(s: &MqttSettings, broker: &str, will: &[u8], will_topic: &str) -> MqttOptions {
+    let (host, port) = split_host_port(broker).unwrap_or_else(|_| ("127.0.0.1".into(), 1883));
+    let mut o = MqttOptions::new(s.client_id.clone(), host, port);
+    o.set_keep_alive(s.keep_alive.max(Duration::from_secs(1)));
+    o.set_clean_session(true);
+    o.set_manual_acks(true);
+    o.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+    o.set_last_will(LastWill::new(will_topic, will.to_vec(), QoS::AtLeastOnce, true));
+    if let Some((u, p)) = &s.credentials {
+        o.set_credentials(u.clone(), p.clone());
+    }
+    o
+}
+
+/// Starts every MQTT task. `out` carries the gate's alarms and used QR codes, `acks` the
+/// parameter reports.
+#[allow(clippy::too_many_arguments)] // each is one independent input of the MQTT side
+pub fn spawn(
+    settings: MqttSettings,
+    gate: Arc<Gate>,
+    key: SigningKey,
+    metrics: Arc<Metrics>,
+    out: mpsc::UnboundedReceiver<Outgoing>,
+    acks: mpsc::UnboundedReceiver<ParamsAck>,
+    plc_events: tokio::sync::broadcast::Receiver<PlcEvent>,
+    cancel: CancellationToken,
+) {
+    let session = hex::encode(rand::random::<[u8; 8]>());
+    let status_topic =
+        Topic::GateStatus { station: gate.station.clone(), gate: gate.gate.clone() }.to_string();
+    let will = wire::encode(&GateStatus::Offline { session: session.clone() });
+    let first = settings.brokers.first().cloned().unwrap_or_default();
+    let (client, eventloop) = AsyncClient::new(options(&settings, &first, &will, &status_topic), 256);
+    let (conn_tx, conn_rx) = watch::channel(0u64);
+    let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+    let (subs_tx, subs_rx) = mpsc::unbounded_channel();
+    let uploaded = Notify::new();
+    let ctx = Arc::new(Ctx { settings, gate, client, metrics, session, conn: conn_rx, uploaded });
+    tokio::spawn(eventloop_task(
+        ctx.clone(),
+        eventloop,
+        will,
+        status_topic,
+        conn_tx,
+        inbox_tx,
+        cancel.clone(),
+    ));
+    tokio::spawn(session_task(ctx.clone(), out, acks, plc_events, subs_rx, cancel.clone()));
+    tokio::spawn(inbox_task(ctx.clone(), inbox_rx, subs_tx, cancel.clone()));
+    tokio::spawn(upload_task(ctx, key, cancel));
+}
+
+struct Ctx {
+    settings: MqttSettings,
+    gate: Arc<Gate>,
+    client: AsyncClient,
+    metrics: Arc<Metrics>,
+    session: String,
+    /// Connection generation: odd while connected (bumped on every ConnAck and every loss).
+    conn: watch::Receiver<u64>,
+    /// Woken when a tx/ack arrives.
+    uploaded: Notify,
+}
+
+impl Ctx {
+    fn connected(&self) -> bool {
+        *self.conn.borrow() % 2 == 1
+    }
+
+    fn topic(&self, f: impl FnOnce(Ident, Ident) -> Topic) -> String {
+        f(self.gate.station.clone(), self.gate.gate.clone()).to_string()
+    }
+
+    async fn publish(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) {
+        if let Err(e) = self.client.publish(topic.clone(), qos, retain, payload).await {
+            tracing::warn!(%topic, error = %e, "publish failed");
+        }
+    }
+}
+
+async fn eventloop_task(
+    ctx: Arc<Ctx>,
+    mut eventloop: EventLoop,
+    will: Vec<u8>,
+    will_topic: String,
+    conn: watch::Sender<u64>,
+    inbox: mpsc::UnboundedSender<Publish>,
+    cancel: CancellationToken,
+) {
+    tracing::info!("mqtt-eventloop task started");
+    let mut backoff = Duration::from_millis(100);
+    let mut broker = 0usize;
+    loop {
+        let ev = tokio::select! {
+            () = cancel.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(broker = %ctx.settings.brokers[broker], "mqtt connected");
+                conn.send_modify(|g| *g = if *g % 2 == 0 { *g + 1 } else { *g + 2 });
+                ctx.metrics.mqtt_connected.store(true, Ordering::Relaxed);
+                ctx.gate.mqtt_connected.store(true, Ordering::Relaxed);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let _ = inbox.send(p);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if *conn.borrow() % 2 == 1 {
+                    tracing::warn!(error = %e, "mqtt connection lost");
+                    conn.send_modify(|g| *g += 1);
+                } else {
+                    tracing::debug!(error = %e, "mqtt connect failed");
+                }
+                ctx.metrics.mqtt_connected.store(false, Ordering::Relaxed);
+                ctx.gate.mqtt_connected.store(false, Ordering::Relaxed);
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ctx.settings.backoff_max);
+                if ctx.settings.brokers.len() > 1 {
+                    broker = (broker + 1) % ctx.settings.brokers.len();
+                    eventloop.mqtt_options =
+                        options(&ctx.settings, &ctx.settings.brokers[broker], &will, &will_topic);
+                }
+            }
+        }
+    }
+    tracing::info!("mqtt-eventloop task stopped");
+}
+
+/// Subscriptions the inbox adds and drops (chunk filters of downloads in progress).
+enum SubChange {
+    Add(String),
+    Remove(String),
+}
+
+async fn session_task(
+    ctx: Arc<Ctx>,
+    mut out: mpsc::UnboundedReceiver<Outgoing>,
+    mut acks: mpsc::UnboundedReceiver<ParamsAck>,
+    mut plc_events: tokio::sync::broadcast::Receiver<PlcEvent>,
+    mut subs: mpsc::UnboundedReceiver<SubChange>,
+    cancel: CancellationToken,
+) {
+    tracing::info!("mqtt-session task started");
+    let mut conn = ctx.conn.clone();
+    let mut heartbeat = tokio::time::interval(ctx.settings.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hb_seq = 0u64;
+    let mut lost_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    let mut loss_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut extra_subs: Vec<String> = Vec::new();
+    let mut queued: VecDeque<(String, Vec<u8>)> = VecDeque::new();
+    let mut alarms: BTreeMap<AlarmKind, bool> = BTreeMap::new();
+    let g = &ctx.gate;
+    let events_topic = ctx.topic(|station, gate| Topic::GateEvents { station, gate });
+    let qr_topic = ctx.topic(|station, gate| Topic::GateQrUsed { station, gate });
+    let ack_topic = ctx.topic(|station, gate| Topic::GateParamsAck { station, gate });
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            changed = conn.changed() => {
+                if changed.is_err() { break; }
+                if !ctx.connected() { continue; }
+                let mut topics = filters::gate_subscriptions(&g.station, &g.gate);
+                topics.extend(extra_subs.iter().cloned());
+                for t in topics {
+                    if let Err(e) = ctx.client.subscribe(t.clone(), QoS::AtLeastOnce).await {
+                        tracing::warn!(topic = %t, error = %e, "subscribe failed");
+                    }
+                }
+                let birth = GateStatus::Online(GateBirth {
+                    session: ctx.session.clone(),
+                    versions: g.params.versions(),
+                    hardware: ctx.settings.hardware.clone(),
+                });
+                let status = ctx.topic(|station, gate| Topic::GateStatus { station, gate });
+                ctx.publish(status, QoS::AtLeastOnce, true, wire::encode(&birth)).await;
+                while let Some((topic, payload)) = queued.pop_front() {
+                    ctx.publish(topic, QoS::AtLeastOnce, false, payload).await;
+                }
+            }
+            Some(change) = subs.recv() => match change {
+                SubChange::Add(f) => {
+                    if ctx.connected() {
+                        let _ = ctx.client.subscribe(f.clone(), QoS::AtLeastOnce).await;
+                    }
+                    extra_subs.push(f);
+                }
+                SubChange::Remove(f) => {
+                    extra_subs.retain(|x| *x != f);
+                    if ctx.connected() {
+                        let _ = ctx.client.unsubscribe(f).await;
+                    }
+                }
+            },
+            Some(o) = out.recv() => {
+                let (topic, payload) = match o {
+                    Outgoing::Event(e) => {
+                        alarms.insert(e.kind, !e.cleared);
+                        (events_topic.clone(), wire::encode(&e))
+                    }
+                    Outgoing::QrUsed(u) => (qr_topic.clone(), wire::encode(&QrUsedBatch { entries: vec![u] })),
+                };
+                if ctx.connected() {
+                    ctx.publish(topic, QoS::AtLeastOnce, false, payload).await;
+                } else if queued.len() < MAX_QUEUED_OUT {
+                    queued.push_back((topic, payload));
+                }
+            }
+            Some(a) = acks.recv() => {
+                let payload = wire::encode(&a);
+                if ctx.connected() {
+                    ctx.publish(ack_topic.clone(), QoS::AtLeastOnce, false, payload).await;
+                } else if queued.len() < MAX_QUEUED_OUT {
+                    queued.push_back((ack_topic.clone(), payload));
+                }
+            }
+            ev = plc_events.recv() => {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "plc events lagged");
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                let (kind, cleared, detail) = match ev {
+                    PlcEvent::Offline => (AlarmKind::PlcOffline, false, None),
+                    PlcEvent::Online => (AlarmKind::PlcOffline, true, None),
+                    PlcEvent::Tailgating(n) => (AlarmKind::Tailgating, false, Some(format!("{n} detections"))),
+                    PlcEvent::ForcedPassage(a) => (AlarmKind::ForcedPassage, false, Some(a.as_str().to_owned())),
+                    PlcEvent::DoorFault(on) => (AlarmKind::DoorFault, !on, None),
+                    PlcEvent::EmergencyInput(on) => (AlarmKind::EmergencyInput, !on, None),
+                };
+                g.event(kind, cleared, detail);
+            }
+            _ = loss_tick.tick() => {
+                if ctx.connected() {
+                    lost_since = None;
+                } else if lost_since.is_none() {
+                    lost_since = Some(tokio::time::Instant::now());
+                }
+                g.controller_loss(lost_since.map(|t| t.elapsed())).await;
+            }
+            _ = heartbeat.tick() => {
+                if !ctx.connected() { continue; }
+                hb_seq += 1;
+                let inputs = g.plc().last_inputs();
+                let hb = Heartbeat {
+                    at: now(),
+                    seq: hb_seq,
+                    counters: GateCounters {
+                        taps: g.taps.load(Ordering::Relaxed),
+                        entries: u64::from(inputs.entries_total),
+                        exits: u64::from(inputs.exits_total),
+                        rejects: g.rejects.load(Ordering::Relaxed),
+                        tailgating: u64::from(inputs.tailgating_total),
+                        forced_passage: ctx.metrics.events("forced_passage"),
+                    },
+                    outbox_depth: g.store().depth(),
+                    outbox_bytes: g.store().bytes(),
+                    plc_online: g.plc().online(),
+                    direction: g.direction(),
+                    in_service: g.in_service(),
+                    free_passage: g.free_passage() || inputs.emergency_input,
+                    alarms: alarms.iter().filter(|(_, on)| **on).map(|(k, _)| *k).collect(),
+                };
+                let topic = ctx.topic(|station, gate| Topic::GateHeartbeat { station, gate });
+                ctx.publish(topic, QoS::AtMostOnce, false, wire::encode(&hb)).await;
+            }
+        }
+    }
+    tracing::info!("mqtt-session task stopped");
+}
+
+/// A package being downloaded.
+struct Download {
+    version: u64,
+    reassembler: Reassembler,
+    filter: String,
+    deadline: tokio::time::Instant,
+}
+
+async fn inbox_task(
+    ctx: Arc<Ctx>,
+    mut inbox: mpsc::UnboundedReceiver<Publish>,
+    subs: mpsc::UnboundedSender<SubChange>,
+    cancel: CancellationToken,
+) {
+    tracing::info!("mqtt-inbox task started");
+    let g = ctx.gate.clone();
+    let mut station_ptr: BTreeMap<ParamKind, ParamPointer> = BTreeMap::new();
+    let mut gate_ptr: BTreeMap<ParamKind, ParamPointer> = BTreeMap::new();
+    let mut downloads: BTreeMap<ParamKind, Download> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let p = tokio::select! {
+            () = cancel.cancelled() => break,
+            p = inbox.recv() => match p { Some(p) => p, None => break },
+            _ = tick.tick() => {
+                let at = tokio::time::Instant::now();
+                let expired: Vec<ParamKind> =
+                    downloads.iter().filter(|(_, d)| d.deadline <= at).map(|(k, _)| *k).collect();
+                for kind in expired {
+                    if let Some(d) = downloads.remove(&kind) {
+                        let _ = subs.send(SubChange::Remove(d.filter));
+                        let missing = d.reassembler.missing();
+                        g.params.reject(kind, d.version, crate::params::Rejection::new(
+                            "chunks_missing",
+                            format!("{} chunks missing after {:?}", missing.len(), ctx.settings.package_timeout),
+                        ));
+                        g.event(AlarmKind::PackageRejected, false, Some(format!("{kind} v{}: chunks_missing", d.version)));
+                    }
+                }
+                // Switch any pending set whose time came, even with no tap to trigger it.
+                let before = g.params.in_force(now()).versions.gate_config;
+                g.params.activate_due(now());
+                if g.params.in_force(now()).versions.gate_config != before {
+                    g.apply_gate_config().await;
+                }
+                continue;
+            }
+        };
+        let topic = match Topic::parse(&p.topic) {
+            Ok(t) if t.station() == &g.station => t,
+            Ok(_) | Err(_) => {
+                ctx.metrics.malformed("mqtt");
+                tracing::warn!(topic = %p.topic, "message on an unexpected topic ignored");
+                let _ = ctx.client.ack(&p).await;
+                continue;
+            }
+        };
+        let payload = &p.payload[..];
+        let result: Result<(), String> = match topic {
+            Topic::ParamCurrent { kind, .. } | Topic::GateParamCurrent { kind, .. } => {
+                let per_gate = matches!(topic, Topic::GateParamCurrent { .. });
+                let map = if per_gate { &mut gate_ptr } else { &mut station_ptr };
+                if payload.is_empty() {
+                    map.remove(&kind);
+                    Ok(())
+                } else {
+                    match wire::decode::<ParamPointer>(payload) {
+                        Ok(ptr) => {
+                            map.insert(kind, ptr);
+                            let ptr = gate_ptr.get(&kind).or_else(|| station_ptr.get(&kind)).cloned();
+                            if let Some(ptr) = ptr {
+                                start_download(&ctx, kind, &ptr, &mut downloads, &subs);
+                            }
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            }
+            Topic::ParamChunk { kind, version, .. } => {
+                let done = match downloads.get_mut(&kind) {
+                    Some(d) if d.version == version => match d.reassembler.add(payload) {
+                        Ok(complete) => Ok(complete),
+                        Err(e) => Err((e.code(), e.to_string())),
+                    },
+                    _ => Ok(false),
+                };
+                match done {
+                    Ok(false) => Ok(()),
+                    Ok(true) | Err(_) => {
+                        let d = downloads.remove(&kind);
+                        if let Some(d) = d {
+                            let _ = subs.send(SubChange::Remove(d.filter.clone()));
+                            let outcome = match done {
+                                Err((code, msg)) => Err(crate::params::Rejection::new(code, msg)),
+                                _ => d
+                                    .reassembler
+                                    .finish()
+                                    .map_err(|e| crate::params::Rejection::new(e.code(), e.to_string())),
+                            };
+                            match outcome {
+                                Ok(bytes) => {
+                                    let params = g.params.clone();
+                                    let v = d.version;
+                                    let r = tokio::task::spawn_blocking(move || {
+                                        params.offer(kind, v, &bytes, now())
+                                    })
+                                    .await;
+                                    match r {
+                                        Ok(Ok(state)) => {
+                                            if state == ParamState::Active && kind == ParamKind::GateConfig {
+                                                g.apply_gate_config().await;
+                                            }
+                                        }
+                                        Ok(Err(rej)) => g.event(
+                                            AlarmKind::PackageRejected,
+                                            false,
+                                            Some(format!("{kind} v{v}: {}", rej.code)),
+                                        ),
+                                        Err(e) => tracing::error!(error = %e, "package check task failed"),
+                                    }
+                                }
+                                Err(rej) => {
+                                    g.event(
+                                        AlarmKind::PackageRejected,
+                                        false,
+                                        Some(format!("{kind} v{}: {}", d.version, rej.code)),
+                                    );
+                                    g.params.reject(kind, d.version, rej);
+                                }
+                            }
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            Topic::Mode { .. } => match wire::decode::<ModeMessage>(payload) {
+                Ok(m) => g.apply_mode(m).await.map_err(|e| e.to_string()),
+                Err(wire::WireError::Empty) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+            Topic::GateCmd { .. } => match wire::decode::<Command>(payload) {
+                Ok(cmd) => {
+                    let ack = g.command(&cmd).await;
+                    let t = ctx.topic(|station, gate| Topic::GateCmdAck { station, gate });
+                    ctx.publish(t, QoS::AtLeastOnce, false, wire::encode(&ack)).await;
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Topic::GateTxAck { .. } => match wire::decode::<TxAck>(payload) {
+                Ok(a) => {
+                    let r = g.on_tx_ack(a.through_seq).map(|_| ()).map_err(|e| e.to_string());
+                    ctx.uploaded.notify_one();
+                    r
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Topic::QrUsed { .. } => match wire::decode::<QrUsedBatch>(payload) {
+                Ok(b) => {
+                    g.on_qr_used(&b);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Topic::State { .. } => Ok(()),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            ctx.metrics.malformed("mqtt");
+            tracing::warn!(topic = %p.topic, error = %e, "message refused");
+        }
+        // Acked only now, after its effect is persisted (or it was refused for good).
+        if let Err(e) = ctx.client.ack(&p).await {
+            tracing::debug!(error = %e, "ack failed");
+        }
+    }
+    tracing::info!("mqtt-inbox task stopped");
+}
+
+fn start_download(
+    ctx: &Ctx,
+    kind: ParamKind,
+    ptr: &ParamPointer,
+    downloads: &mut BTreeMap<ParamKind, Download>,
+    subs: &mpsc::UnboundedSender<SubChange>,
+) {
+    let g = &ctx.gate;
+    if downloads.get(&kind).is_some_and(|d| d.version == ptr.version) || !g.params.wants(kind, ptr.version) {
+        return;
+    }
+    if let Some(old) = downloads.remove(&kind) {
+        let _ = subs.send(SubChange::Remove(old.filter));
+    }
+    let reassembler = ptr
+        .sha256_bytes()
+        .map_err(|e| crate::params::Rejection::new("bad_pointer", e.to_string()))
+        .and_then(|sha| {
+            Reassembler::new(sha, ptr.size, ptr.chunks)
+                .map_err(|e| crate::params::Rejection::new(e.code(), e.to_string()))
+        });
+    match reassembler {
+        Ok(reassembler) => {
+            let filter = filters::param_chunks_filter(&g.station, kind, ptr.version);
+            tracing::info!(%kind, version = ptr.version, chunks = ptr.chunks, size = ptr.size, "downloading package");
+            let _ = subs.send(SubChange::Add(filter.clone()));
+            downloads.insert(
+                kind,
+                Download {
+                    version: ptr.version,
+                    reassembler,
+                    filter,
+                    deadline: tokio::time::Instant::now() + ctx.settings.package_timeout,
+                },
+            );
+        }
+        Err(rej) => g.params.reject(kind, ptr.version, rej),
+    }
+}
+
+async fn upload_task(ctx: Arc<Ctx>, key: SigningKey, cancel: CancellationToken) {
+    tracing::info!("mqtt-upload task started");
+    let g = ctx.gate.clone();
+    let topic = ctx.topic(|station, gate| Topic::GateTx { station, gate });
+    let mut conn = ctx.conn.clone();
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        if !ctx.connected() {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = conn.changed() => {}
+            }
+            continue;
+        }
+        let after = match g.store().acked_through() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let store = g.store().clone();
+        let n = ctx.settings.batch_records;
+        let pending = tokio::task::spawn_blocking(move || store.pending(after, n, BATCH_RECORD_BYTES)).await;
+        let pending = match pending {
+            Ok(Ok(p)) => p,
+            other => {
+                tracing::error!(?other, "cannot read the outbox; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if pending.is_empty() {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = g.new_records.notified() => {}
+                _ = conn.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        let mut records: Vec<TxRecord> = Vec::with_capacity(pending.len());
+        for (seq, bytes) in &pending {
+            match TxRecord::from_canonical(bytes) {
+                Ok(r) => records.push(r),
+                Err(e) => tracing::error!(seq, error = %e, "outbox record unreadable; skipped in this batch"),
+            }
+        }
+        let last = pending.last().map_or(after, |(s, _)| *s);
+        let signature = hex::encode(sign_batch(&g.station, &g.gate, &records, &key));
+        let batch = TxBatch { station: g.station.clone(), gate: g.gate.clone(), records, signature };
+        let payload = wire::encode(&batch);
+        tracing::debug!(first = after + 1, last, bytes = payload.len(), "uploading batch");
+        ctx.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await;
+        // Wait for the ledger to acknowledge this batch, or time out and send again.
+        let deadline = tokio::time::Instant::now() + ctx.settings.ack_timeout;
+        loop {
+            if g.store().acked_through().unwrap_or(0) >= last {
+                break;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = ctx.uploaded.notified() => {}
+                _ = conn.changed() => break,
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(last, "no tx/ack in time; sending again");
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!("mqtt-upload task stopped");
+}

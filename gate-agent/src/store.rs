@@ -1,0 +1,337 @@
+//! The gate's durable storage: the transaction outbox, the gate_seq counter, and the parameter
+//! packages it holds. The only module that knows the storage engines, so they could be swapped.
+//!
+//! The outbox is an append-only log of framed records ([`log`]), one `fdatasync` per tap; sled
+//! holds the rest (the acknowledged point, parameter packages, small state).
+//!
+//! Outbox rules (SPEC §5, §7, §8):
+//! - `gate_seq` is assigned here and written inside the frame of the record it numbers, and
+//!   [`Store::append`] returns only after `fdatasync`. So a number is never used before it is
+//!   durable, and a record the reader was told about is never lost. After a restart the next
+//!   number is above both the last record in the log and the last acknowledged one.
+//! - Records leave only through [`Store::ack`], when the controllers' `tx/ack` covers them.
+//! - The outbox is bounded by bytes. Past the capacity, [`Store::append`] refuses with
+//!   [`StoreError::Full`] (the caller refuses the tap with `outbox_full`); nothing is dropped.
+//!
+//! Why not sled for the outbox: sled 0.34's `flush` ends with `sync_file_range` on Linux, which
+//! writes the pages but neither flushes the device's write cache nor commits metadata, so a record
+//! would need a second sync (an `fdatasync` after sled's own) on the path of every tap; the log
+//! needs one. Every sled flush here is still followed by an `fdatasync` of sled's data file
+//! ([`Store::sync`]): fsync works on the file, not the descriptor, so it covers what sled wrote.
+//!
+//! Parameter rules: a package is stored whole in one value, and switching pending → active is one
+//! atomic batch, so a crash mid-write leaves the previous set.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+mod log;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage error in a batch: {0}")]
+    Batch(String),
+    #[error("the outbox is full ({bytes} of {capacity} bytes)")]
+    Full { bytes: u64, capacity: u64 },
+    #[error("stored value {0} is corrupt")]
+    Corrupt(&'static str),
+}
+
+const ACKED_THROUGH: &[u8] = b"acked_through";
+
+/// Which slot of a parameter kind a package sits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Active,
+    Pending,
+}
+
+impl Slot {
+    fn as_str(self) -> &'static str {
+        match self {
+            Slot::Active => "active",
+            Slot::Pending => "pending",
+        }
+    }
+}
+
+fn param_key(kind: &str, slot: Slot) -> Vec<u8> {
+    format!("{kind}/{}", slot.as_str()).into_bytes()
+}
+
+pub struct Store {
+    db: sled::Db,
+    /// sled's data file, opened only to `fdatasync` it after each flush.
+    data_file: std::fs::File,
+    /// The record log, under a lock that also serializes gate_seq assignment.
+    outbox: Mutex<log::Log>,
+    /// The highest acknowledged gate_seq.
+    meta: sled::Tree,
+    /// `{kind}/{active|pending}` → package bytes; other small state by name.
+    params: sled::Tree,
+    capacity: u64,
+    /// Bytes the outbox holds (frames of unacknowledged records), mirrored for lock-free reads.
+    bytes: AtomicU64,
+    depth: AtomicU64,
+}
+
+fn be(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+fn read_u64(v: Option<sled::IVec>, what: &'static str) -> Result<Option<u64>, StoreError> {
+    match v {
+        None => Ok(None),
+        Some(b) => {
+            let arr: [u8; 8] = b.as_ref().try_into().map_err(|_| StoreError::Corrupt(what))?;
+            Ok(Some(u64::from_be_bytes(arr)))
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`; the outbox may hold up to `capacity` bytes.
+    pub fn open(dir: &Path, capacity: u64) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::LowSpace)
+            .cache_capacity(8 * 1024 * 1024)
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        let params = db.open_tree("params")?;
+        let data_file = std::fs::File::open(dir.join("db"))?;
+        let acked = read_u64(meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0);
+        let outbox = log::Log::open(&dir.join("outbox"), acked)?;
+        let bytes = AtomicU64::new(outbox.live_bytes());
+        let depth = AtomicU64::new(outbox.live_count() as u64);
+        Ok(Store { db, data_file, outbox: Mutex::new(outbox), meta, params, capacity, bytes, depth })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes the outbox holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records waiting for an ack.
+    pub fn depth(&self) -> u64 {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    /// Whether a record of about `len` bytes still fits.
+    pub fn has_room(&self, len: usize) -> bool {
+        self.bytes() + log::Log::cost(len) <= self.capacity
+    }
+
+    /// Whether the outbox is past `percent` of its capacity (the near-full alarm).
+    pub fn above(&self, percent: u64) -> bool {
+        self.bytes().saturating_mul(100) >= self.capacity.saturating_mul(percent)
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, log::Log> {
+        // The log's state is updated only after each I/O succeeded; after a panic it is still
+        // consistent with the files.
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The gate_seq the next record will get.
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.log().last_seq().max(self.acked_through()?) + 1)
+    }
+
+    /// Numbers a record, writes it and `fdatasync`s it; returns its gate_seq once durable. `make`
+    /// builds the record bytes from its gate_seq.
+    pub fn append(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
+        let acked = self.acked_through()?;
+        let mut log = self.log();
+        let seq = log.last_seq().max(acked) + 1;
+        let record = make(seq);
+        let cost = log::Log::cost(record.len());
+        let bytes = log.live_bytes();
+        if bytes + cost > self.capacity {
+            return Err(StoreError::Full { bytes, capacity: self.capacity });
+        }
+        log.append(seq, &record)?;
+        self.bytes.store(log.live_bytes(), Ordering::Relaxed);
+        self.depth.store(log.live_count() as u64, Ordering::Relaxed);
+        Ok(seq)
+    }
+
+    /// Up to `max_records` records (and about `max_bytes`, at least one) after `after`, in
+    /// gate_seq order.
+    pub fn pending(
+        &self,
+        after: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self.log().read(after, max_records, max_bytes)?)
+    }
+
+    /// Removes every record with gate_seq ≤ `through`; returns how many were removed. The
+    /// acknowledged point is made durable first, so the numbers stay above it after a restart.
+    pub fn ack(&self, through: u64) -> Result<usize, StoreError> {
+        let prev = self.acked_through()?;
+        if through > prev {
+            self.meta.insert(ACKED_THROUGH, &be(through))?;
+            self.sync()?;
+        }
+        let mut log = self.log();
+        let removed = log.ack(through)?;
+        self.bytes.store(log.live_bytes(), Ordering::Relaxed);
+        self.depth.store(log.live_count() as u64, Ordering::Relaxed);
+        Ok(removed)
+    }
+
+    /// The highest gate_seq acknowledged so far (0 before any).
+    pub fn acked_through(&self) -> Result<u64, StoreError> {
+        Ok(read_u64(self.meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0))
+    }
+
+    /// Flushes whatever is buffered (acks, small state).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.sync()
+    }
+
+    /// sled's flush, then an `fdatasync` of its data file, so what was written survives a power
+    /// cut and not only a process crash.
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
+    }
+
+    /// The package held in a slot of a parameter kind.
+    pub fn param(&self, kind: &str, slot: Slot) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.params.get(param_key(kind, slot))?.map(|v| v.to_vec()))
+    }
+
+    /// Stores a verified package in a slot, durably.
+    pub fn put_param(&self, kind: &str, slot: Slot, package: &[u8]) -> Result<(), StoreError> {
+        self.params.insert(param_key(kind, slot), package)?;
+        self.sync()?;
+        Ok(())
+    }
+
+    /// Makes the pending package of `kind` the active one, in one atomic batch.
+    pub fn activate_pending(&self, kind: &str) -> Result<bool, StoreError> {
+        let Some(p) = self.params.get(param_key(kind, Slot::Pending))? else { return Ok(false) };
+        let mut batch = sled::Batch::default();
+        batch.insert(param_key(kind, Slot::Active), p);
+        batch.remove(param_key(kind, Slot::Pending));
+        self.params.apply_batch(batch)?;
+        self.sync()?;
+        Ok(true)
+    }
+
+    /// Writes a kind's active set and (optionally) removes its pending package, in one atomic
+    /// batch, flushed.
+    pub fn set_active(&self, kind: &str, value: &[u8], clear_pending: bool) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(param_key(kind, Slot::Active), value);
+        if clear_pending {
+            batch.remove(param_key(kind, Slot::Pending));
+        }
+        self.params.apply_batch(batch)?;
+        self.sync()?;
+        Ok(())
+    }
+
+    /// Drops a kind's pending package.
+    pub fn clear_pending(&self, kind: &str) -> Result<(), StoreError> {
+        self.params.remove(param_key(kind, Slot::Pending))?;
+        self.sync()?;
+        Ok(())
+    }
+
+    /// Small named state (the last mode message, recent command ids ...).
+    pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.params.get(format!("state/{name}"))?.map(|v| v.to_vec()))
+    }
+
+    pub fn put_state(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.params.insert(format!("state/{name}"), value)?;
+        self.sync()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_seq_survives_a_restart_and_acks_remove_only_what_they_cover() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 1 << 20).unwrap();
+            for i in 1..=5u64 {
+                assert_eq!(s.append(|seq| format!("r{seq}").into_bytes()).unwrap(), i);
+            }
+            assert_eq!(s.ack(2).unwrap(), 2);
+            assert_eq!(s.depth(), 3);
+        }
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.depth(), 3);
+        assert_eq!(s.acked_through().unwrap(), 2);
+        let p = s.pending(0, 10, 1 << 20).unwrap();
+        assert_eq!(p.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(p[0].1, b"r3");
+        assert_eq!(s.append(|_| b"x".to_vec()).unwrap(), 6);
+        // Even when everything is acked, numbers are never reused.
+        s.ack(6).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.depth(), 0);
+        assert_eq!(s.append(|_| b"y".to_vec()).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_and_drops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 100).unwrap();
+        s.append(|_| vec![0; 50]).unwrap();
+        assert!(s.above(50));
+        assert!(matches!(s.append(|_| vec![0; 50]), Err(StoreError::Full { .. })));
+        assert_eq!(s.depth(), 1);
+        assert!(!s.has_room(50));
+        s.ack(1).unwrap();
+        assert!(s.has_room(50));
+        assert_eq!(s.append(|_| vec![0; 50]).unwrap(), 2);
+    }
+
+    #[test]
+    fn pending_batches_are_bounded_by_count_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        for _ in 0..10 {
+            s.append(|_| vec![1; 100]).unwrap();
+        }
+        assert_eq!(s.pending(0, 4, 1 << 20).unwrap().len(), 4);
+        assert_eq!(s.pending(0, 100, 250).unwrap().len(), 2);
+        assert_eq!(s.pending(8, 100, 1 << 20).unwrap().len(), 2);
+        assert_eq!(s.pending(0, 100, 10).unwrap().len(), 1, "one record always fits");
+    }
+
+    #[test]
+    fn a_pending_package_replaces_the_active_one_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        s.put_param("fare_table", Slot::Active, b"v1").unwrap();
+        s.put_param("fare_table", Slot::Pending, b"v2").unwrap();
+        assert!(s.activate_pending("fare_table").unwrap());
+        assert_eq!(s.param("fare_table", Slot::Active).unwrap().unwrap(), b"v2");
+        assert_eq!(s.param("fare_table", Slot::Pending).unwrap(), None);
+        assert!(!s.activate_pending("fare_table").unwrap());
+    }
+}

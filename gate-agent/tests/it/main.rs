@@ -1,0 +1,10 @@
+//! Integration tests of the gate agent: one test binary, a module per area, real sockets on
+//! loopback, ports chosen at run time, an embedded broker, the PLC simulator.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+mod packages;
+mod plc;
+mod process;
+mod taps;
+mod upload;

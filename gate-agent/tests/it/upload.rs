@@ -1,0 +1,63 @@
+//! Uploads to the station through the embedded broker.
+
+use std::sync::atomic::Ordering;
+
+use afc_domain::model::Direction;
+use afc_domain::wire::{DecisionKind, ReaderReply};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn with_no_broker_taps_are_decided_and_buffered_and_once_a_broker_appears_they_are_uploaded_and_acked_with_none_lost(
+) {
+    let plc = plc().await;
+    let port = free_port();
+    let agent = Agent::start(port, &plc).await;
+    agent.seed_defaults();
+    let mut reader = agent.reader().await;
+    for i in 0..20u64 {
+        let r =
+            reader.tap(&svc_tap(Direction::Entry, card(3104_0000_0000_1000 + i, 1000, None))).await.unwrap();
+        assert!(matches!(r, ReaderReply::Response(ref r) if r.decision == DecisionKind::OpenEntry), "{r:?}");
+    }
+    assert_eq!(agent.running.gate.store().depth(), 20);
+    start_broker(port).await;
+    let controller = Controller::connect(port).await;
+    let g = agent.running.gate.clone();
+    eventually("the outbox to drain", || (g.store().depth() == 0).then_some(())).await;
+    assert_eq!(controller.ledger_len(), 20);
+    let seqs: Vec<u64> = controller.ledger.lock().unwrap().keys().copied().collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    assert_eq!(*controller.forged_batches.lock().unwrap(), 0);
+    assert_eq!(agent.running.metrics.acked_seq.load(Ordering::Relaxed), 20);
+    // Taps after the broker appeared go up at once.
+    reader.tap(&svc_tap(Direction::Entry, card(3104_0000_0000_2000, 1000, None))).await.unwrap();
+    eventually("the new tap to be acked", || {
+        (controller.ledger_len() == 21 && g.store().depth() == 0).then_some(())
+    })
+    .await;
+    // The birth message is retained with the session.
+    assert!(controller.status.lock().unwrap().iter().any(|s| s.contains("\"online\":true")));
+}
+
+#[tokio::test]
+async fn commands_over_mqtt_are_executed_and_acked() {
+    let plc = plc().await;
+    let port = free_port();
+    start_broker(port).await;
+    let controller = Controller::connect(port).await;
+    let _agent = Agent::start(port, &plc).await;
+    eventually("the gate's birth", || (!controller.status.lock().unwrap().is_empty()).then_some(())).await;
+    let cmd = afc_domain::wire::Command {
+        id: "open-1".into(),
+        command: afc_domain::wire::CommandKind::OpenOnceEntry,
+        expires_at: None,
+    };
+    controller
+        .publish(format!("afc/v1/{STATION}/gates/{GATE}/cmd"), false, afc_domain::wire::encode(&cmd))
+        .await;
+    let ack = eventually("the command ack", || controller.cmd_acks.lock().unwrap().first().cloned()).await;
+    assert_eq!((ack.id.as_str(), ack.result), ("open-1", afc_domain::wire::CommandResult::Ok));
+    let (s, ok) = plc.sim.wait_for(DEADLINE, |s| s.entries_total == 1).await;
+    assert!(ok, "{s:?}");
+}
