@@ -175,8 +175,8 @@ pub struct MqttConfig {
     pub max_packet_bytes: usize,
     /// Longest wait between reconnection attempts.
     pub backoff_max_ms: u64,
-    /// Numeric code of this station, for the bits of the `mode` message (None: the station of the
-    /// last mode change).
+    /// Numeric code of this station, for the bits of the `mode` message (None: `api.station_code`
+    /// if set, else the station of the last mode change).
     pub station_code: Option<u16>,
     /// A heartbeat clock further than this from ours raises the gate's drift alarm.
     pub clock_drift_alarm_ms: i64,

@@ -95,7 +95,9 @@ async fn subscribe(ctx: &Ctx) {
 /// Publishes what differs between the state machine and what this session has published.
 async fn sync(ctx: &Ctx, state: &StationState, published: &mut Published) {
     // Mode first: an emergency release must not wait behind a large package.
-    let mode = mode_message(state, ctx.cfg.station_code.map(StationCode));
+    let api_code = ctx.node.config.api.station_code;
+    let code = ctx.cfg.station_code.or((api_code != 0).then_some(api_code)).map(StationCode);
+    let mode = mode_message(state, code);
     if published.mode.as_ref() != Some(&mode) {
         tracing::info!(bits = %mode.bits, version = mode.version, "publishing mode");
         ctx.publish(Topic::Mode { station: ctx.station.clone() }.to_string(), true, wire::encode(&mode))
