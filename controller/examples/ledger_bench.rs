@@ -111,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
             cluster_secret_file: None,
             raft: RaftTuning::default(),
             ledger: LedgerConfig::default(),
+            mqtt: None,
             api: Default::default(),
             clearing: Default::default(),
             cluster_secret: SECRET.into(),

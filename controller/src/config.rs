@@ -54,6 +54,9 @@ pub struct Config {
     pub raft: RaftTuning,
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// The MQTT side (SPEC §5): absent means this node does not talk to gates.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
     /// The public operations HTTP API and console (`/api/v1`, `/metrics`, `/healthz`, `/readyz`).
     #[serde(default)]
     pub api: ApiConfig,
@@ -124,6 +127,93 @@ impl Default for LedgerConfig {
     }
 }
 
+/// Environment variable that may hold the MQTT password.
+pub const MQTT_PASSWORD_ENV: &str = "AFC_MQTT_PASSWORD";
+
+/// Where the broker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerMode {
+    /// This node runs rumqttd on `embedded_listen` (one-box station, tests) and connects to it.
+    Embedded,
+    /// Connect to a broker run elsewhere (Mosquitto in production) at `address`.
+    #[default]
+    External,
+}
+
+/// A gate the leader registers at start (tests, first commissioning); later changes go through Raft.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateSeed {
+    pub gate: Ident,
+    /// ed25519 public key, hex (32 bytes), that verifies the gate's tx batches.
+    pub tx_public_key: String,
+    #[serde(default = "default_profile")]
+    pub hardware_profile: String,
+}
+
+fn default_profile() -> String {
+    "default".into()
+}
+
+/// The MQTT side: broker, credentials, and the leader's duties' tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `embedded` or `external`.
+    pub broker: BrokerMode,
+    /// Where the embedded broker listens (port 0 is not supported by rumqttd).
+    pub embedded_listen: SocketAddr,
+    /// `host:port` of the broker this node connects to (for `embedded`, usually `embedded_listen`).
+    pub address: String,
+    /// MQTT user name; `None` connects without credentials.
+    pub username: Option<String>,
+    /// File whose first line is the MQTT password; else `AFC_MQTT_PASSWORD`.
+    pub password_file: Option<PathBuf>,
+    /// Client ids are `{prefix}-{node_id}-{term}`: unique per leadership, never shared by two nodes.
+    pub client_id_prefix: String,
+    pub keep_alive_secs: u64,
+    /// Largest MQTT packet either way: a 256 KiB chunk or a 1 MiB tx batch plus headers.
+    pub max_packet_bytes: usize,
+    /// Longest wait between reconnection attempts.
+    pub backoff_max_ms: u64,
+    /// Numeric code of this station, for the bits of the `mode` message (None: `api.station_code`
+    /// if set, else the station of the last mode change).
+    pub station_code: Option<u16>,
+    /// A heartbeat clock further than this from ours raises the gate's drift alarm.
+    pub clock_drift_alarm_ms: i64,
+    /// How long `send_command` waits for `cmd/ack`; also the command's expiry.
+    pub command_timeout_ms: u64,
+    /// Most tx batches proposed to Raft at the same time (openraft batches them into one append).
+    pub ingest_concurrency: usize,
+    /// How often used QR codes are relayed to `qr/used` (ms).
+    pub qr_relay_ms: u64,
+    /// Gates registered by the leader at start when not yet registered with this key.
+    pub gates: Vec<GateSeed>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            broker: BrokerMode::External,
+            embedded_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            address: "127.0.0.1:1883".into(),
+            username: None,
+            password_file: None,
+            client_id_prefix: "afc-controller".into(),
+            keep_alive_secs: 5,
+            max_packet_bytes: 1024 * 1024 + 64 * 1024,
+            backoff_max_ms: 2000,
+            station_code: None,
+            clock_drift_alarm_ms: 2000,
+            command_timeout_ms: 5000,
+            ingest_concurrency: 32,
+            qr_relay_ms: 50,
+            gates: Vec::new(),
+        }
+    }
+}
+
 /// The public operations HTTP listener: the JSON API, the console, metrics and health.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -155,6 +245,34 @@ impl Default for ApiConfig {
             signing_key_id: 1,
             blacklist_confirm_threshold: 10_000,
             max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The password from `password_file` or `AFC_MQTT_PASSWORD` (`None` when neither is set).
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        match &self.password_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map(|t| Some(t.lines().next().unwrap_or("").trim().to_owned()))
+                .map_err(|source| ConfigError::Read { path: p.clone(), source }),
+            None => Ok(std::env::var(MQTT_PASSWORD_ENV).ok()),
+        }
+    }
+}
+
+/// One API bearer token: who holds it, what it may do, and its sha256 (hex).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// The holder's name, written into the audit log as the actor.
+    pub name: String,
+    /// `viewer`, `operator` or `engineer`.
+    pub role: String,
+    /// sha256 of the token, 64 hex characters (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
+}
+
 /// Environment variable that may hold the clearing bearer token.
 pub const CLEARING_TOKEN_ENV: &str = "AFC_CLEARING_TOKEN";
 
@@ -193,16 +311,6 @@ impl Default for ClearingConfig {
     }
 }
 
-/// One API bearer token: who holds it, what it may do, and its sha256 (hex).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiToken {
-    /// The holder's name, written into the audit log as the actor.
-    pub name: String,
-    /// `viewer`, `operator` or `engineer`.
-    pub role: String,
-    /// sha256 of the token, 64 hex characters (`printf %s TOKEN | sha256sum`).
-    pub sha256: String,
 impl ClearingConfig {
     /// The bearer token, from `token_file` or `AFC_CLEARING_TOKEN`.
     pub fn token(&self) -> Result<String, ConfigError> {
@@ -272,6 +380,7 @@ impl Config {
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
         }
+        self.clearing.validate()?;
         for t in &self.api.tokens {
             if !matches!(t.role.as_str(), "viewer" | "operator" | "engineer") {
                 return bad(format!(
@@ -283,7 +392,6 @@ impl Config {
                 return bad(format!("api.tokens: sha256 of {:?} must be 64 hex characters", t.name));
             }
         }
-        self.clearing.validate()?;
         if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());
         }

@@ -11,6 +11,8 @@
 //! - [`network`]: the Raft peer client over HTTP (pooled, authenticated, with timeouts).
 //! - [`http`]: the Raft/admin HTTP listener (peer RPCs, membership, writes, reads, health).
 //! - [`node`]: one node: store + Raft, one-time bootstrap, writes that reach the leader.
+//! - [`leader`]: the leader's MQTT duties: embedded broker, tx ingest and acks, parameter and mode
+//!   publishing, gate commands, the in-memory gate board, QR replay relay.
 //! - [`config`]: the TOML configuration, validated once.
 //! - [`api`]: the public operations HTTP API (`/api/v1`, `/metrics`, `/healthz`, `/readyz`, OpenAPI):
 //!   bearer-token roles, audited writes through Raft, one error enum mapped to HTTP status.
@@ -25,6 +27,7 @@ pub mod clearing_sync;
 pub mod config;
 pub mod console;
 pub mod http;
+pub mod leader;
 pub mod network;
 pub mod node;
 pub mod service;

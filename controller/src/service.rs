@@ -12,6 +12,7 @@ use crate::api::{self, ApiState, NoGateView};
 use crate::clearing_sync;
 use crate::config::Config;
 use crate::http;
+use crate::leader;
 use crate::node::{Node, NodeError};
 use crate::state::{Request, Response};
 
@@ -53,9 +54,15 @@ pub async fn run_with_api(
     let server_handle = server.handle();
     let server_task = tokio::spawn(server);
 
+    // The leader's MQTT duties: the API reads gates (and sends commands) through this handle.
+    let duties = config.mqtt.as_ref().map(|m| leader::Duties::new(node.clone(), m.clone()));
+    let gate_view: Arc<dyn api::GateView> = match &duties {
+        Some(d) => d.clone(),
+        None => Arc::new(NoGateView),
+    };
     let api_server = match api_listener {
         Some(l) => {
-            let state = Arc::new(ApiState::new(node.clone(), Arc::new(NoGateView), Arc::default())?);
+            let state = Arc::new(ApiState::new(node.clone(), gate_view.clone(), Arc::default())?);
             tracing::info!(addr = %l.local_addr()?, "operations API listening");
             let routes = api::configure(state);
             let server = HttpServer::new(move || App::new().configure(routes.clone()))
@@ -81,6 +88,17 @@ pub async fn run_with_api(
         }
     };
 
+    let leader_duties = match (&config.mqtt, duties) {
+        (Some(mqtt), Some(duties)) => {
+            if mqtt.broker == crate::config::BrokerMode::Embedded {
+                leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes)
+                    .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))?;
+            }
+            Some((duties.clone(), leader::spawn(duties, tasks.clone())))
+        }
+        _ => None,
+    };
+
     shutdown.cancelled().await;
     tracing::info!("shutdown 1/4: stopping the HTTP listeners");
     if let Some((handle, task)) = api_server {
@@ -101,6 +119,11 @@ pub async fn run_with_api(
     if let Some(task) = clearing.task {
         if let Err(e) = task.await {
             tracing::warn!(error = %e, "clearing-sync task ended abnormally");
+        }
+    }
+    if let Some((_, handle)) = leader_duties {
+        if let Err(e) = handle.await {
+            tracing::warn!(error = %e, "leader duties ended abnormally");
         }
     }
     tracing::info!("shutdown 3/4: stopping raft");

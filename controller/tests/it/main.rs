@@ -9,6 +9,7 @@ mod config;
 mod console;
 mod crash;
 mod harness;
+mod mqtt;
 mod prometheus;
 mod state_machine;
 mod storage_suite;

@@ -1,0 +1,86 @@
+//! Task `tx-ingest`: gate batches into the replicated ledger, acked only after commit.
+//!
+//! Up to `mqtt.ingest_concurrency` batches are proposed at once; openraft packs concurrent
+//! proposals into one append, so many gate batches share one replication round and one fsync.
+//! After a batch commits, `gates/{gate}/tx/ack {through_seq}` goes out (QoS 1) with the gate's
+//! contiguous high-water mark; a re-sent batch is a no-op in the state machine and is acked again.
+//! A batch the state machine refuses (unknown gate, bad signature, ...) is logged and counted,
+//! never acked. A failed proposal (leadership lost) is not acked: the gate re-sends to the next
+//! leader.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use afc_domain::model::Ident;
+use afc_domain::topic::Topic;
+use afc_domain::wire::{self, TxAck, TxBatch};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{Request, Response};
+
+use super::{Ctx, Stats};
+
+/// Batches waiting for a proposal slot; beyond this the dispatcher drops (the gate re-sends).
+pub const QUEUE: usize = 4096;
+
+pub(crate) async fn ingest_task(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::Receiver<(Ident, TxBatch)>,
+    stop: CancellationToken,
+) {
+    tracing::info!(task = "tx-ingest", "started");
+    let limit = ctx.cfg.ingest_concurrency.max(1);
+    let mut inflight: JoinSet<(Ident, Option<u64>)> = JoinSet::new();
+    // Highest through_seq acked per gate in this session: acks never go backwards.
+    let mut acked: HashMap<Ident, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                let Ok((gate, Some(through))) = done else { continue };
+                let best = acked.entry(gate.clone()).or_insert(0);
+                *best = (*best).max(through);
+                let topic = Topic::GateTxAck { station: ctx.station.clone(), gate }.to_string();
+                ctx.publish(topic, false, wire::encode(&TxAck { through_seq: *best })).await;
+                Stats::inc(&ctx.stats.tx_batches_acked, 1);
+            }
+            b = rx.recv(), if inflight.len() < limit => {
+                let Some((gate, batch)) = b else { break };
+                let c = ctx.clone();
+                inflight.spawn(async move { (gate.clone(), propose(&c, &gate, batch).await) });
+            }
+        }
+    }
+    inflight.abort_all();
+    tracing::info!(task = "tx-ingest", "stopped");
+}
+
+/// Proposes one batch; the through_seq to ack, or `None` when nothing may be acked.
+async fn propose(ctx: &Ctx, gate: &Ident, batch: TxBatch) -> Option<u64> {
+    let records = batch.records.len();
+    match ctx.node.raft.client_write(Request::from(batch)).await {
+        Ok(w) => match w.data {
+            Response::Appended { appended, duplicates, deferred, through_seq, .. } => {
+                Stats::inc(&ctx.stats.tx_records_appended, u64::from(appended));
+                tracing::debug!(%gate, records, appended, duplicates, deferred, through_seq, "tx batch committed");
+                Some(through_seq)
+            }
+            Response::Rejected { rejection } => {
+                Stats::inc(&ctx.stats.tx_batches_rejected, 1);
+                tracing::warn!(%gate, records, %rejection, "tx batch refused: not acked");
+                None
+            }
+            other => {
+                tracing::error!(%gate, ?other, "unexpected response to a tx batch");
+                None
+            }
+        },
+        Err(e) => {
+            Stats::inc(&ctx.stats.tx_propose_errors, 1);
+            tracing::warn!(%gate, error = %e, "tx batch not committed: not acked");
+            None
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The leader's duties over MQTT (SPEC §5): every node may run them, only the Raft leader does.
+//!
+//! Task `leader-supervisor` watches the Raft metrics. When this node becomes leader (or its term
+//! changes while leading) it starts a session; when it stops leading it cancels the session and
+//! waits for its tasks. A session is one MQTT connection with a client id and a `state` will of
+//! its own (`{online:false, leader_node, term}`), and these tasks:
+//! - `mqtt-eventloop` ([`mqtt`]): owns and polls the rumqttc event loop, nothing else;
+//! - `leader-dispatch` (here): routes what gates publish: tx batches to ingest, status,
+//!   heartbeats, `params/ack` and events to the gate board ([`view`]), command acks to their
+//!   waiters, used QR codes to the relay. A malformed message is counted, logged and skipped;
+//! - `tx-ingest` ([`ingest`]): proposes gate batches through Raft, acks after commit;
+//! - `leader-publisher` ([`publish`]): re-subscribes and publishes `state`, parameter packages
+//!   (chunks first, pointer last) and `mode` on every ConnAck, then follows the state machine;
+//! - `qr-relay`: batches `gates/+/qr/used` onto `qr/used`.
+//!
+//! [`Duties`] is the long-lived handle shared with the HTTP API: the gate board, counters, and
+//! [`Duties::send_command`].
+
+pub mod broker;
+pub mod ingest;
+pub mod mqtt;
+pub mod publish;
+pub mod view;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use afc_domain::model::{Ident, Timestamp};
+use afc_domain::topic::{Topic, TopicError};
+use afc_domain::wire::{
+    self, Command, CommandAck, CommandKind, GateEvent, GateStatus, Heartbeat, ParamsAck, QrUsed, QrUsedBatch,
+};
+use openraft::ServerState;
+use rumqttc::{AsyncClient, Publish, QoS};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttConfig;
+use crate::node::Node;
+use crate::state::{Request, Response};
+
+use self::view::{Board, GateView};
+
+/// Counters of the leader's MQTT side, for logs, metrics and the API.
+#[derive(Debug, Default)]
+pub struct Stats {
+    connected: AtomicBool,
+    /// Payloads that could not be parsed or named the wrong station or gate.
+    pub malformed: AtomicU64,
+    /// Tx batches committed and acked.
+    pub tx_batches_acked: AtomicU64,
+    /// Tx records newly appended to the ledger.
+    pub tx_records_appended: AtomicU64,
+    /// Batches refused by the state machine (unknown gate, bad signature, ...): not acked.
+    pub tx_batches_rejected: AtomicU64,
+    /// Batches dropped because ingest was saturated (the gate re-sends on its ack timeout).
+    pub tx_batches_dropped: AtomicU64,
+    /// Proposals that failed (leadership lost, storage error): not acked.
+    pub tx_propose_errors: AtomicU64,
+    pub qr_relayed: AtomicU64,
+}
+
+impl Stats {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    fn set_connected(&self, v: bool) {
+        self.connected.store(v, Ordering::Relaxed);
+    }
+
+    fn inc(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Why a command did not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("this node does not lead the station (or is not connected to the broker)")]
+    NotLeader,
+    #[error("the gate did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot publish the command: {0}")]
+    Publish(String),
+}
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<CommandAck>>>>;
+
+/// The current session's handles, for commands.
+struct Live {
+    client: AsyncClient,
+    waiters: Waiters,
+}
+
+/// The long-lived handle of the leader duties, shared with the HTTP API.
+pub struct Duties {
+    node: Arc<Node>,
+    cfg: MqttConfig,
+    board: Arc<RwLock<Board>>,
+    pub stats: Arc<Stats>,
+    live: RwLock<Option<Live>>,
+    next_command: AtomicU64,
+}
+
+/// What the API shows about the duties.
+#[derive(Debug, Clone, Serialize)]
+pub struct DutiesStatus {
+    pub leading: bool,
+    pub mqtt_connected: bool,
+}
+
+impl Duties {
+    pub fn new(node: Arc<Node>, cfg: MqttConfig) -> Arc<Duties> {
+        Arc::new(Duties {
+            node,
+            cfg,
+            board: Arc::default(),
+            stats: Arc::default(),
+            live: RwLock::new(None),
+            next_command: AtomicU64::new(1),
+        })
+    }
+
+    /// Every gate heard from during this leadership (empty on followers).
+    pub fn gates(&self) -> Vec<GateView> {
+        self.board.read().map(|b| b.snapshot()).unwrap_or_default()
+    }
+
+    pub fn gate(&self, gate: &Ident) -> Option<GateView> {
+        self.board.read().ok().and_then(|b| b.get(gate))
+    }
+
+    pub fn status(&self) -> DutiesStatus {
+        let leading = self.live.read().map(|l| l.is_some()).unwrap_or(false);
+        DutiesStatus { leading, mqtt_connected: self.stats.connected() }
+    }
+
+    /// Publishes `command` on `gates/{gate}/cmd` (QoS 1, expiring after the timeout) and waits
+    /// for the gate's `cmd/ack`. Only on the leader.
+    pub async fn send_command(&self, gate: &Ident, command: CommandKind) -> Result<CommandAck, CommandError> {
+        let timeout = Duration::from_millis(self.cfg.command_timeout_ms);
+        let id = format!(
+            "{}-{}-{}",
+            self.node.id,
+            now().millis(),
+            self.next_command.fetch_add(1, Ordering::Relaxed)
+        );
+        let (tx, rx) = oneshot::channel();
+        let (client, waiters) = {
+            let live = self.live.read().map_err(|_| CommandError::NotLeader)?;
+            let live = live.as_ref().ok_or(CommandError::NotLeader)?;
+            (live.client.clone(), live.waiters.clone())
+        };
+        if let Ok(mut w) = waiters.lock() {
+            w.insert(id.clone(), tx);
+        }
+        let expires_at = Timestamp(now().millis() + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
+        let cmd = Command { id: id.clone(), command, expires_at: Some(expires_at) };
+        let topic =
+            Topic::GateCmd { station: self.node.config.station.clone(), gate: gate.clone() }.to_string();
+        let sent = client.publish(topic, QoS::AtLeastOnce, false, wire::encode(&cmd)).await;
+        let result = match sent {
+            Err(e) => Err(CommandError::Publish(e.to_string())),
+            Ok(()) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(ack)) => Ok(ack),
+                Ok(Err(_)) => Err(CommandError::NotLeader),
+                Err(_) => Err(CommandError::Timeout(timeout)),
+            },
+        };
+        if let Ok(mut w) = waiters.lock() {
+            w.remove(&id);
+        }
+        result
+    }
+}
+
+/// Spawns task `leader-supervisor`; it ends after `stop`, once the session's tasks have ended.
+pub fn spawn(duties: Arc<Duties>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(supervisor(duties, stop))
+}
+
+async fn supervisor(duties: Arc<Duties>, stop: CancellationToken) {
+    tracing::info!(task = "leader-supervisor", "started");
+    let mut metrics = duties.node.raft.metrics();
+    let mut session: Option<(u64, CancellationToken, tokio::task::JoinHandle<()>)> = None;
+    loop {
+        let (leading, term) = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Leader, m.current_term)
+        };
+        let keep = matches!(&session, Some((t, _, _)) if leading && *t == term);
+        if !keep {
+            if let Some((t, cancel, handle)) = session.take() {
+                tracing::info!(task = "leader-supervisor", term = t, "no longer leading: stopping duties");
+                end_session(&duties, cancel, handle).await;
+            }
+            if leading {
+                tracing::info!(task = "leader-supervisor", term, "leading: starting duties");
+                let cancel = stop.child_token();
+                let handle = tokio::spawn(run_session(duties.clone(), term, cancel.clone()));
+                session = Some((term, cancel, handle));
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            r = metrics.changed() => if r.is_err() { break },
+        }
+    }
+    if let Some((_, cancel, handle)) = session.take() {
+        end_session(&duties, cancel, handle).await;
+    }
+    tracing::info!(task = "leader-supervisor", "stopped");
+}
+
+async fn end_session(duties: &Duties, cancel: CancellationToken, handle: tokio::task::JoinHandle<()>) {
+    cancel.cancel();
+    if let Ok(mut live) = duties.live.write() {
+        *live = None;
+    }
+    if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
+        tracing::warn!(task = "leader-supervisor", "session tasks did not stop within 5 s");
+    }
+    // Again: a session cancelled before it ran installs its handles on its way out.
+    if let Ok(mut live) = duties.live.write() {
+        *live = None;
+    }
+    if let Ok(mut b) = duties.board.write() {
+        b.clear();
+    }
+}
+
+/// What the session's tasks share.
+pub(crate) struct Ctx {
+    pub node: Arc<Node>,
+    pub cfg: MqttConfig,
+    pub station: Ident,
+    pub term: u64,
+    pub client: AsyncClient,
+    pub stats: Arc<Stats>,
+    pub board: Arc<RwLock<Board>>,
+}
+
+impl Ctx {
+    /// Publishes, logging (not failing) when the client's queue is closed.
+    pub async fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) {
+        if let Err(e) = self.client.publish(topic.clone(), QoS::AtLeastOnce, retain, payload).await {
+            tracing::warn!(%topic, error = %e, "publish failed");
+        }
+    }
+}
+
+async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
+    let node = duties.node.clone();
+    let password = match duties.cfg.password() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the MQTT password; duties not started");
+            return;
+        }
+    };
+    let options = mqtt::options(&duties.cfg, &node.config.station, node.id, term, password);
+    let (client, eventloop) = AsyncClient::new(options, mqtt::REQUEST_CAPACITY);
+    let (conn_tx, conn_rx) = watch::channel(0u64);
+    let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+    let (tx_in, tx_rx) = mpsc::channel(ingest::QUEUE);
+    let (qr_in, qr_rx) = mpsc::unbounded_channel();
+    let waiters: Waiters = Arc::default();
+    let ctx = Arc::new(Ctx {
+        node: node.clone(),
+        cfg: duties.cfg.clone(),
+        station: node.config.station.clone(),
+        term,
+        client: client.clone(),
+        stats: duties.stats.clone(),
+        board: duties.board.clone(),
+    });
+    if let Ok(mut live) = duties.live.write() {
+        *live = Some(Live { client: client.clone(), waiters: waiters.clone() });
+    }
+    let backoff_max = Duration::from_millis(duties.cfg.backoff_max_ms.max(50));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(mqtt::eventloop_task(
+        eventloop,
+        client,
+        conn_tx,
+        inbox_tx,
+        backoff_max,
+        duties.stats.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(dispatch_task(ctx.clone(), inbox_rx, tx_in, qr_in, waiters, stop.clone()));
+    tasks.spawn(ingest::ingest_task(ctx.clone(), tx_rx, stop.clone()));
+    tasks.spawn(publish::publisher_task(ctx.clone(), conn_rx, stop.clone()));
+    tasks.spawn(qr_relay_task(ctx.clone(), qr_rx, stop.clone()));
+    tasks.spawn(register_seeds(ctx, stop.clone()));
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "a leader duty task panicked");
+        }
+    }
+}
+
+/// Registers the gates listed in `mqtt.gates` that are missing or hold another key.
+async fn register_seeds(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let state = match ctx.node.sm.state() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the state machine; gate seeds not registered");
+            return;
+        }
+    };
+    for seed in &ctx.cfg.gates {
+        let known = state.gates.get(&seed.gate).map(|g| hex::encode(g.tx_public_key));
+        if known.as_deref() == Some(seed.tx_public_key.to_ascii_lowercase().as_str()) {
+            continue;
+        }
+        let req = Request::RegisterGate {
+            gate: seed.gate.clone(),
+            tx_public_key: seed.tx_public_key.clone(),
+            hardware_profile: seed.hardware_profile.clone(),
+        };
+        let r = tokio::select! {
+            () = stop.cancelled() => return,
+            r = ctx.node.raft.client_write(req) => r,
+        };
+        match r {
+            Ok(w) => match w.data {
+                Response::GateRegistered { .. } => {
+                    tracing::info!(gate = %seed.gate, "gate registered from config")
+                }
+                other => tracing::warn!(gate = %seed.gate, ?other, "gate from config not registered"),
+            },
+            Err(e) => tracing::warn!(gate = %seed.gate, error = %e, "cannot register gate from config"),
+        }
+    }
+}
+
+/// Task `leader-dispatch`: routes each incoming message by its parsed topic.
+async fn dispatch_task(
+    ctx: Arc<Ctx>,
+    mut inbox: mpsc::UnboundedReceiver<Publish>,
+    tx: mpsc::Sender<(Ident, wire::TxBatch)>,
+    qr: mpsc::UnboundedSender<QrUsed>,
+    waiters: Waiters,
+    stop: CancellationToken,
+) {
+    tracing::info!(task = "leader-dispatch", "started");
+    loop {
+        let p = tokio::select! {
+            () = stop.cancelled() => break,
+            p = inbox.recv() => match p { Some(p) => p, None => break },
+        };
+        if let Err(e) = dispatch(&ctx, &p, &tx, &qr, &waiters) {
+            Stats::inc(&ctx.stats.malformed, 1);
+            tracing::warn!(task = "leader-dispatch", topic = %p.topic, error = %e, "message refused");
+        }
+    }
+    tracing::info!(task = "leader-dispatch", "stopped");
+}
+
+/// Why an incoming message was refused.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error("topic of station {0}, not ours")]
+    OtherStation(Ident),
+    #[error(transparent)]
+    Payload(#[from] wire::WireError),
+    #[error("batch names station/gate {station}/{gate}, not its topic's")]
+    Mismatch { station: Ident, gate: Ident },
+}
+
+fn dispatch(
+    ctx: &Ctx,
+    p: &Publish,
+    tx: &mpsc::Sender<(Ident, wire::TxBatch)>,
+    qr: &mpsc::UnboundedSender<QrUsed>,
+    waiters: &Waiters,
+) -> Result<(), Refused> {
+    let topic = Topic::parse(&p.topic)?;
+    if topic.station() != &ctx.station {
+        return Err(Refused::OtherStation(topic.station().clone()));
+    }
+    let payload = &p.payload[..];
+    let board = || ctx.board.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match topic {
+        Topic::GateTx { gate, .. } => {
+            let batch: wire::TxBatch = wire::decode(payload)?;
+            if batch.gate != gate || batch.station != ctx.station {
+                return Err(Refused::Mismatch { station: batch.station, gate: batch.gate });
+            }
+            if tx.try_send((gate, batch)).is_err() {
+                Stats::inc(&ctx.stats.tx_batches_dropped, 1);
+                tracing::warn!("tx ingest saturated: batch dropped (the gate re-sends it)");
+            }
+        }
+        Topic::GateStatus { gate, .. } => {
+            if payload.is_empty() {
+                return Ok(()); // a cleared retained status
+            }
+            let s: GateStatus = wire::decode(payload)?;
+            board().on_status(&gate, s);
+        }
+        Topic::GateHeartbeat { gate, .. } => {
+            let hb: Heartbeat = wire::decode(payload)?;
+            board().on_heartbeat(&gate, &hb, now(), ctx.cfg.clock_drift_alarm_ms);
+        }
+        Topic::GateParamsAck { gate, .. } => {
+            let a: ParamsAck = wire::decode(payload)?;
+            board().on_params_ack(&gate, &a);
+        }
+        Topic::GateEvents { gate, .. } => {
+            let ev: GateEvent = wire::decode(payload)?;
+            tracing::info!(%gate, kind = ?ev.kind, cleared = ev.cleared, "gate event");
+            board().on_event(&gate, ev);
+        }
+        Topic::GateCmdAck { .. } => {
+            let ack: CommandAck = wire::decode(payload)?;
+            let waiter = waiters.lock().ok().and_then(|mut w| w.remove(&ack.id));
+            match waiter {
+                Some(w) => {
+                    let _ = w.send(ack);
+                }
+                None => {
+                    tracing::debug!(id = %ack.id, "command ack without a waiter (late or another leader's)")
+                }
+            }
+        }
+        Topic::GateQrUsed { .. } => {
+            let b: QrUsedBatch = wire::decode(payload)?;
+            for u in b.entries {
+                let _ = qr.send(u);
+            }
+        }
+        // Our own publications echo back only if subscribed; nothing else is routed.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Task `qr-relay`: gathers used QR codes and publishes them as one batch every `qr_relay_ms`.
+async fn qr_relay_task(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<QrUsed>, stop: CancellationToken) {
+    tracing::info!(task = "qr-relay", "started");
+    let topic = Topic::QrUsed { station: ctx.station.clone() }.to_string();
+    let every = Duration::from_millis(ctx.cfg.qr_relay_ms.max(5));
+    loop {
+        let first = tokio::select! {
+            () = stop.cancelled() => break,
+            u = rx.recv() => match u { Some(u) => u, None => break },
+        };
+        // Wait a moment so codes used at the same time travel together.
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+        let mut entries = vec![first];
+        while let Ok(u) = rx.try_recv() {
+            entries.push(u);
+            if entries.len() >= 2000 {
+                break;
+            }
+        }
+        Stats::inc(&ctx.stats.qr_relayed, entries.len() as u64);
+        ctx.publish(topic.clone(), false, wire::encode(&QrUsedBatch { entries })).await;
+    }
+    tracing::info!(task = "qr-relay", "stopped");
+}
+
+/// `host:port`, with the MQTT port 1883 when the port is missing or unreadable.
+pub(crate) fn split_host_port(addr: &str) -> (String, u16) {
+    match addr.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(['[', ']']).to_owned(), p.parse().unwrap_or(1883)),
+        None => (addr.to_owned(), 1883),
+    }
+}
+
+pub(crate) fn now() -> Timestamp {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,271 @@
+//! What the leader knows about each gate, in memory (SPEC §4, §5, §9): the read model behind the
+//! console's gate list and detail.
+//!
+//! [`GateView`] is one gate's snapshot, built by the leader from `gates/+/status`, `heartbeat`,
+//! `params/ack` and `events`. The board is leader-local: a new leader starts empty and fills it
+//! from the retained birth messages and the next heartbeats (within one heartbeat period).
+//! Read it through [`super::Duties::gates`] / [`super::Duties::gate`]; it is never written to disk.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use afc_domain::model::{Ident, ParamKind, Timestamp};
+use afc_domain::wire::{
+    AlarmKind, GateCounters, GateDirection, GateEvent, GateStatus, Heartbeat, KindVersions, ParamState,
+    ParamsAck,
+};
+use serde::Serialize;
+
+/// Most recent events kept per gate for the console.
+pub const RECENT_EVENTS: usize = 20;
+
+/// One gate as the leader sees it; serialised as-is by the HTTP API (`/api/v1/gates`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GateView {
+    pub gate: Ident,
+    /// Its MQTT session is alive (birth seen, no will since).
+    pub online: bool,
+    /// The agent session of the last birth, to match a will to it (a late will of an old session
+    /// is ignored).
+    pub session: Option<String>,
+    /// When the last heartbeat arrived, on the controller's clock.
+    pub last_heartbeat: Option<Timestamp>,
+    /// Gate clock minus controller clock at the last heartbeat (transit time included).
+    pub clock_offset_ms: Option<i64>,
+    /// `|clock_offset_ms|` beyond `mqtt.clock_drift_alarm_ms`: the gate's clock needs attention.
+    pub clock_drift: bool,
+    /// Per kind, what the gate reports holding (birth, then `params/ack`).
+    pub versions_reported: BTreeMap<ParamKind, ReportedVersions>,
+    /// Per kind, the version the controller publishes (the pointer's version).
+    pub versions_desired: BTreeMap<ParamKind, u64>,
+    /// Some desired version is neither active nor pending at the gate.
+    pub drift: bool,
+    /// Alarms in force (raised and not cleared), from events and heartbeats.
+    pub alarms: BTreeSet<AlarmKind>,
+    /// The gate's counters at the last heartbeat.
+    pub counters: GateCounters,
+    /// Transactions waiting in the gate's outbox at the last heartbeat.
+    pub outbox_depth: u64,
+    /// The aisle setting, service state and free passage at the last heartbeat.
+    pub direction: Option<GateDirection>,
+    pub in_service: bool,
+    pub free_passage: bool,
+    /// The gate's last events, newest last, at most [`RECENT_EVENTS`].
+    pub recent_events: VecDeque<GateEvent>,
+}
+
+/// The versions a gate reports for one kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReportedVersions {
+    pub active: Option<u64>,
+    pub pending: Option<u64>,
+    /// The last version the gate refused, and why.
+    pub rejected: Option<(u64, Option<String>)>,
+}
+
+impl GateView {
+    fn new(gate: Ident) -> GateView {
+        GateView {
+            gate,
+            online: false,
+            session: None,
+            last_heartbeat: None,
+            clock_offset_ms: None,
+            clock_drift: false,
+            versions_reported: BTreeMap::new(),
+            versions_desired: BTreeMap::new(),
+            drift: false,
+            alarms: BTreeSet::new(),
+            counters: GateCounters::default(),
+            outbox_depth: 0,
+            direction: None,
+            in_service: false,
+            free_passage: false,
+            recent_events: VecDeque::new(),
+        }
+    }
+}
+
+/// The leader's board: every gate heard from, and the desired versions.
+#[derive(Debug, Default)]
+pub struct Board {
+    gates: BTreeMap<Ident, GateView>,
+    desired: BTreeMap<ParamKind, u64>,
+}
+
+impl Board {
+    fn entry(&mut self, gate: &Ident) -> &mut GateView {
+        self.gates.entry(gate.clone()).or_insert_with(|| GateView::new(gate.clone()))
+    }
+
+    /// A leadership ended: what this node knew goes stale.
+    pub fn clear(&mut self) {
+        self.gates.clear();
+    }
+
+    pub fn set_desired(&mut self, kind: ParamKind, version: u64) {
+        self.desired.insert(kind, version);
+    }
+
+    pub fn on_status(&mut self, gate: &Ident, status: GateStatus) {
+        let v = self.entry(gate);
+        match status {
+            GateStatus::Online(birth) => {
+                v.online = true;
+                v.session = Some(birth.session);
+                for (kind, kv) in birth.versions {
+                    let KindVersions { active, pending, .. } = kv;
+                    let r = v.versions_reported.entry(kind).or_default();
+                    r.active = active;
+                    r.pending = pending;
+                }
+            }
+            GateStatus::Offline { session } => {
+                if v.session.as_deref().is_none_or(|s| s == session) {
+                    v.online = false;
+                }
+            }
+        }
+    }
+
+    pub fn on_heartbeat(&mut self, gate: &Ident, hb: &Heartbeat, now: Timestamp, drift_bound_ms: i64) {
+        let v = self.entry(gate);
+        v.online = true;
+        v.last_heartbeat = Some(now);
+        let offset = hb.at.millis().saturating_sub(now.millis());
+        v.clock_offset_ms = Some(offset);
+        v.clock_drift = offset.abs() > drift_bound_ms;
+        v.counters = hb.counters;
+        v.outbox_depth = hb.outbox_depth;
+        v.direction = Some(hb.direction);
+        v.in_service = hb.in_service;
+        v.free_passage = hb.free_passage;
+        v.alarms = hb.alarms.iter().copied().collect();
+        if v.clock_drift {
+            v.alarms.insert(AlarmKind::ClockDrift);
+        }
+    }
+
+    pub fn on_params_ack(&mut self, gate: &Ident, ack: &ParamsAck) {
+        let r = self.entry(gate).versions_reported.entry(ack.kind).or_default();
+        match ack.state {
+            ParamState::Pending => r.pending = Some(ack.version),
+            ParamState::Active => {
+                r.active = Some(ack.version);
+                if r.pending.is_some_and(|p| p <= ack.version) {
+                    r.pending = None;
+                }
+            }
+            ParamState::Rejected => r.rejected = Some((ack.version, ack.reason.clone())),
+        }
+    }
+
+    pub fn on_event(&mut self, gate: &Ident, ev: GateEvent) {
+        let v = self.entry(gate);
+        if ev.cleared {
+            v.alarms.remove(&ev.kind);
+        } else {
+            v.alarms.insert(ev.kind);
+        }
+        if v.recent_events.len() >= RECENT_EVENTS {
+            v.recent_events.pop_front();
+        }
+        v.recent_events.push_back(ev);
+    }
+
+    /// Every gate, with the desired versions and drift filled in.
+    pub fn snapshot(&self) -> Vec<GateView> {
+        self.gates.values().map(|v| self.complete(v)).collect()
+    }
+
+    pub fn get(&self, gate: &Ident) -> Option<GateView> {
+        self.gates.get(gate).map(|v| self.complete(v))
+    }
+
+    fn complete(&self, v: &GateView) -> GateView {
+        let mut v = v.clone();
+        v.versions_desired = self.desired.clone();
+        v.drift = self.desired.iter().any(|(kind, want)| {
+            let r = v.versions_reported.get(kind);
+            r.is_none_or(|r| r.active != Some(*want) && r.pending != Some(*want))
+        });
+        v
+    }
+}
+
+/// The snake_case JSON name of a unit enum value (`door_fault`, `bidirectional`).
+fn json_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|j| j.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// The operations API's gate list (`/api/v1/gates`) reads the board through this.
+impl crate::api::GateView for super::Duties {
+    fn gates(&self) -> Vec<crate::api::GateSnapshot> {
+        super::Duties::gates(self)
+            .into_iter()
+            .map(|v| crate::api::GateSnapshot {
+                gate: v.gate.to_string(),
+                online: v.online,
+                direction: v.direction.map(|d| json_name(&d)),
+                in_service: v.in_service,
+                free_passage: v.free_passage,
+                alarms: v.alarms.iter().map(json_name).collect(),
+                reported_versions: v
+                    .versions_reported
+                    .iter()
+                    .filter_map(|(k, r)| r.active.map(|a| (k.to_string(), a)))
+                    .collect(),
+                counters: [
+                    ("taps", v.counters.taps),
+                    ("entries", v.counters.entries),
+                    ("exits", v.counters.exits),
+                    ("rejects", v.counters.rejects),
+                    ("tailgating", v.counters.tailgating),
+                    ("forced_passage", v.counters.forced_passage),
+                    ("outbox_depth", v.outbox_depth),
+                ]
+                .into_iter()
+                .map(|(k, n)| (k.to_owned(), n))
+                .collect(),
+                last_seen_ms: v.last_heartbeat.map(|t| t.millis()),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ack(kind: ParamKind, version: u64, state: ParamState) -> ParamsAck {
+        ParamsAck { kind, version, state, reason: None }
+    }
+
+    #[test]
+    fn a_gate_holding_the_desired_version_pending_or_active_is_not_drifting() {
+        let g = Ident::new("g01").unwrap();
+        let mut b = Board::default();
+        b.set_desired(ParamKind::FareTable, 3);
+        b.on_params_ack(&g, &ack(ParamKind::FareTable, 2, ParamState::Active));
+        assert!(b.get(&g).unwrap().drift);
+        b.on_params_ack(&g, &ack(ParamKind::FareTable, 3, ParamState::Pending));
+        assert!(!b.get(&g).unwrap().drift);
+        b.on_params_ack(&g, &ack(ParamKind::FareTable, 3, ParamState::Active));
+        let v = b.get(&g).unwrap();
+        assert!(!v.drift);
+        assert_eq!(v.versions_reported[&ParamKind::FareTable].pending, None);
+    }
+
+    #[test]
+    fn a_late_will_of_an_old_session_does_not_mark_the_gate_offline() {
+        let g = Ident::new("g01").unwrap();
+        let mut b = Board::default();
+        b.on_status(&g, GateStatus::Offline { session: "old".into() });
+        b.entry(&g).online = true;
+        b.entry(&g).session = Some("new".into());
+        b.on_status(&g, GateStatus::Offline { session: "old".into() });
+        assert!(b.get(&g).unwrap().online);
+        b.on_status(&g, GateStatus::Offline { session: "new".into() });
+        assert!(!b.get(&g).unwrap().online);
+    }
+}
