@@ -385,6 +385,7 @@ async fn single_node(
         ledger: LedgerConfig::default(),
         mqtt: Some(mqtt.clone()),
         api: Default::default(),
+        clearing: Default::default(),
         cluster_secret: SECRET.into(),
     };
     let node = controller::node::Node::start(std::sync::Arc::new(cfg)).await.unwrap();
