@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use clearing::protocol::StationStats;
@@ -94,27 +94,10 @@ async fn cluster_with_clearing(n: u64, clearing: &Clearing, batch_records: usize
 }
 
 fn spawn_node(c: &mut Cluster, id: u64, addr: String, clearing: &Clearing, batch_records: usize) {
-    let dir = c.root.path().join(format!("node{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("secret"), SECRET).unwrap();
-    std::fs::write(dir.join("clearing-token"), format!("{TOKEN}\n")).unwrap();
-    let members: String =
-        c.initial.iter().map(|(i, a)| format!("[[initial_members]]\nid = {i}\naddr = \"{a}\"\n")).collect();
-    let cfg = format!(
-        r#"node_id = {id}
-station = "s1"
-data_dir = "{data}"
-listen = "{addr}"
-bootstrap = {bootstrap}
-cluster_secret_file = "{secret}"
-
-{members}
-[raft]
-heartbeat_ms = 100
-election_timeout_min_ms = 400
-election_timeout_max_ms = 800
-connect_timeout_ms = 200
-
+    let token = c.node_dir(id).join("clearing-token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let extra = format!(
+        r#"
 [clearing]
 url = "http://{clearing}"
 token_file = "{token}"
@@ -123,27 +106,11 @@ backoff_min_ms = 50
 backoff_max_ms = 400
 poll_ms = 50
 "#,
-        data = dir.join("data").display(),
-        secret = dir.join("secret").display(),
-        bootstrap = id == 1,
         clearing = clearing.addr,
-        token = dir.join("clearing-token").display(),
+        token = token.display(),
     );
-    let config = dir.join("controller.toml");
-    std::fs::write(&config, cfg).unwrap();
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("node.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_controller"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info,openraft=warn")
-        .env_remove("AFC_CLUSTER_SECRET")
-        .env_remove("AFC_CLEARING_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    c.nodes.insert(id, NodeProc { id, addr, dir, child: Some(child) });
+    let raft = "heartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\nconnect_timeout_ms = 200\n";
+    c.spawn_with(id, addr, id == 1, &NodeSetup { raft, extra: &extra, rust_log: "info,openraft=warn" });
 }
 
 /// Appends `count` records of gate g01 (from seq `from`) in batches of 50, through node `via`.

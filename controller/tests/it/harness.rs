@@ -70,6 +70,16 @@ impl Drop for NodeProc {
     }
 }
 
+/// What a test puts in a node's generated config beyond the common header.
+pub struct NodeSetup<'a> {
+    /// The body of the `[raft]` section.
+    pub raft: &'a str,
+    /// Further sections (`[mqtt]`, `[clearing]`, ...), appended verbatim.
+    pub extra: &'a str,
+    /// `RUST_LOG` for the node process.
+    pub rust_log: &'a str,
+}
+
 pub struct Cluster {
     pub root: tempfile::TempDir,
     pub nodes: BTreeMap<u64, NodeProc>,
@@ -94,9 +104,24 @@ impl Cluster {
         c
     }
 
-    fn write_config(&self, id: u64, addr: &str, bootstrap: bool) -> PathBuf {
+    /// The default `[raft]` body: fast elections and the snapshot thresholds of `self.tuning`.
+    fn default_raft(&self) -> String {
+        format!(
+            "heartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n\
+             snapshot_after_logs = {}\nlogs_kept_after_snapshot = {}\nconnect_timeout_ms = 200\n",
+            self.tuning.snapshot_after_logs, self.tuning.logs_kept_after_snapshot
+        )
+    }
+
+    /// Node `id`'s directory (created), where its config, secret, data and log live.
+    pub fn node_dir(&self, id: u64) -> PathBuf {
         let dir = self.root.path().join(format!("node{id}"));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_config(&self, id: u64, addr: &str, bootstrap: bool, setup: &NodeSetup) -> PathBuf {
+        let dir = self.node_dir(id);
         std::fs::write(dir.join("secret"), SECRET).unwrap();
         let members: String = self
             .initial
@@ -113,34 +138,41 @@ cluster_secret_file = "{secret}"
 
 {members}
 [raft]
-heartbeat_ms = 100
-election_timeout_min_ms = 400
-election_timeout_max_ms = 800
-snapshot_after_logs = {snap}
-logs_kept_after_snapshot = {keep}
-connect_timeout_ms = 200
-"#,
+{raft}
+{extra}"#,
             data = dir.join("data").display(),
             secret = dir.join("secret").display(),
-            snap = self.tuning.snapshot_after_logs,
-            keep = self.tuning.logs_kept_after_snapshot,
+            raft = setup.raft,
+            extra = setup.extra,
         );
         let path = dir.join("controller.toml");
         std::fs::write(&path, cfg).unwrap();
         path
     }
 
-    /// Starts (or restarts) node `id` on `addr`.
+    /// Starts (or restarts) node `id` on `addr` with the default settings.
     pub fn spawn(&mut self, id: u64, addr: String, bootstrap: bool) {
-        let config = self.write_config(id, &addr, bootstrap);
+        let raft = self.default_raft();
+        self.spawn_with(
+            id,
+            addr,
+            bootstrap,
+            &NodeSetup { raft: &raft, extra: "", rust_log: "info,openraft=warn" },
+        );
+    }
+
+    /// Starts node `id` with the `[raft]` body and extra config sections a test needs.
+    pub fn spawn_with(&mut self, id: u64, addr: String, bootstrap: bool, setup: &NodeSetup) {
+        let config = self.write_config(id, &addr, bootstrap, setup);
         let dir = config.parent().unwrap().to_owned();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("node.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_controller"))
             .arg("run")
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info,openraft=warn")
+            .env("RUST_LOG", setup.rust_log)
             .env_remove("AFC_CLUSTER_SECRET")
+            .env_remove("AFC_CLEARING_TOKEN")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -2,7 +2,7 @@
 //! the test process so it outlives the nodes the tests kill) and three real controller processes.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use afc_domain::ledger::{sign_batch, TxRecord};
@@ -41,26 +41,8 @@ async fn start_broker() -> u16 {
 /// it. With `embedded_on` = Some(id), that node runs the broker itself.
 fn spawn_node(c: &mut Cluster, id: u64, port: u16, embedded_on: Option<u64>) {
     let addr = c.initial[&id].clone();
-    let dir = c.root.path().join(format!("node{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("secret"), SECRET).unwrap();
-    let members: String =
-        c.initial.iter().map(|(i, a)| format!("[[initial_members]]\nid = {i}\naddr = \"{a}\"\n")).collect();
-    let cfg = format!(
-        r#"node_id = {id}
-station = "s1"
-data_dir = "{data}"
-listen = "{addr}"
-bootstrap = {bootstrap}
-cluster_secret_file = "{secret}"
-
-{members}
-[raft]
-heartbeat_ms = 250
-election_timeout_min_ms = 600
-election_timeout_max_ms = 1200
-connect_timeout_ms = 200
-
+    let extra = format!(
+        r#"
 [mqtt]
 broker = "{broker}"
 embedded_listen = "127.0.0.1:{port}"
@@ -73,27 +55,16 @@ backoff_max_ms = 500
 gate = "g01"
 tx_public_key = "{key}"
 "#,
-        bootstrap = id == 1,
         broker = if embedded_on == Some(id) { "embedded" } else { "external" },
-        data = dir.join("data").display(),
-        secret = dir.join("secret").display(),
         key = hex::encode(gate_key(1).verifying_key().to_bytes()),
     );
-    let config = dir.join("controller.toml");
-    std::fs::write(&config, cfg).unwrap();
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("node.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_controller"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "info,openraft=warn,rumqttc=warn")
-        .env_remove("AFC_CLUSTER_SECRET")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    c.nodes.insert(id, NodeProc { id, addr, dir, child: Some(child) });
+    let raft = "heartbeat_ms = 250\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\nconnect_timeout_ms = 200\n";
+    c.spawn_with(
+        id,
+        addr,
+        id == 1,
+        &NodeSetup { raft, extra: &extra, rust_log: "info,openraft=warn,rumqttc=warn" },
+    );
 }
 
 async fn start_cluster(port: u16, embedded_on: Option<u64>) -> Cluster {
