@@ -526,6 +526,10 @@ pub struct Heartbeat {
     /// Alarms active now.
     #[serde(default)]
     pub alarms: Vec<AlarmKind>,
+    /// Per kind, the versions held now (as in the birth message). A controller that became leader
+    /// after the gate's birth learns them from here within one heartbeat.
+    #[serde(default)]
+    pub versions: BTreeMap<ParamKind, KindVersions>,
 }
 
 /// `gates/{gate}/tx`: transactions from the gate's outbox, in gate_seq order, signed by the gate.

@@ -22,6 +22,7 @@
 //! - [`testdata`]: realistic chained ledgers for tests, the benchmark and demos.
 
 pub mod accept;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;

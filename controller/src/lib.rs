@@ -24,6 +24,7 @@
 pub mod api;
 pub mod chain;
 pub mod clearing_sync;
+pub mod cli;
 pub mod config;
 pub mod console;
 pub mod http;

@@ -19,6 +19,7 @@
 //! [`run`] wires them together; `main.rs` only parses flags, loads the configuration, binds the
 //! listeners and turns signals into a cancellation.
 
+pub mod cli;
 pub mod config;
 pub mod gate;
 pub mod hardware;

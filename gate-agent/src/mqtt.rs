@@ -334,6 +334,7 @@ async fn session_task(
                     in_service: g.in_service(),
                     free_passage: g.free_passage() || inputs.emergency_input,
                     alarms: alarms.iter().filter(|(_, on)| **on).map(|(k, _)| *k).collect(),
+                    versions: g.params.versions(),
                 };
                 let topic = ctx.topic(|station, gate| Topic::GateHeartbeat { station, gate });
                 ctx.publish(topic, QoS::AtMostOnce, false, wire::encode(&hb)).await;

@@ -1,1 +1,238 @@
-//! System-test helpers (filled by later issues).
+//! System-test harness: a whole local station (`station up`, the README's first command) started
+//! as a real process tree in a temporary directory, and the means to drive it from outside: the
+//! operations API of each node, the clearing server, card taps at each gate's reader port, the
+//! PLC simulators' control sockets, and signals to any one service process.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::Value;
+use station::plan::{Layout, Plan, NODES};
+use station::provision::Secrets;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// The `station` executable built next to this test binary (`cargo test --workspace` builds it,
+/// because the station crate has integration tests).
+pub fn station_exe() -> PathBuf {
+    let me = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/e2e-… → target/debug/station
+    let dir = me.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let exe = dir.join("station");
+    assert!(
+        exe.exists(),
+        "{} is missing: build it first (`cargo build -p station`; `cargo test --workspace` does)",
+        exe.display()
+    );
+    exe
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `within` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + within;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow::anyhow!("{what}: not within {within:?} (last error: {last_err:?})"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A running local station.
+pub struct Station {
+    pub dir: tempfile::TempDir,
+    pub layout: Layout,
+    pub plan: Plan,
+    pub secrets: Secrets,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl Station {
+    /// Starts `station up` in a fresh directory with `gates` gates, no simulated passengers (the
+    /// test makes its own taps), ports shifted by `port_offset`, and optionally an external broker.
+    pub async fn start(
+        gates: u16,
+        port_offset: u16,
+        external_broker: Option<String>,
+    ) -> anyhow::Result<Station> {
+        let dir = tempfile::tempdir()?;
+        let layout = Layout::new(&dir.path().join("station"));
+        let mut cmd = Command::new(station_exe());
+        cmd.arg("up")
+            .arg("--data-dir")
+            .arg(&layout.root)
+            .args([
+                "--gates",
+                &gates.to_string(),
+                "--port-offset",
+                &port_offset.to_string(),
+                "--tap-rate",
+                "0",
+            ])
+            .stdin(Stdio::null())
+            .env("RUST_LOG", "info");
+        if let Some(b) = &external_broker {
+            cmd.args(["--external-broker", b]);
+        }
+        let log = std::fs::File::create(dir.path().join("station.log"))?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().context("starting station")?;
+        let plan = Plan { gates, port_offset, external_broker, ..Plan::default() };
+        // The station writes its secrets first thing; wait for them, then read them as it does.
+        let sfile = layout.secrets().join("gates").join(format!("{}.key", Plan::gate_id(gates)));
+        eventually("station secrets", Duration::from_secs(30), || async { Ok(sfile.exists().then_some(())) })
+            .await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let secrets = station::provision::secrets(&layout, &plan)?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?;
+        Ok(Station { dir, layout, plan, secrets, child: Some(child), http })
+    }
+
+    /// The station's own log (stdout and stderr of `station up`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("station.log")).unwrap_or_default()
+    }
+
+    /// The last lines of every service log, for a failing test's message.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = format!("--- station.log\n{}\n", tail(&self.log(), lines));
+        if let Ok(rd) = std::fs::read_dir(self.layout.logs()) {
+            let mut files: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            files.sort();
+            for f in files {
+                let text = std::fs::read_to_string(&f).unwrap_or_default();
+                out += &format!("--- {}\n{}\n", f.display(), tail(&text, lines));
+            }
+        }
+        out
+    }
+
+    pub fn token(&self, name: &str) -> String {
+        self.secrets.api_token(name).unwrap_or_default().to_owned()
+    }
+
+    /// `GET` on node `id`'s API with `token`.
+    pub async fn get(&self, id: u16, path: &str, token: &str) -> anyhow::Result<Value> {
+        let url = format!("http://{}{path}", self.plan.api(id));
+        let r = self.http.get(&url).bearer_auth(token).send().await?;
+        let status = r.status();
+        let body: Value = r.json().await.with_context(|| format!("GET {url}: {status}"))?;
+        anyhow::ensure!(status.is_success(), "GET {url}: {status} {body}");
+        Ok(body)
+    }
+
+    /// `POST` on node `id`'s API; returns the status and the JSON answer.
+    pub async fn post(&self, id: u16, path: &str, token: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let url = format!("http://{}{path}", self.plan.api(id));
+        let r = self.http.post(&url).bearer_auth(token).json(body).send().await?;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// The node every reachable node names as leader.
+    pub async fn leader(&self) -> anyhow::Result<u16> {
+        let viewer = self.token("viewer");
+        eventually("a leader", Duration::from_secs(30), || async {
+            for id in 1..=NODES {
+                if let Ok(c) = self.get(id, "/api/v1/cluster", &viewer).await {
+                    if let Some(l) = c.get("leader").and_then(Value::as_u64) {
+                        return Ok(Some(l as u16));
+                    }
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// `GET /api/v1/gates` from the leader (only the leader hears the gates over MQTT).
+    pub async fn gates(&self) -> anyhow::Result<Vec<Value>> {
+        let leader = self.leader().await?;
+        match self.get(leader, "/api/v1/gates", &self.token("viewer")).await? {
+            Value::Array(g) => Ok(g),
+            other => anyhow::bail!("gates: {other}"),
+        }
+    }
+
+    /// Pids of the station's services by name (`controller-1`, `gate-g01`, …).
+    pub fn pids(&self) -> BTreeMap<String, u32> {
+        let text = std::fs::read_to_string(self.layout.pids_file()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter_map(|(n, p)| Some((n.to_owned(), p.trim().parse().ok()?)))
+            .collect()
+    }
+
+    /// Sends `signal` to the service `name`.
+    pub fn signal(&self, name: &str, signal: rustix::process::Signal) -> anyhow::Result<u32> {
+        let pid = *self.pids().get(name).with_context(|| format!("no pid for {name}"))?;
+        let p = rustix::process::Pid::from_raw(pid as i32).context("bad pid")?;
+        rustix::process::kill_process(p, signal).with_context(|| format!("signalling {name} ({pid})"))?;
+        Ok(pid)
+    }
+
+    /// `GET` on the clearing server with the station's token.
+    pub async fn clearing(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("http://{}/v1/stations/{}/{path}", self.plan.clearing(), self.plan.station);
+        let r = self.http.get(&url).bearer_auth(&self.secrets.clearing_token).send().await?;
+        let status = r.status();
+        let body: Value = r.json().await.with_context(|| format!("GET {url}: {status}"))?;
+        anyhow::ensure!(status.is_success(), "GET {url}: {status} {body}");
+        Ok(body)
+    }
+
+    /// One line to gate `n`'s PLC simulator control socket; its answer.
+    pub async fn plc(&self, n: u16, line: &str) -> anyhow::Result<String> {
+        let s = tokio::net::TcpStream::connect(self.plan.plc_control(n)).await?;
+        let (r, mut w) = s.into_split();
+        w.write_all(format!("{line}\n").as_bytes()).await?;
+        let mut answer = String::new();
+        BufReader::new(r).read_line(&mut answer).await?;
+        Ok(answer.trim().to_owned())
+    }
+
+    /// Stops the station with SIGTERM (as Ctrl-C does) and waits for it; returns its exit status.
+    pub fn stop(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else { anyhow::bail!("not running") };
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).context("bad pid")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                anyhow::bail!("station did not stop within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Station {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop(Duration::from_secs(40));
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -239,6 +239,7 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
                     in_service,
                     free_passage,
                     alarms,
+                    versions: Default::default(),
                 }
             },
         )

@@ -91,6 +91,7 @@ routes! {
     GET "/api/v1/parameters/{kind}/{version}" Viewer false "One stored package's header." => params::show;
     POST "/api/v1/parameters/fare-table" Engineer true "Compile a network + fare rule into a signed fare_table package." => params::upload_fare_table;
     POST "/api/v1/parameters/blacklist" Engineer true "Upload a full blacklist or a delta (mass insertions need a second confirmation)." => params::upload_blacklist;
+    POST "/api/v1/parameters/qr-keys" Engineer true "Replace the QR issuer keys gates trust (a signed qr_keys package)." => params::upload_qr_keys;
     POST "/api/v1/parameters/blacklist/pending/{id}/confirm" Engineer true "Second engineer's confirmation of a held mass blacklist insertion." => params::confirm_blacklist;
     GET "/api/v1/ledger" Viewer false "Ledger entries by index range (from, limit)." => records::ledger;
     GET "/api/v1/ledger/stats" Viewer false "Ledger size, head and clearing backlog." => records::ledger_stats;

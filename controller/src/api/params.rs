@@ -315,3 +315,29 @@ pub async fn confirm_blacklist(
     );
     store_blacklist(&state, &caller, held.body, held.effective_from, detail).await
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QrKeysUpload {
+    /// The complete set of issuer keys gates trust for QR ride codes (replaces the current set).
+    pub keys: Vec<afc_domain::qr::QrIssuerKey>,
+    pub effective_from: Option<i64>,
+    pub reason: String,
+}
+
+pub async fn upload_qr_keys(
+    caller: Caller,
+    state: web::Data<ApiState>,
+    body: web::Json<QrKeysUpload>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.into_inner();
+    let why = reason(&b.reason)?;
+    let set =
+        afc_domain::qr::QrKeySet::new(b.keys).map_err(|e| ApiError::InvalidParameters(e.to_string()))?;
+    let version = current_version(&state, ParamKind::QrKeys)? + 1;
+    let detail = format!("qr_keys v{version} ({} issuer keys): {why}", set.len());
+    let json = serde_json::to_vec(&set).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let eff = Timestamp(b.effective_from.unwrap_or(now().0));
+    sign_and_store(&state, &caller, ("parameters.qr_keys", detail), ParamKind::QrKeys, version, eff, json)
+        .await
+}

@@ -140,6 +140,11 @@ impl Board {
         v.in_service = hb.in_service;
         v.free_passage = hb.free_passage;
         v.alarms = hb.alarms.iter().copied().collect();
+        for (kind, kv) in &hb.versions {
+            let r = v.versions_reported.entry(*kind).or_default();
+            r.active = kv.active;
+            r.pending = kv.pending;
+        }
         if v.clock_drift {
             v.alarms.insert(AlarmKind::ClockDrift);
         }
@@ -267,5 +272,34 @@ mod tests {
         assert!(b.get(&g).unwrap().online);
         b.on_status(&g, GateStatus::Offline { session: "new".into() });
         assert!(!b.get(&g).unwrap().online);
+    }
+
+    #[test]
+    fn a_leader_that_missed_the_birth_learns_the_versions_from_a_heartbeat() {
+        let g = Ident::new("g01").unwrap();
+        let mut b = Board::default();
+        b.set_desired(ParamKind::FareTable, 1);
+        b.set_desired(ParamKind::Blacklist, 2);
+        // Only an ack since this node became leader: the fare table looks missing.
+        b.on_params_ack(&g, &ack(ParamKind::Blacklist, 2, ParamState::Active));
+        assert!(b.get(&g).unwrap().drift);
+        let held = |v| KindVersions { active: Some(v), pending: None, pending_effective_from: None };
+        let hb = Heartbeat {
+            at: Timestamp(0),
+            seq: 1,
+            counters: GateCounters::default(),
+            outbox_depth: 0,
+            outbox_bytes: 0,
+            plc_online: true,
+            direction: afc_domain::wire::GateDirection::Bidirectional,
+            in_service: true,
+            free_passage: false,
+            alarms: Vec::new(),
+            versions: [(ParamKind::FareTable, held(1)), (ParamKind::Blacklist, held(2))].into(),
+        };
+        b.on_heartbeat(&g, &hb, Timestamp(0), 1000);
+        let v = b.get(&g).unwrap();
+        assert!(!v.drift, "{v:?}");
+        assert_eq!(v.versions_reported[&ParamKind::FareTable].active, Some(1));
     }
 }

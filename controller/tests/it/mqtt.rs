@@ -409,6 +409,7 @@ async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_t
         in_service: true,
         free_passage: false,
         alarms: vec![],
+        versions: Default::default(),
     };
     g.publish(&topic("gates/g01/heartbeat"), wire::encode(&hb)).await;
     let ev = GateEvent { at: controller_now(), kind: AlarmKind::DoorFault, cleared: false, detail: None };

@@ -1,0 +1,252 @@
+//! The command lines of the gate agent and its two simulators (`gate-agent`, `plc-sim`,
+//! `reader-sim`). Library functions so the local station (`station`) runs the same code.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use afc_domain::model::StationCode;
+use afc_domain::wire::ReaderReply;
+use anyhow::Context as _;
+use clap::Parser;
+use ed25519_dalek::SigningKey;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::gate::now;
+use crate::hardware::RegisterMap;
+use crate::plc_sim::{PlcSim, SimConfig};
+use crate::reader_sim::{QrIssuer, ReaderConn, ReaderSim};
+use crate::Listeners;
+
+#[derive(Parser)]
+#[command(about = "AFC gate agent: decides taps, drives the gate PLC, talks to the station over MQTT")]
+struct GateArgs {
+    /// Configuration file (see deploy/gate-agent.example.toml).
+    #[arg(long, short, env = "GATE_AGENT_CONFIG")]
+    config: PathBuf,
+}
+
+/// `gate-agent --config FILE`: load the configuration, bind the listeners, run until a signal.
+pub fn gate_agent<I: IntoIterator<Item = OsString>>(args: I) -> anyhow::Result<()> {
+    let args = GateArgs::parse_from(args);
+    afc_process::run_service("info", async move {
+        let config = Config::load(&args.config)?;
+        let reader = TcpListener::bind(config.reader_listen)
+            .await
+            .with_context(|| format!("bind reader {}", config.reader_listen))?;
+        let metrics = match config.metrics_listen {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("bind metrics {a}"))?),
+            None => None,
+        };
+        let cancel = afc_process::shutdown_on_signal();
+        crate::run(&config, Listeners { reader, metrics }, cancel).await?;
+        Ok(())
+    })
+}
+
+#[derive(Parser)]
+#[command(about = "Simulated gate PLC (Modbus TCP, SPEC §6 register map)")]
+struct PlcArgs {
+    /// Modbus TCP listen address.
+    #[arg(long, env = "PLC_SIM_LISTEN", default_value = "127.0.0.1:5020")]
+    listen: SocketAddr,
+    /// Control socket listen address (one command per line).
+    #[arg(long, env = "PLC_SIM_CONTROL")]
+    control: Option<SocketAddr>,
+    /// Milliseconds from an open command to the end of the simulated passage.
+    #[arg(long, env = "PLC_SIM_PASSAGE_MS", default_value_t = 800)]
+    passage_ms: u64,
+    /// Hardware profile (TOML register map); the SPEC default when absent.
+    #[arg(long, env = "PLC_SIM_PROFILE")]
+    profile: Option<PathBuf>,
+}
+
+/// `plc-sim`: a simulated gate PLC on Modbus TCP, with a line-based control socket for faults and
+/// for reading its state (`echo 'state' | nc 127.0.0.1 5021`; see [`PlcSim::control`]).
+pub fn plc_sim<I: IntoIterator<Item = OsString>>(args: I) -> anyhow::Result<()> {
+    let args = PlcArgs::parse_from(args);
+    afc_process::run_service("info", async move {
+        let map = match &args.profile {
+            Some(p) => RegisterMap::load(p)?,
+            None => RegisterMap::default(),
+        };
+        let sim = PlcSim::new(SimConfig {
+            map,
+            passage: Duration::from_millis(args.passage_ms),
+            ..SimConfig::default()
+        });
+        let listener =
+            TcpListener::bind(args.listen).await.with_context(|| format!("bind {}", args.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, "plc-sim serving Modbus TCP");
+        if let Some(addr) = args.control {
+            let control = TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
+            tokio::spawn(control_loop(control, sim.clone()));
+        }
+        sim.serve(listener, afc_process::shutdown_on_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn control_loop(listener: TcpListener, sim: PlcSim) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let answer = match sim.control(&line) {
+                    Ok(a) => a,
+                    Err(e) => format!("error: {e}"),
+                };
+                if w.write_all(format!("{answer}\n").as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+#[derive(Parser)]
+#[command(about = "Simulated card reader: realistic taps against a gate agent's reader port")]
+struct ReaderArgs {
+    /// The gate agent's reader address.
+    #[arg(long, env = "READER_SIM_ADDR", default_value = "127.0.0.1:7700")]
+    addr: SocketAddr,
+    /// This station's code.
+    #[arg(long, env = "READER_SIM_STATION", default_value_t = 101)]
+    station: u16,
+    /// Station codes passengers come from (comma-separated).
+    #[arg(long, env = "READER_SIM_ORIGINS", value_delimiter = ',', default_value = "102,103,104")]
+    origins: Vec<u16>,
+    /// Number of taps; 0 taps until stopped, reconnecting whenever the gate agent goes away, and
+    /// logs a summary every minute.
+    #[arg(long, env = "READER_SIM_TAPS", default_value_t = 100)]
+    taps: u64,
+    /// Taps per second (0: as fast as the gate answers).
+    #[arg(long, env = "READER_SIM_RATE", default_value_t = 2.0)]
+    rate: f64,
+    /// Hex seed of a QR issuer key the gate trusts (issuer 1, key 1); no QR codes without it.
+    #[arg(long, env = "READER_SIM_QR_KEY")]
+    qr_key: Option<String>,
+    /// Number of simulated cards in the passenger population.
+    #[arg(long, env = "READER_SIM_CARDS", default_value_t = 10_000)]
+    cards: usize,
+    /// Seed of the passenger population and of the tap sequence.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// `reader-sim`: taps a running gate agent with realistic passengers and reports the outcomes.
+pub fn reader_sim<I: IntoIterator<Item = OsString>>(args: I) -> anyhow::Result<()> {
+    let args = ReaderArgs::parse_from(args);
+    afc_process::run_service("info", async move {
+        let qr = match &args.qr_key {
+            Some(h) => {
+                let seed: [u8; 32] = hex::decode(h.trim())?
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("QR key must be 32 bytes of hex"))?;
+                Some(QrIssuer { issuer: 1, key_id: 1, key: SigningKey::from_bytes(&seed) })
+            }
+            None => None,
+        };
+        let origins = args.origins.iter().map(|c| StationCode(*c)).collect();
+        let sim = ReaderSim::new(args.seed, StationCode(args.station), origins, args.cards, qr);
+        if args.taps == 0 {
+            tap_forever(sim, &args).await
+        } else {
+            tap_counted(sim, &args).await
+        }
+    })
+}
+
+async fn tap_counted(mut sim: ReaderSim, args: &ReaderArgs) -> anyhow::Result<()> {
+    let mut conn = ReaderConn::connect(args.addr).await?;
+    let mut latencies = Vec::with_capacity(args.taps as usize);
+    let mut reasons = BTreeMap::<String, u64>::new();
+    for _ in 0..args.taps {
+        let (presented, tap) = sim.next_tap(now());
+        let t = Instant::now();
+        let reply = conn.tap(&tap).await?;
+        latencies.push(t.elapsed());
+        count(&mut sim, presented, reply, &mut reasons);
+        pace(args.rate).await;
+    }
+    latencies.sort();
+    let pct =
+        |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p) as usize).copied().unwrap_or_default();
+    println!("taps: {}  p50 {:?}  p99 {:?}  max {:?}", latencies.len(), pct(0.5), pct(0.99), pct(1.0));
+    for (k, v) in reasons {
+        println!("  {k}: {v}");
+    }
+    Ok(())
+}
+
+async fn tap_forever(mut sim: ReaderSim, args: &ReaderArgs) -> anyhow::Result<()> {
+    let stop = afc_process::shutdown_on_signal();
+    let mut reasons = BTreeMap::<String, u64>::new();
+    let mut last_summary = Instant::now();
+    let mut taps = 0u64;
+    while !stop.is_cancelled() {
+        let mut conn = match ReaderConn::connect(args.addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(addr = %args.addr, error = %e, "gate agent not reachable; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        while !stop.is_cancelled() {
+            let (presented, tap) = sim.next_tap(now());
+            let reply = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = conn.tap(&tap) => r,
+            };
+            match reply {
+                Ok(reply) => count(&mut sim, presented, reply, &mut reasons),
+                Err(e) => {
+                    tracing::info!(addr = %args.addr, error = %e, "reader connection lost; reconnecting");
+                    break;
+                }
+            }
+            taps += 1;
+            if last_summary.elapsed() >= Duration::from_secs(60) {
+                tracing::info!(taps, outcomes = ?reasons, "reader-sim summary");
+                last_summary = Instant::now();
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = pace(args.rate) => {}
+            }
+        }
+    }
+    tracing::info!(taps, outcomes = ?reasons, "reader-sim stopped");
+    Ok(())
+}
+
+fn count(
+    sim: &mut ReaderSim,
+    presented: crate::reader_sim::Presented,
+    reply: ReaderReply,
+    reasons: &mut BTreeMap<String, u64>,
+) {
+    match reply {
+        ReaderReply::Response(r) => {
+            *reasons.entry(format!("{:?}/{}", r.decision, r.reason)).or_default() += 1;
+            sim.apply(presented, &r);
+        }
+        ReaderReply::Error(e) => *reasons.entry(format!("error/{}", e.error)).or_default() += 1,
+    }
+}
+
+async fn pace(rate: f64) {
+    if rate > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(1.0 / rate)).await;
+    }
+}

@@ -1,0 +1,249 @@
+//! First-run provisioning of a local station: secrets and keys (created once, kept), and every
+//! service's configuration file (rewritten from the plan on every run).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use ed25519_dalek::SigningKey;
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::plan::{Layout, Plan, NODES};
+
+/// The operator-facing API tokens of the local station, one per role, plus a second engineer for
+/// the two-person confirmation of mass blacklist insertions.
+pub const TOKEN_NAMES: [(&str, &str); 4] =
+    [("viewer", "viewer"), ("operator", "operator"), ("engineer", "engineer"), ("engineer2", "engineer")];
+
+/// The station's secrets, read from (or created in) `{data_dir}/secrets`.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    pub cluster_secret_file: PathBuf,
+    pub package_key_file: PathBuf,
+    pub package_key: SigningKey,
+    pub clearing_token_file: PathBuf,
+    pub clearing_token: String,
+    pub feed_key_file: PathBuf,
+    pub qr_issuer_key: SigningKey,
+    /// `(name, role, token)` per [`TOKEN_NAMES`].
+    pub api_tokens: Vec<(String, String, String)>,
+    /// `(gate id, key file, key)`.
+    pub gate_keys: Vec<(String, PathBuf, SigningKey)>,
+}
+
+impl Secrets {
+    pub fn api_token(&self, name: &str) -> Option<&str> {
+        self.api_tokens.iter().find(|(n, _, _)| n == name).map(|(_, _, t)| t.as_str())
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Writes `content` to `path` readable by the owner only, unless the file exists.
+fn create_secret(path: &Path, content: &str) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(format!("{content}\n").as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn read_secret(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.lines().next().unwrap_or_default().trim().to_owned())
+}
+
+fn secret(path: PathBuf, bytes: usize) -> anyhow::Result<(PathBuf, String)> {
+    create_secret(&path, &random_hex(bytes))?;
+    let value = read_secret(&path)?;
+    Ok((path, value))
+}
+
+fn signing_key(path: PathBuf) -> anyhow::Result<(PathBuf, SigningKey)> {
+    let (path, hex_seed) = secret(path, 32)?;
+    let seed: [u8; 32] = hex::decode(&hex_seed)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| anyhow::anyhow!("{}: not 64 hex digits", path.display()))?;
+    Ok((path, SigningKey::from_bytes(&seed)))
+}
+
+/// Reads the station's secrets, creating the missing ones.
+pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
+    let dir = layout.secrets();
+    let (cluster_secret_file, _) = secret(dir.join("cluster-secret"), 24)?;
+    let (package_key_file, package_key) = signing_key(dir.join("package-signing.key"))?;
+    let (clearing_token_file, clearing_token) = secret(dir.join("clearing-token"), 24)?;
+    let (feed_key_file, _) = signing_key(dir.join("clearing-feed.key"))?;
+    let (_, qr_issuer_key) = signing_key(dir.join("qr-issuer.key"))?;
+    let mut api_tokens = Vec::new();
+    for (name, role) in TOKEN_NAMES {
+        let (_, token) = secret(dir.join(format!("api-token-{name}")), 24)?;
+        api_tokens.push((name.to_owned(), role.to_owned(), token));
+    }
+    let mut gate_keys = Vec::new();
+    for (_, gate) in plan.gate_numbers() {
+        let (path, key) = signing_key(dir.join("gates").join(format!("{gate}.key")))?;
+        gate_keys.push((gate, path, key));
+    }
+    Ok(Secrets {
+        cluster_secret_file,
+        package_key_file,
+        package_key,
+        clearing_token_file,
+        clearing_token,
+        feed_key_file,
+        qr_issuer_key,
+        api_tokens,
+        gate_keys,
+    })
+}
+
+/// TOML string literal (paths and ids may hold anything).
+fn q(s: impl AsRef<str>) -> String {
+    toml::Value::String(s.as_ref().to_owned()).to_string()
+}
+
+fn p(path: &Path) -> String {
+    q(path.to_string_lossy())
+}
+
+/// The configuration of controller node `id`.
+pub fn controller_config(layout: &Layout, plan: &Plan, s: &Secrets, id: u16) -> String {
+    let mut t = format!(
+        "# Written by `station` from {plan_file}; edits are overwritten at the next start.\n\
+         node_id = {id}\nstation = {station}\ndata_dir = {data}\nlisten = {listen}\n\
+         cluster_secret_file = {secret}\n",
+        plan_file = layout.plan_file().display(),
+        station = q(&plan.station),
+        data = p(&layout.data(&format!("controller-{id}"))),
+        listen = q(plan.raft(id).to_string()),
+        secret = p(&s.cluster_secret_file),
+    );
+    for m in 1..=NODES {
+        t += &format!("\n[[initial_members]]\nid = {m}\naddr = {}\n", q(plan.raft(m).to_string()));
+    }
+    t += &format!(
+        "\n[mqtt]\nbroker = \"external\"\naddress = {}\nstation_code = {}\n",
+        q(plan.broker_address()),
+        plan.station_code
+    );
+    for (gate, _, key) in &s.gate_keys {
+        t += &format!(
+            "\n[[mqtt.gates]]\ngate = {}\ntx_public_key = {}\nhardware_profile = \"default\"\n",
+            q(gate),
+            q(hex::encode(key.verifying_key().to_bytes()))
+        );
+    }
+    t += &format!(
+        "\n[api]\nlisten = {}\nstation_code = {}\nsigning_key_file = {}\nsigning_key_id = 1\n",
+        q(plan.api(id).to_string()),
+        plan.station_code,
+        p(&s.package_key_file)
+    );
+    for (name, role, token) in &s.api_tokens {
+        t += &format!(
+            "\n[[api.tokens]]\nname = {}\nrole = {}\nsha256 = {}\n",
+            q(name),
+            q(role),
+            q(hex::encode(Sha256::digest(token.as_bytes())))
+        );
+    }
+    t += &format!(
+        "\n[clearing]\nurl = {}\ntoken_file = {}\n",
+        q(format!("http://{}", plan.clearing())),
+        p(&s.clearing_token_file)
+    );
+    t
+}
+
+/// The configuration of gate `n`.
+pub fn gate_config(layout: &Layout, plan: &Plan, s: &Secrets, n: u16) -> anyhow::Result<String> {
+    let gate = Plan::gate_id(n);
+    let (_, key_file, _) = s
+        .gate_keys
+        .iter()
+        .find(|(g, _, _)| *g == gate)
+        .ok_or_else(|| anyhow::anyhow!("no key for gate {gate}"))?;
+    Ok(format!(
+        "# Written by `station` from {plan_file}; edits are overwritten at the next start.\n\
+         station = {station}\ngate = {g}\nstation_code = {code}\ndata_dir = {data}\n\
+         reader_listen = {reader}\nmetrics_listen = {metrics}\nsigning_key_file = {key}\n\
+         direction = \"bidirectional\"\n\n[trusted_keys]\n1 = {trusted}\n\n\
+         [mqtt]\nbrokers = [{broker}]\n\n[plc]\naddress = {plc}\n",
+        plan_file = layout.plan_file().display(),
+        station = q(&plan.station),
+        g = q(&gate),
+        code = plan.station_code,
+        data = p(&layout.data(&format!("gate-{gate}"))),
+        reader = q(plan.reader(n).to_string()),
+        metrics = q(plan.gate_metrics(n).to_string()),
+        key = p(key_file),
+        trusted = q(hex::encode(s.package_key.verifying_key().to_bytes())),
+        broker = q(plan.broker_address()),
+        plc = q(plan.plc(n).to_string()),
+    ))
+}
+
+/// Writes every configuration file; returns `(controller configs, gate configs)`.
+pub fn write_configs(
+    layout: &Layout,
+    plan: &Plan,
+    s: &Secrets,
+) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let dir = layout.config();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut controllers = Vec::new();
+    for id in 1..=NODES {
+        let path = dir.join(format!("controller-{id}.toml"));
+        std::fs::write(&path, controller_config(layout, plan, s, id))?;
+        // The file must parse and validate exactly as the node will load it.
+        controller::config::Config::load(&path).with_context(|| format!("generated {}", path.display()))?;
+        controllers.push(path);
+    }
+    let mut gates = Vec::new();
+    for (n, gate) in plan.gate_numbers() {
+        let path = dir.join(format!("gate-{gate}.toml"));
+        std::fs::write(&path, gate_config(layout, plan, s, n)?)?;
+        gate_agent::config::Config::load(&path).with_context(|| format!("generated {}", path.display()))?;
+        gates.push(path);
+    }
+    Ok((controllers, gates))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn secrets_are_created_once_and_configs_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let plan = Plan { gates: 2, ..Plan::default() };
+        let a = secrets(&layout, &plan).unwrap();
+        let b = secrets(&layout, &plan).unwrap();
+        assert_eq!(a.clearing_token, b.clearing_token, "a second run must keep the secrets");
+        assert_eq!(a.package_key.to_bytes(), b.package_key.to_bytes());
+        assert_ne!(a.api_token("viewer"), a.api_token("engineer"));
+        let (c, g) = write_configs(&layout, &plan, &a).unwrap();
+        assert_eq!((c.len(), g.len()), (3, 2));
+        let cfg = controller::config::Config::load(&c[1]).unwrap();
+        assert_eq!(cfg.node_id, 2);
+        assert_eq!(cfg.api.tokens.len(), 4);
+    }
+}

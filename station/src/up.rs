@@ -1,0 +1,252 @@
+//! `station [up]`: provision (first run), start every service, set the first parameters, print
+//! where to look, and run until Ctrl-C or SIGTERM.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use crate::plan::{Layout, Plan, NODES};
+use crate::provision::{secrets, write_configs, Secrets};
+use crate::setup::{first_parameters, Api};
+use crate::supervise::{reap_leftovers, Service, Supervisor};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "A complete local station: 3 controller nodes, an MQTT broker, gate agents with PLC and \
+             card-reader simulators, and the reference clearing server, all on loopback.",
+    after_help = "Services run as `station <service> …` children: controller, gate-agent, plc-sim, \
+                  reader-sim, clearing-server, broker. Logs are in DATA_DIR/logs, pids in DATA_DIR/run/pids."
+)]
+struct Args {
+    /// `up` (the default) runs the station.
+    #[arg(value_parser = ["up"], default_value = "up")]
+    command: String,
+    /// Everything the station keeps: configuration, secrets, data, logs.
+    #[arg(long, env = "AFC_STATION_DIR", default_value = "station-data")]
+    data_dir: PathBuf,
+    /// Number of gates [default: 8] (first run only; later runs keep the saved plan).
+    #[arg(long)]
+    gates: Option<u16>,
+    /// Added to every port [default: 0] (first run only), to run stations side by side.
+    #[arg(long)]
+    port_offset: Option<u16>,
+    /// Use this MQTT broker (host:port, e.g. a Mosquitto) instead of the station's own (first run only).
+    #[arg(long)]
+    external_broker: Option<String>,
+    /// Taps per second per gate from the card-reader simulators; 0 runs no simulated passengers.
+    #[arg(long, default_value_t = 1.0)]
+    tap_rate: f64,
+}
+
+/// Entry point of `station [up]`.
+pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
+    let args = Args::parse_from(args);
+    afc_process::init_logging("info");
+    let layout = Layout::new(&args.data_dir);
+    let defaults = Plan::default();
+    let fresh = Plan {
+        gates: args.gates.unwrap_or(defaults.gates),
+        port_offset: args.port_offset.unwrap_or(defaults.port_offset),
+        external_broker: args.external_broker.clone(),
+        ..defaults
+    };
+    let given = args.gates.is_some() || args.port_offset.is_some() || args.external_broker.is_some();
+    let (plan, mut warnings) = layout.load_or_create(&fresh)?;
+    if !given {
+        warnings.clear();
+    }
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let _lock = Lock::take(&layout.lock_file())?;
+    let exe = std::env::current_exe().context("locating this executable")?;
+    reap_leftovers(&layout.pids_file(), &exe);
+    let secrets = secrets(&layout, &plan)?;
+    let (controllers, gates) = write_configs(&layout, &plan, &secrets)?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(
+        exe,
+        layout,
+        plan,
+        secrets,
+        controllers,
+        gates,
+        args.tap_rate,
+    ))
+}
+
+fn os(items: &[&str]) -> Vec<OsString> {
+    items.iter().map(OsString::from).collect()
+}
+
+fn svc(name: String, stage: u8, args: Vec<OsString>) -> Service {
+    Service { name, args, stage }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    exe: PathBuf,
+    layout: Layout,
+    plan: Plan,
+    secrets: Secrets,
+    controllers: Vec<PathBuf>,
+    gates: Vec<PathBuf>,
+    tap_rate: f64,
+) -> anyhow::Result<()> {
+    let mut sup = Supervisor::new(exe, layout.logs(), layout.pids_file())?;
+    let clearing_dir = layout.data("clearing");
+    let mut args = os(&["clearing-server", "--listen", &plan.clearing().to_string(), "--data-dir"]);
+    args.push(clearing_dir.into());
+    args.extend([OsString::from("--token-file"), secrets.clearing_token_file.clone().into()]);
+    args.extend([OsString::from("--feed-key-file"), secrets.feed_key_file.clone().into()]);
+    sup.start(svc("clearing".into(), 0, args));
+    if plan.external_broker.is_none() {
+        sup.start(svc("broker".into(), 1, os(&["broker", "--listen", &plan.broker_listen().to_string()])));
+    }
+    for (i, config) in controllers.iter().enumerate() {
+        let mut args = os(&["controller", "run", "--config"]);
+        args.push(config.clone().into());
+        // Bootstrap only ever acts on an empty store, so it is safe on every start.
+        if i == 0 {
+            args.push("--bootstrap".into());
+        }
+        sup.start(svc(format!("controller-{}", i + 1), 2, args));
+    }
+    for (n, gate) in plan.gate_numbers() {
+        let a =
+            ["plc-sim", "--listen", &plan.plc(n).to_string(), "--control", &plan.plc_control(n).to_string()];
+        sup.start(svc(format!("plc-{gate}"), 3, os(&a)));
+    }
+    for ((_, gate), config) in plan.gate_numbers().zip(&gates) {
+        let mut args = os(&["gate-agent", "--config"]);
+        args.push(config.clone().into());
+        sup.start(svc(format!("gate-{gate}"), 4, args));
+    }
+    let stop = tokio::spawn(afc_process::wait_for_signal());
+    let engineer = secrets.api_token("engineer").unwrap_or_default();
+    let api = Api::new(&plan, engineer)?;
+    let setup = tokio::select! {
+        r = async {
+            api.wait_ready(Duration::from_secs(120)).await?;
+            first_parameters(&api, &secrets.qr_issuer_key).await
+        } => Some(r),
+        _ = tokio::time::sleep(Duration::from_secs(180)) => None,
+    };
+    match setup {
+        Some(Ok(done)) if done.is_empty() => tracing::info!("parameters already in place"),
+        Some(Ok(done)) => tracing::info!(uploaded = ?done, "first parameters set"),
+        Some(Err(e)) => tracing::error!(error = format!("{e:#}"), "could not set the first parameters"),
+        None => tracing::error!("the cluster did not come up within 180 s; see the logs"),
+    }
+    if tap_rate > 0.0 {
+        let origins = "101,105,110,116,120,220,224,305,501";
+        for (n, gate) in plan.gate_numbers() {
+            let a = [
+                "reader-sim",
+                "--addr",
+                &plan.reader(n).to_string(),
+                "--station",
+                &plan.station_code.to_string(),
+                "--origins",
+                origins,
+                "--taps",
+                "0",
+                "--rate",
+                &tap_rate.to_string(),
+                "--seed",
+                &n.to_string(),
+                "--qr-key",
+                &hex::encode(secrets.qr_issuer_key.to_bytes()),
+            ];
+            sup.start(svc(format!("reader-{gate}"), 5, os(&a)));
+        }
+    }
+    println!("{}", summary(&layout, &plan, &secrets, tap_rate));
+    let _ = stop.await;
+    tracing::info!("stopping the station (readers, gates, PLCs, controllers, broker, clearing)");
+    sup.stop().await;
+    tracing::info!(data = %layout.root.display(), "station stopped; run the same command to resume");
+    Ok(())
+}
+
+fn summary(layout: &Layout, plan: &Plan, s: &Secrets, tap_rate: f64) -> String {
+    let token = |n: &str| s.api_token(n).unwrap_or_default().to_owned();
+    let mut t = format!(
+        "\nStation {} (code {}) is running from {}\n\n",
+        plan.station,
+        plan.station_code,
+        layout.root.display()
+    );
+    t += &format!("  console      http://{}/  (any node: ", plan.api(1));
+    t += &(1..=NODES).map(|id| plan.api(id).port().to_string()).collect::<Vec<_>>().join(", ");
+    t += ")\n";
+    t += &format!(
+        "  tokens       viewer {}\n               operator {}\n               engineer {}\n",
+        token("viewer"),
+        token("operator"),
+        token("engineer")
+    );
+    t += &format!(
+        "  API          curl -H 'Authorization: Bearer {}' http://{}/api/v1/gates\n",
+        token("viewer"),
+        plan.api(1)
+    );
+    t += &format!(
+        "  metrics      http://{}/metrics (controllers), http://{}/metrics … (gates)\n",
+        plan.api(1),
+        plan.gate_metrics(1)
+    );
+    t += &format!("  MQTT         {}\n", plan.broker_address());
+    t += &format!("  clearing     http://{}/\n", plan.clearing());
+    t += &format!(
+        "  gates        {} (PLC control: echo state | nc {} {})\n",
+        plan.gates,
+        plan.plc_control(1).ip(),
+        plan.plc_control(1).port()
+    );
+    t += &format!("  traffic      {tap_rate} taps/s per gate\n");
+    t += &format!(
+        "  logs         {}\n  pids         {}\n",
+        layout.logs().display(),
+        layout.pids_file().display()
+    );
+    t += "\nCtrl-C stops everything cleanly; the same command resumes with the same data.\n";
+    t
+}
+
+/// `run/lock`: one station per data directory.
+struct Lock {
+    path: PathBuf,
+}
+
+impl Lock {
+    fn take(path: &Path) -> anyhow::Result<Lock> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                if pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists() {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if String::from_utf8_lossy(&cmd).contains("station") {
+                        anyhow::bail!(
+                            "a station already runs from this directory (pid {pid}, {})",
+                            path.display()
+                        );
+                    }
+                }
+            }
+        }
+        std::fs::write(path, std::process::id().to_string())?;
+        Ok(Lock { path: path.to_owned() })
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
