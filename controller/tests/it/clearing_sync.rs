@@ -84,8 +84,14 @@ async fn cluster_with_clearing(n: u64, clearing: &Clearing, batch_records: usize
     let initial: BTreeMap<u64, String> =
         (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    let mut c =
-        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial: initial.clone() };
+    let mut c = Cluster {
+        root,
+        nodes: BTreeMap::new(),
+        http,
+        tuning: Tuning::default(),
+        initial: initial.clone(),
+        scheme: "http",
+    };
     for (id, addr) in &initial {
         spawn_node(&mut c, *id, addr.clone(), clearing, batch_records);
     }
