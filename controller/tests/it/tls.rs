@@ -221,6 +221,25 @@ tx_public_key = "{key}"
         }
     }
 
+    /// Waits until the leader's MQTT session is connected (through the TLS proxy), as its
+    /// /metrics says; returns that metrics text.
+    async fn wait_mqtt(&self, leader: u64) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.metrics(leader).await;
+            if text.contains("\nafc_mqtt_connected 1\n") && text.contains("\nafc_mqtt_leader_session 1\n") {
+                return text;
+            }
+            assert!(std::time::Instant::now() < deadline, "the leader's MQTT never connected:\n{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn metrics(&self, id: u64) -> String {
+        let url = format!("https://{}/metrics", self.api[&id]);
+        self.c.http.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
     fn follower(&self, leader: u64) -> u64 {
         (1..=3).find(|id| *id != leader).unwrap()
     }
@@ -319,16 +338,7 @@ async fn gate_commands_from_any_node_reach_the_gate_over_a_tls_broker_connection
 
     // The leader's MQTT session comes up (only through the TLS proxy can it reach the broker),
     // and /metrics says so.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let url = format!("https://{}/metrics", t.api[&leader]);
-        let text = t.c.http.get(url).send().await.unwrap().text().await.unwrap();
-        if text.contains("\nafc_mqtt_connected 1\n") && text.contains("\nafc_mqtt_leader_session 1\n") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the leader's MQTT never connected:\n{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    t.wait_mqtt(leader).await;
     let cmd = |dir: Option<&str>, command: &str| {
         let mut b = json!({"command": command, "reason": "desk let a wheelchair through"});
         if let Some(d) = dir {
@@ -409,4 +419,101 @@ async fn gate_commands_from_any_node_reach_the_gate_over_a_tls_broker_connection
     }
     assert!(details.iter().all(|d| d.contains("wheelchair")), "{details:?}");
     g2.abort();
+}
+
+/// The value of the sample `series` (name with labels, exactly as rendered) in a metrics text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_gate_traffic_and_the_ledger_can_be_searched_by_gate_and_card() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let t = TlsCluster::start().await;
+    let leader = t.c.wait_leader(Duration::from_secs(20), None).await;
+    t.wait_api(leader).await;
+    let before = t.wait_mqtt(leader).await;
+    assert_eq!(sample(&before, "afc_tx_ingested_total"), Some(0.0), "{before}");
+    assert_eq!(sample(&before, "afc_ledger_append_seconds_count"), Some(0.0));
+    // Followers do not hold the broker session.
+    let follower = t.follower(leader);
+    t.wait_api(follower).await;
+    let f = t.metrics(follower).await;
+    assert_eq!(sample(&f, "afc_mqtt_connected"), Some(0.0), "{f}");
+
+    // A gate publishes two batches (one re-sent) on the plain side of the broker.
+    let mut o = MqttOptions::new("tx-gate", "127.0.0.1", t.broker);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut ev) = AsyncClient::new(o, 100);
+    let pump = tokio::spawn(async move {
+        loop {
+            if ev.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let topic = Topic::GateTx { station: ident("s1"), gate: ident("g01") }.to_string();
+    let batch = |seqs: std::ops::RangeInclusive<u64>| {
+        let records: Vec<_> = seqs.map(|s| record("s1", "g01", s)).collect();
+        let sig = controller::chain::sign_batch(&ident("s1"), &ident("g01"), &records, &gate_key(1));
+        wire::encode(&wire::TxBatch {
+            station: ident("s1"),
+            gate: ident("g01"),
+            records,
+            signature: hex::encode(sig),
+        })
+    };
+    for payload in [batch(1..=3), batch(1..=3), batch(4..=5)] {
+        client.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = t.metrics(leader).await;
+        if sample(&text, "afc_tx_batches_total{outcome=\"acked\"}") == Some(3.0) {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "batches never acked:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    pump.abort();
+    // Five new records (the re-sent batch adds none), three appends timed.
+    assert_eq!(sample(&text, "afc_tx_ingested_total"), Some(5.0), "{text}");
+    assert_eq!(sample(&text, "afc_ledger_append_seconds_count"), Some(3.0));
+    assert!(sample(&text, "afc_ledger_append_seconds_sum").unwrap() > 0.0);
+    assert_eq!(sample(&text, "afc_ledger_append_seconds_bucket{le=\"+Inf\"}"), Some(3.0));
+    assert_eq!(sample(&text, "afc_clearing_backlog_records"), Some(5.0));
+    assert_eq!(sample(&text, "afc_clearing_enabled"), Some(0.0));
+    if let Some(promtool) = crate::api::promtool() {
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // /api/v1/clearing is the uploader's status (disabled here) over the replicated cursor.
+    let (s, c) = t.call(leader, Method::GET, "/api/v1/clearing", VIEWER, None).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(
+        (c["enabled"].as_bool(), c["backlog"].as_u64(), c["leading"].as_bool()),
+        (Some(false), Some(5), Some(false))
+    );
+
+    // The ledger searched by gate and card: record n carries card 31_000_000 + n.
+    let (s, v) =
+        t.call(leader, Method::GET, "/api/v1/ledger/search?gate=g01&card=31000004", VIEWER, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{v}");
+    assert_eq!((entries[0]["record"]["gate_seq"].as_u64(), v["next_from"].as_u64()), (Some(4), None));
 }
