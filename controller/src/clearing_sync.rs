@@ -111,6 +111,8 @@ pub struct ClearingStatus {
     pub records_acked: u64,
     /// 409 answers since this node started.
     pub conflicts: u64,
+    /// Upload rounds that failed (clearing unreachable, refused, alarm), since this node started.
+    pub errors_total: u64,
     /// Times the cursor was advanced to clearing's watermark (an acknowledgement lost in a failover).
     pub watermark_advances: u64,
     /// How long the task waits before its next attempt, while it backs off.
@@ -154,6 +156,7 @@ impl ClearingStatusHandle {
         self.update(|s| {
             s.last_error = Some(message);
             s.last_error_at = Some(now());
+            s.errors_total += 1;
             s.retry_in_ms = Some(u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX));
         });
     }

@@ -62,6 +62,9 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub clearing: ClearingConfig,
+    /// TLS of the HTTP listeners and of the HTTP clients that reach other nodes; absent: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Filled by [`Config::load`] from the file or environment; never read from the TOML.
     #[serde(skip)]
     pub cluster_secret: String,
@@ -73,6 +76,57 @@ pub struct Config {
 pub struct Member {
     pub id: u64,
     pub addr: String,
+}
+
+/// TLS (rustls) of this node's HTTP listeners and of its HTTP clients to other nodes. Files are
+/// PEM; they are read and checked at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This node's certificate chain (leaf first). Its names must include the host part of
+    /// `advertise` (peers check it) and the names clients use for the API.
+    pub cert_file: PathBuf,
+    /// The private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// The CA certificates other nodes' certificates chain to. This node's HTTP clients (Raft
+    /// RPCs, forwarding to the leader) trust only these, not the system roots.
+    pub ca_file: PathBuf,
+    /// Serve the operations API (`api.listen`) over https.
+    #[serde(default = "yes")]
+    pub api: bool,
+    /// Serve the Raft/admin listener over https and reach peers with https. Every node of a
+    /// cluster must agree (peers are addressed by `host:port`, the scheme comes from here).
+    #[serde(default = "yes")]
+    pub peers: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// TLS of the MQTT connection (rustls). The broker's name checked is the host part of `address`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// CA certificates (PEM) the broker's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// A client certificate chain and key, for brokers that authenticate clients by certificate
+    /// (Mosquitto `require_certificate`): both or neither.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl MqttTls {
+    /// The rustls client configuration; fails on unreadable or invalid files.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, crate::tls::TlsError> {
+        let client = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        crate::tls::client_config(&self.ca_file, client)
+    }
 }
 
 /// Raft timing and log compaction.
@@ -190,6 +244,8 @@ pub struct MqttConfig {
     pub qr_relay_ms: u64,
     /// Gates registered by the leader at start when not yet registered with this key.
     pub gates: Vec<GateSeed>,
+    /// Connect to the broker over TLS; absent: plain MQTT.
+    pub tls: Option<MqttTls>,
 }
 
 impl Default for MqttConfig {
@@ -210,6 +266,7 @@ impl Default for MqttConfig {
             ingest_concurrency: 32,
             qr_relay_ms: 50,
             gates: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -392,10 +449,53 @@ impl Config {
                 return bad(format!("api.tokens: sha256 of {:?} must be 64 hex characters", t.name));
             }
         }
+        if let Some(t) = &self.tls {
+            crate::tls::server_config(&t.cert_file, &t.key_file)
+                .and_then(|_| crate::tls::roots(&t.ca_file))
+                .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?;
+        }
+        if let Some((m, t)) = self.mqtt.as_ref().and_then(|m| m.tls.as_ref().map(|t| (m, t))) {
+            if m.broker == BrokerMode::Embedded {
+                return bad(
+                    "mqtt.tls: the embedded broker speaks plain MQTT only; use broker = \"external\" \
+                            (Mosquitto with a TLS listener) or drop [mqtt.tls]"
+                        .into(),
+                );
+            }
+            if t.client_cert_file.is_some() != t.client_key_file.is_some() {
+                return bad("mqtt.tls: client_cert_file and client_key_file go together".into());
+            }
+            t.client_config().map_err(|e| ConfigError::Invalid(format!("mqtt.tls: {e}")))?;
+        }
         if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());
         }
         Ok(())
+    }
+
+    /// `https` when peers talk TLS (`tls.peers`), else `http`: the scheme of every request to
+    /// another node's Raft/admin listener.
+    pub fn peer_scheme(&self) -> &'static str {
+        if self.tls.as_ref().is_some_and(|t| t.peers) {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// A reqwest client builder for requests to other nodes: with `tls`, it trusts only the
+    /// configured CA bundle.
+    pub fn peer_client(&self) -> Result<reqwest::ClientBuilder, ConfigError> {
+        let mut b = reqwest::Client::builder().connect_timeout(self.connect_timeout());
+        if let Some(t) = &self.tls {
+            b = b.tls_built_in_root_certs(false);
+            for c in crate::tls::reqwest_roots(&t.ca_file)
+                .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?
+            {
+                b = b.add_root_certificate(c);
+            }
+        }
+        Ok(b)
     }
 
     pub fn advertise_addr(&self) -> String {

@@ -1,5 +1,5 @@
 //! The Raft/admin HTTP listener (actix-web): peer RPCs under `/raft/`, cluster management and
-//! replicated writes under `/admin/`, `GET /healthz`. Everything but `/healthz` needs the cluster
+//! replicated writes and forwarded gate commands under `/admin/`, `GET /healthz`. Everything but `/healthz` needs the cluster
 //! secret. Errors are JSON `{code, message}`; [`NodeError`] is mapped to a status here, only here.
 
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use openraft::raft::{InstallSnapshotRequest, VoteRequest};
 use serde::{Deserialize, Serialize};
 
+use crate::leader::{CommandOutcome, Duties};
 use crate::network::{constant_time_eq, SnapshotChunkHeader, HOPS_HEADER, SECRET_HEADER, SNAPSHOT_HEADER};
 use crate::node::{AddLearner, Node, NodeError, SetVoters};
 use crate::state::Request;
@@ -179,14 +180,38 @@ async fn ledger(req: HttpRequest, node: Shared, q: web::Query<Page>) -> Result<H
     Ok(HttpResponse::Ok().json(node.sm.ledger_entries(q.from, limit)?))
 }
 
+/// Body of `POST /admin/gate-command`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GateCommand {
+    pub gate: afc_domain::model::Ident,
+    pub command: afc_domain::wire::CommandKind,
+}
+
+/// `POST /admin/gate-command`: a follower's API hands a gate command to the leader, which sends
+/// it over MQTT and answers with the [`CommandOutcome`] (200 in every case: the outcome is data).
+async fn gate_command(
+    req: HttpRequest,
+    node: Shared,
+    duties: web::Data<Option<Arc<Duties>>>,
+    body: web::Json<GateCommand>,
+) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    let outcome = match duties.get_ref() {
+        Some(d) => d.deliver(&body.gate, body.command).await,
+        None => CommandOutcome::NotLeader,
+    };
+    Ok(HttpResponse::Ok().json(outcome))
+}
+
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().body("ok")
 }
 
-/// Registers every route of the Raft/admin listener.
-pub fn configure(node: Arc<Node>) -> impl Fn(&mut web::ServiceConfig) + Clone {
+/// Registers every route of the Raft/admin listener. `duties` answers forwarded gate commands.
+pub fn configure(node: Arc<Node>, duties: Option<Arc<Duties>>) -> impl Fn(&mut web::ServiceConfig) + Clone {
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(web::Data::new(node.clone()))
+            .app_data(web::Data::new(duties.clone()))
             .app_data(web::JsonConfig::default().limit(JSON_LIMIT))
             .app_data(web::PayloadConfig::default().limit(JSON_LIMIT))
             .route("/raft/append", web::post().to(append))
@@ -198,6 +223,7 @@ pub fn configure(node: Arc<Node>) -> impl Fn(&mut web::ServiceConfig) + Clone {
             .route("/admin/metrics", web::get().to(metrics))
             .route("/admin/state", web::get().to(state))
             .route("/admin/ledger", web::get().to(ledger))
+            .route("/admin/gate-command", web::post().to(gate_command))
             .route("/healthz", web::get().to(healthz));
     }
 }

@@ -34,4 +34,5 @@ pub mod node;
 pub mod service;
 pub mod state;
 pub mod storage;
+pub mod tls;
 pub mod types;

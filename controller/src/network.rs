@@ -52,17 +52,20 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct PeerNetwork {
     http: reqwest::Client,
     secret: Arc<str>,
+    /// `http` or `https` (`tls.peers`).
+    scheme: &'static str,
 }
 
 impl PeerNetwork {
-    /// `connect_timeout` bounds connection setup; each call also has openraft's deadline.
-    pub fn new(secret: &str, connect_timeout: Duration) -> Result<PeerNetwork, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .build()?;
-        Ok(PeerNetwork { http, secret: Arc::from(secret) })
+    /// `builder` comes from [`crate::config::Config::peer_client`] (connect timeout, CA bundle);
+    /// each call also has openraft's deadline.
+    pub fn new(
+        secret: &str,
+        builder: reqwest::ClientBuilder,
+        scheme: &'static str,
+    ) -> Result<PeerNetwork, reqwest::Error> {
+        let http = builder.pool_idle_timeout(Duration::from_secs(60)).tcp_nodelay(true).build()?;
+        Ok(PeerNetwork { http, secret: Arc::from(secret), scheme })
     }
 }
 
@@ -70,7 +73,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
-        PeerConnection { net: self.clone(), target, base: format!("http://{}", node.addr) }
+        PeerConnection { net: self.clone(), target, base: format!("{}://{}", self.scheme, node.addr) }
     }
 }
 

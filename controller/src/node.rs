@@ -87,11 +87,11 @@ impl Node {
     pub async fn start(config: Arc<Config>) -> Result<Arc<Node>, NodeError> {
         let (log, sm) = storage::open(&config.data_dir)?;
         let was_empty = storage::is_empty(&log, &sm)?;
-        let net = PeerNetwork::new(&config.cluster_secret, config.connect_timeout())?;
+        let net = PeerNetwork::new(&config.cluster_secret, config.peer_client()?, config.peer_scheme())?;
         let raft = Raft::new(config.node_id, Arc::new(config.openraft()?), net, log, sm.clone())
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let http = reqwest::Client::builder().connect_timeout(config.connect_timeout()).build()?;
+        let http = config.peer_client()?.build()?;
         let node = Arc::new(Node { id: config.node_id, raft, sm, config: config.clone(), http });
         if config.bootstrap {
             node.bootstrap(was_empty).await?;
@@ -187,7 +187,17 @@ impl Node {
         }
     }
 
-    async fn forward<B: Serialize, T: DeserializeOwned>(
+    /// The Raft/admin address of the leader this node knows, if any.
+    pub fn leader_addr(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
+    }
+
+    /// POSTs `body` to `path` on the Raft/admin listener at `addr` (with the cluster secret and
+    /// the hop count) and decodes the answer.
+    pub async fn forward<B: Serialize, T: DeserializeOwned>(
         &self,
         addr: &str,
         path: &str,
@@ -196,7 +206,7 @@ impl Node {
     ) -> Result<T, NodeError> {
         let resp = self
             .http
-            .post(format!("http://{addr}{path}"))
+            .post(format!("{}://{addr}{path}", self.config.peer_scheme()))
             .header(SECRET_HEADER, &self.config.cluster_secret)
             .header(HOPS_HEADER, hops.to_string())
             .timeout(FORWARD_TIMEOUT)

@@ -44,40 +44,42 @@ pub async fn run_with_api(
     let node = Node::start(config.clone()).await?;
     tracing::info!(node_id = node.id, addr = %listener.local_addr()?, station = %config.station, "controller node started");
 
-    let routes = http::configure(node.clone());
+    // TLS material is read once here (the config check already parsed it).
+    let tls = |on: bool| -> Result<Option<rustls::ServerConfig>, NodeError> {
+        match &config.tls {
+            Some(t) if on => crate::tls::server_config(&t.cert_file, &t.key_file)
+                .map(Some)
+                .map_err(|e| NodeError::Config(crate::config::ConfigError::Invalid(format!("tls: {e}")))),
+            _ => Ok(None),
+        }
+    };
+    let peer_tls = tls(config.tls.as_ref().is_some_and(|t| t.peers))?;
+    let api_tls = tls(config.tls.as_ref().is_some_and(|t| t.api))?;
+
+    // One registry for the values only running tasks know (ledger append latency, tx ingested).
+    let metrics = Arc::new(api::ControllerMetrics::default());
+    // The leader's MQTT duties: the API reads gates (and sends commands) through this handle.
+    let duties = config.mqtt.as_ref().map(|m| leader::Duties::new(node.clone(), m.clone(), metrics.clone()));
+
+    let routes = http::configure(node.clone(), duties.clone());
     let server = HttpServer::new(move || App::new().configure(routes.clone()))
         .workers(2)
         .disable_signals()
-        .shutdown_timeout(5)
-        .listen(listener)?
-        .run();
+        .shutdown_timeout(5);
+    let server = match peer_tls {
+        Some(t) => server.listen_rustls_0_23(listener, t)?,
+        None => server.listen(listener)?,
+    }
+    .run();
     let server_handle = server.handle();
     let server_task = tokio::spawn(server);
 
-    // The leader's MQTT duties: the API reads gates (and sends commands) through this handle.
-    let duties = config.mqtt.as_ref().map(|m| leader::Duties::new(node.clone(), m.clone()));
     let gate_view: Arc<dyn api::GateView> = match &duties {
         Some(d) => d.clone(),
         None => Arc::new(NoGateView),
     };
-    let api_server = match api_listener {
-        Some(l) => {
-            let state = Arc::new(ApiState::new(node.clone(), gate_view.clone(), Arc::default())?);
-            tracing::info!(addr = %l.local_addr()?, "operations API listening");
-            let routes = api::configure(state);
-            let server = HttpServer::new(move || App::new().configure(routes.clone()))
-                .workers(2)
-                .disable_signals()
-                .shutdown_timeout(5)
-                .listen(l)?
-                .run();
-            Some((server.handle(), tokio::spawn(server)))
-        }
-        None => None,
-    };
 
     let tasks = CancellationToken::new();
-    let pruner = tokio::spawn(prune_task(node.clone(), tasks.clone()));
     // `clearing.status` is what the HTTP API's clearing view and /metrics read.
     let clearing = match clearing_sync::start(node.clone(), tasks.clone()) {
         Ok(c) => c,
@@ -86,6 +88,28 @@ pub async fn run_with_api(
             server_handle.stop(true).await;
             return Err(e.into());
         }
+    };
+    let pruner = tokio::spawn(prune_task(node.clone(), tasks.clone()));
+
+    let api_server = match api_listener {
+        Some(l) => {
+            let state = ApiState::new(node.clone(), gate_view.clone(), metrics.clone())?
+                .with_duties(duties.clone())
+                .with_clearing(clearing.status.clone());
+            tracing::info!(addr = %l.local_addr()?, tls = api_tls.is_some(), "operations API listening");
+            let routes = api::configure(Arc::new(state));
+            let server = HttpServer::new(move || App::new().configure(routes.clone()))
+                .workers(2)
+                .disable_signals()
+                .shutdown_timeout(5);
+            let server = match api_tls {
+                Some(t) => server.listen_rustls_0_23(l, t)?,
+                None => server.listen(l)?,
+            }
+            .run();
+            Some((server.handle(), tokio::spawn(server)))
+        }
+        None => None,
     };
 
     let leader_duties = match (&config.mqtt, duties) {

@@ -100,6 +100,24 @@ pub struct MqttConfig {
     /// How long a package download may take before it is refused as incomplete.
     #[serde(default = "default_chunk_timeout")]
     pub package_timeout_ms: u64,
+    /// Connect to every broker over TLS; absent: plain MQTT.
+    #[serde(default)]
+    pub tls: Option<MqttTls>,
+}
+
+/// TLS of the MQTT connection (rustls). The name checked in the broker's certificate is the host
+/// part of each `brokers` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// CA certificates (PEM) the broker's certificate must chain to; the system roots are not used.
+    pub ca_file: PathBuf,
+    /// The gate's client certificate chain and key (PEM), for brokers that authenticate gates by
+    /// certificate (Mosquitto `require_certificate`): both or neither.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 fn five() -> u64 {
@@ -211,6 +229,13 @@ impl Config {
         for b in &self.mqtt.brokers {
             split_host_port(b)?;
         }
+        if let Some(t) = &self.mqtt.tls {
+            if t.client_cert_file.is_some() != t.client_key_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "mqtt.tls: client_cert_file and client_key_file go together".into(),
+                ));
+            }
+        }
         if self.outbox.near_full_percent == 0 || self.outbox.near_full_percent > 100 {
             return Err(ConfigError::Invalid("outbox.near_full_percent must be 1..=100".into()));
         }
@@ -250,6 +275,18 @@ impl Config {
                 .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
                 .map_err(|source| ConfigError::Read { path: p.display().to_string(), source }),
         }
+    }
+
+    /// The MQTT TLS client configuration (`None` without `[mqtt.tls]`); reads and checks the files.
+    pub fn mqtt_tls(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, ConfigError> {
+        let Some(t) = &self.mqtt.tls else { return Ok(None) };
+        let client = match (&t.client_cert_file, &t.client_key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        crate::tls::client_config(&t.ca_file, client)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("mqtt.tls: {e}")))
     }
 
     pub fn register_map(&self) -> Result<RegisterMap, ConfigError> {

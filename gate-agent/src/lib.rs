@@ -31,6 +31,7 @@ pub mod plc_sim;
 pub mod reader;
 pub mod reader_sim;
 pub mod store;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -115,6 +116,7 @@ pub async fn start(
         ack_timeout: std::time::Duration::from_millis(config.mqtt.ack_timeout_ms),
         backoff_max: std::time::Duration::from_millis(config.mqtt.reconnect_backoff_max_ms),
         package_timeout: std::time::Duration::from_millis(config.mqtt.package_timeout_ms),
+        tls: config.mqtt_tls()?,
         hardware: HardwareInfo {
             profile: config
                 .plc

@@ -30,7 +30,9 @@ use afc_domain::wire::{
     ParamPointer, ParamState, ParamsAck, QrUsedBatch, TxAck, TxBatch, MAX_PAYLOAD,
 };
 use ed25519_dalek::SigningKey;
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
+};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +54,8 @@ pub struct MqttSettings {
     pub backoff_max: Duration,
     pub package_timeout: Duration,
     pub hardware: HardwareInfo,
+    /// TLS to the brokers (`[mqtt.tls]`); `None`: plain MQTT.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Largest incoming packet: a 256 KiB chunk plus topic and headers, with room to spare.
@@ -73,6 +77,10 @@ fn options(s: &MqttSettings, broker: &str, will: &[u8], will_topic: &str) -> Mqt
     o.set_last_will(LastWill::new(will_topic, will.to_vec(), QoS::AtLeastOnce, true));
     if let Some((u, p)) = &s.credentials {
         o.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(t) = &s.tls {
+        // The broker's certificate is checked against the host part of `broker`.
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(t.clone())));
     }
     o
 }

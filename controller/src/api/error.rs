@@ -32,6 +32,16 @@ pub enum ApiError {
     NoLeader(String),
     #[error("no package-signing key is configured (api.signing_key_file)")]
     SigningKeyMissing,
+    #[error("the gate refused the command: {0}")]
+    CommandRejected(String),
+    #[error("the command reached the gate after its expiry: {0}")]
+    CommandExpired(String),
+    #[error("the gate could not carry out the command: {0}")]
+    CommandFailed(String),
+    #[error("the gate did not acknowledge within {0} ms")]
+    GateTimeout(u64),
+    #[error("gate commands are unavailable: {0}")]
+    MqttUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -57,6 +67,11 @@ impl ApiError {
             ApiError::TooLarge { .. } => "payload_too_large",
             ApiError::NoLeader(_) => "no_leader",
             ApiError::SigningKeyMissing => "signing_key_missing",
+            ApiError::CommandRejected(_) => "command_rejected",
+            ApiError::CommandExpired(_) => "command_expired",
+            ApiError::CommandFailed(_) => "command_failed",
+            ApiError::GateTimeout(_) => "gate_timeout",
+            ApiError::MqttUnavailable(_) => "mqtt_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -69,7 +84,10 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } | ApiError::SameConfirmer { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::CommandRejected(_) => StatusCode::CONFLICT,
+            ApiError::CommandFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::CommandExpired(_) | ApiError::GateTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::MqttUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NoLeader(_) | ApiError::SigningKeyMissing => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,13 +1,24 @@
-//! `GET /api/v1/gates[/{gate}]`: every gate as the station sees it.
+//! `GET /api/v1/gates[/{gate}]`: every gate as the station sees it; `POST
+//! /api/v1/gates/{gate}/commands`: a command to one gate (SPEC §5 `gates/{gate}/cmd`).
 //!
 //! The live part (online, direction, service, alarms, reported versions, counters) comes from a
-//! [`GateView`], fed by the leader's MQTT duties (`controller/src/leader/view.rs` on branch h10).
-//! Until that is wired, [`NoGateView`] reports nothing live and the list holds the gates registered
-//! in the replicated state, with their desired parameter versions and ledger progress.
+//! [`GateView`]: the leader's MQTT duties ([`crate::leader::Duties`], fed by `leader/view.rs`). A
+//! node without `[mqtt]` uses [`NoGateView`], which reports nothing live; the list then holds the
+//! gates registered in the replicated state, with their desired parameter versions and ledger
+//! progress. On a follower the board is empty (only the leader hears gates), so live state shows
+//! on the leader's API.
+//!
+//! A command is audited first (who, which gate, what, why), then sent by the leader's duties
+//! ([`crate::leader::Duties::send_command`]): from a follower it is forwarded to the leader's
+//! `/admin/gate-command`. The gate's `cmd/ack` decides the answer: `ok` → 200; `rejected` → 409
+//! `command_rejected`; `expired` → 504 `command_expired`; `failed` → 502 `command_failed`; no
+//! ack in `mqtt.command_timeout_ms` → 504 `gate_timeout`.
 
 use std::collections::BTreeMap;
 
 use actix_web::{web, HttpResponse};
+use afc_domain::model::Ident;
+use afc_domain::wire::{CommandKind, CommandResult, GateDirection};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState, Caller};
@@ -111,4 +122,103 @@ pub async fn detail(
         .find(|g| g.live.gate == gate)
         .ok_or(ApiError::NotFound(format!("gate {gate}")))?;
     Ok(HttpResponse::Ok().json(g))
+}
+
+/// Body of `POST /api/v1/gates/{gate}/commands`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandBody {
+    /// `open_once_entry`, `open_once_exit`, `set_direction`, `out_of_service` or `in_service`.
+    pub command: String,
+    /// For `set_direction`: `closed`, `entry`, `exit` or `bidirectional`.
+    pub direction: Option<GateDirection>,
+    pub reason: String,
+}
+
+impl CommandBody {
+    fn kind(&self) -> Result<CommandKind, ApiError> {
+        let k = match self.command.as_str() {
+            "open_once_entry" => CommandKind::OpenOnceEntry,
+            "open_once_exit" => CommandKind::OpenOnceExit,
+            "out_of_service" => CommandKind::OutOfService,
+            "in_service" => CommandKind::InService,
+            "set_direction" => CommandKind::SetDirection {
+                direction: self
+                    .direction
+                    .ok_or_else(|| ApiError::BadRequest("set_direction needs a direction".into()))?,
+            },
+            other => return Err(ApiError::BadRequest(format!("unknown command {other:?}"))),
+        };
+        if self.direction.is_some() && !matches!(k, CommandKind::SetDirection { .. }) {
+            return Err(ApiError::BadRequest(format!("{} takes no direction", self.command)));
+        }
+        Ok(k)
+    }
+}
+
+/// The answer of an acknowledged command.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CommandOut {
+    pub gate: String,
+    pub command: String,
+    /// The command id the gate acknowledged.
+    pub id: String,
+    pub result: CommandResult,
+    pub detail: Option<String>,
+}
+
+pub async fn command(
+    caller: Caller,
+    state: web::Data<ApiState>,
+    gate: web::Path<String>,
+    body: web::Json<CommandBody>,
+) -> Result<HttpResponse, ApiError> {
+    let why = super::reason(&body.reason)?;
+    let kind = body.kind()?;
+    let gate = gate.into_inner();
+    let id = Ident::new(&gate).map_err(|_| ApiError::NotFound(format!("gate {gate}")))?;
+    let known =
+        state.node.sm.state()?.gates.contains_key(&id) || state.gates.gates().iter().any(|g| g.gate == gate);
+    if !known {
+        return Err(ApiError::NotFound(format!("gate {gate}")));
+    }
+    let duties = state
+        .duties
+        .clone()
+        .ok_or_else(|| ApiError::MqttUnavailable("this node has no [mqtt] section".into()))?;
+    let args = match kind {
+        CommandKind::SetDirection { direction } => format!(" {direction:?}").to_lowercase(),
+        _ => String::new(),
+    };
+    state.audit(&caller, "gate.command", format!("{gate} {}{args}: {why}", kind.as_str())).await?;
+    let outcome = match state.node.leader_addr() {
+        Some((leader, _)) if leader == state.node.id => duties.deliver(&id, kind).await,
+        Some((_, addr)) => {
+            let body = crate::http::GateCommand { gate: id.clone(), command: kind };
+            state.node.forward(&addr, "/admin/gate-command", &body, 1).await?
+        }
+        None => return Err(ApiError::NoLeader("no leader known to send the command".into())),
+    };
+    use crate::leader::CommandOutcome as O;
+    let ack = match outcome {
+        O::Acked { ack } => ack,
+        O::Timeout { after_ms } => return Err(ApiError::GateTimeout(after_ms)),
+        O::NotLeader => {
+            return Err(ApiError::MqttUnavailable("the leader has no broker session (yet)".into()))
+        }
+        O::Publish { error } => return Err(ApiError::MqttUnavailable(error)),
+    };
+    let detail = ack.detail.clone().unwrap_or_default();
+    match ack.result {
+        CommandResult::Ok => Ok(HttpResponse::Ok().json(CommandOut {
+            gate,
+            command: kind.as_str().to_owned(),
+            id: ack.id,
+            result: ack.result,
+            detail: ack.detail,
+        })),
+        CommandResult::Rejected => Err(ApiError::CommandRejected(detail)),
+        CommandResult::Expired => Err(ApiError::CommandExpired(detail)),
+        CommandResult::Failed => Err(ApiError::CommandFailed(detail)),
+    }
 }

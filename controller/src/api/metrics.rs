@@ -1,9 +1,11 @@
 //! `GET /metrics`: the controller's Prometheus metrics (SPEC §10), text format 0.0.4, valid for
 //! `promtool check metrics`.
 //!
-//! Most values are read at scrape time from Raft's metrics, the replicated state and the gate view.
-//! What only a running task knows (ledger append latency, transactions ingested, rollout state,
-//! clearing uploads, the MQTT connection) is pushed into [`ControllerMetrics`] by that task.
+//! Most values are read at scrape time: Raft's metrics, the replicated state, the gate view, the
+//! leader duties' MQTT state and counters ([`crate::leader::Duties`]) and the clearing uploader's
+//! [`crate::clearing_sync::ClearingStatus`]. What only happens inside a task (ledger append
+//! latency and transactions ingested, from `tx-ingest`; rollout state) is pushed into
+//! [`ControllerMetrics`] by that task.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,14 +24,6 @@ use super::{cluster, gates, now, ApiState, Caller};
 /// Upper bounds of the ledger append latency buckets, seconds.
 const APPEND_BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
 
-/// Clearing upload progress, as the uploader reports it.
-#[derive(Debug, Clone, Default)]
-pub struct ClearingStatus {
-    pub last_success_ms: Option<i64>,
-    pub last_error: Option<String>,
-    pub errors_total: u64,
-}
-
 /// Values fed by the node's tasks; read at scrape time.
 #[derive(Debug, Default)]
 pub struct ControllerMetrics {
@@ -37,9 +31,6 @@ pub struct ControllerMetrics {
     append_count: AtomicU64,
     append_sum_micros: AtomicU64,
     tx_ingested: AtomicU64,
-    /// 0 unknown/never connected, 1 connected, 2 disconnected.
-    mqtt_state: AtomicU64,
-    clearing: Mutex<ClearingStatus>,
     /// kind → rollout state name (`idle`, `canary`, `soak`, `rolling_out`, `done`, `rolled_back`, `aborted`).
     rollouts: Mutex<BTreeMap<String, String>>,
     /// (kind, version) → effective_from ms, so a scrape decodes each package header once.
@@ -63,28 +54,6 @@ impl ControllerMetrics {
         self.append_sum_micros
             .fetch_add(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
         self.tx_ingested.fetch_add(records, Ordering::Relaxed);
-    }
-
-    pub fn set_mqtt_connected(&self, up: bool) {
-        self.mqtt_state.store(if up { 1 } else { 2 }, Ordering::Relaxed);
-    }
-
-    pub fn clearing_success(&self, at_ms: i64) {
-        if let Ok(mut c) = self.clearing.lock() {
-            c.last_success_ms = Some(at_ms);
-            c.last_error = None;
-        }
-    }
-
-    pub fn clearing_error(&self, error: String) {
-        if let Ok(mut c) = self.clearing.lock() {
-            c.last_error = Some(error);
-            c.errors_total += 1;
-        }
-    }
-
-    pub fn clearing(&self) -> ClearingStatus {
-        self.clearing.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     pub fn set_rollout_state(&self, kind: ParamKind, state: &str) {
@@ -333,25 +302,80 @@ pub fn render(state: &ApiState) -> String {
         "Transactions received from gates and committed by this node as leader.",
         fm.tx_ingested.load(Ordering::Relaxed) as f64,
     );
-    let mqtt = fm.mqtt_state.load(Ordering::Relaxed);
+    let duties = state.duties.as_ref().map(|d| d.status());
     o.one(
         "afc_mqtt_connected",
         "gauge",
-        "1 while the controller's MQTT client is connected (0 before the first connection).",
-        f64::from(u8::from(mqtt == 1)),
+        "1 while this node's MQTT client is connected to the broker (only the leader connects).",
+        f64::from(u8::from(duties.as_ref().is_some_and(|d| d.mqtt_connected))),
     );
-    let cl = fm.clearing();
+    o.one(
+        "afc_mqtt_leader_session",
+        "gauge",
+        "1 while this node runs the leader's MQTT duties.",
+        f64::from(u8::from(duties.as_ref().is_some_and(|d| d.leading))),
+    );
+    if let Some(d) = &state.duties {
+        let st = &d.stats;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+        o.one(
+            "afc_mqtt_malformed_messages_total",
+            "counter",
+            "MQTT messages from gates refused as malformed or misaddressed.",
+            load(&st.malformed),
+        );
+        o.family("afc_tx_batches_total", "counter", "Gate transaction batches by outcome.");
+        for (outcome, c) in [
+            ("acked", &st.tx_batches_acked),
+            ("rejected", &st.tx_batches_rejected),
+            ("dropped", &st.tx_batches_dropped),
+            ("propose_error", &st.tx_propose_errors),
+        ] {
+            o.sample("afc_tx_batches_total", &[("outcome", outcome)], load(c));
+        }
+    }
+    let cl = state.clearing.as_ref().map(|c| c.snapshot()).unwrap_or_default();
+    o.one(
+        "afc_clearing_enabled",
+        "gauge",
+        "1 if a clearing URL is configured.",
+        f64::from(u8::from(cl.enabled)),
+    );
     o.one(
         "afc_clearing_last_success_timestamp_seconds",
         "gauge",
-        "When a clearing upload last succeeded (0 = never).",
-        cl.last_success_ms.unwrap_or(0) as f64 / 1000.0,
+        "When a clearing upload from this node last succeeded (0 = never).",
+        cl.last_success.map_or(0.0, |t| t.millis() as f64 / 1000.0),
+    );
+    o.one(
+        "afc_clearing_batches_acked_total",
+        "counter",
+        "Batches central clearing acknowledged from this node.",
+        cl.batches_acked as f64,
+    );
+    o.one(
+        "afc_clearing_records_acked_total",
+        "counter",
+        "Ledger records central clearing acknowledged from this node.",
+        cl.records_acked as f64,
     );
     o.one(
         "afc_clearing_upload_errors_total",
         "counter",
-        "Clearing uploads that failed.",
+        "Clearing upload rounds that failed (unreachable, refused, inconsistent).",
         cl.errors_total as f64,
+    );
+    o.one(
+        "afc_clearing_conflicts_total",
+        "counter",
+        "409 answers from clearing (a batch not starting right after its watermark).",
+        cl.conflicts as f64,
+    );
+    o.one(
+        "afc_clearing_alarm_active",
+        "gauge",
+        "1 while clearing and the station ledger disagree (behind, fork, pruned, refused).",
+        f64::from(u8::from(cl.alarm.is_some())),
     );
     o.family("afc_rollout_state", "gauge", "1 for the rollout state each parameter kind is in.");
     let rollouts = fm.rollouts.lock().map(|r| r.clone()).unwrap_or_default();

@@ -94,12 +94,14 @@ routes! {
     POST "/api/v1/parameters/qr-keys" Engineer true "Replace the QR issuer keys gates trust (a signed qr_keys package)." => params::upload_qr_keys;
     POST "/api/v1/parameters/blacklist/pending/{id}/confirm" Engineer true "Second engineer's confirmation of a held mass blacklist insertion." => params::confirm_blacklist;
     GET "/api/v1/ledger" Viewer false "Ledger entries by index range (from, limit)." => records::ledger;
+    GET "/api/v1/ledger/search" Viewer false "Ledger entries by time range (since_ms, until_ms), gate, card id and media; paged (from, limit → next_from)." => records::ledger_search;
     GET "/api/v1/ledger/stats" Viewer false "Ledger size, head and clearing backlog." => records::ledger_stats;
     GET "/api/v1/ledger/verify" Viewer false "Verify the hash chain of the retained ledger." => records::ledger_verify;
     GET "/api/v1/clearing" Viewer false "Clearing cursor, backlog, last success and last error." => records::clearing;
     GET "/api/v1/audit" Viewer false "The replicated audit log (from, limit)." => records::audit;
     GET "/api/v1/gates" Viewer false "Every gate: online, direction, service, alarms, versions desired vs reported." => gates::list;
     GET "/api/v1/gates/{gate}" Viewer false "One gate in detail." => gates::detail;
+    POST "/api/v1/gates/{gate}/commands" Operator true "Command a gate (open_once_entry, open_once_exit, set_direction, out_of_service, in_service) with a reason; answers with the gate's acknowledgement." => gates::command;
 }
 
 /// What the handlers share.
@@ -116,6 +118,11 @@ pub struct ApiState {
     /// Mass blacklist insertions waiting for a second engineer (in memory on the node that took
     /// them: a restart drops them, and the engineer uploads again).
     pub pending: Mutex<params::Pending>,
+    /// The leader's MQTT duties (gate commands, MQTT connection state); `None` without `[mqtt]`.
+    pub duties: Option<Arc<crate::leader::Duties>>,
+    /// The clearing upload's status (`/api/v1/clearing`, `/metrics`); `None` in tests that run
+    /// no uploader.
+    pub clearing: Option<crate::clearing_sync::ClearingStatusHandle>,
 }
 
 impl ApiState {
@@ -137,8 +144,22 @@ impl ApiState {
             metrics,
             signing,
             pending: Mutex::new(params::Pending::default()),
+            duties: None,
+            clearing: None,
             node,
         })
+    }
+
+    /// Adds the leader's MQTT duties (gate commands, MQTT state in `/metrics`).
+    pub fn with_duties(mut self, duties: Option<Arc<crate::leader::Duties>>) -> Self {
+        self.duties = duties;
+        self
+    }
+
+    /// Adds the clearing uploader's status.
+    pub fn with_clearing(mut self, status: crate::clearing_sync::ClearingStatusHandle) -> Self {
+        self.clearing = Some(status);
+        self
     }
 
     /// Records `action` in the audit log, then commits `req` through the leader.

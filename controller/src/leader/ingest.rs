@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use afc_domain::model::Ident;
 use afc_domain::topic::Topic;
@@ -60,10 +61,12 @@ pub(crate) async fn ingest_task(
 /// Proposes one batch; the through_seq to ack, or `None` when nothing may be acked.
 async fn propose(ctx: &Ctx, gate: &Ident, batch: TxBatch) -> Option<u64> {
     let records = batch.records.len();
+    let started = Instant::now();
     match ctx.node.raft.client_write(Request::from(batch)).await {
         Ok(w) => match w.data {
             Response::Appended { appended, duplicates, deferred, through_seq, .. } => {
                 Stats::inc(&ctx.stats.tx_records_appended, u64::from(appended));
+                ctx.metrics.observe_append(started.elapsed(), u64::from(appended));
                 tracing::debug!(%gate, records, appended, duplicates, deferred, through_seq, "tx batch committed");
                 Some(through_seq)
             }

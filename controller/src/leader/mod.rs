@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::ControllerMetrics;
 use crate::config::MqttConfig;
 use crate::node::Node;
 use crate::state::{Request, Response};
@@ -89,6 +90,21 @@ pub enum CommandError {
     Publish(String),
 }
 
+/// What became of a command, in a form that travels between nodes (a follower's API forwards a
+/// command to the leader's `/admin/gate-command` and maps the outcome exactly as the leader would).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum CommandOutcome {
+    /// The gate answered (its result may still be `rejected`, `expired` or `failed`).
+    Acked { ack: CommandAck },
+    /// No `cmd/ack` within the timeout (the command also expired at the gate then).
+    Timeout { after_ms: u64 },
+    /// This node does not lead (any more) or has no broker session.
+    NotLeader,
+    /// The MQTT client refused the publish.
+    Publish { error: String },
+}
+
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<CommandAck>>>>;
 
 /// The current session's handles, for commands.
@@ -101,6 +117,8 @@ struct Live {
 pub struct Duties {
     node: Arc<Node>,
     cfg: MqttConfig,
+    /// Where ingest reports ledger append latency and transactions ingested.
+    metrics: Arc<ControllerMetrics>,
     board: Arc<RwLock<Board>>,
     pub stats: Arc<Stats>,
     live: RwLock<Option<Live>>,
@@ -115,10 +133,11 @@ pub struct DutiesStatus {
 }
 
 impl Duties {
-    pub fn new(node: Arc<Node>, cfg: MqttConfig) -> Arc<Duties> {
+    pub fn new(node: Arc<Node>, cfg: MqttConfig, metrics: Arc<ControllerMetrics>) -> Arc<Duties> {
         Arc::new(Duties {
             node,
             cfg,
+            metrics,
             board: Arc::default(),
             stats: Arc::default(),
             live: RwLock::new(None),
@@ -176,6 +195,20 @@ impl Duties {
             w.remove(&id);
         }
         result
+    }
+}
+
+impl Duties {
+    /// [`Duties::send_command`], as a [`CommandOutcome`].
+    pub async fn deliver(&self, gate: &Ident, command: CommandKind) -> CommandOutcome {
+        match self.send_command(gate, command).await {
+            Ok(ack) => CommandOutcome::Acked { ack },
+            Err(CommandError::Timeout(t)) => {
+                CommandOutcome::Timeout { after_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX) }
+            }
+            Err(CommandError::NotLeader) => CommandOutcome::NotLeader,
+            Err(CommandError::Publish(error)) => CommandOutcome::Publish { error },
+        }
     }
 }
 
@@ -243,6 +276,7 @@ pub(crate) struct Ctx {
     pub client: AsyncClient,
     pub stats: Arc<Stats>,
     pub board: Arc<RwLock<Board>>,
+    pub metrics: Arc<ControllerMetrics>,
 }
 
 impl Ctx {
@@ -263,7 +297,14 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
             return;
         }
     };
-    let options = mqtt::options(&duties.cfg, &node.config.station, node.id, term, password);
+    let tls = match duties.cfg.tls.as_ref().map(|t| t.client_config()).transpose() {
+        Ok(t) => t.map(Arc::new),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the MQTT TLS files; duties not started");
+            return;
+        }
+    };
+    let options = mqtt::options(&duties.cfg, &node.config.station, node.id, term, password, tls);
     let (client, eventloop) = AsyncClient::new(options, mqtt::REQUEST_CAPACITY);
     let (conn_tx, conn_rx) = watch::channel(0u64);
     let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
@@ -278,6 +319,7 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
         client: client.clone(),
         stats: duties.stats.clone(),
         board: duties.board.clone(),
+        metrics: duties.metrics.clone(),
     });
     if let Ok(mut live) = duties.live.write() {
         *live = Some(Live { client: client.clone(), waiters: waiters.clone() });

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use afc_domain::topic::Topic;
 use afc_domain::wire::{self, Offline, StationState};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -21,13 +23,15 @@ use super::{split_host_port, Stats};
 pub const REQUEST_CAPACITY: usize = 1024;
 
 /// Options for the leader's connection in `term`: a client id unique to this leadership, a clean
-/// session, packets up to `max_packet_bytes`, and the `state` will `{online:false, leader_node, term}`.
+/// session, packets up to `max_packet_bytes`, the `state` will `{online:false, leader_node, term}`,
+/// and TLS when `tls` is given (`[mqtt.tls]`).
 pub fn options(
     cfg: &MqttConfig,
     station: &afc_domain::model::Ident,
     node_id: u64,
     term: u64,
     password: Option<String>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 ) -> MqttOptions {
     let (host, port) = split_host_port(&cfg.address);
     let id = format!("{}-{node_id}-{term}", cfg.client_id_prefix);
@@ -41,6 +45,10 @@ pub fn options(
     o.set_last_will(LastWill::new(topic, wire::encode(&will), QoS::AtLeastOnce, true));
     if let Some(user) = &cfg.username {
         o.set_credentials(user.clone(), password.unwrap_or_default());
+    }
+    if let Some(t) = tls {
+        // The broker's certificate is checked against the host part of `mqtt.address`.
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(t)));
     }
     o
 }

@@ -566,3 +566,60 @@ async fn metrics_pass_promtool_check_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_is_searched_by_time_gate_and_card_page_by_page() {
+    let n = ApiNode::start(true).await;
+    let (k1, k2) = (gate_key(1), gate_key(2));
+    n.admin_write(&register("g01", &k1)).await;
+    n.admin_write(&register("g02", &k2)).await;
+    n.admin_write(&batch("g01", &k1, 1..=6)).await;
+    n.admin_write(&batch("g02", &k2, 1..=4)).await;
+    let seqs = |v: &Value| -> Vec<(String, u64)> {
+        v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (e["record"]["gate"].as_str().unwrap().to_owned(), e["record"]["gate_seq"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    // By gate, two per page: next_from continues where the last page stopped.
+    let p1 = n.get("/api/v1/ledger/search?gate=g02&limit=2", VIEWER).await;
+    assert_eq!(seqs(&p1), [("g02".to_owned(), 1), ("g02".to_owned(), 2)]);
+    let next = p1["next_from"].as_u64().unwrap();
+    let p2 = n.get(&format!("/api/v1/ledger/search?gate=g02&limit=2&from={next}"), VIEWER).await;
+    assert_eq!(seqs(&p2), [("g02".to_owned(), 3), ("g02".to_owned(), 4)]);
+    let next = p2["next_from"].as_u64().unwrap();
+    let p3 = n.get(&format!("/api/v1/ledger/search?gate=g02&limit=2&from={next}"), VIEWER).await;
+    assert_eq!((seqs(&p3).len(), p3["next_from"].is_null()), (0, true), "{p3}");
+
+    // By time: record n occurred at 1_800_000_000 + n seconds (both gates); [t2, t4) holds 2 and 3.
+    let t = |s: i64| (1_800_000_000 + s) * 1000;
+    let v = n.get(&format!("/api/v1/ledger/search?since_ms={}&until_ms={}", t(2), t(4)), VIEWER).await;
+    assert_eq!(
+        seqs(&v),
+        [("g01".to_owned(), 2), ("g01".to_owned(), 3), ("g02".to_owned(), 2), ("g02".to_owned(), 3)]
+    );
+    assert!(v["next_from"].is_null());
+
+    // By card (record n carries card 31_000_000 + n), with media.
+    let v = n.get("/api/v1/ledger/search?card=31000005&media=svc", VIEWER).await;
+    assert_eq!(seqs(&v), [("g01".to_owned(), 5)]);
+    let v = n.get("/api/v1/ledger/search?card=31000005&media=qr", VIEWER).await;
+    assert_eq!(seqs(&v).len(), 0);
+
+    // Bad input is a 400 with a code, never a panic.
+    for bad in [
+        format!("since_ms={}&until_ms={}", t(4), t(2)),
+        "gate=no%20spaces%20allowed!".to_owned(),
+        "media=paper".to_owned(),
+        "card=-1".to_owned(),
+        "colour=red".to_owned(),
+    ] {
+        let (s, v) = n.call(Method::GET, &format!("/api/v1/ledger/search?{bad}"), Some(VIEWER), None).await;
+        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{bad}: {v}");
+    }
+    n.stop().await;
+}

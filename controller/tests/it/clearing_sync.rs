@@ -84,8 +84,14 @@ async fn cluster_with_clearing(n: u64, clearing: &Clearing, batch_records: usize
     let initial: BTreeMap<u64, String> =
         (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    let mut c =
-        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial: initial.clone() };
+    let mut c = Cluster {
+        root,
+        nodes: BTreeMap::new(),
+        http,
+        tuning: Tuning::default(),
+        initial: initial.clone(),
+        scheme: "http",
+    };
     for (id, addr) in &initial {
         spawn_node(&mut c, *id, addr.clone(), clearing, batch_records);
     }
@@ -257,4 +263,100 @@ async fn a_clearing_house_behind_the_cursor_raises_an_alarm_and_gets_the_records
         log.contains("clearing alarm") && log.contains("ClearingBehind"),
         "the loss is an alarm, not a silent skip"
     );
+}
+
+/// The value of an unlabelled sample in a metrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_successes_errors_and_backlog_show_in_metrics_and_the_clearing_view() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut clearing = Clearing::start(data.path()).await;
+    let root = tempfile::tempdir().unwrap();
+    let initial: BTreeMap<u64, String> = BTreeMap::from([(1, format!("127.0.0.1:{}", free_port()))]);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let mut c =
+        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" };
+    let token = c.node_dir(1).join("clearing-token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    let viewer = "clearing-view-token";
+    let extra = format!(
+        r#"
+[api]
+listen = "{api}"
+[[api.tokens]]
+name = "vera"
+role = "viewer"
+sha256 = "{sha}"
+
+[clearing]
+url = "http://{clearing}"
+token_file = "{token}"
+backoff_min_ms = 50
+backoff_max_ms = 200
+poll_ms = 50
+"#,
+        sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(viewer.as_bytes())),
+        clearing = clearing.addr,
+        token = token.display(),
+    );
+    let raft = "heartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\nconnect_timeout_ms = 200\n";
+    let addr = c.initial[&1].clone();
+    c.spawn_with(1, addr, true, &NodeSetup { raft, extra: &extra, rust_log: "info,openraft=warn" });
+    c.wait_leader(Duration::from_secs(20), None).await;
+    let key = gate_key(1);
+    c.write(1, &register("g01", &key)).await.unwrap();
+    c.write(1, &batch("g01", &key, 1..=3)).await.unwrap();
+
+    let metrics = || async {
+        let r = c.http.get(format!("http://{api}/metrics")).send().await;
+        match r {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = metrics().await;
+        if sample(&text, "afc_clearing_records_acked_total") == Some(3.0) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no clearing success in metrics:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(sample(&text, "afc_clearing_batches_acked_total").unwrap() >= 1.0);
+    assert!(sample(&text, "afc_clearing_last_success_timestamp_seconds").unwrap() > 1_700_000_000.0);
+    assert_eq!(sample(&text, "afc_clearing_enabled"), Some(1.0));
+    assert_eq!(sample(&text, "afc_clearing_upload_errors_total"), Some(0.0));
+
+    // Clearing goes away: the next records wait, errors count, the view names the last error.
+    clearing.stop().await;
+    c.write(1, &batch("g01", &key, 4..=5)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = metrics().await;
+        if sample(&text, "afc_clearing_upload_errors_total").is_some_and(|e| e >= 1.0) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no clearing error in metrics:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(sample(&text, "afc_clearing_backlog_records"), Some(2.0), "{text}");
+    let view: serde_json::Value = c
+        .http
+        .get(format!("http://{api}/api/v1/clearing"))
+        .bearer_auth(viewer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((view["enabled"].as_bool(), view["leading"].as_bool()), (Some(true), Some(true)), "{view}");
+    assert_eq!((view["cursor"].as_u64(), view["backlog"].as_u64()), (Some(3), Some(2)), "{view}");
+    assert!(view["last_error"].is_string() && view["last_success_ms"].as_i64().unwrap() > 0, "{view}");
 }

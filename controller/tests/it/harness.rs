@@ -87,6 +87,8 @@ pub struct Cluster {
     pub tuning: Tuning,
     /// Addresses of the first voters (used by the bootstrap node's config).
     pub initial: BTreeMap<u64, String>,
+    /// `http`, or `https` for nodes whose Raft/admin listener serves TLS (`http` then trusts the CA).
+    pub scheme: &'static str,
 }
 
 impl Cluster {
@@ -96,7 +98,8 @@ impl Cluster {
         let initial: BTreeMap<u64, String> =
             (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-        let mut c = Cluster { root, nodes: BTreeMap::new(), http, tuning, initial: initial.clone() };
+        let mut c =
+            Cluster { root, nodes: BTreeMap::new(), http, tuning, initial: initial.clone(), scheme: "http" };
         for (id, addr) in &initial {
             c.spawn(*id, addr.clone(), *id == 1);
         }
@@ -198,7 +201,7 @@ cluster_secret_file = "{secret}"
     pub async fn get<T: DeserializeOwned>(&self, id: u64, path: &str) -> Option<T> {
         let r = self
             .http
-            .get(format!("http://{}{}", self.addr(id), path))
+            .get(format!("{}://{}{}", self.scheme, self.addr(id), path))
             .header("x-afc-cluster-secret", SECRET)
             .timeout(Duration::from_secs(2))
             .send()
@@ -217,7 +220,7 @@ cluster_secret_file = "{secret}"
         body: &B,
     ) -> reqwest::Result<reqwest::Response> {
         self.http
-            .post(format!("http://{}{}", self.addr(id), path))
+            .post(format!("{}://{}{}", self.scheme, self.addr(id), path))
             .header("x-afc-cluster-secret", SECRET)
             .json(body)
             .send()

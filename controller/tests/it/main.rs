@@ -13,3 +13,4 @@ mod mqtt;
 mod prometheus;
 mod state_machine;
 mod storage_suite;
+mod tls;

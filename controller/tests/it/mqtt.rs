@@ -72,7 +72,8 @@ async fn start_cluster(port: u16, embedded_on: Option<u64>) -> Cluster {
     let initial: BTreeMap<u64, String> =
         (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    let mut c = Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial };
+    let mut c =
+        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" };
     for id in 1..=3 {
         spawn_node(&mut c, id, port, embedded_on);
     }
@@ -357,6 +358,7 @@ async fn single_node(
         mqtt: Some(mqtt.clone()),
         api: Default::default(),
         clearing: Default::default(),
+        tls: None,
         cluster_secret: SECRET.into(),
     };
     let node = controller::node::Node::start(std::sync::Arc::new(cfg)).await.unwrap();
@@ -366,7 +368,7 @@ async fn single_node(
         .await
         .unwrap();
     controller::leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes).unwrap();
-    let duties = Duties::new(node.clone(), mqtt);
+    let duties = Duties::new(node.clone(), mqtt, Default::default());
     (node, duties, port)
 }
 

@@ -7,4 +7,5 @@ mod packages;
 mod plc;
 mod process;
 mod taps;
+mod tls;
 mod upload;
