@@ -150,7 +150,8 @@ pub fn controller_config(layout: &Layout, plan: &Plan, s: &Secrets, id: u16) -> 
         );
     }
     t += &format!(
-        "\n[api]\nlisten = {}\nstation_code = {}\nsigning_key_file = {}\nsigning_key_id = 1\n",
+        "\n[api]\nlisten = {}\nstation_code = {}\nsigning_key_file = {}\nsigning_key_id = 1\n\
+         # A full 1,000,000-card blacklist is about 40 MB of JSON.\nmax_body_bytes = 67108864\n",
         q(plan.api(id).to_string()),
         plan.station_code,
         p(&s.package_key_file)
