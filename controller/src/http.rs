@@ -203,6 +203,22 @@ async fn gate_command(
     Ok(HttpResponse::Ok().json(outcome))
 }
 
+/// `POST /admin/gate-view`: the leader's live view of the gates (only the leader hears them), for
+/// a follower's API. A node that is not the leader, or has no MQTT duties, answers 409.
+async fn gate_view(
+    req: HttpRequest,
+    node: Shared,
+    duties: web::Data<Option<Arc<Duties>>>,
+) -> Result<HttpResponse, NodeError> {
+    authorize(&req, &node)?;
+    match duties.get_ref() {
+        Some(d) if node.leader_addr().is_some_and(|(l, _)| l == node.id) => {
+            Ok(HttpResponse::Ok().json(crate::api::GateView::gates(d.as_ref())))
+        }
+        _ => Ok(HttpResponse::Conflict().json(serde_json::json!({"code": "not_leader"}))),
+    }
+}
+
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().body("ok")
 }
@@ -224,6 +240,7 @@ pub fn configure(node: Arc<Node>, duties: Option<Arc<Duties>>) -> impl Fn(&mut w
             .route("/admin/state", web::get().to(state))
             .route("/admin/ledger", web::get().to(ledger))
             .route("/admin/gate-command", web::post().to(gate_command))
+            .route("/admin/gate-view", web::post().to(gate_view))
             .route("/healthz", web::get().to(healthz));
     }
 }

@@ -5,8 +5,8 @@
 //! [`GateView`]: the leader's MQTT duties ([`crate::leader::Duties`], fed by `leader/view.rs`). A
 //! node without `[mqtt]` uses [`NoGateView`], which reports nothing live; the list then holds the
 //! gates registered in the replicated state, with their desired parameter versions and ledger
-//! progress. On a follower the board is empty (only the leader hears gates), so live state shows
-//! on the leader's API.
+//! progress. Only the leader hears the gates: a follower's API asks the leader's Raft/admin
+//! listener (`/admin/gate-view`), so the board is the same from any node.
 //!
 //! A command is audited first (who, which gate, what, why), then sent by the leader's duties
 //! ([`crate::leader::Duties::send_command`]): from a follower it is forwarded to the leader's
@@ -75,13 +75,41 @@ pub struct GateOut {
     pub ledger_through_seq: Option<u64>,
 }
 
-/// Every gate, merged from the replicated state and the live view.
-pub fn all(state: &ApiState) -> Result<Vec<GateOut>, ApiError> {
+/// The live view: this node's own when it leads, else the leader's (fetched over the Raft/admin
+/// listener), so the console shows the same board from any node. When the leader cannot be asked,
+/// the gates show as not live.
+async fn live_view(state: &ApiState) -> Vec<GateSnapshot> {
+    match state.node.leader_addr() {
+        Some((leader, addr)) if leader != state.node.id && state.duties.is_some() => {
+            match state.node.forward::<_, Vec<GateSnapshot>>(&addr, "/admin/gate-view", &(), 1).await {
+                Ok(view) => view,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the leader's gate view is not available");
+                    Vec::new()
+                }
+            }
+        }
+        _ => state.gates.gates(),
+    }
+}
+
+/// Every gate, merged from the replicated state and the leader's live view.
+pub async fn all(state: &ApiState) -> Result<Vec<GateOut>, ApiError> {
+    let view = live_view(state).await;
+    merge(state, view)
+}
+
+/// Every gate, merged from the replicated state and this node's own live view (empty on a
+/// follower): what this node's `/metrics` reports.
+pub fn all_local(state: &ApiState) -> Result<Vec<GateOut>, ApiError> {
+    merge(state, state.gates.gates())
+}
+
+fn merge(state: &ApiState, view: Vec<GateSnapshot>) -> Result<Vec<GateOut>, ApiError> {
     let s = state.node.sm.state()?;
     let desired: BTreeMap<String, u64> =
         s.packages.iter().map(|(k, v)| (k.clone(), v.current())).filter(|(_, v)| *v > 0).collect();
-    let mut live: BTreeMap<String, GateSnapshot> =
-        state.gates.gates().into_iter().map(|g| (g.gate.clone(), g)).collect();
+    let mut live: BTreeMap<String, GateSnapshot> = view.into_iter().map(|g| (g.gate.clone(), g)).collect();
     for g in s.gates.keys() {
         live.entry(g.to_string())
             .or_insert_with(|| GateSnapshot { gate: g.to_string(), ..Default::default() });
@@ -108,7 +136,7 @@ pub fn all(state: &ApiState) -> Result<Vec<GateOut>, ApiError> {
 }
 
 pub async fn list(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(all(&state)?))
+    Ok(HttpResponse::Ok().json(all(&state).await?))
 }
 
 pub async fn detail(
@@ -117,7 +145,8 @@ pub async fn detail(
     gate: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let gate = gate.into_inner();
-    let g = all(&state)?
+    let g = all(&state)
+        .await?
         .into_iter()
         .find(|g| g.live.gate == gate)
         .ok_or(ApiError::NotFound(format!("gate {gate}")))?;

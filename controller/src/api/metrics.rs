@@ -241,7 +241,7 @@ pub fn render(state: &ApiState) -> String {
         }
     }
 
-    let gates = gates::all(state).unwrap_or_default();
+    let gates = gates::all_local(state).unwrap_or_default();
     o.one(
         "afc_gates_online",
         "gauge",

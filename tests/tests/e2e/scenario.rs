@@ -221,6 +221,14 @@ async fn blacklist_delta_reaches_every_gate(st: &Station) -> anyhow::Result<()> 
     })
     .await?;
     eprintln!("[e2e] 1,000-entry blacklist delta active on every gate {:?} after the upload", t.elapsed());
+    // The console's board is the same from any node: followers ask the leader for the live view.
+    for id in 1..=NODES {
+        let gates = st.get(id, "/api/v1/gates", &st.token("viewer")).await?;
+        let gates = gates.as_array().context("gates")?;
+        let live =
+            gates.iter().filter(|g| g["online"] == true && active(g, "blacklist") == Some(from + 1)).count();
+        anyhow::ensure!(live == usize::from(st.plan.gates), "node {id} shows {live} gates live: {gates:?}");
+    }
     Ok(())
 }
 
