@@ -29,6 +29,16 @@ pub const MAX_BATCH_RECORDS: usize = 10_000;
 pub const MAX_PRUNE_PER_COMMAND: u64 = 200_000;
 /// Package versions kept per kind (the current one and the one a rollback returns to).
 pub const PACKAGE_VERSIONS_KEPT: usize = 2;
+/// Bytes per piece the controller cuts a package into (one Raft entry each, see
+/// [`Request::PutPackagePiece`]): small enough that one append RPC stays well within openraft's
+/// per-append deadline (one heartbeat).
+pub const PACKAGE_PIECE_BYTES: usize = 128 * 1024;
+/// Largest piece the state machine takes (the MQTT chunk size, SPEC §5).
+pub const MAX_PACKAGE_PIECE_BYTES: usize = 256 * 1024;
+/// Uploads in flight at once; starting one more drops the least recently touched.
+pub const MAX_UPLOADS: usize = 4;
+/// An upload not touched for this long is dropped (with its pieces) when another one starts.
+pub const UPLOAD_TTL_MS: i64 = 10 * 60 * 1000;
 
 /// A replicated command: the application data of a Raft log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,11 +60,36 @@ pub enum Request {
         hardware_profile: String,
     },
     /// Stores a signed parameter package; `version` must exceed the kind's current version.
+    /// Only for small packages: a large one goes as [`Request::PutPackagePiece`]s and a
+    /// [`Request::CommitPackage`], so that no Raft entry is large.
     PutPackage {
         kind: ParamKind,
         version: u64,
         #[serde(with = "b64")]
         package: Vec<u8>,
+    },
+    /// Piece `index` (from 0, in order) of upload `upload`, at most [`MAX_PACKAGE_PIECE_BYTES`].
+    /// Piece 0 opens the upload; a piece already received is a no-op (a retried proposal).
+    PutPackagePiece {
+        upload: u64,
+        index: u32,
+        /// The proposer's clock, for the expiry of abandoned uploads.
+        at: Timestamp,
+        #[serde(with = "b64")]
+        bytes: Vec<u8>,
+    },
+    /// Assembles upload `upload` (exactly `pieces` pieces, `size` bytes, sha256 `sha256`), checks
+    /// it is a package of `kind` and `version`, and stores it as with `PutPackage`. The pieces are
+    /// deleted whatever the outcome. Committing an upload already stored as the current version
+    /// with the same hash answers `PackageStored` again.
+    CommitPackage {
+        upload: u64,
+        kind: ParamKind,
+        version: u64,
+        pieces: u32,
+        size: u64,
+        #[serde(with = "hex::serde")]
+        sha256: [u8; 32],
     },
     /// Changes the station's operating mode.
     SetMode { station: StationCode, bits: ModeBits, reason: String, actor: String, at: Timestamp },
@@ -84,6 +119,8 @@ impl Request {
             Request::AppendTxBatch { .. } => "append_tx_batch",
             Request::RegisterGate { .. } => "register_gate",
             Request::PutPackage { .. } => "put_package",
+            Request::PutPackagePiece { .. } => "put_package_piece",
+            Request::CommitPackage { .. } => "commit_package",
             Request::SetMode { .. } => "set_mode",
             Request::ClearingAck { .. } => "clearing_ack",
             Request::Audit { .. } => "audit",
@@ -114,6 +151,20 @@ pub enum Rejection {
     StaleVersion { kind: ParamKind, version: u64, current: u64 },
     #[error("acknowledgement through {through_index} is beyond the last ledger index {last_index}")]
     AckBeyondLedger { through_index: u64, last_index: u64 },
+    #[error("package piece of {len} bytes is larger than {max}")]
+    PieceTooLarge { len: usize, max: usize },
+    #[error("upload {upload} is unknown (never opened, expired, or already committed)")]
+    UnknownUpload { upload: u64 },
+    #[error("upload {upload}: piece {index} arrived, piece {expected} was expected")]
+    PieceOutOfOrder { upload: u64, index: u32, expected: u32 },
+    #[error("upload {upload} would exceed {max} bytes")]
+    UploadTooLarge { upload: u64, max: u64 },
+    #[error("upload {upload} holds {pieces} pieces and {size} bytes, the commit names {want_pieces} and {want_size}")]
+    UploadIncomplete { upload: u64, pieces: u32, size: u64, want_pieces: u32, want_size: u64 },
+    #[error("upload {upload} does not hash to the sha256 its commit names")]
+    UploadHashMismatch { upload: u64 },
+    #[error("invalid package: {detail}")]
+    InvalidPackage { detail: String },
 }
 
 /// What a command did.
@@ -136,6 +187,11 @@ pub enum Response {
     GateRegistered {
         gate: Ident,
         key_replaced: bool,
+    },
+    /// A package piece is stored; `received` pieces of the upload are held.
+    PieceStored {
+        upload: u64,
+        received: u32,
     },
     PackageStored {
         kind: ParamKind,
@@ -188,6 +244,16 @@ impl PackageVersions {
     }
 }
 
+/// A package upload in flight: its pieces are items under [`keys::piece`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    /// Pieces received (`0..pieces`).
+    pub pieces: u32,
+    pub bytes: u64,
+    /// The proposer's time of the last piece, for expiry.
+    pub touched: Timestamp,
+}
+
 /// One recorded mode change (who, why, when), kept at least [`MODE_HISTORY_DAYS`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModeChange {
@@ -219,6 +285,9 @@ pub struct StationState {
     pub clearing_acked_through: u64,
     /// Sequence number the next audit line gets (from 1).
     pub next_audit: u64,
+    /// Package uploads in flight, by upload id (at most [`MAX_UPLOADS`]).
+    #[serde(default)]
+    pub uploads: BTreeMap<u64, Upload>,
 }
 
 impl Default for StationState {
@@ -235,6 +304,7 @@ impl Default for StationState {
             mode_changes: Vec::new(),
             clearing_acked_through: 0,
             next_audit: 1,
+            uploads: BTreeMap::new(),
         }
     }
 }
@@ -248,6 +318,16 @@ pub mod keys {
     pub const LEDGER_PREFIX: u8 = b'L';
     pub const AUDIT_PREFIX: u8 = b'A';
     pub const PACKAGE_PREFIX: u8 = b'P';
+    pub const PIECE_PREFIX: u8 = b'U';
+
+    /// Piece `index` of package upload `upload`.
+    pub fn piece(upload: u64, index: u32) -> [u8; 13] {
+        let mut k = [0u8; 13];
+        k[0] = PIECE_PREFIX;
+        k[1..9].copy_from_slice(&upload.to_be_bytes());
+        k[9..].copy_from_slice(&index.to_be_bytes());
+        k
+    }
 
     pub fn ledger(index: u64) -> [u8; 9] {
         prefixed(LEDGER_PREFIX, index)
@@ -299,9 +379,10 @@ pub enum ReadError {
     Corrupt { index: u64, detail: String },
 }
 
-/// Read access to stored ledger entries, for `Prune`.
+/// Read access to stored items: ledger entries for `Prune`, package pieces for `CommitPackage`.
 pub trait LedgerRead {
     fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError>;
+    fn package_piece(&self, upload: u64, index: u32) -> Result<Option<Vec<u8>>, ReadError>;
 }
 
 impl StationState {
@@ -330,6 +411,12 @@ impl StationState {
                 self.register_gate(gate, tx_public_key, hardware_profile)
             }
             Request::PutPackage { kind, version, package } => self.put_package(*kind, *version, package, out),
+            Request::PutPackagePiece { upload, index, at, bytes } => {
+                self.put_piece(*upload, *index, *at, bytes, out)
+            }
+            Request::CommitPackage { upload, kind, version, pieces, size, sha256 } => {
+                self.commit_package(*upload, *kind, *version, (*pieces, *size, sha256), ledger, out)?
+            }
             Request::SetMode { station, bits, reason, actor, at } => {
                 let previous = self.modes.bits_at(*station, *at);
                 self.modes.set(*station, *bits, *at);
@@ -492,6 +579,124 @@ impl StationState {
         held.current_sha256 = sha256;
         out.push(Write::Put(keys::package(kind, version).to_vec(), package.to_vec()));
         Response::PackageStored { kind, version, sha256 }
+    }
+
+    fn put_piece(
+        &mut self,
+        upload: u64,
+        index: u32,
+        at: Timestamp,
+        bytes: &[u8],
+        out: &mut Vec<Write>,
+    ) -> Response {
+        let reject = |rejection| Response::Rejected { rejection };
+        if bytes.len() > MAX_PACKAGE_PIECE_BYTES {
+            return reject(Rejection::PieceTooLarge { len: bytes.len(), max: MAX_PACKAGE_PIECE_BYTES });
+        }
+        if !self.uploads.contains_key(&upload) {
+            if index != 0 {
+                return reject(Rejection::UnknownUpload { upload });
+            }
+            // Garbage stays bounded: expired uploads go, and the least recently touched makes room.
+            let expired: Vec<u64> = self
+                .uploads
+                .iter()
+                .filter(|(_, u)| u.touched.millis().saturating_add(UPLOAD_TTL_MS) < at.millis())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                self.drop_upload(id, out);
+            }
+            while self.uploads.len() >= MAX_UPLOADS {
+                let oldest = self.uploads.iter().min_by_key(|(id, u)| (u.touched, **id)).map(|(id, _)| *id);
+                let Some(oldest) = oldest else { break };
+                self.drop_upload(oldest, out);
+            }
+            self.uploads.insert(upload, Upload { pieces: 0, bytes: 0, touched: at });
+        }
+        let Some(u) = self.uploads.get_mut(&upload) else {
+            return reject(Rejection::UnknownUpload { upload });
+        };
+        if index < u.pieces {
+            return Response::PieceStored { upload, received: u.pieces };
+        }
+        if index > u.pieces {
+            return reject(Rejection::PieceOutOfOrder { upload, index, expected: u.pieces });
+        }
+        let max = afc_domain::package::MAX_PACKAGE_BYTES;
+        if u.bytes.saturating_add(bytes.len() as u64) > max {
+            self.drop_upload(upload, out);
+            return reject(Rejection::UploadTooLarge { upload, max });
+        }
+        out.push(Write::Put(keys::piece(upload, index).to_vec(), bytes.to_vec()));
+        u.pieces += 1;
+        u.bytes += bytes.len() as u64;
+        u.touched = u.touched.max(at);
+        Response::PieceStored { upload, received: u.pieces }
+    }
+
+    /// Forgets an upload and deletes its pieces.
+    fn drop_upload(&mut self, upload: u64, out: &mut Vec<Write>) {
+        if let Some(u) = self.uploads.remove(&upload) {
+            for i in 0..u.pieces {
+                out.push(Write::Delete(keys::piece(upload, i).to_vec()));
+            }
+        }
+    }
+
+    fn commit_package(
+        &mut self,
+        upload: u64,
+        kind: ParamKind,
+        version: u64,
+        (want_pieces, want_size, sha256): (u32, u64, &[u8; 32]),
+        items: &dyn LedgerRead,
+        out: &mut Vec<Write>,
+    ) -> Result<Response, ReadError> {
+        let reject = |rejection| Ok(Response::Rejected { rejection });
+        let Some(u) = self.uploads.get(&upload).cloned() else {
+            // A commit proposed again after it was applied: the same answer, nothing changes.
+            let held = self.packages.get(kind.as_str());
+            if held.is_some_and(|h| h.current() == version && &h.current_sha256 == sha256) {
+                return Ok(Response::PackageStored { kind, version, sha256: *sha256 });
+            }
+            return reject(Rejection::UnknownUpload { upload });
+        };
+        if u.pieces != want_pieces || u.bytes != want_size {
+            self.drop_upload(upload, out);
+            return reject(Rejection::UploadIncomplete {
+                upload,
+                pieces: u.pieces,
+                size: u.bytes,
+                want_pieces,
+                want_size,
+            });
+        }
+        let mut package = Vec::with_capacity(usize::try_from(u.bytes).unwrap_or(0));
+        for i in 0..u.pieces {
+            let piece = items.package_piece(upload, i)?.ok_or_else(|| {
+                ReadError::Storage(format!("piece {i} of upload {upload} is missing from the store"))
+            })?;
+            package.extend_from_slice(&piece);
+        }
+        self.drop_upload(upload, out);
+        let actual: [u8; 32] = Sha256::digest(&package).into();
+        if &actual != sha256 {
+            return reject(Rejection::UploadHashMismatch { upload });
+        }
+        match afc_domain::package::Package::decode(&package) {
+            Ok(p) if p.header.kind == kind && p.header.version == version => {}
+            Ok(p) => {
+                return reject(Rejection::InvalidPackage {
+                    detail: format!(
+                        "it is {} version {}, the commit names {kind} version {version}",
+                        p.header.kind, p.header.version
+                    ),
+                })
+            }
+            Err(e) => return reject(Rejection::InvalidPackage { detail: e.to_string() }),
+        }
+        Ok(self.put_package(kind, version, &package, out))
     }
 
     fn prune(

@@ -149,13 +149,7 @@ impl ApiState {
         req: Request,
     ) -> Result<Response, ApiError> {
         self.audit(caller, action, detail).await?;
-        match self.node.write(req, 0).await? {
-            Response::Rejected { rejection } => Err(match rejection {
-                Rejection::StaleVersion { .. } => ApiError::Conflict(rejection.to_string()),
-                other => ApiError::InvalidParameters(other.to_string()),
-            }),
-            r => Ok(r),
-        }
+        rejection_to_error(self.node.write(req, 0).await?)
     }
 
     /// Appends one replicated audit line.
@@ -164,6 +158,17 @@ impl ApiState {
             Request::Audit { actor: caller.name.clone(), action: action.to_owned(), detail, at: now() };
         self.node.write(line, 0).await?;
         Ok(())
+    }
+}
+
+/// A state-machine refusal as an API error (a stale version is a conflict).
+pub fn rejection_to_error(r: Response) -> Result<Response, ApiError> {
+    match r {
+        Response::Rejected { rejection } => Err(match rejection {
+            Rejection::StaleVersion { .. } => ApiError::Conflict(rejection.to_string()),
+            other => ApiError::InvalidParameters(other.to_string()),
+        }),
+        r => Ok(r),
     }
 }
 

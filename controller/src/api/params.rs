@@ -12,7 +12,7 @@ use afc_domain::package::{package_sha256, BlacklistBody, Package};
 use serde::{Deserialize, Serialize};
 
 use super::{now, reason, ApiError, ApiState, Caller};
-use crate::state::{Request, Response};
+use crate::state::Response;
 
 /// How long a held mass insertion waits for its confirmation.
 const PENDING_TTL_MS: i64 = 30 * 60 * 1000;
@@ -116,8 +116,9 @@ async fn sign_and_store(
     let (key_id, key) = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
     let package = Package::sign(kind, version, effective_from, body, *key_id, key).encode();
     let size = package.len();
-    let req = Request::PutPackage { kind, version, package };
-    match state.audited_write(caller, action, detail, req).await? {
+    state.audit(caller, action, detail).await?;
+    let stored = state.node.put_package(kind, version, &package).await?;
+    match super::rejection_to_error(stored)? {
         Response::PackageStored { sha256, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
             "kind": kind.as_str(), "version": version, "sha256": hex::encode(sha256),
             "size": size, "effective_from": effective_from.0,

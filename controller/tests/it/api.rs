@@ -32,7 +32,15 @@ pub struct ApiNode {
     _dir: tempfile::TempDir,
 }
 
-fn sha(t: &str) -> String {
+/// Every token of the API tests: (name, role, token).
+pub const TOKENS: [(&str, &str, &str); 4] = [
+    ("vera", "viewer", VIEWER),
+    ("otto", "operator", OPERATOR),
+    ("emma", "engineer", ENGINEER),
+    ("erik", "engineer", ENGINEER2),
+];
+
+pub fn sha(t: &str) -> String {
     hex::encode(Sha256::digest(t.as_bytes()))
 }
 
@@ -45,15 +53,12 @@ impl ApiNode {
         let raft = raft_l.local_addr().unwrap().to_string();
         let api = api_l.local_addr().unwrap().to_string();
         std::fs::write(dir.path().join("signing.key"), hex::encode(SIGNING_SEED)).unwrap();
-        let tokens: String = [
-            ("vera", "viewer", VIEWER),
-            ("otto", "operator", OPERATOR),
-            ("emma", "engineer", ENGINEER),
-            ("erik", "engineer", ENGINEER2),
-        ]
-        .iter()
-        .map(|(n, r, t)| format!("[[api.tokens]]\nname = \"{n}\"\nrole = \"{r}\"\nsha256 = \"{}\"\n", sha(t)))
-        .collect();
+        let tokens: String = TOKENS
+            .iter()
+            .map(|(n, r, t)| {
+                format!("[[api.tokens]]\nname = \"{n}\"\nrole = \"{r}\"\nsha256 = \"{}\"\n", sha(t))
+            })
+            .collect();
         let toml = format!(
             r#"node_id = 1
 station = "s1"

@@ -10,6 +10,7 @@ mod console;
 mod crash;
 mod harness;
 mod mqtt;
+mod packages;
 mod prometheus;
 mod state_machine;
 mod storage_suite;
