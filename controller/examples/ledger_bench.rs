@@ -114,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             mqtt: None,
             api: Default::default(),
             clearing: Default::default(),
+            rollout: Default::default(),
             cluster_secret: SECRET.into(),
         };
         nodes.push(tokio::spawn(controller::service::run(cfg, listener, shutdown.clone())));

@@ -62,6 +62,11 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub clearing: ClearingConfig,
+    /// How staged rollouts are run and judged (SPEC §4): canary gates, soak, health limits,
+    /// staged kinds; and the blacklist mass-insertion threshold is `api.blacklist_confirm_threshold`.
+    /// Copied into each rollout when it starts.
+    #[serde(default)]
+    pub rollout: afc_domain::rollout::RolloutPolicy,
     /// Filled by [`Config::load`] from the file or environment; never read from the TOML.
     #[serde(skip)]
     pub cluster_secret: String,

@@ -10,11 +10,12 @@
 //! Every command is deterministic: the same log gives the same state on every node. Rejections are
 //! no-ops with a typed reason, never errors: a forged batch must not stop the log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use afc_domain::ledger::TxRecord;
 use afc_domain::mode::{ModeBits, ModeState, MODE_HISTORY_DAYS};
 use afc_domain::model::{Ident, ParamKind, StationCode, Timestamp};
+use afc_domain::rollout::{Rollout, RolloutError, RolloutPolicy, Rollouts, SecondConfirmation, Stage};
 use ed25519_dalek::VerifyingKey;
 use openraft::{LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -99,6 +100,90 @@ pub enum Request {
     Audit { actor: String, action: String, detail: String, at: Timestamp },
     /// Drops ledger entries acknowledged by clearing whose `occurred_at` is before `before`.
     Prune { before: Timestamp },
+    /// Asks for a staged rollout of a stored version; the leader starts it (it knows which gates
+    /// are online), after a second operator's confirmation when the request carries one.
+    RolloutRequest { request: RolloutStart },
+    /// A second operator confirms a held rollout request (a mass blacklist insertion).
+    RolloutConfirm { kind: ParamKind, by: String, at: Timestamp },
+    /// An operator aborts a rollout (or drops a request not started yet): every gate goes back.
+    RolloutAbort { kind: ParamKind, by: String, at: Timestamp },
+    /// The leader's step of one kind's rollout: replaces `previous` (compare and set, so a step
+    /// computed from a stale view loses against an abort) with `next`. With `started`, it is the
+    /// start of the waiting request of `kind`, which it removes.
+    RolloutUpdate { kind: ParamKind, previous: Option<Box<Rollout>>, next: Box<Rollout>, started: bool },
+}
+
+/// A rollout asked for and not started yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStart {
+    pub kind: ParamKind,
+    pub to_version: u64,
+    /// The version every gate holds now (the station pointer), `None` for the first package.
+    pub from_version: Option<u64>,
+    pub effective_from: Timestamp,
+    pub policy: RolloutPolicy,
+    pub by: String,
+    pub at: Timestamp,
+    pub reason: String,
+    /// Set when the rollout is a mass blacklist insertion: it starts only once confirmed.
+    pub confirmation: Option<SecondConfirmation>,
+}
+
+impl RolloutStart {
+    /// Whether the leader may start it (no confirmation needed, or confirmed).
+    pub fn ready(&self) -> bool {
+        self.confirmation.as_ref().is_none_or(SecondConfirmation::is_confirmed)
+    }
+}
+
+/// The rollouts of the station: one per kind, and the requests waiting to start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutBook {
+    pub rollouts: Rollouts,
+    pub requests: BTreeMap<ParamKind, RolloutStart>,
+}
+
+impl RolloutBook {
+    /// The version every gate should be pointed at for `kind` (`params/{kind}/current`), given
+    /// the latest stored version `stored`: with no rollout or request of the kind ever, the latest
+    /// stored.
+    pub fn station_version(&self, kind: ParamKind, stored: Option<u64>) -> Option<u64> {
+        let Some(r) = self.rollouts.get(kind) else {
+            // A first rollout asked for: gates keep what they had until it starts.
+            return match self.requests.get(&kind) {
+                Some(q) => q.from_version,
+                None => stored,
+            };
+        };
+        match &r.stage {
+            Stage::Canary { .. } | Stage::Soak { .. } => r.from_version,
+            Stage::Full { .. } | Stage::Done { .. } => Some(r.to_version),
+            Stage::RolledBack { .. } => r.republished_as.or(r.from_version),
+        }
+    }
+
+    /// The per-gate pointer overrides of `kind` in force (the canaries while staging).
+    pub fn overrides(&self, kind: ParamKind) -> Vec<(Ident, u64)> {
+        match self.rollouts.get(kind) {
+            Some(r) if r.is_staging() => r.canaries.iter().map(|g| (g.clone(), r.to_version)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Versions of `kind` a rollout or request still needs (never pruned).
+    fn pinned(&self, kind: ParamKind) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        if let Some(r) = self.rollouts.get(kind) {
+            out.extend(r.from_version);
+            out.insert(r.to_version);
+            out.extend(r.republished_as);
+        }
+        if let Some(q) = self.requests.get(&kind) {
+            out.insert(q.to_version);
+            out.extend(q.from_version);
+        }
+        out
+    }
 }
 
 impl From<afc_domain::wire::TxBatch> for Request {
@@ -125,6 +210,10 @@ impl Request {
             Request::ClearingAck { .. } => "clearing_ack",
             Request::Audit { .. } => "audit",
             Request::Prune { .. } => "prune",
+            Request::RolloutRequest { .. } => "rollout_request",
+            Request::RolloutConfirm { .. } => "rollout_confirm",
+            Request::RolloutAbort { .. } => "rollout_abort",
+            Request::RolloutUpdate { .. } => "rollout_update",
         }
     }
 }
@@ -165,6 +254,13 @@ pub enum Rejection {
     UploadHashMismatch { upload: u64 },
     #[error("invalid package: {detail}")]
     InvalidPackage { detail: String },
+    #[error("{kind} version {version} is not stored")]
+    UnknownVersion { kind: ParamKind, version: u64 },
+    /// A rollout rule refused the command (`detail` says which); `rollout_code` is stable.
+    #[error("{detail}")]
+    Rollout { rollout_code: String, detail: String },
+    #[error("the {kind} rollout changed since this step was computed")]
+    RolloutChanged { kind: ParamKind },
 }
 
 /// What a command did.
@@ -216,6 +312,24 @@ pub enum Response {
     },
     Rejected {
         rejection: Rejection,
+    },
+    /// A rollout request is stored; `held` when it waits for a second operator.
+    RolloutRequested {
+        kind: ParamKind,
+        version: u64,
+        held: bool,
+    },
+    RolloutConfirmed {
+        kind: ParamKind,
+        version: u64,
+    },
+    /// `dropped_request`: a request not started yet was dropped; otherwise the rollout is rolled back.
+    RolloutAborted {
+        kind: ParamKind,
+        dropped_request: bool,
+    },
+    RolloutUpdated {
+        kind: ParamKind,
     },
 }
 
@@ -288,6 +402,10 @@ pub struct StationState {
     /// Package uploads in flight, by upload id (at most [`MAX_UPLOADS`]).
     #[serde(default)]
     pub uploads: BTreeMap<u64, Upload>,
+    /// Staged rollouts and the requests waiting to start (driven by the leader's
+    /// `rollout-driver`, see `crate::leader::rollout`).
+    #[serde(default)]
+    pub rollouts: RolloutBook,
 }
 
 impl Default for StationState {
@@ -305,6 +423,7 @@ impl Default for StationState {
             clearing_acked_through: 0,
             next_audit: 1,
             uploads: BTreeMap::new(),
+            rollouts: RolloutBook::default(),
         }
     }
 }
@@ -461,6 +580,12 @@ impl StationState {
                 Response::Audited { seq }
             }
             Request::Prune { before } => self.prune(*before, ledger, out)?,
+            Request::RolloutRequest { request } => self.rollout_request(request),
+            Request::RolloutConfirm { kind, by, at } => self.rollout_confirm(*kind, by, *at),
+            Request::RolloutAbort { kind, by, at } => self.rollout_abort(*kind, by, *at),
+            Request::RolloutUpdate { kind, previous, next, started } => {
+                self.rollout_update(*kind, previous.as_deref(), next, *started)
+            }
         };
         Ok(resp)
     }
@@ -699,6 +824,74 @@ impl StationState {
         Ok(self.put_package(kind, version, &package, out))
     }
 
+    fn rollout_request(&mut self, q: &RolloutStart) -> Response {
+        let kind = q.kind;
+        // A stored version, or the next one announced just before it is stored (so no pointer
+        // names it before its rollout exists).
+        let held = self.packages.get(kind.as_str());
+        let current = held.map_or(0, PackageVersions::current);
+        if !held.is_some_and(|h| h.versions.contains(&q.to_version)) && q.to_version != current + 1 {
+            return rejected(Rejection::UnknownVersion { kind, version: q.to_version });
+        }
+        if let Some(r) = self.rollouts.rollouts.get(kind).filter(|r| r.is_staging()) {
+            return rollout_rejected(&RolloutError::Busy { kind, version: r.to_version });
+        }
+        if let Some(from) = q.from_version.filter(|from| q.to_version <= *from) {
+            return rollout_rejected(&RolloutError::NotForward { kind, from, to: q.to_version });
+        }
+        self.rollouts.requests.insert(kind, q.clone());
+        Response::RolloutRequested { kind, version: q.to_version, held: !q.ready() }
+    }
+
+    fn rollout_confirm(&mut self, kind: ParamKind, by: &str, at: Timestamp) -> Response {
+        let Some(q) = self.rollouts.requests.get_mut(&kind) else {
+            return rollout_rejected(&RolloutError::NoRollout(kind));
+        };
+        let Some(c) = q.confirmation.as_mut() else {
+            return rejected(Rejection::Rollout {
+                rollout_code: "no_confirmation_needed".into(),
+                detail: format!("the {kind} rollout to version {} needs no confirmation", q.to_version),
+            });
+        };
+        match c.confirm(by, at) {
+            Ok(()) => Response::RolloutConfirmed { kind, version: q.to_version },
+            Err(e) => rollout_rejected(&e),
+        }
+    }
+
+    fn rollout_abort(&mut self, kind: ParamKind, by: &str, at: Timestamp) -> Response {
+        if self.rollouts.requests.remove(&kind).is_some() {
+            return Response::RolloutAborted { kind, dropped_request: true };
+        }
+        match self.rollouts.rollouts.abort(kind, at, by) {
+            // The actions (republish, clear overrides) follow from the new stage: the leader's
+            // driver republishes, the publisher derives the pointers.
+            Ok(_) => Response::RolloutAborted { kind, dropped_request: false },
+            Err(e) => rollout_rejected(&e),
+        }
+    }
+
+    fn rollout_update(
+        &mut self,
+        kind: ParamKind,
+        previous: Option<&Rollout>,
+        next: &Rollout,
+        started: bool,
+    ) -> Response {
+        if next.kind != kind || self.rollouts.rollouts.get(kind) != previous {
+            return rejected(Rejection::RolloutChanged { kind });
+        }
+        if started {
+            let waiting = self.rollouts.requests.get(&kind);
+            if !waiting.is_some_and(|q| q.ready() && q.to_version == next.to_version) {
+                return rejected(Rejection::RolloutChanged { kind });
+            }
+            self.rollouts.requests.remove(&kind);
+        }
+        self.rollouts.rollouts.by_kind.insert(kind, next.clone());
+        Response::RolloutUpdated { kind }
+    }
+
     fn prune(
         &mut self,
         before: Timestamp,
@@ -721,13 +914,37 @@ impl StationState {
         }
         for (name, held) in self.packages.iter_mut() {
             let Some(kind) = ParamKind::parse(name) else { continue };
+            // Versions a rollout points gates at (or may roll back to) stay.
+            let pinned = self.rollouts.pinned(kind);
             while held.versions.len() > PACKAGE_VERSIONS_KEPT {
-                let old = held.versions.remove(0);
+                let Some(i) = held.versions.iter().position(|v| !pinned.contains(v)) else { break };
+                if i + 1 == held.versions.len() {
+                    break; // never the current one
+                }
+                let old = held.versions.remove(i);
                 out.push(Write::Delete(keys::package(kind, old).to_vec()));
             }
         }
         Ok(Response::Pruned { removed, first_retained: self.first_retained })
     }
+}
+
+fn rejected(rejection: Rejection) -> Response {
+    Response::Rejected { rejection }
+}
+
+fn rollout_rejected(e: &RolloutError) -> Response {
+    let code = match e {
+        RolloutError::NotForward { .. } => "not_forward",
+        RolloutError::Busy { .. } => "rollout_busy",
+        RolloutError::NoRollout(_) => "no_rollout",
+        RolloutError::AlreadyRolledBack { .. } => "already_rolled_back",
+        RolloutError::NotRolledBack => "not_rolled_back",
+        RolloutError::RepublishNotAbove { .. } => "republish_not_above",
+        RolloutError::SameOperator(_) => "same_operator",
+        RolloutError::AlreadyConfirmed(_) => "already_confirmed",
+    };
+    rejected(Rejection::Rollout { rollout_code: code.into(), detail: e.to_string() })
 }
 
 /// Format byte of a stored ledger entry: `LEDGER_ITEM_FORMAT ‖ hash (32 bytes) ‖ canonical record`

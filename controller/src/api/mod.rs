@@ -24,6 +24,7 @@ pub mod mode;
 pub mod openapi;
 pub mod params;
 pub mod records;
+pub mod rollouts;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -92,6 +93,10 @@ routes! {
     POST "/api/v1/parameters/fare-table" Engineer true "Compile a network + fare rule into a signed fare_table package." => params::upload_fare_table;
     POST "/api/v1/parameters/blacklist" Engineer true "Upload a full blacklist or a delta (mass insertions need a second confirmation)." => params::upload_blacklist;
     POST "/api/v1/parameters/blacklist/pending/{id}/confirm" Engineer true "Second engineer's confirmation of a held mass blacklist insertion." => params::confirm_blacklist;
+    GET "/api/v1/rollouts" Viewer false "Staged rollouts per kind (stage, canaries, health verdicts) and requests waiting to start." => rollouts::status;
+    POST "/api/v1/rollouts" Engineer true "Start a staged rollout of a stored version (mass blacklist insertions wait for a second engineer)." => rollouts::start;
+    POST "/api/v1/rollouts/{kind}/abort" Engineer true "Abort a rollout: every gate goes back to the previous content, republished under a new version." => rollouts::abort;
+    POST "/api/v1/rollouts/{kind}/confirm" Engineer true "Second engineer's confirmation of a held rollout (mass blacklist insertion)." => rollouts::confirm;
     GET "/api/v1/ledger" Viewer false "Ledger entries by index range (from, limit)." => records::ledger;
     GET "/api/v1/ledger/stats" Viewer false "Ledger size, head and clearing backlog." => records::ledger_stats;
     GET "/api/v1/ledger/verify" Viewer false "Verify the hash chain of the retained ledger." => records::ledger_verify;
@@ -165,14 +170,23 @@ impl ApiState {
 pub fn rejection_to_error(r: Response) -> Result<Response, ApiError> {
     match r {
         Response::Rejected { rejection } => Err(match rejection {
-            Rejection::StaleVersion { .. } => ApiError::Conflict(rejection.to_string()),
+            Rejection::StaleVersion { .. } | Rejection::RolloutChanged { .. } => {
+                ApiError::Conflict(rejection.to_string())
+            }
+            Rejection::UnknownVersion { .. } => ApiError::NotFound(rejection.to_string()),
+            Rejection::Rollout { rollout_code, detail } => match rollout_code.as_str() {
+                "same_operator" => ApiError::SameConfirmer { actor: detail },
+                "no_rollout" => ApiError::NotFound(detail),
+                _ => ApiError::Conflict(detail),
+            },
             other => ApiError::InvalidParameters(other.to_string()),
         }),
         r => Ok(r),
     }
 }
 
-fn read_signing_key(path: &Path) -> Result<SigningKey, ConfigError> {
+/// Reads the station package-signing key (ed25519 seed, 64 hex characters on the first line).
+pub fn read_signing_key(path: &Path) -> Result<SigningKey, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     let seed: [u8; 32] = hex::decode(text.lines().next().unwrap_or("").trim())

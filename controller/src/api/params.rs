@@ -104,6 +104,7 @@ fn current_version(state: &ApiState, kind: ParamKind) -> Result<u64, ApiError> {
 }
 
 /// Signs `body` as `version` of `kind` and stores it through Raft (audited).
+#[allow(clippy::too_many_arguments)]
 async fn sign_and_store(
     state: &ApiState,
     caller: &Caller,
@@ -112,16 +113,19 @@ async fn sign_and_store(
     version: u64,
     effective_from: Timestamp,
     body: Vec<u8>,
+    confirmed_upload_of: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     let (key_id, key) = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
-    let package = Package::sign(kind, version, effective_from, body, *key_id, key).encode();
+    let signed = Package::sign(kind, version, effective_from, body, *key_id, key);
+    let package = signed.encode();
     let size = package.len();
-    state.audit(caller, action, detail).await?;
+    state.audit(caller, action, detail.clone()).await?;
+    let rollout = super::rollouts::before_upload(state, caller, &signed, &detail, confirmed_upload_of).await;
     let stored = state.node.put_package(kind, version, &package).await?;
     match super::rejection_to_error(stored)? {
         Response::PackageStored { sha256, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
             "kind": kind.as_str(), "version": version, "sha256": hex::encode(sha256),
-            "size": size, "effective_from": effective_from.0,
+            "size": size, "effective_from": effective_from.0, "rollout": rollout,
         }))),
         other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
     }
@@ -162,6 +166,7 @@ pub async fn upload_fare_table(
         version,
         eff,
         table.encode(),
+        None,
     )
     .await
 }
@@ -259,7 +264,7 @@ pub async fn upload_blacklist(
             "message": "a second engineer must confirm this upload",
         })));
     }
-    store_blacklist(&state, &caller, body, eff, format!("adds {added} ids: {why}")).await
+    store_blacklist(&state, &caller, body, eff, format!("adds {added} ids: {why}"), None).await
 }
 
 async fn store_blacklist(
@@ -268,6 +273,7 @@ async fn store_blacklist(
     body: BlacklistBody,
     eff: Timestamp,
     detail: String,
+    confirmed_upload_of: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     let version = body.version();
     let what = if matches!(body, BlacklistBody::Full(_)) { "full" } else { "delta" };
@@ -280,6 +286,7 @@ async fn store_blacklist(
         version,
         eff,
         body.encode(),
+        confirmed_upload_of,
     )
     .await
 }
@@ -314,5 +321,5 @@ pub async fn confirm_blacklist(
         "adds {} ids, uploaded by {} ({}), confirmed by {}: {why}",
         held.added, held.by, held.reason, caller.name
     );
-    store_blacklist(&state, &caller, held.body, held.effective_from, detail).await
+    store_blacklist(&state, &caller, held.body, held.effective_from, detail, Some(&held.by)).await
 }

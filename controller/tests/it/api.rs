@@ -349,7 +349,7 @@ async fn mode_changes_and_emergency_release_are_audited_with_who_and_why() {
     n.stop().await;
 }
 
-fn small_network() -> Value {
+pub fn small_network() -> Value {
     json!({
         "name": "test line",
         "stations": [
@@ -363,7 +363,7 @@ fn small_network() -> Value {
     })
 }
 
-fn dalian_rule() -> Value {
+pub fn dalian_rule() -> Value {
     json!({
         "name": "Dalian 2024",
         "bands": [{"up_to_m": 6000, "fare_fen": 200}, {"up_to_m": 12000, "fare_fen": 300}, {"up_to_m": 18000, "fare_fen": 400}],

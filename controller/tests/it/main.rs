@@ -12,5 +12,6 @@ mod harness;
 mod mqtt;
 mod packages;
 mod prometheus;
+mod rollout;
 mod state_machine;
 mod storage_suite;
