@@ -398,3 +398,121 @@ fn abandoned_uploads_are_bounded_in_number_and_expire() {
     assert_eq!(st.uploads.keys().copied().collect::<Vec<_>>(), vec![100]);
     assert_eq!(pieces_held(&items), 1);
 }
+
+fn rollout_request(version: u64, from: Option<u64>, confirmation: bool) -> Request {
+    use afc_domain::rollout::{RolloutPolicy, SecondConfirmation};
+    Request::RolloutRequest {
+        request: controller::state::RolloutStart {
+            kind: ParamKind::Blacklist,
+            to_version: version,
+            from_version: from,
+            effective_from: Timestamp(1),
+            policy: RolloutPolicy::default(),
+            by: "emma".into(),
+            at: Timestamp(1),
+            reason: "r".into(),
+            confirmation: confirmation.then(|| SecondConfirmation {
+                to_version: version,
+                added: 250_000,
+                requested_by: "emma".into(),
+                requested_at: Timestamp(1),
+                confirmed_by: None,
+                confirmed_at: None,
+            }),
+        },
+    }
+}
+
+fn rollout_code(r: &Response) -> String {
+    match r {
+        Response::Rejected { rejection: Rejection::Rollout { rollout_code, .. } } => rollout_code.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_held_mass_insertion_is_confirmed_only_by_another_operator_and_a_stale_rollout_step_loses_to_an_abort() {
+    use afc_domain::rollout::{Observations, Rollout, RolloutPolicy};
+    let (mut st, mut items) = setup();
+    let kind = ParamKind::Blacklist;
+    let r = items.apply(&mut st, &rollout_request(5, None, false));
+    assert!(
+        matches!(r, Response::Rejected { rejection: Rejection::UnknownVersion { version: 5, .. } }),
+        "{r:?}"
+    );
+    // The next version may be announced before it is stored.
+    let r = items.apply(&mut st, &rollout_request(1, None, true));
+    assert_eq!(r, Response::RolloutRequested { kind, version: 1, held: true });
+    assert_eq!(st.rollouts.station_version(kind, Some(1)), None, "no pointer before the rollout starts");
+    let confirm = |by: &str| Request::RolloutConfirm { kind, by: by.into(), at: Timestamp(2) };
+    assert_eq!(rollout_code(&items.apply(&mut st, &confirm("emma"))), "same_operator");
+    assert!(!st.rollouts.requests[&kind].ready());
+    assert_eq!(items.apply(&mut st, &confirm("erik")), Response::RolloutConfirmed { kind, version: 1 });
+    assert!(st.rollouts.requests[&kind].ready());
+    assert_eq!(rollout_code(&items.apply(&mut st, &confirm("otto"))), "already_confirmed");
+
+    // The leader starts it (compare and set against "no rollout"), an abort follows, and a step
+    // computed before the abort is refused.
+    let (started, _) = Rollout::start(
+        kind,
+        None,
+        1,
+        Timestamp(1),
+        &RolloutPolicy::default(),
+        Timestamp(3),
+        &Observations::default(),
+    )
+    .unwrap();
+    let start =
+        Request::RolloutUpdate { kind, previous: None, next: Box::new(started.clone()), started: true };
+    assert_eq!(items.apply(&mut st, &start), Response::RolloutUpdated { kind });
+    assert!(st.rollouts.requests.is_empty());
+    assert_eq!(st.rollouts.station_version(kind, Some(1)), Some(1), "a blacklist goes to every gate at once");
+    let abort = Request::RolloutAbort { kind, by: "erik".into(), at: Timestamp(4) };
+    assert_eq!(items.apply(&mut st, &abort), Response::RolloutAborted { kind, dropped_request: false });
+    let mut stale = started.clone();
+    stale.step(Timestamp(5), &Observations::default());
+    let step = Request::RolloutUpdate {
+        kind,
+        previous: Some(Box::new(started)),
+        next: Box::new(stale),
+        started: false,
+    };
+    assert!(matches!(
+        items.apply(&mut st, &step),
+        Response::Rejected { rejection: Rejection::RolloutChanged { .. } }
+    ));
+    assert_eq!(rollout_code(&items.apply(&mut st, &abort)), "already_rolled_back");
+    assert_eq!(
+        rollout_code(&items.apply(
+            &mut st,
+            &Request::RolloutAbort { kind: ParamKind::QrKeys, by: "e".into(), at: Timestamp(4) }
+        )),
+        "no_rollout"
+    );
+}
+
+#[test]
+fn prune_keeps_the_version_a_rollout_points_gates_at() {
+    use afc_domain::rollout::{Observations, Rollout, RolloutPolicy};
+    let (mut st, mut items) = setup();
+    let kind = ParamKind::Blacklist;
+    for v in 1..=3 {
+        items.apply(&mut st, &Request::PutPackage { kind, version: v, package: vec![v as u8] });
+    }
+    let (r, _) = Rollout::start(
+        kind,
+        None,
+        1,
+        Timestamp(1),
+        &RolloutPolicy::default(),
+        Timestamp(1),
+        &Observations::default(),
+    )
+    .unwrap();
+    items.apply(&mut st, &Request::RolloutUpdate { kind, previous: None, next: Box::new(r), started: false });
+    items.apply(&mut st, &Request::Prune { before: Timestamp(0) });
+    assert_eq!(st.packages[kind.as_str()].versions, vec![1, 3], "v1 is what gates run; v2 goes");
+    assert!(items.0.contains_key(keys::package(kind, 1).as_slice()));
+    assert!(!items.0.contains_key(keys::package(kind, 2).as_slice()));
+}
