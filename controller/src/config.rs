@@ -299,6 +299,14 @@ pub struct ClearingConfig {
     /// Timeout of a whole watermark call, and of a whole upload.
     pub request_timeout_ms: u64,
     pub upload_timeout_ms: u64,
+    /// The clearing feed key's public half (64 hex characters). With it (and `url`), the leader
+    /// pulls the signed parameter feed (task `params-feed`), compiles network + fare rule into a
+    /// fare table and starts its rollout; items not signed by this key are refused.
+    pub feed_key: Option<String>,
+    /// The key id feed items must name.
+    pub feed_key_id: u32,
+    /// How often the leader asks for new feed items.
+    pub feed_poll_ms: u64,
 }
 
 impl Default for ClearingConfig {
@@ -312,6 +320,9 @@ impl Default for ClearingConfig {
             poll_ms: 200,
             request_timeout_ms: 15_000,
             upload_timeout_ms: 120_000,
+            feed_key: None,
+            feed_key_id: 1,
+            feed_poll_ms: 1_000,
         }
     }
 }

@@ -111,6 +111,42 @@ pub enum Request {
     /// computed from a stale view loses against an abort) with `next`. With `started`, it is the
     /// start of the waiting request of `kind`, which it removes.
     RolloutUpdate { kind: ParamKind, previous: Option<Box<Rollout>>, next: Box<Rollout>, started: bool },
+    /// The leader read clearing's parameter feed through item `through` (only moves forward):
+    /// the newest verified network and fare rule it carried, and why items were refused.
+    FeedAdvance { through: u64, network: Option<FeedBody>, fare_rule: Option<FeedBody>, refused: Vec<String> },
+    /// The fare table compiled from these feed versions is stored and its rollout requested.
+    FeedCompiled { network_version: u64, fare_rule_version: u64, fare_table_version: u64 },
+}
+
+/// One verified feed body (JSON text as clearing signed it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedBody {
+    pub version: u64,
+    pub effective_from: Timestamp,
+    pub json: String,
+}
+
+/// Where the leader is in clearing's parameter feed (SPEC §8), replicated so a new leader goes on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedState {
+    /// The last feed item taken (the `after` of the next pull).
+    pub after: u64,
+    pub network: Option<FeedBody>,
+    pub fare_rule: Option<FeedBody>,
+    /// (network, fare rule) versions the last compiled fare table came from.
+    pub compiled: Option<(u64, u64)>,
+    pub last_fare_table: Option<u64>,
+    /// Feed items refused (bad signature, undecodable, unsupported kind), and the last reason.
+    pub refused: u64,
+    pub last_refusal: Option<String>,
+}
+
+impl FeedState {
+    /// The (network, fare rule) pair to compile, when it differs from the last compiled one.
+    pub fn to_compile(&self) -> Option<(&FeedBody, &FeedBody)> {
+        let (n, r) = (self.network.as_ref()?, self.fare_rule.as_ref()?);
+        (self.compiled != Some((n.version, r.version))).then_some((n, r))
+    }
 }
 
 /// A rollout asked for and not started yet.
@@ -214,6 +250,8 @@ impl Request {
             Request::RolloutConfirm { .. } => "rollout_confirm",
             Request::RolloutAbort { .. } => "rollout_abort",
             Request::RolloutUpdate { .. } => "rollout_update",
+            Request::FeedAdvance { .. } => "feed_advance",
+            Request::FeedCompiled { .. } => "feed_compiled",
         }
     }
 }
@@ -331,6 +369,10 @@ pub enum Response {
     RolloutUpdated {
         kind: ParamKind,
     },
+    FeedAdvanced {
+        after: u64,
+    },
+    FeedCompiled,
 }
 
 /// A registered gate.
@@ -406,6 +448,8 @@ pub struct StationState {
     /// `rollout-driver`, see `crate::leader::rollout`).
     #[serde(default)]
     pub rollouts: RolloutBook,
+    #[serde(default)]
+    pub feed: FeedState,
 }
 
 impl Default for StationState {
@@ -424,6 +468,7 @@ impl Default for StationState {
             next_audit: 1,
             uploads: BTreeMap::new(),
             rollouts: RolloutBook::default(),
+            feed: FeedState::default(),
         }
     }
 }
@@ -585,6 +630,31 @@ impl StationState {
             Request::RolloutAbort { kind, by, at } => self.rollout_abort(*kind, by, *at),
             Request::RolloutUpdate { kind, previous, next, started } => {
                 self.rollout_update(*kind, previous.as_deref(), next, *started)
+            }
+            Request::FeedAdvance { through, network, fare_rule, refused } => {
+                let f = &mut self.feed;
+                if *through > f.after {
+                    f.after = *through;
+                    let newer = |held: &Option<FeedBody>, new: &Option<FeedBody>| {
+                        new.as_ref().filter(|n| held.as_ref().is_none_or(|h| n.version > h.version)).cloned()
+                    };
+                    if let Some(n) = newer(&f.network, network) {
+                        f.network = Some(n);
+                    }
+                    if let Some(r) = newer(&f.fare_rule, fare_rule) {
+                        f.fare_rule = Some(r);
+                    }
+                    f.refused += refused.len() as u64;
+                    if let Some(last) = refused.last() {
+                        f.last_refusal = Some(last.clone());
+                    }
+                }
+                Response::FeedAdvanced { after: self.feed.after }
+            }
+            Request::FeedCompiled { network_version, fare_rule_version, fare_table_version } => {
+                self.feed.compiled = Some((*network_version, *fare_rule_version));
+                self.feed.last_fare_table = Some(*fare_table_version);
+                Response::FeedCompiled
             }
         };
         Ok(resp)

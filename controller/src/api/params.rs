@@ -120,7 +120,9 @@ async fn sign_and_store(
     let package = signed.encode();
     let size = package.len();
     state.audit(caller, action, detail.clone()).await?;
-    let rollout = super::rollouts::before_upload(state, caller, &signed, &detail, confirmed_upload_of).await;
+    let rollout =
+        super::rollouts::before_upload(&state.node, &caller.name, &signed, &detail, confirmed_upload_of)
+            .await;
     let stored = state.node.put_package(kind, version, &package).await?;
     match super::rejection_to_error(stored)? {
         Response::PackageStored { sha256, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({

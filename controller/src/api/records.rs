@@ -117,12 +117,22 @@ pub async fn ledger_verify(_c: Caller, state: web::Data<ApiState>) -> Result<Htt
 pub async fn clearing(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     let st = stats(&state)?;
     let c = state.metrics.clearing();
+    let f = state.node.sm.state()?.feed;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "acked_through": st.clearing_acked_through,
         "last_index": st.last_index,
         "backlog": st.clearing_backlog,
         "last_success_ms": c.last_success_ms,
         "last_error": c.last_error,
+        "feed": {
+            "after": f.after,
+            "network_version": f.network.as_ref().map(|b| b.version),
+            "fare_rule_version": f.fare_rule.as_ref().map(|b| b.version),
+            "compiled_from": f.compiled,
+            "last_fare_table": f.last_fare_table,
+            "refused": f.refused,
+            "last_refusal": f.last_refusal,
+        },
     })))
 }
 

@@ -9,6 +9,7 @@ use afc_domain::rollout::SecondConfirmation;
 use serde::Deserialize;
 
 use super::{now, reason, rejection_to_error, ApiError, ApiState, Caller};
+use crate::node::Node;
 use crate::state::{Request, Response, RolloutStart, StationState};
 
 pub async fn status(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
@@ -45,7 +46,7 @@ fn parse_kind(name: &str) -> Result<ParamKind, ApiError> {
 /// confirmation to be given by another engineer than `by`, or already given by `by` when
 /// `confirmed_upload_of` names the other engineer whose held upload `by` confirmed.
 pub fn rollout_request(
-    state: &ApiState,
+    node: &Node,
     s: &StationState,
     package: &Package,
     by: &str,
@@ -61,8 +62,8 @@ pub fn rollout_request(
     };
     let at = now();
     let confirmation = if kind == ParamKind::Blacklist {
-        let added = blacklist_added(state, package, from_version)?;
-        let threshold = state.node.config.api.blacklist_confirm_threshold;
+        let added = blacklist_added(node, package, from_version)?;
+        let threshold = node.config.api.blacklist_confirm_threshold;
         (added > threshold).then(|| SecondConfirmation {
             to_version: version,
             added,
@@ -79,7 +80,7 @@ pub fn rollout_request(
         to_version: version,
         from_version,
         effective_from: package.header.effective_from,
-        policy: state.node.config.rollout.clone(),
+        policy: node.config.rollout.clone(),
         by: by.to_owned(),
         at,
         reason: why.to_owned(),
@@ -98,15 +99,14 @@ fn stored_package(state: &ApiState, kind: ParamKind, version: u64) -> Result<Pac
 
 /// Ids a blacklist package adds to what gates hold at `from` (a delta: its additions; a full
 /// list: the ids beyond the previous full list's count).
-fn blacklist_added(state: &ApiState, package: &Package, from: Option<u64>) -> Result<u64, ApiError> {
+fn blacklist_added(node: &Node, package: &Package, from: Option<u64>) -> Result<u64, ApiError> {
     let body = BlacklistBody::decode(&package.body)
         .map_err(|e| ApiError::Internal(format!("stored blacklist: {e}")))?;
     Ok(match body {
         BlacklistBody::Delta(d) => d.added_count(),
         BlacklistBody::Full(list) => {
             let before = match from {
-                Some(v) => state
-                    .node
+                Some(v) => node
                     .sm
                     .package(ParamKind::Blacklist, v)?
                     .and_then(|b| Package::decode(&b).ok())
@@ -132,7 +132,7 @@ pub async fn start(
     let kind = parse_kind(&b.kind)?;
     let s = state.node.sm.state()?;
     let package = stored_package(&state, kind, b.version)?;
-    let request = rollout_request(&state, &s, &package, &caller.name, &why, None)?;
+    let request = rollout_request(&state.node, &s, &package, &caller.name, &why, None)?;
     let detail = format!("{kind} v{} from {:?}: {why}", b.version, request.from_version);
     let r =
         state.audited_write(&caller, "rollouts.start", detail, Request::RolloutRequest { request }).await?;
@@ -199,16 +199,16 @@ pub async fn confirm(
 /// the request's outcome, or why no rollout was requested (one of the kind is still staging:
 /// start it later with `POST /api/v1/rollouts`).
 pub async fn before_upload(
-    state: &ApiState,
-    caller: &Caller,
+    node: &Node,
+    by: &str,
     package: &Package,
     why: &str,
     confirmed_upload_of: Option<&str>,
 ) -> serde_json::Value {
     let outcome = async {
-        let s = state.node.sm.state()?;
-        let request = rollout_request(state, &s, package, &caller.name, why, confirmed_upload_of)?;
-        rejection_to_error(state.node.write(Request::RolloutRequest { request }, 0).await?)
+        let s = node.sm.state()?;
+        let request = rollout_request(node, &s, package, by, why, confirmed_upload_of)?;
+        rejection_to_error(node.write(Request::RolloutRequest { request }, 0).await?)
     }
     .await;
     match outcome {

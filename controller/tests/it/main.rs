@@ -11,6 +11,7 @@ mod crash;
 mod harness;
 mod mqtt;
 mod packages;
+mod params_feed;
 mod prometheus;
 mod rollout;
 mod state_machine;
