@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use afc_domain::model::{ParamKind, Timestamp};
 use afc_domain::topic::Topic;
 use afc_domain::wire::{
-    self, GateBirth, GateCounters, GateDirection, GateStatus, HardwareInfo, Heartbeat, ParamPointer,
-    ParamState, ParamsAck, PlcEndpoint,
+    self, GateBirth, GateCounters, GateDirection, GateStatus, HardwareInfo, Heartbeat, KindVersions,
+    ParamPointer, ParamState, ParamsAck, PlcEndpoint,
 };
 use reqwest::StatusCode;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -56,15 +56,7 @@ impl SimGate {
         ] {
             client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
         }
-        let birth = GateStatus::Online(GateBirth {
-            session: format!("{gate}-session"),
-            versions: BTreeMap::new(),
-            hardware: HardwareInfo {
-                profile: "default".into(),
-                plc: PlcEndpoint { address: "127.0.0.1:502".into(), unit_id: 1 },
-                agent_version: "sim".into(),
-            },
-        });
+        let birth = GateStatus::Online(birth_of(gate));
         client
             .publish(format!("{root}/gates/{gate}/status"), QoS::AtLeastOnce, true, wire::encode(&birth))
             .await
@@ -112,6 +104,13 @@ impl SimGate {
                             wire::encode(&a),
                         )
                         .await;
+                    // The retained birth says what the gate holds, for a leader that comes later.
+                    let held =
+                        KindVersions { active: Some(version), pending: None, pending_effective_from: None };
+                    let birth =
+                        GateStatus::Online(GateBirth { versions: [(FT, held)].into(), ..birth_of(gate) });
+                    let topic = format!("{root}/gates/{gate}/status");
+                    let _ = c.publish(topic, QoS::AtLeastOnce, true, wire::encode(&birth)).await;
                 }
             }
         });
@@ -157,6 +156,18 @@ impl SimGate {
 
     fn active(&self) -> Option<u64> {
         self.state.lock().unwrap().active
+    }
+}
+
+fn birth_of(gate: &str) -> GateBirth {
+    GateBirth {
+        session: format!("{gate}-session"),
+        versions: BTreeMap::new(),
+        hardware: HardwareInfo {
+            profile: "default".into(),
+            plc: PlcEndpoint { address: "127.0.0.1:502".into(), unit_id: 1 },
+            agent_version: "sim".into(),
+        },
     }
 }
 
@@ -379,4 +390,24 @@ async fn an_operator_abort_during_the_soak_rolls_every_gate_back_and_cannot_be_r
         audit.as_array().unwrap().iter().any(|a| a["action"] == "rollouts.abort" && a["actor"] == "erik"),
         "{audit}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_carries_on_a_rollout_whose_leader_died_during_the_soak() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let mut st = Station::start(3000).await;
+    let leader = st.c.wait_leader(Duration::from_secs(10), None).await;
+    let v1 = st.upload_fare_table(leader).await;
+    st.wait_rollout(leader, "v1 done", |r| r["to_version"] == v1 && stage(r) == "done").await;
+    st.wait_all_active(v1).await;
+
+    let v2 = st.upload_fare_table(leader).await;
+    st.wait_rollout(leader, "v2 soaking", |r| r["to_version"] == v2 && stage(r) == "soak").await;
+    st.c.nodes.get_mut(&leader).unwrap().kill();
+    let next = st.c.wait_leader(Duration::from_secs(20), Some(leader)).await;
+    let done = st
+        .wait_rollout(next, "v2 done under the new leader", |r| r["to_version"] == v2 && stage(r) == "done")
+        .await;
+    assert!(done["republished_as"].is_null(), "no rollback: {done}");
+    st.wait_all_active(v2).await;
 }
