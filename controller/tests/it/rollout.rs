@@ -333,6 +333,12 @@ async fn a_healthy_canary_goes_first_then_every_gate_and_a_canary_reject_spike_r
     let v4 = back["republished_as"].as_u64().unwrap();
     assert!(v4 > v3);
     st.wait_all_active(v4).await;
+    let metrics = st.c.http.get(format!("http://{}/metrics", st.apis[&follower])).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("afc_rollout_state{kind=\"fare_table\",state=\"rolled_back\"} 1"),
+        "the rollback shows in the metrics"
+    );
     let sha4 = st.package_body_sha(follower, v4).await;
     assert_eq!(sha4, st.package_body_sha(follower, v2).await, "v4 carries v2's fares");
     for g in ["g02", "g03"] {
