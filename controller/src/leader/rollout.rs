@@ -223,3 +223,55 @@ fn blacklist_back(new: &Package, old: &Package, held: u64, version: u64) -> Resu
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use afc_domain::blacklist::Entry;
+    use afc_domain::model::{Media, Timestamp};
+
+    use super::*;
+
+    fn package(version: u64, body: BlacklistBody) -> Package {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        Package::sign(ParamKind::Blacklist, version, Timestamp(0), body.encode(), 1, &key)
+    }
+
+    fn ids(list: &Blacklist) -> Vec<u64> {
+        list.entries().flat_map(|e| e.first..=e.last).collect()
+    }
+
+    #[test]
+    fn a_blacklist_rollback_republishes_the_old_full_list_or_the_inverse_of_the_delta() {
+        let old_list =
+            Blacklist::from_entries(3, [Entry::single(Media::Svc, 10), Entry::single(Media::Svc, 20)]);
+        let delta = BlacklistDelta {
+            from_version: 3,
+            to_version: 4,
+            add: vec![Entry::single(Media::Svc, 30)],
+            remove: vec![Entry::single(Media::Svc, 10)],
+        };
+        let old = package(3, BlacklistBody::Full(old_list.clone()));
+        let new = package(4, BlacklistBody::Delta(delta.clone()));
+        // The old list under the new version.
+        let back = BlacklistBody::decode(&blacklist_back(&new, &old, 4, 5).unwrap()).unwrap();
+        let BlacklistBody::Full(list) = back else { panic!("{back:?}") };
+        assert_eq!((list.version(), ids(&list)), (5, ids(&old_list)));
+        // Old version a delta too: the inverse delta on top of what gates hold.
+        let older = package(
+            3,
+            BlacklistBody::Delta(BlacklistDelta {
+                from_version: 2,
+                to_version: 3,
+                add: vec![],
+                remove: vec![],
+            }),
+        );
+        let back = BlacklistBody::decode(&blacklist_back(&new, &older, 4, 5).unwrap()).unwrap();
+        let BlacklistBody::Delta(d) = back else { panic!("{back:?}") };
+        assert_eq!((d.from_version, d.to_version), (4, 5));
+        assert_eq!((d.add, d.remove), (delta.remove, delta.add));
+        // A delta that is not on the held version cannot be undone that way.
+        assert!(blacklist_back(&new, &older, 7, 8).is_err());
+    }
+}
