@@ -32,6 +32,8 @@ struct SimState {
     active: Option<u64>,
     /// While this version is active, half the taps are rejected.
     bad_version: Option<u64>,
+    /// This version is refused (a `rejected` ack, as for a bad signature) and never activated.
+    refuse_version: Option<u64>,
     /// Every pointer this gate was given, in order: (per-gate override?, version).
     seen: Vec<(bool, u64)>,
 }
@@ -87,6 +89,20 @@ impl SimGate {
                     }
                     let target = g.gate_ptr.or(g.station_ptr);
                     match target {
+                        Some(t) if g.refuse_version == Some(t) => {
+                            let a = ParamsAck {
+                                kind: FT,
+                                version: t,
+                                state: ParamState::Rejected,
+                                reason: Some("bad_signature".into()),
+                            };
+                            let topic = format!("{root}/gates/{gate}/params/ack");
+                            let c = c.clone();
+                            tokio::spawn(async move {
+                                let _ = c.publish(topic, QoS::AtLeastOnce, false, wire::encode(&a)).await;
+                            });
+                            None
+                        }
                         Some(t) if g.active.is_none_or(|a| t > a) => {
                             g.active = Some(t);
                             Some(t)
@@ -345,6 +361,21 @@ async fn a_healthy_canary_goes_first_then_every_gate_and_a_canary_reject_spike_r
         let seen = st.gates[g].state.lock().unwrap().seen.clone();
         assert!(!seen.iter().any(|(_, v)| *v == v3), "{g} never saw v3: {seen:?}");
     }
+
+    // v5: the canary refuses the package (a `rejected` ack): rolled back at once, v4's fares
+    // republished above it.
+    st.gates["g01"].state.lock().unwrap().refuse_version = Some(v4 + 1);
+    let v5 = st.upload_fare_table(follower).await;
+    assert_eq!(v5, v4 + 1);
+    let back = st
+        .wait_rollout(follower, "v5 rolled back and republished", |r| {
+            r["to_version"] == v5 && stage(r) == "rolled_back" && r["republished_as"].is_u64()
+        })
+        .await;
+    assert_eq!(back["stage"]["reason"], json!({"cause": "canary_rejected", "gate": "g01", "version": v5}));
+    let v6 = back["republished_as"].as_u64().unwrap();
+    st.wait_all_active(v6).await;
+    assert_eq!(st.package_body_sha(follower, v6).await, st.package_body_sha(follower, v4).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
