@@ -114,7 +114,8 @@ pub enum Request {
     /// The leader read clearing's parameter feed through item `through` (only moves forward):
     /// the newest verified network and fare rule it carried, and why items were refused.
     FeedAdvance { through: u64, network: Option<FeedBody>, fare_rule: Option<FeedBody>, refused: Vec<String> },
-    /// The fare table compiled from these feed versions is stored and its rollout requested.
+    /// The fare table compiled from these feed versions is stored and its rollout requested
+    /// (`fare_table_version` 0: the pair does not compile and is not tried again).
     FeedCompiled { network_version: u64, fare_rule_version: u64, fare_table_version: u64 },
 }
 
@@ -653,7 +654,10 @@ impl StationState {
             }
             Request::FeedCompiled { network_version, fare_rule_version, fare_table_version } => {
                 self.feed.compiled = Some((*network_version, *fare_rule_version));
-                self.feed.last_fare_table = Some(*fare_table_version);
+                // 0: the pair did not compile (it is not tried again).
+                if *fare_table_version > 0 {
+                    self.feed.last_fare_table = Some(*fare_table_version);
+                }
                 Response::FeedCompiled
             }
         };

@@ -95,7 +95,7 @@ routes! {
     POST "/api/v1/parameters/blacklist/pending/{id}/confirm" Engineer true "Second engineer's confirmation of a held mass blacklist insertion." => params::confirm_blacklist;
     GET "/api/v1/rollouts" Viewer false "Staged rollouts per kind (stage, canaries, health verdicts) and requests waiting to start." => rollouts::status;
     POST "/api/v1/rollouts" Engineer true "Start a staged rollout of a stored version (mass blacklist insertions wait for a second engineer)." => rollouts::start;
-    POST "/api/v1/rollouts/{kind}/abort" Engineer true "Abort a rollout: every gate goes back to the previous content, republished under a new version." => rollouts::abort;
+    POST "/api/v1/rollouts/{kind}/abort" Engineer true "Abort or roll back a rollout (also once done): every gate goes back to the previous content, republished under a new version." => rollouts::abort;
     POST "/api/v1/rollouts/{kind}/confirm" Engineer true "Second engineer's confirmation of a held rollout (mass blacklist insertion)." => rollouts::confirm;
     GET "/api/v1/ledger" Viewer false "Ledger entries by index range (from, limit)." => records::ledger;
     GET "/api/v1/ledger/stats" Viewer false "Ledger size, head and clearing backlog." => records::ledger_stats;
