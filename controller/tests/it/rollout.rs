@@ -379,9 +379,10 @@ async fn a_healthy_canary_goes_first_then_every_gate_and_a_canary_reject_spike_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_abort_during_the_soak_rolls_every_gate_back_and_cannot_be_repeated() {
+async fn an_operator_abort_during_the_soak_rolls_every_gate_back_a_blacklist_is_not_held_by_the_soak_and_the_abort_cannot_be_repeated(
+) {
     let _serial = CLUSTER_LOCK.lock().await;
-    let st = Station::start(3000).await;
+    let st = Station::start(5000).await;
     let leader = st.c.wait_leader(Duration::from_secs(10), None).await;
 
     let v1 = st.upload_fare_table(leader).await;
@@ -391,6 +392,22 @@ async fn an_operator_abort_during_the_soak_rolls_every_gate_back_and_cannot_be_r
     let v2 = st.upload_fare_table(leader).await;
     st.wait_rollout(leader, "v2 soaking", |r| r["to_version"] == v2 && stage(r) == "soak").await;
     assert_eq!(st.gates["g01"].active(), Some(v2));
+    // A blacklist uploaded during the fare-table soak goes to every gate at once.
+    let bl =
+        json!({"full": [{"media": "svc", "id": 7}, {"media": "svc", "id": 9}], "reason": "stolen cards"});
+    let (s, v) =
+        st.call(leader, reqwest::Method::POST, "/api/v1/parameters/blacklist", ENGINEER, Some(bl)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let status = st.rollout(leader).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = status;
+    while status["station_versions"]["blacklist"] != 1 {
+        assert!(Instant::now() < deadline, "the blacklist was not published to every gate: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = st.rollout(leader).await;
+    }
+    assert!(status["rollouts"]["blacklist"]["canaries"].as_array().unwrap().is_empty(), "{status}");
+    assert_eq!(stage(&status["rollouts"]["fare_table"]), "soak", "the fare soak goes on: {status}");
     let abort = json!({"reason": "complaints at the service desk"});
     let (s, v) = st
         .call(
