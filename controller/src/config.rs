@@ -397,6 +397,26 @@ impl Config {
             return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
         }
         self.clearing.validate()?;
+        let r = &self.rollout;
+        if r.soak_ms < 0 || r.ack_deadline_ms <= 0 {
+            return bad("rollout: soak_ms must be >= 0 and ack_deadline_ms > 0".into());
+        }
+        if r.canary_gates.is_empty() && r.canary_count == 0 {
+            return bad("rollout: name canary_gates or set canary_count >= 1".into());
+        }
+        if r.max_canary_reject_ppm > afc_domain::rollout::PPM
+            || r.max_reject_excess_ppm > afc_domain::rollout::PPM
+        {
+            return bad("rollout: reject limits are parts per million (at most 1000000)".into());
+        }
+        if let Some(k) = &self.clearing.feed_key {
+            let ok = hex::decode(k.trim()).is_ok_and(|b| b.len() == 32);
+            if !ok || self.api.signing_key_file.is_none() {
+                return bad(
+                    "clearing.feed_key must be 64 hex characters, and needs api.signing_key_file".into()
+                );
+            }
+        }
         for t in &self.api.tokens {
             if !matches!(t.role.as_str(), "viewer" | "operator" | "engineer") {
                 return bad(format!(
