@@ -28,6 +28,8 @@ use crate::state::{Request, Response, StationState};
 
 /// How often the rollouts are stepped.
 pub const STEP: Duration = Duration::from_millis(250);
+/// How long a new leader watches the gates before it steps any rollout.
+pub const LEADERSHIP_GRACE: Duration = Duration::from_secs(2);
 /// How long a request for a version announced before its upload waits for the package.
 pub const ANNOUNCED_WAIT_MS: i64 = 10 * 60 * 1000;
 
@@ -58,6 +60,15 @@ pub(crate) async fn driver_task(ctx: Arc<Ctx>, stop: CancellationToken) {
         },
         None => None,
     };
+    // A new leader's board starts empty: judge nothing before the gates' retained births (their
+    // versions) and a heartbeat or so have arrived, or a canary would look silent.
+    tokio::select! {
+        () = stop.cancelled() => {
+            tracing::info!(task = "rollout-driver", "stopped");
+            return;
+        }
+        () = tokio::time::sleep(LEADERSHIP_GRACE) => {}
+    }
     let mut tick = tokio::time::interval(STEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
