@@ -115,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
             api: Default::default(),
             clearing: Default::default(),
             tls: None,
+            rollout: Default::default(),
             cluster_secret: SECRET.into(),
         };
         nodes.push(tokio::spawn(controller::service::run(cfg, listener, shutdown.clone())));

@@ -65,6 +65,11 @@ pub struct Config {
     /// TLS of the HTTP listeners and of the HTTP clients that reach other nodes; absent: plain HTTP.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// How staged rollouts are run and judged (SPEC §4): canary gates, soak, health limits,
+    /// staged kinds; and the blacklist mass-insertion threshold is `api.blacklist_confirm_threshold`.
+    /// Copied into each rollout when it starts.
+    #[serde(default)]
+    pub rollout: afc_domain::rollout::RolloutPolicy,
     /// Filled by [`Config::load`] from the file or environment; never read from the TOML.
     #[serde(skip)]
     pub cluster_secret: String,
@@ -351,6 +356,14 @@ pub struct ClearingConfig {
     /// Timeout of a whole watermark call, and of a whole upload.
     pub request_timeout_ms: u64,
     pub upload_timeout_ms: u64,
+    /// The clearing feed key's public half (64 hex characters). With it (and `url`), the leader
+    /// pulls the signed parameter feed (task `params-feed`), compiles network + fare rule into a
+    /// fare table and starts its rollout; items not signed by this key are refused.
+    pub feed_key: Option<String>,
+    /// The key id feed items must name.
+    pub feed_key_id: u32,
+    /// How often the leader asks for new feed items.
+    pub feed_poll_ms: u64,
 }
 
 impl Default for ClearingConfig {
@@ -364,6 +377,9 @@ impl Default for ClearingConfig {
             poll_ms: 200,
             request_timeout_ms: 15_000,
             upload_timeout_ms: 120_000,
+            feed_key: None,
+            feed_key_id: 1,
+            feed_poll_ms: 1_000,
         }
     }
 }
@@ -438,6 +454,26 @@ impl Config {
             return bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
         }
         self.clearing.validate()?;
+        let r = &self.rollout;
+        if r.soak_ms < 0 || r.ack_deadline_ms <= 0 {
+            return bad("rollout: soak_ms must be >= 0 and ack_deadline_ms > 0".into());
+        }
+        if r.canary_gates.is_empty() && r.canary_count == 0 {
+            return bad("rollout: name canary_gates or set canary_count >= 1".into());
+        }
+        if r.max_canary_reject_ppm > afc_domain::rollout::PPM
+            || r.max_reject_excess_ppm > afc_domain::rollout::PPM
+        {
+            return bad("rollout: reject limits are parts per million (at most 1000000)".into());
+        }
+        if let Some(k) = &self.clearing.feed_key {
+            let ok = hex::decode(k.trim()).is_ok_and(|b| b.len() == 32);
+            if !ok || self.api.signing_key_file.is_none() {
+                return bad(
+                    "clearing.feed_key must be 64 hex characters, and needs api.signing_key_file".into()
+                );
+            }
+        }
         for t in &self.api.tokens {
             if !matches!(t.role.as_str(), "viewer" | "operator" | "engineer") {
                 return bad(format!(

@@ -19,6 +19,8 @@
 //! - [`console`]: the maintenance console page (HTML + script built into the binary), served at `/`.
 //! - [`clearing_sync`]: task `clearing-sync`: the leader uploads the ledger to central clearing from
 //!   the replicated cursor, reconciles with clearing's watermark, and exposes a `ClearingStatus`.
+//! - [`params_feed`]: task `params-feed`: the leader pulls clearing's signed parameter feed and
+//!   turns a new network or fare rule into a fare table and its automatic rollout.
 //! - [`service`]: `run(config, listener, shutdown)`, background tasks, ordered shutdown.
 
 pub mod api;
@@ -31,6 +33,7 @@ pub mod http;
 pub mod leader;
 pub mod network;
 pub mod node;
+pub mod params_feed;
 pub mod service;
 pub mod state;
 pub mod storage;

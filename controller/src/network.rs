@@ -6,6 +6,11 @@
 //! carry the log entries) and snapshot chunks, whose bytes travel raw with the chunk's metadata in
 //! [`SNAPSHOT_HEADER`]. A protocol error from the peer comes back as HTTP 503 with the
 //! JSON `RaftError`; a connection failure or timeout is `Unreachable`, so openraft backs off.
+//!
+//! openraft 0.9 gives one append request one heartbeat interval. A follower catching up would be
+//! sent up to `max_payload_entries` entries at once, package pieces among them, which could never
+//! arrive in time; so an append carries package pieces of at most [`APPEND_PIECE_BUDGET`] bytes
+//! and answers `PartialSuccess` for the entries it sent (openraft sends the rest next).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +34,24 @@ pub const SNAPSHOT_HEADER: &str = "x-afc-snapshot";
 /// Header counting how many times a write was forwarded (loops stop at [`MAX_FORWARD_HOPS`]).
 pub const HOPS_HEADER: &str = "x-afc-forward-hops";
 pub const MAX_FORWARD_HOPS: u32 = 3;
+/// Package-piece bytes one append request carries at most (the first entry always goes).
+pub const APPEND_PIECE_BUDGET: usize = 256 * 1024;
+
+/// How many of `entries`, from the first, fit in one append request.
+pub fn entries_within_budget(entries: &[crate::types::Entry]) -> usize {
+    let mut bytes = 0usize;
+    for (i, e) in entries.iter().enumerate() {
+        if let openraft::EntryPayload::Normal(crate::state::Request::PutPackagePiece { bytes: b, .. }) =
+            &e.payload
+        {
+            bytes += b.len();
+            if bytes > APPEND_PIECE_BUDGET && i > 0 {
+                return i;
+            }
+        }
+    }
+    entries.len()
+}
 
 /// Metadata of one snapshot chunk; the chunk's bytes are the request body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +172,12 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let mut rpc = rpc;
+        let fit = entries_within_budget(&rpc.entries);
+        let partial = (fit < rpc.entries.len()).then(|| {
+            rpc.entries.truncate(fit);
+            rpc.entries.last().map(|e| e.log_id)
+        });
         let body = codec::encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let req = self
             .net
@@ -156,7 +185,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             .post(format!("{}/raft/append", self.base))
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(body);
-        self.call("/raft/append", req, option.hard_ttl()).await.map_err(|f| self.map(f))
+        let resp = self.call("/raft/append", req, option.hard_ttl()).await.map_err(|f| self.map(f))?;
+        Ok(match (resp, partial) {
+            (AppendEntriesResponse::Success, Some(sent)) => AppendEntriesResponse::PartialSuccess(sent),
+            (r, _) => r,
+        })
     }
 
     async fn install_snapshot(
@@ -187,5 +220,39 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let req = self.post_json("/raft/vote", &rpc);
         self.call("/raft/vote", req, option.hard_ttl()).await.map_err(|f| self.map(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use afc_domain::model::Timestamp;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use super::*;
+    use crate::state::Request;
+    use crate::types::Entry;
+
+    fn piece(index: u64, len: usize) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Request::PutPackagePiece {
+                upload: 1,
+                index: index as u32,
+                at: Timestamp(0),
+                bytes: vec![0; len],
+            }),
+        }
+    }
+
+    #[test]
+    fn an_append_carries_package_pieces_up_to_the_budget_but_always_its_first_entry() {
+        let blank =
+            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 9), payload: EntryPayload::Blank };
+        let half = APPEND_PIECE_BUDGET / 2;
+        assert_eq!(entries_within_budget(&[piece(1, half), piece(2, half), piece(3, half)]), 2);
+        assert_eq!(entries_within_budget(&[piece(1, 3 * APPEND_PIECE_BUDGET), piece(2, 1)]), 1);
+        assert_eq!(entries_within_budget(&[blank.clone(), blank.clone(), piece(3, 10)]), 3);
+        assert_eq!(entries_within_budget(&[]), 0);
     }
 }

@@ -5,13 +5,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use afc_domain::model::{ParamKind, Timestamp};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError};
 use crate::network::{PeerNetwork, HOPS_HEADER, MAX_FORWARD_HOPS, SECRET_HEADER};
-use crate::state::{Request, Response};
+use crate::state::{Request, Response, PACKAGE_PIECE_BYTES};
 use crate::storage::{self, StateMachineStore, StoreError};
 use crate::types::{Node as PeerNode, NodeId, Raft};
 
@@ -121,6 +123,42 @@ impl Node {
             }
         })
         .await
+    }
+
+    /// Stores a signed package through the leader. A package larger than one piece goes as
+    /// [`Request::PutPackagePiece`]s of [`PACKAGE_PIECE_BYTES`], proposed one after another, and a
+    /// [`Request::CommitPackage`], so no Raft entry (and no append RPC) carries a large body. A
+    /// refusal comes back as `Response::Rejected`; an upload broken off by an error is dropped by
+    /// the state machine later (bounded count, expiry).
+    pub async fn put_package(
+        &self,
+        kind: ParamKind,
+        version: u64,
+        package: &[u8],
+    ) -> Result<Response, NodeError> {
+        if package.len() <= PACKAGE_PIECE_BYTES {
+            return self.write(Request::PutPackage { kind, version, package: package.to_vec() }, 0).await;
+        }
+        let upload = next_upload_id(self.id);
+        let pieces: Vec<&[u8]> = package.chunks(PACKAGE_PIECE_BYTES).collect();
+        for (index, bytes) in pieces.iter().enumerate() {
+            let index = u32::try_from(index).map_err(|_| NodeError::BadRequest("too many pieces".into()))?;
+            let req = Request::PutPackagePiece { upload, index, at: now(), bytes: bytes.to_vec() };
+            match self.write(req, 0).await? {
+                Response::PieceStored { .. } => {}
+                other => return Ok(other),
+            }
+        }
+        let sha256: [u8; 32] = Sha256::digest(package).into();
+        let commit = Request::CommitPackage {
+            upload,
+            kind,
+            version,
+            pieces: pieces.len() as u32,
+            size: package.len() as u64,
+            sha256,
+        };
+        self.write(commit, 0).await
     }
 
     /// Adds a learner (blocking until it has caught up with the log), via the leader.
@@ -234,4 +272,24 @@ fn forward_or_fail<T>(
         }
         RaftError::Fatal(e) => Err(NodeError::Raft(e.to_string())),
     }
+}
+
+/// An upload id unlikely to collide with another node's or an earlier one: the time in
+/// nanoseconds, this node's id in the top byte, and a per-process counter.
+fn next_upload_id(node: NodeId) -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (nanos ^ n.rotate_left(32)) & 0x00ff_ffff_ffff_ffff | (node << 56)
+}
+
+fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
 }

@@ -112,6 +112,15 @@ pub async fn run_with_api(
         None => None,
     };
 
+    let feed = match crate::params_feed::start(node.clone(), tasks.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            tasks.cancel();
+            server_handle.stop(true).await;
+            return Err(e.into());
+        }
+    };
+
     let leader_duties = match (&config.mqtt, duties) {
         (Some(mqtt), Some(duties)) => {
             if mqtt.broker == crate::config::BrokerMode::Embedded {
@@ -139,6 +148,11 @@ pub async fn run_with_api(
     tasks.cancel();
     if let Err(e) = pruner.await {
         tracing::warn!(error = %e, "pruner task ended abnormally");
+    }
+    if let Some(task) = feed {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "params-feed task ended abnormally");
+        }
     }
     if let Some(task) = clearing.task {
         if let Err(e) = task.await {

@@ -10,11 +10,12 @@
 //! Every command is deterministic: the same log gives the same state on every node. Rejections are
 //! no-ops with a typed reason, never errors: a forged batch must not stop the log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use afc_domain::ledger::TxRecord;
 use afc_domain::mode::{ModeBits, ModeState, MODE_HISTORY_DAYS};
 use afc_domain::model::{Ident, ParamKind, StationCode, Timestamp};
+use afc_domain::rollout::{Rollout, RolloutError, RolloutPolicy, Rollouts, SecondConfirmation, Stage};
 use ed25519_dalek::VerifyingKey;
 use openraft::{LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,16 @@ pub const MAX_BATCH_RECORDS: usize = 10_000;
 pub const MAX_PRUNE_PER_COMMAND: u64 = 200_000;
 /// Package versions kept per kind (the current one and the one a rollback returns to).
 pub const PACKAGE_VERSIONS_KEPT: usize = 2;
+/// Bytes per piece the controller cuts a package into (one Raft entry each, see
+/// [`Request::PutPackagePiece`]): small enough that one append RPC stays well within openraft's
+/// per-append deadline (one heartbeat).
+pub const PACKAGE_PIECE_BYTES: usize = 128 * 1024;
+/// Largest piece the state machine takes (the MQTT chunk size, SPEC §5).
+pub const MAX_PACKAGE_PIECE_BYTES: usize = 256 * 1024;
+/// Uploads in flight at once; starting one more drops the least recently touched.
+pub const MAX_UPLOADS: usize = 4;
+/// An upload not touched for this long is dropped (with its pieces) when another one starts.
+pub const UPLOAD_TTL_MS: i64 = 10 * 60 * 1000;
 
 /// A replicated command: the application data of a Raft log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,11 +61,36 @@ pub enum Request {
         hardware_profile: String,
     },
     /// Stores a signed parameter package; `version` must exceed the kind's current version.
+    /// Only for small packages: a large one goes as [`Request::PutPackagePiece`]s and a
+    /// [`Request::CommitPackage`], so that no Raft entry is large.
     PutPackage {
         kind: ParamKind,
         version: u64,
         #[serde(with = "b64")]
         package: Vec<u8>,
+    },
+    /// Piece `index` (from 0, in order) of upload `upload`, at most [`MAX_PACKAGE_PIECE_BYTES`].
+    /// Piece 0 opens the upload; a piece already received is a no-op (a retried proposal).
+    PutPackagePiece {
+        upload: u64,
+        index: u32,
+        /// The proposer's clock, for the expiry of abandoned uploads.
+        at: Timestamp,
+        #[serde(with = "b64")]
+        bytes: Vec<u8>,
+    },
+    /// Assembles upload `upload` (exactly `pieces` pieces, `size` bytes, sha256 `sha256`), checks
+    /// it is a package of `kind` and `version`, and stores it as with `PutPackage`. The pieces are
+    /// deleted whatever the outcome. Committing an upload already stored as the current version
+    /// with the same hash answers `PackageStored` again.
+    CommitPackage {
+        upload: u64,
+        kind: ParamKind,
+        version: u64,
+        pieces: u32,
+        size: u64,
+        #[serde(with = "hex::serde")]
+        sha256: [u8; 32],
     },
     /// Changes the station's operating mode.
     SetMode { station: StationCode, bits: ModeBits, reason: String, actor: String, at: Timestamp },
@@ -64,6 +100,127 @@ pub enum Request {
     Audit { actor: String, action: String, detail: String, at: Timestamp },
     /// Drops ledger entries acknowledged by clearing whose `occurred_at` is before `before`.
     Prune { before: Timestamp },
+    /// Asks for a staged rollout of a stored version; the leader starts it (it knows which gates
+    /// are online), after a second operator's confirmation when the request carries one.
+    RolloutRequest { request: RolloutStart },
+    /// A second operator confirms a held rollout request (a mass blacklist insertion).
+    RolloutConfirm { kind: ParamKind, by: String, at: Timestamp },
+    /// An operator aborts a rollout (or drops a request not started yet): every gate goes back.
+    RolloutAbort { kind: ParamKind, by: String, at: Timestamp },
+    /// The leader's step of one kind's rollout: replaces `previous` (compare and set, so a step
+    /// computed from a stale view loses against an abort) with `next`. With `started`, it is the
+    /// start of the waiting request of `kind`, which it removes.
+    RolloutUpdate { kind: ParamKind, previous: Option<Box<Rollout>>, next: Box<Rollout>, started: bool },
+    /// The leader read clearing's parameter feed through item `through` (only moves forward):
+    /// the newest verified network and fare rule it carried, and why items were refused.
+    FeedAdvance { through: u64, network: Option<FeedBody>, fare_rule: Option<FeedBody>, refused: Vec<String> },
+    /// The fare table compiled from these feed versions is stored and its rollout requested
+    /// (`fare_table_version` 0: the pair does not compile and is not tried again).
+    FeedCompiled { network_version: u64, fare_rule_version: u64, fare_table_version: u64 },
+}
+
+/// One verified feed body (JSON text as clearing signed it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedBody {
+    pub version: u64,
+    pub effective_from: Timestamp,
+    pub json: String,
+}
+
+/// Where the leader is in clearing's parameter feed (SPEC §8), replicated so a new leader goes on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedState {
+    /// The last feed item taken (the `after` of the next pull).
+    pub after: u64,
+    pub network: Option<FeedBody>,
+    pub fare_rule: Option<FeedBody>,
+    /// (network, fare rule) versions the last compiled fare table came from.
+    pub compiled: Option<(u64, u64)>,
+    pub last_fare_table: Option<u64>,
+    /// Feed items refused (bad signature, undecodable, unsupported kind), and the last reason.
+    pub refused: u64,
+    pub last_refusal: Option<String>,
+}
+
+impl FeedState {
+    /// The (network, fare rule) pair to compile, when it differs from the last compiled one.
+    pub fn to_compile(&self) -> Option<(&FeedBody, &FeedBody)> {
+        let (n, r) = (self.network.as_ref()?, self.fare_rule.as_ref()?);
+        (self.compiled != Some((n.version, r.version))).then_some((n, r))
+    }
+}
+
+/// A rollout asked for and not started yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStart {
+    pub kind: ParamKind,
+    pub to_version: u64,
+    /// The version every gate holds now (the station pointer), `None` for the first package.
+    pub from_version: Option<u64>,
+    pub effective_from: Timestamp,
+    pub policy: RolloutPolicy,
+    pub by: String,
+    pub at: Timestamp,
+    pub reason: String,
+    /// Set when the rollout is a mass blacklist insertion: it starts only once confirmed.
+    pub confirmation: Option<SecondConfirmation>,
+}
+
+impl RolloutStart {
+    /// Whether the leader may start it (no confirmation needed, or confirmed).
+    pub fn ready(&self) -> bool {
+        self.confirmation.as_ref().is_none_or(SecondConfirmation::is_confirmed)
+    }
+}
+
+/// The rollouts of the station: one per kind, and the requests waiting to start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutBook {
+    pub rollouts: Rollouts,
+    pub requests: BTreeMap<ParamKind, RolloutStart>,
+}
+
+impl RolloutBook {
+    /// The version every gate should be pointed at for `kind` (`params/{kind}/current`), given
+    /// the latest stored version `stored`: with no rollout or request of the kind ever, the latest
+    /// stored.
+    pub fn station_version(&self, kind: ParamKind, stored: Option<u64>) -> Option<u64> {
+        let Some(r) = self.rollouts.get(kind) else {
+            // A first rollout asked for: gates keep what they had until it starts.
+            return match self.requests.get(&kind) {
+                Some(q) => q.from_version,
+                None => stored,
+            };
+        };
+        match &r.stage {
+            Stage::Canary { .. } | Stage::Soak { .. } => r.from_version,
+            Stage::Full { .. } | Stage::Done { .. } => Some(r.to_version),
+            Stage::RolledBack { .. } => r.republished_as.or(r.from_version),
+        }
+    }
+
+    /// The per-gate pointer overrides of `kind` in force (the canaries while staging).
+    pub fn overrides(&self, kind: ParamKind) -> Vec<(Ident, u64)> {
+        match self.rollouts.get(kind) {
+            Some(r) if r.is_staging() => r.canaries.iter().map(|g| (g.clone(), r.to_version)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Versions of `kind` a rollout or request still needs (never pruned).
+    fn pinned(&self, kind: ParamKind) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        if let Some(r) = self.rollouts.get(kind) {
+            out.extend(r.from_version);
+            out.insert(r.to_version);
+            out.extend(r.republished_as);
+        }
+        if let Some(q) = self.requests.get(&kind) {
+            out.insert(q.to_version);
+            out.extend(q.from_version);
+        }
+        out
+    }
 }
 
 impl From<afc_domain::wire::TxBatch> for Request {
@@ -84,10 +241,18 @@ impl Request {
             Request::AppendTxBatch { .. } => "append_tx_batch",
             Request::RegisterGate { .. } => "register_gate",
             Request::PutPackage { .. } => "put_package",
+            Request::PutPackagePiece { .. } => "put_package_piece",
+            Request::CommitPackage { .. } => "commit_package",
             Request::SetMode { .. } => "set_mode",
             Request::ClearingAck { .. } => "clearing_ack",
             Request::Audit { .. } => "audit",
             Request::Prune { .. } => "prune",
+            Request::RolloutRequest { .. } => "rollout_request",
+            Request::RolloutConfirm { .. } => "rollout_confirm",
+            Request::RolloutAbort { .. } => "rollout_abort",
+            Request::RolloutUpdate { .. } => "rollout_update",
+            Request::FeedAdvance { .. } => "feed_advance",
+            Request::FeedCompiled { .. } => "feed_compiled",
         }
     }
 }
@@ -114,6 +279,27 @@ pub enum Rejection {
     StaleVersion { kind: ParamKind, version: u64, current: u64 },
     #[error("acknowledgement through {through_index} is beyond the last ledger index {last_index}")]
     AckBeyondLedger { through_index: u64, last_index: u64 },
+    #[error("package piece of {len} bytes is larger than {max}")]
+    PieceTooLarge { len: usize, max: usize },
+    #[error("upload {upload} is unknown (never opened, expired, or already committed)")]
+    UnknownUpload { upload: u64 },
+    #[error("upload {upload}: piece {index} arrived, piece {expected} was expected")]
+    PieceOutOfOrder { upload: u64, index: u32, expected: u32 },
+    #[error("upload {upload} would exceed {max} bytes")]
+    UploadTooLarge { upload: u64, max: u64 },
+    #[error("upload {upload} holds {pieces} pieces and {size} bytes, the commit names {want_pieces} and {want_size}")]
+    UploadIncomplete { upload: u64, pieces: u32, size: u64, want_pieces: u32, want_size: u64 },
+    #[error("upload {upload} does not hash to the sha256 its commit names")]
+    UploadHashMismatch { upload: u64 },
+    #[error("invalid package: {detail}")]
+    InvalidPackage { detail: String },
+    #[error("{kind} version {version} is not stored")]
+    UnknownVersion { kind: ParamKind, version: u64 },
+    /// A rollout rule refused the command (`detail` says which); `rollout_code` is stable.
+    #[error("{detail}")]
+    Rollout { rollout_code: String, detail: String },
+    #[error("the {kind} rollout changed since this step was computed")]
+    RolloutChanged { kind: ParamKind },
 }
 
 /// What a command did.
@@ -136,6 +322,11 @@ pub enum Response {
     GateRegistered {
         gate: Ident,
         key_replaced: bool,
+    },
+    /// A package piece is stored; `received` pieces of the upload are held.
+    PieceStored {
+        upload: u64,
+        received: u32,
     },
     PackageStored {
         kind: ParamKind,
@@ -161,6 +352,28 @@ pub enum Response {
     Rejected {
         rejection: Rejection,
     },
+    /// A rollout request is stored; `held` when it waits for a second operator.
+    RolloutRequested {
+        kind: ParamKind,
+        version: u64,
+        held: bool,
+    },
+    RolloutConfirmed {
+        kind: ParamKind,
+        version: u64,
+    },
+    /// `dropped_request`: a request not started yet was dropped; otherwise the rollout is rolled back.
+    RolloutAborted {
+        kind: ParamKind,
+        dropped_request: bool,
+    },
+    RolloutUpdated {
+        kind: ParamKind,
+    },
+    FeedAdvanced {
+        after: u64,
+    },
+    FeedCompiled,
 }
 
 /// A registered gate.
@@ -186,6 +399,16 @@ impl PackageVersions {
     pub fn current(&self) -> u64 {
         self.versions.last().copied().unwrap_or(0)
     }
+}
+
+/// A package upload in flight: its pieces are items under [`keys::piece`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    /// Pieces received (`0..pieces`).
+    pub pieces: u32,
+    pub bytes: u64,
+    /// The proposer's time of the last piece, for expiry.
+    pub touched: Timestamp,
 }
 
 /// One recorded mode change (who, why, when), kept at least [`MODE_HISTORY_DAYS`].
@@ -219,6 +442,15 @@ pub struct StationState {
     pub clearing_acked_through: u64,
     /// Sequence number the next audit line gets (from 1).
     pub next_audit: u64,
+    /// Package uploads in flight, by upload id (at most [`MAX_UPLOADS`]).
+    #[serde(default)]
+    pub uploads: BTreeMap<u64, Upload>,
+    /// Staged rollouts and the requests waiting to start (driven by the leader's
+    /// `rollout-driver`, see `crate::leader::rollout`).
+    #[serde(default)]
+    pub rollouts: RolloutBook,
+    #[serde(default)]
+    pub feed: FeedState,
 }
 
 impl Default for StationState {
@@ -235,6 +467,9 @@ impl Default for StationState {
             mode_changes: Vec::new(),
             clearing_acked_through: 0,
             next_audit: 1,
+            uploads: BTreeMap::new(),
+            rollouts: RolloutBook::default(),
+            feed: FeedState::default(),
         }
     }
 }
@@ -248,6 +483,16 @@ pub mod keys {
     pub const LEDGER_PREFIX: u8 = b'L';
     pub const AUDIT_PREFIX: u8 = b'A';
     pub const PACKAGE_PREFIX: u8 = b'P';
+    pub const PIECE_PREFIX: u8 = b'U';
+
+    /// Piece `index` of package upload `upload`.
+    pub fn piece(upload: u64, index: u32) -> [u8; 13] {
+        let mut k = [0u8; 13];
+        k[0] = PIECE_PREFIX;
+        k[1..9].copy_from_slice(&upload.to_be_bytes());
+        k[9..].copy_from_slice(&index.to_be_bytes());
+        k
+    }
 
     pub fn ledger(index: u64) -> [u8; 9] {
         prefixed(LEDGER_PREFIX, index)
@@ -299,9 +544,10 @@ pub enum ReadError {
     Corrupt { index: u64, detail: String },
 }
 
-/// Read access to stored ledger entries, for `Prune`.
+/// Read access to stored items: ledger entries for `Prune`, package pieces for `CommitPackage`.
 pub trait LedgerRead {
     fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError>;
+    fn package_piece(&self, upload: u64, index: u32) -> Result<Option<Vec<u8>>, ReadError>;
 }
 
 impl StationState {
@@ -330,6 +576,12 @@ impl StationState {
                 self.register_gate(gate, tx_public_key, hardware_profile)
             }
             Request::PutPackage { kind, version, package } => self.put_package(*kind, *version, package, out),
+            Request::PutPackagePiece { upload, index, at, bytes } => {
+                self.put_piece(*upload, *index, *at, bytes, out)
+            }
+            Request::CommitPackage { upload, kind, version, pieces, size, sha256 } => {
+                self.commit_package(*upload, *kind, *version, (*pieces, *size, sha256), ledger, out)?
+            }
             Request::SetMode { station, bits, reason, actor, at } => {
                 let previous = self.modes.bits_at(*station, *at);
                 self.modes.set(*station, *bits, *at);
@@ -374,6 +626,40 @@ impl StationState {
                 Response::Audited { seq }
             }
             Request::Prune { before } => self.prune(*before, ledger, out)?,
+            Request::RolloutRequest { request } => self.rollout_request(request),
+            Request::RolloutConfirm { kind, by, at } => self.rollout_confirm(*kind, by, *at),
+            Request::RolloutAbort { kind, by, at } => self.rollout_abort(*kind, by, *at),
+            Request::RolloutUpdate { kind, previous, next, started } => {
+                self.rollout_update(*kind, previous.as_deref(), next, *started)
+            }
+            Request::FeedAdvance { through, network, fare_rule, refused } => {
+                let f = &mut self.feed;
+                if *through > f.after {
+                    f.after = *through;
+                    let newer = |held: &Option<FeedBody>, new: &Option<FeedBody>| {
+                        new.as_ref().filter(|n| held.as_ref().is_none_or(|h| n.version > h.version)).cloned()
+                    };
+                    if let Some(n) = newer(&f.network, network) {
+                        f.network = Some(n);
+                    }
+                    if let Some(r) = newer(&f.fare_rule, fare_rule) {
+                        f.fare_rule = Some(r);
+                    }
+                    f.refused += refused.len() as u64;
+                    if let Some(last) = refused.last() {
+                        f.last_refusal = Some(last.clone());
+                    }
+                }
+                Response::FeedAdvanced { after: self.feed.after }
+            }
+            Request::FeedCompiled { network_version, fare_rule_version, fare_table_version } => {
+                self.feed.compiled = Some((*network_version, *fare_rule_version));
+                // 0: the pair did not compile (it is not tried again).
+                if *fare_table_version > 0 {
+                    self.feed.last_fare_table = Some(*fare_table_version);
+                }
+                Response::FeedCompiled
+            }
         };
         Ok(resp)
     }
@@ -494,6 +780,192 @@ impl StationState {
         Response::PackageStored { kind, version, sha256 }
     }
 
+    fn put_piece(
+        &mut self,
+        upload: u64,
+        index: u32,
+        at: Timestamp,
+        bytes: &[u8],
+        out: &mut Vec<Write>,
+    ) -> Response {
+        let reject = |rejection| Response::Rejected { rejection };
+        if bytes.len() > MAX_PACKAGE_PIECE_BYTES {
+            return reject(Rejection::PieceTooLarge { len: bytes.len(), max: MAX_PACKAGE_PIECE_BYTES });
+        }
+        if !self.uploads.contains_key(&upload) {
+            if index != 0 {
+                return reject(Rejection::UnknownUpload { upload });
+            }
+            // Garbage stays bounded: expired uploads go, and the least recently touched makes room.
+            let expired: Vec<u64> = self
+                .uploads
+                .iter()
+                .filter(|(_, u)| u.touched.millis().saturating_add(UPLOAD_TTL_MS) < at.millis())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                self.drop_upload(id, out);
+            }
+            while self.uploads.len() >= MAX_UPLOADS {
+                let oldest = self.uploads.iter().min_by_key(|(id, u)| (u.touched, **id)).map(|(id, _)| *id);
+                let Some(oldest) = oldest else { break };
+                self.drop_upload(oldest, out);
+            }
+            self.uploads.insert(upload, Upload { pieces: 0, bytes: 0, touched: at });
+        }
+        let Some(u) = self.uploads.get_mut(&upload) else {
+            return reject(Rejection::UnknownUpload { upload });
+        };
+        if index < u.pieces {
+            return Response::PieceStored { upload, received: u.pieces };
+        }
+        if index > u.pieces {
+            return reject(Rejection::PieceOutOfOrder { upload, index, expected: u.pieces });
+        }
+        let max = afc_domain::package::MAX_PACKAGE_BYTES;
+        if u.bytes.saturating_add(bytes.len() as u64) > max {
+            self.drop_upload(upload, out);
+            return reject(Rejection::UploadTooLarge { upload, max });
+        }
+        out.push(Write::Put(keys::piece(upload, index).to_vec(), bytes.to_vec()));
+        u.pieces += 1;
+        u.bytes += bytes.len() as u64;
+        u.touched = u.touched.max(at);
+        Response::PieceStored { upload, received: u.pieces }
+    }
+
+    /// Forgets an upload and deletes its pieces.
+    fn drop_upload(&mut self, upload: u64, out: &mut Vec<Write>) {
+        if let Some(u) = self.uploads.remove(&upload) {
+            for i in 0..u.pieces {
+                out.push(Write::Delete(keys::piece(upload, i).to_vec()));
+            }
+        }
+    }
+
+    fn commit_package(
+        &mut self,
+        upload: u64,
+        kind: ParamKind,
+        version: u64,
+        (want_pieces, want_size, sha256): (u32, u64, &[u8; 32]),
+        items: &dyn LedgerRead,
+        out: &mut Vec<Write>,
+    ) -> Result<Response, ReadError> {
+        let reject = |rejection| Ok(Response::Rejected { rejection });
+        let Some(u) = self.uploads.get(&upload).cloned() else {
+            // A commit proposed again after it was applied: the same answer, nothing changes.
+            let held = self.packages.get(kind.as_str());
+            if held.is_some_and(|h| h.current() == version && &h.current_sha256 == sha256) {
+                return Ok(Response::PackageStored { kind, version, sha256: *sha256 });
+            }
+            return reject(Rejection::UnknownUpload { upload });
+        };
+        if u.pieces != want_pieces || u.bytes != want_size {
+            self.drop_upload(upload, out);
+            return reject(Rejection::UploadIncomplete {
+                upload,
+                pieces: u.pieces,
+                size: u.bytes,
+                want_pieces,
+                want_size,
+            });
+        }
+        let mut package = Vec::with_capacity(usize::try_from(u.bytes).unwrap_or(0));
+        for i in 0..u.pieces {
+            let piece = items.package_piece(upload, i)?.ok_or_else(|| {
+                ReadError::Storage(format!("piece {i} of upload {upload} is missing from the store"))
+            })?;
+            package.extend_from_slice(&piece);
+        }
+        self.drop_upload(upload, out);
+        let actual: [u8; 32] = Sha256::digest(&package).into();
+        if &actual != sha256 {
+            return reject(Rejection::UploadHashMismatch { upload });
+        }
+        match afc_domain::package::Package::decode(&package) {
+            Ok(p) if p.header.kind == kind && p.header.version == version => {}
+            Ok(p) => {
+                return reject(Rejection::InvalidPackage {
+                    detail: format!(
+                        "it is {} version {}, the commit names {kind} version {version}",
+                        p.header.kind, p.header.version
+                    ),
+                })
+            }
+            Err(e) => return reject(Rejection::InvalidPackage { detail: e.to_string() }),
+        }
+        Ok(self.put_package(kind, version, &package, out))
+    }
+
+    fn rollout_request(&mut self, q: &RolloutStart) -> Response {
+        let kind = q.kind;
+        // A stored version, or the next one announced just before it is stored (so no pointer
+        // names it before its rollout exists).
+        let held = self.packages.get(kind.as_str());
+        let current = held.map_or(0, PackageVersions::current);
+        if !held.is_some_and(|h| h.versions.contains(&q.to_version)) && q.to_version != current + 1 {
+            return rejected(Rejection::UnknownVersion { kind, version: q.to_version });
+        }
+        if let Some(r) = self.rollouts.rollouts.get(kind).filter(|r| r.is_staging()) {
+            return rollout_rejected(&RolloutError::Busy { kind, version: r.to_version });
+        }
+        if let Some(from) = q.from_version.filter(|from| q.to_version <= *from) {
+            return rollout_rejected(&RolloutError::NotForward { kind, from, to: q.to_version });
+        }
+        self.rollouts.requests.insert(kind, q.clone());
+        Response::RolloutRequested { kind, version: q.to_version, held: !q.ready() }
+    }
+
+    fn rollout_confirm(&mut self, kind: ParamKind, by: &str, at: Timestamp) -> Response {
+        let Some(q) = self.rollouts.requests.get_mut(&kind) else {
+            return rollout_rejected(&RolloutError::NoRollout(kind));
+        };
+        let Some(c) = q.confirmation.as_mut() else {
+            return rejected(Rejection::Rollout {
+                rollout_code: "no_confirmation_needed".into(),
+                detail: format!("the {kind} rollout to version {} needs no confirmation", q.to_version),
+            });
+        };
+        match c.confirm(by, at) {
+            Ok(()) => Response::RolloutConfirmed { kind, version: q.to_version },
+            Err(e) => rollout_rejected(&e),
+        }
+    }
+
+    fn rollout_abort(&mut self, kind: ParamKind, by: &str, at: Timestamp) -> Response {
+        if self.rollouts.requests.remove(&kind).is_some() {
+            return Response::RolloutAborted { kind, dropped_request: true };
+        }
+        match self.rollouts.rollouts.abort(kind, at, by) {
+            // The actions (republish, clear overrides) follow from the new stage: the leader's
+            // driver republishes, the publisher derives the pointers.
+            Ok(_) => Response::RolloutAborted { kind, dropped_request: false },
+            Err(e) => rollout_rejected(&e),
+        }
+    }
+
+    fn rollout_update(
+        &mut self,
+        kind: ParamKind,
+        previous: Option<&Rollout>,
+        next: &Rollout,
+        started: bool,
+    ) -> Response {
+        if next.kind != kind || self.rollouts.rollouts.get(kind) != previous {
+            return rejected(Rejection::RolloutChanged { kind });
+        }
+        if started {
+            let waiting = self.rollouts.requests.get(&kind);
+            if !waiting.is_some_and(|q| q.ready() && q.to_version == next.to_version) {
+                return rejected(Rejection::RolloutChanged { kind });
+            }
+            self.rollouts.requests.remove(&kind);
+        }
+        self.rollouts.rollouts.by_kind.insert(kind, next.clone());
+        Response::RolloutUpdated { kind }
+    }
+
     fn prune(
         &mut self,
         before: Timestamp,
@@ -516,13 +988,37 @@ impl StationState {
         }
         for (name, held) in self.packages.iter_mut() {
             let Some(kind) = ParamKind::parse(name) else { continue };
+            // Versions a rollout points gates at (or may roll back to) stay.
+            let pinned = self.rollouts.pinned(kind);
             while held.versions.len() > PACKAGE_VERSIONS_KEPT {
-                let old = held.versions.remove(0);
+                let Some(i) = held.versions.iter().position(|v| !pinned.contains(v)) else { break };
+                if i + 1 == held.versions.len() {
+                    break; // never the current one
+                }
+                let old = held.versions.remove(i);
                 out.push(Write::Delete(keys::package(kind, old).to_vec()));
             }
         }
         Ok(Response::Pruned { removed, first_retained: self.first_retained })
     }
+}
+
+fn rejected(rejection: Rejection) -> Response {
+    Response::Rejected { rejection }
+}
+
+fn rollout_rejected(e: &RolloutError) -> Response {
+    let code = match e {
+        RolloutError::NotForward { .. } => "not_forward",
+        RolloutError::Busy { .. } => "rollout_busy",
+        RolloutError::NoRollout(_) => "no_rollout",
+        RolloutError::AlreadyRolledBack { .. } => "already_rolled_back",
+        RolloutError::NotRolledBack => "not_rolled_back",
+        RolloutError::RepublishNotAbove { .. } => "republish_not_above",
+        RolloutError::SameOperator(_) => "same_operator",
+        RolloutError::AlreadyConfirmed(_) => "already_confirmed",
+    };
+    rejected(Rejection::Rollout { rollout_code: code.into(), detail: e.to_string() })
 }
 
 /// Format byte of a stored ledger entry: `LEDGER_ITEM_FORMAT ‖ hash (32 bytes) ‖ canonical record`

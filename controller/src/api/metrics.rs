@@ -107,6 +107,19 @@ fn effective_from_ms(state: &ApiState, kind: ParamKind, version: u64) -> Option<
     Some(ms)
 }
 
+/// The `afc_rollout_state` name of a rollout's stage.
+pub fn rollout_state_name(r: &afc_domain::rollout::Rollout) -> &'static str {
+    use afc_domain::rollout::{RollbackReason, Stage};
+    match &r.stage {
+        Stage::Canary { .. } => "canary",
+        Stage::Soak { .. } => "soak",
+        Stage::Full { .. } => "rolling_out",
+        Stage::Done { .. } => "done",
+        Stage::RolledBack { reason: RollbackReason::OperatorAbort { .. }, .. } => "aborted",
+        Stage::RolledBack { .. } => "rolled_back",
+    }
+}
+
 /// Renders every metric.
 pub fn render(state: &ApiState) -> String {
     let mut o = Out(String::new());
@@ -378,7 +391,13 @@ pub fn render(state: &ApiState) -> String {
         f64::from(u8::from(cl.alarm.is_some())),
     );
     o.family("afc_rollout_state", "gauge", "1 for the rollout state each parameter kind is in.");
-    let rollouts = fm.rollouts.lock().map(|r| r.clone()).unwrap_or_default();
+    let mut rollouts = fm.rollouts.lock().map(|r| r.clone()).unwrap_or_default();
+    // The replicated rollouts (every node has them) win over a task's own report.
+    if let Ok(st) = state.node.sm.state() {
+        for (kind, r) in &st.rollouts.rollouts.by_kind {
+            rollouts.insert(kind.as_str().to_owned(), rollout_state_name(r).to_owned());
+        }
+    }
     for k in ParamKind::ALL {
         let cur = rollouts.get(k.as_str()).map(String::as_str).unwrap_or("idle");
         for s in ROLLOUT_STATES {

@@ -24,6 +24,7 @@ pub mod mode;
 pub mod openapi;
 pub mod params;
 pub mod records;
+pub mod rollouts;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -93,6 +94,10 @@ routes! {
     POST "/api/v1/parameters/blacklist" Engineer true "Upload a full blacklist or a delta (mass insertions need a second confirmation)." => params::upload_blacklist;
     POST "/api/v1/parameters/qr-keys" Engineer true "Replace the QR issuer keys gates trust (a signed qr_keys package)." => params::upload_qr_keys;
     POST "/api/v1/parameters/blacklist/pending/{id}/confirm" Engineer true "Second engineer's confirmation of a held mass blacklist insertion." => params::confirm_blacklist;
+    GET "/api/v1/rollouts" Viewer false "Staged rollouts per kind (stage, canaries, health verdicts) and requests waiting to start." => rollouts::status;
+    POST "/api/v1/rollouts" Engineer true "Start a staged rollout of a stored version (mass blacklist insertions wait for a second engineer)." => rollouts::start;
+    POST "/api/v1/rollouts/{kind}/abort" Engineer true "Abort or roll back a rollout (also once done): every gate goes back to the previous content, republished under a new version." => rollouts::abort;
+    POST "/api/v1/rollouts/{kind}/confirm" Engineer true "Second engineer's confirmation of a held rollout (mass blacklist insertion)." => rollouts::confirm;
     GET "/api/v1/ledger" Viewer false "Ledger entries by index range (from, limit)." => records::ledger;
     GET "/api/v1/ledger/search" Viewer false "Ledger entries by time range (since_ms, until_ms), gate, card id and media; paged (from, limit → next_from)." => records::ledger_search;
     GET "/api/v1/ledger/stats" Viewer false "Ledger size, head and clearing backlog." => records::ledger_stats;
@@ -171,13 +176,7 @@ impl ApiState {
         req: Request,
     ) -> Result<Response, ApiError> {
         self.audit(caller, action, detail).await?;
-        match self.node.write(req, 0).await? {
-            Response::Rejected { rejection } => Err(match rejection {
-                Rejection::StaleVersion { .. } => ApiError::Conflict(rejection.to_string()),
-                other => ApiError::InvalidParameters(other.to_string()),
-            }),
-            r => Ok(r),
-        }
+        rejection_to_error(self.node.write(req, 0).await?)
     }
 
     /// Appends one replicated audit line.
@@ -189,7 +188,27 @@ impl ApiState {
     }
 }
 
-fn read_signing_key(path: &Path) -> Result<SigningKey, ConfigError> {
+/// A state-machine refusal as an API error (a stale version is a conflict).
+pub fn rejection_to_error(r: Response) -> Result<Response, ApiError> {
+    match r {
+        Response::Rejected { rejection } => Err(match rejection {
+            Rejection::StaleVersion { .. } | Rejection::RolloutChanged { .. } => {
+                ApiError::Conflict(rejection.to_string())
+            }
+            Rejection::UnknownVersion { .. } => ApiError::NotFound(rejection.to_string()),
+            Rejection::Rollout { rollout_code, detail } => match rollout_code.as_str() {
+                "same_operator" => ApiError::SameConfirmer { actor: detail },
+                "no_rollout" => ApiError::NotFound(detail),
+                _ => ApiError::Conflict(detail),
+            },
+            other => ApiError::InvalidParameters(other.to_string()),
+        }),
+        r => Ok(r),
+    }
+}
+
+/// Reads the station package-signing key (ed25519 seed, 64 hex characters on the first line).
+pub fn read_signing_key(path: &Path) -> Result<SigningKey, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     let seed: [u8; 32] = hex::decode(text.lines().next().unwrap_or("").trim())

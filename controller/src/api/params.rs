@@ -12,7 +12,7 @@ use afc_domain::package::{package_sha256, BlacklistBody, Package};
 use serde::{Deserialize, Serialize};
 
 use super::{now, reason, ApiError, ApiState, Caller};
-use crate::state::{Request, Response};
+use crate::state::Response;
 
 /// How long a held mass insertion waits for its confirmation.
 const PENDING_TTL_MS: i64 = 30 * 60 * 1000;
@@ -104,6 +104,7 @@ fn current_version(state: &ApiState, kind: ParamKind) -> Result<u64, ApiError> {
 }
 
 /// Signs `body` as `version` of `kind` and stores it through Raft (audited).
+#[allow(clippy::too_many_arguments)]
 async fn sign_and_store(
     state: &ApiState,
     caller: &Caller,
@@ -112,15 +113,21 @@ async fn sign_and_store(
     version: u64,
     effective_from: Timestamp,
     body: Vec<u8>,
+    confirmed_upload_of: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     let (key_id, key) = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
-    let package = Package::sign(kind, version, effective_from, body, *key_id, key).encode();
+    let signed = Package::sign(kind, version, effective_from, body, *key_id, key);
+    let package = signed.encode();
     let size = package.len();
-    let req = Request::PutPackage { kind, version, package };
-    match state.audited_write(caller, action, detail, req).await? {
+    state.audit(caller, action, detail.clone()).await?;
+    let rollout =
+        super::rollouts::before_upload(&state.node, &caller.name, &signed, &detail, confirmed_upload_of)
+            .await;
+    let stored = state.node.put_package(kind, version, &package).await?;
+    match super::rejection_to_error(stored)? {
         Response::PackageStored { sha256, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
             "kind": kind.as_str(), "version": version, "sha256": hex::encode(sha256),
-            "size": size, "effective_from": effective_from.0,
+            "size": size, "effective_from": effective_from.0, "rollout": rollout,
         }))),
         other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
     }
@@ -161,6 +168,7 @@ pub async fn upload_fare_table(
         version,
         eff,
         table.encode(),
+        None,
     )
     .await
 }
@@ -258,7 +266,7 @@ pub async fn upload_blacklist(
             "message": "a second engineer must confirm this upload",
         })));
     }
-    store_blacklist(&state, &caller, body, eff, format!("adds {added} ids: {why}")).await
+    store_blacklist(&state, &caller, body, eff, format!("adds {added} ids: {why}"), None).await
 }
 
 async fn store_blacklist(
@@ -267,6 +275,7 @@ async fn store_blacklist(
     body: BlacklistBody,
     eff: Timestamp,
     detail: String,
+    confirmed_upload_of: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     let version = body.version();
     let what = if matches!(body, BlacklistBody::Full(_)) { "full" } else { "delta" };
@@ -279,6 +288,7 @@ async fn store_blacklist(
         version,
         eff,
         body.encode(),
+        confirmed_upload_of,
     )
     .await
 }
@@ -313,7 +323,7 @@ pub async fn confirm_blacklist(
         "adds {} ids, uploaded by {} ({}), confirmed by {}: {why}",
         held.added, held.by, held.reason, caller.name
     );
-    store_blacklist(&state, &caller, held.body, held.effective_from, detail).await
+    store_blacklist(&state, &caller, held.body, held.effective_from, detail, Some(&held.by)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -338,6 +348,6 @@ pub async fn upload_qr_keys(
     let detail = format!("qr_keys v{version} ({} issuer keys): {why}", set.len());
     let json = serde_json::to_vec(&set).map_err(|e| ApiError::Internal(e.to_string()))?;
     let eff = Timestamp(b.effective_from.unwrap_or(now().0));
-    sign_and_store(&state, &caller, ("parameters.qr_keys", detail), ParamKind::QrKeys, version, eff, json)
+    sign_and_store(&state, &caller, ("parameters.qr_keys", detail), ParamKind::QrKeys, version, eff, json, None)
         .await
 }

@@ -213,6 +213,16 @@ pub async fn clearing(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResp
     // Names kept from the first version of this view.
     v["acked_through"] = st.clearing_acked_through.into();
     v["last_success_ms"] = c.last_success.map(|t| t.millis()).into();
+    let f = state.node.sm.state()?.feed;
+    v["feed"] = serde_json::json!({
+        "after": f.after,
+        "network_version": f.network.as_ref().map(|b| b.version),
+        "fare_rule_version": f.fare_rule.as_ref().map(|b| b.version),
+        "compiled_from": f.compiled,
+        "last_fare_table": f.last_fare_table,
+        "refused": f.refused,
+        "last_refusal": f.last_refusal,
+    });
     Ok(HttpResponse::Ok().json(v))
 }
 

@@ -11,7 +11,9 @@
 //! - `tx-ingest` ([`ingest`]): proposes gate batches through Raft, acks after commit;
 //! - `leader-publisher` ([`publish`]): re-subscribes and publishes `state`, parameter packages
 //!   (chunks first, pointer last) and `mode` on every ConnAck, then follows the state machine;
-//! - `qr-relay`: batches `gates/+/qr/used` onto `qr/used`.
+//! - `qr-relay`: batches `gates/+/qr/used` onto `qr/used`;
+//! - `rollout-driver` ([`rollout`]): starts and steps the replicated staged rollouts with what
+//!   the board shows, and republishes the old content after a rollback.
 //!
 //! [`Duties`] is the long-lived handle shared with the HTTP API: the gate board, counters, and
 //! [`Duties::send_command`].
@@ -20,6 +22,7 @@ pub mod broker;
 pub mod ingest;
 pub mod mqtt;
 pub mod publish;
+pub mod rollout;
 pub mod view;
 
 use std::collections::HashMap;
@@ -339,6 +342,7 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
     tasks.spawn(ingest::ingest_task(ctx.clone(), tx_rx, stop.clone()));
     tasks.spawn(publish::publisher_task(ctx.clone(), conn_rx, stop.clone()));
     tasks.spawn(qr_relay_task(ctx.clone(), qr_rx, stop.clone()));
+    tasks.spawn(rollout::driver_task(ctx.clone(), stop.clone()));
     tasks.spawn(register_seeds(ctx, stop.clone()));
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {

@@ -4,21 +4,24 @@
 //! and publishes everything afresh: `state` `{leader_node, term, since}`, each kind's current
 //! package as chunks and then its pointer (chunks first, pointer last, so a gate that sees the
 //! pointer finds every chunk), and `mode`. Afterwards it follows the state machine: every
-//! [`POLL`] it checks the last applied log id and, when it moved, publishes what changed. When a
-//! kind's version moves on, the old version's chunks are cleared (empty retained payloads); on
-//! the first pass of a leadership the chunks of stored but superseded versions are cleared too.
+//! [`POLL`] it checks the last applied log id and, when it moved, publishes what changed. Which
+//! version each pointer names follows the kind's staged rollout (per-gate overrides for the
+//! canaries, the station pointer for all; see [`crate::state::RolloutBook`]), or the latest stored
+//! version when the kind has none. Chunks no pointer names any more are cleared (empty retained
+//! payloads); on the first pass of a leadership the chunks of stored but unreferenced versions
+//! and the overrides of registered gates that should have none are cleared too.
 //!
 //! The `mode` message carries a `version` that grows with every change (the millisecond time of
 //! the change, or one more than the previous version if that is larger), so a gate ignores a
 //! stale retained one; an emergency release reaches the broker within one
 //! [`POLL`] of being applied here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use afc_domain::mode::ModeBits;
-use afc_domain::model::{ParamKind, StationCode, Timestamp};
+use afc_domain::model::{Ident, ParamKind, StationCode, Timestamp};
 use afc_domain::package::{self, Package, MAX_CHUNK_BYTES};
 use afc_domain::topic::{filters, Topic};
 use afc_domain::wire::{self, LeaderState, ModeMessage, ParamPointer, StationState as StateMsg};
@@ -36,11 +39,15 @@ pub const POLL: Duration = Duration::from_millis(50);
 /// What this session has published.
 #[derive(Default)]
 struct Published {
-    /// Per kind: the version whose pointer is out, and its chunk count.
-    params: BTreeMap<ParamKind, (u64, u32)>,
+    /// Per kind: the version whose station pointer is out.
+    params: BTreeMap<ParamKind, u64>,
+    /// Per-gate pointer overrides out (canaries), by kind and gate.
+    overrides: BTreeMap<(ParamKind, Ident), u64>,
+    /// Versions whose chunks are out, with the pointer that describes them.
+    chunks: BTreeMap<(ParamKind, u64), ParamPointer>,
     /// The mode message last published.
     mode: Option<ModeMessage>,
-    /// Superseded versions were cleared in this session.
+    /// Superseded versions and stale overrides were cleared in this session.
     swept: bool,
 }
 
@@ -61,6 +68,8 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
                 ctx.publish(Topic::State { station: ctx.station.clone() }.to_string(), true, wire::encode(&state)).await;
                 // The broker may have lost its retained messages (an embedded broker restarts empty).
                 published.params.clear();
+                published.overrides.clear();
+                published.chunks.clear();
                 published.mode = None;
                 seen_applied = None;
             }
@@ -104,42 +113,101 @@ async fn sync(ctx: &Ctx, state: &StationState, published: &mut Published) {
             .await;
         published.mode = Some(mode);
     }
-    for (name, held) in &state.packages {
-        let Some(kind) = ParamKind::parse(name) else { continue };
-        let current = held.current();
-        if current == 0 {
-            continue;
-        }
-        if !published.swept {
-            for old in held.versions.iter().filter(|v| **v != current) {
-                if let Ok(Some(bytes)) = ctx.node.sm.package(kind, *old) {
-                    let chunks = package::split(&bytes, MAX_CHUNK_BYTES).len() as u32;
-                    clear_chunks(ctx, kind, *old, chunks).await;
-                }
-            }
-        }
-        if published.params.get(&kind).map(|(v, _)| *v) == Some(current) {
-            continue;
-        }
-        let Some(chunks) = publish_package(ctx, kind, current).await else { continue };
-        if let Some((old, old_chunks)) = published.params.insert(kind, (current, chunks)) {
-            if old != current {
-                clear_chunks(ctx, kind, old, old_chunks).await;
-            }
-        }
-        if let Ok(mut b) = ctx.board.write() {
-            b.set_desired(kind, current);
-        }
+    for kind in ParamKind::ALL {
+        sync_kind(ctx, state, kind, published).await;
     }
     published.swept = true;
 }
 
-/// Chunks, then the pointer, of one stored package. Returns the chunk count.
-async fn publish_package(ctx: &Ctx, kind: ParamKind, version: u64) -> Option<u32> {
+/// One kind's pointers (SPEC §4, §5): the station pointer and the canaries' overrides follow the
+/// kind's rollout stage ([`crate::state::RolloutBook`]), or the latest stored version when the
+/// kind has no rollout. Chunks go out before any pointer naming them; overrides are cleared
+/// before the station pointer moves (a gate then follows the station pointer); chunks no pointer
+/// names any more are cleared last.
+async fn sync_kind(ctx: &Ctx, state: &StationState, kind: ParamKind, published: &mut Published) {
+    let held = state.packages.get(kind.as_str());
+    let stored = held.map(|h| h.current()).filter(|v| *v > 0);
+    let station = state.rollouts.station_version(kind, stored);
+    let overrides: BTreeMap<Ident, u64> = state.rollouts.overrides(kind).into_iter().collect();
+    let referenced: BTreeSet<u64> = station.into_iter().chain(overrides.values().copied()).collect();
+    if !published.swept {
+        // A previous leader may have left chunks of superseded versions and overrides retained.
+        for old in held.iter().flat_map(|h| h.versions.iter()).filter(|v| !referenced.contains(v)) {
+            if let Ok(Some(bytes)) = ctx.node.sm.package(kind, *old) {
+                let chunks = package::split(&bytes, MAX_CHUNK_BYTES).len() as u32;
+                clear_chunks(ctx, kind, *old, chunks).await;
+            }
+        }
+        for gate in state.gates.keys() {
+            if !overrides.contains_key(gate) {
+                let t = Topic::GateParamCurrent { station: ctx.station.clone(), gate: gate.clone(), kind };
+                ctx.publish(t.to_string(), true, Vec::new()).await;
+            }
+        }
+    }
+    for v in &referenced {
+        if let std::collections::btree_map::Entry::Vacant(slot) = published.chunks.entry((kind, *v)) {
+            if let Some(pointer) = publish_chunks(ctx, kind, *v).await {
+                slot.insert(pointer);
+            }
+        }
+    }
+    // Overrides no longer wanted, then new ones, then the station pointer.
+    let stale: Vec<Ident> = published
+        .overrides
+        .keys()
+        .filter(|(k, g)| *k == kind && !overrides.contains_key(g))
+        .map(|(_, g)| g.clone())
+        .collect();
+    for gate in stale {
+        let t = Topic::GateParamCurrent { station: ctx.station.clone(), gate: gate.clone(), kind };
+        ctx.publish(t.to_string(), true, Vec::new()).await;
+        published.overrides.remove(&(kind, gate));
+    }
+    for (gate, v) in &overrides {
+        if published.overrides.get(&(kind, gate.clone())) == Some(v) {
+            continue;
+        }
+        let Some(pointer) = published.chunks.get(&(kind, *v)) else { continue };
+        let t = Topic::GateParamCurrent { station: ctx.station.clone(), gate: gate.clone(), kind };
+        ctx.publish(t.to_string(), true, wire::encode(pointer)).await;
+        tracing::info!(%kind, version = v, %gate, "canary override published");
+        published.overrides.insert((kind, gate.clone()), *v);
+    }
+    if let Some(v) = station {
+        if published.params.get(&kind) != Some(&v) {
+            if let Some(pointer) = published.chunks.get(&(kind, v)) {
+                let t = Topic::ParamCurrent { station: ctx.station.clone(), kind };
+                ctx.publish(t.to_string(), true, wire::encode(pointer)).await;
+                tracing::info!(%kind, version = v, chunks = pointer.chunks, "station pointer published");
+                published.params.insert(kind, v);
+            }
+        }
+    }
+    let unreferenced: Vec<(u64, u32)> = published
+        .chunks
+        .iter()
+        .filter(|((k, v), _)| *k == kind && !referenced.contains(v))
+        .map(|((_, v), p)| (*v, p.chunks))
+        .collect();
+    for (v, chunks) in unreferenced {
+        clear_chunks(ctx, kind, v, chunks).await;
+        published.chunks.remove(&(kind, v));
+    }
+    if let Ok(mut b) = ctx.board.write() {
+        if let Some(v) = station {
+            b.set_desired(kind, v);
+        }
+        b.set_overrides(kind, overrides);
+    }
+}
+
+/// The chunks of one stored package; returns the pointer that describes them.
+async fn publish_chunks(ctx: &Ctx, kind: ParamKind, version: u64) -> Option<ParamPointer> {
     let bytes = match ctx.node.sm.package(kind, version) {
         Ok(Some(b)) => b,
         Ok(None) => {
-            tracing::error!(%kind, version, "current package missing from the store");
+            tracing::error!(%kind, version, "package to publish is missing from the store");
             return None;
         }
         Err(e) => {
@@ -160,17 +228,14 @@ async fn publish_package(ctx: &Ctx, kind: ParamKind, version: u64) -> Option<u32
         let t = Topic::ParamChunk { station: ctx.station.clone(), kind, version, chunk: i as u32 };
         ctx.publish(t.to_string(), true, chunk).await;
     }
-    let pointer = ParamPointer {
+    tracing::info!(%kind, version, chunks = count, size = bytes.len(), "package chunks published");
+    Some(ParamPointer {
         version,
         sha256: hex::encode(package::package_sha256(&bytes)),
         size: bytes.len() as u64,
         chunks: count,
         effective_from,
-    };
-    let t = Topic::ParamCurrent { station: ctx.station.clone(), kind };
-    ctx.publish(t.to_string(), true, wire::encode(&pointer)).await;
-    tracing::info!(%kind, version, chunks = count, size = bytes.len(), "package published");
-    Some(count)
+    })
 }
 
 /// Empty retained payloads: the broker forgets the chunks of a version no longer referenced.

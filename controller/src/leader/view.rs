@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use afc_domain::model::{Ident, ParamKind, Timestamp};
+use afc_domain::rollout::{GateObservation, Observations};
 use afc_domain::wire::{
     AlarmKind, GateCounters, GateDirection, GateEvent, GateStatus, Heartbeat, KindVersions, ParamState,
     ParamsAck,
@@ -90,6 +91,8 @@ impl GateView {
 pub struct Board {
     gates: BTreeMap<Ident, GateView>,
     desired: BTreeMap<ParamKind, u64>,
+    /// Per kind, the canaries' override versions (they want these instead of `desired`).
+    overrides: BTreeMap<ParamKind, BTreeMap<Ident, u64>>,
 }
 
 impl Board {
@@ -104,6 +107,10 @@ impl Board {
 
     pub fn set_desired(&mut self, kind: ParamKind, version: u64) {
         self.desired.insert(kind, version);
+    }
+
+    pub fn set_overrides(&mut self, kind: ParamKind, overrides: BTreeMap<Ident, u64>) {
+        self.overrides.insert(kind, overrides);
     }
 
     pub fn on_status(&mut self, gate: &Ident, status: GateStatus) {
@@ -177,6 +184,43 @@ impl Board {
         v.recent_events.push_back(ev);
     }
 
+    /// What the gates report, as the rollout state machine reads it.
+    pub fn observations(&self) -> Observations {
+        let gates = self
+            .gates
+            .iter()
+            .map(|(id, v)| {
+                let versions = v
+                    .versions_reported
+                    .iter()
+                    .map(|(k, r)| {
+                        (
+                            *k,
+                            KindVersions {
+                                active: r.active,
+                                pending: r.pending,
+                                pending_effective_from: None,
+                            },
+                        )
+                    })
+                    .collect();
+                let rejected = v
+                    .versions_reported
+                    .iter()
+                    .filter_map(|(k, r)| r.rejected.as_ref().map(|(v, _)| (*k, *v)))
+                    .collect();
+                let obs = GateObservation {
+                    online: v.online,
+                    versions,
+                    rejected,
+                    counters: v.last_heartbeat.map(|_| v.counters),
+                };
+                (id.clone(), obs)
+            })
+            .collect();
+        Observations { gates }
+    }
+
     /// Every gate, with the desired versions and drift filled in.
     pub fn snapshot(&self) -> Vec<GateView> {
         self.gates.values().map(|v| self.complete(v)).collect()
@@ -189,7 +233,12 @@ impl Board {
     fn complete(&self, v: &GateView) -> GateView {
         let mut v = v.clone();
         v.versions_desired = self.desired.clone();
-        v.drift = self.desired.iter().any(|(kind, want)| {
+        for (kind, o) in &self.overrides {
+            if let Some(want) = o.get(&v.gate) {
+                v.versions_desired.insert(*kind, *want);
+            }
+        }
+        v.drift = v.versions_desired.iter().any(|(kind, want)| {
             let r = v.versions_reported.get(kind);
             r.is_none_or(|r| r.active != Some(*want) && r.pending != Some(*want))
         });

@@ -82,6 +82,21 @@ impl LedgerRead for TreeReader<'_> {
         let v = self.0.get(keys::ledger(index)).map_err(|e| ReadError::Storage(e.to_string()))?;
         v.map(|v| decode_ledger_entry(index, &v)).transpose()
     }
+
+    fn package_piece(&self, upload: u64, index: u32) -> Result<Option<Vec<u8>>, ReadError> {
+        let v = self.0.get(keys::piece(upload, index)).map_err(|e| ReadError::Storage(e.to_string()))?;
+        Ok(v.map(|v| v.to_vec()))
+    }
+}
+
+/// Whether applying `req` may delete items (a snapshot build must not see that half done).
+fn may_delete(req: &Request) -> bool {
+    matches!(req, Request::Prune { .. } | Request::PutPackagePiece { .. } | Request::CommitPackage { .. })
+}
+
+/// Whether applying `req` reads items written earlier in the same batch.
+fn reads_items(req: &Request) -> bool {
+    matches!(req, Request::Prune { .. } | Request::CommitPackage { .. })
 }
 
 /// The index in a ledger item's key.
@@ -217,8 +232,7 @@ impl StateMachineStore {
 
     async fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<Response>, StoreError> {
         let _w = self.inner.writer.lock().await;
-        let deletes =
-            entries.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(Request::Prune { .. })));
+        let deletes = entries.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(r) if may_delete(r)));
         let _gate = if deletes { Some(self.inner.delete_gate.write().await) } else { None };
         let (tree, mut state) = {
             let live = self.inner.live.read().map_err(lock_err)?;
@@ -239,8 +253,9 @@ impl StateMachineStore {
                     Response::None
                 }
                 EntryPayload::Normal(req) => {
-                    if matches!(req, Request::Prune { .. }) && !writes.is_empty() {
-                        // Prune reads entries; make this batch's earlier writes visible first.
+                    if reads_items(&req) && !writes.is_empty() {
+                        // Prune and CommitPackage read items; make this batch's earlier writes
+                        // visible first.
                         // Safe on a crash: the state key is not written yet, so the whole batch
                         // is re-applied from the log and rewrites the same items.
                         tree.apply_batch(to_batch(std::mem::take(&mut writes)))?;
@@ -370,6 +385,15 @@ fn write_snapshot_file(
     for (from, to) in ranges {
         for kv in tree.range(from..to) {
             let (k, v) = kv?;
+            w.item(&k, &v)?;
+        }
+    }
+    for (upload, u) in &s.uploads {
+        for index in 0..u.pieces {
+            let k = keys::piece(*upload, index);
+            let v = tree
+                .get(k)?
+                .ok_or_else(|| StoreError::Corrupt(format!("piece {index} of upload {upload} missing")))?;
             w.item(&k, &v)?;
         }
     }

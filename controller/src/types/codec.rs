@@ -8,13 +8,15 @@
 //! Entry layout: `FORMAT ‖ term u64 ‖ leader u64 ‖ index u64 ‖ kind u8 ‖ body`, numbers
 //! little-endian; `kind` is [`KIND_BLANK`] (no body), [`KIND_MEMBERSHIP`] or [`KIND_JSON`] (the
 //! membership or [`Request`] as JSON), or [`KIND_TX_BATCH`]: `str station ‖ str gate ‖
-//! str signature ‖ u32 count ‖ (u32 len ‖ canonical record)*`, where `str` is `u32 len ‖ UTF-8`.
+//! str signature ‖ u32 count ‖ (u32 len ‖ canonical record)*`, where `str` is `u32 len ‖ UTF-8`, or
+//! [`KIND_PACKAGE_PIECE`]: `upload u64 ‖ index u32 ‖ at i64 ‖ u32 len ‖ bytes` (a package piece as
+//! raw bytes: base64 in JSON would make the largest entries a third larger and slow to encode).
 //!
 //! Append RPC layout: `FORMAT ‖ u32 len ‖ JSON {vote, prev_log_id, leader_commit} ‖ u32 count ‖
 //! (u32 len ‖ entry)*`.
 
 use afc_domain::ledger::{LedgerError, TxRecord};
-use afc_domain::model::Ident;
+use afc_domain::model::{Ident, Timestamp};
 use openraft::raft::AppendEntriesRequest;
 use openraft::{CommittedLeaderId, EntryPayload};
 use serde::{Deserialize, Serialize};
@@ -28,6 +30,7 @@ pub const KIND_BLANK: u8 = 0;
 pub const KIND_MEMBERSHIP: u8 = 1;
 pub const KIND_JSON: u8 = 2;
 pub const KIND_TX_BATCH: u8 = 3;
+pub const KIND_PACKAGE_PIECE: u8 = 4;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,13 @@ pub fn encode_entry_into(entry: &Entry, out: &mut Vec<u8>) -> Result<(), CodecEr
                 put_bytes(out, &r.canonical_bytes())?;
             }
         }
+        EntryPayload::Normal(Request::PutPackagePiece { upload, index, at, bytes }) => {
+            out.push(KIND_PACKAGE_PIECE);
+            out.extend_from_slice(&upload.to_le_bytes());
+            out.extend_from_slice(&index.to_le_bytes());
+            out.extend_from_slice(&at.millis().to_le_bytes());
+            put_bytes(out, bytes)?;
+        }
         EntryPayload::Normal(req) => {
             out.push(KIND_JSON);
             serde_json::to_writer(&mut *out, req)?;
@@ -178,6 +188,13 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
                 records.push(TxRecord::from_canonical(r.bytes()?)?);
             }
             EntryPayload::Normal(Request::AppendTxBatch { station, gate, records, signature })
+        }
+        KIND_PACKAGE_PIECE => {
+            let upload = r.u64()?;
+            let index = u32::from_le_bytes(r.array()?);
+            let at = Timestamp(i64::from_le_bytes(r.array()?));
+            let bytes = r.bytes()?.to_vec();
+            EntryPayload::Normal(Request::PutPackagePiece { upload, index, at, bytes })
         }
         k => return Err(CodecError::UnknownKind(k)),
     };

@@ -32,7 +32,15 @@ pub struct ApiNode {
     _dir: tempfile::TempDir,
 }
 
-fn sha(t: &str) -> String {
+/// Every token of the API tests: (name, role, token).
+pub const TOKENS: [(&str, &str, &str); 4] = [
+    ("vera", "viewer", VIEWER),
+    ("otto", "operator", OPERATOR),
+    ("emma", "engineer", ENGINEER),
+    ("erik", "engineer", ENGINEER2),
+];
+
+pub fn sha(t: &str) -> String {
     hex::encode(Sha256::digest(t.as_bytes()))
 }
 
@@ -45,15 +53,12 @@ impl ApiNode {
         let raft = raft_l.local_addr().unwrap().to_string();
         let api = api_l.local_addr().unwrap().to_string();
         std::fs::write(dir.path().join("signing.key"), hex::encode(SIGNING_SEED)).unwrap();
-        let tokens: String = [
-            ("vera", "viewer", VIEWER),
-            ("otto", "operator", OPERATOR),
-            ("emma", "engineer", ENGINEER),
-            ("erik", "engineer", ENGINEER2),
-        ]
-        .iter()
-        .map(|(n, r, t)| format!("[[api.tokens]]\nname = \"{n}\"\nrole = \"{r}\"\nsha256 = \"{}\"\n", sha(t)))
-        .collect();
+        let tokens: String = TOKENS
+            .iter()
+            .map(|(n, r, t)| {
+                format!("[[api.tokens]]\nname = \"{n}\"\nrole = \"{r}\"\nsha256 = \"{}\"\n", sha(t))
+            })
+            .collect();
         let toml = format!(
             r#"node_id = 1
 station = "s1"
@@ -344,7 +349,7 @@ async fn mode_changes_and_emergency_release_are_audited_with_who_and_why() {
     n.stop().await;
 }
 
-fn small_network() -> Value {
+pub fn small_network() -> Value {
     json!({
         "name": "test line",
         "stations": [
@@ -358,7 +363,7 @@ fn small_network() -> Value {
     })
 }
 
-fn dalian_rule() -> Value {
+pub fn dalian_rule() -> Value {
     json!({
         "name": "Dalian 2024",
         "bands": [{"up_to_m": 6000, "fare_fen": 200}, {"up_to_m": 12000, "fare_fen": 300}, {"up_to_m": 18000, "fare_fen": 400}],
@@ -454,6 +459,93 @@ async fn a_mass_blacklist_insertion_waits_for_a_second_engineer() {
         ("emma", "parameters.blacklist"),
     ];
     assert_eq!(lines, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_of_a_mass_blacklist_insertion_waits_for_another_engineer_and_every_step_is_audited() {
+    let n = ApiNode::start(true).await;
+    let full = json!({"full": [{"media": "svc", "first": 1_000_000, "last": 1_000_999}], "reason": "clearing list 42"});
+    let (s, v) = n.call(Method::POST, "/api/v1/parameters/blacklist", Some(ENGINEER), Some(full)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let path = format!("/api/v1/parameters/blacklist/pending/{}/confirm", v["pending_id"]);
+    let (s, v) = n.call(Method::POST, &path, Some(ENGINEER2), Some(json!({"reason": "checked"}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["rollout"], json!({"requested": true, "held_for_confirmation": false}), "{v}");
+    let status = n.get("/api/v1/rollouts", VIEWER).await;
+    let c = &status["requests"]["blacklist"]["confirmation"];
+    assert_eq!(
+        (c["requested_by"].as_str(), c["confirmed_by"].as_str()),
+        (Some("emma"), Some("erik")),
+        "{status}"
+    );
+
+    // Started again by hand: held until an engineer other than the starter confirms.
+    let start = json!({"kind": "blacklist", "version": 1, "reason": "restart"});
+    let (s, v) = n.call(Method::POST, "/api/v1/rollouts", Some(ENGINEER), Some(start)).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::ACCEPTED, Some("confirmation_required")), "{v}");
+    let confirm = "/api/v1/rollouts/blacklist/confirm";
+    let why = json!({"reason": "looked at it"});
+    let (s, v) = n.call(Method::POST, confirm, Some(ENGINEER), Some(why.clone())).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_confirmer_required")), "{v}");
+    let (s, v) = n.call(Method::POST, confirm, Some(OPERATOR), Some(why.clone())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "an operator may not confirm: {v}");
+    let (s, v) = n.call(Method::POST, confirm, Some(ENGINEER2), Some(why.clone())).await;
+    assert_eq!((s, &v), (StatusCode::OK, &json!({"kind": "blacklist", "version": 1})));
+    let (s, v) = n.call(Method::POST, confirm, Some(ENGINEER2), Some(why.clone())).await;
+    assert_eq!(s, StatusCode::CONFLICT, "confirmed once: {v}");
+
+    // Bad input gets a clear error.
+    let (s, v) = n
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(ENGINEER),
+            Some(json!({"kind": "fare_table", "version": 9, "reason": "x"})),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{v}");
+    let (s, v) = n
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(ENGINEER),
+            Some(json!({"kind": "tariff", "version": 1, "reason": "x"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, _) =
+        n.call(Method::POST, "/api/v1/rollouts", Some(ENGINEER), Some(json!({"kind": "blacklist"}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // Abort drops the request not started yet; there is then nothing to abort.
+    let abort = "/api/v1/rollouts/blacklist/abort";
+    let (s, v) = n.call(Method::POST, abort, Some(ENGINEER), Some(json!({"reason": "wrong list"}))).await;
+    assert_eq!((s, &v), (StatusCode::OK, &json!({"kind": "blacklist", "dropped_request": true})));
+    let (s, v) = n.call(Method::POST, abort, Some(ENGINEER), Some(json!({"reason": "again"}))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+
+    let audit = n.get("/api/v1/audit", VIEWER).await;
+    let actions: Vec<(String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["actor"].as_str().unwrap().into(), a["action"].as_str().unwrap().into()))
+        .filter(|(_, a): &(String, String)| a.starts_with("rollouts."))
+        .collect();
+    let want = [
+        ("emma", "rollouts.start"),
+        ("emma", "rollouts.confirm"),
+        ("erik", "rollouts.confirm"),
+        ("erik", "rollouts.confirm"),
+        ("emma", "rollouts.abort"),
+        ("emma", "rollouts.abort"),
+    ];
+    assert_eq!(
+        actions,
+        want.map(|(a, b)| (a.to_owned(), b.to_owned())),
+        "audit lines precede each write, refused or not"
+    );
     n.stop().await;
 }
 

@@ -35,3 +35,35 @@ fn a_config_without_a_secret_or_with_an_unknown_field_is_refused() {
     std::fs::write(dir.path().join("b.toml"), format!("typo_field = 1\n{text}")).unwrap();
     assert!(Config::load(&dir.path().join("b.toml")).is_err());
 }
+
+#[test]
+fn the_rollout_policy_is_read_from_the_config_and_nonsense_values_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef-secret\n").unwrap();
+    let text = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("/etc/afc/cluster-secret", secret.to_str().unwrap());
+    let load = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    };
+    let cfg = load("ok.toml", &text).unwrap();
+    assert_eq!(cfg.rollout.canary_gates.len(), 1);
+    assert_eq!(cfg.rollout.soak_ms, 1_800_000);
+    for (name, from, to) in [
+        ("soak.toml", "soak_ms = 1800000", "soak_ms = -5"),
+        ("ppm.toml", "max_canary_reject_ppm = 200000", "max_canary_reject_ppm = 2000000"),
+        ("canary.toml", "canary_gates = [\"g01\"]\ncanary_count = 1", "canary_gates = []\ncanary_count = 0"),
+        (
+            "feedkey.toml",
+            "# feed_key = \"<64 hex characters: clearing's feed public key>\"",
+            "feed_key = \"abc\"",
+        ),
+    ] {
+        assert!(text.contains(from), "{name}: the example has {from:?}");
+        let err = load(name, &text.replace(from, to)).unwrap_err().to_string();
+        assert!(err.contains("rollout") || err.contains("feed_key"), "{name}: {err}");
+    }
+}

@@ -153,6 +153,18 @@ async fn an_operator_logs_in_sees_the_gates_and_sets_emergency_release_with_conf
     assert_eq!(mode["history"][0]["actor"], "otto");
     assert_eq!(mode["history"][0]["reason"], "fire alarm at exit B");
 
+    // A parameter upload shows its rollout (this node runs no leader duties: it stays requested).
+    let upload = json!({"full": [{"media": "svc", "id": 7}], "reason": "stolen card"});
+    let (s, v) = n
+        .call(reqwest::Method::POST, "/api/v1/parameters/blacklist", Some(crate::api::ENGINEER), Some(upload))
+        .await;
+    assert_eq!(s, reqwest::StatusCode::OK, "{v}");
+    d.wait_for(
+        "the blacklist rollout in the parameters table",
+        "return [...document.querySelectorAll('#params td.rollout')].some((td) => td.textContent === 'v1 requested')",
+    )
+    .await;
+
     let png = d.cmd("GET", "/screenshot", Value::Null).await;
     let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
     assert_eq!(&bytes[1..4], b"PNG");

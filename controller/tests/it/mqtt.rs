@@ -26,7 +26,7 @@ use crate::common::*;
 use crate::harness::*;
 
 /// Starts the embedded broker on a free port and waits until it accepts connections.
-async fn start_broker() -> u16 {
+pub async fn start_broker() -> u16 {
     let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     controller::leader::broker::start(addr, 4 * 1024 * 1024).unwrap();
@@ -359,6 +359,7 @@ async fn single_node(
         api: Default::default(),
         clearing: Default::default(),
         tls: None,
+        rollout: Default::default(),
         cluster_secret: SECRET.into(),
     };
     let node = controller::node::Node::start(std::sync::Arc::new(cfg)).await.unwrap();

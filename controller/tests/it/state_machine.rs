@@ -19,6 +19,10 @@ impl LedgerRead for Items {
     fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError> {
         Ok(self.0.get(keys::ledger(index).as_slice()).map(|v| decode_ledger_entry(index, v).unwrap()))
     }
+
+    fn package_piece(&self, upload: u64, index: u32) -> Result<Option<Vec<u8>>, ReadError> {
+        Ok(self.0.get(keys::piece(upload, index).as_slice()).cloned())
+    }
 }
 
 impl Items {
@@ -237,9 +241,278 @@ fn every_request_round_trips_through_json() {
         Request::ClearingAck { through_index: 9 },
         Request::Audit { actor: "a".into(), action: "b".into(), detail: "c".into(), at: Timestamp(1) },
         Request::Prune { before: Timestamp(77) },
+        Request::PutPackagePiece { upload: 3, index: 1, at: Timestamp(2), bytes: vec![9, 8, 7] },
+        Request::CommitPackage {
+            upload: 3,
+            kind: ParamKind::Blacklist,
+            version: 2,
+            pieces: 2,
+            size: 6,
+            sha256: [4; 32],
+        },
     ];
     for r in reqs {
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r, "{json}");
     }
+}
+
+/// A signed package of `kind`/`version` with a body of `len` pseudo-random bytes, cut in pieces.
+fn package_in_pieces(kind: ParamKind, version: u64, len: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let body: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let pkg = afc_domain::package::Package::sign(kind, version, Timestamp(1), body, 1, &key).encode();
+    let pieces = pkg.chunks(controller::state::PACKAGE_PIECE_BYTES).map(<[u8]>::to_vec).collect();
+    (pkg, pieces)
+}
+
+fn piece(upload: u64, index: u32, at: i64, bytes: &[u8]) -> Request {
+    Request::PutPackagePiece { upload, index, at: Timestamp(at), bytes: bytes.to_vec() }
+}
+
+fn commit(upload: u64, kind: ParamKind, version: u64, pkg: &[u8], pieces: usize) -> Request {
+    Request::CommitPackage {
+        upload,
+        kind,
+        version,
+        pieces: pieces as u32,
+        size: pkg.len() as u64,
+        sha256: sha2::Sha256::digest(pkg).into(),
+    }
+}
+
+use sha2::Digest;
+
+fn pieces_held(items: &Items) -> usize {
+    items.0.keys().filter(|k| k[0] == keys::PIECE_PREFIX).count()
+}
+
+#[test]
+fn a_package_sent_in_pieces_is_assembled_stored_and_its_pieces_deleted_and_a_repeat_changes_nothing() {
+    let (mut st, mut items) = setup();
+    let kind = ParamKind::Blacklist;
+    let (pkg, pieces) = package_in_pieces(kind, 1, 600_000);
+    assert_eq!(pieces.len(), 5);
+    for (i, p) in pieces.iter().enumerate() {
+        let r = items.apply(&mut st, &piece(9, i as u32, 10, p));
+        assert_eq!(r, Response::PieceStored { upload: 9, received: i as u32 + 1 });
+    }
+    // A retried piece is a no-op.
+    assert_eq!(
+        items.apply(&mut st, &piece(9, 1, 11, &pieces[1])),
+        Response::PieceStored { upload: 9, received: 5 }
+    );
+    assert_eq!(pieces_held(&items), 5);
+    let c = commit(9, kind, 1, &pkg, pieces.len());
+    let r = items.apply(&mut st, &c);
+    assert!(matches!(r, Response::PackageStored { version: 1, .. }), "{r:?}");
+    assert_eq!(items.0.get(keys::package(kind, 1).as_slice()), Some(&pkg));
+    assert_eq!(pieces_held(&items), 0);
+    assert!(st.uploads.is_empty());
+    // The commit proposed again (a client retry after a lost answer): same answer, nothing new.
+    let before = items.0.clone();
+    assert_eq!(items.apply(&mut st, &c), r);
+    assert_eq!(items.0, before);
+}
+
+#[test]
+fn a_bad_upload_is_refused_with_a_reason_and_leaves_no_pieces_behind() {
+    let kind = ParamKind::Blacklist;
+    let (pkg, pieces) = package_in_pieces(kind, 1, 300_000);
+    let upload = |items: &mut Items, st: &mut StationState, id: u64| {
+        for (i, p) in pieces.iter().enumerate() {
+            items.apply(st, &piece(id, i as u32, 10, p));
+        }
+    };
+    type Expected = fn(&Rejection) -> bool;
+    let cases: Vec<(&str, Request, Expected)> = vec![
+        (
+            "wrong hash",
+            {
+                let mut c = commit(1, kind, 1, &pkg, pieces.len());
+                if let Request::CommitPackage { sha256, .. } = &mut c {
+                    sha256[0] ^= 1;
+                }
+                c
+            },
+            |r| matches!(r, Rejection::UploadHashMismatch { .. }),
+        ),
+        ("wrong version", commit(1, kind, 2, &pkg, pieces.len()), |r| {
+            matches!(r, Rejection::InvalidPackage { .. })
+        }),
+        ("wrong kind", commit(1, ParamKind::FareTable, 1, &pkg, pieces.len()), |r| {
+            matches!(r, Rejection::InvalidPackage { .. })
+        }),
+        ("a piece short", commit(1, kind, 1, &pkg, pieces.len() + 1), |r| {
+            matches!(r, Rejection::UploadIncomplete { .. })
+        }),
+        ("unknown upload", commit(2, kind, 1, &pkg, pieces.len()), |r| {
+            matches!(r, Rejection::UnknownUpload { upload: 2 })
+        }),
+    ];
+    for (name, c, want) in cases {
+        let (mut st, mut items) = setup();
+        upload(&mut items, &mut st, 1);
+        match items.apply(&mut st, &c) {
+            Response::Rejected { rejection } => assert!(want(&rejection), "{name}: {rejection:?}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        assert!(st.packages.get(kind.as_str()).is_none_or(|p| p.versions.is_empty()), "{name}");
+        if name != "unknown upload" {
+            assert_eq!(pieces_held(&items), 0, "{name}: pieces deleted");
+        }
+    }
+    // Garbage bytes that hash right are still not a package.
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &piece(5, 0, 1, b"not a package"));
+    let r = items.apply(&mut st, &commit(5, kind, 1, b"not a package", 1));
+    assert!(matches!(r, Response::Rejected { rejection: Rejection::InvalidPackage { .. } }), "{r:?}");
+    // Out of order, unopened and oversized pieces.
+    let r = items.apply(&mut st, &piece(6, 1, 1, b"x"));
+    assert!(matches!(r, Response::Rejected { rejection: Rejection::UnknownUpload { upload: 6 } }), "{r:?}");
+    items.apply(&mut st, &piece(6, 0, 1, b"x"));
+    let r = items.apply(&mut st, &piece(6, 2, 1, b"x"));
+    assert!(
+        matches!(r, Response::Rejected { rejection: Rejection::PieceOutOfOrder { expected: 1, .. } }),
+        "{r:?}"
+    );
+    let big = vec![0u8; controller::state::MAX_PACKAGE_PIECE_BYTES + 1];
+    let r = items.apply(&mut st, &piece(6, 1, 1, &big));
+    assert!(matches!(r, Response::Rejected { rejection: Rejection::PieceTooLarge { .. } }), "{r:?}");
+}
+
+#[test]
+fn abandoned_uploads_are_bounded_in_number_and_expire() {
+    let (mut st, mut items) = setup();
+    let ttl = controller::state::UPLOAD_TTL_MS;
+    let max = controller::state::MAX_UPLOADS as u64;
+    for id in 1..=max + 2 {
+        items.apply(&mut st, &piece(id, 0, id as i64, &[1; 100]));
+        items.apply(&mut st, &piece(id, 1, id as i64, &[2; 100]));
+    }
+    assert_eq!(st.uploads.len() as u64, max, "the least recently touched made room");
+    assert!(!st.uploads.contains_key(&1) && !st.uploads.contains_key(&2));
+    assert_eq!(pieces_held(&items) as u64, 2 * max);
+    // Much later, a new upload clears every expired one.
+    items.apply(&mut st, &piece(100, 0, ttl + 1_000, &[3; 10]));
+    assert_eq!(st.uploads.keys().copied().collect::<Vec<_>>(), vec![100]);
+    assert_eq!(pieces_held(&items), 1);
+}
+
+fn rollout_request(version: u64, from: Option<u64>, confirmation: bool) -> Request {
+    use afc_domain::rollout::{RolloutPolicy, SecondConfirmation};
+    Request::RolloutRequest {
+        request: controller::state::RolloutStart {
+            kind: ParamKind::Blacklist,
+            to_version: version,
+            from_version: from,
+            effective_from: Timestamp(1),
+            policy: RolloutPolicy::default(),
+            by: "emma".into(),
+            at: Timestamp(1),
+            reason: "r".into(),
+            confirmation: confirmation.then(|| SecondConfirmation {
+                to_version: version,
+                added: 250_000,
+                requested_by: "emma".into(),
+                requested_at: Timestamp(1),
+                confirmed_by: None,
+                confirmed_at: None,
+            }),
+        },
+    }
+}
+
+fn rollout_code(r: &Response) -> String {
+    match r {
+        Response::Rejected { rejection: Rejection::Rollout { rollout_code, .. } } => rollout_code.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_held_mass_insertion_is_confirmed_only_by_another_operator_and_a_stale_rollout_step_loses_to_an_abort() {
+    use afc_domain::rollout::{Observations, Rollout, RolloutPolicy};
+    let (mut st, mut items) = setup();
+    let kind = ParamKind::Blacklist;
+    let r = items.apply(&mut st, &rollout_request(5, None, false));
+    assert!(
+        matches!(r, Response::Rejected { rejection: Rejection::UnknownVersion { version: 5, .. } }),
+        "{r:?}"
+    );
+    // The next version may be announced before it is stored.
+    let r = items.apply(&mut st, &rollout_request(1, None, true));
+    assert_eq!(r, Response::RolloutRequested { kind, version: 1, held: true });
+    assert_eq!(st.rollouts.station_version(kind, Some(1)), None, "no pointer before the rollout starts");
+    let confirm = |by: &str| Request::RolloutConfirm { kind, by: by.into(), at: Timestamp(2) };
+    assert_eq!(rollout_code(&items.apply(&mut st, &confirm("emma"))), "same_operator");
+    assert!(!st.rollouts.requests[&kind].ready());
+    assert_eq!(items.apply(&mut st, &confirm("erik")), Response::RolloutConfirmed { kind, version: 1 });
+    assert!(st.rollouts.requests[&kind].ready());
+    assert_eq!(rollout_code(&items.apply(&mut st, &confirm("otto"))), "already_confirmed");
+
+    // The leader starts it (compare and set against "no rollout"), an abort follows, and a step
+    // computed before the abort is refused.
+    let (started, _) = Rollout::start(
+        kind,
+        None,
+        1,
+        Timestamp(1),
+        &RolloutPolicy::default(),
+        Timestamp(3),
+        &Observations::default(),
+    )
+    .unwrap();
+    let start =
+        Request::RolloutUpdate { kind, previous: None, next: Box::new(started.clone()), started: true };
+    assert_eq!(items.apply(&mut st, &start), Response::RolloutUpdated { kind });
+    assert!(st.rollouts.requests.is_empty());
+    assert_eq!(st.rollouts.station_version(kind, Some(1)), Some(1), "a blacklist goes to every gate at once");
+    let abort = Request::RolloutAbort { kind, by: "erik".into(), at: Timestamp(4) };
+    assert_eq!(items.apply(&mut st, &abort), Response::RolloutAborted { kind, dropped_request: false });
+    let mut stale = started.clone();
+    stale.step(Timestamp(5), &Observations::default());
+    let step = Request::RolloutUpdate {
+        kind,
+        previous: Some(Box::new(started)),
+        next: Box::new(stale),
+        started: false,
+    };
+    assert!(matches!(
+        items.apply(&mut st, &step),
+        Response::Rejected { rejection: Rejection::RolloutChanged { .. } }
+    ));
+    assert_eq!(rollout_code(&items.apply(&mut st, &abort)), "already_rolled_back");
+    assert_eq!(
+        rollout_code(&items.apply(
+            &mut st,
+            &Request::RolloutAbort { kind: ParamKind::QrKeys, by: "e".into(), at: Timestamp(4) }
+        )),
+        "no_rollout"
+    );
+}
+
+#[test]
+fn prune_keeps_the_version_a_rollout_points_gates_at() {
+    use afc_domain::rollout::{Observations, Rollout, RolloutPolicy};
+    let (mut st, mut items) = setup();
+    let kind = ParamKind::Blacklist;
+    for v in 1..=3 {
+        items.apply(&mut st, &Request::PutPackage { kind, version: v, package: vec![v as u8] });
+    }
+    let (r, _) = Rollout::start(
+        kind,
+        None,
+        1,
+        Timestamp(1),
+        &RolloutPolicy::default(),
+        Timestamp(1),
+        &Observations::default(),
+    )
+    .unwrap();
+    items.apply(&mut st, &Request::RolloutUpdate { kind, previous: None, next: Box::new(r), started: false });
+    items.apply(&mut st, &Request::Prune { before: Timestamp(0) });
+    assert_eq!(st.packages[kind.as_str()].versions, vec![1, 3], "v1 is what gates run; v2 goes");
+    assert!(items.0.contains_key(keys::package(kind, 1).as_slice()));
+    assert!(!items.0.contains_key(keys::package(kind, 2).as_slice()));
 }

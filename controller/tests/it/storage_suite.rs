@@ -45,6 +45,15 @@ mod codec {
                 log_id: log_id(2, 3, 4),
                 payload: EntryPayload::Normal(batch("g01", &gate_key(1), 1..=5)),
             },
+            Entry {
+                log_id: log_id(2, 3, 5),
+                payload: EntryPayload::Normal(Request::PutPackagePiece {
+                    upload: 77,
+                    index: 2,
+                    at: afc_domain::model::Timestamp(1_800_000_000_000),
+                    bytes: (0..5000u32).map(|i| i as u8).collect(),
+                }),
+            },
         ]
     }
 

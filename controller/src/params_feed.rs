@@ -1,0 +1,235 @@
+//! Task `params-feed` (leader only): pulls clearing's signed parameter feed
+//! (`GET {clearing}/v1/stations/{station}/params?after=`, SPEC §8), verifies every item against the
+//! configured feed key, and turns a new network or fare rule into a fare table: compiled
+//! ([`afc_domain::network::compile`]), signed with the station key, stored through Raft, and rolled
+//! out automatically (the rollout is requested before the package is stored, as for an API upload).
+//!
+//! The feed cursor and the newest verified network and fare rule are replicated
+//! ([`Request::FeedAdvance`]), so a new leader goes on where the last one stopped; the pair last
+//! compiled is recorded after the package is stored ([`Request::FeedCompiled`]) — a leader that dies
+//! in between makes the next one compile the same pair again, under a newer version. An item that
+//! fails its signature, does not decode, or is of a kind this controller does not take from the
+//! feed (blacklists, QR keys: their versions follow clearing's numbering, not the station's) is
+//! refused, counted and logged, and the cursor moves past it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use afc_domain::model::{Ident, ParamKind, Timestamp};
+use afc_domain::network::{compile, FareRule, NetworkDescription};
+use afc_domain::package::Package;
+use clearing::protocol::{verify_feed_item, FeedKind};
+use clearing::{ClearingClient, ClientConfig};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use openraft::ServerState;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigError;
+use crate::node::Node;
+use crate::state::{FeedBody, Request, Response};
+
+const TASK: &str = "params-feed";
+/// Most feed items asked for at once.
+const PAGE: u64 = 100;
+
+struct Worker {
+    node: Arc<Node>,
+    client: ClearingClient,
+    station: Ident,
+    feed_key: (u32, VerifyingKey),
+    signing: (u32, SigningKey),
+    every: Duration,
+}
+
+/// Why one pull or compile did not finish (logged; retried on the next poll).
+#[derive(Debug, thiserror::Error)]
+enum FeedTaskError {
+    #[error("clearing: {0}")]
+    Clearing(String),
+    #[error("node: {0}")]
+    Node(#[from] crate::node::NodeError),
+    #[error("storage: {0}")]
+    Store(#[from] crate::storage::StoreError),
+    #[error("refused: {0:?}")]
+    Refused(Response),
+}
+
+/// Starts the task when `[clearing]` has a `url` and a `feed_key` and the API a signing key.
+pub fn start(
+    node: Arc<Node>,
+    stop: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ConfigError> {
+    let cfg = node.config.clearing.clone();
+    let (Some(url), Some(key_hex)) = (cfg.url.clone(), cfg.feed_key.clone()) else {
+        tracing::info!(task = TASK, "no clearing url or feed_key: the parameter feed is not pulled");
+        return Ok(None);
+    };
+    let key: [u8; 32] = hex::decode(key_hex.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ConfigError::Invalid("clearing.feed_key: expected 64 hex characters".into()))?;
+    let key = VerifyingKey::from_bytes(&key)
+        .map_err(|e| ConfigError::Invalid(format!("clearing.feed_key: {e}")))?;
+    let Some(signing_file) = node.config.api.signing_key_file.clone() else {
+        return Err(ConfigError::Invalid(
+            "clearing.feed_key needs api.signing_key_file (compiled fare tables are signed)".into(),
+        ));
+    };
+    let signing = (node.config.api.signing_key_id, crate::api::read_signing_key(&signing_file)?);
+    let client_cfg = ClientConfig {
+        connect_timeout: node.config.connect_timeout().max(Duration::from_secs(1)),
+        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+        upload_timeout: Duration::from_millis(cfg.upload_timeout_ms),
+    };
+    let client = ClearingClient::new(&url, &cfg.token()?, client_cfg)
+        .map_err(|e| ConfigError::Invalid(format!("clearing.url: {e}")))?;
+    let worker = Worker {
+        station: node.config.station.clone(),
+        node,
+        client,
+        feed_key: (cfg.feed_key_id, key),
+        signing,
+        every: Duration::from_millis(cfg.feed_poll_ms.max(50)),
+    };
+    Ok(Some(tokio::spawn(worker.run(stop))))
+}
+
+impl Worker {
+    async fn run(self, stop: CancellationToken) {
+        tracing::info!(task = TASK, "started");
+        let mut backoff = self.every;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            let leading = {
+                let m = self.node.raft.metrics();
+                let m = m.borrow();
+                m.state == ServerState::Leader && m.current_leader == Some(self.node.id)
+            };
+            if !leading {
+                backoff = self.every;
+                continue;
+            }
+            match self.poll().await {
+                Ok(()) => backoff = self.every,
+                Err(e) => {
+                    tracing::warn!(task = TASK, error = %e, "feed pull failed; backing off");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        tracing::info!(task = TASK, "stopped");
+    }
+
+    async fn poll(&self) -> Result<(), FeedTaskError> {
+        let after = self.node.sm.state()?.feed.after;
+        let page = self
+            .client
+            .params(&self.station, after)
+            .await
+            .map_err(|e| FeedTaskError::Clearing(e.to_string()))?;
+        let items: Vec<_> = page.items.into_iter().filter(|i| i.seq > after).take(PAGE as usize).collect();
+        if let Some(last) = items.last().map(|i| i.seq) {
+            let (mut network, mut fare_rule, mut refused) = (None, None, Vec::new());
+            for item in &items {
+                let (key_id, key) = &self.feed_key;
+                if let Err(e) = verify_feed_item(&self.station, item, *key_id, key) {
+                    refused.push(format!("item {}: {} ({})", item.seq, e, e.code()));
+                    continue;
+                }
+                let body = FeedBody {
+                    version: item.version,
+                    effective_from: item.effective_from,
+                    json: item.body.get().to_owned(),
+                };
+                match item.kind {
+                    FeedKind::Network => match serde_json::from_str::<NetworkDescription>(&body.json) {
+                        Ok(_) => network = Some(body),
+                        Err(e) => refused.push(format!("item {}: network does not decode: {e}", item.seq)),
+                    },
+                    FeedKind::FareRule => match serde_json::from_str::<FareRule>(&body.json) {
+                        Ok(_) => fare_rule = Some(body),
+                        Err(e) => refused.push(format!("item {}: fare rule does not decode: {e}", item.seq)),
+                    },
+                    other => refused.push(format!(
+                        "item {}: {} is not taken from the feed",
+                        item.seq,
+                        other.as_str()
+                    )),
+                }
+            }
+            for r in &refused {
+                tracing::warn!(task = TASK, refusal = %r, "feed item refused");
+            }
+            let req = Request::FeedAdvance { through: last, network, fare_rule, refused };
+            match self.node.write(req, 0).await? {
+                Response::FeedAdvanced { .. } => {}
+                other => return Err(FeedTaskError::Refused(other)),
+            }
+        }
+        self.compile_if_new().await
+    }
+
+    /// Compiles, stores and rolls out a fare table when the feed's pair changed.
+    async fn compile_if_new(&self) -> Result<(), FeedTaskError> {
+        let state = self.node.sm.state()?;
+        let Some((network, rule)) = state.feed.to_compile() else { return Ok(()) };
+        let (nv, rv) = (network.version, rule.version);
+        let compiled = serde_json::from_str::<NetworkDescription>(&network.json)
+            .map_err(|e| e.to_string())
+            .and_then(|n| {
+                serde_json::from_str::<FareRule>(&rule.json).map(|r| (n, r)).map_err(|e| e.to_string())
+            })
+            .and_then(|(n, r)| compile(&n, &r).map_err(|e| e.to_string()));
+        let table = match compiled {
+            Ok(t) => t,
+            Err(e) => {
+                // Not retried until the feed brings a new network or rule.
+                tracing::warn!(task = TASK, network = nv, fare_rule = rv, error = %e, "feed pair does not compile");
+                self.node
+                    .write(
+                        Request::FeedCompiled {
+                            network_version: nv,
+                            fare_rule_version: rv,
+                            fare_table_version: 0,
+                        },
+                        0,
+                    )
+                    .await?;
+                return Ok(());
+            }
+        };
+        let kind = ParamKind::FareTable;
+        let version = state.packages.get(kind.as_str()).map_or(0, |p| p.current()) + 1;
+        let effective_from = Timestamp(network.effective_from.millis().max(rule.effective_from.millis()));
+        let (key_id, key) = &self.signing;
+        let package = Package::sign(kind, version, effective_from, table.encode(), *key_id, key);
+        let why = format!("clearing feed: network v{nv}, fare rule v{rv}");
+        let audit = Request::Audit {
+            actor: TASK.into(),
+            action: "parameters.fare_table".into(),
+            detail: format!("fare_table v{version} from {why}"),
+            at: crate::api::now(),
+        };
+        self.node.write(audit, 0).await?;
+        let rollout = crate::api::rollouts::before_upload(&self.node, TASK, &package, &why, None).await;
+        match self.node.put_package(kind, version, &package.encode()).await? {
+            Response::PackageStored { .. } => {}
+            other => return Err(FeedTaskError::Refused(other)),
+        }
+        tracing::info!(task = TASK, version, network = nv, fare_rule = rv, %rollout, "fare table compiled from the feed");
+        self.node
+            .write(
+                Request::FeedCompiled {
+                    network_version: nv,
+                    fare_rule_version: rv,
+                    fare_table_version: version,
+                },
+                0,
+            )
+            .await?;
+        Ok(())
+    }
+}
