@@ -71,13 +71,25 @@ pub(crate) async fn driver_task(ctx: Arc<Ctx>, stop: CancellationToken) {
     }
     let mut tick = tokio::time::interval(STEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures: u32 = 0;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        if let Err(e) = step_once(&ctx, signing.as_ref()).await {
-            tracing::warn!(task = "rollout-driver", error = %e, "rollout step failed; retrying");
+        match step_once(&ctx, signing.as_ref()).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                // Back off (up to 30 s) so a step that cannot succeed (no signing key, a blacklist
+                // that cannot be rolled back by a delta) does not spin or flood the log.
+                let wait = STEP.saturating_mul(1 << failures.min(7)).min(Duration::from_secs(30));
+                tracing::warn!(task = "rollout-driver", error = %e, failures, retry_in = ?wait, "rollout step failed");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
         }
     }
     tracing::info!(task = "rollout-driver", "stopped");

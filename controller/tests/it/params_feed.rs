@@ -124,9 +124,13 @@ async fn a_network_and_fare_rule_from_the_clearing_feed_become_a_fare_table_with
 
     wait_for(c, &api, "/api/v1/parameters", "fare table v1 from the feed", |v| fare_table_current(v) == 1)
         .await;
-    let clearing = get(c, &api, "/api/v1/clearing").await;
+    // The pair is recorded as compiled right after the package is stored.
+    let clearing = wait_for(c, &api, "/api/v1/clearing", "the pair recorded", |v| {
+        v["feed"]["compiled_from"] == json!([1, 1])
+    })
+    .await;
     assert_eq!(clearing["feed"]["after"], 3, "{clearing}");
-    assert_eq!(clearing["feed"]["compiled_from"], json!([1, 1]), "{clearing}");
+    assert_eq!(clearing["feed"]["last_fare_table"], 1, "{clearing}");
     assert_eq!(clearing["feed"]["refused"], 1, "the blacklist item: {clearing}");
     assert!(clearing["feed"]["last_refusal"].as_str().unwrap().contains("blacklist_full"), "{clearing}");
     let rollouts = get(c, &api, "/api/v1/rollouts").await;
@@ -142,8 +146,10 @@ async fn a_network_and_fare_rule_from_the_clearing_feed_become_a_fare_table_with
     client.publish(&s1, &submission(FeedKind::FareRule, 2, &rule)).await.unwrap();
     wait_for(c, &api, "/api/v1/parameters", "fare table v2 from the feed", |v| fare_table_current(v) == 2)
         .await;
-    let clearing = get(c, &api, "/api/v1/clearing").await;
-    assert_eq!(clearing["feed"]["compiled_from"], json!([1, 2]), "{clearing}");
+    wait_for(c, &api, "/api/v1/clearing", "the new pair recorded", |v| {
+        v["feed"]["compiled_from"] == json!([1, 2])
+    })
+    .await;
     // Nothing is compiled twice from the same pair.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(fare_table_current(&get(c, &api, "/api/v1/parameters").await), 2);
