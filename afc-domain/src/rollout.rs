@@ -209,7 +209,8 @@ pub struct Rollout {
 impl Rollout {
     /// Starts a rollout and returns the first actions: overrides for the canaries, or the
     /// station pointer when the kind is not staged, the package is future-dated (and the policy
-    /// does not canary those), or there is no canary to choose.
+    /// does not canary those), it is the kind's first version (there is nothing to roll back to,
+    /// and gates without one cannot decide taps at all), or there is no canary to choose.
     pub fn start(
         kind: ParamKind,
         from_version: Option<u64>,
@@ -225,7 +226,9 @@ impl Rollout {
             }
         }
         let future_dated = effective_from > now;
-        let staged = policy.staged_kinds.contains(&kind) && (!future_dated || policy.canary_future_dated);
+        let staged = policy.staged_kinds.contains(&kind)
+            && (!future_dated || policy.canary_future_dated)
+            && from_version.is_some();
         let canaries: Vec<Ident> = if !staged {
             Vec::new()
         } else if !policy.canary_gates.is_empty() {
@@ -850,6 +853,16 @@ mod tests {
             Rollout::start(FT, Some(8), 8, at(0), &policy, at(0), &obs).unwrap_err(),
             RolloutError::NotForward { kind: FT, from: 8, to: 8 }
         );
+    }
+
+    #[test]
+    fn a_kinds_first_version_goes_to_every_gate_at_once() {
+        let obs = station();
+        let (r, actions) = Rollout::start(FT, None, 1, at(0), &policy(), at(0), &obs).unwrap();
+        assert!(r.canaries.is_empty(), "{r:?}");
+        assert!(actions.contains(&RolloutAction::PublishCurrent { kind: FT, version: 1 }), "{actions:?}");
+        let (r, _) = Rollout::start(FT, Some(1), 2, at(0), &policy(), at(0), &obs).unwrap();
+        assert!(!r.canaries.is_empty(), "the second version is canaried again");
     }
 
     #[test]

@@ -123,7 +123,7 @@ fn p(path: &Path) -> String {
 }
 
 /// The configuration of controller node `id`.
-pub fn controller_config(layout: &Layout, plan: &Plan, s: &Secrets, id: u16) -> String {
+pub fn controller_config(layout: &Layout, plan: &Plan, s: &Secrets, id: u16, soak_secs: u64) -> String {
     let mut t = format!(
         "# Written by `station` from {plan_file}; edits are overwritten at the next start.\n\
          node_id = {id}\nstation = {station}\ndata_dir = {data}\nlisten = {listen}\n\
@@ -169,6 +169,12 @@ pub fn controller_config(layout: &Layout, plan: &Plan, s: &Secrets, id: u16) -> 
         q(format!("http://{}", plan.clearing())),
         p(&s.clearing_token_file)
     );
+    t += &format!(
+        "\n[rollout]\n# New fare tables and QR keys go to the canary gate first, then to all.\n\
+         canary_gates = [{}]\nsoak_ms = {}\n",
+        q(Plan::gate_id(1)),
+        soak_secs * 1000
+    );
     t
 }
 
@@ -185,7 +191,8 @@ pub fn gate_config(layout: &Layout, plan: &Plan, s: &Secrets, n: u16) -> anyhow:
          station = {station}\ngate = {g}\nstation_code = {code}\ndata_dir = {data}\n\
          reader_listen = {reader}\nmetrics_listen = {metrics}\nsigning_key_file = {key}\n\
          direction = \"bidirectional\"\n\n[trusted_keys]\n1 = {trusted}\n\n\
-         [mqtt]\nbrokers = [{broker}]\n\n[plc]\naddress = {plc}\n",
+         [mqtt]\nbrokers = [{broker}]\n# Every 2 s (a real gate: 5 s), so the console and the canary checks follow closely.\n\
+         heartbeat_secs = 2\n\n[plc]\naddress = {plc}\n",
         plan_file = layout.plan_file().display(),
         station = q(&plan.station),
         g = q(&gate),
@@ -205,13 +212,14 @@ pub fn write_configs(
     layout: &Layout,
     plan: &Plan,
     s: &Secrets,
+    soak_secs: u64,
 ) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let dir = layout.config();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut controllers = Vec::new();
     for id in 1..=NODES {
         let path = dir.join(format!("controller-{id}.toml"));
-        std::fs::write(&path, controller_config(layout, plan, s, id))?;
+        std::fs::write(&path, controller_config(layout, plan, s, id, soak_secs))?;
         // The file must parse and validate exactly as the node will load it.
         controller::config::Config::load(&path).with_context(|| format!("generated {}", path.display()))?;
         controllers.push(path);
@@ -241,7 +249,7 @@ mod tests {
         assert_eq!(a.clearing_token, b.clearing_token, "a second run must keep the secrets");
         assert_eq!(a.package_key.to_bytes(), b.package_key.to_bytes());
         assert_ne!(a.api_token("viewer"), a.api_token("engineer"));
-        let (c, g) = write_configs(&layout, &plan, &a).unwrap();
+        let (c, g) = write_configs(&layout, &plan, &a, 60).unwrap();
         assert_eq!((c.len(), g.len()), (3, 2));
         let cfg = controller::config::Config::load(&c[1]).unwrap();
         assert_eq!(cfg.node_id, 2);

@@ -40,6 +40,10 @@ struct Args {
     /// Taps per second per gate from the card-reader simulators; 0 runs no simulated passengers.
     #[arg(long, default_value_t = 1.0)]
     tap_rate: f64,
+    /// How long canary gates run a new fare table or QR key set before every gate gets it (a real
+    /// station soaks for 30 minutes; the local one for a minute, so a rollout can be watched).
+    #[arg(long, default_value_t = 60)]
+    soak_secs: u64,
 }
 
 /// Entry point of `station [up]`.
@@ -66,7 +70,7 @@ pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this executable")?;
     reap_leftovers(&layout.pids_file(), &exe);
     let secrets = secrets(&layout, &plan)?;
-    let (controllers, gates) = write_configs(&layout, &plan, &secrets)?;
+    let (controllers, gates) = write_configs(&layout, &plan, &secrets, args.soak_secs)?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(
         exe,
         layout,

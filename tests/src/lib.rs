@@ -14,6 +14,9 @@ use station::plan::{Layout, Plan, NODES};
 use station::provision::Secrets;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+/// The canary soak of a station under test (seconds).
+pub const SOAK_SECS: u64 = 8;
+
 /// The `station` executable built next to this test binary (`cargo test --workspace` builds it,
 /// because the station crate has integration tests).
 pub fn station_exe() -> PathBuf {
@@ -82,6 +85,7 @@ impl Station {
                 "--tap-rate",
                 "0",
             ])
+            .args(["--soak-secs", &SOAK_SECS.to_string()])
             .stdin(Stdio::null())
             .env("RUST_LOG", "info");
         if let Some(b) = &external_broker {

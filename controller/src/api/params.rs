@@ -348,6 +348,15 @@ pub async fn upload_qr_keys(
     let detail = format!("qr_keys v{version} ({} issuer keys): {why}", set.len());
     let json = serde_json::to_vec(&set).map_err(|e| ApiError::Internal(e.to_string()))?;
     let eff = Timestamp(b.effective_from.unwrap_or(now().0));
-    sign_and_store(&state, &caller, ("parameters.qr_keys", detail), ParamKind::QrKeys, version, eff, json, None)
-        .await
+    sign_and_store(
+        &state,
+        &caller,
+        ("parameters.qr_keys", detail),
+        ParamKind::QrKeys,
+        version,
+        eff,
+        json,
+        None,
+    )
+    .await
 }

@@ -45,7 +45,8 @@ pub async fn cluster_with_api(api_extra: &str) -> (Cluster, BTreeMap<u64, String
     let initial: BTreeMap<u64, String> =
         (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(40)).build().unwrap();
-    let mut c = Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" };
+    let mut c =
+        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" };
     let apis: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
     for id in 1..=3 {
         spawn_api_node(&mut c, id, &apis[&id], api_extra);

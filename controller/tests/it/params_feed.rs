@@ -77,7 +77,14 @@ impl Setup {
         let initial: BTreeMap<u64, String> =
             (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-        let mut c = Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" };
+        let mut c = Cluster {
+            root,
+            nodes: BTreeMap::new(),
+            http,
+            tuning: Tuning::default(),
+            initial,
+            scheme: "http",
+        };
         let apis: BTreeMap<u64, String> =
             (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let feed_key =

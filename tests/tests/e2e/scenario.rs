@@ -30,6 +30,7 @@ pub async fn run(st: &Station) -> anyhow::Result<()> {
     blacklist_delta_reaches_every_gate(st).await.context("blacklist delta")?;
     qr_used_at_one_gate_is_refused_at_another(st).await.context("QR replay")?;
     emergency_release_frees_every_gate(st).await.context("emergency release")?;
+    canary_rollouts(st).await.context("canary rollouts")?;
     Ok(())
 }
 
@@ -305,4 +306,82 @@ async fn emergency_release_frees_every_gate(st: &Station) -> anyhow::Result<()> 
         Ok(free_passage_everywhere(st, false).await?.then_some(()))
     })
     .await
+}
+
+async fn fare_table_on(st: &Station) -> anyhow::Result<Vec<Option<u64>>> {
+    Ok(st.gates().await?.iter().map(|g| active(g, "fare_table")).collect())
+}
+
+async fn upload_fare_table(st: &Station, why: &str) -> anyhow::Result<u64> {
+    let body = json!({
+        "network": serde_json::from_str::<Value>(station::setup::DALIAN_NETWORK)?,
+        "fare_rule": serde_json::from_str::<Value>(station::setup::DALIAN_FARE_RULE)?,
+        "reason": why,
+    });
+    let (status, answer) = st.post(1, "/api/v1/parameters/fare-table", &st.token("engineer"), &body).await?;
+    anyhow::ensure!((200..300).contains(&status), "fare table upload: {status} {answer}");
+    answer.get("version").and_then(Value::as_u64).context("no version in the answer")
+}
+
+/// A new fare table goes to the canary gate (g01) first, soaks, then reaches every gate; the next
+/// one, whose canary rejects most taps during the soak, is rolled back on every gate (the old
+/// content republished under a higher version).
+async fn canary_rollouts(st: &Station) -> anyhow::Result<()> {
+    let before = current_versions(st).await?["fare_table"];
+    let v = upload_fare_table(st, "e2e: a canary rollout that succeeds").await?;
+    let on = eventually("the canary runs the new fare table", Duration::from_secs(10), || async {
+        let on = fare_table_on(st).await?;
+        Ok((on.first() == Some(&Some(v))).then_some(on))
+    })
+    .await?;
+    anyhow::ensure!(
+        on.iter().skip(1).all(|x| *x == Some(before)),
+        "only the canary may run v{v} during the soak: {on:?}"
+    );
+    let t = Instant::now();
+    eventually(
+        "the fare table on every gate after the soak",
+        Duration::from_secs(system_tests::SOAK_SECS + 30),
+        || async {
+            let on = fare_table_on(st).await?;
+            if on.iter().all(|x| *x == Some(v)) {
+                return Ok(Some(()));
+            }
+            let r = st.get(1, "/api/v1/rollouts", &st.token("viewer")).await?;
+            anyhow::bail!("gates on {on:?}; fare table rollout {}", r["rollouts"]["fare_table"])
+        },
+    )
+    .await?;
+    eprintln!("[e2e] canary rollout of fare table v{v}: g01 first, every gate {:?} later", t.elapsed());
+
+    let bad = upload_fare_table(st, "e2e: a canary rollout whose canary fails").await?;
+    eventually("the canary runs the failing fare table", Duration::from_secs(10), || async {
+        Ok((fare_table_on(st).await?.first() == Some(&Some(bad))).then_some(()))
+    })
+    .await?;
+    // Ride codes signed by a key the gates do not trust: the canary rejects every one.
+    let rogue = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    for nonce in 0..30u64 {
+        let issue = QrIssue {
+            issuer: 1,
+            key_id: 1,
+            account: 7_100_000 + nonce,
+            issued_at: gate_agent::gate::now().plus_minutes(-1),
+            valid_secs: 600,
+            nonce: 0x0bad_0000 + nonce,
+        };
+        let (decision, _) = tap_qr(st, 1, &qr::encode_text(&qr::generate(&issue, &rogue))).await?;
+        anyhow::ensure!(decision == DecisionKind::Reject, "a rogue code was accepted");
+    }
+    let on = eventually(
+        "every gate back on the old fare table content",
+        Duration::from_secs(system_tests::SOAK_SECS + 30),
+        || async {
+            let on = fare_table_on(st).await?;
+            Ok(on.iter().all(|x| x.is_some_and(|x| x > bad)).then_some(on))
+        },
+    )
+    .await?;
+    eprintln!("[e2e] failing canary of fare table v{bad} rolled back: gates now on {on:?}");
+    Ok(())
 }
