@@ -28,11 +28,22 @@ pub struct Plan {
     /// An external MQTT broker (`host:port`) instead of the station's own.
     #[serde(default)]
     pub external_broker: Option<String>,
+    /// Per-client MQTT credentials (user `controller`, and each gate's id), for a broker that
+    /// checks them against deploy/mosquitto/acl.conf.
+    #[serde(default)]
+    pub mqtt_auth: bool,
 }
 
 impl Default for Plan {
     fn default() -> Self {
-        Plan { station: "xian_rd".into(), station_code: 113, gates: 8, port_offset: 0, external_broker: None }
+        Plan {
+            station: "xian_rd".into(),
+            station_code: 113,
+            gates: 8,
+            port_offset: 0,
+            external_broker: None,
+            mqtt_auth: false,
+        }
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Secrets {
     pub api_tokens: Vec<(String, String, String)>,
     /// `(gate id, key file, key)`.
     pub gate_keys: Vec<(String, PathBuf, SigningKey)>,
+    /// With `mqtt_auth`: `(user, password file, password)` for `controller` and every gate.
+    pub mqtt_users: Vec<(String, PathBuf, String)>,
 }
 
 impl Secrets {
@@ -100,6 +102,14 @@ pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
         let (path, key) = signing_key(dir.join("gates").join(format!("{gate}.key")))?;
         gate_keys.push((gate, path, key));
     }
+    let mut mqtt_users = Vec::new();
+    if plan.mqtt_auth {
+        let users = std::iter::once("controller".to_owned()).chain(plan.gate_numbers().map(|(_, g)| g));
+        for user in users {
+            let (path, password) = secret(dir.join("mqtt").join(format!("{user}.password")), 18)?;
+            mqtt_users.push((user, path, password));
+        }
+    }
     Ok(Secrets {
         cluster_secret_file,
         package_key_file,
@@ -110,7 +120,17 @@ pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
         qr_issuer_key,
         api_tokens,
         gate_keys,
+        mqtt_users,
     })
+}
+
+/// `username = …` and `password_file = …` lines for `user`, when the station uses MQTT credentials.
+fn mqtt_login(s: &Secrets, user: &str) -> String {
+    s.mqtt_users
+        .iter()
+        .find(|(u, _, _)| u == user)
+        .map(|(u, path, _)| format!("username = {}\npassword_file = {}\n", q(u), p(path)))
+        .unwrap_or_default()
 }
 
 /// TOML string literal (paths and ids may hold anything).
@@ -138,9 +158,10 @@ pub fn controller_config(layout: &Layout, plan: &Plan, s: &Secrets, id: u16, soa
         t += &format!("\n[[initial_members]]\nid = {m}\naddr = {}\n", q(plan.raft(m).to_string()));
     }
     t += &format!(
-        "\n[mqtt]\nbroker = \"external\"\naddress = {}\nstation_code = {}\n",
+        "\n[mqtt]\nbroker = \"external\"\naddress = {}\nstation_code = {}\n{}",
         q(plan.broker_address()),
-        plan.station_code
+        plan.station_code,
+        mqtt_login(s, "controller")
     );
     for (gate, _, key) in &s.gate_keys {
         t += &format!(
@@ -191,7 +212,7 @@ pub fn gate_config(layout: &Layout, plan: &Plan, s: &Secrets, n: u16) -> anyhow:
          station = {station}\ngate = {g}\nstation_code = {code}\ndata_dir = {data}\n\
          reader_listen = {reader}\nmetrics_listen = {metrics}\nsigning_key_file = {key}\n\
          direction = \"bidirectional\"\n\n[trusted_keys]\n1 = {trusted}\n\n\
-         [mqtt]\nbrokers = [{broker}]\n# Every 2 s (a real gate: 5 s), so the console and the canary checks follow closely.\n\
+         [mqtt]\nbrokers = [{broker}]\n{login}# Every 2 s (a real gate: 5 s), so the console and the canary checks follow closely.\n\
          heartbeat_secs = 2\n\n[plc]\naddress = {plc}\n",
         plan_file = layout.plan_file().display(),
         station = q(&plan.station),
@@ -204,6 +225,7 @@ pub fn gate_config(layout: &Layout, plan: &Plan, s: &Secrets, n: u16) -> anyhow:
         trusted = q(hex::encode(s.package_key.verifying_key().to_bytes())),
         broker = q(plan.broker_address()),
         plc = q(plan.plc(n).to_string()),
+        login = mqtt_login(s, &gate),
     ))
 }
 

@@ -37,6 +37,10 @@ struct Args {
     /// Use this MQTT broker (host:port, e.g. a Mosquitto) instead of the station's own (first run only).
     #[arg(long)]
     external_broker: Option<String>,
+    /// Give the controllers (user `controller`) and every gate (user = gate id) their own MQTT
+    /// password, in DATA_DIR/secrets/mqtt/, for a broker with deploy/mosquitto's ACL (first run only).
+    #[arg(long, requires = "external_broker")]
+    mqtt_auth: bool,
     /// Taps per second per gate from the card-reader simulators; 0 runs no simulated passengers.
     #[arg(long, default_value_t = 1.0)]
     tap_rate: f64,
@@ -56,9 +60,13 @@ pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
         gates: args.gates.unwrap_or(defaults.gates),
         port_offset: args.port_offset.unwrap_or(defaults.port_offset),
         external_broker: args.external_broker.clone(),
+        mqtt_auth: args.mqtt_auth,
         ..defaults
     };
-    let given = args.gates.is_some() || args.port_offset.is_some() || args.external_broker.is_some();
+    let given = args.gates.is_some()
+        || args.port_offset.is_some()
+        || args.external_broker.is_some()
+        || args.mqtt_auth;
     let (plan, mut warnings) = layout.load_or_create(&fresh)?;
     if !given {
         warnings.clear();

@@ -71,36 +71,36 @@ impl Station {
         port_offset: u16,
         external_broker: Option<String>,
     ) -> anyhow::Result<Station> {
+        let plan = Plan { gates, port_offset, external_broker, ..Plan::default() };
+        Station::start_planned(Station::prepare(&plan)?, plan).await
+    }
+
+    /// A fresh directory with `plan` saved and the station's secrets created, as the station's
+    /// first run would; for a test that must set up something (a broker's password file) first.
+    pub fn prepare(plan: &Plan) -> anyhow::Result<(tempfile::TempDir, Secrets)> {
         let dir = tempfile::tempdir()?;
+        let layout = Layout::new(&dir.path().join("station"));
+        layout.load_or_create(plan)?;
+        let secrets = station::provision::secrets(&layout, plan)?;
+        Ok((dir, secrets))
+    }
+
+    /// Starts `station up` in a directory made by [`Station::prepare`] for `plan`.
+    pub async fn start_planned(
+        (dir, secrets): (tempfile::TempDir, Secrets),
+        plan: Plan,
+    ) -> anyhow::Result<Station> {
         let layout = Layout::new(&dir.path().join("station"));
         let mut cmd = Command::new(station_exe());
         cmd.arg("up")
             .arg("--data-dir")
             .arg(&layout.root)
-            .args([
-                "--gates",
-                &gates.to_string(),
-                "--port-offset",
-                &port_offset.to_string(),
-                "--tap-rate",
-                "0",
-            ])
-            .args(["--soak-secs", &SOAK_SECS.to_string()])
+            .args(["--tap-rate", "0", "--soak-secs", &SOAK_SECS.to_string()])
             .stdin(Stdio::null())
             .env("RUST_LOG", "info");
-        if let Some(b) = &external_broker {
-            cmd.args(["--external-broker", b]);
-        }
         let log = std::fs::File::create(dir.path().join("station.log"))?;
         cmd.stdout(log.try_clone()?).stderr(log);
         let child = cmd.spawn().context("starting station")?;
-        let plan = Plan { gates, port_offset, external_broker, ..Plan::default() };
-        // The station writes its secrets first thing; wait for them, then read them as it does.
-        let sfile = layout.secrets().join("gates").join(format!("{}.key", Plan::gate_id(gates)));
-        eventually("station secrets", Duration::from_secs(30), || async { Ok(sfile.exists().then_some(())) })
-            .await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let secrets = station::provision::secrets(&layout, &plan)?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?;
         Ok(Station { dir, layout, plan, secrets, child: Some(child), http })
     }
