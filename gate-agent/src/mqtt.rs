@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use afc_domain::ledger::{sign_batch, TxRecord};
-use afc_domain::model::{Ident, ParamKind};
+use afc_domain::model::{Ident, ParamKind, Timestamp};
 use afc_domain::package::{Reassembler, MAX_CHUNK_BYTES};
 use afc_domain::topic::{filters, Topic};
 use afc_domain::wire::{
@@ -108,7 +108,17 @@ pub fn spawn(
     let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
     let (subs_tx, subs_rx) = mpsc::unbounded_channel();
     let uploaded = Notify::new();
-    let ctx = Arc::new(Ctx { settings, gate, client, metrics, session, conn: conn_rx, uploaded });
+    let ctx = Arc::new(Ctx {
+        settings,
+        gate,
+        client,
+        metrics,
+        session,
+        conn: conn_rx,
+        uploaded,
+        leader_changed: Notify::new(),
+        leader: std::sync::Mutex::new(None),
+    });
     tokio::spawn(eventloop_task(
         ctx.clone(),
         eventloop,
@@ -133,6 +143,12 @@ struct Ctx {
     conn: watch::Receiver<u64>,
     /// Woken when a tx/ack arrives.
     uploaded: Notify,
+    /// Woken when a new leader announces itself on `state`: a batch sent to the old one may
+    /// never be acknowledged, so the uploader sends again at once instead of after the timeout.
+    leader_changed: Notify,
+    /// `(leader_node, term, since)` of the last `state` seen (a leader restarted into the same term
+    /// announces a new `since`).
+    leader: std::sync::Mutex<Option<(u64, u64, Timestamp)>>,
 }
 
 impl Ctx {
@@ -517,7 +533,24 @@ async fn inbox_task(
                 }
                 Err(e) => Err(e.to_string()),
             },
-            Topic::State { .. } => Ok(()),
+            Topic::State { .. } => match wire::decode::<wire::StationState>(payload) {
+                Ok(wire::StationState::Online(l)) => {
+                    let mut seen = ctx.leader.lock().unwrap_or_else(|p| p.into_inner());
+                    let newer = seen.is_none_or(|(node, term, since)| {
+                        l.term > term || (l.term == term && (l.leader_node != node || l.since != since))
+                    });
+                    if newer {
+                        if seen.is_some() {
+                            tracing::info!(leader = l.leader_node, term = l.term, "new station leader");
+                            ctx.leader_changed.notify_one();
+                        }
+                        *seen = Some((l.leader_node, l.term, l.since));
+                    }
+                    Ok(())
+                }
+                Ok(wire::StationState::Offline(_)) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -638,6 +671,10 @@ async fn upload_task(ctx: Arc<Ctx>, key: SigningKey, cancel: CancellationToken) 
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = ctx.uploaded.notified() => {}
+                () = ctx.leader_changed.notified() => {
+                    tracing::info!(last, "new leader; sending the unacknowledged batch again");
+                    break;
+                }
                 _ = conn.changed() => break,
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(last, "no tx/ack in time; sending again");

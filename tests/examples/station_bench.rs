@@ -20,14 +20,12 @@ use serde_json::{json, Value};
 use station::plan::NODES;
 use system_tests::{eventually, Station};
 
-async fn blacklist_version(st: &Station) -> u64 {
-    let list = st.get(1, "/api/v1/parameters", &st.token("viewer")).await.unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["kind"] == "blacklist")
-        .and_then(|k| k["current"].as_u64())
-        .unwrap_or(0)
+async fn blacklist_version(st: &Station) -> anyhow::Result<u64> {
+    let list = st.get(1, "/api/v1/parameters", &st.token("viewer")).await?;
+    Ok(list
+        .as_array()
+        .map(|l| l.iter().find(|k| k["kind"] == "blacklist").and_then(|k| k["current"].as_u64()).unwrap_or(0))
+        .unwrap_or(0))
 }
 
 /// Waits until every gate reports `version` of the blacklist active; the time it took.
@@ -57,7 +55,7 @@ async fn main() {
     let t = Instant::now();
     let st = Station::start(gates, 13_000, None).await.expect("station starts");
     eventually("first parameters on every gate", Duration::from_secs(120), || async {
-        let v = blacklist_version(&st).await;
+        let v = blacklist_version(&st).await?;
         let gs = st.gates().await?;
         let ok = v > 0
             && gs.len() == usize::from(gates)
@@ -77,7 +75,7 @@ async fn main() {
     }
 
     // 1,000,000-entry blacklist (no two ids adjacent, so no ranges merge).
-    let from = blacklist_version(&st).await;
+    let from = blacklist_version(&st).await.unwrap();
     let entries: Vec<Value> =
         (0..1_000_000u64).map(|i| json!({"media": "svc", "id": CARD_BASE + 7 * i + 3})).collect();
     let body = json!({"full": entries, "reason": "bench: 1,000,000 cards"});
