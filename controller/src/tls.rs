@@ -1,87 +1,9 @@
-//! TLS material from PEM files (rustls 0.23 on the `ring` provider, the one reqwest already uses):
-//! server configurations for the HTTP listeners, a client configuration for MQTT, CA bundles for
-//! the reqwest clients. Every file is read and checked once, at start, so a missing or unreadable
-//! certificate is a clear error naming the file, never a failed handshake later.
+//! TLS of the controller: the PEM handling and rustls configurations are `afc-tls` (shared with
+//! the gate agent); this adds the CA bundle for the reqwest clients.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-/// Why TLS material could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {message}")]
-    Pem { path: PathBuf, message: String },
-    #[error("{path}: no certificate in the file")]
-    NoCertificate { path: PathBuf },
-    #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
-}
-
-/// Every certificate of a PEM file (a chain or a CA bundle); at least one.
-pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem { path: path.to_owned(), message: e.to_string() })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_owned() });
-    }
-    Ok(certs)
-}
-
-/// The first private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read(path)?;
-    PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| TlsError::Pem { path: path.to_owned(), message: e.to_string() })
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A root store holding exactly the certificates of `ca_file`.
-pub fn roots(ca_file: &Path) -> Result<RootCertStore, TlsError> {
-    let mut store = RootCertStore::empty();
-    for c in certificates(ca_file)? {
-        store.add(c)?;
-    }
-    Ok(store)
-}
-
-/// A server configuration presenting the chain of `cert_file` with the key of `key_file`.
-/// The key must match the certificate (checked here, so a mismatch fails at start).
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, TlsError> {
-    let chain = certificates(cert_file)?;
-    let key = private_key(key_file)?;
-    let config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    Ok(config)
-}
-
-/// A client configuration trusting only the CAs of `ca_file`, optionally presenting a client
-/// certificate (for brokers that authenticate clients by certificate).
-pub fn client_config(ca_file: &Path, client: Option<(&Path, &Path)>) -> Result<ClientConfig, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca_file)?);
-    Ok(match client {
-        Some((cert, key)) => builder.with_client_auth_cert(certificates(cert)?, private_key(key)?)?,
-        None => builder.with_no_client_auth(),
-    })
-}
+pub use afc_tls::{certificates, client_config, private_key, roots, server_config, TlsError};
 
 /// The CA bundle of `ca_file` as reqwest root certificates.
 pub fn reqwest_roots(ca_file: &Path) -> Result<Vec<reqwest::Certificate>, TlsError> {
