@@ -185,7 +185,8 @@ impl Node {
     }
 
     /// Runs `local` here if this node leads; otherwise forwards `body` to the leader's `path`.
-    /// While no leader is known (an election), retries with backoff until [`WRITE_DEADLINE`].
+    /// While no leader is known (an election), or a membership change is still in progress,
+    /// retries with backoff until [`WRITE_DEADLINE`].
     async fn leader_op<B, T, F, Fut>(&self, path: &str, body: &B, hops: u32, local: F) -> Result<T, NodeError>
     where
         B: Serialize,
@@ -266,6 +267,14 @@ fn forward_or_fail<T>(
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(ForwardToLeader { leader_node, .. })) => {
             Ok(Attempt::Forward(leader_node.map(|n| n.addr)))
+        }
+        // The previous change (the bootstrap's own membership, right after start) is not committed
+        // yet: a moment later this one can go ahead, so wait like for an election.
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            openraft::error::ChangeMembershipError::InProgress(p),
+        )) => {
+            tracing::debug!(in_progress = %p, "a membership change is still in progress; retrying");
+            Ok(Attempt::Forward(None))
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Err(NodeError::BadRequest(e.to_string()))
