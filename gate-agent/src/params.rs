@@ -125,6 +125,16 @@ fn set_version(v: &mut ParamVersions, kind: ParamKind, version: u64) {
     }
 }
 
+/// A verified package made ready to become active (see [`Params::materialize`]).
+struct Materialized {
+    /// The blacklist version a delta was applied to.
+    held_blacklist: u64,
+    /// What the active slot stores: a blacklist always as the full list.
+    body: Vec<u8>,
+    /// The blacklist itself, already built.
+    blacklist: Option<Blacklist>,
+}
+
 impl Params {
     /// Loads the held sets from the store. `acks` receives every pending/active/rejected report.
     pub fn open(
@@ -300,10 +310,11 @@ impl Params {
         }
         // The body must parse now, so a bad body is refused on arrival, not at its switch time.
         let held_blacklist = self.in_force.read().unwrap_or_else(|p| p.into_inner()).blacklist.version();
-        self.materialize(&pkg, held_blacklist)?;
+        let materialized = self.materialize(&pkg, held_blacklist)?;
         let store_err = |e: StoreError| Rejection::new("storage_error", e.to_string());
         if h.effective_from <= now {
-            self.activate(&pkg).map_err(|e| Rejection::new("activation_failed", e.message))?;
+            self.activate_materialized(&pkg, materialized)
+                .map_err(|e| Rejection::new("activation_failed", e.message))?;
             Ok(ParamState::Active)
         } else {
             self.store.put_param(kind.as_str(), Slot::Pending, bytes).map_err(store_err)?;
@@ -314,13 +325,16 @@ impl Params {
         }
     }
 
-    /// The active-slot body of a verified package, given the blacklist version it would apply to.
-    fn materialize(&self, pkg: &Package, held_blacklist: u64) -> Result<Vec<u8>, Rejection> {
+    /// The active-slot body of a verified package, given the blacklist version it would apply to;
+    /// for a blacklist also the list itself, so activation need not decode it again.
+    fn materialize(&self, pkg: &Package, held_blacklist: u64) -> Result<Materialized, Rejection> {
         let kind = pkg.header.kind;
         match kind {
             ParamKind::Blacklist => {
-                match BlacklistBody::from_package(pkg).map_err(|e| Rejection::new(e.code(), e.to_string()))? {
-                    BlacklistBody::Full(list) => Ok(list.encode()),
+                let list = match BlacklistBody::from_package(pkg)
+                    .map_err(|e| Rejection::new(e.code(), e.to_string()))?
+                {
+                    BlacklistBody::Full(list) => list,
                     BlacklistBody::Delta(delta) => {
                         delta
                             .check_applies_to(held_blacklist)
@@ -328,9 +342,10 @@ impl Params {
                         let mut list =
                             (*self.in_force.read().unwrap_or_else(|p| p.into_inner()).blacklist).clone();
                         list.apply_delta(&delta).map_err(|e| Rejection::new(e.code(), e.to_string()))?;
-                        Ok(list.encode())
+                        list
                     }
-                }
+                };
+                Ok(Materialized { held_blacklist, body: list.encode(), blacklist: Some(list) })
             }
             _ => {
                 let mut scratch = InForce {
@@ -341,17 +356,28 @@ impl Params {
                     versions: ParamVersions::default(),
                 };
                 Self::install(&mut scratch, kind, &pkg.body)?;
-                Ok(pkg.body.clone())
+                Ok(Materialized { held_blacklist, body: pkg.body.clone(), blacklist: None })
             }
         }
     }
 
-    /// Makes a verified package active: store first (atomically, clearing its pending slot if it
-    /// was the pending one), then swap the set in force.
     fn activate(&self, pkg: &Package) -> Result<(), Rejection> {
-        let h = pkg.header;
         let held_blacklist = self.in_force.read().unwrap_or_else(|p| p.into_inner()).blacklist.version();
-        let body = self.materialize(pkg, held_blacklist)?;
+        let m = self.materialize(pkg, held_blacklist)?;
+        self.activate_materialized(pkg, m)
+    }
+
+    /// Activates `pkg` with its body already materialized (built again if the blacklist it was
+    /// built on has changed meanwhile).
+    fn activate_materialized(&self, pkg: &Package, m: Materialized) -> Result<(), Rejection> {
+        let h = pkg.header;
+        let held_now = self.in_force.read().unwrap_or_else(|p| p.into_inner()).blacklist.version();
+        let m = if h.kind == ParamKind::Blacklist && m.held_blacklist != held_now {
+            self.materialize(pkg, held_now)?
+        } else {
+            m
+        };
+        let body = m.body;
         let env = envelope(h.version, h.effective_from, &body);
         let clear_pending = self
             .pending
@@ -365,7 +391,10 @@ impl Params {
         {
             let mut guard = self.in_force.write().unwrap_or_else(|p| p.into_inner());
             let mut next = (**guard).clone();
-            Self::install(&mut next, h.kind, &body)?;
+            match m.blacklist {
+                Some(list) => next.blacklist = Arc::new(list),
+                None => Self::install(&mut next, h.kind, &body)?,
+            }
             set_version(&mut next.versions, h.kind, h.version);
             *guard = Arc::new(next);
         }
