@@ -1,7 +1,6 @@
 //! The leader's upload to a real clearing server (in process, port 0) from real controller
 //! processes: exactly once, through a clearing outage, and across a leader kill.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};
@@ -80,18 +79,8 @@ impl Clearing {
 
 /// Like `Cluster::start`, with a `[clearing]` section pointing at `clearing` in every config.
 async fn cluster_with_clearing(n: u64, clearing: &Clearing, batch_records: usize) -> Cluster {
-    let root = tempfile::tempdir().unwrap();
-    let initial: BTreeMap<u64, String> =
-        (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    let mut c = Cluster {
-        root,
-        nodes: BTreeMap::new(),
-        http,
-        tuning: Tuning::default(),
-        initial: initial.clone(),
-        scheme: "http",
-    };
+    let mut c = Cluster::unstarted(n, Duration::from_secs(15));
+    let initial = c.initial.clone();
     for (id, addr) in &initial {
         spawn_node(&mut c, *id, addr.clone(), clearing, batch_records);
     }
@@ -275,11 +264,7 @@ async fn clearing_successes_errors_and_backlog_show_in_metrics_and_the_clearing_
     let _serial = CLUSTER_LOCK.lock().await;
     let data = tempfile::tempdir().unwrap();
     let mut clearing = Clearing::start(data.path()).await;
-    let root = tempfile::tempdir().unwrap();
-    let initial: BTreeMap<u64, String> = BTreeMap::from([(1, format!("127.0.0.1:{}", free_port()))]);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    let mut c =
-        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" };
+    let mut c = Cluster::unstarted(1, Duration::from_secs(15));
     let token = c.node_dir(1).join("clearing-token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let api = format!("127.0.0.1:{}", free_port());

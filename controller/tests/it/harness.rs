@@ -92,14 +92,20 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts nodes `1..=n`, node 1 bootstrapping, and waits for a leader.
-    pub async fn start(n: u64, tuning: Tuning) -> Cluster {
+    /// Nodes `1..=n` with their addresses chosen and none started yet, for tests that start them
+    /// with their own sections (`spawn_with`); `http_timeout` bounds each request of the test client.
+    pub fn unstarted(n: u64, http_timeout: Duration) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let initial: BTreeMap<u64, String> =
             (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-        let mut c =
-            Cluster { root, nodes: BTreeMap::new(), http, tuning, initial: initial.clone(), scheme: "http" };
+        let http = reqwest::Client::builder().timeout(http_timeout).build().unwrap();
+        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" }
+    }
+
+    /// Starts nodes `1..=n`, node 1 bootstrapping, and waits for a leader.
+    pub async fn start(n: u64, tuning: Tuning) -> Cluster {
+        let mut c = Cluster { tuning, ..Cluster::unstarted(n, Duration::from_secs(15)) };
+        let initial = c.initial.clone();
         for (id, addr) in &initial {
             c.spawn(*id, addr.clone(), *id == 1);
         }

@@ -68,12 +68,7 @@ tx_public_key = "{key}"
 }
 
 async fn start_cluster(port: u16, embedded_on: Option<u64>) -> Cluster {
-    let root = tempfile::tempdir().unwrap();
-    let initial: BTreeMap<u64, String> =
-        (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    let mut c =
-        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" };
+    let mut c = Cluster::unstarted(3, Duration::from_secs(15));
     for id in 1..=3 {
         spawn_node(&mut c, id, port, embedded_on);
     }

@@ -41,12 +41,7 @@ fn spawn_api_node(c: &mut Cluster, id: u64, api_addr: &str, api_extra: &str) {
 /// Three real nodes with the default fast Raft timings (heartbeat 100 ms) and the API on each.
 /// Returns the cluster and each node's API address.
 pub async fn cluster_with_api(api_extra: &str) -> (Cluster, BTreeMap<u64, String>) {
-    let root = tempfile::tempdir().unwrap();
-    let initial: BTreeMap<u64, String> =
-        (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(40)).build().unwrap();
-    let mut c =
-        Cluster { root, nodes: BTreeMap::new(), http, tuning: Tuning::default(), initial, scheme: "http" };
+    let mut c = Cluster::unstarted(3, Duration::from_secs(40));
     let apis: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
     for id in 1..=3 {
         spawn_api_node(&mut c, id, &apis[&id], api_extra);

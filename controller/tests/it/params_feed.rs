@@ -73,18 +73,7 @@ impl Setup {
         poll("the clearing server", Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok())
             .await;
 
-        let root = tempfile::tempdir().unwrap();
-        let initial: BTreeMap<u64, String> =
-            (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-        let mut c = Cluster {
-            root,
-            nodes: BTreeMap::new(),
-            http,
-            tuning: Tuning::default(),
-            initial,
-            scheme: "http",
-        };
+        let mut c = Cluster::unstarted(3, Duration::from_secs(20));
         let apis: BTreeMap<u64, String> =
             (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let feed_key =

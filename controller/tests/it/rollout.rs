@@ -201,18 +201,7 @@ struct Station {
 impl Station {
     async fn start(soak_ms: u64) -> Station {
         let port = crate::mqtt::start_broker().await;
-        let root = tempfile::tempdir().unwrap();
-        let initial: BTreeMap<u64, String> =
-            (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-        let mut c = Cluster {
-            root,
-            nodes: BTreeMap::new(),
-            http,
-            tuning: Tuning::default(),
-            initial,
-            scheme: "http",
-        };
+        let mut c = Cluster::unstarted(3, Duration::from_secs(20));
         let apis: BTreeMap<u64, String> =
             (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
         let seeds: String = GATES
