@@ -82,3 +82,29 @@ pub fn client_config(ca_file: &Path, client: Option<(&Path, &Path)>) -> Result<C
         None => builder.with_no_client_auth(),
     })
 }
+
+/// `[mqtt.tls]` of the controller's and the gate agent's configuration: TLS of the MQTT connection.
+/// The name checked in the broker's certificate is the host part of the broker address.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// CA certificates (PEM) the broker's certificate must chain to; the system roots are not used.
+    pub ca_file: PathBuf,
+    /// A client certificate chain and key (PEM), for brokers that authenticate clients by
+    /// certificate (Mosquitto `require_certificate`): both or neither.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl MqttTls {
+    /// The rustls client configuration; fails on unreadable or invalid files.
+    pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
+        let client = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        client_config(&self.ca_file, client)
+    }
+}

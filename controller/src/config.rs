@@ -109,30 +109,8 @@ fn yes() -> bool {
     true
 }
 
-/// TLS of the MQTT connection (rustls). The broker's name checked is the host part of `address`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttTls {
-    /// CA certificates (PEM) the broker's certificate must chain to.
-    pub ca_file: PathBuf,
-    /// A client certificate chain and key, for brokers that authenticate clients by certificate
-    /// (Mosquitto `require_certificate`): both or neither.
-    #[serde(default)]
-    pub client_cert_file: Option<PathBuf>,
-    #[serde(default)]
-    pub client_key_file: Option<PathBuf>,
-}
-
-impl MqttTls {
-    /// The rustls client configuration; fails on unreadable or invalid files.
-    pub fn client_config(&self) -> Result<rustls::ClientConfig, crate::tls::TlsError> {
-        let client = match (&self.client_cert_file, &self.client_key_file) {
-            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-            _ => None,
-        };
-        crate::tls::client_config(&self.ca_file, client)
-    }
-}
+/// `[mqtt.tls]`: shared with the gate agent.
+pub use afc_tls::MqttTls;
 
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Deserialize)]

@@ -105,20 +105,8 @@ pub struct MqttConfig {
     pub tls: Option<MqttTls>,
 }
 
-/// TLS of the MQTT connection (rustls). The name checked in the broker's certificate is the host
-/// part of each `brokers` entry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttTls {
-    /// CA certificates (PEM) the broker's certificate must chain to; the system roots are not used.
-    pub ca_file: PathBuf,
-    /// The gate's client certificate chain and key (PEM), for brokers that authenticate gates by
-    /// certificate (Mosquitto `require_certificate`): both or neither.
-    #[serde(default)]
-    pub client_cert_file: Option<PathBuf>,
-    #[serde(default)]
-    pub client_key_file: Option<PathBuf>,
-}
+/// `[mqtt.tls]`: shared with the controller.
+pub use afc_tls::MqttTls;
 
 fn five() -> u64 {
     5
@@ -280,12 +268,8 @@ impl Config {
     /// The MQTT TLS client configuration (`None` without `[mqtt.tls]`); reads and checks the files.
     pub fn mqtt_tls(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, ConfigError> {
         let Some(t) = &self.mqtt.tls else { return Ok(None) };
-        let client = match (&t.client_cert_file, &t.client_key_file) {
-            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-            _ => None,
-        };
-        crate::tls::client_config(&t.ca_file, client)
-            .map(Some)
+        t.client_config()
+            .map(|c| Some(std::sync::Arc::new(c)))
             .map_err(|e| ConfigError::Invalid(format!("mqtt.tls: {e}")))
     }
 

@@ -31,7 +31,6 @@ pub mod plc_sim;
 pub mod reader;
 pub mod reader_sim;
 pub mod store;
-pub mod tls;
 
 use std::sync::Arc;
 
