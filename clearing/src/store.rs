@@ -103,7 +103,14 @@ pub struct LedgerFile {
 impl LedgerFile {
     /// Opens (or creates) the ledger file in `dir`, verifying every stored entry.
     pub fn open(dir: &Path) -> Result<LedgerFile, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            // The station's directory itself must survive a power cut, or its synced file would
+            // be unreachable.
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
         let path = dir.join(LEDGER_FILE);
         let file = OpenOptions::new()
             .read(true)

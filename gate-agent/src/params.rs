@@ -153,10 +153,22 @@ impl Params {
         let mut active = BTreeMap::new();
         for kind in ParamKind::ALL {
             let Some(bytes) = store.param(kind.as_str(), Slot::Active)? else { continue };
-            let (version, _, body) = open_envelope(&bytes)
-                .ok_or_else(|| ParamsError::Corrupt { kind, reason: "short envelope".into() })?;
-            Self::install(&mut f, kind, body)
-                .map_err(|r| ParamsError::Corrupt { kind, reason: r.message })?;
+            // An unreadable stored set must not keep the gate from starting (a crash loop would
+            // also stop every other kind and the outbox): the kind starts as never received, the
+            // fault is logged and counted, and the retained pointer brings the package again.
+            let installed = open_envelope(&bytes).ok_or_else(|| "short envelope".to_owned()).and_then(
+                |(version, _, body)| {
+                    Self::install(&mut f, kind, body).map(|()| version).map_err(|r| r.message)
+                },
+            );
+            let version = match installed {
+                Ok(v) => v,
+                Err(reason) => {
+                    tracing::error!(%kind, %reason, "stored active package unreadable; starting without it");
+                    metrics.event("stored_package_unreadable");
+                    continue;
+                }
+            };
             set_version(&mut f.versions, kind, version);
             active.insert(kind, version);
             metrics.set_param_version(kind.as_str(), "active", version);

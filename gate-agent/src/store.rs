@@ -16,8 +16,9 @@
 //! Why not sled for the outbox: sled 0.34's `flush` ends with `sync_file_range` on Linux, which
 //! writes the pages but neither flushes the device's write cache nor commits metadata, so a record
 //! would need a second sync (an `fdatasync` after sled's own) on the path of every tap; the log
-//! needs one. Every sled flush here is still followed by an `fdatasync` of sled's data file
-//! ([`Store::sync`]): fsync works on the file, not the descriptor, so it covers what sled wrote.
+//! needs one. Every sled write here is followed by [`Store::sync`] ([`afc_sled::Durable::sync`]:
+//! sled's flush, then `fdatasync` of its blob files (a stored 1M-entry blacklist is one) and data
+//! file, and `fsync` of its directories).
 //!
 //! Parameter rules: a package is stored whole in one value, and switching pending → active is one
 //! atomic batch, so a crash mid-write leaves the previous set.
@@ -36,6 +37,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("storage sync error: {0}")]
+    Sync(#[from] afc_sled::Error),
     #[error("storage error in a batch: {0}")]
     Batch(String),
     #[error("the outbox is full ({bytes} of {capacity} bytes)")]
@@ -67,9 +70,9 @@ fn param_key(kind: &str, slot: Slot) -> Vec<u8> {
 }
 
 pub struct Store {
-    db: sled::Db,
-    /// sled's data file, opened only to `fdatasync` it after each flush.
-    data_file: std::fs::File,
+    /// sled, synced through [`afc_sled::Durable`] (data file, blob files such as a 1M-entry
+    /// blacklist package, directories).
+    durable: afc_sled::Durable,
     /// The record log, under a lock that also serializes gate_seq assignment.
     outbox: Mutex<log::Log>,
     /// The highest acknowledged gate_seq.
@@ -99,19 +102,15 @@ fn read_u64(v: Option<sled::IVec>, what: &'static str) -> Result<Option<u64>, St
 impl Store {
     /// Opens (or creates) the store in `dir`; the outbox may hold up to `capacity` bytes.
     pub fn open(dir: &Path, capacity: u64) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::LowSpace)
-            .cache_capacity(8 * 1024 * 1024)
-            .open()?;
-        let meta = db.open_tree("meta")?;
-        let params = db.open_tree("params")?;
-        let data_file = std::fs::File::open(dir.join("db"))?;
+        let config = sled::Config::new().mode(sled::Mode::LowSpace).cache_capacity(8 * 1024 * 1024);
+        let durable = afc_sled::Durable::open(dir, config)?;
+        let meta = durable.db().open_tree("meta")?;
+        let params = durable.db().open_tree("params")?;
         let acked = read_u64(meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0);
         let outbox = log::Log::open(&dir.join("outbox"), acked)?;
         let bytes = AtomicU64::new(outbox.live_bytes());
         let depth = AtomicU64::new(outbox.live_count() as u64);
-        Ok(Store { db, data_file, outbox: Mutex::new(outbox), meta, params, capacity, bytes, depth })
+        Ok(Store { durable, outbox: Mutex::new(outbox), meta, params, capacity, bytes, depth })
     }
 
     pub fn capacity(&self) -> u64 {
@@ -203,11 +202,10 @@ impl Store {
         self.sync()
     }
 
-    /// sled's flush, then an `fdatasync` of its data file, so what was written survives a power
-    /// cut and not only a process crash.
+    /// sled's flush, then `fdatasync` of its blob and data files ([`afc_sled::Durable::sync`]), so
+    /// what was written survives a power cut and not only a process crash.
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.data_file.sync_data()?;
+        self.durable.sync()?;
         Ok(())
     }
 

@@ -19,7 +19,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(15);
 /// A child that ran this long before dying restarts at once (its backoff resets).
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The longest wait before a restart, unless `station up --restart-backoff-max-ms` says otherwise.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// One service process.
 #[derive(Debug, Clone)]
@@ -41,15 +42,23 @@ pub struct Supervisor {
     pids_file: PathBuf,
     pids: Pids,
     stages: BTreeMap<u8, (CancellationToken, JoinSet<()>)>,
+    /// The longest wait before restarting a child that keeps dying.
+    backoff_max: Duration,
 }
 
 impl Supervisor {
-    pub fn new(exe: PathBuf, logs: PathBuf, pids_file: PathBuf) -> anyhow::Result<Supervisor> {
+    pub fn new(
+        exe: PathBuf,
+        logs: PathBuf,
+        pids_file: PathBuf,
+        backoff_max: Duration,
+    ) -> anyhow::Result<Supervisor> {
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
         if let Some(dir) = pids_file.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        Ok(Supervisor { exe, logs, pids_file, pids: Pids::default(), stages: BTreeMap::new() })
+        let backoff_max = backoff_max.max(BACKOFF_MIN);
+        Ok(Supervisor { exe, logs, pids_file, pids: Pids::default(), stages: BTreeMap::new(), backoff_max })
     }
 
     /// Starts `service` and keeps it running until [`Supervisor::stop`].
@@ -62,6 +71,7 @@ impl Supervisor {
             pids_file: self.pids_file.clone(),
             pids: self.pids.clone(),
             stop: token.clone(),
+            backoff_max: self.backoff_max,
         };
         set.spawn(keep_running(service, ctx));
     }
@@ -88,6 +98,7 @@ struct ChildCtx {
     pids_file: PathBuf,
     pids: Pids,
     stop: CancellationToken,
+    backoff_max: Duration,
 }
 
 impl ChildCtx {
@@ -144,7 +155,7 @@ async fn keep_running(service: Service, ctx: ChildCtx) {
                 tracing::error!(service = %service.name, error = format!("{e:#}"), "cannot start");
                 tokio::select! {
                     _ = ctx.stop.cancelled() => return,
-                    _ = tokio::time::sleep(BACKOFF_MAX) => continue,
+                    _ = tokio::time::sleep(ctx.backoff_max) => continue,
                 }
             }
         };
@@ -167,7 +178,7 @@ async fn keep_running(service: Service, ctx: ChildCtx) {
                     _ = ctx.stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = (backoff * 2).min(ctx.backoff_max);
             }
             _ = ctx.stop.cancelled() => {
                 stop_child(&service.name, &mut child).await;

@@ -48,6 +48,10 @@ struct Args {
     /// station soaks for 30 minutes; the local one for a minute, so a rollout can be watched).
     #[arg(long, default_value_t = 60)]
     soak_secs: u64,
+    /// The longest wait before restarting a service that keeps dying (backoff doubles from 0.5 s);
+    /// fault-injection tests that cut power every few seconds set it low.
+    #[arg(long, default_value_t = 30_000)]
+    restart_backoff_max_ms: u64,
 }
 
 /// Entry point of `station [up]`.
@@ -87,6 +91,7 @@ pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
         controllers,
         gates,
         args.tap_rate,
+        Duration::from_millis(args.restart_backoff_max_ms),
     ))
 }
 
@@ -107,8 +112,9 @@ async fn run(
     controllers: Vec<PathBuf>,
     gates: Vec<PathBuf>,
     tap_rate: f64,
+    restart_backoff_max: Duration,
 ) -> anyhow::Result<()> {
-    let mut sup = Supervisor::new(exe, layout.logs(), layout.pids_file())?;
+    let mut sup = Supervisor::new(exe, layout.logs(), layout.pids_file(), restart_backoff_max)?;
     let clearing_dir = layout.data("clearing");
     let mut args = os(&["clearing-server", "--listen", &plan.clearing().to_string(), "--data-dir"]);
     args.push(clearing_dir.into());

@@ -3,9 +3,10 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 
+use afc_sled::Durable;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader};
-use sled::{Db, Tree};
+use sled::Tree;
 
 use super::{names, StoreError};
 use crate::types::codec;
@@ -14,7 +15,7 @@ use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 /// The log store. Cheap to clone: clones share the same trees (a clone is the log reader).
 #[derive(Clone)]
 pub struct LogStore {
-    db: Db,
+    db: Durable,
     log: Tree,
     meta: Tree,
 }
@@ -32,9 +33,9 @@ fn read_err(e: StoreError) -> StorageError {
 }
 
 impl LogStore {
-    pub(crate) fn open(db: Db) -> Result<LogStore, StoreError> {
-        let log = db.open_tree(names::LOG)?;
-        let meta = db.open_tree(names::META)?;
+    pub(crate) fn open(db: Durable) -> Result<LogStore, StoreError> {
+        let log = db.db().open_tree(names::LOG)?;
+        let meta = db.db().open_tree(names::META)?;
         Ok(LogStore { db, log, meta })
     }
 
@@ -76,8 +77,7 @@ impl LogStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        super::sync(&self.db).await
     }
 
     fn remove_from(&self, first: u64) -> Result<(), StoreError> {
@@ -145,8 +145,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not flushed on purpose: a committed id older than the truth after a crash only means
-        // fewer entries are re-applied at start; the state machine is flushed on every apply.
+        // Not synced on purpose: a committed id older than the truth after a crash only means
+        // fewer entries are re-applied at start; the state machine is synced on every apply.
         self.put_meta(names::COMMITTED, &committed).map_err(write_err)
     }
 
@@ -166,7 +166,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(|e| write_err(e.into()))?;
         // The entries are readable now; report them durable only once they are on disk.
-        let flushed = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
+        let flushed = self.flush().await.map_err(std::io::Error::other);
         let failed = flushed.as_ref().err().map(|e| std::io::Error::other(e.to_string()));
         callback.log_io_completed(flushed);
         match failed {

@@ -9,9 +9,13 @@
 //!
 //! Snapshots are files in `<data_dir>/snapshots` ([`snapshot`]), streamed to and from disk.
 //!
-//! Durability rules kept here: `append` reports entries only after `flush_async`; `save_vote`
-//! flushes before returning; `apply` writes the applied data and `last_applied` in one atomic batch
-//! and flushes; an entry at or below `last_applied` is skipped.
+//! Durability rules kept here: "synced" means [`afc_sled::Durable::sync`] (sled's flush, then
+//! `fdatasync` of its blob files and data file and `fsync` of its directories: sled's own flush
+//! survives a crash but not a power cut). `append` reports entries only once synced; `save_vote`,
+//! `truncate` and the purge point are synced before returning; `apply` writes the applied data and
+//! `last_applied` in one atomic batch and syncs; an entry at or below `last_applied` is skipped.
+//! Concurrent syncs share one (group commit), so appends and applies of different batches
+//! coalesce into one `fdatasync`.
 
 pub mod log;
 pub mod sm;
@@ -43,6 +47,8 @@ pub(crate) mod names {
 pub enum StoreError {
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    #[error("sync: {0}")]
+    Sync(#[from] afc_sled::Error),
     #[error("encoding: {0}")]
     Codec(#[from] serde_json::Error),
     #[error("log entry encoding: {0}")]
@@ -67,10 +73,18 @@ impl StoreError {
 /// share one sled database.
 pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     std::fs::create_dir_all(data_dir)?;
-    let db = sled::Config::new().path(data_dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
+    let db =
+        afc_sled::Durable::open(&data_dir.join("db"), sled::Config::new().mode(sled::Mode::HighThroughput))?;
     let log = LogStore::open(db.clone())?;
     let sm = StateMachineStore::open(db, snapshot_dir(data_dir))?;
     Ok((log, sm))
+}
+
+/// Makes every write so far durable ([`afc_sled::Durable::sync`]) on a blocking thread.
+pub(crate) async fn sync(db: &afc_sled::Durable) -> Result<(), StoreError> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || db.sync()).await.map_err(|e| StoreError::Join(e.to_string()))??;
+    Ok(())
 }
 
 fn snapshot_dir(data_dir: &Path) -> PathBuf {

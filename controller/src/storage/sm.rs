@@ -7,10 +7,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use afc_domain::model::ParamKind;
+use afc_sled::Durable;
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use serde::{Deserialize, Serialize};
-use sled::{Db, Tree};
+use sled::Tree;
 
 use super::snapshot::{SnapshotReader, SnapshotWriter};
 use super::{names, StoreError};
@@ -38,7 +39,7 @@ struct Live {
 }
 
 struct Inner {
-    db: Db,
+    db: Durable,
     meta: Tree,
     snapshot_dir: PathBuf,
     live: RwLock<Live>,
@@ -113,15 +114,21 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 impl StateMachineStore {
-    pub(crate) fn open(db: Db, snapshot_dir: PathBuf) -> Result<StateMachineStore, StoreError> {
-        std::fs::create_dir_all(&snapshot_dir)?;
+    pub(crate) fn open(durable: Durable, snapshot_dir: PathBuf) -> Result<StateMachineStore, StoreError> {
+        let db = durable.db();
+        if !snapshot_dir.exists() {
+            std::fs::create_dir_all(&snapshot_dir)?;
+            if let Some(parent) = snapshot_dir.parent() {
+                fsync_dir(parent)?;
+            }
+        }
         let meta = db.open_tree(names::META)?;
         let tree_name = match meta.get(names::SM_TREE)? {
             Some(v) => String::from_utf8(v.to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             None => {
                 let name = format!("{}0", names::SM_PREFIX);
                 meta.insert(names::SM_TREE, name.as_bytes())?;
-                db.flush()?;
+                durable.sync()?;
                 name
             }
         };
@@ -150,7 +157,7 @@ impl StateMachineStore {
             }
         }
         let inner = Inner {
-            db,
+            db: durable.clone(),
             meta,
             snapshot_dir,
             live: RwLock::new(Live { tree_name, tree, state }),
@@ -222,7 +229,7 @@ impl StateMachineStore {
         }
         let rec = CurrentSnapshot { meta: meta.clone(), file: file.to_owned() };
         self.inner.meta.insert(names::SNAPSHOT, serde_json::to_vec(&rec)?)?;
-        self.inner.db.flush_async().await?;
+        super::sync(&self.inner.db).await?;
         if let Some(p) = previous.filter(|p| p.file != file) {
             // Open handles (a transfer in progress) keep reading the unlinked file.
             let _ = std::fs::remove_file(self.inner.snapshot_dir.join(p.file));
@@ -269,7 +276,7 @@ impl StateMachineStore {
         let mut batch = to_batch(writes);
         batch.insert(keys::STATE, serde_json::to_vec(&state)?);
         tree.apply_batch(batch)?;
-        self.inner.db.flush_async().await?;
+        super::sync(&self.inner.db).await?;
         self.inner.live.write().map_err(lock_err)?.state = state;
         Ok(responses)
     }
@@ -301,8 +308,8 @@ impl StateMachineStore {
             let live_name = inner.live.read().map_err(lock_err)?.tree_name.clone();
             let n: u64 = live_name.trim_start_matches(names::SM_PREFIX).parse().unwrap_or(0);
             let new_name = format!("{}{}", names::SM_PREFIX, n + 1);
-            inner.db.drop_tree(&new_name)?;
-            let tree = inner.db.open_tree(&new_name)?;
+            inner.db.db().drop_tree(&new_name)?;
+            let tree = inner.db.db().open_tree(&new_name)?;
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             while let Some((k, v)) = reader.next_item()? {
@@ -331,7 +338,7 @@ impl StateMachineStore {
             b.insert(names::SM_TREE, new_name.as_bytes());
             b.insert(names::SNAPSHOT, serde_json::to_vec(&rec)?);
             self.inner.meta.apply_batch(b)?;
-            self.inner.db.flush_async().await?;
+            super::sync(&self.inner.db).await?;
             let old_name = {
                 let mut live = self.inner.live.write().map_err(lock_err)?;
                 let old = std::mem::replace(&mut live.tree_name, new_name);
@@ -341,7 +348,8 @@ impl StateMachineStore {
             };
             (old_name, old_file)
         };
-        self.inner.db.drop_tree(old_name.as_bytes())?;
+        self.inner.db.db().drop_tree(old_name.as_bytes())?;
+        super::sync(&self.inner.db).await?;
         if let Some(f) = old_file.filter(|f| *f != file) {
             let _ = std::fs::remove_file(self.inner.snapshot_dir.join(f));
         }
@@ -494,9 +502,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// Flushes everything to disk (used at shutdown).
+    /// Syncs everything to disk (used at shutdown).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush_async().await?;
-        Ok(())
+        super::sync(&self.inner.db).await
     }
 }
