@@ -53,6 +53,15 @@ where
     }
 }
 
+/// One ledger entry as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub index: u64,
+    pub gate: String,
+    pub gate_seq: u64,
+    pub hash: String,
+}
+
 /// A running local station.
 pub struct Station {
     pub dir: tempfile::TempDir,
@@ -87,8 +96,19 @@ impl Station {
 
     /// Starts `station up` in a directory made by [`Station::prepare`] for `plan`.
     pub async fn start_planned(
+        prepared: (tempfile::TempDir, Secrets),
+        plan: Plan,
+    ) -> anyhow::Result<Station> {
+        Station::start_with(prepared, plan, &[], &[]).await
+    }
+
+    /// [`Station::start_planned`] with more arguments for `station up` and more environment for
+    /// it and every service it runs.
+    pub async fn start_with(
         (dir, secrets): (tempfile::TempDir, Secrets),
         plan: Plan,
+        args: &[&str],
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Station> {
         let layout = Layout::new(&dir.path().join("station"));
         let mut cmd = Command::new(station_exe());
@@ -96,8 +116,10 @@ impl Station {
             .arg("--data-dir")
             .arg(&layout.root)
             .args(["--tap-rate", "0", "--soak-secs", &SOAK_SECS.to_string()])
+            .args(args)
             .stdin(Stdio::null())
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
         let log = std::fs::File::create(dir.path().join("station.log"))?;
         cmd.stdout(log.try_clone()?).stderr(log);
         let child = cmd.spawn().context("starting station")?;
@@ -179,6 +201,37 @@ impl Station {
             .filter_map(|l| l.split_once(": "))
             .filter_map(|(n, p)| Some((n.to_owned(), p.trim().parse().ok()?)))
             .collect()
+    }
+
+    /// Sends `signal` to the `station up` process itself (the supervisor of every service).
+    pub fn signal_supervisor(&self, signal: rustix::process::Signal) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("the station is not running")?;
+        let p = rustix::process::Pid::from_raw(child.id() as i32).context("bad pid")?;
+        rustix::process::kill_process(p, signal).context("signalling the station")?;
+        Ok(())
+    }
+
+    /// The whole ledger of node `id`, page by page from its API: `(index, gate, gate_seq, hash)`
+    /// per entry.
+    pub async fn ledger(&self, id: u16) -> anyhow::Result<Vec<LedgerRow>> {
+        let viewer = self.token("viewer");
+        let mut out = Vec::new();
+        let mut from = 1u64;
+        loop {
+            let page = self.get(id, &format!("/api/v1/ledger?from={from}&limit=1000"), &viewer).await?;
+            let entries = page.as_array().context("ledger page is not a list")?;
+            for e in entries {
+                let gate = e.pointer("/record/gate").and_then(Value::as_str).context("record.gate")?;
+                let seq = e.pointer("/record/gate_seq").and_then(Value::as_u64).context("record.gate_seq")?;
+                let index = e.get("index").and_then(Value::as_u64).context("index")?;
+                let hash = e.get("hash").and_then(Value::as_str).unwrap_or_default().to_owned();
+                out.push(LedgerRow { index, gate: gate.to_owned(), gate_seq: seq, hash });
+                from = index + 1;
+            }
+            if entries.len() < 1000 {
+                return Ok(out);
+            }
+        }
     }
 
     /// Sends `signal` to the service `name`.

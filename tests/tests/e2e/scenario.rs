@@ -137,26 +137,11 @@ async fn traffic_through_failover(st: &Station) -> anyhow::Result<BTreeSet<(Stri
     Ok(promised)
 }
 
-/// The whole ledger of node `id`: `(gate, gate_seq)` per entry, and the last hash.
+/// Node `id`'s ledger: `(gate, gate_seq)` per entry, and the last hash.
 async fn ledger(st: &Station, id: u16) -> anyhow::Result<(Vec<(String, u64)>, String)> {
-    let viewer = st.token("viewer");
-    let mut out = Vec::new();
-    let mut from = 1u64;
-    let mut last_hash = String::new();
-    loop {
-        let page = st.get(id, &format!("/api/v1/ledger?from={from}&limit=1000"), &viewer).await?;
-        let entries = page.as_array().context("ledger page is not a list")?;
-        for e in entries {
-            let gate = e.pointer("/record/gate").and_then(Value::as_str).context("record.gate")?;
-            let seq = e.pointer("/record/gate_seq").and_then(Value::as_u64).context("record.gate_seq")?;
-            out.push((gate.to_owned(), seq));
-            last_hash = e.get("hash").and_then(Value::as_str).unwrap_or_default().to_owned();
-            from = e.get("index").and_then(Value::as_u64).context("index")? + 1;
-        }
-        if entries.len() < 1000 {
-            return Ok((out, last_hash));
-        }
-    }
+    let rows = st.ledger(id).await?;
+    let hash = rows.last().map(|r| r.hash.clone()).unwrap_or_default();
+    Ok((rows.into_iter().map(|r| (r.gate, r.gate_seq)).collect(), hash))
 }
 
 async fn exactly_once(st: &Station, promised: &BTreeSet<(String, u64)>) -> anyhow::Result<()> {
