@@ -247,6 +247,12 @@ async fn run(
     let mut result = Ok(());
     for cut in 1..=cuts {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2_500))).await;
+        // What the ledger held (committed and applied) shortly before the cut: it must still be
+        // the start of every node's ledger afterwards, entry by entry, hash included.
+        let committed = match st.leader().await {
+            Ok(l) => st.ledger(l).await.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
         let before: BTreeSet<(String, u64)> = promises.lock().unwrap().clone();
         let t = Instant::now();
         let lost = match cut_power(st, mounts).await {
@@ -276,6 +282,10 @@ async fn run(
             });
             break;
         }
+        if let Err(f) = prefix_everywhere(st, cut, &committed).await {
+            result = Err(f);
+            break;
+        }
         eprintln!(
             "[powercut] cut {cut}/{cuts}: {lost} unsynced bytes forgotten, {} promises before it all in the ledger {:?} later",
             before.len(),
@@ -291,6 +301,44 @@ async fn run(
     }
     let promised = promises.lock().unwrap().clone();
     every_promise_once_everywhere(st, &promised, settle).await
+}
+
+/// Every node's ledger starts with `committed` (what was committed before the cut), and each is a
+/// prefix of the longest (or equal to it): no committed entry disappeared, no node forked.
+async fn prefix_everywhere(
+    st: &Station,
+    cut: usize,
+    committed: &[system_tests::LedgerRow],
+) -> Result<(), Finding> {
+    let mut ledgers = Vec::new();
+    for id in 1..=NODES {
+        let rows = eventually(&format!("node {id}'s ledger"), Duration::from_secs(30), || async {
+            let rows = st.ledger(id).await?;
+            // A restarted follower may still be re-applying its log: wait until it holds at least
+            // what was committed before the cut.
+            Ok((rows.len() >= committed.len()).then_some(rows))
+        })
+        .await
+        .map_err(|e| Finding::NoRecovery(format!("cut {cut}: {e:#}")))?;
+        ledgers.push((id, rows));
+    }
+    let longest = ledgers.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+    let reference =
+        ledgers.iter().find(|(_, r)| r.len() == longest).map(|(_, r)| r.clone()).unwrap_or_default();
+    for (id, rows) in &ledgers {
+        if rows[..committed.len()] != *committed {
+            let at = rows.iter().zip(committed).position(|(a, b)| a != b);
+            return Err(Finding::Diverged(format!(
+                "cut {cut}: node {id} no longer holds what was committed before the cut (first difference at position {at:?})"
+            )));
+        }
+        if reference[..rows.len()] != rows[..] {
+            return Err(Finding::Diverged(format!(
+                "cut {cut}: node {id}'s ledger is not a prefix of the longest"
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn every_promise_once_everywhere(
