@@ -60,7 +60,11 @@ impl FeedStore {
     /// Opens the feed stored under `station_dir`, checking that the items are numbered 1, 2, ….
     pub fn open(station: Ident, station_dir: &Path) -> Result<FeedStore, StoreError> {
         let dir = station_dir.join("feed");
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            // The items are synced in `feed/`; its own entry must survive a power cut too.
+            sync_dir(station_dir)?;
+        }
         let mut stored = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = entry.map_err(io_err(&dir))?.path();

@@ -5,5 +5,6 @@
 
 mod common;
 mod feed;
+mod powercut;
 mod robustness;
 mod upload;

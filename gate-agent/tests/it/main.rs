@@ -5,6 +5,7 @@
 mod harness;
 mod packages;
 mod plc;
+mod powercut;
 mod process;
 mod taps;
 mod tls;
