@@ -29,6 +29,7 @@ pub mod clearing_sync;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod group_commit;
 pub mod http;
 pub mod leader;
 pub mod network;

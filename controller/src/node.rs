@@ -55,6 +55,8 @@ pub struct Node {
     /// Read access to the state machine (shared with Raft).
     pub sm: StateMachineStore,
     pub config: Arc<Config>,
+    /// Proposals go through here: gate batches are packed into one entry (group commit).
+    pub group: crate::group_commit::GroupCommit,
     http: reqwest::Client,
 }
 
@@ -94,7 +96,8 @@ impl Node {
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let http = config.peer_client()?.build()?;
-        let node = Arc::new(Node { id: config.node_id, raft, sm, config: config.clone(), http });
+        let group = crate::group_commit::GroupCommit::start(raft.clone());
+        let node = Arc::new(Node { id: config.node_id, raft, sm, config: config.clone(), group, http });
         if config.bootstrap {
             node.bootstrap(was_empty).await?;
         }
@@ -117,8 +120,8 @@ impl Node {
     /// Commits `req` through the leader, wherever it is, and returns what applying it did.
     pub async fn write(&self, req: Request, hops: u32) -> Result<Response, NodeError> {
         self.leader_op("/admin/write", &req, hops, || async {
-            match self.raft.client_write(req.clone()).await {
-                Ok(r) => Ok(Attempt::Done(r.data)),
+            match self.group.write(req.clone()).await {
+                Ok(r) => Ok(Attempt::Done(r)),
                 Err(e) => forward_or_fail(e),
             }
         })

@@ -41,6 +41,16 @@ pub const MAX_UPLOADS: usize = 4;
 /// An upload not touched for this long is dropped (with its pieces) when another one starts.
 pub const UPLOAD_TTL_MS: i64 = 10 * 60 * 1000;
 
+/// One gate batch inside [`Request::AppendTxBatches`]: the fields of [`Request::AppendTxBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxBatchIn {
+    pub station: Ident,
+    pub gate: Ident,
+    pub records: Vec<TxRecord>,
+    /// ed25519 signature by the gate's key, hex.
+    pub signature: String,
+}
+
 /// A replicated command: the application data of a Raft log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -53,6 +63,10 @@ pub enum Request {
         /// ed25519 signature by the gate's key, hex.
         signature: String,
     },
+    /// Several gates' batches in one entry (group commit, [`crate::group_commit`]): applied one
+    /// after another exactly as that many [`Request::AppendTxBatch`]es, answered with
+    /// [`Response::AppendedMany`] in the same order.
+    AppendTxBatches { batches: Vec<TxBatchIn> },
     /// Registers a gate, or rotates its transaction-signing key.
     RegisterGate {
         gate: Ident,
@@ -239,6 +253,7 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::AppendTxBatch { .. } => "append_tx_batch",
+            Request::AppendTxBatches { .. } => "append_tx_batches",
             Request::RegisterGate { .. } => "register_gate",
             Request::PutPackage { .. } => "put_package",
             Request::PutPackagePiece { .. } => "put_package_piece",
@@ -318,6 +333,10 @@ pub enum Response {
         last_index: Option<u64>,
         /// The gate's contiguous high-water mark, for `tx/ack`.
         through_seq: u64,
+    },
+    /// The answers to a [`Request::AppendTxBatches`], one per batch, in order.
+    AppendedMany {
+        results: Vec<Response>,
     },
     GateRegistered {
         gate: Ident,
@@ -572,6 +591,12 @@ impl StationState {
             Request::AppendTxBatch { station, gate, records, signature } => {
                 self.append_batch(station, gate, records, signature, out)
             }
+            Request::AppendTxBatches { batches } => Response::AppendedMany {
+                results: batches
+                    .iter()
+                    .map(|b| self.append_batch(&b.station, &b.gate, &b.records, &b.signature, out))
+                    .collect(),
+            },
             Request::RegisterGate { gate, tx_public_key, hardware_profile } => {
                 self.register_gate(gate, tx_public_key, hardware_profile)
             }

@@ -1,7 +1,8 @@
 //! Task `tx-ingest`: gate batches into the replicated ledger, acked only after commit.
 //!
-//! Up to `mqtt.ingest_concurrency` batches are proposed at once; openraft packs concurrent
-//! proposals into one append, so many gate batches share one replication round and one fsync.
+//! Up to `mqtt.ingest_concurrency` batches are proposed at once, through the node's group commit
+//! ([`crate::group_commit`]): batches proposed together share one Raft entry, one replication
+//! round and one fsync per node.
 //! After a batch commits, `gates/{gate}/tx/ack {through_seq}` goes out (QoS 1) with the gate's
 //! contiguous high-water mark; a re-sent batch is a no-op in the state machine and is acked again.
 //! A batch the state machine refuses (unknown gate, bad signature, ...) is logged and counted,
@@ -62,8 +63,8 @@ pub(crate) async fn ingest_task(
 async fn propose(ctx: &Ctx, gate: &Ident, batch: TxBatch) -> Option<u64> {
     let records = batch.records.len();
     let started = Instant::now();
-    match ctx.node.raft.client_write(Request::from(batch)).await {
-        Ok(w) => match w.data {
+    match ctx.node.group.write(Request::from(batch)).await {
+        Ok(w) => match w {
             Response::Appended { appended, duplicates, deferred, through_seq, .. } => {
                 Stats::inc(&ctx.stats.tx_records_appended, u64::from(appended));
                 ctx.metrics.observe_append(started.elapsed(), u64::from(appended));

@@ -10,7 +10,8 @@
 //! membership or [`Request`] as JSON), or [`KIND_TX_BATCH`]: `str station ‖ str gate ‖
 //! str signature ‖ u32 count ‖ (u32 len ‖ canonical record)*`, where `str` is `u32 len ‖ UTF-8`, or
 //! [`KIND_PACKAGE_PIECE`]: `upload u64 ‖ index u32 ‖ at i64 ‖ u32 len ‖ bytes` (a package piece as
-//! raw bytes: base64 in JSON would make the largest entries a third larger and slow to encode).
+//! raw bytes: base64 in JSON would make the largest entries a third larger and slow to encode), or
+//! [`KIND_TX_BATCHES`] (group commit): `u32 n ‖ (tx batch body as in KIND_TX_BATCH)*`.
 //!
 //! Append RPC layout: `FORMAT ‖ u32 len ‖ JSON {vote, prev_log_id, leader_commit} ‖ u32 count ‖
 //! (u32 len ‖ entry)*`.
@@ -21,7 +22,7 @@ use openraft::raft::AppendEntriesRequest;
 use openraft::{CommittedLeaderId, EntryPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::state::Request;
+use crate::state::{Request, TxBatchIn};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 /// The version byte that starts every encoded entry and append body. JSON starts with `{`.
@@ -31,6 +32,7 @@ pub const KIND_MEMBERSHIP: u8 = 1;
 pub const KIND_JSON: u8 = 2;
 pub const KIND_TX_BATCH: u8 = 3;
 pub const KIND_PACKAGE_PIECE: u8 = 4;
+pub const KIND_TX_BATCHES: u8 = 5;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -130,12 +132,13 @@ pub fn encode_entry_into(entry: &Entry, out: &mut Vec<u8>) -> Result<(), CodecEr
         }
         EntryPayload::Normal(Request::AppendTxBatch { station, gate, records, signature }) => {
             out.push(KIND_TX_BATCH);
-            put_bytes(out, station.as_str().as_bytes())?;
-            put_bytes(out, gate.as_str().as_bytes())?;
-            put_bytes(out, signature.as_bytes())?;
-            put_u32(out, records.len())?;
-            for r in records {
-                put_bytes(out, &r.canonical_bytes())?;
+            put_tx_batch(out, station, gate, signature, records)?;
+        }
+        EntryPayload::Normal(Request::AppendTxBatches { batches }) => {
+            out.push(KIND_TX_BATCHES);
+            put_u32(out, batches.len())?;
+            for b in batches {
+                put_tx_batch(out, &b.station, &b.gate, &b.signature, &b.records)?;
             }
         }
         EntryPayload::Normal(Request::PutPackagePiece { upload, index, at, bytes }) => {
@@ -151,6 +154,36 @@ pub fn encode_entry_into(entry: &Entry, out: &mut Vec<u8>) -> Result<(), CodecEr
         }
     }
     Ok(())
+}
+
+fn put_tx_batch(
+    out: &mut Vec<u8>,
+    station: &Ident,
+    gate: &Ident,
+    signature: &str,
+    records: &[TxRecord],
+) -> Result<(), CodecError> {
+    put_bytes(out, station.as_str().as_bytes())?;
+    put_bytes(out, gate.as_str().as_bytes())?;
+    put_bytes(out, signature.as_bytes())?;
+    put_u32(out, records.len())?;
+    for r in records {
+        put_bytes(out, &r.canonical_bytes())?;
+    }
+    Ok(())
+}
+
+fn read_tx_batch(r: &mut Reader<'_>) -> Result<TxBatchIn, CodecError> {
+    let station = r.ident()?;
+    let gate = r.ident()?;
+    let signature = r.str()?.to_owned();
+    let count = r.u32()?;
+    // Each record takes at least a few bytes: bound the allocation by the input.
+    let mut records = Vec::with_capacity(count.min(r.0.len()));
+    for _ in 0..count {
+        records.push(TxRecord::from_canonical(r.bytes()?)?);
+    }
+    Ok(TxBatchIn { station, gate, records, signature })
 }
 
 /// The encoding of `entry`.
@@ -178,16 +211,16 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
         KIND_MEMBERSHIP => EntryPayload::Membership(serde_json::from_slice(r.take(r.0.len())?)?),
         KIND_JSON => EntryPayload::Normal(serde_json::from_slice(r.take(r.0.len())?)?),
         KIND_TX_BATCH => {
-            let station = r.ident()?;
-            let gate = r.ident()?;
-            let signature = r.str()?.to_owned();
-            let count = r.u32()?;
-            // Each record takes at least a few bytes: bound the allocation by the input.
-            let mut records = Vec::with_capacity(count.min(r.0.len()));
-            for _ in 0..count {
-                records.push(TxRecord::from_canonical(r.bytes()?)?);
-            }
+            let TxBatchIn { station, gate, records, signature } = read_tx_batch(&mut r)?;
             EntryPayload::Normal(Request::AppendTxBatch { station, gate, records, signature })
+        }
+        KIND_TX_BATCHES => {
+            let n = r.u32()?;
+            let mut batches = Vec::with_capacity(n.min(r.0.len()));
+            for _ in 0..n {
+                batches.push(read_tx_batch(&mut r)?);
+            }
+            EntryPayload::Normal(Request::AppendTxBatches { batches })
         }
         KIND_PACKAGE_PIECE => {
             let upload = r.u64()?;

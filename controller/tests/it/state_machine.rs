@@ -84,6 +84,35 @@ fn a_signed_batch_is_appended_with_contiguous_indexes_and_a_hash_chain() {
 }
 
 #[test]
+fn a_group_of_batches_applies_exactly_as_the_batches_one_by_one() {
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &register("g02", &gate_key(2)));
+    let (mut st1, mut items1) = (st.clone(), Items(items.0.clone()));
+    let parts = [
+        batch("g01", &gate_key(1), 1..=3),
+        batch("g02", &gate_key(2), 1..=2),
+        batch("g01", &gate_key(9), 4..=4),
+    ];
+    let one_by_one: Vec<Response> = parts.iter().map(|b| items1.apply(&mut st1, b)).collect();
+    let batches = parts
+        .iter()
+        .map(|b| match b.clone() {
+            Request::AppendTxBatch { station, gate, records, signature } => {
+                controller::state::TxBatchIn { station, gate, records, signature }
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let r = items.apply(&mut st, &Request::AppendTxBatches { batches });
+    assert_eq!(r, Response::AppendedMany { results: one_by_one.clone() });
+    // The forged third batch is refused on its own; the others are appended.
+    assert!(matches!(one_by_one[2], Response::Rejected { .. }), "{one_by_one:?}");
+    assert_eq!(items.ledger(), items1.ledger());
+    assert_eq!(st.last_hash, st1.last_hash);
+    assert_eq!(items.ledger().len(), 5);
+}
+
+#[test]
 fn a_resent_batch_is_not_counted_twice() {
     let (mut st, mut items) = setup();
     items.apply(&mut st, &batch("g01", &gate_key(1), 1..=3));

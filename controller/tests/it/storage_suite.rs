@@ -54,7 +54,19 @@ mod codec {
                     bytes: (0..5000u32).map(|i| i as u8).collect(),
                 }),
             },
+            Entry { log_id: log_id(2, 3, 6), payload: EntryPayload::Normal(group_of_two()) },
         ]
+    }
+
+    /// Two gates' batches in one entry (group commit).
+    fn group_of_two() -> Request {
+        let one = |gate: &str, key: u8, seqs| match batch(gate, &gate_key(key), seqs) {
+            Request::AppendTxBatch { station, gate, records, signature } => {
+                controller::state::TxBatchIn { station, gate, records, signature }
+            }
+            other => panic!("{other:?}"),
+        };
+        Request::AppendTxBatches { batches: vec![one("g01", 1, 6..=8), one("g02", 2, 1..=2)] }
     }
 
     #[test]

@@ -76,7 +76,14 @@ fn frame_len(payload: usize) -> u64 {
 impl Log {
     /// Opens the log in `dir`, dropping records at or below `acked` and any torn tail.
     pub fn open(dir: &Path, acked: u64) -> io::Result<Log> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            // The log's own directory entry must survive a power cut, or every segment in it
+            // (and every gate_seq they hold) would be unreachable.
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
         let mut names: Vec<(u64, PathBuf)> = Vec::new();
         for e in std::fs::read_dir(dir)? {
             let e = e?;
