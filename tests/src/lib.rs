@@ -214,9 +214,14 @@ impl Station {
     /// The whole ledger of node `id`, page by page from its API: `(index, gate, gate_seq, hash)`
     /// per entry.
     pub async fn ledger(&self, id: u16) -> anyhow::Result<Vec<LedgerRow>> {
+        self.ledger_from(id, 1).await
+    }
+
+    /// Node `id`'s ledger from index `from` on.
+    pub async fn ledger_from(&self, id: u16, from: u64) -> anyhow::Result<Vec<LedgerRow>> {
         let viewer = self.token("viewer");
         let mut out = Vec::new();
-        let mut from = 1u64;
+        let mut from = from;
         loop {
             let page = self.get(id, &format!("/api/v1/ledger?from={from}&limit=1000"), &viewer).await?;
             let entries = page.as_array().context("ledger page is not a list")?;

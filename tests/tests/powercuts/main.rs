@@ -217,15 +217,14 @@ async fn cut_power(st: &Station, mounts: &mut [PowerCutFs]) -> anyhow::Result<u6
     Ok(lost)
 }
 
-/// The leader's ledger, once every node answers and a leader is elected.
-async fn recovered_ledger(st: &Station, within: Duration) -> anyhow::Result<Vec<system_tests::LedgerRow>> {
+/// Waits until every node answers and a leader is elected; that leader.
+async fn recovered_leader(st: &Station, within: Duration) -> anyhow::Result<u16> {
     eventually("every node up and a leader", within, || async {
         let viewer = st.token("viewer");
         for id in 1..=NODES {
             st.get(id, "/api/v1/cluster", &viewer).await?;
         }
-        let leader = st.leader().await?;
-        Ok(Some(st.ledger(leader).await?))
+        Ok(Some(st.leader().await?))
     })
     .await
 }
@@ -245,14 +244,20 @@ async fn run(
     let leaders = watch_leaders(st, &stop);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut result = Ok(());
+    let mut known: Vec<system_tests::LedgerRow> = Vec::new();
     for cut in 1..=cuts {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2_500))).await;
         // What the ledger held (committed and applied) shortly before the cut: it must still be
-        // the start of every node's ledger afterwards, entry by entry, hash included.
-        let committed = match st.leader().await {
-            Ok(l) => st.ledger(l).await.unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
+        // the start of every node's ledger afterwards, entry by entry, hash included. Read
+        // incrementally: `known` was checked after the previous cut.
+        if let Ok(l) = st.leader().await {
+            if let Ok(tail) = st.ledger_from(l, known.len() as u64 + 1).await {
+                if tail.first().is_none_or(|r| r.index == known.len() as u64 + 1) {
+                    known.extend(tail);
+                }
+            }
+        }
+        let committed = known.clone();
         let before: BTreeSet<(String, u64)> = promises.lock().unwrap().clone();
         let t = Instant::now();
         let lost = match cut_power(st, mounts).await {
@@ -262,12 +267,20 @@ async fn run(
                 break;
             }
         };
+        if let Err(f) = prefix_everywhere(st, cut, &committed, settle).await {
+            result = Err(f);
+            break;
+        }
         // Every promise made before the cut comes back: unacknowledged ones are re-sent by their
         // gate; an acknowledged one the ledger lost never would.
+        let in_committed: BTreeSet<(String, u64)> =
+            committed.iter().map(|r| (r.gate.clone(), r.gate_seq)).collect();
         let missing = Mutex::new(Vec::new());
         let back = eventually(&format!("cut {cut}: every earlier promise in the ledger"), settle, || async {
-            let rows = recovered_ledger(st, settle).await?;
-            let have: BTreeSet<(String, u64)> = rows.into_iter().map(|r| (r.gate, r.gate_seq)).collect();
+            let leader = recovered_leader(st, settle).await?;
+            let tail = st.ledger_from(leader, committed.len() as u64 + 1).await?;
+            let mut have = in_committed.clone();
+            have.extend(tail.into_iter().map(|r| (r.gate, r.gate_seq)));
             let gone: Vec<_> = before.difference(&have).cloned().collect();
             let done = gone.is_empty();
             *missing.lock().unwrap() = gone;
@@ -280,10 +293,6 @@ async fn run(
                 None => Finding::NoRecovery(format!("cut {cut}: {e:#}")),
                 Some(example) => Finding::Lost { cut, missing: missing.len(), example: example.clone() },
             });
-            break;
-        }
-        if let Err(f) = prefix_everywhere(st, cut, &committed).await {
-            result = Err(f);
             break;
         }
         eprintln!(
@@ -303,36 +312,41 @@ async fn run(
     every_promise_once_everywhere(st, &promised, settle).await
 }
 
-/// Every node's ledger starts with `committed` (what was committed before the cut), and each is a
-/// prefix of the longest (or equal to it): no committed entry disappeared, no node forked.
+/// Every node's ledger starts with `committed` (what was committed before the cut: the ledger is
+/// a hash chain, so the same hash at its last index means the same prefix), and what each holds
+/// after it is, entry by entry, a prefix of the longest: no committed entry disappeared, no node
+/// forked.
 async fn prefix_everywhere(
     st: &Station,
     cut: usize,
     committed: &[system_tests::LedgerRow],
+    settle: Duration,
 ) -> Result<(), Finding> {
-    let mut ledgers = Vec::new();
+    let n = committed.len() as u64;
+    let mut tails = Vec::new();
     for id in 1..=NODES {
-        let rows = eventually(&format!("node {id}'s ledger"), Duration::from_secs(30), || async {
-            let rows = st.ledger(id).await?;
-            // A restarted follower may still be re-applying its log: wait until it holds at least
+        let rows = eventually(&format!("node {id}'s ledger"), settle, || async {
+            // A restarted node may still be re-applying its log: wait until it holds at least
             // what was committed before the cut.
-            Ok((rows.len() >= committed.len()).then_some(rows))
+            let rows = st.ledger_from(id, n.max(1)).await?;
+            Ok((n == 0 || rows.first().is_some_and(|r| r.index == n)).then_some(rows))
         })
         .await
         .map_err(|e| Finding::NoRecovery(format!("cut {cut}: {e:#}")))?;
-        ledgers.push((id, rows));
-    }
-    let longest = ledgers.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
-    let reference =
-        ledgers.iter().find(|(_, r)| r.len() == longest).map(|(_, r)| r.clone()).unwrap_or_default();
-    for (id, rows) in &ledgers {
-        if rows[..committed.len()] != *committed {
-            let at = rows.iter().zip(committed).position(|(a, b)| a != b);
+        let (at_n, tail) = if n == 0 { (None, rows) } else { (rows.first().cloned(), rows[1..].to_vec()) };
+        if n > 0 && at_n.as_ref() != committed.last() {
             return Err(Finding::Diverged(format!(
-                "cut {cut}: node {id} no longer holds what was committed before the cut (first difference at position {at:?})"
+                "cut {cut}: node {id} no longer holds what was committed before the cut: at index {n} it has {at_n:?}, before the cut {:?}",
+                committed.last()
             )));
         }
-        if reference[..rows.len()] != rows[..] {
+        tails.push((id, tail));
+    }
+    let longest = tails.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
+    let reference =
+        tails.iter().find(|(_, t)| t.len() == longest).map(|(_, t)| t.clone()).unwrap_or_default();
+    for (id, tail) in &tails {
+        if reference[..tail.len()] != tail[..] {
             return Err(Finding::Diverged(format!(
                 "cut {cut}: node {id}'s ledger is not a prefix of the longest"
             )));
@@ -347,7 +361,7 @@ async fn every_promise_once_everywhere(
     settle: Duration,
 ) -> Result<(), Finding> {
     let rows = eventually("every promise in the ledger", settle, || async {
-        let rows = recovered_ledger(st, settle).await?;
+        let rows = st.ledger(recovered_leader(st, settle).await?).await?;
         let have: BTreeSet<(String, u64)> = rows.iter().map(|r| (r.gate.clone(), r.gate_seq)).collect();
         Ok(promised.is_subset(&have).then_some(rows))
     })
