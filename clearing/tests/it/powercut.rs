@@ -13,8 +13,6 @@
 //! Seed: `POWERCUT_SEED` (printed either way). Without FUSE the test prints SKIPPED, and fails
 //! under `CI=true`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,96 +31,26 @@ const CHAIN: u64 = 120_000;
 /// How long a restarted server may take to answer `/healthz`.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
-fn available() -> bool {
-    match PowerCutFs::available() {
-        Ok(()) => true,
-        Err(why) => {
-            assert!(std::env::var("CI").map_or(true, |v| v != "true"), "FUSE is missing under CI: {why}");
-            eprintln!("SKIPPED: the power-cut filesystem cannot be mounted here: {why}");
-            false
-        }
-    }
-}
+use ::powercut::service::{available_or_skip as available, seed_from_env as seed, Service};
 
-fn seed() -> u64 {
-    std::env::var("POWERCUT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    })
-}
-
-fn tail(log: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The server process; SIGKILLed on drop.
-struct ServerProc {
-    child: Option<Child>,
-    args: Vec<String>,
-    log: PathBuf,
-    base: String,
-    starts: usize,
-}
-
-impl ServerProc {
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "one server at a time");
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        self.starts += 1;
-        let child = Command::new(env!("CARGO_BIN_EXE_clearing-server"))
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "the server exited by itself ({status}) after start {}; log tail:\n{}",
-                    self.starts,
-                    tail(&self.log, 40)
-                );
+/// Waits until the running server answers `/healthz`; panics with its log if it exited or hangs.
+async fn wait_ready(server: &mut Service, base: &str) {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        server.assert_running();
+        if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
+            if r.status().is_success() {
+                return;
             }
         }
-    }
-
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            self.assert_running();
-            if let Ok(r) = http.get(format!("{}/healthz", self.base)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server (start {}) not ready in {START_DEADLINE:?}; log tail:\n{}",
-                self.starts,
-                tail(&self.log, 40)
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        self.kill();
+        assert!(
+            Instant::now() < deadline,
+            "the server (start {}) not ready in {START_DEADLINE:?}; log tail:\n{}",
+            server.started(),
+            server.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -230,8 +158,13 @@ async fn a_clearing_server_cut_off_at_random_moments_keeps_every_acknowledged_ba
     ]
     .map(String::from)
     .to_vec();
-    let mut server =
-        ServerProc { child: None, args, log: dir.path().join("server.log"), base: base.clone(), starts: 0 };
+    let args = args.into_iter().map(Into::into).collect();
+    let mut server = Service::new(
+        "the server",
+        env!("CARGO_BIN_EXE_clearing-server"),
+        args,
+        dir.path().join("server.log"),
+    );
     let config = ClientConfig {
         connect_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_secs(5),
@@ -239,8 +172,8 @@ async fn a_clearing_server_cut_off_at_random_moments_keeps_every_acknowledged_ba
     };
     let client = ClearingClient::new(&base, TOKEN, config).unwrap();
 
-    server.start();
-    server.wait_ready().await;
+    server.start().unwrap();
+    wait_ready(&mut server, &base).await;
     let progress: Arc<Mutex<Progress>> = Arc::default();
     let stop = CancellationToken::new();
     let uploading =
@@ -257,9 +190,9 @@ async fn a_clearing_server_cut_off_at_random_moments_keeps_every_acknowledged_ba
         let report = fs.cut().unwrap();
         server.kill();
         fs.restore().unwrap();
-        server.start();
+        server.start().unwrap();
         let restarted = Instant::now();
-        server.wait_ready().await;
+        wait_ready(&mut server, &base).await;
         // Acks still in flight at the kill have been read by now or never will be; any later ack
         // is also in the watermark read after it.
         let promised = acked();
@@ -274,7 +207,7 @@ async fn a_clearing_server_cut_off_at_random_moments_keeps_every_acknowledged_ba
             w.acked_through >= promised,
             "cut {n}: the server acknowledged through {promised} but holds only {} after the restart; log tail:\n{}",
             w.acked_through,
-            tail(&server.log, 20)
+            server.log_tail(20)
         );
         let ours = if w.acked_through == 0 { GENESIS_HASH } else { chain[w.acked_through as usize - 1].hash };
         assert_eq!(w.last_hash, ours, "cut {n}: the hash at the watermark is not the chain's");
@@ -306,7 +239,7 @@ async fn a_clearing_server_cut_off_at_random_moments_keeps_every_acknowledged_ba
         "seed {seed}: {} cuts, {} starts, {} batches acknowledged, {} reconciles, chain held through {held} \
          (acknowledged {}); fs: {} fsyncs, {} dir fsyncs, {} MB written; {:?}",
         fs_stats.cuts,
-        server.starts,
+        server.started(),
         p.batches_acked,
         p.reconciles,
         p.highest_acked,

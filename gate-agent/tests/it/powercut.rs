@@ -17,8 +17,6 @@
 //! under `CI=true`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,88 +40,8 @@ const BLACKLIST_BEFORE_CUT: [usize; 3] = [2, 5, 8];
 /// How long a restarted agent may take to answer its first tap.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
-pub fn powercut_available() -> bool {
-    match PowerCutFs::available() {
-        Ok(()) => true,
-        Err(why) => {
-            assert!(std::env::var("CI").map_or(true, |v| v != "true"), "FUSE is missing under CI: {why}");
-            eprintln!("SKIPPED: the power-cut filesystem cannot be mounted here: {why}");
-            false
-        }
-    }
-}
-
-pub fn powercut_seed() -> u64 {
-    std::env::var("POWERCUT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    })
-}
-
-/// The last lines of a log file, for a failure message.
-pub fn tail(log: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The agent process; SIGKILLed on drop.
-struct AgentProc {
-    child: Option<Child>,
-    config: PathBuf,
-    log: PathBuf,
-    /// Extra environment of the agent process.
-    env: Vec<(String, String)>,
-    /// Agents started so far; the number of the one running.
-    starts: Arc<AtomicUsize>,
-}
-
-impl AgentProc {
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "one agent at a time");
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        self.starts.fetch_add(1, Ordering::SeqCst);
-        let child = Command::new(env!("CARGO_BIN_EXE_gate-agent"))
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .envs(self.env.iter().cloned())
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// Panics with the log's tail if the agent has exited by itself.
-    fn assert_running(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "the agent exited by itself ({status}) after start {}; log tail:\n{}",
-                    self.started(),
-                    tail(&self.log, 40)
-                );
-            }
-        }
-    }
-
-    fn started(&self) -> usize {
-        self.starts.load(Ordering::SeqCst)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use ::powercut::service::Service;
+pub use ::powercut::service::{available_or_skip as powercut_available, seed_from_env as powercut_seed};
 
 /// A passenger after another at one reader, until `stop`, riding out the agent being down.
 /// Every answer that carries a gate_seq is pushed to `promises`.
@@ -179,7 +97,7 @@ struct Promise {
 type Promises = Arc<Mutex<Vec<Promise>>>;
 
 /// Waits until the running agent answered more than `at_least` taps with a gate_seq.
-async fn wait_ready(agent: &mut AgentProc, promises: &Promises, at_least: usize) {
+async fn wait_ready(agent: &mut Service, promises: &Promises, at_least: usize) {
     let start = agent.started();
     let deadline = Instant::now() + START_DEADLINE;
     while promises.lock().unwrap().iter().filter(|p| p.start == start).count() <= at_least {
@@ -187,7 +105,7 @@ async fn wait_ready(agent: &mut AgentProc, promises: &Promises, at_least: usize)
         assert!(
             Instant::now() < deadline,
             "the agent (start {start}) answered no tap in {START_DEADLINE:?}; log tail:\n{}",
-            tail(&agent.log, 40)
+            agent.log_tail(40)
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -275,14 +193,14 @@ async fn power_cuts(
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("package_timeout_ms = 1500", "package_timeout_ms = 30000")).unwrap();
     let log = dir.path().join("agent.log");
-    let env = agent_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let mut agent = AgentProc { child: None, config, log, env, starts: Arc::default() };
+    let args = vec!["--config".into(), config.into_os_string()];
+    let mut agent = Service::new("the agent", env!("CARGO_BIN_EXE_gate-agent"), args, log).env(agent_env);
 
     let promises: Promises = Arc::default();
     let stop = CancellationToken::new();
-    let tapping = tokio::spawn(traffic(reader, promises.clone(), agent.starts.clone(), stop.clone()));
+    let tapping = tokio::spawn(traffic(reader, promises.clone(), agent.starts(), stop.clone()));
 
-    agent.start();
+    agent.start().unwrap();
     wait_ready(&mut agent, &promises, 0).await;
     let mut blacklists = blacklists;
     let mut packages: Vec<(u64, Vec<u8>)> = vec![];
@@ -320,7 +238,7 @@ async fn power_cuts(
         let report = fs.cut().unwrap();
         agent.kill();
         fs.restore().unwrap();
-        agent.start();
+        agent.start().unwrap();
         let restarted = Instant::now();
         wait_ready(&mut agent, &promises, 0).await;
         let ready_after = restarted.elapsed();

@@ -56,6 +56,7 @@
 //! [`cut`]: PowerCutFs::cut
 
 mod fuse;
+pub mod service;
 mod tree;
 
 use std::io;

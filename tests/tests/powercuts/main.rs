@@ -41,28 +41,7 @@ static ONE_STATION_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const
 /// The pause between two taps at one gate (8 gates: about 60 transactions a second).
 const TAP_GAP: Duration = Duration::from_millis(120);
 
-fn available() -> bool {
-    match PowerCutFs::available() {
-        Ok(()) => true,
-        Err(why) => {
-            assert!(
-                std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-                "FUSE is missing under CI: {why}"
-            );
-            eprintln!("SKIPPED: the power-cut filesystem cannot be mounted here: {why}");
-            false
-        }
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("POWERCUT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    })
-}
+use powercut::service::{available_or_skip as available, seed_from_env as seed};
 
 /// What a run found wrong.
 #[derive(Debug)]
