@@ -676,6 +676,9 @@ pub enum AlarmKind {
     PackageRejected,
     /// The controllers have been unreachable longer than the release-on-loss policy allows.
     ControllerLost,
+    /// A `tx/ack` above the last gate_seq this gate ever used was refused (forged, or from
+    /// another gate's ledger): acting on it would drop records nobody holds and wrap gate_seq.
+    AckBeyondLastSeq,
     /// A kind this build does not know.
     #[serde(other)]
     Other,

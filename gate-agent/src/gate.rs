@@ -353,7 +353,19 @@ impl Gate {
 
     /// The controllers committed every gate_seq up to `through`: drop them from the outbox.
     pub fn on_tx_ack(&self, through: u64) -> Result<usize, StoreError> {
-        let n = self.store.ack(through)?;
+        let n = match self.store.ack(through) {
+            Err(StoreError::AckBeyondLastSeq { through, last }) => {
+                tracing::warn!(through, last, "tx/ack above the last gate_seq used: refused");
+                self.metrics.malformed("tx_ack_beyond_last_seq");
+                self.event(
+                    AlarmKind::AckBeyondLastSeq,
+                    false,
+                    Some(format!("through {through}, last {last}")),
+                );
+                return Ok(0);
+            }
+            other => other?,
+        };
         self.metrics.acked_seq.fetch_max(through, Ordering::Relaxed);
         self.update_outbox_metrics();
         Ok(n)

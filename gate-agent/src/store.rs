@@ -45,6 +45,8 @@ pub enum StoreError {
     Full { bytes: u64, capacity: u64 },
     #[error("stored value {0} is corrupt")]
     Corrupt(&'static str),
+    #[error("an ack through gate_seq {through} is above the last gate_seq used, {last}")]
+    AckBeyondLastSeq { through: u64, last: u64 },
 }
 
 const ACKED_THROUGH: &[u8] = b"acked_through";
@@ -179,8 +181,15 @@ impl Store {
 
     /// Removes every record with gate_seq ≤ `through`; returns how many were removed. The
     /// acknowledged point is made durable first, so the numbers stay above it after a restart.
+    /// Refused ([`StoreError::AckBeyondLastSeq`], nothing changes) when `through` is above the
+    /// last gate_seq ever used: no ledger can hold what this gate never numbered, and taking it
+    /// would drop the outbox and make every later gate_seq start above it.
     pub fn ack(&self, through: u64) -> Result<usize, StoreError> {
         let prev = self.acked_through()?;
+        let last = self.log().last_seq().max(prev);
+        if through > last {
+            return Err(StoreError::AckBeyondLastSeq { through, last });
+        }
         if through > prev {
             self.meta.insert(ACKED_THROUGH, &be(through))?;
             self.sync()?;
@@ -267,6 +276,20 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ack_above_the_last_gate_seq_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        for _ in 1..=3u64 {
+            s.append(|seq| format!("r{seq}").into_bytes()).unwrap();
+        }
+        assert!(matches!(s.ack(u64::MAX), Err(StoreError::AckBeyondLastSeq { through: u64::MAX, last: 3 })));
+        assert!(matches!(s.ack(4), Err(StoreError::AckBeyondLastSeq { last: 3, .. })));
+        assert_eq!((s.depth(), s.acked_through().unwrap()), (3, 0));
+        assert_eq!(s.append(|_| b"x".to_vec()).unwrap(), 4);
+        assert_eq!(s.ack(4).unwrap(), 4);
+    }
 
     #[test]
     fn gate_seq_survives_a_restart_and_acks_remove_only_what_they_cover() {

@@ -68,6 +68,7 @@ fn alarm() -> impl Strategy<Value = AlarmKind> {
         AlarmKind::ClockDrift,
         AlarmKind::PackageRejected,
         AlarmKind::ControllerLost,
+        AlarmKind::AckBeyondLastSeq,
         AlarmKind::Other,
     ])
 }

@@ -61,3 +61,44 @@ async fn commands_over_mqtt_are_executed_and_acked() {
     let (s, ok) = plc.sim.wait_for(DEADLINE, |s| s.entries_total == 1).await;
     assert!(ok, "{s:?}");
 }
+
+#[tokio::test]
+async fn a_forged_ack_above_the_last_gate_seq_changes_nothing_and_raises_an_alarm() {
+    let plc = plc().await;
+    let port = free_port();
+    start_broker(port).await;
+    let controller = Controller::connect(port).await;
+    controller.acking.store(false, Ordering::SeqCst);
+    let agent = Agent::start(port, &plc).await;
+    agent.seed_defaults();
+    let mut reader = agent.reader().await;
+    for i in 0..5u64 {
+        reader.tap(&svc_tap(Direction::Entry, card(3104_0000_0000_3000 + i, 1000, None))).await.unwrap();
+    }
+    let g = agent.running.gate.clone();
+    eventually("five records uploaded", || (controller.ledger_len() == 5).then_some(())).await;
+    let topic = afc_domain::topic::Topic::GateTxAck {
+        station: afc_domain::model::Ident::new(STATION).unwrap(),
+        gate: afc_domain::model::Ident::new(GATE).unwrap(),
+    };
+    let forged = afc_domain::wire::encode(&afc_domain::wire::TxAck { through_seq: u64::MAX });
+    controller.publish(topic.to_string(), false, forged).await;
+    eventually("the alarm", || {
+        controller
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == afc_domain::wire::AlarmKind::AckBeyondLastSeq)
+            .then_some(())
+    })
+    .await;
+    // Nothing was dropped and numbering goes on from where it was.
+    assert_eq!(g.store().depth(), 5);
+    assert_eq!(g.store().acked_through().unwrap(), 0);
+    let r = reader.tap(&svc_tap(Direction::Entry, card(3104_0000_0000_3100, 1000, None))).await.unwrap();
+    assert!(matches!(r, ReaderReply::Response(ref r) if r.gate_seq == Some(6)), "{r:?}");
+    // A true ack still works.
+    controller.acking.store(true, Ordering::SeqCst);
+    eventually("the outbox to drain", || (g.store().depth() == 0).then_some(())).await;
+}
