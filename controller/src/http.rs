@@ -1,10 +1,13 @@
 //! The Raft/admin HTTP listener (actix-web): peer RPCs under `/raft/`, cluster management and
 //! replicated writes and forwarded gate commands under `/admin/`, `GET /healthz`. Everything but `/healthz` needs the cluster
-//! secret. Errors are JSON `{code, message}`; [`NodeError`] is mapped to a status here, only here.
+//! secret, checked before a body is read. Errors are JSON `{code, message}`; [`NodeError`] is mapped to a status here, only here.
 
 use std::sync::Arc;
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
+use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use openraft::raft::{InstallSnapshotRequest, VoteRequest};
 use serde::{Deserialize, Serialize};
@@ -62,6 +65,21 @@ fn authorize(req: &HttpRequest, node: &Node) -> Result<(), NodeError> {
     } else {
         Err(NodeError::Unauthorized)
     }
+}
+
+/// Refuses a request without the cluster secret before anything reads its body (a body of up to
+/// [`JSON_LIMIT`] is read only for a peer that proved it knows the secret). The handlers check
+/// again ([`authorize`]); `/healthz` is open.
+async fn secret_first(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<actix_web::body::EitherBody<impl MessageBody>>, actix_web::Error> {
+    let allowed = req.path() == "/healthz"
+        || req.app_data::<Shared>().is_some_and(|node| authorize(req.request(), node).is_ok());
+    if !allowed {
+        return Ok(req.into_response(NodeError::Unauthorized.error_response()).map_into_right_body());
+    }
+    next.call(req).await.map(ServiceResponse::map_into_left_body)
 }
 
 fn hops(req: &HttpRequest) -> u32 {
@@ -226,7 +244,9 @@ async fn healthz() -> HttpResponse {
 /// Registers every route of the Raft/admin listener. `duties` answers forwarded gate commands.
 pub fn configure(node: Arc<Node>, duties: Option<Arc<Duties>>) -> impl Fn(&mut web::ServiceConfig) + Clone {
     move |cfg: &mut web::ServiceConfig| {
-        cfg.app_data(web::Data::new(node.clone()))
+        let routes = web::scope("")
+            .wrap(from_fn(secret_first))
+            .app_data(web::Data::new(node.clone()))
             .app_data(web::Data::new(duties.clone()))
             .app_data(web::JsonConfig::default().limit(JSON_LIMIT))
             .app_data(web::PayloadConfig::default().limit(JSON_LIMIT))
@@ -242,5 +262,6 @@ pub fn configure(node: Arc<Node>, duties: Option<Arc<Duties>>) -> impl Fn(&mut w
             .route("/admin/gate-command", web::post().to(gate_command))
             .route("/admin/gate-view", web::post().to(gate_view))
             .route("/healthz", web::get().to(healthz));
+        cfg.service(routes);
     }
 }

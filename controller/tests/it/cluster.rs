@@ -68,6 +68,23 @@ async fn writes_sent_to_any_node_reach_all_three_and_resent_or_forged_batches_ch
     let r =
         c.http.post(format!("http://{}/admin/write", c.addr(1))).json(&batch("g01", &key, [1])).send().await;
     assert_eq!(r.unwrap().status(), 401);
+    // ... before its body is read: a stranger announcing 200 MiB gets the 401 without sending it.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(c.addr(1)).await.unwrap();
+        let head = format!(
+            "POST /raft/append HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            200 * 1024 * 1024
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+            .await
+            .expect("no answer before the body: the listener waits to read 200 MiB from a stranger")
+            .unwrap();
+        let head = String::from_utf8_lossy(&answer[..n]);
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    }
 
     // SIGTERM: the node shuts down in order and exits cleanly.
     let victim = c.nodes.get_mut(&3).unwrap();
