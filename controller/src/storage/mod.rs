@@ -13,9 +13,8 @@
 //! `fdatasync` of its blob files and data file and `fsync` of its directories: sled's own flush
 //! survives a crash but not a power cut). `append` reports entries only once synced; `save_vote`,
 //! `truncate` and the purge point are synced before returning; `apply` writes the applied data and
-//! `last_applied` in one atomic batch, made durable by the next sync (an append's, or the one that
-//! records a snapshot): what a cut takes from the state machine is re-applied from the durable log,
-//! and an entry at or below `last_applied` is skipped.
+//! `last_applied` in one atomic batch and syncs it before returning; an entry at or below
+//! `last_applied` is skipped.
 //! Concurrent syncs share one (group commit), so appends and applies of different batches
 //! coalesce into one `fdatasync`.
 

@@ -275,13 +275,11 @@ impl StateMachineStore {
         }
         let mut batch = to_batch(writes);
         batch.insert(keys::STATE, serde_json::to_vec(&state)?);
-        // One atomic batch: the data and `last_applied` are durable together or not at all. Not
-        // synced here: every applied entry is already durable in the log (on a quorum), so a cut
-        // that loses the last applies only moves `last_applied` back and openraft re-applies
-        // those entries from the log at start (idempotently, to the same hashes). The next
-        // append's sync covers these writes (one sled database), and a snapshot is recorded only
-        // after a sync, so the log is never purged past what the state machine holds durably.
+        // One atomic batch: the data and `last_applied` are durable together or not at all, and
+        // synced before the apply returns (so before a gate is acked on it). The sync is shared
+        // with concurrent appends (one sled database, group commit in `afc_sled`).
         tree.apply_batch(batch)?;
+        super::sync(&self.inner.db).await?;
         self.inner.live.write().map_err(lock_err)?.state = state;
         Ok(responses)
     }
