@@ -50,7 +50,7 @@ struct Args {
     soak_secs: u64,
     /// The longest wait before restarting a service that keeps dying (backoff doubles from 0.5 s);
     /// fault-injection tests that cut power every few seconds set it low.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = crate::supervise::BACKOFF_MAX.as_millis() as u64)]
     restart_backoff_max_ms: u64,
 }
 

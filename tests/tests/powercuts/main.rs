@@ -345,10 +345,7 @@ async fn every_promise_once_everywhere(
         Ok(promised.is_subset(&have).then_some(rows))
     })
     .await
-    .map_err(|e| {
-        let missing = promised.len();
-        Finding::NoRecovery(format!("{e:#} ({missing} promised)"))
-    })?;
+    .map_err(|e| Finding::NoRecovery(format!("{e:#} ({} promised)", promised.len())))?;
     let keys: Vec<(String, u64)> = rows.iter().map(|r| (r.gate.clone(), r.gate_seq)).collect();
     let unique: BTreeSet<_> = keys.iter().cloned().collect();
     if unique.len() != keys.len() {
