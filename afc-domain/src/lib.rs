@@ -14,6 +14,7 @@
 //! - [`rollout`]: the staged rollout state machine (canary, soak, all gates, rollback by republish)
 //!   and the second-operator guard for mass blacklist insertions.
 //! - [`wire`] and [`topic`]: the JSON messages and topic names of SPEC §5.
+//! - [`signed`]: the signed envelope of every MQTT message that steers a gate or a controller.
 //! - [`varint`]: the small integer codec the compact encodings share.
 
 pub mod blacklist;
@@ -25,6 +26,7 @@ pub mod network;
 pub mod package;
 pub mod qr;
 pub mod rollout;
+pub mod signed;
 pub mod topic;
 pub mod varint;
 pub mod wire;

@@ -542,6 +542,11 @@ pub struct TxBatch {
     pub records: Vec<TxRecord>,
     /// Hex of the 64-byte ed25519 signature over the batch (see `ledger`).
     pub signature: String,
+    /// The gate's installation id (made once when its store is created; a replaced gate has a new
+    /// one). The controller's `tx/ack` names it, so an ack meant for an earlier installation of
+    /// the same gate id changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installation: Option<String>,
 }
 
 impl TxBatch {
@@ -552,10 +557,14 @@ impl TxBatch {
 }
 
 /// `gates/{gate}/tx/ack`: every gate_seq up to here is committed; the gate may drop them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxAck {
     /// The highest contiguous gate_seq committed to the ledger.
     pub through_seq: u64,
+    /// The installation of the gate whose batch this acks (from [`TxBatch::installation`]); a
+    /// gate takes only acks naming its own installation.
+    #[serde(default)]
+    pub installation: Option<String>,
 }
 
 /// Where a gate is with one package.
@@ -616,19 +625,22 @@ impl CommandKind {
 pub struct Command {
     /// Unique per command; the gate executes an id at most once and acks with it.
     pub id: String,
+    /// The gate this command is for; a gate refuses a command naming another gate.
+    pub gate: Ident,
     /// What to do (the `command` and `args` fields).
     #[serde(flatten)]
     pub command: CommandKind,
     /// After this instant the gate answers `expired` instead of acting: an "open once" must not
     /// fire minutes later when a delayed message arrives. Mirrors the MQTT message expiry.
-    #[serde(default)]
-    pub expires_at: Option<Timestamp>,
+    /// Required: a gate remembers executed ids until their expiry, so a redelivered command
+    /// (after a restart too) never runs twice.
+    pub expires_at: Timestamp,
 }
 
 impl Command {
     /// Whether the command has expired at `now`.
     pub fn is_expired(&self, now: Timestamp) -> bool {
-        self.expires_at.is_some_and(|e| now >= e)
+        now >= self.expires_at
     }
 }
 
@@ -679,6 +691,9 @@ pub enum AlarmKind {
     /// A `tx/ack` above the last gate_seq this gate ever used was refused (forged, or from
     /// another gate's ledger): acting on it would drop records nobody holds and wrap gate_seq.
     AckBeyondLastSeq,
+    /// A message that steers this party failed verification (unsigned, unknown key, bad
+    /// signature, or signed for another gate or installation); it changed nothing.
+    UnverifiedMessage,
     /// A kind this build does not know.
     #[serde(other)]
     Other,
@@ -826,7 +841,7 @@ mod tests {
 
     #[test]
     fn the_spec_examples_parse() {
-        assert_eq!(decode::<TxAck>(br#"{"through_seq": 42}"#).unwrap(), TxAck { through_seq: 42 });
+        assert_eq!(decode::<TxAck>(br#"{"through_seq": 42}"#).unwrap(), TxAck { through_seq: 42, installation: None });
         assert_eq!(
             decode::<StationState>(br#"{"online":false}"#).unwrap(),
             StationState::Offline(Offline::default())
@@ -855,22 +870,31 @@ mod tests {
     fn commands_carry_typed_arguments_and_omit_empty_ones() {
         let cmd = Command {
             id: "c1".into(),
+            gate: Ident::new("g01").unwrap(),
             command: CommandKind::SetDirection { direction: GateDirection::Exit },
-            expires_at: Some(Timestamp(5)),
+            expires_at: Timestamp(5),
         };
         let json = String::from_utf8(encode(&cmd)).unwrap();
         assert_eq!(
             json,
-            r#"{"id":"c1","command":"set_direction","args":{"direction":"exit"},"expires_at":5}"#
+            r#"{"id":"c1","gate":"g01","command":"set_direction","args":{"direction":"exit"},"expires_at":5}"#
         );
-        let open: Command = decode(br#"{"id":"c2","command":"open_once_entry"}"#).unwrap();
+        let open: Command =
+            decode(br#"{"id":"c2","gate":"g01","command":"open_once_entry","expires_at":9}"#).unwrap();
         assert_eq!(open.command, CommandKind::OpenOnceEntry);
-        assert!(!open.is_expired(Timestamp(i64::MAX)));
+        assert!(!open.is_expired(Timestamp(8)));
         assert!(cmd.is_expired(Timestamp(5)));
         assert!(matches!(
-            decode::<Command>(br#"{"id":"c3","command":"self_destruct"}"#),
+            decode::<Command>(br#"{"id":"c3","gate":"g01","command":"self_destruct","expires_at":9}"#),
             Err(WireError::Invalid(_))
         ));
+        // A command without its gate or its expiry is refused: neither may be left to chance.
+        for missing in [
+            &br#"{"id":"c4","command":"open_once_entry","expires_at":9}"#[..],
+            br#"{"id":"c5","gate":"g01","command":"open_once_entry"}"#,
+        ] {
+            assert!(matches!(decode::<Command>(missing), Err(WireError::Invalid(_))));
+        }
     }
 
     #[test]

@@ -658,7 +658,8 @@ async fn upload_task(ctx: Arc<Ctx>, key: SigningKey, cancel: CancellationToken) 
         }
         let last = pending.last().map_or(after, |(s, _)| *s);
         let signature = hex::encode(sign_batch(&g.station, &g.gate, &records, &key));
-        let batch = TxBatch { station: g.station.clone(), gate: g.gate.clone(), records, signature };
+        let batch =
+            TxBatch { station: g.station.clone(), gate: g.gate.clone(), records, signature, installation: None };
         let payload = wire::encode(&batch);
         tracing::debug!(first = after + 1, last, bytes = payload.len(), "uploading batch");
         ctx.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await;

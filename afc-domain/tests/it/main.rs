@@ -3,7 +3,9 @@
 
 mod decisions;
 mod fares;
+mod guard;
 mod ledger;
 mod packages;
 mod qr;
+mod signed;
 mod wire;

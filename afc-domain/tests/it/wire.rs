@@ -294,8 +294,20 @@ fn tx_record() -> impl Strategy<Value = TxRecord> {
 }
 
 fn tx_batch() -> impl Strategy<Value = TxBatch> {
-    (ident(), ident(), proptest::collection::vec(tx_record(), 0..4), "[0-9a-f]{128}")
-        .prop_map(|(station, gate, records, signature)| TxBatch { station, gate, records, signature })
+    (
+        ident(),
+        ident(),
+        proptest::collection::vec(tx_record(), 0..4),
+        "[0-9a-f]{128}",
+        proptest::option::of("[0-9a-f]{32}"),
+    )
+        .prop_map(|(station, gate, records, signature, installation)| TxBatch {
+            station,
+            gate,
+            records,
+            signature,
+            installation,
+        })
 }
 
 fn params_ack() -> impl Strategy<Value = ParamsAck> {
@@ -316,8 +328,9 @@ fn command() -> impl Strategy<Value = Command> {
         Just(CommandKind::OutOfService),
         Just(CommandKind::InService),
     ];
-    (text(), kind, proptest::option::of(ts())).prop_map(|(id, command, expires_at)| Command {
+    (text(), ident(), kind, ts()).prop_map(|(id, gate, command, expires_at)| Command {
         id,
+        gate,
         command,
         expires_at,
     })
@@ -413,7 +426,8 @@ proptest! {
         round_trips(&p);
         prop_assert!(p.sha256_bytes().is_ok());
         round_trips(&mode);
-        round_trips(&TxAck { through_seq: ack });
+        round_trips(&TxAck { through_seq: ack, installation: None });
+        round_trips(&TxAck { through_seq: ack, installation: Some("0123abcd".into()) });
         round_trips(&cmd);
         for u in &used {
             round_trips(u);

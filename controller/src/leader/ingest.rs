@@ -45,7 +45,7 @@ pub(crate) async fn ingest_task(
                 let best = acked.entry(gate.clone()).or_insert(0);
                 *best = (*best).max(through);
                 let topic = Topic::GateTxAck { station: ctx.station.clone(), gate }.to_string();
-                ctx.publish(topic, false, wire::encode(&TxAck { through_seq: *best })).await;
+                ctx.publish(topic, false, wire::encode(&TxAck { through_seq: *best, installation: None })).await;
                 Stats::inc(&ctx.stats.tx_batches_acked, 1);
             }
             b = rx.recv(), if inflight.len() < limit => {

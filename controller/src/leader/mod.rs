@@ -182,7 +182,7 @@ impl Duties {
             w.insert(id.clone(), tx);
         }
         let expires_at = Timestamp(now().millis() + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
-        let cmd = Command { id: id.clone(), command, expires_at: Some(expires_at) };
+        let cmd = Command { id: id.clone(), gate: gate.clone(), command, expires_at };
         let topic =
             Topic::GateCmd { station: self.node.config.station.clone(), gate: gate.clone() }.to_string();
         let sent = client.publish(topic, QoS::AtLeastOnce, false, wire::encode(&cmd)).await;

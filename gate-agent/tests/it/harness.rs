@@ -268,7 +268,7 @@ impl Controller {
                                 };
                                 if acking.load(Ordering::SeqCst) {
                                     let t = Topic::GateTxAck { station, gate }.to_string();
-                                    let ack = wire::encode(&TxAck { through_seq: through });
+                                    let ack = wire::encode(&TxAck { through_seq: through, installation: None });
                                     let _ = client.publish(t, QoS::AtLeastOnce, false, ack).await;
                                 }
                             }

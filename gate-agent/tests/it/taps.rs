@@ -141,7 +141,12 @@ async fn out_of_service_and_direction_commands_change_what_the_gate_accepts() {
     let agent = Agent::start(free_port(), &plc).await;
     agent.seed_defaults();
     let g = agent.running.gate.clone();
-    let cmd = |id: &str, command| afc_domain::wire::Command { id: id.into(), command, expires_at: None };
+    let cmd = |id: &str, command| afc_domain::wire::Command {
+        id: id.into(),
+        gate: g.gate.clone(),
+        command,
+        expires_at: afc_domain::model::Timestamp(i64::MAX),
+    };
     let ack = g.command(&cmd("c1", CommandKind::OutOfService)).await;
     assert_eq!(ack.result, afc_domain::wire::CommandResult::Ok);
     let (s, ok) = plc.sim.wait_for(DEADLINE, |s| s.out_of_service).await;

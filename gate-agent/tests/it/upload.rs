@@ -50,8 +50,9 @@ async fn commands_over_mqtt_are_executed_and_acked() {
     eventually("the gate's birth", || (!controller.status.lock().unwrap().is_empty()).then_some(())).await;
     let cmd = afc_domain::wire::Command {
         id: "open-1".into(),
+        gate: afc_domain::model::Ident::new(GATE).unwrap(),
         command: afc_domain::wire::CommandKind::OpenOnceEntry,
-        expires_at: None,
+        expires_at: afc_domain::model::Timestamp(i64::MAX),
     };
     controller
         .publish(format!("afc/v1/{STATION}/gates/{GATE}/cmd"), false, afc_domain::wire::encode(&cmd))
@@ -81,7 +82,7 @@ async fn a_forged_ack_above_the_last_gate_seq_changes_nothing_and_raises_an_alar
         station: afc_domain::model::Ident::new(STATION).unwrap(),
         gate: afc_domain::model::Ident::new(GATE).unwrap(),
     };
-    let forged = afc_domain::wire::encode(&afc_domain::wire::TxAck { through_seq: u64::MAX });
+    let forged = afc_domain::wire::encode(&afc_domain::wire::TxAck { through_seq: u64::MAX, installation: None });
     controller.publish(topic.to_string(), false, forged).await;
     eventually("the alarm", || {
         controller
