@@ -17,17 +17,19 @@
 //! versions, `rejected` acks, heartbeat counters), performs the returned [`RolloutAction`]s, and
 //! stores the serialized [`Rollout`] in its replicated state, so a new leader carries on.
 //!
-//! The mass-insertion guard ([`needs_second_confirmation`], [`SecondConfirmation`]) makes a large
-//! blacklist delta wait for a second, different operator (a real metro once blocked 250,000 good
-//! cards after a clearing fault).
+//! The mass-insertion guard ([`MassInsertionGuard`], [`SecondConfirmation`]) makes a blacklist
+//! change that adds many ids to what gates hold wait for a second, different operator (a real
+//! metro once blocked 250,000 good cards after a clearing fault). It counts ids added by set
+//! difference ([`blacklist_ids_added`]), never entry counts.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::blacklist::BlacklistDelta;
+use crate::blacklist::{Blacklist, BlacklistError};
 use crate::model::{Ident, ParamKind, Timestamp};
+use crate::package::BlacklistBody;
 use crate::wire::{GateCounters, KindVersions};
 
 /// Parts per million: reject rates are integers so the state machine is exact and replayable.
@@ -513,9 +515,60 @@ impl Rollouts {
     }
 }
 
-/// Whether a blacklist delta adds more ids than `threshold` and so needs a second operator.
-pub fn needs_second_confirmation(delta: &BlacklistDelta, threshold: u64) -> bool {
-    delta.added_count() > threshold
+/// How many ids a blacklist package adds to the list gates hold (`held`): for a delta, its
+/// additions `held` does not already list; for a full list, `|new \ held|` by set difference over
+/// `(media, id)`, ranges included. Entry counts play no part: a full list swapping 250,000 ids for
+/// 250,000 others adds 250,000. A delta must apply to exactly `held`'s version (else the error: the
+/// caller then compares the list the delta makes, as a full list).
+pub fn blacklist_ids_added(held: &Blacklist, new: &BlacklistBody) -> Result<u64, BlacklistError> {
+    match new {
+        BlacklistBody::Full(list) => Ok(held.ids_added_by(list)),
+        BlacklistBody::Delta(d) => {
+            d.check_applies_to(held.version())?;
+            Ok(d.ids_added_to(held))
+        }
+    }
+}
+
+/// The one mass-insertion guard (SPEC §4): a blacklist change that adds more than `threshold` ids
+/// to what gates hold waits for a second, different engineer. The controller asks it at the one
+/// step every path to the gates goes through (the rollout request: API upload, rollout start,
+/// parameter feed), so no path has a guard of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MassInsertionGuard {
+    /// Most ids a change may add without a second engineer.
+    pub threshold: u64,
+}
+
+impl MassInsertionGuard {
+    pub fn new(threshold: u64) -> MassInsertionGuard {
+        MassInsertionGuard { threshold }
+    }
+
+    /// Whether a change adding `added` ids needs a second engineer.
+    pub fn holds(&self, added: u64) -> bool {
+        added > self.threshold
+    }
+
+    /// The confirmation `new` needs before its rollout may start (requested by `by`), or `None`
+    /// when it adds no more than the threshold to `held` (see [`blacklist_ids_added`]).
+    pub fn check(
+        &self,
+        held: &Blacklist,
+        new: &BlacklistBody,
+        by: &str,
+        now: Timestamp,
+    ) -> Result<Option<SecondConfirmation>, BlacklistError> {
+        let added = blacklist_ids_added(held, new)?;
+        Ok(self.holds(added).then(|| SecondConfirmation {
+            to_version: new.version(),
+            added,
+            requested_by: by.to_owned(),
+            requested_at: now,
+            confirmed_by: None,
+            confirmed_at: None,
+        }))
+    }
 }
 
 /// A mass blacklist insertion waiting for (or holding) its second operator's confirmation.
@@ -523,7 +576,7 @@ pub fn needs_second_confirmation(delta: &BlacklistDelta, threshold: u64) -> bool
 pub struct SecondConfirmation {
     /// The blacklist version the delta produces.
     pub to_version: u64,
-    /// How many ids it adds (shown to the second operator).
+    /// How many ids it adds to what gates held when it was asked (shown to the second operator).
     pub added: u64,
     pub requested_by: String,
     pub requested_at: Timestamp,
@@ -532,23 +585,6 @@ pub struct SecondConfirmation {
 }
 
 impl SecondConfirmation {
-    /// The confirmation record `delta` needs, or `None` when it is within the threshold.
-    pub fn request(
-        delta: &BlacklistDelta,
-        threshold: u64,
-        by: &str,
-        now: Timestamp,
-    ) -> Option<SecondConfirmation> {
-        needs_second_confirmation(delta, threshold).then(|| SecondConfirmation {
-            to_version: delta.to_version,
-            added: delta.added_count(),
-            requested_by: by.to_owned(),
-            requested_at: now,
-            confirmed_by: None,
-            confirmed_at: None,
-        })
-    }
-
     /// The second operator confirms; the one who asked cannot.
     pub fn confirm(&mut self, by: &str, now: Timestamp) -> Result<(), RolloutError> {
         if let Some(already) = &self.confirmed_by {
@@ -570,7 +606,7 @@ impl SecondConfirmation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blacklist::Entry;
+    use crate::blacklist::{BlacklistDelta, Entry};
     use crate::model::Media;
 
     const FT: ParamKind = ParamKind::FareTable;
@@ -882,27 +918,52 @@ mod tests {
 
     #[test]
     fn mass_insertions_above_the_threshold_need_a_second_confirmation_from_another_operator() {
-        let delta = |first: u64, last: u64| BlacklistDelta {
-            from_version: 40,
-            to_version: 41,
-            add: vec![Entry::range(Media::Svc, first, last).unwrap()],
-            remove: vec![],
+        let held = Blacklist::from_entries(40, [Entry::range(Media::Svc, 1, 1000).unwrap()]);
+        let delta = |first: u64, last: u64| {
+            BlacklistBody::Delta(BlacklistDelta {
+                from_version: 40,
+                to_version: 41,
+                add: vec![Entry::range(Media::Svc, first, last).unwrap()],
+                remove: vec![],
+            })
         };
+        let guard = MassInsertionGuard::new(10_000);
         for (size, needed) in [(1u64, false), (10_000, false), (10_001, true), (250_000, true)] {
             let d = delta(5_000_000, 5_000_000 + size - 1);
-            assert_eq!(needs_second_confirmation(&d, 10_000), needed, "{size} ids");
-            assert_eq!(
-                SecondConfirmation::request(&d, 10_000, "op-wang", at(0)).is_some(),
-                needed,
-                "{size} ids"
-            );
+            assert_eq!(blacklist_ids_added(&held, &d), Ok(size), "{size} ids");
+            assert_eq!(guard.check(&held, &d, "op-wang", at(0)).unwrap().is_some(), needed, "{size} ids");
         }
-        let mut c = SecondConfirmation::request(&delta(1, 250_000), 10_000, "op-wang", at(0)).unwrap();
-        assert_eq!(c.added, 250_000);
+        // Ids the gates already hold are not added again.
+        assert_eq!(blacklist_ids_added(&held, &delta(1, 10_500)), Ok(9_500));
+        assert_eq!(guard.check(&held, &delta(1, 10_500), "op-wang", at(0)), Ok(None));
+        // A delta for another version than the one held is not counted against it.
+        let stale = BlacklistBody::Delta(BlacklistDelta {
+            from_version: 39,
+            to_version: 41,
+            add: vec![],
+            remove: vec![],
+        });
+        assert!(guard.check(&held, &stale, "op-wang", at(0)).is_err());
+
+        let mut c = guard.check(&held, &delta(2_000, 251_999), "op-wang", at(0)).unwrap().unwrap();
+        assert_eq!((c.added, c.to_version), (250_000, 41));
         assert_eq!(c.confirm("op-wang", at(1)), Err(RolloutError::SameOperator("op-wang".into())));
         assert!(!c.is_confirmed());
         c.confirm("op-zhao", at(2)).unwrap();
         assert!(c.is_confirmed());
         assert_eq!(c.confirm("op-sun", at(3)), Err(RolloutError::AlreadyConfirmed("op-zhao".into())));
+    }
+
+    #[test]
+    fn a_full_list_swapping_its_ids_for_as_many_others_is_held_and_a_resend_with_a_few_more_is_not() {
+        let svc = |id| Entry::single(Media::Svc, id);
+        let held = Blacklist::from_entries(7, (0..10_000u64).map(|i| svc(1_000_000 + 3 * i)));
+        let swapped = Blacklist::from_entries(8, (0..10_000u64).map(|i| svc(9_000_000 + 3 * i)));
+        assert_eq!(held.entry_count(), swapped.entry_count(), "the same entry count");
+        let guard = MassInsertionGuard::new(1_000);
+        let c = guard.check(&held, &BlacklistBody::Full(swapped), "op-wang", at(0)).unwrap();
+        assert_eq!(c.map(|c| c.added), Some(10_000));
+        let resent = Blacklist::from_entries(8, held.entries().chain((0..5).map(|i| svc(50 + 3 * i))));
+        assert_eq!(guard.check(&held, &BlacklistBody::Full(resent), "op-wang", at(0)), Ok(None));
     }
 }
