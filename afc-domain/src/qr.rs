@@ -21,9 +21,19 @@
 //!
 //! [`verify`] checks the layout, then the key (known, and valid now), then the signature, then the
 //! validity window with a configurable clock-skew tolerance ([`QrSkew`]). Only a code that passes
-//! all of them reaches the [`ReplayCache`], so a forger cannot fill the cache.
+//! all of them reaches the [`ReplayCache`], so a forger cannot fill the cache. A code may not
+//! claim a longer validity than its issuer's maximum ([`QrKeySet::max_validity_secs`]: set per
+//! issuer in the `qr_keys` set, by default the longest the layout can express).
+//!
+//! # Used codes from other gates
+//!
+//! The station relays the codes used at every gate (`qr/used`). The cache keeps each source's
+//! codes in a bounded share of its own ([`ReplaySource`]; this gate's own codes are a source
+//! too), so a source that floods the relay evicts only its own entries, and a relayed entry whose
+//! expiry lies further ahead than its issuer's maximum validity is refused
+//! ([`QrKeySet::plausible_expiry`]): it cannot be a real code.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -32,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::ledger::hex_array;
-use crate::model::{Reason, Timestamp};
+use crate::model::{Ident, Reason, Timestamp};
 
 /// The layout version this module reads and writes.
 pub const QR_VERSION: u8 = 1;
@@ -132,6 +142,8 @@ pub enum QrError {
     NotYetValid { issued_at: Timestamp },
     #[error("QR code was already used")]
     Replayed,
+    #[error("QR code claims a validity of {valid_secs} s, its issuer's maximum is {max_secs} s")]
+    TooLongValidity { valid_secs: i64, max_secs: u16 },
 }
 
 impl QrError {
@@ -141,7 +153,8 @@ impl QrError {
             QrError::TextLength { .. }
             | QrError::TextEncoding
             | QrError::WrongLength { .. }
-            | QrError::UnknownVersion(_) => Reason::QrMalformed,
+            | QrError::UnknownVersion(_)
+            | QrError::TooLongValidity { .. } => Reason::QrMalformed,
             QrError::UnknownKey { .. } | QrError::KeyNotValid { .. } => Reason::QrUnknownKey,
             QrError::BadSignature => Reason::QrBadSignature,
             QrError::Expired { .. } => Reason::QrExpired,
@@ -245,6 +258,11 @@ pub fn verify(code: &[u8], keys: &QrKeySet, now: Timestamp, skew: QrSkew) -> Res
     }
     let signature = Signature::from_bytes(&parsed.signature);
     verifying.verify_strict(&signing_message(&parsed.body), &signature).map_err(|_| QrError::BadSignature)?;
+    let max_secs = keys.max_validity_secs(issuer);
+    let valid_secs = (expires_at.0 - issued_at.0) / 1000;
+    if valid_secs > i64::from(max_secs) {
+        return Err(QrError::TooLongValidity { valid_secs, max_secs });
+    }
     if now.0 > expires_at.0.saturating_add(skew.ms()) {
         return Err(QrError::Expired { expires_at });
     }
@@ -288,10 +306,13 @@ pub enum QrKeyError {
     Json(String),
 }
 
-/// The JSON body of a `qr_keys` parameter package: `{"keys": [QrIssuerKey, …]}`.
+/// The JSON body of a `qr_keys` parameter package: `{"keys": [QrIssuerKey, …]}`, optionally with
+/// `"max_valid_secs": {"<issuer>": secs, …}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct QrKeySetBody {
     keys: Vec<QrIssuerKey>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    max_valid_secs: BTreeMap<u16, u16>,
 }
 
 /// The issuer keys a gate trusts, checked and indexed once at load: sorted by `(issuer, key_id)`
@@ -303,7 +324,14 @@ pub struct QrKeySet {
     keys: Vec<QrIssuerKey>,
     /// `verifying[i]` is `keys[i].public_key`, parsed.
     verifying: Vec<VerifyingKey>,
+    /// The longest validity a code of an issuer may claim, for the issuers that set one (the
+    /// others: [`QR_MAX_VALID_SECS`]).
+    max_valid_secs: BTreeMap<u16, u16>,
 }
+
+/// The longest validity a code can claim at all (`valid_secs` is a u16: about 18 h): the maximum
+/// of an issuer that sets none.
+pub const QR_MAX_VALID_SECS: u16 = u16::MAX;
 
 impl QrKeySet {
     /// Checks and indexes a key list: refuses bytes that are not a public key, weak keys,
@@ -326,18 +354,39 @@ impl QrKeySet {
             }
             verifying.push(vk);
         }
-        Ok(QrKeySet { keys, verifying })
+        Ok(QrKeySet { keys, verifying, max_valid_secs: BTreeMap::new() })
     }
 
     /// An empty set: every code is refused as `qr_unknown_key`.
     pub fn empty() -> QrKeySet {
-        QrKeySet { keys: Vec::new(), verifying: Vec::new() }
+        QrKeySet { keys: Vec::new(), verifying: Vec::new(), max_valid_secs: BTreeMap::new() }
     }
 
     /// Parses and checks the JSON body of a `qr_keys` package.
     pub fn from_json(body: &[u8]) -> Result<QrKeySet, QrKeyError> {
         let body: QrKeySetBody = serde_json::from_slice(body).map_err(|e| QrKeyError::Json(e.to_string()))?;
-        QrKeySet::new(body.keys)
+        QrKeySet::try_from(body)
+    }
+
+    /// The same set with `issuer`'s codes limited to `secs` of validity.
+    pub fn with_max_validity(mut self, issuer: u16, secs: u16) -> QrKeySet {
+        self.max_valid_secs.insert(issuer, secs);
+        self
+    }
+
+    /// The longest validity a code of `issuer` may claim: as set for it, else
+    /// [`QR_MAX_VALID_SECS`].
+    pub fn max_validity_secs(&self, issuer: u16) -> u16 {
+        self.max_valid_secs.get(&issuer).copied().unwrap_or(QR_MAX_VALID_SECS)
+    }
+
+    /// Whether a used code of `issuer` reported to expire at `expires_at` can be real at `now`: a
+    /// code issued now (or up to `skew` in the issuer's future) with the issuer's maximum validity
+    /// expires no later than `now + max + skew`. A relayed entry beyond that is refused: it would
+    /// occupy the replay cache far longer than any code needs protecting.
+    pub fn plausible_expiry(&self, issuer: u16, expires_at: Timestamp, now: Timestamp, skew: QrSkew) -> bool {
+        let max_ms = i64::from(self.max_validity_secs(issuer)) * 1000;
+        expires_at.0 <= now.0.saturating_add(max_ms).saturating_add(skew.ms())
     }
 
     /// The keys, sorted by `(issuer, key_id)`.
@@ -367,13 +416,15 @@ impl QrKeySet {
 impl TryFrom<QrKeySetBody> for QrKeySet {
     type Error = QrKeyError;
     fn try_from(body: QrKeySetBody) -> Result<Self, Self::Error> {
-        QrKeySet::new(body.keys)
+        let mut set = QrKeySet::new(body.keys)?;
+        set.max_valid_secs = body.max_valid_secs;
+        Ok(set)
     }
 }
 
 impl From<QrKeySet> for QrKeySetBody {
     fn from(set: QrKeySet) -> Self {
-        QrKeySetBody { keys: set.keys }
+        QrKeySetBody { keys: set.keys, max_valid_secs: set.max_valid_secs }
     }
 }
 
@@ -385,54 +436,112 @@ pub struct ReplayKey {
     pub nonce: u64,
 }
 
+/// Who reported a used code: this gate (the codes it accepted itself) or another gate of the
+/// station (through the relayed `qr/used`). Each source has its own share of a [`ReplayCache`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReplaySource {
+    Local,
+    Gate(Ident),
+}
+
+/// One source's share of the cache: its entries by the instant they can be forgotten.
+#[derive(Debug, Clone)]
+struct Share {
+    source: ReplaySource,
+    by_expiry: BTreeSet<(i64, ReplayKey)>,
+}
+
+/// What [`ReplayCache::insert`] did with a code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inserted {
+    /// Held already (its forget instant moved later if the new one is later).
+    Known,
+    /// Now held; `evicted`: another entry of the same source was dropped to make room.
+    New { evicted: bool },
+    /// Not kept: its source's share is full of codes expiring later, or no source slot is left.
+    Dropped,
+}
+
 /// The codes already used, each remembered until it expires (plus the skew tolerance), after which
 /// [`verify`] refuses it as expired anyway.
 ///
-/// Bounded: it never holds more than `capacity` entries. When full, the entry that expires soonest
-/// is dropped (it is the one whose protection would end first anyway) and
-/// [`evictions`](Self::evictions) counts it. A dropped code could be replayed for the rest of its
-/// validity window, so size the cache for the traffic: every code used station-wide within one
-/// validity window (plus skew) must fit. A station of 40 gates at 30 taps a minute each, with
-/// 5-minute codes, needs 6,000 entries; 100,000 leaves a wide margin. A non-zero eviction count
-/// means the cache is too small and should raise an alarm.
+/// Bounded per source: the capacity is split into equal shares, one per source
+/// ([`ReplaySource`]: this gate's own codes, and each gate whose codes the station relays), at
+/// most `sources` of them. A source never holds more than its share; when its share is full, the
+/// entry of **that source** that expires soonest is dropped (it is the one whose protection would
+/// end first anyway) and [`evictions`](Self::evictions) counts it. So a source that floods the
+/// cache (a broken or compromised gate) evicts only its own entries, never another gate's. A
+/// source beyond the `sources` slots is not kept (counted too); a slot frees when its source's
+/// entries have all expired.
 ///
-/// Memory: each entry is a 24-byte key and an 8-byte instant, held in a hash map (lookup) and an
-/// ordered set (expiry order): 107 bytes of heap per entry measured with table and node overhead,
-/// 10.7 MB at 100,000 entries when full. Size it to the traffic rather than to a round number.
+/// A dropped code could be replayed for the rest of its validity window, so size each share for
+/// one gate's traffic: every code one gate accepts within one validity window (plus skew) must
+/// fit. A gate at 60 QR taps a minute with 5-minute codes needs 330 entries; 100,000 entries in 64
+/// shares give each 1,562. A non-zero eviction count means a share is too small (or a source
+/// floods) and should raise an alarm.
+///
+/// Memory: each entry is a 24-byte key, an 8-byte instant and its source's slot number, held in a
+/// hash map (lookup) and its share's ordered set (expiry order): about 115 bytes of heap per entry
+/// with table and node overhead, 11.5 MB at 100,000 entries when full. Size it to the traffic
+/// rather than to a round number.
 ///
 /// A gate clock that jumps forward drops entries early; one that jumps back keeps them longer (safe).
 #[derive(Debug, Clone)]
 pub struct ReplayCache {
-    /// The most entries ever held.
+    /// The most entries ever held, all shares together.
     capacity: usize,
+    /// The most entries one source holds (`capacity / sources`, at least 1).
+    share: usize,
+    /// The most sources held at once.
+    max_sources: usize,
     /// Added to each code's expiry, matching the tolerance [`verify`] applies.
     skew: QrSkew,
-    /// Each remembered code and the instant (ms) after which it can be forgotten.
-    by_key: HashMap<ReplayKey, i64>,
-    /// The same entries ordered by that instant, to purge and evict the soonest first.
-    by_expiry: BTreeSet<(i64, ReplayKey)>,
-    /// Entries dropped before their expiry because the cache was full.
+    /// Each remembered code, the instant (ms) after which it can be forgotten, and its share.
+    by_key: HashMap<ReplayKey, (i64, u64)>,
+    /// The slot number of each source holding entries.
+    sources: HashMap<ReplaySource, u64>,
+    /// The shares by slot number.
+    shares: HashMap<u64, Share>,
+    /// The next slot number (never reused).
+    next_slot: u64,
+    /// Entries dropped before their expiry because a share was full (or no slot was left).
     evictions: u64,
 }
 
 impl ReplayCache {
-    /// A cache holding at most `capacity` codes (at least 1).
+    /// A cache holding at most `capacity` codes (at least 1) for a single source: all of it is one
+    /// share (what the decision engine's tests and benches use; a gate uses
+    /// [`with_sources`](Self::with_sources)).
     pub fn new(capacity: usize, skew: QrSkew) -> ReplayCache {
+        ReplayCache::with_sources(capacity, 1, skew)
+    }
+
+    /// A cache holding at most `capacity` codes in all (at least 1), split into equal shares for
+    /// at most `sources` sources (at least 1; each share at least 1 entry).
+    pub fn with_sources(capacity: usize, sources: usize, skew: QrSkew) -> ReplayCache {
+        let capacity = capacity.max(1);
+        let max_sources = sources.clamp(1, capacity);
         ReplayCache {
-            capacity: capacity.max(1),
+            capacity,
+            share: (capacity / max_sources).max(1),
+            max_sources,
             skew,
             by_key: HashMap::new(),
-            by_expiry: BTreeSet::new(),
+            sources: HashMap::new(),
+            shares: HashMap::new(),
+            next_slot: 0,
             evictions: 0,
         }
     }
 
-    /// Refuses a code already used, otherwise remembers it. Call after [`verify`] succeeds. A code
-    /// already past its expiry (plus skew) is refused as expired, not remembered.
+    /// Refuses a code already used, otherwise remembers it as one of this gate's own
+    /// ([`ReplaySource::Local`]). Call after [`verify`] succeeds. A code already past its expiry
+    /// (plus skew) is refused as expired, not remembered.
     ///
-    /// Returns whether replay protection held: `Ok(false)` means the cache was full, so this code
-    /// or another one was not kept and could be replayed; the caller accepts the tap but flags the
-    /// transaction (`replay_unchecked`) so clearing checks it for a duplicate.
+    /// Returns whether replay protection held: `Ok(false)` means this gate's share was full, so
+    /// this code or another one of its own was not kept and could be replayed; the caller accepts
+    /// the tap but flags the transaction (`replay_unchecked`) so clearing checks it for a
+    /// duplicate.
     pub fn check_and_insert(&mut self, claims: &QrClaims, now: Timestamp) -> Result<bool, QrError> {
         let forget_at = claims.expires_at.0.saturating_add(self.skew.ms());
         if now.0 > forget_at {
@@ -443,64 +552,101 @@ impl ReplayCache {
         if self.by_key.contains_key(&key) {
             return Err(QrError::Replayed);
         }
-        let full = self.by_key.len() >= self.capacity;
-        self.insert(key, forget_at);
-        Ok(!full)
+        Ok(matches!(self.insert(&ReplaySource::Local, key, forget_at), Inserted::New { evicted: false }))
     }
 
-    /// Remembers a code used at another gate of the station (shared through the controllers).
-    /// Returns whether it was new here.
-    pub fn insert_seen(&mut self, key: ReplayKey, expires_at: Timestamp, now: Timestamp) -> bool {
+    /// Remembers a code `source` used (another gate of the station, through the relay). Returns
+    /// whether it was new here. The caller checks first that the expiry is plausible
+    /// ([`QrKeySet::plausible_expiry`]).
+    pub fn insert_seen(
+        &mut self,
+        source: &ReplaySource,
+        key: ReplayKey,
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> bool {
         let forget_at = expires_at.0.saturating_add(self.skew.ms());
         if now.0 > forget_at {
             return false;
         }
         self.purge_expired(now);
-        self.insert(key, forget_at)
+        self.insert(source, key, forget_at) != Inserted::Known
     }
 
     /// Whether the code is remembered as used (and not yet forgettable at `now`).
     pub fn contains(&self, key: &ReplayKey, now: Timestamp) -> bool {
-        self.by_key.get(key).is_some_and(|&forget_at| now.0 <= forget_at)
+        self.by_key.get(key).is_some_and(|&(forget_at, _)| now.0 <= forget_at)
     }
 
-    /// Forgets every code that has expired (plus skew) at `now`; returns how many.
+    /// Forgets every code that has expired (plus skew) at `now`; returns how many. A source left
+    /// without entries gives its slot up.
     pub fn purge_expired(&mut self, now: Timestamp) -> usize {
         let mut purged = 0;
-        while let Some(&(forget_at, key)) = self.by_expiry.first() {
-            if forget_at >= now.0 {
-                break;
+        let by_key = &mut self.by_key;
+        let sources = &mut self.sources;
+        self.shares.retain(|_, share| {
+            while let Some(&(forget_at, key)) = share.by_expiry.first() {
+                if forget_at >= now.0 {
+                    break;
+                }
+                share.by_expiry.pop_first();
+                by_key.remove(&key);
+                purged += 1;
             }
-            self.by_expiry.pop_first();
-            self.by_key.remove(&key);
-            purged += 1;
-        }
+            let keep = !share.by_expiry.is_empty();
+            if !keep {
+                sources.remove(&share.source);
+            }
+            keep
+        });
         purged
     }
 
-    fn insert(&mut self, key: ReplayKey, forget_at: i64) -> bool {
-        if let Some(old) = self.by_key.get_mut(&key) {
+    fn insert(&mut self, source: &ReplaySource, key: ReplayKey, forget_at: i64) -> Inserted {
+        if let Some((old, slot)) = self.by_key.get_mut(&key) {
             if forget_at > *old {
-                self.by_expiry.remove(&(*old, key));
-                self.by_expiry.insert((forget_at, key));
+                if let Some(share) = self.shares.get_mut(slot) {
+                    share.by_expiry.remove(&(*old, key));
+                    share.by_expiry.insert((forget_at, key));
+                }
                 *old = forget_at;
             }
-            return false;
+            return Inserted::Known;
         }
-        if self.by_key.len() >= self.capacity {
+        let slot = match self.sources.get(source) {
+            Some(&slot) => slot,
+            None if self.sources.len() >= self.max_sources => {
+                self.evictions += 1;
+                return Inserted::Dropped;
+            }
+            None => {
+                let slot = self.next_slot;
+                self.next_slot += 1;
+                self.sources.insert(source.clone(), slot);
+                self.shares.insert(slot, Share { source: source.clone(), by_expiry: BTreeSet::new() });
+                slot
+            }
+        };
+        let Some(share) = self.shares.get_mut(&slot) else {
+            // Every slot in `sources` has its share (both are changed together).
+            return Inserted::Dropped;
+        };
+        let mut evicted = false;
+        if share.by_expiry.len() >= self.share {
             self.evictions += 1;
-            match self.by_expiry.first() {
+            match share.by_expiry.first() {
                 Some(&(soonest, victim)) if soonest <= forget_at => {
-                    self.by_expiry.pop_first();
+                    share.by_expiry.pop_first();
                     self.by_key.remove(&victim);
+                    evicted = true;
                 }
-                // The new code expires before everything held: it is the one not kept.
-                _ => return true,
+                // The new code expires before everything its source holds: it is the one not kept.
+                _ => return Inserted::Dropped,
             }
         }
-        self.by_key.insert(key, forget_at);
-        self.by_expiry.insert((forget_at, key));
-        true
+        share.by_expiry.insert((forget_at, key));
+        self.by_key.insert(key, (forget_at, slot));
+        Inserted::New { evicted }
     }
 
     /// Codes currently remembered.
@@ -512,11 +658,23 @@ impl ReplayCache {
         self.by_key.is_empty()
     }
 
+    /// The most codes held, all sources together.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Codes dropped before their expiry because the cache was full (for a metric; should stay 0).
+    /// The most codes one source holds.
+    pub fn share(&self) -> usize {
+        self.share
+    }
+
+    /// Codes `source` holds now.
+    pub fn held_by(&self, source: &ReplaySource) -> usize {
+        self.sources.get(source).and_then(|s| self.shares.get(s)).map_or(0, |s| s.by_expiry.len())
+    }
+
+    /// Codes dropped before their expiry because a share was full or no source slot was left
+    /// (for a metric; should stay 0).
     pub fn evictions(&self) -> u64 {
         self.evictions
     }
@@ -548,6 +706,10 @@ mod tests {
 
     fn keyset() -> QrKeySet {
         QrKeySet::new(vec![issuer_key(7, 2, &key(1)), issuer_key(9, 1, &key(2))]).unwrap()
+    }
+
+    fn gate(name: &str) -> ReplaySource {
+        ReplaySource::Gate(Ident::new(name).unwrap())
     }
 
     #[test]
@@ -679,8 +841,8 @@ mod tests {
         let mut cache = ReplayCache::new(10, QrSkew::NONE);
         let claims = decode_unverified(&generate(&issue(5), &key(1))).unwrap();
         let now = Timestamp(T0);
-        assert!(cache.insert_seen(claims.replay_key(), claims.expires_at, now));
-        assert!(!cache.insert_seen(claims.replay_key(), claims.expires_at, now));
+        assert!(cache.insert_seen(&gate("g02"), claims.replay_key(), claims.expires_at, now));
+        assert!(!cache.insert_seen(&gate("g02"), claims.replay_key(), claims.expires_at, now));
         assert!(cache.contains(&claims.replay_key(), now));
         assert_eq!(cache.check_and_insert(&claims, now), Err(QrError::Replayed));
     }
@@ -691,20 +853,79 @@ mod tests {
         let now = Timestamp(T0);
         let k = |nonce| ReplayKey { issuer: 1, account: 1, nonce };
         for (nonce, exp) in [(1, 50_000), (2, 10_000), (3, 30_000)] {
-            assert!(cache.insert_seen(k(nonce), Timestamp(T0 + exp), now));
+            assert!(cache.insert_seen(&gate("g02"), k(nonce), Timestamp(T0 + exp), now));
         }
-        assert!(cache.insert_seen(k(4), Timestamp(T0 + 40_000), now));
+        assert!(cache.insert_seen(&gate("g02"), k(4), Timestamp(T0 + 40_000), now));
         assert_eq!(cache.len(), 3);
         assert_eq!(cache.evictions(), 1);
         assert!(!cache.contains(&k(2), now));
         assert!(cache.contains(&k(4), now));
         // A code expiring before everything held is the one not kept.
-        assert!(cache.insert_seen(k(5), Timestamp(T0 + 1_000), now));
+        assert!(cache.insert_seen(&gate("g02"), k(5), Timestamp(T0 + 1_000), now));
         assert!(!cache.contains(&k(5), now));
         assert_eq!(cache.evictions(), 2);
         // Expired entries are purged without counting as evictions.
         assert_eq!(cache.purge_expired(Timestamp(T0 + 45_000)), 2);
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.evictions(), 2);
+    }
+
+    #[test]
+    fn a_flooding_source_evicts_only_its_own_entries() {
+        // 3 sources of 2 entries each.
+        let mut cache = ReplayCache::with_sources(6, 3, QrSkew::NONE);
+        let now = Timestamp(T0);
+        let k = |account, nonce| ReplayKey { issuer: 1, account, nonce };
+        assert!(cache.insert_seen(&gate("g02"), k(2, 1), Timestamp(T0 + 10_000), now));
+        let own = decode_unverified(&generate(&issue(5), &key(1))).unwrap();
+        assert_eq!(cache.check_and_insert(&own, now), Ok(true));
+        // g03 floods with codes expiring later than everything held: only its share turns over.
+        for nonce in 0..1_000 {
+            cache.insert_seen(&gate("g03"), k(3, nonce), Timestamp(T0 + 3_600_000), now);
+        }
+        assert!(cache.contains(&k(2, 1), now));
+        assert!(cache.contains(&own.replay_key(), now));
+        assert_eq!((cache.held_by(&gate("g03")), cache.held_by(&gate("g02"))), (2, 1));
+        assert_eq!(cache.evictions(), 998);
+        // A fourth source finds no slot: not kept, counted; the others are untouched.
+        cache.insert_seen(&gate("g04"), k(4, 1), Timestamp(T0 + 10_000), now);
+        assert!(!cache.contains(&k(4, 1), now));
+        assert_eq!(cache.evictions(), 999);
+        // Once g02's entry expired, its slot is free for another gate.
+        cache.purge_expired(Timestamp(T0 + 10_001));
+        assert!(cache.insert_seen(&gate("g04"), k(4, 1), Timestamp(T0 + 20_000), Timestamp(T0 + 10_001)));
+        assert!(cache.contains(&k(4, 1), Timestamp(T0 + 10_001)));
+        // This gate's own share is full now: a code of its own is accepted but flagged.
+        let own2 = decode_unverified(&generate(&issue(6), &key(1))).unwrap();
+        let own3 = decode_unverified(&generate(&issue(7), &key(1))).unwrap();
+        assert_eq!(cache.check_and_insert(&own2, now), Ok(true));
+        assert_eq!(cache.check_and_insert(&own3, now), Ok(false));
+    }
+
+    #[test]
+    fn a_code_may_not_claim_more_than_its_issuers_maximum_validity() {
+        let ks = keyset().with_max_validity(7, 59);
+        let code = generate(&issue(5), &key(1)); // 60 s
+        assert_eq!(
+            verify(&code, &ks, Timestamp(T0 + 1_000), QrSkew::NONE),
+            Err(QrError::TooLongValidity { valid_secs: 60, max_secs: 59 })
+        );
+        assert_eq!(QrError::TooLongValidity { valid_secs: 60, max_secs: 59 }.reason(), Reason::QrMalformed);
+        assert!(
+            verify(&code, &keyset().with_max_validity(7, 60), Timestamp(T0 + 1_000), QrSkew::NONE).is_ok()
+        );
+        // Issuers without a limit of their own: the longest the layout can express.
+        assert_eq!(ks.max_validity_secs(9), QR_MAX_VALID_SECS);
+        // A relayed entry may expire at most now + max + skew.
+        let skew = QrSkew::from_millis(1_000);
+        let now = Timestamp(T0);
+        assert!(ks.plausible_expiry(7, Timestamp(T0 + 60_000), now, skew));
+        assert!(!ks.plausible_expiry(7, Timestamp(T0 + 60_001), now, skew));
+        assert!(ks.plausible_expiry(9, Timestamp(T0 + 65_535_000), now, QrSkew::NONE));
+        assert!(!ks.plausible_expiry(9, Timestamp(i64::MAX), now, skew));
+        // The limits travel in the key set's JSON body.
+        let json = serde_json::to_string(&ks).unwrap();
+        assert!(json.contains(r#""max_valid_secs":{"7":59}"#), "{json}");
+        assert_eq!(QrKeySet::from_json(json.as_bytes()).unwrap(), ks);
     }
 }

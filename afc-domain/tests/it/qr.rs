@@ -1,10 +1,10 @@
 //! QR ride codes from outside the crate: hostile input, round trips, key sets and the replay cache.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions unwrap too
 
-use afc_domain::model::{Reason, Timestamp};
+use afc_domain::model::{Ident, Reason, Timestamp};
 use afc_domain::qr::{
     decode_text, encode_text, generate, verify, verify_text, QrError, QrIssue, QrIssuerKey, QrKeyError,
-    QrKeySet, QrSkew, ReplayCache, ReplayKey, QR_CODE_LEN,
+    QrKeySet, QrSkew, ReplayCache, ReplayKey, ReplaySource, QR_CODE_LEN,
 };
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
@@ -72,12 +72,100 @@ proptest! {
             now += step;
             let key = ReplayKey { issuer: 1, account: 7, nonce };
             let before = (cache.len(), cache.evictions());
-            cache.insert_seen(key, Timestamp(now + life), Timestamp(now));
+            cache.insert_seen(&ReplaySource::Local, key, Timestamp(now + life), Timestamp(now));
             prop_assert!(cache.len() <= cap);
             if before.0 < cap && before.1 == cache.evictions() {
                 prop_assert!(cache.contains(&key, Timestamp(now)));
             }
         }
+    }
+}
+
+fn gate(n: u8) -> ReplaySource {
+    ReplaySource::Gate(Ident::new(&format!("g{n:02}")).unwrap())
+}
+
+proptest! {
+    #[test]
+    fn a_source_within_its_share_keeps_every_live_code_whatever_the_others_insert(
+        genuine in prop::collection::vec((0u64..1_000, 1i64..100_000), 0..8),
+        others in prop::collection::vec((0u8..6, 0u64..1_000_000, 0i64..200_000, 0i64..50), 0..400),
+        sources in 2usize..6, share in 8usize..12, own_first in any::<bool>(),
+    ) {
+        let mut cache = ReplayCache::with_sources(share * sources, sources, QrSkew::NONE);
+        let mut now = T0;
+        // The genuine source (this gate's own codes, or a relaying gate) has its slot before the
+        // flood starts and never exceeds its share (8 codes at most, shares of 8 or more).
+        let source = if own_first { ReplaySource::Local } else { gate(1) };
+        let mut held = Vec::new();
+        for (nonce, life) in genuine {
+            let key = ReplayKey { issuer: 1, account: 1, nonce };
+            cache.insert_seen(&source, key, Timestamp(now + life), Timestamp(now));
+            held.push((key, now + life));
+        }
+        for (g, nonce, life, step) in others {
+            now += step;
+            // Other gates (and the local gate when the genuine one is a relaying gate) use other
+            // accounts: every key differs from the genuine ones.
+            let from = if g == 0 && !own_first { ReplaySource::Local } else { gate(g + 2) };
+            cache.insert_seen(&from, ReplayKey { issuer: 1, account: 2, nonce }, Timestamp(now + life), Timestamp(now));
+            prop_assert!(cache.len() <= cache.capacity());
+            prop_assert!(cache.held_by(&from) <= cache.share());
+        }
+        for (key, forget_at) in held {
+            if forget_at >= now {
+                prop_assert!(cache.contains(&key, Timestamp(now)), "{key:?} was evicted by another source");
+            }
+        }
+    }
+
+    #[test]
+    fn any_mix_of_sources_stays_within_capacity_and_a_code_kept_while_its_share_had_room_is_there(
+        ops in prop::collection::vec((0u8..8, 0u64..200, 0i64..100_000, 0i64..1_000), 1..400),
+        cap in 1usize..40, sources in 1usize..6,
+    ) {
+        let mut cache = ReplayCache::with_sources(cap, sources, QrSkew::NONE);
+        let mut now = T0;
+        for (g, nonce, life, step) in ops {
+            now += step;
+            let from = if g == 0 { ReplaySource::Local } else { gate(g) };
+            let key = ReplayKey { issuer: 1, account: 7, nonce };
+            let before = (cache.held_by(&from), cache.evictions(), cache.contains(&key, Timestamp(now)));
+            cache.insert_seen(&from, key, Timestamp(now + life), Timestamp(now));
+            prop_assert!(cache.len() <= cap);
+            prop_assert!(cache.held_by(&from) <= cache.share());
+            if before.1 == cache.evictions() {
+                prop_assert!(cache.contains(&key, Timestamp(now)), "dropped without counting it");
+            }
+            if before.2 {
+                prop_assert!(cache.contains(&key, Timestamp(now)), "a known code was lost");
+            }
+        }
+    }
+}
+
+#[test]
+fn five_thousand_codes_from_one_gate_leave_the_other_gates_codes_in_place() {
+    let mut cache = ReplayCache::with_sources(100_000, 64, QrSkew::NONE);
+    let now = Timestamp(T0);
+    for g in 1..=20u8 {
+        for nonce in 0..100u64 {
+            let key = ReplayKey { issuer: 1, account: u64::from(g), nonce };
+            assert!(cache.insert_seen(&gate(g), key, Timestamp(T0 + 60_000), now));
+        }
+    }
+    // Gate 21 floods with codes that expire later than any real one (the old policy, soonest
+    // first across all sources, would have dropped the real ones first).
+    for nonce in 0..5_000u64 {
+        let key = ReplayKey { issuer: 1, account: 21, nonce };
+        cache.insert_seen(&gate(21), key, Timestamp(T0 + 3_600_000), now);
+    }
+    assert_eq!(cache.share(), 1_562);
+    assert_eq!(cache.held_by(&gate(21)), 1_562);
+    assert_eq!(cache.evictions(), 5_000 - 1_562);
+    for g in 1..=20u8 {
+        assert_eq!(cache.held_by(&gate(g)), 100);
+        assert!(cache.contains(&ReplayKey { issuer: 1, account: u64::from(g), nonce: 0 }, now));
     }
 }
 
@@ -140,7 +228,7 @@ fn a_hundred_thousand_entry_cache_stays_at_capacity_and_counts_what_it_drops() {
     let now = Timestamp(T0);
     for nonce in 0..150_000u64 {
         let key = ReplayKey { issuer: 1, account: nonce % 1_000, nonce };
-        cache.insert_seen(key, Timestamp(T0 + 60_000 + nonce as i64), now);
+        cache.insert_seen(&ReplaySource::Local, key, Timestamp(T0 + 60_000 + nonce as i64), now);
     }
     assert_eq!(cache.len(), 100_000);
     assert_eq!(cache.evictions(), 50_000);
