@@ -175,9 +175,14 @@ pub struct QrConfig {
     /// Tolerated clock difference between QR issuers and the gate.
     #[serde(default = "default_skew")]
     pub skew_ms: u32,
-    /// Codes remembered for the replay check.
+    /// Codes remembered for the replay check, all sources together.
     #[serde(default = "default_replay")]
     pub replay_capacity: usize,
+    /// Sources the replay cache keeps apart: this gate and each gate whose used codes the station
+    /// relays. Each gets `replay_capacity / replay_sources` entries, and a source that floods the
+    /// relay evicts only its own. At least the station's number of gates.
+    #[serde(default = "default_replay_sources")]
+    pub replay_sources: usize,
 }
 
 fn default_skew() -> u32 {
@@ -186,10 +191,17 @@ fn default_skew() -> u32 {
 fn default_replay() -> usize {
     100_000
 }
+fn default_replay_sources() -> usize {
+    64
+}
 
 impl Default for QrConfig {
     fn default() -> Self {
-        QrConfig { skew_ms: default_skew(), replay_capacity: default_replay() }
+        QrConfig {
+            skew_ms: default_skew(),
+            replay_capacity: default_replay(),
+            replay_sources: default_replay_sources(),
+        }
     }
 }
 

@@ -9,8 +9,22 @@
 //! A refusal by a pre-check (the gate cannot decide: PLC offline, outbox full, out of service,
 //! wrong direction, no fare table) touches no card and writes no record; every decision of the
 //! shared engine, accepted or refused, is recorded.
+//!
+//! Control messages reach this module only after the MQTT side verified their station signature
+//! (`afc_domain::signed`); what fails verification is counted and alarmed here
+//! ([`Gate::unverified`]) and changes nothing. Signed messages are still checked against
+//! replays on their own topic: mode versions never go back, a command id runs at most once
+//! (remembered durably until well after its expiry), an ack must name this installation and
+//! stay within the gate_seqs used.
+//!
+//! Commands and the gate's clock: a command is executed only while `now < expires_at` by the
+//! gate's clock, and its id is remembered until `expires_at + COMMAND_KEPT_AFTER_EXPIRY` by the
+//! same clock, so by the time an id is forgotten a redelivery is refused as expired anyway. A
+//! gate clock that is behind runs a delayed command up to that much later than the controller
+//! meant (never twice); one that is ahead answers `expired` early (fail-safe). Only a clock set
+//! back by more than `COMMAND_KEPT_AFTER_EXPIRY` after an id was forgotten could run it again.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -19,11 +33,12 @@ use afc_domain::decision::{decide, Params as DecisionParams};
 use afc_domain::ledger::TxRecord;
 use afc_domain::mode::{ModeBits, ModeState};
 use afc_domain::model::{Direction, Ident, Reason, StationCode, Timestamp};
-use afc_domain::qr::{QrSkew, ReplayCache, ReplayKey};
+use afc_domain::qr::{QrSkew, ReplayCache, ReplayKey, ReplaySource};
 use afc_domain::wire::{
     self, AlarmKind, Command, CommandAck, CommandKind, CommandResult, DecisionKind, GateDirection, GateEvent,
-    ModeMessage, QrUsed, QrUsedBatch, ReaderResponse, TapRequest,
+    ModeMessage, QrUsed, QrUsedBatch, ReaderResponse, TapRequest, TxAck,
 };
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use crate::metrics::Metrics;
@@ -72,8 +87,21 @@ pub enum Outgoing {
     QrUsed(QrUsed),
 }
 
-/// How many executed command ids are remembered, so a redelivered command runs once.
-const COMMAND_MEMORY: usize = 256;
+/// How many command ids are remembered at most, so a redelivered command runs once. When this
+/// many unexpired ids are held, a new command is refused (`rejected`) rather than an id forgotten.
+pub const COMMAND_MEMORY: usize = 1024;
+/// How long after its expiry (by the gate's clock) a command id is still remembered.
+pub const COMMAND_KEPT_AFTER_EXPIRY_MS: i64 = 3_600_000;
+/// At most one `unverified_message` alarm per this interval (the metric counts every message).
+pub const UNVERIFIED_ALARM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the gate remembers of a command it took (in the store, by id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Remembered {
+    expires_at: Timestamp,
+    /// The result once known; `None`: the gate stopped while executing it.
+    result: Option<CommandResult>,
+}
 
 pub struct Gate {
     pub station: Ident,
@@ -99,7 +127,10 @@ pub struct Gate {
     pub new_records: Notify,
     near_full_percent: u64,
     near_full_raised: AtomicBool,
-    recent_commands: Mutex<VecDeque<String>>,
+    /// Command ids taken (mirror of the store's), with their expiry and result.
+    commands: Mutex<BTreeMap<String, Remembered>>,
+    /// When the last `unverified_message` alarm went out, and how many refusals since.
+    unverified_alarm: Mutex<(Option<Instant>, u64)>,
     out: mpsc::UnboundedSender<Outgoing>,
     pub taps: AtomicU64,
     pub rejects: AtomicU64,
@@ -115,6 +146,7 @@ pub struct GateParts {
     pub metrics: Arc<Metrics>,
     pub qr_skew: QrSkew,
     pub replay_capacity: usize,
+    pub replay_sources: usize,
     pub direction: GateDirection,
     pub near_full_percent: u64,
     pub out: mpsc::UnboundedSender<Outgoing>,
@@ -127,6 +159,25 @@ impl Gate {
             _ => (0, Arc::new(ModeState::default())),
         };
         let direction = p.params.in_force(now()).gate_config.direction.unwrap_or(p.direction);
+        let mut commands = BTreeMap::new();
+        match p.store.commands() {
+            Ok(list) => {
+                for (id, bytes) in list {
+                    match serde_json::from_slice::<Remembered>(&bytes) {
+                        Ok(r) => {
+                            commands.insert(id, r);
+                        }
+                        // Unreadable: remember the id as taken, with no result, until an hour
+                        // from now (it may never run twice).
+                        Err(_) => {
+                            let r = Remembered { expires_at: now(), result: None };
+                            commands.insert(id, r);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the remembered commands"),
+        }
         let g = Gate {
             station: p.station,
             gate: p.gate,
@@ -136,7 +187,7 @@ impl Gate {
             plc: p.plc,
             metrics: p.metrics,
             modes: RwLock::new(modes),
-            replay: Mutex::new(ReplayCache::new(p.replay_capacity, p.qr_skew)),
+            replay: Mutex::new(ReplayCache::with_sources(p.replay_capacity, p.replay_sources, p.qr_skew)),
             qr_skew: p.qr_skew,
             settings: Mutex::new(Settings { direction, in_service: true }),
             mqtt_connected: AtomicBool::new(false),
@@ -145,7 +196,8 @@ impl Gate {
             new_records: Notify::new(),
             near_full_percent: p.near_full_percent,
             near_full_raised: AtomicBool::new(false),
-            recent_commands: Mutex::new(VecDeque::new()),
+            commands: Mutex::new(commands),
+            unverified_alarm: Mutex::new((None, 0)),
             out: p.out,
             taps: AtomicU64::new(0),
             rejects: AtomicU64::new(0),
@@ -351,6 +403,46 @@ impl Gate {
         let _ = self.out.send(Outgoing::Event(GateEvent { at: now(), kind, cleared, detail }));
     }
 
+    /// A control message that failed verification (`reason`: `SignedError::code`) or was signed
+    /// but not for this gate: counted, logged, and alarmed at most once per
+    /// [`UNVERIFIED_ALARM_INTERVAL`] (a flood must not become an event flood).
+    pub fn unverified(&self, topic: &'static str, reason: &'static str, detail: &str) {
+        self.metrics.unverified(topic, reason);
+        let since = {
+            let mut a = self.unverified_alarm.lock().unwrap_or_else(|p| p.into_inner());
+            a.1 += 1;
+            if a.0.is_some_and(|t| t.elapsed() < UNVERIFIED_ALARM_INTERVAL) {
+                tracing::debug!(topic, reason, detail, "control message refused");
+                return;
+            }
+            let n = a.1;
+            *a = (Some(Instant::now()), 0);
+            n
+        };
+        tracing::warn!(topic, reason, detail, refused_since_last_alarm = since, "control message refused");
+        self.metrics.event("unverified_message");
+        self.event(
+            AlarmKind::UnverifiedMessage,
+            false,
+            Some(format!("{topic}: {reason} ({since} refused since the last alarm): {detail}")),
+        );
+    }
+
+    /// A signed `tx/ack`: taken only if it names this installation (then [`Gate::on_tx_ack`]).
+    pub fn on_signed_tx_ack(&self, ack: &TxAck) -> Result<usize, StoreError> {
+        let own = self.store.installation();
+        if ack.installation.as_deref() != Some(own) {
+            let theirs = ack.installation.as_deref().unwrap_or("none");
+            self.unverified(
+                "tx_ack",
+                "other_installation",
+                &format!("for installation {theirs}, this is {own}"),
+            );
+            return Ok(0);
+        }
+        self.on_tx_ack(ack.through_seq)
+    }
+
     /// The controllers committed every gate_seq up to `through`: drop them from the outbox.
     pub fn on_tx_ack(&self, through: u64) -> Result<usize, StoreError> {
         let n = match self.store.ack(through) {
@@ -375,7 +467,9 @@ impl Gate {
     pub async fn apply_mode(&self, msg: ModeMessage) -> Result<(), StoreError> {
         {
             let held = self.modes.read().unwrap_or_else(|p| p.into_inner()).0;
-            if msg.version != 0 && msg.version < held {
+            // Version 0 (no mode change numbered yet) is stale once any numbered one was taken: a
+            // replayed genuine message from before the first change must not undo a release.
+            if msg.version < held {
                 tracing::debug!(version = msg.version, held, "stale mode message ignored");
                 return Ok(());
             }
@@ -422,35 +516,122 @@ impl Gate {
         self.sync_outputs().await;
     }
 
-    /// QR codes used at other gates of the station: remember them for the replay check.
-    pub fn on_qr_used(&self, batch: &QrUsedBatch) {
+    /// QR codes used at other gates of the station (the station's signed relay): remember each in
+    /// its gate's share of the replay cache. An entry expiring later than its issuer's longest
+    /// validity allows is refused (counted): no real code lives that long. Returns how many
+    /// entries were refused.
+    pub fn on_qr_used(&self, batch: &QrUsedBatch) -> usize {
         let at = now();
+        let keys = self.params.in_force(at).qr_keys.clone();
+        let mut refused = 0;
         let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
         for u in batch.entries.iter().filter(|u| u.gate != self.gate) {
+            if !keys.plausible_expiry(u.issuer, u.expires_at, at, self.qr_skew) {
+                refused += 1;
+                continue;
+            }
             replay.insert_seen(
+                &ReplaySource::Gate(u.gate.clone()),
                 ReplayKey { issuer: u.issuer, account: u.account, nonce: u.nonce },
                 u.expires_at,
                 at,
             );
         }
+        drop(replay);
+        if refused > 0 {
+            self.metrics.malformed("qr_used_expiry");
+            tracing::warn!(
+                refused,
+                "relayed used QR codes expiring beyond their issuer's maximum validity refused"
+            );
+        }
+        refused
     }
 
-    /// Executes an operator command at most once per id and says how it went.
-    pub async fn command(&self, cmd: &Command) -> CommandAck {
-        let ack = |result, detail: Option<String>| CommandAck { id: cmd.id.clone(), result, detail };
-        {
-            let mut recent = self.recent_commands.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.contains(&cmd.id) {
-                return ack(CommandResult::Ok, Some("already executed".into()));
-            }
-            if cmd.is_expired(now()) {
-                return ack(CommandResult::Expired, None);
-            }
-            recent.push_back(cmd.id.clone());
-            if recent.len() > COMMAND_MEMORY {
-                recent.pop_front();
+    /// Whether a QR code is remembered as used (tests and diagnostics).
+    pub fn qr_used_known(&self, key: &ReplayKey) -> bool {
+        self.replay.lock().unwrap_or_else(|p| p.into_inner()).contains(key, now())
+    }
+
+    /// Codes held in the replay cache for `source`, and the evictions so far.
+    pub fn replay_stats(&self, source: &ReplaySource) -> (usize, u64) {
+        let r = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        (r.held_by(source), r.evictions())
+    }
+
+    /// Takes a command for execution at most once: `Err(answer)` when it must not run (another
+    /// gate's, already taken, expired, memory full, or it could not be recorded durably).
+    fn take_command(&self, cmd: &Command) -> Result<(), CommandAck> {
+        let ack = |result, detail: String| CommandAck { id: cmd.id.clone(), result, detail: Some(detail) };
+        if cmd.gate != self.gate {
+            tracing::warn!(id = %cmd.id, for_gate = %cmd.gate, "command for another gate refused");
+            return Err(ack(
+                CommandResult::Rejected,
+                format!("command for gate {}, this is {}", cmd.gate, self.gate),
+            ));
+        }
+        let at = now();
+        let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = commands.get(&cmd.id) {
+            return Err(match r.result {
+                Some(result) => ack(result, "already executed".into()),
+                None => {
+                    ack(CommandResult::Rejected, "already received before a restart; not run again".into())
+                }
+            });
+        }
+        if cmd.is_expired(at) {
+            return Err(CommandAck { id: cmd.id.clone(), result: CommandResult::Expired, detail: None });
+        }
+        let forget: Vec<String> = commands
+            .iter()
+            .filter(|(_, r)| r.expires_at.0.saturating_add(COMMAND_KEPT_AFTER_EXPIRY_MS) < at.0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !forget.is_empty() {
+            match self.store.remove_commands(forget.iter().map(String::as_str)) {
+                Ok(()) => commands.retain(|id, _| !forget.contains(id)),
+                Err(e) => tracing::warn!(error = %e, "cannot forget old commands now"),
             }
         }
+        if commands.len() >= COMMAND_MEMORY {
+            return Err(ack(
+                CommandResult::Rejected,
+                format!("{COMMAND_MEMORY} unexpired commands remembered already"),
+            ));
+        }
+        let r = Remembered { expires_at: cmd.expires_at, result: None };
+        // Durable before it runs: after a crash it is known as taken and never runs again.
+        if let Err(e) = self.store.put_command(&cmd.id, &serde_json::to_vec(&r).unwrap_or_default()) {
+            return Err(ack(CommandResult::Failed, format!("cannot record the command: {e}")));
+        }
+        commands.insert(cmd.id.clone(), r);
+        Ok(())
+    }
+
+    /// Records how a taken command went (best effort: without it a redelivery is refused, never run).
+    fn command_done(&self, cmd: &Command, result: CommandResult) {
+        let r = Remembered { expires_at: cmd.expires_at, result: Some(result) };
+        if let Err(e) = self.store.put_command(&cmd.id, &serde_json::to_vec(&r).unwrap_or_default()) {
+            tracing::warn!(id = %cmd.id, error = %e, "cannot record a command's result");
+        }
+        self.commands.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.id.clone(), r);
+    }
+
+    /// Executes an operator command (already verified as the station's) at most once per id, across
+    /// restarts, and says how it went. A redelivered id is answered with its first result and the
+    /// detail `already executed`; a command naming another gate is `rejected`.
+    pub async fn command(&self, cmd: &Command) -> CommandAck {
+        if let Err(answer) = self.take_command(cmd) {
+            return answer;
+        }
+        let ack = self.execute(cmd).await;
+        self.command_done(cmd, ack.result);
+        ack
+    }
+
+    async fn execute(&self, cmd: &Command) -> CommandAck {
+        let ack = |result, detail: Option<String>| CommandAck { id: cmd.id.clone(), result, detail };
         tracing::info!(id = %cmd.id, command = cmd.command.as_str(), "operator command");
         let result = match cmd.command {
             CommandKind::OpenOnceEntry | CommandKind::OpenOnceExit => {

@@ -97,6 +97,7 @@ pub async fn start(
         metrics: metrics.clone(),
         qr_skew: QrSkew::from_millis(config.qr.skew_ms),
         replay_capacity: config.qr.replay_capacity,
+        replay_sources: config.qr.replay_sources,
         direction: config.direction,
         near_full_percent: config.outbox.near_full_percent,
         out: out_tx,

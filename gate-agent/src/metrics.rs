@@ -96,6 +96,10 @@ pub struct Metrics {
     events: Mutex<BTreeMap<&'static str, u64>>,
     /// Malformed input by source (reader, mqtt).
     malformed: Mutex<BTreeMap<&'static str, u64>>,
+    /// Control messages refused by (topic kind, reason): not signed by a trusted key for their
+    /// topic (`SignedError::code`), or signed but not for this gate (`other_gate`,
+    /// `other_installation`).
+    unverified: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
@@ -165,6 +169,20 @@ impl Metrics {
         bump(&self.malformed, source);
     }
 
+    pub fn unverified(&self, topic: &'static str, reason: &'static str) {
+        bump(&self.unverified, (topic, reason));
+    }
+
+    /// Messages on `topic` refused for `reason` so far.
+    pub fn unverified_messages(&self, topic: &str, reason: &str) -> u64 {
+        get(&self.unverified).iter().filter(|((t, r), _)| *t == topic && *r == reason).map(|(_, v)| *v).sum()
+    }
+
+    /// Messages on `topic` refused so far, whatever the reason.
+    pub fn unverified_on(&self, topic: &str) -> u64 {
+        get(&self.unverified).iter().filter(|((t, _), _)| *t == topic).map(|(_, v)| *v).sum()
+    }
+
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(8 * 1024);
@@ -224,6 +242,17 @@ impl Metrics {
             for (k, v) in map {
                 let _ = writeln!(o, "{name}{{{label}=\"{k}\"}} {v}");
             }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP afc_gate_unverified_messages_total Control messages refused: not signed by a trusted key for their topic, or not for this gate."
+        );
+        let _ = writeln!(o, "# TYPE afc_gate_unverified_messages_total counter");
+        for ((topic, reason), v) in get(&self.unverified) {
+            let _ = writeln!(
+                o,
+                "afc_gate_unverified_messages_total{{topic=\"{topic}\",reason=\"{reason}\"}} {v}"
+            );
         }
         let _ = writeln!(
             o,
@@ -349,6 +378,7 @@ mod tests {
         m.modbus_call("write_coil", Duration::from_micros(80));
         m.modbus_error("timeout");
         m.set_param_version("fare_table", "active", 3);
+        m.unverified("mode", "bad_signature");
         let text = m.render();
         for family in [
             "afc_gate_decisions_total{result=\"accept\",reason=\"ok\",media=\"svc\",direction=\"entry\"} 1",
@@ -359,6 +389,7 @@ mod tests {
             "afc_gate_modbus_errors_total{kind=\"timeout\"} 1",
             "afc_gate_outbox_depth 0",
             "afc_gate_param_version{kind=\"fare_table\",state=\"active\"} 3",
+            "afc_gate_unverified_messages_total{topic=\"mode\",reason=\"bad_signature\"} 1",
         ] {
             assert!(text.contains(family), "missing {family} in\n{text}");
         }

@@ -9,6 +9,15 @@
 //! - `mqtt-inbox` handles each message, persists its effect, and only then acks it (manual acks):
 //!   parameter pointers and chunks, modes, commands, tx acks, used QR codes. A malformed message is
 //!   counted, logged, acked and skipped.
+//!
+//! Signatures (`afc_domain::signed`): `mode`, `cmd`, `tx/ack` and the relayed `qr/used` must be
+//! signed by a station key the gate trusts (`[trusted_keys]`, the package keys) for the exact
+//! topic they arrive on; one that is not changes nothing, is counted
+//! (`afc_gate_unverified_messages_total{topic,reason}`), raises the rate-limited
+//! `unverified_message` alarm, and is acked (refused for good). Parameter pointers and chunks stay
+//! plain (the package inside is signed), and so does `state`. Everything the gate publishes is
+//! signed with its own key (the tx batch key, key id `GATE_KEY_ID`) except the will, which is
+//! fixed at connect time and says only `offline`.
 //! - `mqtt-upload` sends the outbox in gate_seq order as signed batches on `gates/{gate}/tx` and
 //!   waits for `tx/ack`; without an ack in time it sends again from the acknowledged point (the
 //!   ledger de-duplicates on gate_seq). Records stay in the outbox, never in the client's queue.
@@ -24,6 +33,7 @@ use std::time::Duration;
 use afc_domain::ledger::{sign_batch, TxRecord};
 use afc_domain::model::{Ident, ParamKind, Timestamp};
 use afc_domain::package::{Reassembler, MAX_CHUNK_BYTES};
+use afc_domain::signed::{open_station, seal, SignedError, GATE_KEY_ID};
 use afc_domain::topic::{filters, Topic};
 use afc_domain::wire::{
     self, AlarmKind, Command, GateBirth, GateCounters, GateStatus, HardwareInfo, Heartbeat, ModeMessage,
@@ -58,8 +68,13 @@ pub struct MqttSettings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// Largest incoming packet: a 256 KiB chunk plus topic and headers, with room to spare.
-pub const MAX_INCOMING_PACKET: usize = MAX_CHUNK_BYTES + 64 * 1024;
+/// Largest incoming packet. Whatever a broker delivers must be read and refused by the gate, not
+/// end the connection (rumqttc drops a connection on a packet above its limit, and a retained
+/// oversized `mode` would then drop it at every reconnect): so this is above what the station's
+/// brokers let through (the embedded one: 2 MiB payloads; deploy/mosquitto: 1 MiB + 64 KiB
+/// packets), far above the largest real message (a 256 KiB chunk, a 1 MiB payload).
+pub const MAX_INCOMING_PACKET: usize = 2 * MAX_PAYLOAD + 64 * 1024;
+const _: () = assert!(MAX_INCOMING_PACKET > MAX_CHUNK_BYTES + 64 * 1024);
 /// Largest outgoing packet: a transaction batch of at most [`MAX_PAYLOAD`] plus headers.
 pub const MAX_OUTGOING_PACKET: usize = MAX_PAYLOAD + 64 * 1024;
 /// Most bytes of records per batch (keeps the JSON well under [`MAX_PAYLOAD`]).
@@ -118,6 +133,7 @@ pub fn spawn(
         uploaded,
         leader_changed: Notify::new(),
         leader: std::sync::Mutex::new(None),
+        key,
     });
     tokio::spawn(eventloop_task(
         ctx.clone(),
@@ -130,7 +146,7 @@ pub fn spawn(
     ));
     tokio::spawn(session_task(ctx.clone(), out, acks, plc_events, subs_rx, cancel.clone()));
     tokio::spawn(inbox_task(ctx.clone(), inbox_rx, subs_tx, cancel.clone()));
-    tokio::spawn(upload_task(ctx, key, cancel));
+    tokio::spawn(upload_task(ctx, cancel));
 }
 
 struct Ctx {
@@ -149,6 +165,8 @@ struct Ctx {
     /// `(leader_node, term, since)` of the last `state` seen (a leader restarted into the same term
     /// announces a new `since`).
     leader: std::sync::Mutex<Option<(u64, u64, Timestamp)>>,
+    /// The gate's key: signs its tx batches and every message it publishes but the will.
+    key: SigningKey,
 }
 
 impl Ctx {
@@ -158,6 +176,11 @@ impl Ctx {
 
     fn topic(&self, f: impl FnOnce(Ident, Ident) -> Topic) -> String {
         f(self.gate.station.clone(), self.gate.gate.clone()).to_string()
+    }
+
+    /// `msg` signed by this gate for `topic`.
+    fn seal<T: wire::WireMessage>(&self, topic: &str, msg: &T) -> Vec<u8> {
+        seal(topic, msg, GATE_KEY_ID, &self.key)
     }
 
     async fn publish(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) {
@@ -268,7 +291,8 @@ async fn session_task(
                     hardware: ctx.settings.hardware.clone(),
                 });
                 let status = ctx.topic(|station, gate| Topic::GateStatus { station, gate });
-                ctx.publish(status, QoS::AtLeastOnce, true, wire::encode(&birth)).await;
+                let payload = ctx.seal(&status, &birth);
+                ctx.publish(status, QoS::AtLeastOnce, true, payload).await;
                 while let Some((topic, payload)) = queued.pop_front() {
                     ctx.publish(topic, QoS::AtLeastOnce, false, payload).await;
                 }
@@ -291,9 +315,9 @@ async fn session_task(
                 let (topic, payload) = match o {
                     Outgoing::Event(e) => {
                         alarms.insert(e.kind, !e.cleared);
-                        (events_topic.clone(), wire::encode(&e))
+                        (events_topic.clone(), ctx.seal(&events_topic, &e))
                     }
-                    Outgoing::QrUsed(u) => (qr_topic.clone(), wire::encode(&QrUsedBatch { entries: vec![u] })),
+                    Outgoing::QrUsed(u) => (qr_topic.clone(), ctx.seal(&qr_topic, &QrUsedBatch { entries: vec![u] })),
                 };
                 if ctx.connected() {
                     ctx.publish(topic, QoS::AtLeastOnce, false, payload).await;
@@ -302,7 +326,7 @@ async fn session_task(
                 }
             }
             Some(a) = acks.recv() => {
-                let payload = wire::encode(&a);
+                let payload = ctx.seal(&ack_topic, &a);
                 if ctx.connected() {
                     ctx.publish(ack_topic.clone(), QoS::AtLeastOnce, false, payload).await;
                 } else if queued.len() < MAX_QUEUED_OUT {
@@ -361,7 +385,8 @@ async fn session_task(
                     versions: g.params.versions(),
                 };
                 let topic = ctx.topic(|station, gate| Topic::GateHeartbeat { station, gate });
-                ctx.publish(topic, QoS::AtMostOnce, false, wire::encode(&hb)).await;
+                let payload = ctx.seal(&topic, &hb);
+                ctx.publish(topic, QoS::AtMostOnce, false, payload).await;
             }
         }
     }
@@ -504,35 +529,34 @@ async fn inbox_task(
                     }
                 }
             }
-            Topic::Mode { .. } => match wire::decode::<ModeMessage>(payload) {
-                Ok(m) => g.apply_mode(m).await.map_err(|e| e.to_string()),
-                Err(wire::WireError::Empty) => Ok(()),
-                Err(e) => Err(e.to_string()),
+            Topic::Mode { .. } => match verified::<ModeMessage>(&g, "mode", &p.topic, payload) {
+                Some(m) => g.apply_mode(m).await.map_err(|e| e.to_string()),
+                None => Ok(()),
             },
-            Topic::GateCmd { .. } => match wire::decode::<Command>(payload) {
-                Ok(cmd) => {
+            Topic::GateCmd { .. } => match verified::<Command>(&g, "cmd", &p.topic, payload) {
+                Some(cmd) => {
                     let ack = g.command(&cmd).await;
                     let t = ctx.topic(|station, gate| Topic::GateCmdAck { station, gate });
-                    ctx.publish(t, QoS::AtLeastOnce, false, wire::encode(&ack)).await;
+                    let payload = ctx.seal(&t, &ack);
+                    ctx.publish(t, QoS::AtLeastOnce, false, payload).await;
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                None => Ok(()),
             },
-            Topic::GateTxAck { .. } => match wire::decode::<TxAck>(payload) {
-                Ok(a) => {
-                    let r = g.on_tx_ack(a.through_seq).map(|_| ()).map_err(|e| e.to_string());
+            Topic::GateTxAck { .. } => match verified::<TxAck>(&g, "tx_ack", &p.topic, payload) {
+                Some(a) => {
+                    let r = g.on_signed_tx_ack(&a).map(|_| ()).map_err(|e| e.to_string());
                     ctx.uploaded.notify_one();
                     r
                 }
-                Err(e) => Err(e.to_string()),
+                None => Ok(()),
             },
-            Topic::QrUsed { .. } => match wire::decode::<QrUsedBatch>(payload) {
-                Ok(b) => {
+            Topic::QrUsed { .. } => {
+                if let Some(b) = verified::<QrUsedBatch>(&g, "qr_used", &p.topic, payload) {
                     g.on_qr_used(&b);
-                    Ok(())
                 }
-                Err(e) => Err(e.to_string()),
-            },
+                Ok(())
+            }
             Topic::State { .. } => match wire::decode::<wire::StationState>(payload) {
                 Ok(wire::StationState::Online(l)) => {
                     let mut seen = ctx.leader.lock().unwrap_or_else(|p| p.into_inner());
@@ -563,6 +587,24 @@ async fn inbox_task(
         }
     }
     tracing::info!("mqtt-inbox task stopped");
+}
+
+/// Opens a station-signed message received on `topic`. `None`: nothing to do (an empty retained
+/// payload, a cleared topic), or refused: counted and alarmed ([`Gate::unverified`]).
+fn verified<T: serde::de::DeserializeOwned>(
+    g: &Gate,
+    kind: &'static str,
+    topic: &str,
+    payload: &[u8],
+) -> Option<T> {
+    match open_station::<T>(topic, payload, g.params.trusted_keys()) {
+        Ok(m) => Some(m),
+        Err(SignedError::Empty) => None,
+        Err(e) => {
+            g.unverified(kind, e.code(), &format!("{} bytes: {e}", payload.len()));
+            None
+        }
+    }
 }
 
 fn start_download(
@@ -605,7 +647,7 @@ fn start_download(
     }
 }
 
-async fn upload_task(ctx: Arc<Ctx>, key: SigningKey, cancel: CancellationToken) {
+async fn upload_task(ctx: Arc<Ctx>, cancel: CancellationToken) {
     tracing::info!("mqtt-upload task started");
     let g = ctx.gate.clone();
     let topic = ctx.topic(|station, gate| Topic::GateTx { station, gate });
@@ -657,9 +699,14 @@ async fn upload_task(ctx: Arc<Ctx>, key: SigningKey, cancel: CancellationToken) 
             }
         }
         let last = pending.last().map_or(after, |(s, _)| *s);
-        let signature = hex::encode(sign_batch(&g.station, &g.gate, &records, &key));
-        let batch =
-            TxBatch { station: g.station.clone(), gate: g.gate.clone(), records, signature, installation: None };
+        let signature = hex::encode(sign_batch(&g.station, &g.gate, &records, &ctx.key));
+        let batch = TxBatch {
+            station: g.station.clone(),
+            gate: g.gate.clone(),
+            records,
+            signature,
+            installation: Some(g.store().installation().to_owned()),
+        };
         let payload = wire::encode(&batch);
         tracing::debug!(first = after + 1, last, bytes = payload.len(), "uploading batch");
         ctx.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await;

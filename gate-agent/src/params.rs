@@ -250,6 +250,12 @@ impl Params {
         a.max(p)
     }
 
+    /// The station keys this gate trusts (`[trusted_keys]`): they sign packages and every control
+    /// message (`mode`, `cmd`, `tx/ack`, `qr/used`).
+    pub fn trusted_keys(&self) -> &TrustedKeys {
+        &self.keys
+    }
+
     /// Whether a pointer to this version is worth downloading: any version not held and not
     /// refused already. An older one is downloaded too, so its refusal (version order) is
     /// reported once instead of being ignored silently.

@@ -22,6 +22,11 @@
 //!
 //! Parameter rules: a package is stored whole in one value, and switching pending → active is one
 //! atomic batch, so a crash mid-write leaves the previous set.
+//!
+//! Identity and commands: the store makes the gate's random installation id once, when it is first
+//! created (or first opened by a build that knows it), and keeps it; a `tx/ack` counts only if it
+//! names it. Operator commands executed are remembered (id → expiry and result) until the gate
+//! forgets them, so a redelivered command never runs twice, across restarts too.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +55,7 @@ pub enum StoreError {
 }
 
 const ACKED_THROUGH: &[u8] = b"acked_through";
+const INSTALLATION: &[u8] = b"installation";
 
 /// Which slot of a parameter kind a package sits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +87,10 @@ pub struct Store {
     meta: sled::Tree,
     /// `{kind}/{active|pending}` → package bytes; other small state by name.
     params: sled::Tree,
+    /// Command id → what the gate remembers of it (the gate's encoding).
+    commands: sled::Tree,
+    /// This installation's id: 16 random bytes, hex, made once.
+    installation: String,
     capacity: u64,
     /// Bytes the outbox holds (frames of unacknowledged records), mirrored for lock-free reads.
     bytes: AtomicU64,
@@ -108,11 +118,64 @@ impl Store {
         let durable = afc_sled::Durable::open(dir, config)?;
         let meta = durable.db().open_tree("meta")?;
         let params = durable.db().open_tree("params")?;
+        let commands = durable.db().open_tree("commands")?;
         let acked = read_u64(meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0);
+        let installation = match meta.get(INSTALLATION)? {
+            Some(v) => String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt("installation"))?,
+            None => {
+                let id = hex::encode(rand::random::<[u8; 16]>());
+                meta.insert(INSTALLATION, id.as_bytes())?;
+                durable.sync()?;
+                id
+            }
+        };
         let outbox = log::Log::open(&dir.join("outbox"), acked)?;
         let bytes = AtomicU64::new(outbox.live_bytes());
         let depth = AtomicU64::new(outbox.live_count() as u64);
-        Ok(Store { durable, outbox: Mutex::new(outbox), meta, params, capacity, bytes, depth })
+        Ok(Store {
+            durable,
+            outbox: Mutex::new(outbox),
+            meta,
+            params,
+            commands,
+            installation,
+            capacity,
+            bytes,
+            depth,
+        })
+    }
+
+    /// This installation's id (made once, when the store was first created): the gate puts it in
+    /// every batch and takes only the `tx/ack`s that name it.
+    pub fn installation(&self) -> &str {
+        &self.installation
+    }
+
+    /// Every command remembered: id → the caller's bytes.
+    pub fn commands(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.commands.iter() {
+            let (k, v) = kv?;
+            let id = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("command id"))?;
+            out.push((id, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Remembers a command durably (returns once synced).
+    pub fn put_command(&self, id: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.commands.insert(id.as_bytes(), value)?;
+        self.sync()
+    }
+
+    /// Forgets commands, in one batch.
+    pub fn remove_commands<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(id.as_bytes());
+        }
+        self.commands.apply_batch(batch)?;
+        self.sync()
     }
 
     pub fn capacity(&self) -> u64 {
@@ -315,6 +378,43 @@ mod tests {
         let s = Store::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.depth(), 0);
         assert_eq!(s.append(|_| b"y".to_vec()).unwrap(), 7);
+    }
+
+    #[test]
+    fn the_installation_id_is_made_once_and_kept_and_a_store_without_one_gets_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), 1 << 20).unwrap().installation().to_owned();
+        assert_eq!(first.len(), 32);
+        assert!(first.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(Store::open(dir.path(), 1 << 20).unwrap().installation(), first);
+        // A store written by a build without installation ids gets one on its first open.
+        {
+            let s = Store::open(dir.path(), 1 << 20).unwrap();
+            s.meta.remove(INSTALLATION).unwrap();
+            s.sync().unwrap();
+        }
+        let second = Store::open(dir.path(), 1 << 20).unwrap().installation().to_owned();
+        assert_ne!(second, first);
+        assert_eq!(Store::open(dir.path(), 1 << 20).unwrap().installation(), second);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(Store::open(other.path(), 1 << 20).unwrap().installation(), second);
+    }
+
+    #[test]
+    fn remembered_commands_survive_a_restart_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 1 << 20).unwrap();
+            s.put_command("c1", b"one").unwrap();
+            s.put_command("c2", b"two").unwrap();
+        }
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            s.commands().unwrap(),
+            vec![("c1".into(), b"one".to_vec()), ("c2".into(), b"two".to_vec())]
+        );
+        s.remove_commands(["c1"]).unwrap();
+        assert_eq!(s.commands().unwrap().len(), 1);
     }
 
     #[test]

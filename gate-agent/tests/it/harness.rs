@@ -1,6 +1,8 @@
 //! What the tests run against: an embedded broker (rumqttd on its own thread), a stand-in station
-//! controller (an MQTT client that verifies batches, de-duplicates by gate_seq and acks), the PLC
-//! simulator, the agent in process or as the real binary, and signed packages of a small network.
+//! controller (an MQTT client that verifies batches, de-duplicates by gate_seq and acks, signs
+//! what it publishes with the station key the agent trusts, and checks the gate's signature on
+//! everything the gate sends), the PLC simulator, the agent in process or as the real binary, and
+//! signed packages of a small network.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,10 +16,11 @@ use afc_domain::ledger::{verify_batch, TxRecord};
 use afc_domain::model::{BusinessDayRule, CardType, Date, Ident, Media, ParamKind, StationCode, Timestamp};
 use afc_domain::network::{compile, Band, FareRule, Increment, Line, NetworkDescription, Station, Stop};
 use afc_domain::package::{package_sha256, split, BlacklistBody, Package};
+use afc_domain::signed::{open_gate, seal};
 use afc_domain::topic::Topic;
 use afc_domain::wire::{
-    self, CommandAck, EntryRecord, GateEvent, ParamPointer, ParamsAck, SvcCard, TapMedia, TapRequest, TxAck,
-    TxBatch,
+    self, CommandAck, EntryRecord, GateEvent, GateStatus, Heartbeat, ParamPointer, ParamsAck, QrUsedBatch,
+    SvcCard, TapMedia, TapRequest, TxAck, TxBatch, WireMessage,
 };
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use gate_agent::config::Config;
@@ -42,6 +45,19 @@ pub fn package_key() -> SigningKey {
 
 pub fn gate_key() -> SigningKey {
     SigningKey::from_bytes(&[9u8; 32])
+}
+
+/// The station signs control messages with its package key (SPEC §5): the key id and key the
+/// agent's `[trusted_keys]` hold.
+pub const STATION_KEY_ID: u32 = PACKAGE_KEY_ID;
+
+pub fn station_key() -> SigningKey {
+    package_key()
+}
+
+/// `msg` signed by the station for `topic`, as a controller publishes it.
+pub fn signed<T: WireMessage>(topic: &str, msg: &T) -> Vec<u8> {
+    seal(topic, msg, STATION_KEY_ID, &station_key())
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after the deadline.
@@ -191,6 +207,14 @@ pub struct Controller {
     pub events: Arc<Mutex<Vec<GateEvent>>>,
     pub cmd_acks: Arc<Mutex<Vec<CommandAck>>>,
     pub status: Arc<Mutex<Vec<String>>>,
+    /// Heartbeats received (each verified).
+    pub heartbeats: Arc<Mutex<Vec<Heartbeat>>>,
+    /// Used QR codes the gate reported (verified).
+    pub qr_used: Arc<Mutex<Vec<QrUsedBatch>>>,
+    /// Gate messages whose signature did not verify (topic: reason): must stay empty.
+    pub unverified: Arc<Mutex<Vec<String>>>,
+    /// The installation named by the last batch, which the acks name too.
+    pub installation: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
 }
 
@@ -220,12 +244,18 @@ impl Controller {
             events: Arc::default(),
             cmd_acks: Arc::default(),
             status: Arc::default(),
+            heartbeats: Arc::default(),
+            qr_used: Arc::default(),
+            unverified: Arc::default(),
+            installation: Arc::default(),
             cancel: CancellationToken::new(),
         };
         let (ledger, received, forged, acking) =
             (c.ledger.clone(), c.received.clone(), c.forged_batches.clone(), c.acking.clone());
         let (param_acks, events, cmd_acks, status) =
             (c.param_acks.clone(), c.events.clone(), c.cmd_acks.clone(), c.status.clone());
+        let (heartbeats, qr_used, unverified, installation) =
+            (c.heartbeats.clone(), c.qr_used.clone(), c.unverified.clone(), c.installation.clone());
         let cancel = c.cancel.clone();
         let (connected_tx, mut connected) = tokio::sync::watch::channel(false);
         let verifying: VerifyingKey = gate_key().verifying_key();
@@ -246,6 +276,21 @@ impl Controller {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let Ok(topic) = Topic::parse(&p.topic) else { continue };
+                        // Every gate message but the batch (signed inside) and the will (plain
+                        // `offline`) must carry the gate's signature for its topic.
+                        fn check<T: serde::de::DeserializeOwned>(
+                            p: &rumqttc::Publish,
+                            key: &VerifyingKey,
+                            unverified: &Mutex<Vec<String>>,
+                        ) -> Option<T> {
+                            match open_gate::<T>(&p.topic, &p.payload, key) {
+                                Ok(m) => Some(m),
+                                Err(e) => {
+                                    unverified.lock().unwrap().push(format!("{}: {}", p.topic, e.code()));
+                                    None
+                                }
+                            }
+                        }
                         match topic {
                             Topic::GateTx { gate, station } => {
                                 let Ok(batch) = wire::decode::<TxBatch>(&p.payload) else { continue };
@@ -266,29 +311,55 @@ impl Controller {
                                     }
                                     through
                                 };
+                                *installation.lock().unwrap() = batch.installation.clone();
                                 if acking.load(Ordering::SeqCst) {
                                     let t = Topic::GateTxAck { station, gate }.to_string();
-                                    let ack = wire::encode(&TxAck { through_seq: through, installation: None });
-                                    let _ = client.publish(t, QoS::AtLeastOnce, false, ack).await;
+                                    let ack =
+                                        TxAck { through_seq: through, installation: batch.installation };
+                                    let _ = client
+                                        .publish(t.clone(), QoS::AtLeastOnce, false, signed(&t, &ack))
+                                        .await;
                                 }
                             }
                             Topic::GateParamsAck { .. } => {
-                                if let Ok(a) = wire::decode::<ParamsAck>(&p.payload) {
+                                if let Some(a) = check::<ParamsAck>(&p, &verifying, &unverified) {
                                     param_acks.lock().unwrap().push(a);
                                 }
                             }
                             Topic::GateEvents { .. } => {
-                                if let Ok(e) = wire::decode::<GateEvent>(&p.payload) {
+                                if let Some(e) = check::<GateEvent>(&p, &verifying, &unverified) {
                                     events.lock().unwrap().push(e);
                                 }
                             }
                             Topic::GateCmdAck { .. } => {
-                                if let Ok(a) = wire::decode::<CommandAck>(&p.payload) {
+                                if let Some(a) = check::<CommandAck>(&p, &verifying, &unverified) {
                                     cmd_acks.lock().unwrap().push(a);
                                 }
                             }
+                            Topic::GateHeartbeat { .. } => {
+                                if let Some(h) = check::<Heartbeat>(&p, &verifying, &unverified) {
+                                    heartbeats.lock().unwrap().push(h);
+                                }
+                            }
+                            Topic::GateQrUsed { .. } => {
+                                if let Some(b) = check::<QrUsedBatch>(&p, &verifying, &unverified) {
+                                    qr_used.lock().unwrap().push(b);
+                                }
+                            }
+                            Topic::GateStatus { .. } if p.payload.is_empty() => {}
                             Topic::GateStatus { .. } => {
-                                status.lock().unwrap().push(String::from_utf8_lossy(&p.payload).into_owned());
+                                // The will is plain and only ever says offline; the birth is signed.
+                                let plain_offline = matches!(
+                                    wire::decode::<GateStatus>(&p.payload),
+                                    Ok(GateStatus::Offline { .. })
+                                );
+                                if plain_offline || check::<GateStatus>(&p, &verifying, &unverified).is_some()
+                                {
+                                    status
+                                        .lock()
+                                        .unwrap()
+                                        .push(String::from_utf8_lossy(&p.payload).into_owned());
+                                }
                             }
                             _ => {}
                         }
@@ -304,6 +375,12 @@ impl Controller {
 
     pub async fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) {
         self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.unwrap();
+    }
+
+    /// Publishes `msg` signed by the station for `topic`.
+    pub async fn publish_signed<T: WireMessage>(&self, topic: String, retain: bool, msg: &T) {
+        let payload = signed(&topic, msg);
+        self.publish(topic, retain, payload).await;
     }
 
     /// Publishes a package's chunks (retained) and then its pointer (retained).
