@@ -560,14 +560,26 @@ impl MassInsertionGuard {
         now: Timestamp,
     ) -> Result<Option<SecondConfirmation>, BlacklistError> {
         let added = blacklist_ids_added(held, new)?;
-        Ok(self.holds(added).then(|| SecondConfirmation {
-            to_version: new.version(),
+        Ok(self.confirmation(added, new.version(), by, now))
+    }
+
+    /// The confirmation a change to `to_version` adding `added` ids needs, or `None` within the
+    /// threshold (for a caller that counted the ids itself, see [`Blacklist::ids_added_by`]).
+    pub fn confirmation(
+        &self,
+        added: u64,
+        to_version: u64,
+        by: &str,
+        now: Timestamp,
+    ) -> Option<SecondConfirmation> {
+        self.holds(added).then(|| SecondConfirmation {
+            to_version,
             added,
             requested_by: by.to_owned(),
             requested_at: now,
             confirmed_by: None,
             confirmed_at: None,
-        }))
+        })
     }
 }
 

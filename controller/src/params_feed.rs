@@ -11,6 +11,11 @@
 //! fails its signature, does not decode, or is of a kind this controller does not take from the
 //! feed (blacklists, QR keys: their versions follow clearing's numbering, not the station's) is
 //! refused, counted and logged, and the cursor moves past it.
+//!
+//! What the feed stores reaches gates only through [`crate::api::rollouts::before_upload`], the
+//! rollout request every path builds with [`crate::api::rollouts::rollout_request`]: that is where
+//! the one mass-insertion guard sits, so a blacklist taken from the feed one day would be held for
+//! a second engineer like an API upload, with nothing to add here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,7 +219,7 @@ impl Worker {
             at: crate::api::now(),
         };
         self.node.write(audit, 0).await?;
-        let rollout = crate::api::rollouts::before_upload(&self.node, TASK, &package, &why, None).await;
+        let rollout = crate::api::rollouts::before_upload(&self.node, TASK, &package, &why).await;
         match self.node.put_package(kind, version, &package.encode()).await? {
             Response::PackageStored { .. } => {}
             other => return Err(FeedTaskError::Refused(other)),

@@ -119,6 +119,9 @@ pub enum Request {
     RolloutRequest { request: RolloutStart },
     /// A second operator confirms a held rollout request (a mass blacklist insertion).
     RolloutConfirm { kind: ParamKind, by: String, at: Timestamp },
+    /// The same, for exactly the request of `version` (refused if another request replaced it
+    /// since the confirmer looked): the held blacklist upload's confirmation.
+    RolloutConfirmVersion { kind: ParamKind, version: u64, by: String, at: Timestamp },
     /// An operator aborts a rollout (or drops a request not started yet): every gate goes back.
     RolloutAbort { kind: ParamKind, by: String, at: Timestamp },
     /// The leader's step of one kind's rollout: replaces `previous` (compare and set, so a step
@@ -192,6 +195,12 @@ impl RolloutStart {
 pub struct RolloutBook {
     pub rollouts: Rollouts,
     pub requests: BTreeMap<ParamKind, RolloutStart>,
+    /// Kinds that never had a rollout whose waiting request was dropped: the version gates stay
+    /// at (`None`: nothing). Without it the pointer would fall back to the latest stored version,
+    /// and an aborted mass blacklist insertion still waiting for its second engineer would reach
+    /// every gate. Cleared when the kind's first rollout starts.
+    #[serde(default)]
+    pub withheld: BTreeMap<ParamKind, Option<u64>>,
 }
 
 impl RolloutBook {
@@ -201,9 +210,10 @@ impl RolloutBook {
     pub fn station_version(&self, kind: ParamKind, stored: Option<u64>) -> Option<u64> {
         let Some(r) = self.rollouts.get(kind) else {
             // A first rollout asked for: gates keep what they had until it starts.
-            return match self.requests.get(&kind) {
-                Some(q) => q.from_version,
-                None => stored,
+            return match (self.requests.get(&kind), self.withheld.get(&kind)) {
+                (Some(q), _) => q.from_version,
+                (None, Some(kept)) => *kept,
+                (None, None) => stored,
             };
         };
         match &r.stage {
@@ -233,6 +243,7 @@ impl RolloutBook {
             out.insert(q.to_version);
             out.extend(q.from_version);
         }
+        out.extend(self.withheld.get(&kind).copied().flatten());
         out
     }
 }
@@ -264,6 +275,7 @@ impl Request {
             Request::Prune { .. } => "prune",
             Request::RolloutRequest { .. } => "rollout_request",
             Request::RolloutConfirm { .. } => "rollout_confirm",
+            Request::RolloutConfirmVersion { .. } => "rollout_confirm_version",
             Request::RolloutAbort { .. } => "rollout_abort",
             Request::RolloutUpdate { .. } => "rollout_update",
             Request::FeedAdvance { .. } => "feed_advance",
@@ -652,7 +664,10 @@ impl StationState {
             }
             Request::Prune { before } => self.prune(*before, ledger, out)?,
             Request::RolloutRequest { request } => self.rollout_request(request),
-            Request::RolloutConfirm { kind, by, at } => self.rollout_confirm(*kind, by, *at),
+            Request::RolloutConfirm { kind, by, at } => self.rollout_confirm(*kind, None, by, *at),
+            Request::RolloutConfirmVersion { kind, version, by, at } => {
+                self.rollout_confirm(*kind, Some(*version), by, *at)
+            }
             Request::RolloutAbort { kind, by, at } => self.rollout_abort(*kind, by, *at),
             Request::RolloutUpdate { kind, previous, next, started } => {
                 self.rollout_update(*kind, previous.as_deref(), next, *started)
@@ -942,10 +957,19 @@ impl StationState {
         Response::RolloutRequested { kind, version: q.to_version, held: !q.ready() }
     }
 
-    fn rollout_confirm(&mut self, kind: ParamKind, by: &str, at: Timestamp) -> Response {
+    fn rollout_confirm(
+        &mut self,
+        kind: ParamKind,
+        version: Option<u64>,
+        by: &str,
+        at: Timestamp,
+    ) -> Response {
         let Some(q) = self.rollouts.requests.get_mut(&kind) else {
             return rollout_rejected(&RolloutError::NoRollout(kind));
         };
+        if let Some(v) = version.filter(|v| *v != q.to_version) {
+            return rejected(Rejection::UnknownVersion { kind, version: v });
+        }
         let Some(c) = q.confirmation.as_mut() else {
             return rejected(Rejection::Rollout {
                 rollout_code: "no_confirmation_needed".into(),
@@ -959,7 +983,11 @@ impl StationState {
     }
 
     fn rollout_abort(&mut self, kind: ParamKind, by: &str, at: Timestamp) -> Response {
-        if self.rollouts.requests.remove(&kind).is_some() {
+        if let Some(q) = self.rollouts.requests.remove(&kind) {
+            if self.rollouts.rollouts.get(kind).is_none() {
+                // Gates stay where the request found them, not at the latest stored version.
+                self.rollouts.withheld.insert(kind, q.from_version);
+            }
             return Response::RolloutAborted { kind, dropped_request: true };
         }
         match self.rollouts.rollouts.abort(kind, at, by) {
@@ -988,6 +1016,7 @@ impl StationState {
             self.rollouts.requests.remove(&kind);
         }
         self.rollouts.rollouts.by_kind.insert(kind, next.clone());
+        self.rollouts.withheld.remove(&kind);
         Response::RolloutUpdated { kind }
     }
 

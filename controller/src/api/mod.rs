@@ -28,7 +28,7 @@ pub mod rollouts;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::http::Method;
@@ -120,9 +120,6 @@ pub struct ApiState {
     pub signing: Option<(u32, SigningKey)>,
     /// The station code mode changes name.
     pub station_code: StationCode,
-    /// Mass blacklist insertions waiting for a second engineer (in memory on the node that took
-    /// them: a restart drops them, and the engineer uploads again).
-    pub pending: Mutex<params::Pending>,
     /// The leader's MQTT duties (gate commands, MQTT connection state); `None` without `[mqtt]`.
     pub duties: Option<Arc<crate::leader::Duties>>,
     /// The clearing upload's status (`/api/v1/clearing`, `/metrics`); `None` in tests that run
@@ -148,7 +145,6 @@ impl ApiState {
             gates,
             metrics,
             signing,
-            pending: Mutex::new(params::Pending::default()),
             duties: None,
             clearing: None,
             node,

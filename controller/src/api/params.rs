@@ -1,8 +1,8 @@
 //! `/api/v1/parameters`: list and show stored packages; compile and sign a fare table from a network
-//! and a fare rule; upload blacklists (full or delta), holding mass insertions for a second
-//! engineer's confirmation (SPEC §4: a real metro once blocked 250,000 good cards).
-
-use std::collections::BTreeMap;
+//! and a fare rule; upload blacklists (full or delta). A blacklist adding more ids to what gates
+//! hold than `api.blacklist_confirm_threshold` (SPEC §4: a real metro once blocked 250,000 good
+//! cards) is stored with its rollout request held, by the one mass-insertion guard every path goes
+//! through ([`super::rollouts::rollout_request`]), until another engineer confirms it.
 
 use actix_web::{web, HttpResponse};
 use afc_domain::blacklist::{Blacklist, BlacklistDelta, Entry};
@@ -12,27 +12,7 @@ use afc_domain::package::{package_sha256, BlacklistBody, Package};
 use serde::{Deserialize, Serialize};
 
 use super::{now, reason, ApiError, ApiState, Caller};
-use crate::state::Response;
-
-/// How long a held mass insertion waits for its confirmation.
-const PENDING_TTL_MS: i64 = 30 * 60 * 1000;
-
-/// Held blacklist uploads, by id.
-#[derive(Debug, Default)]
-pub struct Pending {
-    next_id: u64,
-    held: BTreeMap<u64, Held>,
-}
-
-#[derive(Debug, Clone)]
-struct Held {
-    by: String,
-    body: BlacklistBody,
-    effective_from: Timestamp,
-    reason: String,
-    added: u64,
-    at: Timestamp,
-}
+use crate::state::{Request, Response};
 
 /// One kind's stored versions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,16 +93,13 @@ async fn sign_and_store(
     version: u64,
     effective_from: Timestamp,
     body: Vec<u8>,
-    confirmed_upload_of: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     let (key_id, key) = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
     let signed = Package::sign(kind, version, effective_from, body, *key_id, key);
     let package = signed.encode();
     let size = package.len();
     state.audit(caller, action, detail.clone()).await?;
-    let rollout =
-        super::rollouts::before_upload(&state.node, &caller.name, &signed, &detail, confirmed_upload_of)
-            .await;
+    let rollout = super::rollouts::before_upload(&state.node, &caller.name, &signed, &detail).await;
     let stored = state.node.put_package(kind, version, &package).await?;
     match super::rejection_to_error(stored)? {
         Response::PackageStored { sha256, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
@@ -168,7 +145,6 @@ pub async fn upload_fare_table(
         version,
         eff,
         table.encode(),
-        None,
     )
     .await
 }
@@ -195,19 +171,6 @@ pub struct DeltaUpload {
     pub remove: Vec<Entry>,
 }
 
-/// Ids in the current full blacklist, when the current package is a full list (else 0).
-fn current_full_ids(state: &ApiState, version: u64) -> Result<u64, ApiError> {
-    if version == 0 {
-        return Ok(0);
-    }
-    let Some(bytes) = state.node.sm.package(ParamKind::Blacklist, version)? else { return Ok(0) };
-    let body = Package::decode(&bytes).ok().and_then(|p| BlacklistBody::decode(&p.body).ok());
-    Ok(match body {
-        Some(BlacklistBody::Full(b)) => b.entry_count(),
-        _ => 0,
-    })
-}
-
 pub async fn upload_blacklist(
     caller: Caller,
     state: web::Data<ApiState>,
@@ -217,12 +180,8 @@ pub async fn upload_blacklist(
     let why = reason(&b.reason)?;
     let current = current_version(&state, ParamKind::Blacklist)?;
     let version = current + 1;
-    let (body, added) = match (b.full, b.delta) {
-        (Some(entries), None) => {
-            let list = Blacklist::from_entries(version, entries);
-            let added = list.entry_count().saturating_sub(current_full_ids(&state, current)?);
-            (BlacklistBody::Full(list), added)
-        }
+    let body = match (b.full, b.delta) {
+        (Some(entries), None) => BlacklistBody::Full(Blacklist::from_entries(version, entries)),
         (None, Some(d)) => {
             if d.from_version != current {
                 return Err(ApiError::Conflict(format!(
@@ -233,64 +192,54 @@ pub async fn upload_blacklist(
             let delta =
                 BlacklistDelta { from_version: current, to_version: version, add: d.add, remove: d.remove }
                     .normalized();
-            let added = delta.added_count();
-            (BlacklistBody::Delta(delta), added)
+            BlacklistBody::Delta(delta)
         }
         _ => return Err(ApiError::BadRequest("give exactly one of full and delta".into())),
     };
     let eff = Timestamp(b.effective_from.unwrap_or(now().0));
-    let threshold = state.node.config.api.blacklist_confirm_threshold;
-    if added > threshold {
-        let id = {
-            let mut p =
-                state.pending.lock().map_err(|_| ApiError::Internal("pending lock poisoned".into()))?;
-            let at = now();
-            p.held.retain(|_, h| h.at.0 + PENDING_TTL_MS > at.0);
-            p.next_id += 1;
-            let id = p.next_id;
-            p.held.insert(
-                id,
-                Held { by: caller.name.clone(), body, effective_from: eff, reason: why.clone(), added, at },
-            );
-            id
-        };
-        state
-            .audit(
-                &caller,
-                "parameters.blacklist.held",
-                format!("pending {id}: adds {added} ids (> {threshold}): {why}"),
-            )
-            .await?;
-        return Ok(HttpResponse::Accepted().json(serde_json::json!({
-            "code": "confirmation_required", "pending_id": id, "added": added, "threshold": threshold,
-            "message": "a second engineer must confirm this upload",
-        })));
-    }
-    store_blacklist(&state, &caller, body, eff, format!("adds {added} ids: {why}"), None).await
-}
-
-async fn store_blacklist(
-    state: &ApiState,
-    caller: &Caller,
-    body: BlacklistBody,
-    eff: Timestamp,
-    detail: String,
-    confirmed_upload_of: Option<&str>,
-) -> Result<HttpResponse, ApiError> {
-    let version = body.version();
+    let (key_id, key) = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
     let what = if matches!(body, BlacklistBody::Full(_)) { "full" } else { "delta" };
-    let detail = format!("blacklist v{version} ({what}) {detail}");
-    sign_and_store(
-        state,
-        caller,
-        ("parameters.blacklist", detail),
-        ParamKind::Blacklist,
-        version,
-        eff,
-        body.encode(),
-        confirmed_upload_of,
-    )
-    .await
+    let signed = Package::sign(ParamKind::Blacklist, version, eff, body.encode(), *key_id, key);
+    drop(body);
+    let package = signed.encode();
+    let size = package.len();
+    // The one mass-insertion guard: the ids this adds to what gates hold, by set difference.
+    let s = state.node.sm.state()?;
+    let (request, added) = super::rollouts::rollout_request(&state.node, &s, &signed, &caller.name, &why)?;
+    drop(s);
+    let added = added.unwrap_or(0);
+    let threshold = state.node.config.api.blacklist_confirm_threshold;
+    let held = request.confirmation.is_some();
+    let detail = format!("blacklist v{version} ({what}) adds {added} ids to what gates hold: {why}");
+    let rollout = if held {
+        state.audit(&caller, "parameters.blacklist.held", format!("{detail} (> {threshold}: held)")).await?;
+        // The held request is on record before the package is stored, or nothing is stored: a
+        // stored version that no request holds back could reach gates as it is.
+        let r = super::rollouts::record(&state.node, request).await?;
+        if !matches!(r, Response::RolloutRequested { held: true, .. }) {
+            return Err(ApiError::Internal(format!("held rollout request not recorded: {r:?}")));
+        }
+        None
+    } else {
+        state.audit(&caller, "parameters.blacklist", detail).await?;
+        Some(super::rollouts::outcome_json(super::rollouts::record(&state.node, request).await))
+    };
+    let stored = state.node.put_package(ParamKind::Blacklist, version, &package).await?;
+    let sha256 = match super::rejection_to_error(stored)? {
+        Response::PackageStored { sha256, .. } => hex::encode(sha256),
+        other => return Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+    };
+    match rollout {
+        None => Ok(HttpResponse::Accepted().json(serde_json::json!({
+            "code": "confirmation_required", "pending_id": version, "version": version,
+            "added": added, "threshold": threshold, "sha256": sha256, "size": size,
+            "message": "stored, not rolled out: a second engineer must confirm this upload",
+        }))),
+        Some(rollout) => Ok(HttpResponse::Ok().json(serde_json::json!({
+            "kind": "blacklist", "version": version, "sha256": sha256, "size": size,
+            "effective_from": eff.0, "added": added, "rollout": rollout,
+        }))),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,6 +248,9 @@ pub struct Confirm {
     pub reason: String,
 }
 
+/// `POST /api/v1/parameters/blacklist/pending/{id}/confirm`: `id` is the held version (the
+/// `pending_id` of the upload). Confirms exactly that version's held rollout request, as
+/// `POST /api/v1/rollouts/blacklist/confirm` does for whichever request waits.
 pub async fn confirm_blacklist(
     caller: Caller,
     state: web::Data<ApiState>,
@@ -307,23 +259,33 @@ pub async fn confirm_blacklist(
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let why = reason(&body.reason)?;
-    let held = {
-        let mut p = state.pending.lock().map_err(|_| ApiError::Internal("pending lock poisoned".into()))?;
-        let h = p.held.get(&id).cloned().ok_or_else(|| ApiError::NotFound(format!("pending upload {id}")))?;
-        if h.by == caller.name {
-            return Err(ApiError::SameConfirmer { actor: caller.name.clone() });
-        }
-        p.held.remove(&id);
-        h
+    let kind = ParamKind::Blacklist;
+    let waiting = {
+        let s = state.node.sm.state()?;
+        s.rollouts
+            .requests
+            .get(&kind)
+            .filter(|q| q.to_version == id)
+            .and_then(|q| q.confirmation.clone())
+            .filter(|c| !c.is_confirmed())
     };
-    if current_version(&state, ParamKind::Blacklist)? + 1 != held.body.version() {
-        return Err(ApiError::Conflict(format!("pending upload {id} is stale: the blacklist changed since")));
+    let c = waiting.ok_or_else(|| ApiError::NotFound(format!("pending upload {id}")))?;
+    if c.requested_by == caller.name {
+        return Err(ApiError::SameConfirmer { actor: caller.name.clone() });
     }
     let detail = format!(
-        "adds {} ids, uploaded by {} ({}), confirmed by {}: {why}",
-        held.added, held.by, held.reason, caller.name
+        "blacklist v{id} adds {} ids, uploaded by {}, confirmed by {}: {why}",
+        c.added, c.requested_by, caller.name
     );
-    store_blacklist(&state, &caller, held.body, held.effective_from, detail, Some(&held.by)).await
+    // The state machine checks again (another engineer, this version still waiting).
+    let req = Request::RolloutConfirmVersion { kind, version: id, by: caller.name.clone(), at: now() };
+    match state.audited_write(&caller, "parameters.blacklist", detail, req).await? {
+        Response::RolloutConfirmed { version, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
+            "kind": kind.as_str(), "version": version, "added": c.added,
+            "rollout": { "requested": true, "held_for_confirmation": false },
+        }))),
+        other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,15 +310,6 @@ pub async fn upload_qr_keys(
     let detail = format!("qr_keys v{version} ({} issuer keys): {why}", set.len());
     let json = serde_json::to_vec(&set).map_err(|e| ApiError::Internal(e.to_string()))?;
     let eff = Timestamp(b.effective_from.unwrap_or(now().0));
-    sign_and_store(
-        &state,
-        &caller,
-        ("parameters.qr_keys", detail),
-        ParamKind::QrKeys,
-        version,
-        eff,
-        json,
-        None,
-    )
-    .await
+    sign_and_store(&state, &caller, ("parameters.qr_keys", detail), ParamKind::QrKeys, version, eff, json)
+        .await
 }

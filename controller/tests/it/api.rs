@@ -420,12 +420,11 @@ async fn a_mass_blacklist_insertion_waits_for_a_second_engineer() {
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v["code"], "confirmation_required");
     let id = v["pending_id"].as_u64().unwrap();
-    let list = n.get("/api/v1/parameters", VIEWER).await;
-    assert_eq!(
-        list.as_array().unwrap().iter().find(|k| k["kind"] == "blacklist").unwrap()["current"],
-        0,
-        "nothing stored before confirmation"
-    );
+    assert_eq!((id, v["added"].as_u64()), (1, Some(1000)), "{v}");
+    // Stored, but held: its rollout request waits, so no gate is pointed at it.
+    let rollouts = n.get("/api/v1/rollouts", VIEWER).await;
+    assert_eq!(rollouts["requests"]["blacklist"]["confirmation"]["added"], 1000, "{rollouts}");
+    assert!(rollouts["station_versions"]["blacklist"].is_null(), "nothing on gates: {rollouts}");
 
     let path = format!("/api/v1/parameters/blacklist/pending/{id}/confirm");
     let (s, v) = n.call(Method::POST, &path, Some(ENGINEER), Some(json!({"reason": "me again"}))).await;
@@ -437,14 +436,19 @@ async fn a_mass_blacklist_insertion_waits_for_a_second_engineer() {
     let (s, _) = n.call(Method::POST, &path, Some(ENGINEER2), Some(json!({"reason": "twice"}))).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "a confirmation is used once");
 
-    // A small delta goes straight through; one against an old version is a conflict.
+    // This node runs no rollout driver, so gates still hold nothing: a delta on v1 is judged by
+    // the list it makes (1,001 ids added to nothing), and held again. One against an old version
+    // is a conflict.
     let delta = json!({"delta": {"from_version": 1, "add": [{"media": "svc", "id": 5}], "remove": []}, "reason": "lost card"});
     let (s, v) =
         n.call(Method::POST, "/api/v1/parameters/blacklist", Some(ENGINEER), Some(delta.clone())).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((s, v["added"].as_u64()), (StatusCode::ACCEPTED, Some(1001)), "{v}");
     assert_eq!(v["version"], 2);
     let (s, _) = n.call(Method::POST, "/api/v1/parameters/blacklist", Some(ENGINEER), Some(delta)).await;
     assert_eq!(s, StatusCode::CONFLICT);
+    // A held request replaced by a newer one is no longer pending.
+    let (s, _) = n.call(Method::POST, &path, Some(ENGINEER2), Some(json!({"reason": "late"}))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 
     let audit = n.get("/api/v1/audit", VIEWER).await;
     let lines: Vec<(String, String)> = audit
@@ -456,9 +460,32 @@ async fn a_mass_blacklist_insertion_waits_for_a_second_engineer() {
     let want = [
         ("emma", "parameters.blacklist.held"),
         ("erik", "parameters.blacklist"),
-        ("emma", "parameters.blacklist"),
+        ("emma", "parameters.blacklist.held"),
     ];
     assert_eq!(lines, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_mass_insertion_reaches_no_gate_when_a_small_delta_replaces_its_request_or_it_is_aborted() {
+    let n = ApiNode::start(true).await;
+    let upload = "/api/v1/parameters/blacklist";
+    let full = json!({"full": [{"media": "svc", "first": 1_000_000, "last": 1_000_999}], "reason": "clearing list 42"});
+    let (s, v) = n.call(Method::POST, upload, Some(ENGINEER), Some(full)).await;
+    assert_eq!((s, v["version"].as_u64()), (StatusCode::ACCEPTED, Some(1)), "{v}");
+    // A one-id delta on the held list brings the held list with it: judged by what gates hold.
+    let delta =
+        json!({"delta": {"from_version": 1, "add": [{"media": "svc", "id": 5}]}, "reason": "lost card"});
+    let (s, v) = n.call(Method::POST, upload, Some(ENGINEER), Some(delta)).await;
+    assert_eq!((s, v["added"].as_u64()), (StatusCode::ACCEPTED, Some(1001)), "{v}");
+    let on_gates =
+        || async { n.get("/api/v1/rollouts", VIEWER).await["station_versions"]["blacklist"].clone() };
+    assert!(on_gates().await.is_null());
+    // Dropping the held request leaves gates where they were, not on the latest stored version.
+    let abort = "/api/v1/rollouts/blacklist/abort";
+    let (s, v) = n.call(Method::POST, abort, Some(ENGINEER), Some(json!({"reason": "mine now"}))).await;
+    assert_eq!((s, v["dropped_request"].as_bool()), (StatusCode::OK, Some(true)), "{v}");
+    assert!(on_gates().await.is_null(), "the aborted mass insertion reached the gates");
     n.stop().await;
 }
 

@@ -462,3 +462,104 @@ async fn a_new_leader_carries_on_a_rollout_whose_leader_died_during_the_soak() {
     assert!(done["republished_as"].is_null(), "no rollback: {done}");
     st.wait_all_active(v2).await;
 }
+
+/// A full blacklist of `n` single svc ids from `base`, no two adjacent (so none merge into ranges).
+fn singles(base: u64, n: u64) -> Vec<Value> {
+    (0..n).map(|i| json!({"media": "svc", "id": base + 3 * i})).collect()
+}
+
+impl Station {
+    /// Polls until the blacklist version every gate is pointed at is `version`.
+    async fn wait_blacklist_on_gates(&self, node: u64, version: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.rollout(node).await;
+            if v["station_versions"]["blacklist"] == version {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "blacklist v{version} never reached the gates: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_blacklist_swapping_every_id_for_as_many_others_waits_for_a_second_engineer_and_a_resend_with_a_few_more_does_not(
+) {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let st = Station::start(1000).await;
+    let leader = st.c.wait_leader(Duration::from_secs(10), None).await;
+    let post = |path: &'static str, token: &'static str, body: Value| {
+        st.call(leader, reqwest::Method::POST, path, token, Some(body))
+    };
+    let upload = "/api/v1/parameters/blacklist";
+    let why = json!({"reason": "checked the list with clearing"});
+
+    // The base list: 10,000 ids (threshold 100), confirmed by a second engineer, on every gate.
+    let old = singles(3_104_000_000_000_000, 10_000);
+    let (s, v) = post(upload, ENGINEER, json!({"full": old, "reason": "base list"})).await;
+    assert_eq!((s, v["pending_id"].as_u64()), (StatusCode::ACCEPTED, Some(1)), "{v}");
+    let (s, v) = post("/api/v1/parameters/blacklist/pending/1/confirm", ENGINEER2, why.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    st.wait_blacklist_on_gates(leader, 1).await;
+
+    // 10,000 other ids: the same entry count, 10,000 ids added. Stored, held, not on any gate.
+    let swapped = singles(3_104_900_000_000_000, 10_000);
+    let (s, v) = post(upload, ENGINEER, json!({"full": swapped.clone(), "reason": "clearing list 43"})).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::ACCEPTED, Some("confirmation_required")), "{v}");
+    assert_eq!((v["pending_id"].as_u64(), v["added"].as_u64()), (Some(2), Some(10_000)), "{v}");
+    // The uploader cannot confirm it, by either confirmation route.
+    let (s, v) = post("/api/v1/parameters/blacklist/pending/2/confirm", ENGINEER, why.clone()).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_confirmer_required")), "{v}");
+    let (s, v) = post("/api/v1/rollouts/blacklist/confirm", ENGINEER, why.clone()).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_confirmer_required")), "{v}");
+    // Nor start it past the hold by hand: the request is held again.
+    let start = json!({"kind": "blacklist", "version": 2, "reason": "urgent"});
+    let (s, v) = post("/api/v1/rollouts", ENGINEER, start).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::ACCEPTED, Some("confirmation_required")), "{v}");
+    let status = st.rollout(leader).await;
+    let waiting = &status["requests"]["blacklist"];
+    assert_eq!(
+        (waiting["to_version"].as_u64(), waiting["confirmation"]["added"].as_u64()),
+        (Some(2), Some(10_000)),
+        "{status}"
+    );
+    assert!(waiting["confirmation"]["confirmed_by"].is_null(), "{status}");
+    assert_eq!(status["station_versions"]["blacklist"], 1, "gates keep v1: {status}");
+    assert_eq!(status["rollouts"]["blacklist"]["to_version"], 1, "no rollout of v2: {status}");
+
+    // Another engineer confirms: it goes to every gate.
+    let (s, v) = post("/api/v1/parameters/blacklist/pending/2/confirm", ENGINEER2, why.clone()).await;
+    assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(2)), "{v}");
+    st.wait_blacklist_on_gates(leader, 2).await;
+
+    // The same 10,000 ids again with 5 new ones: 5 ids added, not held.
+    let mut resent = swapped;
+    resent.extend(singles(1_000_000, 5));
+    let (s, v) = post(upload, ENGINEER, json!({"full": resent, "reason": "clearing list 44"})).await;
+    assert_eq!((s, v["added"].as_u64()), (StatusCode::OK, Some(5)), "{v}");
+    assert_eq!(v["rollout"], json!({"requested": true, "held_for_confirmation": false}), "{v}");
+    st.wait_blacklist_on_gates(leader, 3).await;
+
+    let (s, audit) =
+        st.call(leader, reqwest::Method::GET, "/api/v1/audit?from=1&limit=1000", ENGINEER, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let lines: Vec<(&str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["actor"].as_str().unwrap(), a["action"].as_str().unwrap()))
+        .filter(|(_, a)| a.starts_with("parameters.blacklist"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            ("emma", "parameters.blacklist.held"),
+            ("erik", "parameters.blacklist"),
+            ("emma", "parameters.blacklist.held"),
+            ("erik", "parameters.blacklist"),
+            ("emma", "parameters.blacklist"),
+        ],
+        "{audit}"
+    );
+}
