@@ -103,6 +103,19 @@ pub struct TlsConfig {
     /// cluster must agree (peers are addressed by `host:port`, the scheme comes from here).
     #[serde(default = "yes")]
     pub peers: bool,
+    /// Mutual TLS between nodes (the recommended production setting): the Raft/admin listener
+    /// completes a handshake only with a client presenting a certificate from `ca_file` (the
+    /// station CA) usable for client authentication; any other client gets no answer at all.
+    /// Needs `peers`. The API listener never asks for client certificates.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// The certificate chain (and its key) this node presents when it calls another node's
+    /// Raft/admin listener; default `cert_file`/`key_file`, which then needs the clientAuth
+    /// extended key usage besides serverAuth (or no key-usage restriction). Both or neither.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -464,9 +477,7 @@ impl Config {
             }
         }
         if let Some(t) = &self.tls {
-            crate::tls::server_config(&t.cert_file, &t.key_file)
-                .and_then(|_| crate::tls::roots(&t.ca_file))
-                .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?;
+            t.check().map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?;
         }
         if let Some((m, t)) = self.mqtt.as_ref().and_then(|m| m.tls.as_ref().map(|t| (m, t))) {
             if m.broker == BrokerMode::Embedded {
@@ -498,7 +509,8 @@ impl Config {
     }
 
     /// A reqwest client builder for requests to other nodes: with `tls`, it trusts only the
-    /// configured CA bundle.
+    /// configured CA bundle (a server whose certificate is not from it gets no request at all) and
+    /// presents this node's client certificate.
     pub fn peer_client(&self) -> Result<reqwest::ClientBuilder, ConfigError> {
         let mut b = reqwest::Client::builder().connect_timeout(self.connect_timeout());
         if let Some(t) = &self.tls {
@@ -538,3 +550,5 @@ impl Config {
         Duration::from_millis(self.raft.connect_timeout_ms)
     }
 }
+            // Presented only to a server that asks for it (`require_client_cert` there).
+            b = b.identity(t.reqwest_identity().map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?);

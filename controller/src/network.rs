@@ -9,8 +9,15 @@
 //!
 //! openraft 0.9 gives one append request one heartbeat interval. A follower catching up would be
 //! sent up to `max_payload_entries` entries at once, package pieces among them, which could never
-//! arrive in time; so an append carries package pieces of at most [`APPEND_PIECE_BUDGET`] bytes
-//! and answers `PartialSuccess` for the entries it sent (openraft sends the rest next).
+//! arrive in time; so an append carries package pieces of at most [`APPEND_PIECE_BUDGET`] bytes,
+//! and encoded entries of at most [`APPEND_BYTE_BUDGET`] bytes in all (the first entry always
+//! goes), and answers `PartialSuccess` for the entries it sent (openraft sends the rest next). The
+//! byte budget is what lets the receiver cap an append body (`crate::http::Limits`).
+//!
+//! With `[tls]` the client trusts only the station CA (`tls.ca_file`), never the system roots: a
+//! server whose certificate is not from it fails the handshake, so it is sent neither the cluster
+//! secret nor any entry. The client presents this node's certificate to servers that ask for one
+//! (`tls.require_client_cert`, mutual TLS).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +41,12 @@ pub const SNAPSHOT_HEADER: &str = "x-afc-snapshot";
 /// Header counting how many times a write was forwarded (loops stop at [`MAX_FORWARD_HOPS`]).
 pub const HOPS_HEADER: &str = "x-afc-forward-hops";
 pub const MAX_FORWARD_HOPS: u32 = 3;
+/// Header naming the node (its Raft id) that sends a request to another node's admin routes: the
+/// receiver writes it into the audit line of a state change it forwards or performs.
+pub const ORIGIN_HEADER: &str = "x-afc-origin-node";
+/// Encoded entry bytes one append request carries at most (the first entry always goes, whatever
+/// its size).
+pub const APPEND_BYTE_BUDGET: usize = 4 * 1024 * 1024;
 /// Package-piece bytes one append request carries at most (the first entry always goes).
 pub const APPEND_PIECE_BUDGET: usize = 256 * 1024;
 
@@ -51,6 +64,41 @@ pub fn entries_within_budget(entries: &[crate::types::Entry]) -> usize {
         }
     }
     entries.len()
+}
+
+/// The `/raft/append` body of `rpc` with as many of its entries, from the first, as fit in
+/// [`APPEND_BYTE_BUDGET`] encoded bytes (at least one when there are any), and how many went. The
+/// layout is [`codec::encode_append`]'s: the body of `rpc` without entries ends with the entry count
+/// (`u32`, little-endian), then come the entries, each as `u32 len ‖ entry`.
+pub fn encode_append_within_budget(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+) -> Result<(Vec<u8>, usize), codec::CodecError> {
+    let head = AppendEntriesRequest::<TypeConfig> {
+        vote: rpc.vote,
+        prev_log_id: rpc.prev_log_id,
+        leader_commit: rpc.leader_commit,
+        entries: Vec::new(),
+    };
+    let mut out = codec::encode_append(&head)?;
+    let count_at = out.len() - 4;
+    let mut buf = Vec::new();
+    let mut sent = 0usize;
+    let mut bytes = 0usize;
+    for e in &rpc.entries {
+        buf.clear();
+        codec::encode_entry_into(e, &mut buf)?;
+        bytes += 4 + buf.len();
+        if sent > 0 && bytes > APPEND_BYTE_BUDGET {
+            break;
+        }
+        let len = u32::try_from(buf.len()).map_err(|_| codec::CodecError::TooLong)?;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&buf);
+        sent += 1;
+    }
+    let count = u32::try_from(sent).map_err(|_| codec::CodecError::TooLong)?;
+    out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    Ok((out, sent))
 }
 
 /// Metadata of one snapshot chunk; the chunk's bytes are the request body.
@@ -173,12 +221,12 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let mut rpc = rpc;
-        let fit = entries_within_budget(&rpc.entries);
-        let partial = (fit < rpc.entries.len()).then(|| {
-            rpc.entries.truncate(fit);
-            rpc.entries.last().map(|e| e.log_id)
-        });
-        let body = codec::encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let asked = rpc.entries.len();
+        rpc.entries.truncate(entries_within_budget(&rpc.entries));
+        let (body, sent) =
+            encode_append_within_budget(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let partial =
+            (sent < asked).then(|| sent.checked_sub(1).and_then(|i| rpc.entries.get(i)).map(|e| e.log_id));
         let req = self
             .net
             .http
@@ -243,6 +291,41 @@ mod tests {
                 bytes: vec![0; len],
             }),
         }
+    }
+
+    fn append(entries: Vec<Entry>) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(3, 1),
+            prev_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 7)),
+            leader_commit: Some(LogId::new(CommittedLeaderId::new(2, 1), 6)),
+            entries,
+        }
+    }
+
+    #[test]
+    fn an_append_body_stops_at_the_byte_budget_but_always_carries_its_first_entry() {
+        // Pieces as JSON-free entries of about 1 MiB each: four fit in the 4 MiB budget less
+        // their frames, so three go.
+        let big: Vec<Entry> = (1..=6).map(|i| piece(i, 1024 * 1024)).collect();
+        let rpc = append(big.clone());
+        let (body, sent) = encode_append_within_budget(&rpc).unwrap();
+        assert_eq!(sent, 3);
+        assert!(body.len() <= APPEND_BYTE_BUDGET + 1024);
+        let back = codec::decode_append(&body).unwrap();
+        assert_eq!(back.entries, big[..3].to_vec());
+        assert_eq!(
+            (back.vote, back.prev_log_id, back.leader_commit),
+            (rpc.vote, rpc.prev_log_id, rpc.leader_commit)
+        );
+        // One entry above the budget still goes alone; nothing at all is an empty append.
+        let (body, sent) = encode_append_within_budget(&append(vec![piece(1, 5 * 1024 * 1024)])).unwrap();
+        assert_eq!((sent, codec::decode_append(&body).unwrap().entries.len()), (1, 1));
+        let (body, sent) = encode_append_within_budget(&append(vec![])).unwrap();
+        assert_eq!(sent, 0);
+        assert_eq!(codec::decode_append(&body).unwrap().entries, vec![]);
+        // The same bytes as the codec's own encoding when everything fits.
+        let small = append(vec![piece(1, 10), piece(2, 10)]);
+        assert_eq!(encode_append_within_budget(&small).unwrap().0, codec::encode_append(&small).unwrap());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError};
-use crate::network::{PeerNetwork, HOPS_HEADER, MAX_FORWARD_HOPS, SECRET_HEADER};
+use crate::network::{PeerNetwork, HOPS_HEADER, MAX_FORWARD_HOPS, ORIGIN_HEADER, SECRET_HEADER};
 use crate::state::{Request, Response, PACKAGE_PIECE_BYTES};
 use crate::storage::{self, StateMachineStore, StoreError};
 use crate::types::{Node as PeerNode, NodeId, Raft};
@@ -22,6 +22,8 @@ use crate::types::{Node as PeerNode, NodeId, Raft};
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// Timeout of one forwarded request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of the check that a node being added answers as a controller ([`Node::probe`]).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything that can fail in a node, mapped to HTTP status in one place ([`crate::http`]).
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,10 @@ pub enum NodeError {
     BadRequest(String),
     #[error("missing or wrong cluster secret")]
     Unauthorized,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("request body larger than {limit} bytes, the limit of {route}")]
+    PayloadTooLarge { route: &'static str, limit: usize },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -164,9 +170,15 @@ impl Node {
         self.write(commit, 0).await
     }
 
-    /// Adds a learner (blocking until it has caught up with the log), via the leader.
+    /// Adds a learner (blocking until it has caught up with the log), via the leader. The leader
+    /// first checks that the address answers as a controller over the peer transport
+    /// ([`Node::probe`]): with `[tls]`, a server without a certificate from the station CA fails
+    /// the handshake, the membership is not changed, and the error says why.
     pub async fn add_learner(&self, req: AddLearner, hops: u32) -> Result<MembershipChanged, NodeError> {
         self.leader_op("/admin/learner", &req, hops, || async {
+            if self.raft.current_leader().await == Some(self.id) {
+                self.probe(req.node_id, &req.addr).await?;
+            }
             let node = PeerNode { addr: req.addr.clone() };
             match self.raft.add_learner(req.node_id, node, true).await {
                 Ok(r) => Ok(Attempt::Done(MembershipChanged { log_index: r.log_id.index })),
@@ -218,6 +230,17 @@ impl Node {
                     Err(NodeError::Forward { status: 503, body }) => {
                         tracing::debug!(%addr, %body, "leader unavailable; retrying")
                     }
+                    // The leader judged the request itself bad: the same answer as if it ran here.
+                    Err(NodeError::Forward { status: 400, body }) => {
+                        let message = serde_json::from_str::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| {
+                                let m = v["message"].as_str()?;
+                                Some(m.strip_prefix("bad request: ").unwrap_or(m).to_owned())
+                            })
+                            .unwrap_or(body);
+                        return Err(NodeError::BadRequest(message));
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -229,6 +252,40 @@ impl Node {
         }
     }
 
+    /// `GET /healthz` at `addr` with the peer client, without the cluster secret: the TLS
+    /// handshake (the server's certificate checked against the station CA only; this node's own
+    /// certificate presented if asked) happens before any byte of the request is sent, so a
+    /// server that fails it receives nothing. An error names the node, the address and the cause.
+    pub async fn probe(&self, node_id: NodeId, addr: &str) -> Result<(), NodeError> {
+        let url = format!("{}://{addr}/healthz", self.config.peer_scheme());
+        let refused = |why: String| {
+            NodeError::BadRequest(format!(
+                "node {node_id} at {addr} cannot be added: {why}; membership unchanged"
+            ))
+        };
+        match self.http.get(&url).timeout(PROBE_TIMEOUT).send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(refused(format!("{url} answered HTTP {}, not a controller's listener", r.status()))),
+            Err(e) => {
+                let mut chain = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    chain = format!("{chain}: {s}");
+                    source = s.source();
+                }
+                let tls = chain.to_ascii_lowercase().contains("certificate");
+                Err(refused(if tls {
+                    format!(
+                        "its TLS certificate is not one from the station CA (tls.ca_file) for that address \
+                         ({chain}); nothing was sent to it"
+                    )
+                } else {
+                    format!("not reachable over {} ({chain})", self.config.peer_scheme())
+                }))
+            }
+        }
+    }
+
     /// The Raft/admin address of the leader this node knows, if any.
     pub fn leader_addr(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow().clone();
@@ -237,8 +294,8 @@ impl Node {
         Some((leader, node.addr.clone()))
     }
 
-    /// POSTs `body` to `path` on the Raft/admin listener at `addr` (with the cluster secret and
-    /// the hop count) and decodes the answer.
+    /// POSTs `body` to `path` on the Raft/admin listener at `addr` (with the cluster secret, the
+    /// hop count and this node's id for the receiver's audit line) and decodes the answer.
     pub async fn forward<B: Serialize, T: DeserializeOwned>(
         &self,
         addr: &str,
@@ -251,6 +308,7 @@ impl Node {
             .post(format!("{}://{addr}{path}", self.config.peer_scheme()))
             .header(SECRET_HEADER, &self.config.cluster_secret)
             .header(HOPS_HEADER, hops.to_string())
+            .header(ORIGIN_HEADER, self.id.to_string())
             .timeout(FORWARD_TIMEOUT)
             .json(body)
             .send()

@@ -53,7 +53,14 @@ pub async fn run_with_api(
             _ => Ok(None),
         }
     };
-    let peer_tls = tls(config.tls.as_ref().is_some_and(|t| t.peers))?;
+    // The Raft/admin listener: with `tls.require_client_cert`, mutual TLS (station CA).
+    let peer_tls = match config.tls.as_ref().filter(|t| t.peers) {
+        Some(t) => Some(
+            t.peer_server_config()
+                .map_err(|e| NodeError::Config(crate::config::ConfigError::Invalid(format!("tls: {e}"))))?,
+        ),
+        None => None,
+    };
     let api_tls = tls(config.tls.as_ref().is_some_and(|t| t.api))?;
 
     // One registry for the values only running tasks know (ledger append latency, tx ingested).
@@ -68,6 +75,7 @@ pub async fn run_with_api(
         .shutdown_timeout(5);
     let server = match peer_tls {
         Some(t) => server.listen_rustls_0_23(listener, t)?,
+        .on_connect(http::on_connect)
         None => server.listen(listener)?,
     }
     .run();

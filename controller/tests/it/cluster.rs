@@ -302,3 +302,147 @@ async fn poll_http(c: &Cluster, id: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Sends a request head announcing `len` body bytes to `path` (with the secret) and sends none of
+/// them: the status line the node answers with, before reading any body.
+async fn announce(addr: &str, path: &str, len: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nx-afc-cluster-secret: {SECRET}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("{path}: no answer before the body of {len} bytes"))
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_peer_route_refuses_a_body_above_its_own_limit_and_admin_writes_are_audited_with_their_origin() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let mut c = Cluster::unstarted(1, Duration::from_secs(15));
+    let api = format!("127.0.0.1:{}", free_port());
+    let token_hash = "f032a74e23e29ba2ae3bc0522b1c69c469402368fcda286c20f0b19991e811ea"; // vera-viewer-token
+    let extra = format!(
+        "[api]\nlisten = \"{api}\"\n[[api.tokens]]\nname = \"vera\"\nrole = \"viewer\"\nsha256 = \"{token_hash}\"\n"
+    );
+    let raft = "heartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n";
+    let addr = c.initial[&1].clone();
+    c.spawn_with(1, addr.clone(), true, &NodeSetup { raft, extra: &extra, rust_log: "info,openraft=warn" });
+    c.wait_leader(Duration::from_secs(20), None).await;
+
+    // Per route, one byte over its limit is refused at once from the announced length (413), one
+    // byte under is read (and then found not to be a valid body: 400). Default limits: votes and
+    // small admin routes 64 KiB, writes 4 MiB, appends 17 MiB, snapshot chunks 8 MiB + 64 KiB.
+    let limits = controller::http::Limits {
+        small: 64 * 1024,
+        write: 4 * 1024 * 1024,
+        append: 2 * (8 * 1024 * 1024 + 1000 * 512),
+        snapshot: 8 * 1024 * 1024 + 64 * 1024,
+    };
+    for (path, limit) in [
+        ("/raft/vote", limits.small),
+        ("/admin/learner", limits.small),
+        ("/admin/voters", limits.small),
+        ("/admin/gate-command", limits.small),
+        ("/admin/write", limits.write),
+        ("/raft/append", limits.append),
+        ("/raft/snapshot", limits.snapshot),
+    ] {
+        assert_eq!(announce(&addr, path, limit + 1).await, "HTTP/1.1 413 Payload Too Large", "{path}");
+    }
+    // A 1 MiB body is within the write limit but not the vote's: the same bytes, sent in full.
+    let body = vec![b' '; 1024 * 1024];
+    for (path, want) in [("/raft/vote", 413), ("/admin/write", 400)] {
+        let r = c
+            .http
+            .post(format!("http://{addr}{path}"))
+            .header("x-afc-cluster-secret", SECRET)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(status, want, "{path}: {v}");
+        if want == 413 {
+            assert_eq!(v["code"], "payload_too_large", "{v}");
+        }
+    }
+    // A streamed (chunked) body, whose length nobody announces, is cut off at the limit too.
+    assert_eq!(
+        chunked(&addr, "/raft/vote", limits.small + 16 * 1024).await,
+        "HTTP/1.1 413 Payload Too Large"
+    );
+
+    // /admin/write with the secret: a sensitive request (the station mode) is preceded by an audit
+    // line naming where it came from; one naming a node says which.
+    let mode = Request::SetMode {
+        station: afc_domain::model::StationCode(1),
+        bits: afc_domain::mode::ModeBits(0x008),
+        reason: "straight to the admin listener".into(),
+        actor: "mallory".into(),
+        at: afc_domain::model::Timestamp(1_700_000_000_000),
+    };
+    assert!(matches!(c.write(1, &mode).await.unwrap(), Response::ModeSet { .. }));
+    let r = c
+        .http
+        .post(format!("http://{addr}/admin/write"))
+        .header("x-afc-cluster-secret", SECRET)
+        .header("x-afc-origin-node", "7")
+        .json(&Request::ClearingAck { through_index: 0 })
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    let audit: Vec<serde_json::Value> = c
+        .http
+        .get(format!("http://{api}/api/v1/audit?from=1&limit=100"))
+        .bearer_auth("vera-viewer-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let line = |action: &str| audit.iter().find(|a| a["action"] == action).cloned();
+    let set_mode =
+        line("admin.write.set_mode").unwrap_or_else(|| panic!("mode change not audited: {audit:?}"));
+    assert_eq!(set_mode["actor"], "admin-listener");
+    let detail = set_mode["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("straight to the admin listener") && detail.contains("from 127.0.0.1:"),
+        "{detail}"
+    );
+    let ack =
+        line("admin.write.clearing_ack").unwrap_or_else(|| panic!("cursor move not audited: {audit:?}"));
+    assert_eq!(ack["actor"], "node:7");
+    assert!(
+        ack["detail"].as_str().unwrap().contains("node 7 (as it claims; no client certificate)"),
+        "{ack}"
+    );
+}
+
+/// Sends `total` body bytes to `path` in 4 KiB chunks of a chunked body (with the secret) and
+/// returns the status line of the answer.
+async fn chunked(addr: &str, path: &str, total: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nx-afc-cluster-secret: {SECRET}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let chunk = format!("1000\r\n{}\r\n", " ".repeat(4096));
+    for _ in 0..total / 4096 {
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&answer[..n]).lines().next().unwrap_or_default().to_owned()
+}

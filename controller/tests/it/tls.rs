@@ -2,7 +2,10 @@
 //! and API listeners serve https with certificates generated here (no private key is committed),
 //! plain HTTP and untrusting clients are refused, a write sent to a follower's API is forwarded to
 //! the leader, and gate commands travel over an MQTT connection that is TLS up to a terminating
-//! proxy in front of the broker (as Mosquitto's TLS listener would be).
+//! proxy in front of the broker (as Mosquitto's TLS listener would be). With mutual TLS
+//! (`tls.require_client_cert`), only clients with a certificate from the station CA get an answer
+//! from the Raft/admin listener, and a node added at an address whose server has no station
+//! certificate receives nothing at all.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,6 +20,9 @@ use reqwest::{Method, StatusCode};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+
+use controller::node::AddLearner;
+use controller::state::Response;
 
 use crate::common::*;
 use crate::harness::*;
@@ -33,17 +39,26 @@ pub struct Pki {
 
 impl Pki {
     pub fn generate(dir: &Path) -> Pki {
+        Pki::generate_as(dir, "", "AFC test CA")
+    }
+
+    /// A CA named `ca_name` and its node certificate, in files whose names start with `prefix`.
+    pub fn generate_as(dir: &Path, prefix: &str, ca_name: &str) -> Pki {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(rcgen::DnType::CommonName, "AFC test CA");
+        ca.distinguished_name.push(rcgen::DnType::CommonName, ca_name);
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
             .unwrap()
             .signed_by(&key, &ca_cert, &ca_key)
             .unwrap();
-        let pki = Pki { ca: dir.join("ca.pem"), cert: dir.join("node.pem"), key: dir.join("node.key") };
+        let pki = Pki {
+            ca: dir.join(format!("{prefix}ca.pem")),
+            cert: dir.join(format!("{prefix}node.pem")),
+            key: dir.join(format!("{prefix}node.key")),
+        };
         std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
         std::fs::write(&pki.cert, leaf.pem()).unwrap();
         std::fs::write(&pki.key, key.serialize_pem()).unwrap();
@@ -57,13 +72,32 @@ impl Pki {
 
     /// A reqwest client that trusts only the test CA.
     pub fn client(&self) -> reqwest::Client {
+        self.client_builder().build().unwrap()
+    }
+
+    fn client_builder(&self) -> reqwest::ClientBuilder {
         let ca = reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap();
         reqwest::Client::builder()
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
             .timeout(Duration::from_secs(20))
-            .build()
-            .unwrap()
+    }
+
+    /// The node certificate and key as a client identity.
+    pub fn identity(&self) -> reqwest::Identity {
+        let mut pem = std::fs::read(&self.cert).unwrap();
+        pem.extend(std::fs::read(&self.key).unwrap());
+        reqwest::Identity::from_pem(&pem).unwrap()
+    }
+
+    /// A client that trusts this test CA and presents `identity` (mutual TLS).
+    pub fn client_presenting(&self, identity: reqwest::Identity) -> reqwest::Client {
+        self.client_builder().identity(identity).build().unwrap()
+    }
+
+    /// `sha256:…` of the node certificate, as audit lines name a client certificate.
+    pub fn fingerprint(&self) -> String {
+        controller::tls::fingerprint(&controller::tls::certificates(&self.cert).unwrap()[0])
     }
 }
 
@@ -110,7 +144,12 @@ impl TlsCluster {
         let pki = Pki::generate(root.path());
         let broker = free_port();
         let broker_addr: SocketAddr = format!("127.0.0.1:{broker}").parse().unwrap();
-        controller::leader::broker::start(broker_addr, 4 * 1024 * 1024).unwrap();
+        controller::leader::broker::start(
+            broker_addr,
+            4 * 1024 * 1024,
+            &controller::leader::broker::Clients::Anyone,
+        )
+        .unwrap();
         poll("the broker to accept connections", Duration::from_secs(10), || {
             std::net::TcpStream::connect(broker_addr).ok()
         })
@@ -516,4 +555,232 @@ async fn metrics_move_with_gate_traffic_and_the_ledger_can_be_searched_by_gate_a
     let entries = v["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 1, "{v}");
     assert_eq!((entries[0]["record"]["gate_seq"].as_u64(), v["next_from"].as_u64()), (Some(4), None));
+}
+
+/// Three nodes with mutual TLS on the Raft/admin listener (`require_client_cert`, station CA =
+/// `pki`), each with an API listener (https) and a viewer token; the test client presents the
+/// node certificate.
+struct MtlsCluster {
+    c: Cluster,
+    pki: Pki,
+    api: BTreeMap<u64, String>,
+}
+
+impl MtlsCluster {
+    async fn start() -> MtlsCluster {
+        let root = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(root.path());
+        let initial: BTreeMap<u64, String> =
+            (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let api: BTreeMap<u64, String> =
+            (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let mut c = Cluster {
+            root,
+            nodes: BTreeMap::new(),
+            http: pki.client_presenting(pki.identity()),
+            tuning: Tuning::default(),
+            initial: initial.clone(),
+            scheme: "https",
+        };
+        for id in 1..=3u64 {
+            let extra = format!(
+                r#"
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+ca_file = "{ca}"
+require_client_cert = true
+
+[api]
+listen = "{api}"
+[[api.tokens]]
+name = "vera"
+role = "viewer"
+sha256 = "{vi}"
+"#,
+                cert = pki.cert.display(),
+                key = pki.key.display(),
+                ca = pki.ca.display(),
+                api = api[&id],
+                vi = sha(VIEWER),
+            );
+            let raft = "heartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\nconnect_timeout_ms = 300\n";
+            let addr = initial[&id].clone();
+            c.spawn_with(
+                id,
+                addr,
+                id == 1,
+                &NodeSetup { raft, extra: &extra, rust_log: "info,openraft=warn" },
+            );
+        }
+        c.wait_leader(Duration::from_secs(30), None).await;
+        MtlsCluster { c, pki, api }
+    }
+
+    /// The replicated audit log as node `id`'s API serves it.
+    async fn audit(&self, id: u64) -> Vec<Value> {
+        let url = format!("https://{}/api/v1/audit?from=1&limit=1000", self.api[&id]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self.c.http.get(&url).bearer_auth(VIEWER).send().await {
+                if r.status() == StatusCode::OK {
+                    return r.json::<Vec<Value>>().await.unwrap();
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "API of node {id} never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_only_clients_with_a_station_certificate_get_an_answer_and_the_cluster_replicates() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let m = MtlsCluster::start().await;
+    let c = &m.c;
+    // The election went over mutual TLS; writes sent to a follower reach every node.
+    let leader = c.wait_leader(Duration::from_secs(20), None).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let key = gate_key(1);
+    assert!(matches!(
+        c.write(follower, &register("g01", &key)).await.unwrap(),
+        Response::GateRegistered { .. }
+    ));
+    for i in 0..3u64 {
+        let r = c.write(1 + i % 3, &batch("g01", &key, i * 5 + 1..=i * 5 + 5)).await.unwrap();
+        assert!(matches!(r, Response::Appended { appended: 5, .. }), "{r:?}");
+    }
+    c.wait_applied(c.leader_applied(leader).await, Duration::from_secs(10)).await;
+    for id in 1..=3 {
+        assert_eq!(c.ledger(id).await.len(), 15, "node {id}");
+    }
+
+    // A client without a certificate, and one with a certificate from another CA, get no answer:
+    // the handshake fails before a request is read, with or without the cluster secret.
+    let stranger = Pki::generate_as(c.root.path(), "stranger-", "Some other CA");
+    let no_cert = m.pki.client();
+    let foreign_cert = m.pki.client_presenting(stranger.identity());
+    for (who, client) in [("no certificate", &no_cert), ("another CA's certificate", &foreign_cert)] {
+        for id in 1..=3 {
+            let base = format!("https://{}", c.addr(id));
+            let r = client.get(format!("{base}/healthz")).send().await;
+            assert!(r.is_err(), "{who}: node {id} answered /healthz: {:?}", r.map(|r| r.status()));
+            let r = client
+                .post(format!("{base}/admin/write"))
+                .header("x-afc-cluster-secret", SECRET)
+                .json(&batch("g01", &key, [16]))
+                .send()
+                .await;
+            assert!(r.is_err(), "{who}: node {id} answered /admin/write: {:?}", r.map(|r| r.status()));
+        }
+    }
+    // The station certificate gets its answer.
+    let r = c.http.get(format!("https://{}/healthz", c.addr(follower))).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // The gate registration the follower forwarded is audited on the replicated log, naming the
+    // follower and the client certificate it presented.
+    let audit = m.audit(leader).await;
+    let lines = |actor: String| -> Vec<String> {
+        audit
+            .iter()
+            .filter(|a| a["action"] == "admin.write.register_gate" && a["actor"] == actor.as_str())
+            .map(|a| a["detail"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let relayed = lines(format!("node:{follower}"));
+    assert_eq!(relayed.len(), 1, "no audit line for the forwarded registration: {audit:?}");
+    assert!(relayed[0].contains(&m.pki.fingerprint()) && relayed[0].contains("g01"), "{}", relayed[0]);
+    // ... and the test's own call to the follower, which named no node, by its certificate.
+    let direct = lines("admin-listener".to_owned());
+    assert!(direct.len() == 1 && direct[0].contains(&m.pki.fingerprint()), "{audit:?}");
+    // Gate batches are not audited one by one: the gate's signature is their proof.
+    assert!(!audit.iter().any(|a| a["action"].as_str().unwrap().contains("append_tx")), "{audit:?}");
+}
+
+/// A TLS server presenting `config`'s certificate that never answers: counts TCP connections,
+/// completed handshakes and the bytes received after a handshake.
+#[derive(Default)]
+struct Impostor {
+    connections: AtomicU64,
+    handshakes: AtomicU64,
+    bytes: AtomicU64,
+}
+
+async fn impostor(config: Arc<rustls::ServerConfig>) -> (u16, Arc<Impostor>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Impostor::default());
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let count = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            count.connections.fetch_add(1, Ordering::Relaxed);
+            let (acceptor, count) = (acceptor.clone(), count.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                count.handshakes.fetch_add(1, Ordering::Relaxed);
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    count.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_at_an_address_without_a_station_certificate_receives_nothing_and_the_change_fails_clearly(
+) {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let m = MtlsCluster::start().await;
+    let c = &m.c;
+    let leader = c.wait_leader(Duration::from_secs(20), None).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    // A server at the new node's address with a certificate for the right names, from another CA.
+    let other = Pki::generate_as(c.root.path(), "impostor-", "Impostor CA");
+    let (port, seen) = impostor(other.server_config()).await;
+    let addr = format!("127.0.0.1:{port}");
+
+    // Asked through a follower (forwarded to the leader, which checks the address first).
+    let r = c.post(follower, "/admin/learner", &AddLearner { node_id: 4, addr: addr.clone() }).await.unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    // Not a handshake completed, not a byte of a request (no cluster secret, no entry) reached
+    // the impostor.
+    assert_eq!(seen.handshakes.load(Ordering::Relaxed), 0, "a handshake with the impostor completed");
+    assert_eq!(seen.bytes.load(Ordering::Relaxed), 0, "the impostor received request bytes");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("node 4 at {addr} cannot be added"))
+            && message.contains("not one from the station CA")
+            && message.contains("membership unchanged"),
+        "{message}"
+    );
+    // The membership is unchanged on every node.
+    for id in 1..=3 {
+        let m = c.metrics(id).await.unwrap();
+        let nodes: Vec<u64> = m.membership_config.membership().nodes().map(|(id, _)| *id).collect();
+        assert_eq!(nodes, vec![1, 2, 3], "node {id}'s membership");
+    }
+    // The leader did connect (the check ran), and nothing reaches the impostor later either.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(seen.connections.load(Ordering::Relaxed) >= 1, "the leader never tried the address");
+    assert_eq!(seen.handshakes.load(Ordering::Relaxed), 0, "a handshake with the impostor completed");
+    assert_eq!(seen.bytes.load(Ordering::Relaxed), 0, "the impostor received request bytes");
+    // The attempt is in the audit log, naming the follower that relayed it.
+    let audit = m.audit(leader).await;
+    assert!(
+        audit.iter().any(|a| a["action"] == "admin.learner"
+            && a["actor"] == format!("node:{follower}")
+            && a["detail"].as_str().unwrap().contains(&addr)),
+        "{audit:?}"
+    );
 }
