@@ -492,6 +492,13 @@ impl Config {
             }
             t.client_config().map_err(|e| ConfigError::Invalid(format!("mqtt.tls: {e}")))?;
         }
+        if self.mqtt.is_some() && self.api.signing_key_file.is_none() {
+            return bad(
+                "[mqtt] needs api.signing_key_file: the leader signs mode, commands, tx acks and the \
+                 QR relay with the station key, and gates take them only signed"
+                    .into(),
+            );
+        }
         if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());
         }

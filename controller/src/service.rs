@@ -66,7 +66,12 @@ pub async fn run_with_api(
     // One registry for the values only running tasks know (ledger append latency, tx ingested).
     let metrics = Arc::new(api::ControllerMetrics::default());
     // The leader's MQTT duties: the API reads gates (and sends commands) through this handle.
-    let duties = config.mqtt.as_ref().map(|m| leader::Duties::new(node.clone(), m.clone(), metrics.clone()));
+    // They read the station key (api.signing_key_file) here: a node that cannot sign does not start.
+    let duties = config
+        .mqtt
+        .as_ref()
+        .map(|m| leader::Duties::new(node.clone(), m.clone(), metrics.clone()))
+        .transpose()?;
 
     let routes = http::configure(node.clone(), duties.clone());
     let server = HttpServer::new(move || App::new().configure(routes.clone()))

@@ -337,6 +337,14 @@ pub fn render(state: &ApiState) -> String {
             "MQTT messages from gates refused as malformed or misaddressed.",
             load(&st.malformed),
         );
+        o.family(
+            "afc_controller_unverified_messages_total",
+            "counter",
+            "Gate messages ignored because they do not verify against the gate's registered key, by topic and reason.",
+        );
+        for (topic, reason, n) in st.unverified() {
+            o.sample("afc_controller_unverified_messages_total", &[("topic", topic), ("reason", reason)], n as f64);
+        }
         o.family("afc_tx_batches_total", "counter", "Gate transaction batches by outcome.");
         for (outcome, c) in [
             ("acked", &st.tx_batches_acked),

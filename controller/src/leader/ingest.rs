@@ -3,8 +3,10 @@
 //! Up to `mqtt.ingest_concurrency` batches are proposed at once, through the node's group commit
 //! ([`crate::group_commit`]): batches proposed together share one Raft entry, one replication
 //! round and one fsync per node.
-//! After a batch commits, `gates/{gate}/tx/ack {through_seq}` goes out (QoS 1) with the gate's
-//! contiguous high-water mark; a re-sent batch is a no-op in the state machine and is acked again.
+//! After a batch commits, `gates/{gate}/tx/ack {through_seq, installation}` goes out (QoS 1),
+//! sealed with the station key, with the gate's contiguous high-water mark and the `installation`
+//! the batch named (a gate takes only acks for its own installation); a re-sent batch is a no-op
+//! in the state machine and is acked again.
 //! A batch the state machine refuses (unknown gate, bad signature, ...) is logged and counted,
 //! never acked. A failed proposal (leadership lost) is not acked: the gate re-sends to the next
 //! leader.
@@ -15,7 +17,7 @@ use std::time::Instant;
 
 use afc_domain::model::Ident;
 use afc_domain::topic::Topic;
-use afc_domain::wire::{self, TxAck, TxBatch};
+use afc_domain::wire::{TxAck, TxBatch};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -34,24 +36,27 @@ pub(crate) async fn ingest_task(
 ) {
     tracing::info!(task = "tx-ingest", "started");
     let limit = ctx.cfg.ingest_concurrency.max(1);
-    let mut inflight: JoinSet<(Ident, Option<u64>)> = JoinSet::new();
-    // Highest through_seq acked per gate in this session: acks never go backwards.
-    let mut acked: HashMap<Ident, u64> = HashMap::new();
+    let mut inflight: JoinSet<(Ident, Option<String>, Option<u64>)> = JoinSet::new();
+    // Highest through_seq acked per gate and installation in this session: acks never go backwards.
+    let mut acked: HashMap<(Ident, Option<String>), u64> = HashMap::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                let Ok((gate, Some(through))) = done else { continue };
-                let best = acked.entry(gate.clone()).or_insert(0);
+                let Ok((gate, installation, Some(through))) = done else { continue };
+                let best = acked.entry((gate.clone(), installation.clone())).or_insert(0);
                 *best = (*best).max(through);
+                let ack = TxAck { through_seq: *best, installation };
                 let topic = Topic::GateTxAck { station: ctx.station.clone(), gate }.to_string();
-                ctx.publish(topic, false, wire::encode(&TxAck { through_seq: *best, installation: None })).await;
+                let payload = ctx.station_key.seal(&topic, &ack);
+                ctx.publish(topic, false, payload).await;
                 Stats::inc(&ctx.stats.tx_batches_acked, 1);
             }
             b = rx.recv(), if inflight.len() < limit => {
                 let Some((gate, batch)) = b else { break };
                 let c = ctx.clone();
-                inflight.spawn(async move { (gate.clone(), propose(&c, &gate, batch).await) });
+                let installation = batch.installation.clone();
+                inflight.spawn(async move { (gate.clone(), installation, propose(&c, &gate, batch).await) });
             }
         }
     }

@@ -7,13 +7,22 @@
 //! - `mqtt-eventloop` ([`mqtt`]): owns and polls the rumqttc event loop, nothing else;
 //! - `leader-dispatch` (here): routes what gates publish: tx batches to ingest, status,
 //!   heartbeats, `params/ack` and events to the gate board ([`view`]), command acks to their
-//!   waiters, used QR codes to the relay. A malformed message is counted, logged and skipped;
+//!   waiters, used QR codes to the relay. Everything but a tx batch (which carries its own
+//!   signature, checked by the ledger) must be signed by the gate's registered key
+//!   ([`afc_domain::signed`]; the plain will `{online:false}` on `status` is the one unsigned
+//!   message taken): a message that does not verify changes nothing and is counted per topic and
+//!   reason (`afc_controller_unverified_messages_total`). A malformed message is counted, logged
+//!   and skipped;
 //! - `tx-ingest` ([`ingest`]): proposes gate batches through Raft, acks after commit;
 //! - `leader-publisher` ([`publish`]): re-subscribes and publishes `state`, parameter packages
 //!   (chunks first, pointer last) and `mode` on every ConnAck, then follows the state machine;
 //! - `qr-relay`: batches `gates/+/qr/used` onto `qr/used`;
 //! - `rollout-driver` ([`rollout`]): starts and steps the replicated staged rollouts with what
 //!   the board shows, and republishes the old content after a rollback.
+//!
+//! What the leader publishes that steers a gate (`mode`, `cmd`, `tx/ack`, the relayed `qr/used`)
+//! is sealed with the station key ([`StationKey`], `api.signing_key_file`, read once when the
+//! duties are created: `[mqtt]` without it is refused by the config check).
 //!
 //! [`Duties`] is the long-lived handle shared with the HTTP API: the gate board, counters, and
 //! [`Duties::send_command`].
@@ -31,21 +40,25 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use afc_domain::model::{Ident, Timestamp};
+use afc_domain::signed::{self, SignedError};
 use afc_domain::topic::{Topic, TopicError};
 use afc_domain::wire::{
     self, Command, CommandAck, CommandKind, GateEvent, GateStatus, Heartbeat, ParamsAck, QrUsed, QrUsedBatch,
+    WireMessage,
 };
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use openraft::ServerState;
 use rumqttc::{AsyncClient, Publish, QoS};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ControllerMetrics;
-use crate::config::MqttConfig;
+use crate::config::{ApiConfig, ConfigError, MqttConfig};
 use crate::node::Node;
-use crate::state::{Request, Response};
+use crate::state::{GateInfo, Request, Response};
 
 use self::view::{Board, GateView};
 
@@ -66,11 +79,57 @@ pub struct Stats {
     /// Proposals that failed (leadership lost, storage error): not acked.
     pub tx_propose_errors: AtomicU64,
     pub qr_relayed: AtomicU64,
+    /// Gate messages refused because they did not verify, per [`GATE_SIGNED_TOPICS`] and
+    /// [`UNVERIFIED_REASONS`].
+    unverified: [[AtomicU64; UNVERIFIED_REASONS.len()]; GATE_SIGNED_TOPICS.len()],
+}
+
+/// The gate topics whose messages must be signed by the gate, as the `topic` label of
+/// `afc_controller_unverified_messages_total` names them.
+pub const GATE_SIGNED_TOPICS: [&str; 6] =
+    ["status", "heartbeat", "params_ack", "cmd_ack", "events", "qr_used"];
+
+/// Why a gate message did not verify: the [`SignedError::code`] of every unverified refusal (a
+/// gate without a registered key gets `unknown_key`, or `malformed` if it is not even an envelope).
+pub const UNVERIFIED_REASONS: [&str; 4] = ["malformed", "unknown_key", "bad_signature", "invalid_message"];
+
+/// A gate topic whose messages the gate signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateSigned {
+    Status = 0,
+    Heartbeat = 1,
+    ParamsAck = 2,
+    CmdAck = 3,
+    Events = 4,
+    QrUsed = 5,
+}
+
+impl GateSigned {
+    fn label(self) -> &'static str {
+        GATE_SIGNED_TOPICS[self as usize]
+    }
 }
 
 impl Stats {
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// `(topic, reason, count)` for every topic and reason, zeros included.
+    pub fn unverified(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::with_capacity(GATE_SIGNED_TOPICS.len() * UNVERIFIED_REASONS.len());
+        for (t, topic) in GATE_SIGNED_TOPICS.iter().enumerate() {
+            for (r, reason) in UNVERIFIED_REASONS.iter().enumerate() {
+                out.push((*topic, *reason, self.unverified[t][r].load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
+
+    fn count_unverified(&self, topic: GateSigned, error: &SignedError) {
+        if let Some(r) = UNVERIFIED_REASONS.iter().position(|c| *c == error.code()) {
+            Stats::inc(&self.unverified[topic as usize][r], 1);
+        }
     }
 
     fn set_connected(&self, v: bool) {
@@ -108,7 +167,80 @@ pub enum CommandOutcome {
     Publish { error: String },
 }
 
-type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<CommandAck>>>>;
+/// Commands waiting for their `cmd/ack`: command id → (the gate it went to, the waiter).
+type Waiters = Arc<Mutex<HashMap<String, (Ident, oneshot::Sender<CommandAck>)>>>;
+
+/// The station key (`api.signing_key_file`, `api.signing_key_id`: the key that signs packages)
+/// that seals everything the leader publishes to gates; gates verify it with their trusted keys.
+pub struct StationKey {
+    pub key_id: u32,
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for StationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StationKey").field("key_id", &self.key_id).finish_non_exhaustive()
+    }
+}
+
+impl StationKey {
+    pub fn new(key_id: u32, key: SigningKey) -> StationKey {
+        StationKey { key_id, key }
+    }
+
+    /// Reads `api.signing_key_file`; the leader's MQTT duties cannot run without it.
+    pub fn load(api: &ApiConfig) -> Result<StationKey, ConfigError> {
+        let path = api.signing_key_file.as_ref().ok_or_else(|| {
+            ConfigError::Invalid(
+                "[mqtt] needs api.signing_key_file: gates take mode, commands and tx acks only signed by the station key"
+                    .into(),
+            )
+        })?;
+        Ok(StationKey { key_id: api.signing_key_id, key: crate::api::read_signing_key(path)? })
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// The payload to publish `msg` on `topic` with.
+    pub fn seal<T: WireMessage>(&self, topic: &str, msg: &T) -> Vec<u8> {
+        signed::seal(topic, msg, self.key_id, &self.key)
+    }
+}
+
+/// The registered gates' keys, as the dispatcher checks gate messages with them: built from the
+/// replicated state at the start of a session and refreshed by the publisher whenever it reads
+/// a newer state (so a gate registered or re-keyed is known within one publisher poll). A lookup
+/// is one read lock and a hash lookup; the keys are decompressed once, when they change.
+#[derive(Default)]
+pub(crate) struct GateKeys {
+    keys: RwLock<HashMap<Ident, ([u8; 32], Option<VerifyingKey>)>>,
+}
+
+impl GateKeys {
+    /// Takes the state's gate keys, unless they are the ones held already.
+    pub(crate) fn refresh(&self, gates: &std::collections::BTreeMap<Ident, GateInfo>) {
+        let same = |held: &HashMap<Ident, ([u8; 32], Option<VerifyingKey>)>| {
+            held.len() == gates.len()
+                && gates.iter().all(|(g, i)| held.get(g).is_some_and(|(b, _)| *b == i.tx_public_key))
+        };
+        if self.keys.read().is_ok_and(|held| same(&held)) {
+            return;
+        }
+        let fresh = gates
+            .iter()
+            .map(|(g, i)| (g.clone(), (i.tx_public_key, VerifyingKey::from_bytes(&i.tx_public_key).ok())))
+            .collect();
+        let mut held = self.keys.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *held = fresh;
+    }
+
+    /// The registered key of `gate` (`None`: not registered, or its key is not a valid point).
+    pub(crate) fn get(&self, gate: &Ident) -> Option<VerifyingKey> {
+        self.keys.read().ok().and_then(|k| k.get(gate).and_then(|(_, v)| *v))
+    }
+}
 
 /// The current session's handles, for commands.
 struct Live {
@@ -126,6 +258,8 @@ pub struct Duties {
     pub stats: Arc<Stats>,
     live: RwLock<Option<Live>>,
     next_command: AtomicU64,
+    /// Seals `mode`, `cmd`, `tx/ack` and the relayed `qr/used`.
+    station_key: Arc<StationKey>,
 }
 
 /// What the API shows about the duties.
@@ -136,8 +270,15 @@ pub struct DutiesStatus {
 }
 
 impl Duties {
-    pub fn new(node: Arc<Node>, cfg: MqttConfig, metrics: Arc<ControllerMetrics>) -> Arc<Duties> {
-        Arc::new(Duties {
+    /// The duties of `node`; reads the station key (`api.signing_key_file`) once, here: without
+    /// it the node does not start.
+    pub fn new(
+        node: Arc<Node>,
+        cfg: MqttConfig,
+        metrics: Arc<ControllerMetrics>,
+    ) -> Result<Arc<Duties>, ConfigError> {
+        let station_key = Arc::new(StationKey::load(&node.config.api)?);
+        Ok(Arc::new(Duties {
             node,
             cfg,
             metrics,
@@ -145,7 +286,8 @@ impl Duties {
             stats: Arc::default(),
             live: RwLock::new(None),
             next_command: AtomicU64::new(1),
-        })
+            station_key,
+        }))
     }
 
     /// Every gate heard from during this leadership (empty on followers).
@@ -179,13 +321,14 @@ impl Duties {
             (live.client.clone(), live.waiters.clone())
         };
         if let Ok(mut w) = waiters.lock() {
-            w.insert(id.clone(), tx);
+            w.insert(id.clone(), (gate.clone(), tx));
         }
         let expires_at = Timestamp(now().millis() + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
         let cmd = Command { id: id.clone(), gate: gate.clone(), command, expires_at };
         let topic =
             Topic::GateCmd { station: self.node.config.station.clone(), gate: gate.clone() }.to_string();
-        let sent = client.publish(topic, QoS::AtLeastOnce, false, wire::encode(&cmd)).await;
+        let payload = self.station_key.seal(&topic, &cmd);
+        let sent = client.publish(topic, QoS::AtLeastOnce, false, payload).await;
         let result = match sent {
             Err(e) => Err(CommandError::Publish(e.to_string())),
             Ok(()) => match tokio::time::timeout(timeout, rx).await {
@@ -280,6 +423,10 @@ pub(crate) struct Ctx {
     pub stats: Arc<Stats>,
     pub board: Arc<RwLock<Board>>,
     pub metrics: Arc<ControllerMetrics>,
+    /// Seals what the session publishes to gates.
+    pub station_key: Arc<StationKey>,
+    /// What gate messages are verified with.
+    pub gate_keys: GateKeys,
 }
 
 impl Ctx {
@@ -314,6 +461,12 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
     let (tx_in, tx_rx) = mpsc::channel(ingest::QUEUE);
     let (qr_in, qr_rx) = mpsc::unbounded_channel();
     let waiters: Waiters = Arc::default();
+    let gate_keys = GateKeys::default();
+    match node.sm.state() {
+        Ok(state) => gate_keys.refresh(&state.gates),
+        // The publisher refreshes them on its first pass; until then gate messages are refused.
+        Err(e) => tracing::warn!(error = %e, "cannot read the gate keys from the state machine"),
+    }
     let ctx = Arc::new(Ctx {
         node: node.clone(),
         cfg: duties.cfg.clone(),
@@ -323,6 +476,8 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
         stats: duties.stats.clone(),
         board: duties.board.clone(),
         metrics: duties.metrics.clone(),
+        station_key: duties.station_key.clone(),
+        gate_keys,
     });
     if let Ok(mut live) = duties.live.write() {
         *live = Some(Live { client: client.clone(), waiters: waiters.clone() });
@@ -396,18 +551,38 @@ async fn dispatch_task(
     stop: CancellationToken,
 ) {
     tracing::info!(task = "leader-dispatch", "started");
+    // A flood of forged messages must not become a flood of warnings: one every 10 s, the rest
+    // at debug level (the metric counts every one).
+    let mut last_unverified_warning: Option<std::time::Instant> = None;
     loop {
         let p = tokio::select! {
             () = stop.cancelled() => break,
             p = inbox.recv() => match p { Some(p) => p, None => break },
         };
-        if let Err(e) = dispatch(&ctx, &p, &tx, &qr, &waiters) {
-            Stats::inc(&ctx.stats.malformed, 1);
-            tracing::warn!(task = "leader-dispatch", topic = %p.topic, error = %e, "message refused");
+        match dispatch(&ctx, &p, &tx, &qr, &waiters) {
+            Ok(()) => {}
+            Err(Refused::Unverified { topic, error }) => {
+                ctx.stats.count_unverified(topic, &error);
+                if last_unverified_warning.is_none_or(|t| t.elapsed() >= UNVERIFIED_WARNING_EVERY) {
+                    last_unverified_warning = Some(std::time::Instant::now());
+                    tracing::warn!(task = "leader-dispatch", topic = %p.topic, reason = error.code(), %error,
+                        "gate message does not verify: ignored (further ones within 10 s at debug level)");
+                } else {
+                    tracing::debug!(task = "leader-dispatch", topic = %p.topic, reason = error.code(), %error,
+                        "gate message does not verify: ignored");
+                }
+            }
+            Err(e) => {
+                Stats::inc(&ctx.stats.malformed, 1);
+                tracing::warn!(task = "leader-dispatch", topic = %p.topic, error = %e, "message refused");
+            }
         }
     }
     tracing::info!(task = "leader-dispatch", "stopped");
 }
+
+/// At most one warning per this period about gate messages that do not verify.
+const UNVERIFIED_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Why an incoming message was refused.
 #[derive(Debug, thiserror::Error)]
@@ -420,6 +595,27 @@ enum Refused {
     Payload(#[from] wire::WireError),
     #[error("batch names station/gate {station}/{gate}, not its topic's")]
     Mismatch { station: Ident, gate: Ident },
+    #[error("used QR code attributed to gate {0}, not to the gate that reports it")]
+    QrOfAnotherGate(Ident),
+    #[error("{} message does not verify: {error}", topic.label())]
+    Unverified { topic: GateSigned, error: SignedError },
+}
+
+/// Opens a message `gate` signed on `topic` with its registered key. A gate without one gets
+/// `unknown_key` (or `malformed`, if the payload is not even an envelope): nothing it sends but
+/// its tx batches is taken.
+fn open_from_gate<T: DeserializeOwned>(
+    ctx: &Ctx,
+    kind: GateSigned,
+    gate: &Ident,
+    topic: &str,
+    payload: &[u8],
+) -> Result<T, Refused> {
+    let opened = match ctx.gate_keys.get(gate) {
+        Some(key) => signed::open_gate(topic, payload, &key),
+        None => signed::open(topic, payload, |_| None),
+    };
+    opened.map_err(|error| Refused::Unverified { topic: kind, error })
 }
 
 fn dispatch(
@@ -434,9 +630,11 @@ fn dispatch(
         return Err(Refused::OtherStation(topic.station().clone()));
     }
     let payload = &p.payload[..];
+    let name = &p.topic;
     let board = || ctx.board.write().unwrap_or_else(|poisoned| poisoned.into_inner());
     match topic {
         Topic::GateTx { gate, .. } => {
+            // The batch carries the gate's signature over its records: the ledger checks it.
             let batch: wire::TxBatch = wire::decode(payload)?;
             if batch.gate != gate || batch.station != ctx.station {
                 return Err(Refused::Mismatch { station: batch.station, gate: batch.gate });
@@ -450,36 +648,56 @@ fn dispatch(
             if payload.is_empty() {
                 return Ok(()); // a cleared retained status
             }
-            let s: GateStatus = wire::decode(payload)?;
+            let s: GateStatus = match open_from_gate(ctx, GateSigned::Status, &gate, name, payload) {
+                Ok(s) => s,
+                // The will is fixed when the gate connects, so it is plain JSON: an unsigned
+                // status is taken only if it is that `{online:false}`, and only for a registered gate.
+                Err(Refused::Unverified { error: SignedError::Malformed(_), .. })
+                    if ctx.gate_keys.get(&gate).is_some()
+                        && matches!(wire::decode(payload), Ok(GateStatus::Offline { .. })) =>
+                {
+                    wire::decode(payload)?
+                }
+                Err(e) => return Err(e),
+            };
             board().on_status(&gate, s);
         }
         Topic::GateHeartbeat { gate, .. } => {
-            let hb: Heartbeat = wire::decode(payload)?;
+            let hb: Heartbeat = open_from_gate(ctx, GateSigned::Heartbeat, &gate, name, payload)?;
             board().on_heartbeat(&gate, &hb, now(), ctx.cfg.clock_drift_alarm_ms);
         }
         Topic::GateParamsAck { gate, .. } => {
-            let a: ParamsAck = wire::decode(payload)?;
+            let a: ParamsAck = open_from_gate(ctx, GateSigned::ParamsAck, &gate, name, payload)?;
             board().on_params_ack(&gate, &a);
         }
         Topic::GateEvents { gate, .. } => {
-            let ev: GateEvent = wire::decode(payload)?;
+            let ev: GateEvent = open_from_gate(ctx, GateSigned::Events, &gate, name, payload)?;
             tracing::info!(%gate, kind = ?ev.kind, cleared = ev.cleared, "gate event");
             board().on_event(&gate, ev);
         }
-        Topic::GateCmdAck { .. } => {
-            let ack: CommandAck = wire::decode(payload)?;
-            let waiter = waiters.lock().ok().and_then(|mut w| w.remove(&ack.id));
+        Topic::GateCmdAck { gate, .. } => {
+            let ack: CommandAck = open_from_gate(ctx, GateSigned::CmdAck, &gate, name, payload)?;
+            // Only the gate the command went to answers it.
+            let waiter = waiters.lock().ok().and_then(|mut w| match w.get(&ack.id) {
+                Some((to, _)) if *to == gate => w.remove(&ack.id).map(|(_, s)| s),
+                _ => None,
+            });
             match waiter {
                 Some(w) => {
                     let _ = w.send(ack);
                 }
                 None => {
-                    tracing::debug!(id = %ack.id, "command ack without a waiter (late or another leader's)")
+                    tracing::debug!(id = %ack.id, %gate, "command ack without a waiter (late, another leader's, or not this gate's command)")
                 }
             }
         }
-        Topic::GateQrUsed { .. } => {
-            let b: QrUsedBatch = wire::decode(payload)?;
+        Topic::GateQrUsed { gate, .. } => {
+            let b: QrUsedBatch = open_from_gate(ctx, GateSigned::QrUsed, &gate, name, payload)?;
+            // A gate reports the codes used at itself: an entry naming another gate would let one
+            // gate use up another's share of the replay caches.
+            if let Some(other) = b.entries.iter().find(|u| u.gate != gate) {
+                return Err(Refused::QrOfAnotherGate(other.gate.clone()));
+            }
             for u in b.entries {
                 let _ = qr.send(u);
             }
@@ -513,7 +731,8 @@ async fn qr_relay_task(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<QrUsed>, s
             }
         }
         Stats::inc(&ctx.stats.qr_relayed, entries.len() as u64);
-        ctx.publish(topic.clone(), false, wire::encode(&QrUsedBatch { entries })).await;
+        let payload = ctx.station_key.seal(&topic, &QrUsedBatch { entries });
+        ctx.publish(topic.clone(), false, payload).await;
     }
     tracing::info!(task = "qr-relay", "stopped");
 }

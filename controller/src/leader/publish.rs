@@ -4,14 +4,16 @@
 //! and publishes everything afresh: `state` `{leader_node, term, since}`, each kind's current
 //! package as chunks and then its pointer (chunks first, pointer last, so a gate that sees the
 //! pointer finds every chunk), and `mode`. Afterwards it follows the state machine: every
-//! [`POLL`] it checks the last applied log id and, when it moved, publishes what changed. Which
+//! [`POLL`] it checks the last applied log id and, when it moved, publishes what changed, and
+//! hands the state's gate keys to the dispatcher (which verifies gate messages with them). Which
 //! version each pointer names follows the kind's staged rollout (per-gate overrides for the
 //! canaries, the station pointer for all; see [`crate::state::RolloutBook`]), or the latest stored
 //! version when the kind has none. Chunks no pointer names any more are cleared (empty retained
 //! payloads); on the first pass of a leadership the chunks of stored but unreferenced versions
 //! and the overrides of registered gates that should have none are cleared too.
 //!
-//! The `mode` message carries a `version` that grows with every change (the millisecond time of
+//! The `mode` message is sealed with the station key ([`super::StationKey`]; gates take no
+//! other) and carries a `version` that grows with every change (the millisecond time of
 //! the change, or one more than the previous version if that is larger), so a gate ignores a
 //! stale retained one; an emergency release reaches the broker within one
 //! [`POLL`] of being applied here.
@@ -103,14 +105,17 @@ async fn subscribe(ctx: &Ctx) {
 
 /// Publishes what differs between the state machine and what this session has published.
 async fn sync(ctx: &Ctx, state: &StationState, published: &mut Published) {
+    // The dispatcher verifies gate messages with the keys of the state we just read.
+    ctx.gate_keys.refresh(&state.gates);
     // Mode first: an emergency release must not wait behind a large package.
     let api_code = ctx.node.config.api.station_code;
     let code = ctx.cfg.station_code.or((api_code != 0).then_some(api_code)).map(StationCode);
     let mode = mode_message(state, code);
     if published.mode.as_ref() != Some(&mode) {
         tracing::info!(bits = %mode.bits, version = mode.version, "publishing mode");
-        ctx.publish(Topic::Mode { station: ctx.station.clone() }.to_string(), true, wire::encode(&mode))
-            .await;
+        let topic = Topic::Mode { station: ctx.station.clone() }.to_string();
+        let payload = ctx.station_key.seal(&topic, &mode);
+        ctx.publish(topic, true, payload).await;
         published.mode = Some(mode);
     }
     for kind in ParamKind::ALL {

@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 use afc_domain::ledger::{ParamVersions, TxRecord};
 use afc_domain::mode::ModeBits;
 use afc_domain::model::{Direction, Ident, Media, Reason, Timestamp};
+use afc_domain::signed::{self, SignedError, GATE_KEY_ID};
+use afc_domain::wire::WireMessage;
 use controller::chain::sign_batch;
 use controller::state::Request;
 use ed25519_dalek::SigningKey;
+use serde::de::DeserializeOwned;
 
 pub fn ident(s: &str) -> Ident {
     Ident::new(s).unwrap()
@@ -17,6 +20,33 @@ pub fn ident(s: &str) -> Ident {
 /// A deterministic gate key from a small number.
 pub fn gate_key(n: u8) -> SigningKey {
     SigningKey::from_bytes(&[n; 32])
+}
+
+/// The key id the tests' station key signs with (`api.signing_key_id`).
+pub const STATION_KEY_ID: u32 = 3;
+
+/// The station key of the tests (`api.signing_key_file`): it signs packages and everything the
+/// leader publishes to gates.
+pub fn station_key() -> SigningKey {
+    SigningKey::from_bytes(&crate::api::SIGNING_SEED)
+}
+
+/// Writes the station key into `dir` and returns the `[api]` keys naming it.
+pub fn station_key_config(dir: &std::path::Path) -> String {
+    let path = dir.join("station-signing.key");
+    std::fs::write(&path, hex::encode(crate::api::SIGNING_SEED)).unwrap();
+    format!("signing_key_file = \"{}\"\nsigning_key_id = {STATION_KEY_ID}\n", path.display())
+}
+
+/// What gate `key_n` (its key is [`gate_key`]) publishes on `topic`: `msg` signed with its key.
+pub fn gate_seal<T: WireMessage>(topic: &str, msg: &T, key_n: u8) -> Vec<u8> {
+    signed::seal(topic, msg, GATE_KEY_ID, &gate_key(key_n))
+}
+
+/// A message the leader published on `topic`, checked as a gate checks it (the station key).
+pub fn open_from_station<T: DeserializeOwned>(topic: &str, payload: &[u8]) -> Result<T, SignedError> {
+    let key = station_key().verifying_key();
+    signed::open(topic, payload, |id| (id == STATION_KEY_ID).then_some(key))
 }
 
 pub fn record(station: &str, gate: &str, seq: u64) -> TxRecord {

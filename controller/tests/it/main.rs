@@ -8,6 +8,7 @@ mod common;
 mod config;
 mod console;
 mod crash;
+mod forged;
 mod harness;
 mod mqtt;
 mod packages;

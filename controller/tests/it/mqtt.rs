@@ -14,7 +14,7 @@ use afc_domain::wire::Command as WireCommand;
 use afc_domain::wire::{
     self, AlarmKind, CommandAck, CommandKind, CommandResult, GateBirth, GateCounters, GateDirection,
     GateEvent, GateStatus, HardwareInfo, Heartbeat, ModeMessage, ParamPointer, ParamState, ParamsAck,
-    PlcEndpoint, QrUsed, QrUsedBatch, StationState, TxAck, TxBatch,
+    PlcEndpoint, QrUsed, QrUsedBatch, StationState, TxAck, TxBatch, WireMessage,
 };
 use controller::config::{BrokerMode, Config, LedgerConfig, Member, MqttConfig, RaftTuning};
 use controller::leader::{CommandError, Duties};
@@ -54,9 +54,12 @@ backoff_max_ms = 500
 [[mqtt.gates]]
 gate = "g01"
 tx_public_key = "{key}"
-"#,
+
+[api]
+{signing}"#,
         broker = if embedded_on == Some(id) { "embedded" } else { "external" },
         key = hex::encode(gate_key(1).verifying_key().to_bytes()),
+        signing = station_key_config(&c.node_dir(id)),
     );
     let raft = "heartbeat_ms = 250\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\nconnect_timeout_ms = 200\n";
     c.spawn_with(
@@ -77,13 +80,13 @@ async fn start_cluster(port: u16, embedded_on: Option<u64>) -> Cluster {
 }
 
 /// A stand-in gate: an MQTT client whose event loop a task polls, publishes forwarded here.
-struct FakeGate {
-    client: AsyncClient,
-    rx: mpsc::UnboundedReceiver<Publish>,
+pub(crate) struct FakeGate {
+    pub(crate) client: AsyncClient,
+    pub(crate) rx: mpsc::UnboundedReceiver<Publish>,
 }
 
 impl FakeGate {
-    async fn connect(port: u16, name: &str, filters: &[String]) -> FakeGate {
+    pub(crate) async fn connect(port: u16, name: &str, filters: &[String]) -> FakeGate {
         let mut o = MqttOptions::new(name, "127.0.0.1", port);
         o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
         o.set_keep_alive(Duration::from_secs(5));
@@ -116,7 +119,7 @@ impl FakeGate {
     }
 
     /// The next message for which `f` returns Some, within `timeout`.
-    async fn wait_for<T>(
+    pub(crate) async fn wait_for<T>(
         &mut self,
         what: &str,
         timeout: Duration,
@@ -137,7 +140,7 @@ impl FakeGate {
     }
 
     /// No message matching `f` arrives within `window`.
-    async fn none_within(&mut self, window: Duration, mut f: impl FnMut(&Publish) -> bool) {
+    pub(crate) async fn none_within(&mut self, window: Duration, mut f: impl FnMut(&Publish) -> bool) {
         let deadline = Instant::now() + window;
         while let Ok(Some(p)) =
             tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), self.rx.recv()).await
@@ -146,8 +149,13 @@ impl FakeGate {
         }
     }
 
-    async fn publish(&self, topic: &str, payload: Vec<u8>) {
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
         self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+    }
+
+    /// Publishes `msg` on `topic` signed as gate `key_n` signs ([`gate_key`]).
+    pub async fn publish_signed<T: WireMessage>(&self, topic: &str, msg: &T, key_n: u8) {
+        self.publish(topic, gate_seal(topic, msg, key_n)).await;
     }
 }
 
@@ -155,10 +163,21 @@ fn topic(t: &str) -> String {
     format!("afc/v1/s1/{t}")
 }
 
-fn tx_batch(gate: &str, key_n: u8, seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+/// The installation id the tests' gates put in their batches.
+pub fn installation(gate: &str) -> Option<String> {
+    Some(format!("inst-{gate}"))
+}
+
+pub fn tx_batch(gate: &str, key_n: u8, seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
     let records: Vec<TxRecord> = seqs.map(|s| record("s1", gate, s)).collect();
     let sig = sign_batch(&ident("s1"), &ident(gate), &records, &gate_key(key_n));
-    wire::encode(&TxBatch { station: ident("s1"), gate: ident(gate), records, signature: hex::encode(sig) })
+    wire::encode(&TxBatch {
+        station: ident("s1"),
+        gate: ident(gate),
+        records,
+        signature: hex::encode(sig),
+        installation: installation(gate),
+    })
 }
 
 /// Waits for the retained `state` naming `leader`.
@@ -173,11 +192,12 @@ async fn wait_state(g: &mut FakeGate, leader: u64) {
     .await;
 }
 
+/// Waits for g01's `tx/ack` through `through`, signed by the station and naming g01's installation.
 async fn wait_ack(g: &mut FakeGate, through: u64) {
     let ack = topic("gates/g01/tx/ack");
+    let want = TxAck { through_seq: through, installation: installation("g01") };
     g.wait_for(&format!("tx/ack through {through}"), Duration::from_secs(15), |p| {
-        (p.topic == ack && wire::decode::<TxAck>(&p.payload).ok()? == TxAck { through_seq: through })
-            .then_some(())
+        (p.topic == ack && open_from_station::<TxAck>(&p.topic, &p.payload).ok()? == want).then_some(())
     })
     .await;
 }
@@ -312,7 +332,7 @@ async fn with_a_node_running_the_broker_a_stored_package_is_published_as_chunks_
     let m: ModeMessage = g
         .wait_for("the emergency mode", Duration::from_secs(5), |p| {
             (p.topic == mode)
-                .then(|| wire::decode::<ModeMessage>(&p.payload).ok())
+                .then(|| open_from_station::<ModeMessage>(&p.topic, &p.payload).ok())
                 .flatten()
                 .filter(|m| m.bits.has(ModeBits::EMERGENCY_RELEASE))
         })
@@ -351,12 +371,17 @@ async fn single_node(
         raft: RaftTuning::default(),
         ledger: LedgerConfig::default(),
         mqtt: Some(mqtt.clone()),
-        api: Default::default(),
+        api: controller::config::ApiConfig {
+            signing_key_file: Some(root.join("station-signing.key")),
+            signing_key_id: STATION_KEY_ID,
+            ..Default::default()
+        },
         clearing: Default::default(),
         tls: None,
         rollout: Default::default(),
         cluster_secret: SECRET.into(),
     };
+    station_key_config(root);
     let node = controller::node::Node::start(std::sync::Arc::new(cfg)).await.unwrap();
     node.raft
         .wait(Some(Duration::from_secs(10)))
@@ -364,7 +389,10 @@ async fn single_node(
         .await
         .unwrap();
     controller::leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes).unwrap();
-    let duties = Duties::new(node.clone(), mqtt, Default::default());
+    // g01 is registered before the duties start: the session reads its key at once.
+    let r = node.raft.client_write(register("g01", &gate_key(1))).await.unwrap();
+    assert!(matches!(r.data, Response::GateRegistered { .. }), "{:?}", r.data);
+    let duties = Duties::new(node.clone(), mqtt, Default::default()).unwrap();
     (node, duties, port)
 }
 
@@ -395,7 +423,8 @@ async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_t
             agent_version: "test".into(),
         },
     });
-    g.publish(&topic("gates/g01/status"), wire::encode(&birth)).await;
+    // Everything a gate sends but its tx batches is signed with its key (the one registered).
+    g.publish_signed(&topic("gates/g01/status"), &birth, 1).await;
     let hb = Heartbeat {
         at: Timestamp(controller_now().millis() + 5_000),
         seq: 1,
@@ -409,11 +438,11 @@ async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_t
         alarms: vec![],
         versions: Default::default(),
     };
-    g.publish(&topic("gates/g01/heartbeat"), wire::encode(&hb)).await;
+    g.publish_signed(&topic("gates/g01/heartbeat"), &hb, 1).await;
     let ev = GateEvent { at: controller_now(), kind: AlarmKind::DoorFault, cleared: false, detail: None };
-    g.publish(&topic("gates/g01/events"), wire::encode(&ev)).await;
+    g.publish_signed(&topic("gates/g01/events"), &ev, 1).await;
     let ack = ParamsAck { kind: ParamKind::FareTable, version: 4, state: ParamState::Active, reason: None };
-    g.publish(&topic("gates/g01/params/ack"), wire::encode(&ack)).await;
+    g.publish_signed(&topic("gates/g01/params/ack"), &ack, 1).await;
     g.publish(&topic("gates/g01/heartbeat"), b"garbage".to_vec()).await;
     let view = poll_async("the gate board to show g01", Duration::from_secs(5), || {
         duties
@@ -435,13 +464,14 @@ async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_t
     let cmd_topic = topic("gates/g01/cmd");
     let cmd: WireCommand = g
         .wait_for("the command", Duration::from_secs(5), |p| {
-            (p.topic == cmd_topic).then(|| wire::decode::<WireCommand>(&p.payload).ok()).flatten()
+            (p.topic == cmd_topic).then(|| open_from_station::<WireCommand>(&p.topic, &p.payload).ok()).flatten()
         })
         .await;
     assert_eq!(cmd.command, CommandKind::OpenOnceEntry);
-    assert!(cmd.expires_at.is_some());
+    assert_eq!(cmd.gate, ident("g01"), "the command names its gate");
+    assert!(cmd.expires_at > controller_now(), "{:?}", cmd.expires_at);
     let answer = CommandAck { id: cmd.id.clone(), result: CommandResult::Ok, detail: None };
-    g.publish(&topic("gates/g01/cmd/ack"), wire::encode(&answer)).await;
+    g.publish_signed(&topic("gates/g01/cmd/ack"), &answer, 1).await;
     assert_eq!(sent.await.unwrap().unwrap(), answer);
     // A gate that never answers: the caller hears so after the timeout.
     let silent = duties.send_command(&ident("g02"), CommandKind::InService).await;
@@ -456,11 +486,11 @@ async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_t
         gate: g01,
     };
     let started = Instant::now();
-    g.publish(&topic("gates/g01/qr/used"), wire::encode(&QrUsedBatch { entries: vec![used.clone()] })).await;
+    g.publish_signed(&topic("gates/g01/qr/used"), &QrUsedBatch { entries: vec![used.clone()] }, 1).await;
     let qr_topic = topic("qr/used");
     let relayed: QrUsedBatch = g
         .wait_for("the relayed QR code", Duration::from_secs(5), |p| {
-            (p.topic == qr_topic).then(|| wire::decode::<QrUsedBatch>(&p.payload).ok()).flatten()
+            (p.topic == qr_topic).then(|| open_from_station::<QrUsedBatch>(&p.topic, &p.payload).ok()).flatten()
         })
         .await;
     assert_eq!(relayed.entries, vec![used]);

@@ -41,12 +41,14 @@ struct SimState {
 /// A gate speaking MQTT: birth, heartbeats with counters every 200 ms, and an `active` ack for
 /// every fare-table pointer naming a higher version (it does not download the chunks: the
 /// controller's side is under test here).
-struct SimGate {
+pub(crate) struct SimGate {
     state: Arc<Mutex<SimState>>,
 }
 
 impl SimGate {
     async fn start(port: u16, gate: &'static str) -> SimGate {
+        // Its key is the one registered for it (g01 → gate_key(1), ...): it signs what it sends.
+        let key_n = GATES.iter().position(|g| *g == gate).unwrap() as u8 + 1;
         let state: Arc<Mutex<SimState>> = Arc::default();
         let mut o = MqttOptions::new(format!("sim-{gate}"), "127.0.0.1", port);
         o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
@@ -59,8 +61,9 @@ impl SimGate {
             client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
         }
         let birth = GateStatus::Online(birth_of(gate));
+        let status = format!("{root}/gates/{gate}/status");
         client
-            .publish(format!("{root}/gates/{gate}/status"), QoS::AtLeastOnce, true, wire::encode(&birth))
+            .publish(status.clone(), QoS::AtLeastOnce, true, gate_seal(&status, &birth, key_n))
             .await
             .unwrap();
         let (c, s) = (client.clone(), state.clone());
@@ -99,7 +102,8 @@ impl SimGate {
                             let topic = format!("{root}/gates/{gate}/params/ack");
                             let c = c.clone();
                             tokio::spawn(async move {
-                                let _ = c.publish(topic, QoS::AtLeastOnce, false, wire::encode(&a)).await;
+                                let payload = gate_seal(&topic, &a, key_n);
+                                let _ = c.publish(topic, QoS::AtLeastOnce, false, payload).await;
                             });
                             None
                         }
@@ -112,21 +116,17 @@ impl SimGate {
                 };
                 if let Some(version) = ack {
                     let a = ParamsAck { kind: FT, version, state: ParamState::Active, reason: None };
-                    let _ = c
-                        .publish(
-                            format!("{root}/gates/{gate}/params/ack"),
-                            QoS::AtLeastOnce,
-                            false,
-                            wire::encode(&a),
-                        )
-                        .await;
+                    let topic = format!("{root}/gates/{gate}/params/ack");
+                    let payload = gate_seal(&topic, &a, key_n);
+                    let _ = c.publish(topic, QoS::AtLeastOnce, false, payload).await;
                     // The retained birth says what the gate holds, for a leader that comes later.
                     let held =
                         KindVersions { active: Some(version), pending: None, pending_effective_from: None };
                     let birth =
                         GateStatus::Online(GateBirth { versions: [(FT, held)].into(), ..birth_of(gate) });
                     let topic = format!("{root}/gates/{gate}/status");
-                    let _ = c.publish(topic, QoS::AtLeastOnce, true, wire::encode(&birth)).await;
+                    let payload = gate_seal(&topic, &birth, key_n);
+                    let _ = c.publish(topic, QoS::AtLeastOnce, true, payload).await;
                 }
             }
         });
@@ -154,16 +154,9 @@ impl SimGate {
                     alarms: vec![],
                     versions: Default::default(),
                 };
-                if client
-                    .publish(
-                        format!("{root}/gates/{gate}/heartbeat"),
-                        QoS::AtMostOnce,
-                        false,
-                        wire::encode(&hb),
-                    )
-                    .await
-                    .is_err()
-                {
+                let topic = format!("{root}/gates/{gate}/heartbeat");
+                let payload = gate_seal(&topic, &hb, key_n);
+                if client.publish(topic, QoS::AtMostOnce, false, payload).await.is_err() {
                     return;
                 }
             }
@@ -171,7 +164,7 @@ impl SimGate {
         SimGate { state }
     }
 
-    fn active(&self) -> Option<u64> {
+    pub(crate) fn active(&self) -> Option<u64> {
         self.state.lock().unwrap().active
     }
 }
@@ -192,14 +185,21 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-struct Station {
-    c: Cluster,
-    apis: BTreeMap<u64, String>,
-    gates: BTreeMap<&'static str, SimGate>,
+pub(crate) struct Station {
+    pub(crate) c: Cluster,
+    pub(crate) apis: BTreeMap<u64, String>,
+    pub(crate) gates: BTreeMap<&'static str, SimGate>,
+    /// The broker's port.
+    pub(crate) port: u16,
 }
 
 impl Station {
     async fn start(soak_ms: u64) -> Station {
+        Station::start_with(soak_ms, "").await
+    }
+
+    /// [`Station::start`] with further `[mqtt]` keys.
+    pub(crate) async fn start_with(soak_ms: u64, mqtt_extra: &str) -> Station {
         let port = crate::mqtt::start_broker().await;
         let mut c = Cluster::unstarted(3, Duration::from_secs(20));
         let apis: BTreeMap<u64, String> =
@@ -215,7 +215,7 @@ impl Station {
         for id in 1..=3 {
             let extra = format!(
                 "[mqtt]\nbroker = \"external\"\nembedded_listen = \"127.0.0.1:{port}\"\naddress = \"127.0.0.1:{port}\"\n\
-                 client_id_prefix = \"ctl\"\nstation_code = 1\nbackoff_max_ms = 500\n{seeds}\n\
+                 client_id_prefix = \"ctl\"\nstation_code = 1\nbackoff_max_ms = 500\n{mqtt_extra}\n{seeds}\n\
                  [rollout]\ncanary_gates = [\"g01\"]\nsoak_ms = {soak_ms}\nack_deadline_ms = 5000\nmin_taps_for_rate = 10\n\n{api}",
                 api = api_section(&c, id, &apis[&id], "blacklist_confirm_threshold = 100"),
             );
@@ -233,10 +233,10 @@ impl Station {
         for g in GATES {
             gates.insert(g, SimGate::start(port, g).await);
         }
-        Station { c, apis, gates }
+        Station { c, apis, gates, port }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         node: u64,
         method: reqwest::Method,
@@ -254,7 +254,7 @@ impl Station {
         (s, r.json().await.unwrap_or(Value::Null))
     }
 
-    async fn upload_fare_table(&self, node: u64) -> u64 {
+    pub(crate) async fn upload_fare_table(&self, node: u64) -> u64 {
         let body = json!({ "network": small_network(), "fare_rule": dalian_rule(), "reason": "new fares" });
         let (s, v) = self
             .call(node, reqwest::Method::POST, "/api/v1/parameters/fare-table", ENGINEER, Some(body))
@@ -271,14 +271,14 @@ impl Station {
         p["body_sha256"].clone()
     }
 
-    async fn rollout(&self, node: u64) -> Value {
+    pub(crate) async fn rollout(&self, node: u64) -> Value {
         let (s, v) = self.call(node, reqwest::Method::GET, "/api/v1/rollouts", ENGINEER, None).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         v
     }
 
     /// Polls the fare-table rollout (on `node`) until `f` accepts it.
-    async fn wait_rollout(&self, node: u64, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn wait_rollout(&self, node: u64, what: &str, f: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let v = self.rollout(node).await;
@@ -290,7 +290,7 @@ impl Station {
         }
     }
 
-    async fn wait_all_active(&self, version: u64) {
+    pub(crate) async fn wait_all_active(&self, version: u64) {
         let gates = &self.gates;
         poll(&format!("every gate active on {version}"), Duration::from_secs(20), || {
             gates.values().all(|g| g.active() == Some(version)).then_some(())
@@ -299,7 +299,7 @@ impl Station {
     }
 }
 
-fn stage(r: &Value) -> &str {
+pub(crate) fn stage(r: &Value) -> &str {
     r["stage"]["stage"].as_str().unwrap_or("")
 }
 
