@@ -214,6 +214,15 @@ pub struct MqttConfig {
     pub broker: BrokerMode,
     /// Where the embedded broker listens (port 0 is not supported by rumqttd).
     pub embedded_listen: SocketAddr,
+    /// File of `user:password` lines: the only clients the embedded broker lets in (a user per
+    /// gate, one for the controllers). Read once at load; `broker = "embedded"` needs it unless
+    /// `embedded_allow_anonymous`. This node logs in to its own broker as `username`.
+    pub embedded_users_file: Option<PathBuf>,
+    /// Let any client connect to the embedded broker without credentials (tests only).
+    pub embedded_allow_anonymous: bool,
+    /// Filled by [`Config::load`] from `embedded_users_file`; never read from the TOML.
+    #[serde(skip)]
+    pub embedded_users: crate::leader::broker::BrokerUsers,
     /// `host:port` of the broker this node connects to (for `embedded`, usually `embedded_listen`).
     pub address: String,
     /// MQTT user name; `None` connects without credentials.
@@ -249,6 +258,9 @@ impl Default for MqttConfig {
         MqttConfig {
             broker: BrokerMode::External,
             embedded_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            embedded_users_file: None,
+            embedded_allow_anonymous: false,
+            embedded_users: Default::default(),
             address: "127.0.0.1:1883".into(),
             username: None,
             password_file: None,
@@ -286,6 +298,11 @@ pub struct ApiConfig {
     pub blacklist_confirm_threshold: u64,
     /// Largest request body accepted (bytes); larger bodies get 413 `payload_too_large`.
     pub max_body_bytes: usize,
+    /// Ledger scans (`/api/v1/ledger/verify`, `/api/v1/ledger/search`) running at once on this
+    /// node; each reads up to the whole retained ledger.
+    pub max_concurrent_scans: usize,
+    /// How long a scan waits for a free slot before it answers 503 `busy` with `Retry-After`.
+    pub scan_wait_ms: u64,
 }
 
 impl Default for ApiConfig {
@@ -298,6 +315,8 @@ impl Default for ApiConfig {
             signing_key_id: 1,
             blacklist_confirm_threshold: 10_000,
             max_body_bytes: 16 * 1024 * 1024,
+            max_concurrent_scans: 2,
+            scan_wait_ms: 200,
         }
     }
 }
@@ -310,6 +329,56 @@ impl MqttConfig {
                 .map(|t| Some(t.lines().next().unwrap_or("").trim().to_owned()))
                 .map_err(|source| ConfigError::Read { path: p.clone(), source }),
             None => Ok(std::env::var(MQTT_PASSWORD_ENV).ok()),
+        }
+    }
+
+    /// Who the embedded broker lets in: the users of `embedded_users_file`, or anyone with
+    /// `embedded_allow_anonymous`.
+    pub fn embedded_clients(&self) -> crate::leader::broker::Clients {
+        use crate::leader::broker::Clients;
+        if self.embedded_allow_anonymous {
+            Clients::Anyone
+        } else {
+            Clients::Users(self.embedded_users.clone())
+        }
+    }
+
+    /// The embedded broker's keys: users from the file (when embedded), checked against this
+    /// node's own login. Called by [`Config::validate`].
+    fn validate_embedded(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.broker != BrokerMode::Embedded {
+            if self.embedded_users_file.is_some() || self.embedded_allow_anonymous {
+                return bad(
+                    "mqtt: embedded_users_file and embedded_allow_anonymous are for broker = \"embedded\" only"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
+        if self.embedded_allow_anonymous {
+            if self.embedded_users_file.is_some() {
+                return bad("mqtt: embedded_users_file and embedded_allow_anonymous exclude each other".into());
+            }
+            return Ok(());
+        }
+        if self.embedded_users.is_empty() {
+            return bad(
+                "mqtt: broker = \"embedded\" needs embedded_users_file (user:password lines, one user per \
+                 client) so the broker is not open to anyone; only tests set embedded_allow_anonymous = true"
+                    .into(),
+            );
+        }
+        // This node connects to its own broker: its login must be one of the users.
+        let Some(user) = &self.username else {
+            return bad("mqtt: the embedded broker requires credentials; set username and password_file".into());
+        };
+        match (self.embedded_users.password(user), self.password()?) {
+            (Some(want), Some(have)) if want == have => Ok(()),
+            (None, _) => bad(format!("mqtt: username {user:?} is not in embedded_users_file")),
+            _ => bad(format!(
+                "mqtt: the password of {user:?} (password_file or {MQTT_PASSWORD_ENV}) is not the one in embedded_users_file"
+            )),
         }
     }
 }
@@ -426,6 +495,12 @@ impl Config {
                 .to_owned(),
             None => std::env::var(SECRET_ENV).unwrap_or_default(),
         };
+        if let Some(m) = cfg.mqtt.as_mut().filter(|m| m.broker == BrokerMode::Embedded) {
+            if let Some(p) = &m.embedded_users_file {
+                m.embedded_users = crate::leader::broker::BrokerUsers::read(p)
+                    .map_err(|e| ConfigError::Invalid(format!("mqtt.embedded_users_file: {e}")))?;
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -492,12 +567,18 @@ impl Config {
             }
             t.client_config().map_err(|e| ConfigError::Invalid(format!("mqtt.tls: {e}")))?;
         }
+        if let Some(m) = &self.mqtt {
+            m.validate_embedded()?;
+        }
         if self.mqtt.is_some() && self.api.signing_key_file.is_none() {
             return bad(
                 "[mqtt] needs api.signing_key_file: the leader signs mode, commands, tx acks and the \
                  QR relay with the station key, and gates take them only signed"
                     .into(),
             );
+        }
+        if self.api.max_concurrent_scans == 0 || self.api.max_concurrent_scans > 1024 {
+            return bad("api.max_concurrent_scans must be 1..=1024".into());
         }
         if self.bootstrap && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return bad("bootstrap needs initial_members to include this node_id".into());

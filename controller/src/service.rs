@@ -137,7 +137,7 @@ pub async fn run_with_api(
     let leader_duties = match (&config.mqtt, duties) {
         (Some(mqtt), Some(duties)) => {
             if mqtt.broker == crate::config::BrokerMode::Embedded {
-                leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes)
+                leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes, &mqtt.embedded_clients())
                     .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))?;
             }
             Some((duties.clone(), leader::spawn(duties, tasks.clone())))

@@ -42,10 +42,20 @@ fn broker(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         /// Largest MQTT packet (a 256 KiB chunk or a 1 MiB tx batch, plus headers).
         #[arg(long, default_value_t = 1_114_112)]
         max_packet_bytes: usize,
+        /// The only clients let in: a file of `user:password` lines.
+        #[arg(long, required_unless_present = "allow_anonymous")]
+        users_file: Option<std::path::PathBuf>,
+        /// Let any client in without credentials (tests only).
+        #[arg(long, conflicts_with = "users_file")]
+        allow_anonymous: bool,
     }
     let a = Args::parse_from(args);
+    let clients = match &a.users_file {
+        Some(path) => controller::leader::broker::Clients::Users(controller::leader::broker::BrokerUsers::read(path)?),
+        None => controller::leader::broker::Clients::Anyone,
+    };
     afc_process::run_service("info", async move {
-        controller::leader::broker::start(a.listen, a.max_packet_bytes)?;
+        controller::leader::broker::start(a.listen, a.max_packet_bytes, &clients)?;
         afc_process::wait_for_signal().await;
         tracing::info!("signal received; broker stops with the process");
         Ok(())

@@ -28,8 +28,9 @@ pub struct Plan {
     /// An external MQTT broker (`host:port`) instead of the station's own.
     #[serde(default)]
     pub external_broker: Option<String>,
-    /// Per-client MQTT credentials (user `controller`, and each gate's id), for a broker that
-    /// checks them against deploy/mosquitto/acl.conf.
+    /// Per-client MQTT credentials (user `controller`, and each gate's id) on the external broker,
+    /// which checks them (Mosquitto with deploy/mosquitto/acl.conf). The station's own broker
+    /// always requires them: see [`Plan::mqtt_credentials`].
     #[serde(default)]
     pub mqtt_auth: bool,
 }
@@ -62,6 +63,13 @@ impl Plan {
 
     fn port(&self, base: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], base + self.port_offset))
+    }
+
+    /// Whether every controller and gate logs in to the broker with its own user and password:
+    /// always on the station's own broker (so the one-box station is not an open broker), with
+    /// `mqtt_auth` on an external one.
+    pub fn mqtt_credentials(&self) -> bool {
+        self.mqtt_auth || self.external_broker.is_none()
     }
 
     /// The station's own MQTT broker (when no external one is named).

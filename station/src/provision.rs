@@ -30,8 +30,12 @@ pub struct Secrets {
     pub api_tokens: Vec<(String, String, String)>,
     /// `(gate id, key file, key)`.
     pub gate_keys: Vec<(String, PathBuf, SigningKey)>,
-    /// With `mqtt_auth`: `(user, password file, password)` for `controller` and every gate.
+    /// With [`Plan::mqtt_credentials`]: `(user, password file, password)` for `controller` and
+    /// every gate.
     pub mqtt_users: Vec<(String, PathBuf, String)>,
+    /// On the station's own broker: the `user:password` file of [`Secrets::mqtt_users`] it lets in
+    /// (rewritten from the password files on every run).
+    pub broker_users_file: Option<PathBuf>,
 }
 
 impl Secrets {
@@ -103,13 +107,17 @@ pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
         gate_keys.push((gate, path, key));
     }
     let mut mqtt_users = Vec::new();
-    if plan.mqtt_auth {
+    if plan.mqtt_credentials() {
         let users = std::iter::once("controller".to_owned()).chain(plan.gate_numbers().map(|(_, g)| g));
         for user in users {
             let (path, password) = secret(dir.join("mqtt").join(format!("{user}.password")), 18)?;
             mqtt_users.push((user, path, password));
         }
     }
+    let broker_users_file = match plan.external_broker {
+        None => Some(write_broker_users(&dir.join("mqtt").join("broker-users"), &mqtt_users)?),
+        Some(_) => None,
+    };
     Ok(Secrets {
         cluster_secret_file,
         package_key_file,
@@ -121,7 +129,21 @@ pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
         api_tokens,
         gate_keys,
         mqtt_users,
+        broker_users_file,
     })
+}
+
+/// Writes the station broker's users file (owner-only, replaced atomically) from `users`.
+fn write_broker_users(path: &Path, users: &[(String, PathBuf, String)]) -> anyhow::Result<PathBuf> {
+    let mut list = controller::leader::broker::BrokerUsers::default();
+    for (user, _, password) in users {
+        list.insert(user, password).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    create_secret(&tmp, list.to_file_text().trim_end())?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path.to_owned())
 }
 
 /// `username = …` and `password_file = …` lines for `user`, when the station uses MQTT credentials.
@@ -276,5 +298,36 @@ mod tests {
         let cfg = controller::config::Config::load(&c[1]).unwrap();
         assert_eq!(cfg.node_id, 2);
         assert_eq!(cfg.api.tokens.len(), 4);
+    }
+
+    #[test]
+    fn the_stations_own_broker_lets_in_only_the_controllers_and_each_gate_with_its_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let plan = Plan { gates: 2, ..Plan::default() };
+        let s = secrets(&layout, &plan).unwrap();
+        let users = controller::leader::broker::BrokerUsers::read(s.broker_users_file.as_ref().unwrap()).unwrap();
+        assert_eq!(users.names().collect::<Vec<_>>(), ["controller", "g01", "g02"]);
+        let (c, g) = write_configs(&layout, &plan, &s, 60).unwrap();
+        let mqtt = controller::config::Config::load(&c[0]).unwrap().mqtt.unwrap();
+        assert_eq!(mqtt.username.as_deref(), Some("controller"));
+        assert_eq!(mqtt.password().unwrap().as_deref(), users.password("controller"));
+        let gate = gate_agent::config::Config::load(&g[1]).unwrap();
+        assert_eq!(gate.mqtt.username.as_deref(), Some("g02"));
+        assert_eq!(gate.mqtt_password().unwrap().as_deref(), users.password("g02"));
+        // Another run keeps the passwords, so the users file stays the same.
+        let again = secrets(&layout, &plan).unwrap();
+        let users2 = controller::leader::broker::BrokerUsers::read(again.broker_users_file.as_ref().unwrap()).unwrap();
+        assert_eq!(users, users2);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(s.broker_users_file.as_ref().unwrap()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "the users file is readable by its owner only");
+        }
+        // On an external broker without --mqtt-auth there are no credentials and no users file.
+        let ext = Plan { external_broker: Some("127.0.0.1:1".into()), ..plan };
+        let s = secrets(&Layout::new(&dir.path().join("ext")), &ext).unwrap();
+        assert!(s.mqtt_users.is_empty() && s.broker_users_file.is_none());
     }
 }

@@ -39,6 +39,7 @@ struct Args {
     external_broker: Option<String>,
     /// Give the controllers (user `controller`) and every gate (user = gate id) their own MQTT
     /// password, in DATA_DIR/secrets/mqtt/, for a broker with deploy/mosquitto's ACL (first run only).
+    /// The station's own broker always requires them.
     #[arg(long, requires = "external_broker")]
     mqtt_auth: bool,
     /// Taps per second per gate from the card-reader simulators; 0 runs no simulated passengers.
@@ -121,8 +122,10 @@ async fn run(
     args.extend([OsString::from("--token-file"), secrets.clearing_token_file.clone().into()]);
     args.extend([OsString::from("--feed-key-file"), secrets.feed_key_file.clone().into()]);
     sup.start(svc("clearing".into(), 0, args));
-    if plan.external_broker.is_none() {
-        sup.start(svc("broker".into(), 1, os(&["broker", "--listen", &plan.broker_listen().to_string()])));
+    if let Some(users) = &secrets.broker_users_file {
+        let mut args = os(&["broker", "--listen", &plan.broker_listen().to_string(), "--users-file"]);
+        args.push(users.clone().into());
+        sup.start(svc("broker".into(), 1, args));
     }
     for (i, config) in controllers.iter().enumerate() {
         let mut args = os(&["controller", "run", "--config"]);

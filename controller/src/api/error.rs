@@ -42,6 +42,9 @@ pub enum ApiError {
     GateTimeout(u64),
     #[error("gate commands are unavailable: {0}")]
     MqttUnavailable(String),
+    /// An expensive read (a ledger scan) found every slot taken; the client retries later.
+    #[error("{what}: the node is busy; retry in {retry_after_secs} s")]
+    Busy { what: String, retry_after_secs: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -72,6 +75,7 @@ impl ApiError {
             ApiError::CommandFailed(_) => "command_failed",
             ApiError::GateTimeout(_) => "gate_timeout",
             ApiError::MqttUnavailable(_) => "mqtt_unavailable",
+            ApiError::Busy { .. } => "busy",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -89,7 +93,9 @@ impl ResponseError for ApiError {
             ApiError::CommandExpired(_) | ApiError::GateTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::MqttUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NoLeader(_) | ApiError::SigningKeyMissing => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoLeader(_) | ApiError::SigningKeyMissing | ApiError::Busy { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,6 +104,9 @@ impl ResponseError for ApiError {
         let mut r = HttpResponse::build(self.status_code());
         if matches!(self, ApiError::Unauthorized) {
             r.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let ApiError::Busy { retry_after_secs, .. } = self {
+            r.insert_header(("Retry-After", retry_after_secs.to_string()));
         }
         r.json(ErrorBody { code: self.code(), message: self.to_string() })
     }

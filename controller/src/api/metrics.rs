@@ -31,6 +31,8 @@ pub struct ControllerMetrics {
     append_count: AtomicU64,
     append_sum_micros: AtomicU64,
     tx_ingested: AtomicU64,
+    /// Ledger scans refused with 503 `busy` (no free slot within `api.scan_wait_ms`), per [`SCANS`].
+    scans_refused: [AtomicU64; SCANS.len()],
     /// kind → rollout state name (`idle`, `canary`, `soak`, `rolling_out`, `done`, `rolled_back`, `aborted`).
     rollouts: Mutex<BTreeMap<String, String>>,
     /// (kind, version) → effective_from ms, so a scrape decodes each package header once.
@@ -41,7 +43,17 @@ pub struct ControllerMetrics {
 pub const ROLLOUT_STATES: [&str; 7] =
     ["idle", "canary", "soak", "rolling_out", "done", "rolled_back", "aborted"];
 
+/// The ledger scans `afc_api_scans_refused_total` counts, one series each.
+pub const SCANS: [&str; 2] = ["verify", "search"];
+
 impl ControllerMetrics {
+    /// A ledger scan (`verify` or `search`, one of [`SCANS`]) was refused for want of a free slot.
+    pub fn scan_refused(&self, scan: &str) {
+        if let Some(i) = SCANS.iter().position(|s| *s == scan) {
+            self.scans_refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// One ledger append committed (a gate batch through Raft), with its latency and new records.
     pub fn observe_append(&self, latency: Duration, records: u64) {
         let secs = latency.as_secs_f64();
@@ -315,6 +327,14 @@ pub fn render(state: &ApiState) -> String {
         "Transactions received from gates and committed by this node as leader.",
         fm.tx_ingested.load(Ordering::Relaxed) as f64,
     );
+    o.family(
+        "afc_api_scans_refused_total",
+        "counter",
+        "Ledger scans (verify, search) answered 503 busy: api.max_concurrent_scans were running.",
+    );
+    for (i, scan) in SCANS.iter().enumerate() {
+        o.sample("afc_api_scans_refused_total", &[("scan", scan)], fm.scans_refused[i].load(Ordering::Relaxed) as f64);
+    }
     let duties = state.duties.as_ref().map(|d| d.status());
     o.one(
         "afc_mqtt_connected",

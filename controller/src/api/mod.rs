@@ -125,6 +125,8 @@ pub struct ApiState {
     /// The clearing upload's status (`/api/v1/clearing`, `/metrics`); `None` in tests that run
     /// no uploader.
     pub clearing: Option<crate::clearing_sync::ClearingStatusHandle>,
+    /// Slots for ledger scans (verify, search): `api.max_concurrent_scans` at once.
+    pub scans: records::ScanLimit,
 }
 
 impl ApiState {
@@ -147,6 +149,7 @@ impl ApiState {
             signing,
             duties: None,
             clearing: None,
+            scans: records::ScanLimit::new(api),
             node,
         })
     }

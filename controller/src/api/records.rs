@@ -1,10 +1,61 @@
 //! Health, the ledger (entries, stats, chain verification), clearing progress and the audit log.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{ApiError, ApiState, Caller};
 use crate::chain::{verify_chain, GENESIS_HASH};
+
+/// The ledger scans this node runs at once (`api.max_concurrent_scans`). A verification reads the
+/// whole retained ledger and a search up to [`MAX_SCAN`] entries, each on a blocking thread: without
+/// a bound, a viewer token (or a console left polling) could keep every blocking thread and the
+/// disk busy. A scan waits up to `api.scan_wait_ms` for a slot, then answers 503 `busy` with
+/// `Retry-After`, counted in `afc_api_scans_refused_total`.
+#[derive(Debug)]
+pub struct ScanLimit {
+    permits: Arc<Semaphore>,
+    /// The semaphore's size, for the refusal's message.
+    limit: usize,
+    wait: Duration,
+}
+
+/// `Retry-After` of a refused scan.
+pub const SCAN_RETRY_AFTER_SECS: u64 = 1;
+
+impl ScanLimit {
+    pub fn new(api: &crate::config::ApiConfig) -> ScanLimit {
+        let limit = api.max_concurrent_scans.max(1);
+        ScanLimit {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+            wait: Duration::from_millis(api.scan_wait_ms),
+        }
+    }
+
+    /// A slot for one `scan` (one of [`super::metrics::SCANS`]), held until the permit drops: move
+    /// it into the blocking task, so a scan whose client went away still counts until it ends.
+    async fn acquire(&self, state: &ApiState, scan: &str) -> Result<OwnedSemaphorePermit, ApiError> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Ok(p),
+            Err(_) => match tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await {
+                Ok(Ok(p)) => Ok(p),
+                // Timed out (or closed, which never happens: nothing closes it).
+                _ => Err(()),
+            },
+        };
+        permit.map_err(|()| {
+            state.metrics.scan_refused(scan);
+            ApiError::Busy {
+                what: format!("ledger {scan}: {} scans already running", self.limit),
+                retry_after_secs: SCAN_RETRY_AFTER_SECS,
+            }
+        })
+    }
+}
 
 /// Most entries one page returns.
 pub const MAX_PAGE: usize = 1000;
@@ -91,7 +142,9 @@ pub async fn ledger_search(
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
     let sm = state.node.sm.clone();
     let first = sm.state()?.first_retained.max(1);
+    let permit = state.scans.acquire(&state, "search").await?;
     let page = tokio::task::spawn_blocking(move || -> Result<SearchPage, ApiError> {
+        let _permit = permit;
         let mut next = q.from.unwrap_or(first).max(first);
         let mut out = SearchPage { entries: Vec::new(), next_from: None, scanned: 0 };
         loop {
@@ -159,7 +212,9 @@ pub async fn ledger_stats(_c: Caller, state: web::Data<ApiState>) -> Result<Http
 pub async fn ledger_verify(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     let s = state.node.sm.state()?;
     let sm = state.node.sm.clone();
+    let permit = state.scans.acquire(&state, "verify").await?;
     let result = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
+        let _permit = permit;
         let mut next = s.first_retained;
         let mut prev = GENESIS_HASH;
         let mut checked = 0u64;

@@ -47,6 +47,11 @@ pub fn sha(t: &str) -> String {
 impl ApiNode {
     /// A single-node cluster (bootstrapped unless `bootstrap` is false), ready when it returns.
     pub async fn start(bootstrap: bool) -> ApiNode {
+        ApiNode::start_with(bootstrap, "").await
+    }
+
+    /// [`ApiNode::start`] with more `[api]` keys (`key = value` lines).
+    pub async fn start_with(bootstrap: bool, api_extra: &str) -> ApiNode {
         let dir = tempfile::tempdir().unwrap();
         let raft_l = TcpListener::bind("127.0.0.1:0").unwrap();
         let api_l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -78,6 +83,7 @@ signing_key_file = "{key}"
 signing_key_id = 3
 blacklist_confirm_threshold = 100
 max_body_bytes = 65536
+{api_extra}
 {tokens}"#,
             data = dir.path().join("data").display(),
             key = dir.path().join("signing.key").display(),

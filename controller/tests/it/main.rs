@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod api;
+mod broker_auth;
 mod clearing_sync;
 mod cluster;
 mod common;
@@ -15,6 +16,7 @@ mod packages;
 mod params_feed;
 mod prometheus;
 mod rollout;
+mod scan_limit;
 mod state_machine;
 mod storage_suite;
 mod tls;

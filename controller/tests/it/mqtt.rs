@@ -17,6 +17,7 @@ use afc_domain::wire::{
     PlcEndpoint, QrUsed, QrUsedBatch, StationState, TxAck, TxBatch, WireMessage,
 };
 use controller::config::{BrokerMode, Config, LedgerConfig, Member, MqttConfig, RaftTuning};
+use controller::leader::broker::Clients;
 use controller::leader::{CommandError, Duties};
 use controller::state::{Request, Response};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
@@ -29,7 +30,7 @@ use crate::harness::*;
 pub async fn start_broker() -> u16 {
     let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    controller::leader::broker::start(addr, 4 * 1024 * 1024).unwrap();
+    controller::leader::broker::start(addr, 4 * 1024 * 1024, &Clients::Anyone).unwrap();
     poll("the broker to accept connections", Duration::from_secs(10), || {
         std::net::TcpStream::connect(addr).ok()
     })
@@ -46,7 +47,7 @@ fn spawn_node(c: &mut Cluster, id: u64, port: u16, embedded_on: Option<u64>) {
 [mqtt]
 broker = "{broker}"
 embedded_listen = "127.0.0.1:{port}"
-address = "127.0.0.1:{port}"
+{open}address = "127.0.0.1:{port}"
 client_id_prefix = "ctl"
 station_code = 1
 backoff_max_ms = 500
@@ -58,6 +59,7 @@ tx_public_key = "{key}"
 [api]
 {signing}"#,
         broker = if embedded_on == Some(id) { "embedded" } else { "external" },
+        open = if embedded_on == Some(id) { "embedded_allow_anonymous = true\n" } else { "" },
         key = hex::encode(gate_key(1).verifying_key().to_bytes()),
         signing = station_key_config(&c.node_dir(id)),
     );
@@ -352,6 +354,7 @@ async fn single_node(
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mqtt = MqttConfig {
         broker: BrokerMode::Embedded,
+        embedded_allow_anonymous: true,
         embedded_listen: format!("127.0.0.1:{port}").parse().unwrap(),
         address: format!("127.0.0.1:{port}"),
         station_code: Some(1),
@@ -388,7 +391,7 @@ async fn single_node(
         .state(openraft::ServerState::Leader, "single node leads")
         .await
         .unwrap();
-    controller::leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes).unwrap();
+    controller::leader::broker::start(mqtt.embedded_listen, mqtt.max_packet_bytes, &Clients::Anyone).unwrap();
     // g01 is registered before the duties start: the session reads its key at once.
     let r = node.raft.client_write(register("g01", &gate_key(1))).await.unwrap();
     assert!(matches!(r.data, Response::GateRegistered { .. }), "{:?}", r.data);
