@@ -179,6 +179,7 @@ ca_file = "{ca}"
 [api]
 listen = "{api}"
 station_code = 1
+{station_key}
 [[api.tokens]]
 name = "otto"
 role = "operator"
@@ -212,6 +213,7 @@ tx_public_key = "{key}"
                 api = api[&id],
                 op = sha(OPERATOR),
                 vi = sha(VIEWER),
+                station_key = station_key_config(c.root.path()),
             );
             let raft = "heartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\nconnect_timeout_ms = 300\n";
             let addr = initial[&id].clone();
@@ -347,12 +349,12 @@ async fn fake_gate(broker: u16, gate: &str, result: Option<CommandResult>) -> to
                     let _ = up_tx.send(());
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Ok(c) = wire::decode::<WireCommand>(&p.payload) else { continue };
+                    // Commands are signed by the station; the gate signs its ack (key 1 here).
+                    let Ok(c) = open_from_station::<WireCommand>(&p.topic, &p.payload) else { continue };
                     if let Some(result) = result {
                         let ack = CommandAck { id: c.id, result, detail: Some("fake gate".into()) };
-                        let _ = client
-                            .publish(ack_topic.clone(), QoS::AtLeastOnce, false, wire::encode(&ack))
-                            .await;
+                        let sealed = gate_seal(&ack_topic, &ack, 1);
+                        let _ = client.publish(ack_topic.clone(), QoS::AtLeastOnce, false, sealed).await;
                     }
                 }
                 Ok(_) => {}
@@ -500,6 +502,7 @@ async fn metrics_move_with_gate_traffic_and_the_ledger_can_be_searched_by_gate_a
             gate: ident("g01"),
             records,
             signature: hex::encode(sig),
+            installation: crate::mqtt::installation("g01"),
         })
     };
     for payload in [batch(1..=3), batch(1..=3), batch(4..=5)] {
