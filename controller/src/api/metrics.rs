@@ -363,7 +363,11 @@ pub fn render(state: &ApiState) -> String {
             "Gate messages ignored because they do not verify against the gate's registered key, by topic and reason.",
         );
         for (topic, reason, n) in st.unverified() {
-            o.sample("afc_controller_unverified_messages_total", &[("topic", topic), ("reason", reason)], n as f64);
+            o.sample(
+                "afc_controller_unverified_messages_total",
+                &[("topic", topic), ("reason", reason)],
+                n as f64,
+            );
         }
         o.family("afc_tx_batches_total", "counter", "Gate transaction batches by outcome.");
         for (outcome, c) in [

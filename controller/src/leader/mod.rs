@@ -215,13 +215,16 @@ impl StationKey {
 /// is one read lock and a hash lookup; the keys are decompressed once, when they change.
 #[derive(Default)]
 pub(crate) struct GateKeys {
-    keys: RwLock<HashMap<Ident, ([u8; 32], Option<VerifyingKey>)>>,
+    keys: RwLock<KeyMap>,
 }
+
+/// Gate → its registered key bytes and the key they decode to (`None`: not a valid point).
+type KeyMap = HashMap<Ident, ([u8; 32], Option<VerifyingKey>)>;
 
 impl GateKeys {
     /// Takes the state's gate keys, unless they are the ones held already.
     pub(crate) fn refresh(&self, gates: &std::collections::BTreeMap<Ident, GateInfo>) {
-        let same = |held: &HashMap<Ident, ([u8; 32], Option<VerifyingKey>)>| {
+        let same = |held: &KeyMap| {
             held.len() == gates.len()
                 && gates.iter().all(|(g, i)| held.get(g).is_some_and(|(b, _)| *b == i.tx_public_key))
         };

@@ -67,3 +67,19 @@ fn the_rollout_policy_is_read_from_the_config_and_nonsense_values_are_refused() 
         assert!(err.contains("rollout") || err.contains("feed_key"), "{name}: {err}");
     }
 }
+
+#[test]
+fn mqtt_duties_without_the_station_signing_key_are_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef-secret\n").unwrap();
+    let text = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("/etc/afc/cluster-secret", secret.to_str().unwrap());
+    let line = "signing_key_file = \"/etc/afc/package-signing.key\"\n";
+    assert!(text.contains(line) && text.contains("\n[mqtt]\n"), "the example has [mqtt] and the key");
+    let path = dir.path().join("nokey.toml");
+    std::fs::write(&path, text.replace(line, "")).unwrap();
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(err.contains("[mqtt] needs api.signing_key_file"), "{err}");
+}

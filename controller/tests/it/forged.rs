@@ -83,9 +83,12 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
+/// (topic, payload) of every message a client received.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Every message on `filters`, kept for the end of the test.
-async fn record_all(port: u16, filters: &[String]) -> Arc<Mutex<Vec<(String, Vec<u8>)>>> {
-    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+async fn record_all(port: u16, filters: &[String]) -> Seen {
+    let seen: Seen = Arc::default();
     let mut o = MqttOptions::new("auditor", "127.0.0.1", port);
     o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);

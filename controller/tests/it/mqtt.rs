@@ -467,7 +467,9 @@ async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_t
     let cmd_topic = topic("gates/g01/cmd");
     let cmd: WireCommand = g
         .wait_for("the command", Duration::from_secs(5), |p| {
-            (p.topic == cmd_topic).then(|| open_from_station::<WireCommand>(&p.topic, &p.payload).ok()).flatten()
+            (p.topic == cmd_topic)
+                .then(|| open_from_station::<WireCommand>(&p.topic, &p.payload).ok())
+                .flatten()
         })
         .await;
     assert_eq!(cmd.command, CommandKind::OpenOnceEntry);
@@ -493,7 +495,9 @@ async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_t
     let qr_topic = topic("qr/used");
     let relayed: QrUsedBatch = g
         .wait_for("the relayed QR code", Duration::from_secs(5), |p| {
-            (p.topic == qr_topic).then(|| open_from_station::<QrUsedBatch>(&p.topic, &p.payload).ok()).flatten()
+            (p.topic == qr_topic)
+                .then(|| open_from_station::<QrUsedBatch>(&p.topic, &p.payload).ok())
+                .flatten()
         })
         .await;
     assert_eq!(relayed.entries, vec![used]);
