@@ -51,7 +51,9 @@ fn broker(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     }
     let a = Args::parse_from(args);
     let clients = match &a.users_file {
-        Some(path) => controller::leader::broker::Clients::Users(controller::leader::broker::BrokerUsers::read(path)?),
+        Some(path) => {
+            controller::leader::broker::Clients::Users(controller::leader::broker::BrokerUsers::read(path)?)
+        }
         None => controller::leader::broker::Clients::Anyone,
     };
     afc_process::run_service("info", async move {

@@ -306,7 +306,8 @@ mod tests {
         let layout = Layout::new(dir.path());
         let plan = Plan { gates: 2, ..Plan::default() };
         let s = secrets(&layout, &plan).unwrap();
-        let users = controller::leader::broker::BrokerUsers::read(s.broker_users_file.as_ref().unwrap()).unwrap();
+        let users =
+            controller::leader::broker::BrokerUsers::read(s.broker_users_file.as_ref().unwrap()).unwrap();
         assert_eq!(users.names().collect::<Vec<_>>(), ["controller", "g01", "g02"]);
         let (c, g) = write_configs(&layout, &plan, &s, 60).unwrap();
         let mqtt = controller::config::Config::load(&c[0]).unwrap().mqtt.unwrap();
@@ -317,7 +318,8 @@ mod tests {
         assert_eq!(gate.mqtt_password().unwrap().as_deref(), users.password("g02"));
         // Another run keeps the passwords, so the users file stays the same.
         let again = secrets(&layout, &plan).unwrap();
-        let users2 = controller::leader::broker::BrokerUsers::read(again.broker_users_file.as_ref().unwrap()).unwrap();
+        let users2 =
+            controller::leader::broker::BrokerUsers::read(again.broker_users_file.as_ref().unwrap()).unwrap();
         assert_eq!(users, users2);
         #[cfg(unix)]
         {

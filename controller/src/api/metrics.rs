@@ -333,7 +333,11 @@ pub fn render(state: &ApiState) -> String {
         "Ledger scans (verify, search) answered 503 busy: api.max_concurrent_scans were running.",
     );
     for (i, scan) in SCANS.iter().enumerate() {
-        o.sample("afc_api_scans_refused_total", &[("scan", scan)], fm.scans_refused[i].load(Ordering::Relaxed) as f64);
+        o.sample(
+            "afc_api_scans_refused_total",
+            &[("scan", scan)],
+            fm.scans_refused[i].load(Ordering::Relaxed) as f64,
+        );
     }
     let duties = state.duties.as_ref().map(|d| d.status());
     o.one(

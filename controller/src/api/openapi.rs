@@ -14,7 +14,7 @@ const ERRORS: [(&str, &str); 7] = [
     ("404", "unknown gate, version or route (code not_found, no_route)"),
     ("409", "conflicts with the current state (code conflict)"),
     ("413", "body larger than api.max_body_bytes (code payload_too_large)"),
-    ("503", "no leader reachable (code no_leader)"),
+    ("503", "no leader reachable (code no_leader); for ledger scans, every api.max_concurrent_scans slot taken (code busy, with Retry-After)"),
 ];
 
 /// Builds the document.

@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 use crate::common::poll;
 use crate::harness::{free_port, Cluster, NodeSetup};
 
-const USERS: &str = "# the test station\ncontroller:controller-pw-0001\ng01:g01-pw-0001\nwatcher:watcher-pw-0001\n";
+const USERS: &str =
+    "# the test station\ncontroller:controller-pw-0001\ng01:g01-pw-0001\nwatcher:watcher-pw-0001\n";
 
 /// Starts the embedded broker with [`USERS`] on a free port; ready when it returns.
 async fn start_broker_with_users() -> SocketAddr {
@@ -197,7 +198,10 @@ async fn clients_without_or_with_wrong_credentials_are_refused_and_reach_nobody(
     ] {
         let mut c = client(addr, id, login);
         c.client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
-        c.client.publish(topic, QoS::AtLeastOnce, false, format!("forged by {id}").into_bytes()).await.unwrap();
+        c.client
+            .publish(topic, QoS::AtLeastOnce, false, format!("forged by {id}").into_bytes())
+            .await
+            .unwrap();
         c.refused().await;
         assert!(c.publishes.try_recv().is_err(), "{id} received a publish");
     }
@@ -215,10 +219,16 @@ async fn clients_without_or_with_wrong_credentials_are_refused_and_reach_nobody(
     // The right credentials work, and nothing the intruders sent reached the watcher: g01's
     // marker, published after every intruder gave up, is the next thing it sees.
     g01.client.publish(topic, QoS::AtLeastOnce, false, b"marker".to_vec()).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), watcher.publishes.recv()).await.unwrap().unwrap();
-    assert_eq!(first.payload.as_ref(), b"marker", "the watcher got {:?}", String::from_utf8_lossy(&first.payload));
+    let first =
+        tokio::time::timeout(Duration::from_secs(10), watcher.publishes.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        first.payload.as_ref(),
+        b"marker",
+        "the watcher got {:?}",
+        String::from_utf8_lossy(&first.payload)
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    while let Ok(p) = watcher.publishes.try_recv() {
+    if let Ok(p) = watcher.publishes.try_recv() {
         panic!("an intruder's publish reached the watcher: {:?}", String::from_utf8_lossy(&p.payload));
     }
 }
@@ -255,7 +265,10 @@ fn an_embedded_broker_without_users_is_refused_unless_anonymous_clients_are_allo
         ("none.toml", "broker = \"embedded\"\n".to_owned(), "embedded_users_file"),
         (
             "empty.toml",
-            format!("broker = \"embedded\"\nembedded_users_file = \"{}\"\n{login}", d.join("empty-users").display()),
+            format!(
+                "broker = \"embedded\"\nembedded_users_file = \"{}\"\n{login}",
+                d.join("empty-users").display()
+            ),
             "embedded_users_file",
         ),
         (
@@ -274,7 +287,10 @@ fn an_embedded_broker_without_users_is_refused_unless_anonymous_clients_are_allo
         ),
         (
             "stranger.toml",
-            format!("broker = \"embedded\"\n{users}username = \"g77\"\npassword_file = \"{}\"\n", d.join("pw").display()),
+            format!(
+                "broker = \"embedded\"\n{users}username = \"g77\"\npassword_file = \"{}\"\n",
+                d.join("pw").display()
+            ),
             "not in embedded_users_file",
         ),
         (
