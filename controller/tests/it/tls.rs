@@ -35,6 +35,9 @@ pub struct Pki {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// A second certificate from the same CA, for another host (`controller-9.example`) only.
+    pub other_host_cert: PathBuf,
+    pub other_host_key: PathBuf,
 }
 
 impl Pki {
@@ -54,11 +57,20 @@ impl Pki {
             .unwrap()
             .signed_by(&key, &ca_cert, &ca_key)
             .unwrap();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::CertificateParams::new(vec!["controller-9.example".to_owned()])
+            .unwrap()
+            .signed_by(&other_key, &ca_cert, &ca_key)
+            .unwrap();
         let pki = Pki {
             ca: dir.join(format!("{prefix}ca.pem")),
             cert: dir.join(format!("{prefix}node.pem")),
             key: dir.join(format!("{prefix}node.key")),
+            other_host_cert: dir.join(format!("{prefix}node9.pem")),
+            other_host_key: dir.join(format!("{prefix}node9.key")),
         };
+        std::fs::write(&pki.other_host_cert, other.pem()).unwrap();
+        std::fs::write(&pki.other_host_key, other_key.serialize_pem()).unwrap();
         std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
         std::fs::write(&pki.cert, leaf.pem()).unwrap();
         std::fs::write(&pki.key, key.serialize_pem()).unwrap();
@@ -87,6 +99,13 @@ impl Pki {
     pub fn identity(&self) -> reqwest::Identity {
         let mut pem = std::fs::read(&self.cert).unwrap();
         pem.extend(std::fs::read(&self.key).unwrap());
+        reqwest::Identity::from_pem(&pem).unwrap()
+    }
+
+    /// The other host's certificate and key as a client identity.
+    pub fn other_host_identity(&self) -> reqwest::Identity {
+        let mut pem = std::fs::read(&self.other_host_cert).unwrap();
+        pem.extend(std::fs::read(&self.other_host_key).unwrap());
         reqwest::Identity::from_pem(&pem).unwrap()
     }
 
@@ -697,6 +716,34 @@ async fn with_mutual_tls_only_clients_with_a_station_certificate_get_an_answer_a
     // ... and the test's own call to the follower, which named no node, by its certificate.
     let direct = lines("admin-listener".to_owned());
     assert!(direct.len() == 1 && direct[0].contains(&m.pki.fingerprint()), "{audit:?}");
+    // A station certificate for another host cannot speak for node 1 (whose address is
+    // 127.0.0.1); naming no node, it is let through and audited under its fingerprint.
+    let other = m.pki.client_presenting(m.pki.other_host_identity());
+    let send = |origin: Option<&'static str>| {
+        let mut rb = other
+            .post(format!("https://{}/admin/write", c.addr(leader)))
+            .header("x-afc-cluster-secret", SECRET)
+            .json(&controller::state::Request::ClearingAck { through_index: 0 });
+        if let Some(o) = origin {
+            rb = rb.header("x-afc-origin-node", o);
+        }
+        rb.send()
+    };
+    let r = send(Some("1")).await.unwrap();
+    let (status, text) = (r.status(), r.text().await.unwrap());
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    assert!(text.contains("not valid for 127.0.0.1"), "{text}");
+    let r = send(None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.text().await);
+    let audit = m.audit(leader).await;
+    let other_fp =
+        controller::tls::fingerprint(&controller::tls::certificates(&m.pki.other_host_cert).unwrap()[0]);
+    assert!(
+        audit.iter().any(|a| a["action"] == "admin.write.clearing_ack"
+            && a["actor"] == "admin-listener"
+            && a["detail"].as_str().unwrap().contains(&other_fp)),
+        "{audit:?}"
+    );
     // Gate batches are not audited one by one: the gate's signature is their proof.
     assert!(!audit.iter().any(|a| a["action"].as_str().unwrap().contains("append_tx")), "{audit:?}");
 }
