@@ -608,6 +608,8 @@ impl Config {
             {
                 b = b.add_root_certificate(c);
             }
+            // Presented only to a server that asks for it (`require_client_cert` there).
+            b = b.identity(t.reqwest_identity().map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?);
         }
         Ok(b)
     }
@@ -638,5 +640,3 @@ impl Config {
         Duration::from_millis(self.raft.connect_timeout_ms)
     }
 }
-            // Presented only to a server that asks for it (`require_client_cert` there).
-            b = b.identity(t.reqwest_identity().map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?);

@@ -75,12 +75,12 @@ pub async fn run_with_api(
 
     let routes = http::configure(node.clone(), duties.clone());
     let server = HttpServer::new(move || App::new().configure(routes.clone()))
+        .on_connect(http::on_connect)
         .workers(2)
         .disable_signals()
         .shutdown_timeout(5);
     let server = match peer_tls {
         Some(t) => server.listen_rustls_0_23(listener, t)?,
-        .on_connect(http::on_connect)
         None => server.listen(listener)?,
     }
     .run();
