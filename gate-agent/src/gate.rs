@@ -564,7 +564,7 @@ impl Gate {
     fn take_command(&self, cmd: &Command) -> Result<(), CommandAck> {
         let ack = |result, detail: String| CommandAck { id: cmd.id.clone(), result, detail: Some(detail) };
         if cmd.gate != self.gate {
-            tracing::warn!(id = %cmd.id, for_gate = %cmd.gate, "command for another gate refused");
+            self.unverified("cmd", "other_gate", &format!("command {} for gate {}", cmd.id, cmd.gate));
             return Err(ack(
                 CommandResult::Rejected,
                 format!("command for gate {}, this is {}", cmd.gate, self.gate),

@@ -254,6 +254,7 @@ async fn forged_commands_never_open_the_flap_are_counted_and_taps_go_on() {
     controller.publish_signed(topic.clone(), false, &for_g02).await;
     let ack = eventually("the ack", || acks.lock().unwrap().first().cloned()).await;
     assert_eq!((ack.id.as_str(), ack.result), ("for-g02", CommandResult::Rejected), "{ack:?}");
+    assert_eq!(agent.running.metrics.unverified_messages("cmd", "other_gate"), 1);
     assert_eq!(entry_coil_writes(&plc), 7);
     // The genuine one opens.
     controller.publish_signed(topic, false, &Command { id: "genuine".into(), ..open }).await;
