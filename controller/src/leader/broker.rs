@@ -165,10 +165,14 @@ next_connection_delay_ms = 1
     Ok(config)
 }
 
+/// The least the embedded broker lets through (bytes of payload), whatever `max_packet_bytes`
+/// says: the leader's own incoming limit stays above it (see `leader::mqtt::options`).
+pub const MIN_BROKER_PAYLOAD: usize = 2 * 1024 * 1024;
+
 /// Starts the broker on its own thread. Returns once the thread runs; the caller polls the
 /// listener for readiness if it needs to (clients reconnect with backoff anyway).
 pub fn start(listen: SocketAddr, max_payload: usize, clients: &Clients) -> Result<(), BrokerError> {
-    let config = config(listen, max_payload.max(2 * 1024 * 1024), clients)?;
+    let config = config(listen, max_payload.max(MIN_BROKER_PAYLOAD), clients)?;
     let users = match clients {
         Clients::Users(u) => u.len(),
         Clients::Anyone => 0,

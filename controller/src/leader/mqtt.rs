@@ -23,7 +23,7 @@ use super::{split_host_port, Stats};
 pub const REQUEST_CAPACITY: usize = 1024;
 
 /// Options for the leader's connection in `term`: a client id unique to this leadership, a clean
-/// session, packets up to `max_packet_bytes`, the `state` will `{online:false, leader_node, term}`,
+/// session, packets up to `max_packet_bytes` out and above any broker's cap in, the `state` will `{online:false, leader_node, term}`,
 /// and TLS when `tls` is given (`[mqtt.tls]`).
 pub fn options(
     cfg: &MqttConfig,
@@ -38,7 +38,12 @@ pub fn options(
     let mut o = MqttOptions::new(id, host, port);
     o.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(1)));
     o.set_clean_session(true);
-    o.set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
+    // Incoming above anything a broker lets through (the embedded one: MIN_BROKER_PAYLOAD; the
+    // deploy/mosquitto one: max_packet_size 1114112): an oversized message must reach the
+    // handler and be refused there. Above the limit rumqttc drops the connection instead, and a
+    // retained one would drop it at every reconnect, for good.
+    let incoming = cfg.max_packet_bytes.max(super::broker::MIN_BROKER_PAYLOAD + 64 * 1024);
+    o.set_max_packet_size(incoming, cfg.max_packet_bytes);
     o.set_request_channel_capacity(REQUEST_CAPACITY);
     let will = StationState::Offline(Offline { leader_node: Some(node_id), term: Some(term) });
     let topic = Topic::State { station: station.clone() }.to_string();

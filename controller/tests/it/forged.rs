@@ -202,6 +202,13 @@ async fn forged_gate_messages_change_nothing_and_are_counted_and_what_the_leader
     let mut expected: BTreeMap<(String, String), u64> = BTreeMap::new();
     let client = attacker.client.clone();
 
+    // A retained message just under the embedded broker's 2 MiB cap on a topic the leader reads:
+    // above the leader's own packet limit it would drop the leader's connection at every
+    // delivery, and being retained, at every reconnect: no acks, no commands, for good.
+    let huge = vec![b' '; 1_990_000];
+    client.publish(t("gates/g04/heartbeat"), QoS::AtLeastOnce, true, huge).await.unwrap();
+    *expected.entry(("heartbeat".into(), "malformed".into())).or_default() += 1;
+
     // Heartbeats claiming a door fault, free passage, a full outbox and every tap rejected: at
     // g04 (it would show) and at the canary g01 (it would fail the soak on its reject rate).
     let bad_hb = heartbeat(5_000_000, 5_000_000, vec![AlarmKind::DoorFault], true, 777_777);
