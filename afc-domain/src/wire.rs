@@ -841,7 +841,10 @@ mod tests {
 
     #[test]
     fn the_spec_examples_parse() {
-        assert_eq!(decode::<TxAck>(br#"{"through_seq": 42}"#).unwrap(), TxAck { through_seq: 42, installation: None });
+        assert_eq!(
+            decode::<TxAck>(br#"{"through_seq": 42}"#).unwrap(),
+            TxAck { through_seq: 42, installation: None }
+        );
         assert_eq!(
             decode::<StationState>(br#"{"online":false}"#).unwrap(),
             StationState::Offline(Offline::default())

@@ -358,7 +358,9 @@ impl MqttConfig {
         }
         if self.embedded_allow_anonymous {
             if self.embedded_users_file.is_some() {
-                return bad("mqtt: embedded_users_file and embedded_allow_anonymous exclude each other".into());
+                return bad(
+                    "mqtt: embedded_users_file and embedded_allow_anonymous exclude each other".into()
+                );
             }
             return Ok(());
         }
@@ -371,7 +373,9 @@ impl MqttConfig {
         }
         // This node connects to its own broker: its login must be one of the users.
         let Some(user) = &self.username else {
-            return bad("mqtt: the embedded broker requires credentials; set username and password_file".into());
+            return bad(
+                "mqtt: the embedded broker requires credentials; set username and password_file".into()
+            );
         };
         match (self.embedded_users.password(user), self.password()?) {
             (Some(want), Some(have)) if want == have => Ok(()),

@@ -373,6 +373,12 @@ pub fn render(state: &ApiState) -> String {
                 n as f64,
             );
         }
+        o.one(
+            "afc_controller_mode_restored_total",
+            "counter",
+            "Times the retained mode on the broker was not the one this leader published (cleared, forged or replayed) and was published again.",
+            load(&st.mode_restored),
+        );
         o.family("afc_tx_batches_total", "counter", "Gate transaction batches by outcome.");
         for (outcome, c) in [
             ("acked", &st.tx_batches_acked),

@@ -79,6 +79,9 @@ pub struct Stats {
     /// Proposals that failed (leadership lost, storage error): not acked.
     pub tx_propose_errors: AtomicU64,
     pub qr_relayed: AtomicU64,
+    /// Times the retained `mode` on the broker was not the one this leader published (cleared,
+    /// forged, or an old genuine one replayed) and was published again.
+    pub mode_restored: AtomicU64,
     /// Gate messages refused because they did not verify, per [`GATE_SIGNED_TOPICS`] and
     /// [`UNVERIFIED_REASONS`].
     unverified: [[AtomicU64; UNVERIFIED_REASONS.len()]; GATE_SIGNED_TOPICS.len()],
@@ -430,6 +433,8 @@ pub(crate) struct Ctx {
     pub station_key: Arc<StationKey>,
     /// What gate messages are verified with.
     pub gate_keys: GateKeys,
+    /// The retained `mode` this session published, restored when the broker holds another.
+    pub mode_guard: publish::ModeGuard,
 }
 
 impl Ctx {
@@ -481,6 +486,7 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
         metrics: duties.metrics.clone(),
         station_key: duties.station_key.clone(),
         gate_keys,
+        mode_guard: publish::ModeGuard::default(),
     });
     if let Ok(mut live) = duties.live.write() {
         *live = Some(Live { client: client.clone(), waiters: waiters.clone() });
@@ -704,6 +710,15 @@ fn dispatch(
             for u in b.entries {
                 let _ = qr.send(u);
             }
+        }
+        // The leader reads back the retained mode: anyone who may publish on the broker can
+        // replace it (gates refuse what does not verify, but a gate connecting later would then
+        // find no valid mode there), so another payload than ours is published over at once.
+        Topic::Mode { .. } if ctx.mode_guard.observe(payload) => {
+            Stats::inc(&ctx.stats.mode_restored, 1);
+            tracing::warn!(
+                "the retained mode on the broker is not the one this leader published; publishing it again"
+            );
         }
         // Our own publications echo back only if subscribed; nothing else is routed.
         _ => {}

@@ -53,6 +53,35 @@ struct Published {
     swept: bool,
 }
 
+/// The retained `mode` payload this session last sealed, and a nudge for the publisher when the
+/// broker holds another one (the leader subscribes to `mode` for this).
+#[derive(Default)]
+pub(crate) struct ModeGuard {
+    sealed: std::sync::Mutex<Option<Vec<u8>>>,
+    overwritten: tokio::sync::Notify,
+}
+
+impl ModeGuard {
+    fn published(&self, payload: &[u8]) {
+        *self.sealed.lock().unwrap_or_else(|p| p.into_inner()) = Some(payload.to_vec());
+    }
+
+    /// Whether `payload`, read back from the retained `mode`, is not what this session published;
+    /// if so the publisher is nudged to publish it again. Nothing published yet: nothing to restore.
+    pub(crate) fn observe(&self, payload: &[u8]) -> bool {
+        let ours = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        let replaced = ours.as_deref().is_some_and(|ours| ours != payload);
+        if replaced {
+            self.overwritten.notify_one();
+        }
+        replaced
+    }
+}
+
+/// Shortest pause between two restorations of the retained mode, so a client that keeps
+/// overwriting it costs the leader one publication a second at most.
+const RESTORE_EVERY: Duration = Duration::from_secs(1);
+
 pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>, stop: CancellationToken) {
     tracing::info!(task = "leader-publisher", term = ctx.term, "started");
     let since = now();
@@ -60,9 +89,18 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
     let mut seen_applied = None;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut restored_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
+            () = ctx.mode_guard.overwritten.notified() => {
+                if let Some(at) = restored_at {
+                    tokio::time::sleep_until(at + RESTORE_EVERY).await;
+                }
+                restored_at = Some(tokio::time::Instant::now());
+                published.mode = None;
+                seen_applied = None;
+            }
             r = conn.changed() => {
                 if r.is_err() { break; }
                 subscribe(&ctx).await;
@@ -96,7 +134,9 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
 }
 
 async fn subscribe(ctx: &Ctx) {
-    for f in filters::controller_subscriptions(&ctx.station) {
+    // The retained mode too: read back, so an overwritten one is restored (`ModeGuard`).
+    let mode = Topic::Mode { station: ctx.station.clone() }.to_string();
+    for f in filters::controller_subscriptions(&ctx.station).into_iter().chain([mode]) {
         if let Err(e) = ctx.client.subscribe(f.clone(), QoS::AtLeastOnce).await {
             tracing::warn!(filter = %f, error = %e, "subscribe failed");
         }
@@ -115,6 +155,7 @@ async fn sync(ctx: &Ctx, state: &StationState, published: &mut Published) {
         tracing::info!(bits = %mode.bits, version = mode.version, "publishing mode");
         let topic = Topic::Mode { station: ctx.station.clone() }.to_string();
         let payload = ctx.station_key.seal(&topic, &mode);
+        ctx.mode_guard.published(&payload);
         ctx.publish(topic, true, payload).await;
         published.mode = Some(mode);
     }

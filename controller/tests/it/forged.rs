@@ -431,3 +431,64 @@ fn check_station_message(topic: &str, payload: &[u8]) -> &'static str {
         panic!("unexpected topic {topic}")
     }
 }
+
+/// `afc_controller_mode_restored_total` of `node`.
+async fn mode_restored(st: &Station, node: u64) -> u64 {
+    let text = st.c.http.get(format!("http://{}/metrics", st.apis[&node])).send().await.unwrap();
+    let text = text.text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("afc_controller_mode_restored_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Anyone who may publish on the broker can replace the retained `mode` (gates refuse what does
+/// not verify, but a gate connecting later would then find no valid mode there, and miss an
+/// emergency release published while it was away): the leader reads the retained mode back and
+/// publishes its own again, and a gate connecting afterwards finds the genuine one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_mode_replaced_or_cleared_on_the_broker_is_published_again_by_the_leader() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let st = Station::start_with(600_000, "").await;
+    let leader = st.c.wait_leader(Duration::from_secs(10), None).await;
+    let mode_topic = t("mode");
+    let genuine = |p: &rumqttc::Publish| {
+        (p.topic == mode_topic).then(|| open_from_station::<ModeMessage>(&p.topic, &p.payload).ok()).flatten()
+    };
+    let mut attacker = FakeGate::connect(st.port, "attacker", std::slice::from_ref(&mode_topic)).await;
+    let first = attacker.wait_for("the genuine retained mode", Duration::from_secs(10), genuine).await;
+    let before = mode_restored(&st, leader).await;
+
+    let forged = ModeMessage {
+        version: u64::MAX,
+        bits: afc_domain::mode::ModeBits::EMERGENCY_RELEASE,
+        since: Timestamp(0),
+        history_ref: None,
+        history: Vec::new(),
+    };
+    for (what, payload) in [("forged", wire::encode(&forged)), ("cleared", Vec::new())] {
+        attacker.client.publish(mode_topic.clone(), QoS::AtLeastOnce, true, payload).await.unwrap();
+        let back = attacker
+            .wait_for(&format!("the genuine mode back after it was {what}"), Duration::from_secs(5), genuine)
+            .await;
+        assert_eq!(back, first, "the leader publishes the same mode again");
+        // A gate connecting now finds the genuine mode retained.
+        let late = format!("late-{what}");
+        let mut gate = FakeGate::connect(st.port, &late, std::slice::from_ref(&mode_topic)).await;
+        let retained = gate
+            .wait_for("the retained mode", Duration::from_secs(5), |p| {
+                (p.topic == mode_topic).then(|| p.clone())
+            })
+            .await;
+        assert_eq!(
+            genuine(&retained),
+            Some(first.clone()),
+            "{what}: a late gate finds {:?}",
+            retained.payload
+        );
+        // Restorations are at least a second apart.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let restored = mode_restored(&st, leader).await - before;
+    assert!(restored >= 2, "restorations counted: {restored}");
+}

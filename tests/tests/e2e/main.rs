@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod forged;
 mod scenario;
 
 use std::path::{Path, PathBuf};

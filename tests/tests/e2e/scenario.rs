@@ -1,7 +1,8 @@
 //! One station's life: parameters reach every gate; passengers tap at all gates while the Raft
 //! leader is killed and clearing hangs; every promised transaction reaches the ledger on all three
 //! nodes and the clearing server exactly once; a blacklist delta reaches every gate; a QR code used
-//! at one gate is refused at another; emergency release frees every gate within a second.
+//! at one gate is refused at another; forged control messages change nothing (`forged.rs`);
+//! emergency release frees every gate within a second.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -28,7 +29,8 @@ pub async fn run(st: &Station) -> anyhow::Result<()> {
     eprintln!("[e2e] {} transactions promised to passengers", promised.len());
     exactly_once(st, &promised).await.context("exactly once")?;
     blacklist_delta_reaches_every_gate(st).await.context("blacklist delta")?;
-    qr_used_at_one_gate_is_refused_at_another(st).await.context("QR replay")?;
+    let used = qr_used_at_one_gate_is_refused_at_another(st).await.context("QR replay")?;
+    crate::forged::forged_control_messages_change_nothing(st, &used).await.context("forged messages")?;
     emergency_release_frees_every_gate(st).await.context("emergency release")?;
     canary_rollouts(st).await.context("canary rollouts")?;
     Ok(())
@@ -218,7 +220,7 @@ async fn blacklist_delta_reaches_every_gate(st: &Station) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn tap_qr(st: &Station, n: u16, code: &str) -> anyhow::Result<(DecisionKind, Reason)> {
+pub async fn tap_qr(st: &Station, n: u16, code: &str) -> anyhow::Result<(DecisionKind, Reason)> {
     let mut conn = ReaderConn::connect(st.plan.reader(n)).await?;
     let tap = TapRequest { direction: Direction::Entry, media: TapMedia::Qr { code: code.to_owned() } };
     match conn.tap(&tap).await? {
@@ -227,7 +229,8 @@ async fn tap_qr(st: &Station, n: u16, code: &str) -> anyhow::Result<(DecisionKin
     }
 }
 
-async fn qr_used_at_one_gate_is_refused_at_another(st: &Station) -> anyhow::Result<()> {
+/// Returns the used code.
+async fn qr_used_at_one_gate_is_refused_at_another(st: &Station) -> anyhow::Result<String> {
     let issuer = qr_issuer(st);
     let issue = QrIssue {
         issuer: issuer.issuer,
@@ -251,7 +254,7 @@ async fn qr_used_at_one_gate_is_refused_at_another(st: &Station) -> anyhow::Resu
         );
     }
     eprintln!("[e2e] QR code used at g01 refused as replayed at g02 and {}", Plan::gate_id(st.plan.gates));
-    Ok(())
+    Ok(code)
 }
 
 async fn free_passage_everywhere(st: &Station, on: bool) -> anyhow::Result<bool> {
