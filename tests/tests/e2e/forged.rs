@@ -2,7 +2,8 @@
 //! client holding the strongest credentials a broker knows (the controllers' shared MQTT login,
 //! as an intruder who read it off a node's disk would): nothing they say changes a gate. Every
 //! message that steers a gate is checked against the station's signature (SPEC §5), so the
-//! broker's passwords and ACLs are the second line, not the only one.
+//! broker's passwords and ACLs are the second line, not the only one (and a client without a
+//! login gets no session at all).
 
 use std::time::Duration;
 
@@ -41,6 +42,26 @@ async fn intruder(st: &Station) -> anyhow::Result<(AsyncClient, tokio::task::Joi
     Ok((client, poll))
 }
 
+/// Whether a client without credentials gets a successful ConnAck from the station's broker
+/// within 5 s (it must not: the station's own broker and Mosquitto both require a login).
+async fn anonymous_gets_in(st: &Station) -> anyhow::Result<bool> {
+    let addr = st.plan.broker_address();
+    let (host, port) = addr.rsplit_once(':').context("broker address")?;
+    let (_client, mut eventloop) = AsyncClient::new(MqttOptions::new("anonymous", host, port.parse()?), 10);
+    let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    return a.code == rumqttc::ConnectReturnCode::Success
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    });
+    Ok(attempt.await.unwrap_or(false))
+}
+
 /// The sum of gate `n`'s `afc_gate_unverified_messages_total` series.
 async fn unverified(st: &Station, n: u16) -> anyhow::Result<f64> {
     let url = format!("http://{}/metrics", st.plan.gate_metrics(n));
@@ -63,6 +84,7 @@ async fn coil_sets(st: &Station, n: u16) -> anyhow::Result<usize> {
 /// record is dropped, the genuine used code is still refused, taps go on, each gate counts what it
 /// refused. `used_code` is a QR code already used at g01.
 pub async fn forged_control_messages_change_nothing(st: &Station, used_code: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(!anonymous_gets_in(st).await?, "the station's broker let a client in without a login");
     let (client, poll) = intruder(st).await?;
     let root = format!("afc/v1/{}", st.plan.station);
     let g1 = Plan::gate_id(1);
@@ -114,12 +136,14 @@ pub async fn forged_control_messages_change_nothing(st: &Station, used_code: &st
         client.publish(format!("{root}/qr/used"), QoS::AtMostOnce, false, batch).await?;
     }
 
-    // Every gate counts what it refused.
-    eventually("both gates count the forged messages", Duration::from_secs(15), || async {
-        let now = (unverified(st, 1).await?, unverified(st, 2).await?);
-        Ok((now.0 >= counted_before.0 + 3.0 && now.1 >= counted_before.1 + 2.0).then_some(()))
-    })
-    .await?;
+    // Wait until both gates counted what they must refuse (or 15 s): the effects are checked
+    // first, so a gate that took a forgery fails on what it did, then the counts.
+    let counted_enough =
+        eventually("both gates count the forged messages", Duration::from_secs(15), || async {
+            let now = (unverified(st, 1).await?, unverified(st, 2).await?);
+            Ok((now.0 >= counted_before.0 + 3.0 && now.1 >= counted_before.1 + 2.0).then_some(()))
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Nothing moved: no free passage, no opening.
@@ -156,6 +180,7 @@ pub async fn forged_control_messages_change_nothing(st: &Station, used_code: &st
         Ok((st.ledger(1).await?.len() >= ledger_before + 5).then_some(()))
     })
     .await?;
+    counted_enough?;
     let counted = (unverified(st, 1).await?, unverified(st, 2).await?);
     eprintln!(
         "[e2e] forged mode, commands, ack and {FLOOD} qr/used batches changed nothing; gates counted {counted:?} unverified messages"
