@@ -14,6 +14,7 @@ mod harness;
 mod mqtt;
 mod packages;
 mod params_feed;
+mod peer_flood;
 mod prometheus;
 mod rollout;
 mod scan_limit;
