@@ -143,6 +143,10 @@ pub struct RaftTuning {
     pub connect_timeout_ms: u64,
     /// Most entries in one append request.
     pub max_payload_entries: u64,
+    /// After Raft stopped on a fatal error (a storage write failed: disk full or read-only), how
+    /// long the node keeps answering `/readyz` 503 and `/metrics` with the reason before it exits
+    /// non-zero for its supervisor to restart it.
+    pub fatal_exit_delay_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -157,6 +161,7 @@ impl Default for RaftTuning {
             install_snapshot_timeout_ms: 10_000,
             connect_timeout_ms: 500,
             max_payload_entries: 64,
+            fatal_exit_delay_ms: 5_000,
         }
     }
 }

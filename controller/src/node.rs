@@ -286,6 +286,18 @@ impl Node {
         }
     }
 
+    /// Why this node's Raft core stopped, if it stopped on a fatal error (not a requested
+    /// shutdown): a storage read or write failed (disk full, filesystem read-only, I/O error) or
+    /// the core panicked. Such a node takes part in nothing any more: it is not ready, whatever
+    /// leader it last knew, and the service exits for its supervisor to restart it.
+    pub fn fatal(&self) -> Option<RaftFatal> {
+        let m = self.raft.metrics().borrow().clone();
+        match m.running_state {
+            Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+            Err(e) => Some(RaftFatal::of(&e)),
+        }
+    }
+
     /// The Raft/admin address of the leader this node knows, if any.
     pub fn leader_addr(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow().clone();
@@ -319,6 +331,33 @@ impl Node {
         }
         let body = resp.text().await.unwrap_or_default().chars().take(500).collect();
         Err(NodeError::Forward { status: status.as_u16(), body })
+    }
+}
+
+/// Why Raft stopped ([`Node::fatal`]): a short reason for the metric label and the error text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftFatal {
+    /// One of [`RaftFatal::REASONS`].
+    pub reason: &'static str,
+    pub error: String,
+}
+
+impl RaftFatal {
+    /// `storage_full` (ENOSPC), `storage_read_only` (EROFS), `storage` (any other storage error),
+    /// `panicked`.
+    pub const REASONS: [&'static str; 4] = ["storage_full", "storage_read_only", "storage", "panicked"];
+
+    fn of(e: &openraft::error::Fatal<NodeId>) -> RaftFatal {
+        let error = e.to_string();
+        let reason = match e {
+            openraft::error::Fatal::Panicked => "panicked",
+            _ if error.contains("No space left") || error.contains("os error 28") => "storage_full",
+            _ if error.contains("Read-only file system") || error.contains("os error 30") => {
+                "storage_read_only"
+            }
+            _ => "storage",
+        };
+        RaftFatal { reason, error }
     }
 }
 

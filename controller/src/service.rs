@@ -145,7 +145,23 @@ pub async fn run_with_api(
         _ => None,
     };
 
-    shutdown.cancelled().await;
+    // Runs until asked to stop, or until Raft stops on a fatal error (a storage write failed: disk
+    // full, filesystem read-only). Such a node can take part in nothing any more, so it stays up
+    // `raft.fatal_exit_delay_ms` answering /readyz 503 and /metrics with the reason, then shuts
+    // down and exits non-zero for its supervisor to restart it from what its disk holds.
+    let fatal = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        f = raft_fatal(&node) => Some(f),
+    };
+    if let Some(f) = &fatal {
+        let delay = Duration::from_millis(config.raft.fatal_exit_delay_ms);
+        tracing::error!(reason = f.reason, error = %f.error, exit_in = ?delay,
+            "raft stopped on a fatal error: not ready; exiting for the supervisor to restart this node");
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
     tracing::info!("shutdown 1/4: stopping the HTTP listeners");
     if let Some((handle, task)) = api_server {
         handle.stop(true).await;
@@ -182,9 +198,34 @@ pub async fn run_with_api(
         tracing::warn!(error = %e, "raft shutdown reported an error");
     }
     tracing::info!("shutdown 4/4: flushing storage");
-    node.sm.flush().await?;
+    let flushed = node.sm.flush().await;
+    if let Some(f) = fatal {
+        if let Err(e) = flushed {
+            tracing::warn!(error = %e, "storage flush after the fatal error failed too");
+        }
+        tracing::info!("shutdown complete; exiting with an error");
+        return Err(NodeError::Raft(format!("raft stopped ({}): {}", f.reason, f.error)));
+    }
+    flushed?;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Resolves once Raft has stopped on a fatal error ([`Node::fatal`]); never on a healthy node.
+async fn raft_fatal(node: &Node) -> crate::node::RaftFatal {
+    let mut metrics = node.raft.metrics();
+    loop {
+        if let Some(f) = node.fatal() {
+            return f;
+        }
+        if metrics.changed().await.is_err() {
+            // The core is gone without a last word: report what it left, or wait for shutdown.
+            if let Some(f) = node.fatal() {
+                return f;
+            }
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 fn now() -> Timestamp {

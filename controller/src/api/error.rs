@@ -30,6 +30,9 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("no leader: {0}")]
     NoLeader(String),
+    /// This node's Raft core stopped on a fatal error (its storage failed); it exits soon.
+    #[error("raft stopped ({reason}): {error}; the node exits for its supervisor to restart it")]
+    RaftStopped { reason: &'static str, error: String },
     #[error("no package-signing key is configured (api.signing_key_file)")]
     SigningKeyMissing,
     #[error("the gate refused the command: {0}")]
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge { .. } => "payload_too_large",
             ApiError::NoLeader(_) => "no_leader",
+            ApiError::RaftStopped { .. } => "raft_stopped",
             ApiError::SigningKeyMissing => "signing_key_missing",
             ApiError::CommandRejected(_) => "command_rejected",
             ApiError::CommandExpired(_) => "command_expired",
@@ -93,9 +97,10 @@ impl ResponseError for ApiError {
             ApiError::CommandExpired(_) | ApiError::GateTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::MqttUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NoLeader(_) | ApiError::SigningKeyMissing | ApiError::Busy { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::NoLeader(_)
+            | ApiError::RaftStopped { .. }
+            | ApiError::SigningKeyMissing
+            | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

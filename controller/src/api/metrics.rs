@@ -148,6 +148,17 @@ pub fn render(state: &ApiState) -> String {
     ] {
         o.sample("afc_raft_state", &[("state", cluster::role_name(s))], f64::from(u8::from(m.state == s)));
     }
+    // Why Raft stopped, if it stopped on a fatal error (the process exits soon after).
+    let fatal = state.node.fatal();
+    o.family(
+        "afc_controller_raft_fatal",
+        "gauge",
+        "1 for the reason this node's Raft core stopped (storage_full, storage_read_only, storage, panicked): not ready, exiting for a restart.",
+    );
+    for r in crate::node::RaftFatal::REASONS {
+        let on = fatal.as_ref().is_some_and(|f| f.reason == r);
+        o.sample("afc_controller_raft_fatal", &[("reason", r)], f64::from(u8::from(on)));
+    }
     o.one(
         "afc_raft_leader_known",
         "gauge",

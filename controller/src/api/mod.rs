@@ -79,7 +79,7 @@ macro_rules! routes {
 routes! {
     GET "/" Public false "The maintenance console (HTML; it logs in with a token)." => crate::console::page;
     GET "/healthz" Public false "Liveness: the process answers." => records::healthz;
-    GET "/readyz" Public false "Readiness: this node knows a leader." => records::readyz;
+    GET "/readyz" Public false "Readiness: this node knows a leader and its Raft core runs (503 raft_stopped after a fatal storage error)." => records::readyz;
     GET "/metrics" Public false "Prometheus metrics (text format)." => metrics::metrics;
     GET "/api/v1/openapi.json" Public false "This document." => openapi::openapi;
     GET "/api/v1/cluster" Viewer false "Nodes, leader, term, commit and apply index, replication lag." => cluster::get;

@@ -65,6 +65,10 @@ pub async fn healthz(_c: Caller) -> HttpResponse {
 }
 
 pub async fn readyz(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    // A node whose Raft core stopped still remembers its last leader: it is not ready.
+    if let Some(f) = state.node.fatal() {
+        return Err(ApiError::RaftStopped { reason: f.reason, error: f.error });
+    }
     let leader = state.node.raft.metrics().borrow().current_leader;
     match leader {
         Some(l) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "leader": l }))),

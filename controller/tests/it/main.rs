@@ -9,6 +9,7 @@ mod common;
 mod config;
 mod console;
 mod crash;
+mod disk;
 mod forged;
 mod harness;
 mod mqtt;
