@@ -393,10 +393,13 @@ pub enum Reason {
     OutboxFull = 84,
     NoParameters = 85,
     MalformedTap = 86,
+    /// The gate cannot make the record durable (its disk is full or read-only): refused before
+    /// anything is promised; free passage (emergency release, the emergency input) still works.
+    StorageUnavailable = 87,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 34] = [
         Reason::Ok,
         Reason::OkEmergencyRelease,
         Reason::OkEntryFree,
@@ -430,6 +433,7 @@ impl Reason {
         Reason::OutboxFull,
         Reason::NoParameters,
         Reason::MalformedTap,
+        Reason::StorageUnavailable,
     ];
 
     /// The display / ledger code.
@@ -482,6 +486,7 @@ impl Reason {
             Reason::OutboxFull => "outbox_full",
             Reason::NoParameters => "no_parameters",
             Reason::MalformedTap => "malformed_tap",
+            Reason::StorageUnavailable => "storage_unavailable",
         }
     }
 }

@@ -694,6 +694,9 @@ pub enum AlarmKind {
     /// A message that steers this party failed verification (unsigned, unknown key, bad
     /// signature, or signed for another gate or installation); it changed nothing.
     UnverifiedMessage,
+    /// The gate's storage refuses writes (disk full or read-only): taps are refused with
+    /// `storage_unavailable` until it takes writes again.
+    StorageUnavailable,
     /// A kind this build does not know.
     #[serde(other)]
     Other,

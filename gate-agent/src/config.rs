@@ -154,6 +154,14 @@ pub struct OutboxConfig {
     /// The near-full alarm fires above this percentage.
     #[serde(default = "default_near_full")]
     pub near_full_percent: u64,
+    /// Size of one outbox log segment (preallocated whole, so a full disk is met when a new
+    /// segment is needed, not in the middle of one). 64 KiB ..= 64 MiB.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+}
+
+fn default_segment_bytes() -> u64 {
+    crate::store::DEFAULT_SEGMENT_BYTES
 }
 
 fn default_outbox_bytes() -> u64 {
@@ -165,7 +173,11 @@ fn default_near_full() -> u64 {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        OutboxConfig { max_bytes: default_outbox_bytes(), near_full_percent: default_near_full() }
+        OutboxConfig {
+            max_bytes: default_outbox_bytes(),
+            near_full_percent: default_near_full(),
+            segment_bytes: default_segment_bytes(),
+        }
     }
 }
 
@@ -238,6 +250,9 @@ impl Config {
         }
         if self.outbox.near_full_percent == 0 || self.outbox.near_full_percent > 100 {
             return Err(ConfigError::Invalid("outbox.near_full_percent must be 1..=100".into()));
+        }
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.outbox.segment_bytes) {
+            return Err(ConfigError::Invalid("outbox.segment_bytes must be 64 KiB ..= 64 MiB".into()));
         }
         self.trusted_keys()?;
         Ok(())

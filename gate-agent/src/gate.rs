@@ -127,6 +127,11 @@ pub struct Gate {
     pub new_records: Notify,
     near_full_percent: u64,
     near_full_raised: AtomicBool,
+    /// Whether the `storage_unavailable` alarm is raised (the store is not [`Store::healthy`]).
+    storage_down: AtomicBool,
+    /// A mode message applied but not yet persisted (the disk refused it): written again by
+    /// [`Gate::storage_tick`]. Free passage never waits for storage.
+    unpersisted_mode: Mutex<Option<ModeMessage>>,
     /// Command ids taken (mirror of the store's), with their expiry and result.
     commands: Mutex<BTreeMap<String, Remembered>>,
     /// When the last `unverified_message` alarm went out, and how many refusals since.
@@ -196,6 +201,8 @@ impl Gate {
             new_records: Notify::new(),
             near_full_percent: p.near_full_percent,
             near_full_raised: AtomicBool::new(false),
+            storage_down: AtomicBool::new(false),
+            unpersisted_mode: Mutex::new(None),
             commands: Mutex::new(commands),
             unverified_alarm: Mutex::new((None, 0)),
             out: p.out,
@@ -267,6 +274,10 @@ impl Gate {
     pub async fn tap(self: &Arc<Self>, tap: TapRequest) -> Result<TapOutcome, StoreError> {
         let started = Instant::now();
         self.taps.fetch_add(1, Ordering::Relaxed);
+        // The outbox refused its last write: nothing can be promised (the storage probe clears it).
+        if self.store.outbox_failed() {
+            return Ok(self.refuse(&tap, Reason::StorageUnavailable));
+        }
         // A record is a few hundred bytes; refuse before deciding if even that will not fit.
         if !self.store.has_room(512) {
             return Ok(self.refuse(&tap, Reason::OutboxFull));
@@ -328,6 +339,10 @@ impl Gate {
         let seq = match appended.map_err(|e| StoreError::Batch(format!("append task failed: {e}")))? {
             Ok(seq) => seq,
             Err(StoreError::Full { .. }) => return Ok(self.refuse(&tap, Reason::OutboxFull)),
+            Err(e) if e.is_fault() => {
+                self.storage_fault("outbox", &e);
+                return Ok(self.refuse(&tap, Reason::StorageUnavailable));
+            }
             Err(e) => return Err(e),
         };
         self.update_outbox_metrics();
@@ -398,6 +413,77 @@ impl Gate {
         }
     }
 
+    /// A storage write failed: counted, and the `storage_unavailable` alarm raised if the store
+    /// is now unhealthy.
+    pub fn storage_fault(&self, op: &'static str, e: &StoreError) {
+        tracing::warn!(op, error = %e, "storage write failed");
+        self.metrics.storage_error(op);
+        self.update_storage_alarm();
+    }
+
+    /// Raises or clears `storage_unavailable` as the store's health says.
+    fn update_storage_alarm(&self) {
+        let down = !self.store.healthy();
+        self.metrics.storage_unavailable.store(down, Ordering::Relaxed);
+        if down != self.storage_down.swap(down, Ordering::Relaxed) {
+            if down {
+                tracing::error!("storage unavailable: taps are refused, free passage still works");
+                self.metrics.event("storage_unavailable");
+            } else {
+                tracing::info!("storage takes writes again");
+            }
+            self.event(AlarmKind::StorageUnavailable, !down, None);
+        }
+    }
+
+    /// Called about once a second (task `storage-probe`): while the store is unhealthy, probes
+    /// the outbox and re-opens sled; then writes what is waiting (a mode applied but not
+    /// persisted) and raises or clears the alarm.
+    pub async fn storage_tick(&self) {
+        let pending_mode = self.unpersisted_mode.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if self.store.healthy() && pending_mode.is_none() {
+            return;
+        }
+        let store = self.store.clone();
+        let pending_version = pending_mode.as_ref().map(|m| m.version);
+        let r = tokio::task::spawn_blocking(move || {
+            let mut failed: Vec<(&'static str, StoreError)> = Vec::new();
+            if store.outbox_failed() {
+                if let Err(e) = store.probe_outbox() {
+                    failed.push(("probe", e));
+                }
+            }
+            if let Err(e) = store.recover() {
+                failed.push(("probe", e));
+            }
+            if let Some(m) = &pending_mode {
+                match store.put_state("mode", &wire::encode(m)) {
+                    Ok(()) => return (failed, true),
+                    Err(e) => failed.push(("mode", e)),
+                }
+            }
+            (failed, false)
+        })
+        .await;
+        match r {
+            Ok((failed, mode_written)) => {
+                for (op, e) in failed {
+                    tracing::debug!(op, error = %e, "storage still failing");
+                    self.metrics.storage_error(op);
+                }
+                if mode_written {
+                    let mut m = self.unpersisted_mode.lock().unwrap_or_else(|p| p.into_inner());
+                    // Only if no newer mode arrived meanwhile (that one is persisted by its own turn).
+                    if m.as_ref().map(|x| x.version) == pending_version {
+                        *m = None;
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "storage probe task failed"),
+        }
+        self.update_storage_alarm();
+    }
+
     /// Hands an alarm to the MQTT task.
     pub fn event(&self, kind: AlarmKind, cleared: bool, detail: Option<String>) {
         let _ = self.out.send(Outgoing::Event(GateEvent { at: now(), kind, cleared, detail }));
@@ -456,14 +542,23 @@ impl Gate {
                 );
                 return Ok(0);
             }
-            other => other?,
+            Err(e) => {
+                if e.is_fault() {
+                    self.storage_fault("ack", &e);
+                }
+                return Err(e);
+            }
+            Ok(n) => n,
         };
         self.metrics.acked_seq.fetch_max(through, Ordering::Relaxed);
         self.update_outbox_metrics();
         Ok(n)
     }
 
-    /// A new mode message: ignore a stale one, persist, swap the mode state, drive the outputs.
+    /// A new mode message: ignore a stale one, swap the mode state, drive the outputs, then
+    /// persist it. Free passage never waits on storage: a write that fails is retried by
+    /// [`Gate::storage_tick`] (the mode is in force meanwhile; only a restart before the retry
+    /// would start from the older stored mode until the retained one arrives again).
     pub async fn apply_mode(&self, msg: ModeMessage) -> Result<(), StoreError> {
         {
             let held = self.modes.read().unwrap_or_else(|p| p.into_inner()).0;
@@ -474,12 +569,29 @@ impl Gate {
                 return Ok(());
             }
         }
-        self.store.put_state("mode", &wire::encode(&msg))?;
         let state = mode_state(self.station_code, &msg);
         tracing::info!(bits = %msg.bits, version = msg.version, "station mode");
         *self.modes.write().unwrap_or_else(|p| p.into_inner()) = (msg.version, Arc::new(state));
         self.sync_outputs().await;
-        Ok(())
+        let store = self.store.clone();
+        let bytes = wire::encode(&msg);
+        let written = tokio::task::spawn_blocking(move || store.put_state("mode", &bytes))
+            .await
+            .map_err(|e| StoreError::Batch(format!("mode write task failed: {e}")))
+            .and_then(|r| r);
+        let mut pending = self.unpersisted_mode.lock().unwrap_or_else(|p| p.into_inner());
+        match written {
+            Ok(()) => {
+                *pending = None;
+                Ok(())
+            }
+            Err(e) => {
+                *pending = Some(msg);
+                drop(pending);
+                self.storage_fault("mode", &e);
+                Ok(())
+            }
+        }
     }
 
     /// Whether the agent holds the flaps open (modes, controller loss; the hard-wired emergency
@@ -603,6 +715,9 @@ impl Gate {
         let r = Remembered { expires_at: cmd.expires_at, result: None };
         // Durable before it runs: after a crash it is known as taken and never runs again.
         if let Err(e) = self.store.put_command(&cmd.id, &serde_json::to_vec(&r).unwrap_or_default()) {
+            if e.is_fault() {
+                self.storage_fault("command", &e);
+            }
             return Err(ack(CommandResult::Failed, format!("cannot record the command: {e}")));
         }
         commands.insert(cmd.id.clone(), r);

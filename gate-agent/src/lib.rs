@@ -79,7 +79,11 @@ pub async fn start(
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| RunError::DataDir { path: config.data_dir.display().to_string(), source })?;
     let metrics = Metrics::new();
-    let store = Arc::new(Store::open(&config.data_dir.join("store"), config.outbox.max_bytes)?);
+    let store = Arc::new(Store::open_with(
+        &config.data_dir.join("store"),
+        config.outbox.max_bytes,
+        config.outbox.segment_bytes,
+    )?);
     let (acks_tx, acks_rx) = tokio::sync::mpsc::unbounded_channel();
     let params = Arc::new(Params::open(store.clone(), config.trusted_keys()?, metrics.clone(), acks_tx)?);
     let plc_config = config.plc_config()?;
@@ -144,8 +148,25 @@ pub async fn start(
     }
     let g = gate.clone();
     tokio::spawn(async move { g.sync_outputs().await });
+    tokio::spawn(storage_probe(gate.clone(), cancel.clone()));
     tracing::info!(station = %config.station, gate = %config.gate, "gate agent started");
     Ok(Running { gate, metrics })
+}
+
+/// Task `storage-probe`: once a second, while the store is unhealthy (disk full, read-only),
+/// probes it and re-opens what failed, writes what waited ([`Gate::storage_tick`]), and raises or
+/// clears `storage_unavailable` (state in `afc_gate_storage_available`).
+async fn storage_probe(gate: Arc<Gate>, cancel: CancellationToken) {
+    tracing::info!("storage-probe task started");
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => gate.storage_tick().await,
+        }
+    }
+    tracing::info!("storage-probe task stopped");
 }
 
 /// Runs the agent until `cancel` fires, then flushes the store.

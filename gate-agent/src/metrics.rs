@@ -100,6 +100,10 @@ pub struct Metrics {
     /// topic (`SignedError::code`), or signed but not for this gate (`other_gate`,
     /// `other_installation`).
     unverified: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Storage writes that failed, by what was written (outbox, ack, mode, command, probe).
+    storage_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Set while the gate's storage refuses writes (taps refused with `storage_unavailable`).
+    pub storage_unavailable: AtomicBool,
 }
 
 fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
@@ -163,6 +167,15 @@ impl Metrics {
 
     pub fn events(&self, kind: &str) -> u64 {
         get(&self.events).get(kind).copied().unwrap_or(0)
+    }
+
+    pub fn storage_error(&self, op: &'static str) {
+        bump(&self.storage_errors, op);
+    }
+
+    /// Failed storage writes of `op` so far.
+    pub fn storage_errors(&self, op: &str) -> u64 {
+        get(&self.storage_errors).get(op).copied().unwrap_or(0)
     }
 
     pub fn malformed(&self, source: &'static str) {
@@ -235,6 +248,12 @@ impl Metrics {
                 "source",
                 get(&self.malformed),
             ),
+            (
+                "afc_gate_storage_errors_total",
+                "Storage writes that failed (disk full, read-only, I/O), by what was written.",
+                "op",
+                get(&self.storage_errors),
+            ),
         ];
         for (name, help, label, map) in counters {
             let _ = writeln!(o, "# HELP {name} {help}");
@@ -288,6 +307,11 @@ impl Metrics {
                 "afc_gate_mqtt_connected",
                 "1 while connected to the station broker.",
                 u64::from(self.mqtt_connected.load(Ordering::Relaxed)),
+            ),
+            (
+                "afc_gate_storage_available",
+                "1 while the gate's storage takes writes (0: taps refused with storage_unavailable).",
+                u64::from(!self.storage_unavailable.load(Ordering::Relaxed)),
             ),
         ];
         for (name, help, v) in gauges {

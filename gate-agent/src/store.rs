@@ -23,14 +23,20 @@
 //! Parameter rules: a package is stored whole in one value, and switching pending → active is one
 //! atomic batch, so a crash mid-write leaves the previous set.
 //!
+//! A storage fault (disk full, read-only, I/O errors) is reported, never hidden: the failing
+//! call returns its error and [`Store::healthy`] turns false until writes work again. sled 0.34
+//! refuses every operation after one I/O error (its global error) until it is opened again, so
+//! [`Store::recover`] re-opens it (the gate's `storage-probe` task calls it); the acknowledged
+//! point is mirrored in memory, so numbering and the tap path never read sled.
+//!
 //! Identity and commands: the store makes the gate's random installation id once, when it is first
 //! created (or first opened by a build that knows it), and keeps it; a `tx/ack` counts only if it
 //! names it. Operator commands executed are remembered (id → expiry and result) until the gate
 //! forgets them, so a redelivered command never runs twice, across restarts too.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use thiserror::Error;
 
@@ -52,7 +58,22 @@ pub enum StoreError {
     Corrupt(&'static str),
     #[error("an ack through gate_seq {through} is above the last gate_seq used, {last}")]
     AckBeyondLastSeq { through: u64, last: u64 },
+    #[error("the state store is closed after a storage fault and could not be opened again yet")]
+    Closed,
 }
+
+impl StoreError {
+    /// Whether this is the storage failing (full, read-only, I/O), not a refusal by the rules.
+    pub fn is_fault(&self) -> bool {
+        !matches!(
+            self,
+            StoreError::Full { .. } | StoreError::AckBeyondLastSeq { .. } | StoreError::Corrupt(_)
+        )
+    }
+}
+
+/// The default size of an outbox log segment.
+pub const DEFAULT_SEGMENT_BYTES: u64 = log::SEGMENT_BYTES;
 
 const ACKED_THROUGH: &[u8] = b"acked_through";
 const INSTALLATION: &[u8] = b"installation";
@@ -77,18 +98,45 @@ fn param_key(kind: &str, slot: Slot) -> Vec<u8> {
     format!("{kind}/{}", slot.as_str()).into_bytes()
 }
 
-pub struct Store {
+/// The sled side of the store (re-opened whole after a fault).
+struct Sled {
     /// sled, synced through [`afc_sled::Durable`] (data file, blob files such as a 1M-entry
     /// blacklist package, directories).
     durable: afc_sled::Durable,
-    /// The record log, under a lock that also serializes gate_seq assignment.
-    outbox: Mutex<log::Log>,
-    /// The highest acknowledged gate_seq.
+    /// The highest acknowledged gate_seq, the installation id.
     meta: sled::Tree,
     /// `{kind}/{active|pending}` → package bytes; other small state by name.
     params: sled::Tree,
     /// Command id → what the gate remembers of it (the gate's encoding).
     commands: sled::Tree,
+}
+
+fn sled_config() -> sled::Config {
+    sled::Config::new().mode(sled::Mode::LowSpace).cache_capacity(8 * 1024 * 1024)
+}
+
+impl Sled {
+    fn open(dir: &Path) -> Result<Sled, StoreError> {
+        let durable = afc_sled::Durable::open(dir, sled_config())?;
+        let meta = durable.db().open_tree("meta")?;
+        let params = durable.db().open_tree("params")?;
+        let commands = durable.db().open_tree("commands")?;
+        Ok(Sled { durable, meta, params, commands })
+    }
+}
+
+pub struct Store {
+    dir: PathBuf,
+    /// `None` between dropping a failed sled and opening it again.
+    sled: RwLock<Option<Sled>>,
+    /// Set by a failed sled call: sled refuses everything after one I/O error until re-opened.
+    sled_failed: AtomicBool,
+    /// Set by a failed outbox append, cleared by the next one that succeeds.
+    log_failed: AtomicBool,
+    /// Mirror of the durable acknowledged point (written only after it is synced).
+    acked: AtomicU64,
+    /// The record log, under a lock that also serializes gate_seq assignment.
+    outbox: Mutex<log::Log>,
     /// This installation's id: 16 random bytes, hex, made once.
     installation: String,
     capacity: u64,
@@ -114,35 +162,105 @@ fn read_u64(v: Option<sled::IVec>, what: &'static str) -> Result<Option<u64>, St
 impl Store {
     /// Opens (or creates) the store in `dir`; the outbox may hold up to `capacity` bytes.
     pub fn open(dir: &Path, capacity: u64) -> Result<Store, StoreError> {
-        let config = sled::Config::new().mode(sled::Mode::LowSpace).cache_capacity(8 * 1024 * 1024);
-        let durable = afc_sled::Durable::open(dir, config)?;
-        let meta = durable.db().open_tree("meta")?;
-        let params = durable.db().open_tree("params")?;
-        let commands = durable.db().open_tree("commands")?;
-        let acked = read_u64(meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0);
-        let installation = match meta.get(INSTALLATION)? {
+        Store::open_with(dir, capacity, DEFAULT_SEGMENT_BYTES)
+    }
+
+    /// [`Store::open`] with outbox log segments of `segment_bytes`.
+    pub fn open_with(dir: &Path, capacity: u64, segment_bytes: u64) -> Result<Store, StoreError> {
+        let sled = Sled::open(dir)?;
+        let acked = read_u64(sled.meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0);
+        let installation = match sled.meta.get(INSTALLATION)? {
             Some(v) => String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt("installation"))?,
             None => {
                 let id = hex::encode(rand::random::<[u8; 16]>());
-                meta.insert(INSTALLATION, id.as_bytes())?;
-                durable.sync()?;
+                sled.meta.insert(INSTALLATION, id.as_bytes())?;
+                sled.durable.sync()?;
                 id
             }
         };
-        let outbox = log::Log::open(&dir.join("outbox"), acked)?;
+        let outbox = log::Log::open(&dir.join("outbox"), acked)?.with_segment_bytes(segment_bytes);
         let bytes = AtomicU64::new(outbox.live_bytes());
         let depth = AtomicU64::new(outbox.live_count() as u64);
         Ok(Store {
-            durable,
+            dir: dir.to_owned(),
+            sled: RwLock::new(Some(sled)),
+            sled_failed: AtomicBool::new(false),
+            log_failed: AtomicBool::new(false),
+            acked: AtomicU64::new(acked),
             outbox: Mutex::new(outbox),
-            meta,
-            params,
-            commands,
             installation,
             capacity,
             bytes,
             depth,
         })
+    }
+
+    fn sled_guard(&self) -> RwLockReadGuard<'_, Option<Sled>> {
+        // Only replaced whole under the write lock: a panic cannot leave it half-changed.
+        self.sled.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on sled; a storage error marks sled as failed (re-opened by [`Store::recover`]).
+    fn with_sled<T>(&self, f: impl FnOnce(&Sled) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let guard = self.sled_guard();
+        let Some(sled) = guard.as_ref() else { return Err(StoreError::Closed) };
+        let r = f(sled);
+        if let Err(e) = &r {
+            if e.is_fault() && !self.sled_failed.swap(true, Ordering::SeqCst) {
+                tracing::error!(error = %e, "state store write failed; it is re-opened once storage works");
+            }
+        }
+        r
+    }
+
+    /// Whether the last outbox append and every sled call since the last re-open worked.
+    pub fn healthy(&self) -> bool {
+        !self.sled_failed.load(Ordering::SeqCst) && !self.log_failed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the outbox's last append failed (taps are refused until one works).
+    pub fn outbox_failed(&self) -> bool {
+        self.log_failed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the next outbox append can succeed ([`log::Log::probe`], no record written):
+    /// clears or sets the outbox fault. Called while the outbox is failed, so taps are refused
+    /// (not each used as a probe) until the disk takes writes again.
+    pub fn probe_outbox(&self) -> Result<(), StoreError> {
+        let mut log = self.log();
+        let next = log.last_seq().max(self.acked.load(Ordering::SeqCst)) + 1;
+        match log.probe(next) {
+            Ok(()) => {
+                if self.log_failed.swap(false, Ordering::SeqCst) {
+                    tracing::info!("outbox takes writes again");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.log_failed.store(true, Ordering::SeqCst);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// After a sled fault: drops sled and opens it again, then proves a synced write works.
+    /// `Ok(true)`: re-opened and writable; `Ok(false)`: nothing to do; `Err`: still failing.
+    pub fn recover(&self) -> Result<bool, StoreError> {
+        if !self.sled_failed.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let mut guard = self.sled.write().unwrap_or_else(|p| p.into_inner());
+        // The old handle must be gone before the new one takes sled's file lock.
+        drop(guard.take());
+        let sled = Sled::open(&self.dir)?;
+        sled.meta.insert(b"probe", &be(rand::random::<u64>()))?;
+        sled.durable.sync()?;
+        let acked = read_u64(sled.meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0);
+        self.acked.fetch_max(acked, Ordering::SeqCst);
+        *guard = Some(sled);
+        self.sled_failed.store(false, Ordering::SeqCst);
+        tracing::info!("state store re-opened after a storage fault; writes work again");
+        Ok(true)
     }
 
     /// This installation's id (made once, when the store was first created): the gate puts it in
@@ -153,19 +271,23 @@ impl Store {
 
     /// Every command remembered: id → the caller's bytes.
     pub fn commands(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.commands.iter() {
-            let (k, v) = kv?;
-            let id = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("command id"))?;
-            out.push((id, v.to_vec()));
-        }
-        Ok(out)
+        self.with_sled(|s| {
+            let mut out = Vec::new();
+            for kv in s.commands.iter() {
+                let (k, v) = kv?;
+                let id = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("command id"))?;
+                out.push((id, v.to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// Remembers a command durably (returns once synced).
     pub fn put_command(&self, id: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.commands.insert(id.as_bytes(), value)?;
-        self.sync()
+        self.with_sled(|s| {
+            s.commands.insert(id.as_bytes(), value)?;
+            Ok(s.durable.sync()?)
+        })
     }
 
     /// Forgets commands, in one batch.
@@ -174,8 +296,10 @@ impl Store {
         for id in ids {
             batch.remove(id.as_bytes());
         }
-        self.commands.apply_batch(batch)?;
-        self.sync()
+        self.with_sled(|s| {
+            s.commands.apply_batch(batch)?;
+            Ok(s.durable.sync()?)
+        })
     }
 
     pub fn capacity(&self) -> u64 {
@@ -216,8 +340,8 @@ impl Store {
     /// Numbers a record, writes it and `fdatasync`s it; returns its gate_seq once durable. `make`
     /// builds the record bytes from its gate_seq.
     pub fn append(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
-        let acked = self.acked_through()?;
         let mut log = self.log();
+        let acked = self.acked.load(Ordering::SeqCst);
         let seq = log.last_seq().max(acked) + 1;
         let record = make(seq);
         let cost = log::Log::cost(record.len());
@@ -225,7 +349,15 @@ impl Store {
         if bytes + cost > self.capacity {
             return Err(StoreError::Full { bytes, capacity: self.capacity });
         }
-        log.append(seq, &record)?;
+        if let Err(e) = log.append(seq, &record) {
+            if !self.log_failed.swap(true, Ordering::SeqCst) {
+                tracing::error!(error = %e, seq, "outbox append failed; taps are refused until one works");
+            }
+            return Err(e.into());
+        }
+        if self.log_failed.swap(false, Ordering::SeqCst) {
+            tracing::info!(seq, "outbox appends work again");
+        }
         self.bytes.store(log.live_bytes(), Ordering::Relaxed);
         self.depth.store(log.live_count() as u64, Ordering::Relaxed);
         Ok(seq)
@@ -254,8 +386,11 @@ impl Store {
             return Err(StoreError::AckBeyondLastSeq { through, last });
         }
         if through > prev {
-            self.meta.insert(ACKED_THROUGH, &be(through))?;
-            self.sync()?;
+            self.with_sled(|s| {
+                s.meta.insert(ACKED_THROUGH, &be(through))?;
+                Ok(s.durable.sync()?)
+            })?;
+            self.acked.fetch_max(through, Ordering::SeqCst);
         }
         let mut log = self.log();
         let removed = log.ack(through)?;
@@ -266,7 +401,7 @@ impl Store {
 
     /// The highest gate_seq acknowledged so far (0 before any).
     pub fn acked_through(&self) -> Result<u64, StoreError> {
-        Ok(read_u64(self.meta.get(ACKED_THROUGH)?, "acked_through")?.unwrap_or(0))
+        Ok(self.acked.load(Ordering::SeqCst))
     }
 
     /// Flushes whatever is buffered (acks, small state).
@@ -277,31 +412,33 @@ impl Store {
     /// sled's flush, then `fdatasync` of its blob and data files ([`afc_sled::Durable::sync`]), so
     /// what was written survives a power cut and not only a process crash.
     fn sync(&self) -> Result<(), StoreError> {
-        self.durable.sync()?;
-        Ok(())
+        self.with_sled(|s| Ok(s.durable.sync()?))
     }
 
     /// The package held in a slot of a parameter kind.
     pub fn param(&self, kind: &str, slot: Slot) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.params.get(param_key(kind, slot))?.map(|v| v.to_vec()))
+        self.with_sled(|s| Ok(s.params.get(param_key(kind, slot))?.map(|v| v.to_vec())))
     }
 
     /// Stores a verified package in a slot, durably.
     pub fn put_param(&self, kind: &str, slot: Slot, package: &[u8]) -> Result<(), StoreError> {
-        self.params.insert(param_key(kind, slot), package)?;
-        self.sync()?;
-        Ok(())
+        self.with_sled(|s| {
+            s.params.insert(param_key(kind, slot), package)?;
+            Ok(s.durable.sync()?)
+        })
     }
 
     /// Makes the pending package of `kind` the active one, in one atomic batch.
     pub fn activate_pending(&self, kind: &str) -> Result<bool, StoreError> {
-        let Some(p) = self.params.get(param_key(kind, Slot::Pending))? else { return Ok(false) };
-        let mut batch = sled::Batch::default();
-        batch.insert(param_key(kind, Slot::Active), p);
-        batch.remove(param_key(kind, Slot::Pending));
-        self.params.apply_batch(batch)?;
-        self.sync()?;
-        Ok(true)
+        self.with_sled(|s| {
+            let Some(p) = s.params.get(param_key(kind, Slot::Pending))? else { return Ok(false) };
+            let mut batch = sled::Batch::default();
+            batch.insert(param_key(kind, Slot::Active), p);
+            batch.remove(param_key(kind, Slot::Pending));
+            s.params.apply_batch(batch)?;
+            s.durable.sync()?;
+            Ok(true)
+        })
     }
 
     /// Writes a kind's active set and (optionally) removes its pending package, in one atomic
@@ -312,27 +449,30 @@ impl Store {
         if clear_pending {
             batch.remove(param_key(kind, Slot::Pending));
         }
-        self.params.apply_batch(batch)?;
-        self.sync()?;
-        Ok(())
+        self.with_sled(|s| {
+            s.params.apply_batch(batch)?;
+            Ok(s.durable.sync()?)
+        })
     }
 
     /// Drops a kind's pending package.
     pub fn clear_pending(&self, kind: &str) -> Result<(), StoreError> {
-        self.params.remove(param_key(kind, Slot::Pending))?;
-        self.sync()?;
-        Ok(())
+        self.with_sled(|s| {
+            s.params.remove(param_key(kind, Slot::Pending))?;
+            Ok(s.durable.sync()?)
+        })
     }
 
     /// Small named state (the last mode message, recent command ids ...).
     pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.params.get(format!("state/{name}"))?.map(|v| v.to_vec()))
+        self.with_sled(|s| Ok(s.params.get(format!("state/{name}"))?.map(|v| v.to_vec())))
     }
 
     pub fn put_state(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.params.insert(format!("state/{name}"), value)?;
-        self.sync()?;
-        Ok(())
+        self.with_sled(|s| {
+            s.params.insert(format!("state/{name}"), value)?;
+            Ok(s.durable.sync()?)
+        })
     }
 }
 
@@ -390,7 +530,7 @@ mod tests {
         // A store written by a build without installation ids gets one on its first open.
         {
             let s = Store::open(dir.path(), 1 << 20).unwrap();
-            s.meta.remove(INSTALLATION).unwrap();
+            s.with_sled(|sl| Ok(sl.meta.remove(INSTALLATION)?)).unwrap();
             s.sync().unwrap();
         }
         let second = Store::open(dir.path(), 1 << 20).unwrap().installation().to_owned();

@@ -24,10 +24,12 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// A segment is closed once it passes this size.
+/// A segment is closed once it passes this size (the default; [`Log::with_segment_bytes`]).
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// The largest record accepted (a transaction record is a few hundred bytes).
 pub const MAX_RECORD: usize = 64 * 1024;
+/// The record size [`Log::probe`] makes room for (a transaction record is a few hundred bytes).
+pub const PROBE_ROOM: usize = 4096;
 const HEADER: usize = 4 + 8;
 const CHECK: usize = 8;
 
@@ -67,6 +69,8 @@ pub struct Log {
     live: VecDeque<Loc>,
     live_bytes: u64,
     last_seq: u64,
+    /// The size a new segment is preallocated to.
+    segment_bytes: u64,
 }
 
 fn frame_len(payload: usize) -> u64 {
@@ -105,6 +109,7 @@ impl Log {
             live: VecDeque::new(),
             live_bytes: 0,
             last_seq: 0,
+            segment_bytes: SEGMENT_BYTES,
         };
         for (first, path) in names {
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
@@ -147,6 +152,12 @@ impl Log {
         Ok(log)
     }
 
+    /// New segments get `bytes` (existing ones keep their size).
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Log {
+        self.segment_bytes = bytes.max(frame_len(MAX_RECORD));
+        self
+    }
+
     pub fn last_seq(&self) -> u64 {
         self.last_seq
     }
@@ -172,18 +183,10 @@ impl Log {
         let frame_bytes = frame_len(payload.len());
         let needs_new = match self.segments.last_key_value() {
             None => true,
-            Some((_, s)) => s.len + frame_bytes > SEGMENT_BYTES.max(frame_bytes),
+            Some((_, s)) => s.len + frame_bytes > self.segment_bytes.max(frame_bytes),
         };
         if needs_new {
-            let path = self.dir.join(format!("{seq:020}.log"));
-            let tmp = self.dir.join(format!("{seq:020}.log.tmp"));
-            let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
-            file.write_all_at(&vec![0u8; SEGMENT_BYTES as usize], 0)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            // The new name must survive a crash too.
-            File::open(&self.dir)?.sync_all()?;
-            self.segments.insert(seq, Segment { file, path, len: 0, last_seq: seq - 1 });
+            self.new_segment(seq)?;
         }
         let Some((&first, seg)) = self.segments.iter_mut().next_back() else {
             return Err(io::Error::other("no active segment"));
@@ -194,13 +197,64 @@ impl Log {
         frame.extend_from_slice(payload);
         frame.extend_from_slice(&check(seq, payload));
         seg.file.write_all_at(&frame, seg.len)?;
-        seg.file.sync_data()?;
+        if let Err(e) = seg.file.sync_data() {
+            // Not durable, so not a record: nobody is told about it, and its gate_seq goes to the
+            // next one. Zero it (best effort) so a restart cannot read back a tap that was refused.
+            let _ = seg.file.write_all_at(&vec![0u8; frame.len()], seg.len);
+            return Err(e);
+        }
         self.live.push_back(Loc { seq, segment: first, offset: seg.len, len: payload.len() as u32 });
         seg.len += frame.len() as u64;
         seg.last_seq = seq;
         self.last_seq = seq;
         self.live_bytes += frame.len() as u64;
         Ok(())
+    }
+
+    /// Preallocates a segment whose first record will be `seq` and makes it the active one.
+    fn new_segment(&mut self, seq: u64) -> io::Result<()> {
+        let path = self.dir.join(format!("{seq:020}.log"));
+        let tmp = self.dir.join(format!("{seq:020}.log.tmp"));
+        let size = self.segment_bytes as usize;
+        let made = (|| {
+            let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+            file.write_all_at(&vec![0u8; size], 0)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            // The new name must survive a crash too.
+            File::open(&self.dir)?.sync_all()?;
+            Ok::<File, io::Error>(file)
+        })();
+        let file = match made {
+            Ok(f) => f,
+            Err(e) => {
+                // A full disk: give back what the unfinished segment took (it never held a
+                // record), so the next attempt and everything else has that room.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        self.segments.insert(seq, Segment { file, path, len: 0, last_seq: seq - 1 });
+        Ok(())
+    }
+
+    /// Whether the next append can succeed, without writing a record: makes sure the active
+    /// segment has room for a [`PROBE_ROOM`] frame (preallocating the next one if not), then writes
+    /// zeros where the next frame goes (zeros already: the end marker) and syncs them. Fails as
+    /// an append would on a full or read-only disk.
+    pub fn probe(&mut self, next_seq: u64) -> io::Result<()> {
+        let room = self
+            .segments
+            .last_key_value()
+            .is_some_and(|(_, s)| s.len + frame_len(PROBE_ROOM) <= self.segment_bytes);
+        if !room {
+            self.new_segment(next_seq.max(self.last_seq + 1))?;
+        }
+        let Some((_, seg)) = self.segments.iter().next_back() else {
+            return Err(io::Error::other("no active segment"));
+        };
+        seg.file.write_all_at(&[0u8; HEADER], seg.len)?;
+        seg.file.sync_data()
     }
 
     /// Up to `max_records` live records after `after` (and about `max_bytes`; always one).

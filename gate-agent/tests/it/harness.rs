@@ -507,6 +507,19 @@ impl Agent {
         Agent::start_in(tempfile::tempdir().unwrap(), broker_port, plc.addr, extra).await
     }
 
+    /// Starts an agent whose directory is `dir` (its data in `dir/data`, which the caller may have
+    /// made a mount point).
+    pub async fn start_in_dir(dir: tempfile::TempDir, broker_port: u16, plc: &Plc, extra: &str) -> Agent {
+        Agent::start_in(dir, broker_port, plc.addr, extra).await
+    }
+
+    /// Stops this agent and hands back its directory (the agent's tasks let go of its files
+    /// shortly after).
+    pub fn stop(mut self) -> tempfile::TempDir {
+        self.cancel.cancel();
+        self.dir.take().unwrap()
+    }
+
     /// Stops this agent and starts a new one on the same data directory (as after a crash or a
     /// reboot), waiting until the old one has let go of its storage.
     pub async fn restart(mut self) -> Agent {
