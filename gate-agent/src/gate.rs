@@ -46,13 +46,32 @@ use crate::params::Params;
 use crate::plc::{PlcError, PlcHandle};
 use crate::store::{Store, StoreError};
 
-/// The wall clock as a domain timestamp.
+/// Tests only: milliseconds added to the wall clock, to run a gate behind or ahead of the
+/// controllers. Read once from [`TEST_CLOCK_OFFSET_ENV`]; with [`TEST_CLOCK_OFFSET_FILE_ENV`] the
+/// agent re-reads the offset from that file every 100 ms (a clock jump while it runs).
+static TEST_CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+static TEST_CLOCK_INIT: std::sync::Once = std::sync::Once::new();
+pub const TEST_CLOCK_OFFSET_ENV: &str = "AFC_TEST_ONLY_CLOCK_OFFSET_MS";
+pub const TEST_CLOCK_OFFSET_FILE_ENV: &str = "AFC_TEST_ONLY_CLOCK_OFFSET_FILE";
+
+/// Sets the test clock offset (see [`TEST_CLOCK_OFFSET_ENV`]).
+pub fn set_test_clock_offset_ms(ms: i64) {
+    TEST_CLOCK_INIT.call_once(|| {});
+    TEST_CLOCK_OFFSET_MS.store(ms, Ordering::Relaxed);
+}
+
+/// The wall clock as a domain timestamp (plus the test-only offset, zero in service).
 pub fn now() -> Timestamp {
+    TEST_CLOCK_INIT.call_once(|| {
+        if let Some(ms) = std::env::var(TEST_CLOCK_OFFSET_ENV).ok().and_then(|v| v.trim().parse().ok()) {
+            TEST_CLOCK_OFFSET_MS.store(ms, Ordering::Relaxed);
+        }
+    });
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    Timestamp(ms)
+    Timestamp(ms.saturating_add(TEST_CLOCK_OFFSET_MS.load(Ordering::Relaxed)))
 }
 
 /// What the flaps must do after the reader is answered.
@@ -111,8 +130,10 @@ pub struct Gate {
     pub params: Arc<Params>,
     plc: PlcHandle,
     metrics: Arc<Metrics>,
-    /// The station mode history and the version of the last mode message applied.
-    modes: RwLock<(u64, Arc<ModeState>)>,
+    /// The version of the last mode message applied, the mode history it gave, and the bits it
+    /// put in force at this station. The outputs (free passage) follow those bits, never the
+    /// gate's clock: a release reaches the PLC on receipt whatever the clock says.
+    modes: RwLock<(u64, Arc<ModeState>, ModeBits)>,
     replay: Mutex<ReplayCache>,
     qr_skew: QrSkew,
     settings: Mutex<Settings>,
@@ -160,8 +181,8 @@ pub struct GateParts {
 impl Gate {
     pub fn new(p: GateParts) -> Gate {
         let modes = match p.store.state("mode").ok().flatten().map(|b| wire::decode::<ModeMessage>(&b)) {
-            Some(Ok(m)) => (m.version, Arc::new(mode_state(p.station_code, &m))),
-            _ => (0, Arc::new(ModeState::default())),
+            Some(Ok(m)) => (m.version, Arc::new(mode_state_received(p.station_code, &m, now())), m.bits),
+            _ => (0, Arc::new(ModeState::default()), ModeBits::NORMAL),
         };
         let direction = p.params.in_force(now()).gate_config.direction.unwrap_or(p.direction);
         let mut commands = BTreeMap::new();
@@ -233,10 +254,15 @@ impl Gate {
         self.modes.read().unwrap_or_else(|p| p.into_inner()).1.clone()
     }
 
+    /// The bits the last mode message put in force at this station.
+    pub fn mode_bits(&self) -> ModeBits {
+        self.modes.read().unwrap_or_else(|p| p.into_inner()).2
+    }
+
     /// Applies the outputs the current settings and modes ask of the PLC (after start and after
     /// every change).
     pub async fn sync_outputs(&self) {
-        let bits = self.modes().bits_at(self.station_code, now());
+        let bits = self.mode_bits();
         let s = *self.settings.lock().unwrap_or_else(|p| p.into_inner());
         let free = bits.has(ModeBits::EMERGENCY_RELEASE)
             || (bits.has(ModeBits::ENTRY_FREE) && s.direction.allows(Direction::Entry))
@@ -569,9 +595,9 @@ impl Gate {
                 return Ok(());
             }
         }
-        let state = mode_state(self.station_code, &msg);
+        let state = mode_state_received(self.station_code, &msg, now());
         tracing::info!(bits = %msg.bits, version = msg.version, "station mode");
-        *self.modes.write().unwrap_or_else(|p| p.into_inner()) = (msg.version, Arc::new(state));
+        *self.modes.write().unwrap_or_else(|p| p.into_inner()) = (msg.version, Arc::new(state), msg.bits);
         self.sync_outputs().await;
         let store = self.store.clone();
         let bytes = wire::encode(&msg);
@@ -755,7 +781,7 @@ impl Gate {
                 } else {
                     Direction::Exit
                 };
-                if self.modes().bits_at(self.station_code, now()).has(ModeBits::EMERGENCY_RELEASE) {
+                if self.mode_bits().has(ModeBits::EMERGENCY_RELEASE) {
                     return ack(
                         CommandResult::Rejected,
                         Some("flaps are held open by emergency release".into()),
@@ -778,6 +804,23 @@ impl Gate {
             Err(e) => ack(CommandResult::Failed, Some(e.to_string())),
         }
     }
+}
+
+/// The mode state a message received at `received` (gate clock) describes, for deciding taps:
+/// a change takes effect on receipt at the latest. The message's times are the API node's
+/// clock; for this station every period of its history is ended by `min(since, received)` and
+/// the current bits start there, so a gate whose clock is behind does not wait for its clock to
+/// reach `since` (and one ahead already has it). Other stations' periods are kept as sent.
+pub fn mode_state_received(station: StationCode, m: &ModeMessage, received: Timestamp) -> ModeState {
+    let from = m.since.min(received);
+    let mut s = ModeState { periods: m.history.clone() };
+    for p in s.periods.iter_mut().filter(|p| p.station == station) {
+        let until = p.until.map_or(from, |u| u.min(from));
+        p.from = p.from.min(until);
+        p.until = Some(until);
+    }
+    s.set(station, m.bits, from);
+    s
 }
 
 /// The mode state a message describes: its history, then the current bits of this station.

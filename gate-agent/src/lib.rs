@@ -149,6 +149,9 @@ pub async fn start(
     let g = gate.clone();
     tokio::spawn(async move { g.sync_outputs().await });
     tokio::spawn(storage_probe(gate.clone(), cancel.clone()));
+    if let Ok(path) = std::env::var(gate::TEST_CLOCK_OFFSET_FILE_ENV) {
+        tokio::spawn(test_clock(path.into(), cancel.clone()));
+    }
     tracing::info!(station = %config.station, gate = %config.gate, "gate agent started");
     Ok(Running { gate, metrics })
 }
@@ -167,6 +170,23 @@ async fn storage_probe(gate: Arc<Gate>, cancel: CancellationToken) {
         }
     }
     tracing::info!("storage-probe task stopped");
+}
+
+/// Tests only (task `test-clock`): re-reads the clock offset from `path` every 100 ms, so a test
+/// can jump the gate's clock while it runs ([`gate::TEST_CLOCK_OFFSET_FILE_ENV`]).
+async fn test_clock(path: std::path::PathBuf, cancel: CancellationToken) {
+    tracing::warn!(path = %path.display(), "test-only clock offset file in use");
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {
+                if let Some(ms) = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok()) {
+                    gate::set_test_clock_offset_ms(ms);
+                }
+            }
+        }
+    }
 }
 
 /// Runs the agent until `cancel` fires, then flushes the store.

@@ -1,0 +1,98 @@
+//! The gate's clock behind, ahead, and jumping (issue 11 item 2, gate part), on the real
+//! `gate-agent` binary with the test-only clock offset (`AFC_TEST_ONLY_CLOCK_OFFSET_FILE`, re-read
+//! every 100 ms): emergency release set and cleared by the controllers (their clock, the test's)
+//! reaches the PLC within 1 s whatever the gate's clock says, and a backward jump while the
+//! release is in force does not take it back.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use afc_domain::mode::ModeBits;
+use afc_domain::wire::ModeMessage;
+use gate_agent::gate::{now, TEST_CLOCK_OFFSET_FILE_ENV};
+
+use crate::harness::*;
+
+const WITHIN: Duration = Duration::from_secs(1);
+const MIN: i64 = 60_000;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn reaches(plc: &Plc, on: bool) -> Duration {
+    let t = Instant::now();
+    let (s, ok) = plc.sim.wait_for(Duration::from_secs(5), |s| s.free_passage == on).await;
+    assert!(ok, "free passage never became {on}: {s:?}");
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_behind_ahead_or_jumping() {
+    let plc = plc().await;
+    let port = free_port();
+    start_broker(port).await;
+    let controller = Controller::connect(port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reader: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = write_config(dir.path(), port, plc.addr, reader, "");
+    let offset_file = dir.path().join("clock-offset-ms");
+    std::fs::write(&offset_file, (-10 * MIN).to_string()).unwrap();
+    let log = dir.path().join("agent.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut agent = Proc(
+        Command::new(env!("CARGO_BIN_EXE_gate-agent"))
+            .arg("--config")
+            .arg(&config)
+            .env(TEST_CLOCK_OFFSET_FILE_ENV, &offset_file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the gate's birth", || (!controller.status.lock().unwrap().is_empty()).then_some(())).await;
+    let topic = format!("afc/v1/{STATION}/mode");
+    let mut version = 0;
+    let mut figures = Vec::new();
+    // (case, offset in force, and whether to jump the clock back 10 min while released)
+    let cases: [(&str, i64, bool); 4] = [
+        ("10 min behind", -10 * MIN, false),
+        ("10 min ahead", 10 * MIN, false),
+        ("jumped forward 1 h", 70 * MIN, false),
+        ("jumped back 10 min", 60 * MIN, true),
+    ];
+    for (case, offset, jump_back_while_released) in cases {
+        std::fs::write(&offset_file, offset.to_string()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        version += 1;
+        let msg = ModeMessage {
+            version,
+            bits: ModeBits::EMERGENCY_RELEASE,
+            since: now(),
+            history_ref: None,
+            history: vec![],
+        };
+        controller.publish_signed(topic.clone(), true, &msg).await;
+        let set = reaches(&plc, true).await;
+        if jump_back_while_released {
+            std::fs::write(&offset_file, (offset - 10 * MIN).to_string()).unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(plc.sim.snapshot().free_passage, "{case}: a backward jump took the release back");
+        }
+        version += 1;
+        let msg =
+            ModeMessage { version, bits: ModeBits::NORMAL, since: now(), history_ref: None, history: vec![] };
+        controller.publish_signed(topic.clone(), true, &msg).await;
+        let cleared = reaches(&plc, false).await;
+        figures.push(format!("{case}: set {set:?}, cleared {cleared:?}"));
+        assert!(set < WITHIN && cleared < WITHIN, "{case}: set {set:?}, cleared {cleared:?}");
+    }
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent stopped; see {}", log.display());
+    println!("clock: {}", figures.join("; "));
+}
