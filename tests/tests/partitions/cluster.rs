@@ -78,7 +78,9 @@ impl Cluster {
         let logs = layout.logs();
         std::fs::create_dir_all(&cfg_dir)?;
         std::fs::create_dir_all(&logs)?;
-        let exe = station_exe();
+        // `PARTITIONS_STATION_EXE`: another build of `station` (e.g. of a clean checkout).
+        let exe =
+            std::env::var_os("PARTITIONS_STATION_EXE").map_or_else(station_exe, std::path::PathBuf::from);
         let broker_addr = format!("{BROKER}:1883");
         let clearing_addr = format!("{HUB}:8480");
 
@@ -153,8 +155,18 @@ impl Cluster {
             gate_procs.push(g);
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
-        let c =
-            Cluster { gates: gate_procs, plcs, controllers, broker, clearing, plan, secrets, http, net, _dir: dir };
+        let c = Cluster {
+            gates: gate_procs,
+            plcs,
+            controllers,
+            broker,
+            clearing,
+            plan,
+            secrets,
+            http,
+            net,
+            _dir: dir,
+        };
         c.first_parameters().await?;
         c.parameters_on_every_gate().await?;
         Ok(c)
@@ -409,9 +421,9 @@ impl Cluster {
     }
 
     /// With `PARTITIONS_KEEP_LOGS=dir`, copies every service log there (for a look after a run).
-    pub fn keep_logs(&self, tag: &str) {
+    fn keep_logs(&self) {
         let Some(to) = std::env::var_os("PARTITIONS_KEEP_LOGS") else { return };
-        let to = std::path::Path::new(&to).join(tag);
+        let to = std::path::Path::new(&to).join(self.net.tag());
         let _ = std::fs::create_dir_all(&to);
         let logs = Layout::new(&self._dir.path().join("station")).logs();
         for e in std::fs::read_dir(logs).into_iter().flatten().flatten() {
@@ -427,6 +439,12 @@ impl Cluster {
         }
         self.broker.assert_running();
         self.clearing.assert_running();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.keep_logs();
     }
 }
 

@@ -213,7 +213,8 @@ fn a_follower_cut_off_and_healed_catches_up() {
         // Cut off, the follower applied nothing more, while the other two went on.
         let stuck = applied(&c, follower).await;
         let majority: Vec<u16> = (1..=NODES).filter(|id| *id != follower).collect();
-        let leader_now = c.leader_among(&majority, Duration::from_secs(5)).await.expect("the majority keeps a leader");
+        let leader_now =
+            c.leader_among(&majority, Duration::from_secs(5)).await.expect("the majority keeps a leader");
         let ahead = applied(&c, leader_now).await;
         let promised_during = traffic.promised().len() - promised_at_cut;
         assert_eq!(stuck, at_cut, "the cut-off follower applied {at_cut} → {stuck}: the cut does not cut");
@@ -233,7 +234,6 @@ fn a_follower_cut_off_and_healed_catches_up() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         c.assert_running();
         every_promise_once_everywhere(&c, traffic).await;
-        c.keep_logs("follower");
     });
 }
 

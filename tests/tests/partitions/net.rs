@@ -105,6 +105,11 @@ impl Net {
         Ok(net)
     }
 
+    /// The test's tag (part of every namespace's name).
+    pub fn tag(&self) -> &str {
+        self.world.rsplit('-').next().unwrap_or_default()
+    }
+
     /// The namespace controller `id` runs in.
     pub fn node_ns(&self, id: u16) -> &str {
         &self.nodes[usize::from(id) - 1]
