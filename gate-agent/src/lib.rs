@@ -88,8 +88,8 @@ pub async fn start(
     let params = Arc::new(Params::open(store.clone(), config.trusted_keys()?, metrics.clone(), acks_tx)?);
     let plc_config = config.plc_config()?;
     let unit_id = plc_config.map.unit_id;
-    let plc = plc::spawn(plc_config, metrics.clone(), cancel.clone());
-    let plc_events = plc.subscribe_events();
+    // Subscribed before the task runs: its first determination (offline from the start) counts.
+    let (plc, plc_events) = plc::spawn_with_events(plc_config, metrics.clone(), cancel.clone());
     let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
     let gate = Arc::new(Gate::new(GateParts {
         station: config.station.clone(),

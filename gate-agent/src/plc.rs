@@ -257,15 +257,26 @@ impl Desired {
 
 /// Starts the Modbus task; it runs until `cancel` fires.
 pub fn spawn(config: PlcConfig, metrics: Arc<Metrics>, cancel: CancellationToken) -> PlcHandle {
+    spawn_with_events(config, metrics, cancel).0
+}
+
+/// Starts the Modbus task with a receiver of its events subscribed before the task runs, so the
+/// first determination (`Offline` for a PLC unreachable from the start) is not lost.
+pub fn spawn_with_events(
+    config: PlcConfig,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> (PlcHandle, broadcast::Receiver<PlcEvent>) {
     let (tx, rx) = mpsc::channel(64);
     let (online_tx, online) = watch::channel(false);
-    let (events, _) = broadcast::channel(256);
+    let (events, first_rx) = broadcast::channel(256);
     let (inputs_tx, inputs) = watch::channel(PlcInputs::default());
     let task = PlcTask {
         inputs: inputs_tx,
         config,
         metrics,
         online: online_tx,
+        announced: None,
         events: events.clone(),
         ctx: None,
         desired: Desired {
@@ -279,7 +290,7 @@ pub fn spawn(config: PlcConfig, metrics: Arc<Metrics>, cancel: CancellationToken
         pending_opens: [VecDeque::new(), VecDeque::new()],
     };
     tokio::spawn(task.run(rx, cancel));
-    PlcHandle { tx, online, events, inputs }
+    (PlcHandle { tx, online, events, inputs }, first_rx)
 }
 
 /// How long an open command waits for its passage before it no longer explains a counted one.
@@ -291,6 +302,9 @@ struct PlcTask {
     config: PlcConfig,
     metrics: Arc<Metrics>,
     online: watch::Sender<bool>,
+    /// What was last announced (event, metric, log): `None` until the first connect attempt
+    /// decided, so a PLC unreachable from the start raises `plc_offline` at once.
+    announced: Option<bool>,
     events: broadcast::Sender<PlcEvent>,
     ctx: Option<Context>,
     desired: Desired,
@@ -356,8 +370,8 @@ impl PlcTask {
     }
 
     fn set_online(&mut self, on: bool) {
-        let was = *self.online.borrow();
-        if was != on {
+        if self.announced != Some(on) {
+            self.announced = Some(on);
             self.online.send_replace(on);
             self.metrics.plc_online.store(on, std::sync::atomic::Ordering::Relaxed);
             let ev = if on { PlcEvent::Online } else { PlcEvent::Offline };

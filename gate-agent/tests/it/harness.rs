@@ -545,6 +545,15 @@ impl Agent {
         }
     }
 
+    /// Starts an agent whose PLC is at `plc` (which may have nothing listening), without waiting
+    /// for the PLC to answer.
+    pub async fn start_unchecked(broker_port: u16, plc: SocketAddr, extra: &str) -> Agent {
+        match Agent::try_start(tempfile::tempdir().unwrap(), broker_port, plc, extra, false).await {
+            Ok(a) => a,
+            Err(_) => panic!("the agent did not start"),
+        }
+    }
+
     async fn start_in(dir: tempfile::TempDir, broker_port: u16, plc: SocketAddr, extra: &str) -> Agent {
         match Agent::try_start_in(dir, broker_port, plc, extra).await {
             Ok(a) => a,
@@ -558,6 +567,16 @@ impl Agent {
         plc: SocketAddr,
         extra: &str,
     ) -> Result<Agent, tempfile::TempDir> {
+        Agent::try_start(dir, broker_port, plc, extra, true).await
+    }
+
+    async fn try_start(
+        dir: tempfile::TempDir,
+        broker_port: u16,
+        plc: SocketAddr,
+        extra: &str,
+        wait_plc: bool,
+    ) -> Result<Agent, tempfile::TempDir> {
         let reader = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (reader_addr, metrics_addr) = (reader.local_addr().unwrap(), metrics.local_addr().unwrap());
@@ -570,7 +589,9 @@ impl Agent {
             Err(_) => return Err(dir),
         };
         let g = running.gate.clone();
-        eventually("the PLC to be online", || g.plc().online().then_some(())).await;
+        if wait_plc {
+            eventually("the PLC to be online", || g.plc().online().then_some(())).await;
+        }
         Ok(Agent { running, reader: reader_addr, metrics_addr, cancel, dir: Some(dir), broker_port, plc })
     }
 

@@ -4,6 +4,7 @@
 
 mod clock;
 mod disk;
+mod faults;
 mod forged;
 mod harness;
 mod packages;
