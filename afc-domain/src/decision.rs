@@ -165,6 +165,30 @@ pub fn decide(
     }
 }
 
+/// The mode state a gate decides a tap with, given its hard-wired emergency input: while the input
+/// holds the flaps open, `modes` plus emergency release at `station` from `now` on, so the tap
+/// follows the emergency rules (opens with `ok_emergency_release`, nothing charged, the card left
+/// as it is, the record's modes say emergency_release); otherwise `modes` as they are (borrowed:
+/// the usual tap costs no copy).
+pub fn with_emergency_input(
+    modes: &ModeState,
+    station: StationCode,
+    now: Timestamp,
+    emergency_input: bool,
+) -> std::borrow::Cow<'_, ModeState> {
+    if !emergency_input {
+        return std::borrow::Cow::Borrowed(modes);
+    }
+    let mut m = modes.clone();
+    m.periods.push(crate::mode::ModePeriod {
+        station,
+        bits: ModeBits::EMERGENCY_RELEASE,
+        from: now,
+        until: None,
+    });
+    std::borrow::Cow::Owned(m)
+}
+
 fn media_and_id(m: &TapMedia) -> (Media, u64) {
     match m {
         TapMedia::Svc { card } => (Media::Svc, card.card_id),
@@ -439,4 +463,26 @@ struct Priced {
     entry: Option<EntryRecord>,
     fare: Option<u32>,
     reason: Reason,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_emergency_input_adds_emergency_release_at_this_station_only_while_it_is_set() {
+        let here = StationCode(101);
+        let other = StationCode(104);
+        let now = Timestamp::from_secs(1_700_000_000);
+        let mut modes = ModeState::constant(other, ModeBits::ENTRY_FREE);
+        modes.set(here, ModeBits::FARE_FREE, now.plus_minutes(-5));
+        let off = with_emergency_input(&modes, here, now, false);
+        assert!(matches!(off, std::borrow::Cow::Borrowed(_)));
+        assert_eq!(off.bits_at(here, now), ModeBits::FARE_FREE);
+        let on = with_emergency_input(&modes, here, now, true);
+        assert_eq!(on.bits_at(here, now), ModeBits::FARE_FREE.with(ModeBits::EMERGENCY_RELEASE));
+        assert_eq!(on.bits_at(other, now), ModeBits::ENTRY_FREE);
+        // Only from now: the history before the input is kept as it was.
+        assert!(!on.bits_at(here, now.plus_minutes(-1)).has(ModeBits::EMERGENCY_RELEASE));
+    }
 }

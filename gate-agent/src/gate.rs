@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use afc_domain::decision::{decide, Params as DecisionParams};
+use afc_domain::decision::{decide, with_emergency_input, Params as DecisionParams};
 use afc_domain::ledger::TxRecord;
 use afc_domain::mode::{ModeBits, ModeState};
 use afc_domain::model::{Direction, Ident, Reason, StationCode, Timestamp};
@@ -324,6 +324,10 @@ impl Gate {
             return Ok(self.refuse(&tap, Reason::NoParameters));
         };
         let modes = self.modes();
+        // While the hard-wired emergency input holds the flaps open, taps follow the emergency
+        // rules as under the station's emergency release (no copy otherwise).
+        let modes =
+            with_emergency_input(&modes, self.station_code, at, self.plc.last_inputs().emergency_input);
         let dp = DecisionParams {
             station: self.station_code,
             fares: &fares,

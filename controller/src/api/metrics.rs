@@ -390,6 +390,18 @@ pub fn render(state: &ApiState) -> String {
             "Times the retained mode on the broker was not the one this leader published (cleared, forged or replayed) and was published again.",
             load(&st.mode_restored),
         );
+        o.one(
+            "afc_controller_state_restored_total",
+            "counter",
+            "Times the retained state on the broker was not this leader's (an old leader's will or state, cleared or forged) and was published again.",
+            load(&st.state_restored),
+        );
+        o.one(
+            "afc_controller_leadership_unconfirmed_total",
+            "counter",
+            "Times leader duties did not start or stopped because a quorum did not confirm this node's leadership.",
+            load(&st.leadership_unconfirmed),
+        );
         o.family("afc_tx_batches_total", "counter", "Gate transaction batches by outcome.");
         for (outcome, c) in [
             ("acked", &st.tx_batches_acked),

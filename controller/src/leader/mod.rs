@@ -1,8 +1,12 @@
 //! The leader's duties over MQTT (SPEC §5): every node may run them, only the Raft leader does.
 //!
 //! Task `leader-supervisor` watches the Raft metrics. When this node becomes leader (or its term
-//! changes while leading) it starts a session; when it stops leading it cancels the session and
-//! waits for its tasks. A session is one MQTT connection with a client id and a `state` will of
+//! changes while leading) it has a quorum confirm the leadership (`ensure_linearizable`: a
+//! restarted former leader comes back as leader of its old term, and a frozen or cut-off one
+//! still thinks it leads) and only then starts a session; when it stops leading it cancels the
+//! session and waits for its tasks. Task `leader-lease` confirms the leadership again every
+//! 500 ms (and the publisher on every ConnAck) and ends the session when a quorum does not, so a
+//! node that is not the leader publishes nothing retained. A session is one MQTT connection with a client id and a `state` will of
 //! its own (`{online:false, leader_node, term}`), and these tasks:
 //! - `mqtt-eventloop` ([`mqtt`]): owns and polls the rumqttc event loop, nothing else;
 //! - `leader-dispatch` (here): routes what gates publish: tx batches to ingest, status,
@@ -16,6 +20,9 @@
 //! - `tx-ingest` ([`ingest`]): proposes gate batches through Raft, acks after commit;
 //! - `leader-publisher` ([`publish`]): re-subscribes and publishes `state`, parameter packages
 //!   (chunks first, pointer last) and `mode` on every ConnAck, then follows the state machine;
+//!   it reads the retained `mode` and `state` back and publishes its own again when the broker
+//!   holds another (an old leader's late will or `state`); a `state` naming a newer term has the
+//!   leadership confirmed first;
 //! - `qr-relay`: batches `gates/+/qr/used` onto `qr/used`;
 //! - `rollout-driver` ([`rollout`]): starts and steps the replicated staged rollouts with what
 //!   the board shows, and republishes the old content after a rollback.
@@ -82,6 +89,12 @@ pub struct Stats {
     /// Times the retained `mode` on the broker was not the one this leader published (cleared,
     /// forged, or an old genuine one replayed) and was published again.
     pub mode_restored: AtomicU64,
+    /// Times the retained `state` on the broker was not this leader's (an old leader's will or
+    /// `state`, cleared, forged) and, leadership confirmed, was published again.
+    pub state_restored: AtomicU64,
+    /// Times this node's duties stopped, or did not start, because a quorum did not confirm its
+    /// leadership (a restarted former leader, a leader cut off from its followers).
+    pub leadership_unconfirmed: AtomicU64,
     /// Gate messages refused because they did not verify, per [`GATE_SIGNED_TOPICS`] and
     /// [`UNVERIFIED_REASONS`].
     unverified: [[AtomicU64; UNVERIFIED_REASONS.len()]; GATE_SIGNED_TOPICS.len()],
@@ -369,6 +382,33 @@ pub fn spawn(duties: Arc<Duties>, stop: CancellationToken) -> tokio::task::JoinH
     tokio::spawn(supervisor(duties, stop))
 }
 
+/// How long a quorum has to confirm this node's leadership ([`confirm_leadership`]).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a running session has its leadership confirmed again (task `leader-lease`).
+const LEASE_EVERY: Duration = Duration::from_millis(500);
+/// Pause before trying again to confirm a leadership that a quorum did not confirm.
+const CONFIRM_RETRY: Duration = Duration::from_millis(250);
+
+/// Whether a quorum confirms, now, that this node leads in `term` (a round of heartbeats:
+/// openraft's `ensure_linearizable`, which also waits until the state machine has applied
+/// everything committed). Raft metrics saying `Leader` is not enough: a former leader restarts as
+/// leader of its old term and only learns of the newer one from the next message it gets; a
+/// leader cut off from its followers stays leader in its own eyes.
+pub(crate) async fn confirm_leadership(node: &Node, term: u64) -> Result<(), String> {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, node.raft.ensure_linearizable()).await {
+        Err(_) => Err(format!("no quorum answered within {CONFIRM_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(_)) => {
+            let m = node.raft.metrics().borrow().clone();
+            if m.state == ServerState::Leader && m.current_term == term {
+                Ok(())
+            } else {
+                Err(format!("now {:?} in term {}", m.state, m.current_term))
+            }
+        }
+    }
+}
+
 async fn supervisor(duties: Arc<Duties>, stop: CancellationToken) {
     tracing::info!(task = "leader-supervisor", "started");
     let mut metrics = duties.node.raft.metrics();
@@ -379,21 +419,55 @@ async fn supervisor(duties: Arc<Duties>, stop: CancellationToken) {
             (m.state == ServerState::Leader, m.current_term)
         };
         let keep = matches!(&session, Some((t, _, _)) if leading && *t == term);
+        let mut retry = false;
         if !keep {
             if let Some((t, cancel, handle)) = session.take() {
                 tracing::info!(task = "leader-supervisor", term = t, "no longer leading: stopping duties");
                 end_session(&duties, cancel, handle).await;
             }
             if leading {
-                tracing::info!(task = "leader-supervisor", term, "leading: starting duties");
-                let cancel = stop.child_token();
-                let handle = tokio::spawn(run_session(duties.clone(), term, cancel.clone()));
-                session = Some((term, cancel, handle));
+                // Nothing goes to the broker before a quorum has confirmed this leadership.
+                match confirm_leadership(&duties.node, term).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            task = "leader-supervisor",
+                            term,
+                            "leading (confirmed by a quorum): starting duties"
+                        );
+                        let cancel = stop.child_token();
+                        let handle = tokio::spawn(run_session(duties.clone(), term, cancel.clone()));
+                        session = Some((term, cancel, handle));
+                    }
+                    Err(why) => {
+                        Stats::inc(&duties.stats.leadership_unconfirmed, 1);
+                        tracing::info!(task = "leader-supervisor", term, %why,
+                            "leader in its own eyes, not confirmed by a quorum: duties not started");
+                        retry = true;
+                    }
+                }
             }
         }
+        // A session ends on its own when its lease is not confirmed any more.
+        let ended = async {
+            match session.as_mut() {
+                Some((_, _, handle)) => {
+                    let _ = handle.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = stop.cancelled() => break,
             r = metrics.changed() => if r.is_err() { break },
+            () = ended => {
+                // The handle has completed: it must not be awaited again.
+                if let Some((t, cancel, _)) = session.take() {
+                    tracing::info!(task = "leader-supervisor", term = t, "duties ended: leadership not confirmed");
+                    cancel.cancel();
+                    clear_session(&duties);
+                }
+            }
+            () = tokio::time::sleep(CONFIRM_RETRY), if retry => {}
         }
     }
     if let Some((_, cancel, handle)) = session.take() {
@@ -411,6 +485,11 @@ async fn end_session(duties: &Duties, cancel: CancellationToken, handle: tokio::
         tracing::warn!(task = "leader-supervisor", "session tasks did not stop within 5 s");
     }
     // Again: a session cancelled before it ran installs its handles on its way out.
+    clear_session(duties);
+}
+
+/// Forgets a session that has ended: no live client for commands, an empty board.
+fn clear_session(duties: &Duties) {
     if let Ok(mut live) = duties.live.write() {
         *live = None;
     }
@@ -435,6 +514,13 @@ pub(crate) struct Ctx {
     pub gate_keys: GateKeys,
     /// The retained `mode` this session published, restored when the broker holds another.
     pub mode_guard: publish::ModeGuard,
+    /// The retained `state` this session published, restored when the broker holds another.
+    pub state_guard: publish::StateGuard,
+    /// Nudges task `leader-lease` to confirm the leadership now (the broker holds a `state` of a
+    /// newer term: either this node is deposed, or the message is forged).
+    pub lease_check: tokio::sync::Notify,
+    /// The session's own token: cancelled to end the session when the lease is lost.
+    pub stop: CancellationToken,
 }
 
 impl Ctx {
@@ -487,6 +573,9 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
         station_key: duties.station_key.clone(),
         gate_keys,
         mode_guard: publish::ModeGuard::default(),
+        state_guard: publish::StateGuard::default(),
+        lease_check: tokio::sync::Notify::new(),
+        stop: stop.clone(),
     });
     if let Ok(mut live) = duties.live.write() {
         *live = Some(Live { client: client.clone(), waiters: waiters.clone() });
@@ -507,12 +596,46 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
     tasks.spawn(publish::publisher_task(ctx.clone(), conn_rx, stop.clone()));
     tasks.spawn(qr_relay_task(ctx.clone(), qr_rx, stop.clone()));
     tasks.spawn(rollout::driver_task(ctx.clone(), stop.clone()));
+    tasks.spawn(lease_task(ctx.clone(), stop.clone()));
     tasks.spawn(register_seeds(ctx, stop.clone()));
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {
             tracing::error!(error = %e, "a leader duty task panicked");
         }
     }
+}
+
+/// Task `leader-lease`: every [`LEASE_EVERY`] (and at once when the broker shows a newer term)
+/// has a quorum confirm this leadership; when it does not, ends the session, so a deposed or cut
+/// off leader stops publishing within about a second. After a confirmation prompted by a newer
+/// term on the broker (forged, then), the publisher puts this leader's `state` back.
+async fn lease_task(ctx: Arc<Ctx>, stop: CancellationToken) {
+    tracing::info!(task = "leader-lease", term = ctx.term, "started");
+    let mut tick = tokio::time::interval(LEASE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let prompted = tokio::select! {
+            () = stop.cancelled() => break,
+            () = ctx.lease_check.notified() => true,
+            _ = tick.tick() => false,
+        };
+        let confirmed = tokio::select! {
+            () = stop.cancelled() => break,
+            r = confirm_leadership(&ctx.node, ctx.term) => r,
+        };
+        match confirmed {
+            Ok(()) if prompted => ctx.state_guard.restore(),
+            Ok(()) => {}
+            Err(why) => {
+                Stats::inc(&ctx.stats.leadership_unconfirmed, 1);
+                tracing::warn!(task = "leader-lease", term = ctx.term, %why,
+                    "leadership not confirmed by a quorum: stopping duties");
+                ctx.stop.cancel();
+                break;
+            }
+        }
+    }
+    tracing::info!(task = "leader-lease", "stopped");
 }
 
 /// Registers the gates listed in `mqtt.gates` that are missing or hold another key.
@@ -720,6 +843,22 @@ fn dispatch(
                 "the retained mode on the broker is not the one this leader published; publishing it again"
             );
         }
+        // The retained state too: an old leader's will or `state` (or a forged one) is replaced
+        // by ours; one naming a newer term first has this leadership confirmed again.
+        Topic::State { .. } => match ctx.state_guard.observe(payload, ctx.term) {
+            publish::StateSeen::Ours | publish::StateSeen::Unset => {}
+            publish::StateSeen::Other => {
+                tracing::warn!("the retained state on the broker is not this leader's; publishing it again");
+            }
+            publish::StateSeen::NewerTerm(t) => {
+                tracing::warn!(
+                    term = ctx.term,
+                    broker_term = t,
+                    "the retained state names a newer term: confirming the leadership before anything else"
+                );
+                ctx.lease_check.notify_one();
+            }
+        },
         // Our own publications echo back only if subscribed; nothing else is routed.
         _ => {}
     }

@@ -78,6 +78,63 @@ impl ModeGuard {
     }
 }
 
+/// What the retained `state` read back from the broker is, against what this session published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateSeen {
+    /// This session has published no `state` yet.
+    Unset,
+    Ours,
+    /// Another payload naming no newer term (an old leader's will or state, cleared, garbled):
+    /// the publisher is nudged to publish ours again.
+    Other,
+    /// A `state` naming a newer term than this session's: this leadership is confirmed again
+    /// before anything is restored.
+    NewerTerm(u64),
+}
+
+/// The retained `state` payload this session published, and a nudge for the publisher when the
+/// broker holds another one (the leader subscribes to `state` for this). The real leader thus
+/// puts the truth back within [`RESTORE_EVERY`] of an old leader's will or late `state`.
+#[derive(Default)]
+pub(crate) struct StateGuard {
+    sealed: std::sync::Mutex<Option<Vec<u8>>>,
+    overwritten: tokio::sync::Notify,
+}
+
+impl StateGuard {
+    fn published(&self, payload: &[u8]) {
+        *self.sealed.lock().unwrap_or_else(|p| p.into_inner()) = Some(payload.to_vec());
+    }
+
+    /// Classifies `payload`, read back from the retained `state`, for a session of `term`.
+    pub(crate) fn observe(&self, payload: &[u8], term: u64) -> StateSeen {
+        let ours = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(ours) = ours.as_deref() else { return StateSeen::Unset };
+        if ours == payload {
+            return StateSeen::Ours;
+        }
+        let named = wire::decode::<StateMsg>(payload).ok().and_then(|s| match s {
+            StateMsg::Online(l) => Some(l.term),
+            StateMsg::Offline(o) => o.term,
+        });
+        match named.filter(|t| *t > term) {
+            Some(t) => StateSeen::NewerTerm(t),
+            None => {
+                self.overwritten.notify_one();
+                StateSeen::Other
+            }
+        }
+    }
+
+    /// Publish this session's `state` again (a newer term on the broker turned out not to be a
+    /// leader's: the leadership was confirmed after it).
+    pub(crate) fn restore(&self) {
+        if self.sealed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            self.overwritten.notify_one();
+        }
+    }
+}
+
 /// Shortest pause between two restorations of the retained mode, so a client that keeps
 /// overwriting it costs the leader one publication a second at most.
 const RESTORE_EVERY: Duration = Duration::from_secs(1);
@@ -90,9 +147,23 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut restored_at: Option<tokio::time::Instant> = None;
+    let mut state_restored_at: Option<tokio::time::Instant> = None;
+    let state_topic = Topic::State { station: ctx.station.clone() }.to_string();
+    let state =
+        wire::encode(&StateMsg::Online(LeaderState { leader_node: ctx.node.id, term: ctx.term, since }));
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
+            () = ctx.state_guard.overwritten.notified() => {
+                if let Some(at) = state_restored_at {
+                    tokio::time::sleep_until(at + RESTORE_EVERY).await;
+                }
+                state_restored_at = Some(tokio::time::Instant::now());
+                if *conn.borrow() != 0 && !stop.is_cancelled() {
+                    super::Stats::inc(&ctx.stats.state_restored, 1);
+                    ctx.publish(state_topic.clone(), true, state.clone()).await;
+                }
+            }
             () = ctx.mode_guard.overwritten.notified() => {
                 if let Some(at) = restored_at {
                     tokio::time::sleep_until(at + RESTORE_EVERY).await;
@@ -103,9 +174,18 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
             }
             r = conn.changed() => {
                 if r.is_err() { break; }
+                // (Re)connected: a leader that was frozen or cut off may have been deposed
+                // meanwhile; nothing is published before a quorum confirms it still leads.
+                if let Err(why) = super::confirm_leadership(&ctx.node, ctx.term).await {
+                    super::Stats::inc(&ctx.stats.leadership_unconfirmed, 1);
+                    tracing::warn!(task = "leader-publisher", term = ctx.term, %why,
+                        "connected, but the leadership is not confirmed: stopping duties");
+                    ctx.stop.cancel();
+                    break;
+                }
                 subscribe(&ctx).await;
-                let state = StateMsg::Online(LeaderState { leader_node: ctx.node.id, term: ctx.term, since });
-                ctx.publish(Topic::State { station: ctx.station.clone() }.to_string(), true, wire::encode(&state)).await;
+                ctx.state_guard.published(&state);
+                ctx.publish(state_topic.clone(), true, state.clone()).await;
                 // The broker may have lost its retained messages (an embedded broker restarts empty).
                 published.params.clear();
                 published.overrides.clear();
@@ -134,9 +214,11 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
 }
 
 async fn subscribe(ctx: &Ctx) {
-    // The retained mode too: read back, so an overwritten one is restored (`ModeGuard`).
+    // The retained mode and state too: read back, so an overwritten one is restored
+    // (`ModeGuard`, `StateGuard`).
     let mode = Topic::Mode { station: ctx.station.clone() }.to_string();
-    for f in filters::controller_subscriptions(&ctx.station).into_iter().chain([mode]) {
+    let state = Topic::State { station: ctx.station.clone() }.to_string();
+    for f in filters::controller_subscriptions(&ctx.station).into_iter().chain([mode, state]) {
         if let Err(e) = ctx.client.subscribe(f.clone(), QoS::AtLeastOnce).await {
             tracing::warn!(filter = %f, error = %e, "subscribe failed");
         }

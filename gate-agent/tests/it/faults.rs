@@ -51,3 +51,56 @@ async fn a_plc_unreachable_from_the_start_raises_plc_offline_at_once() {
     let n = controller.events.lock().unwrap().iter().filter(|e| e.kind == AlarmKind::PlcOffline).count();
     assert_eq!(n, 1, "{:?}", controller.events.lock().unwrap());
 }
+
+fn response(r: afc_domain::wire::ReaderReply) -> afc_domain::wire::ReaderResponse {
+    match r {
+        afc_domain::wire::ReaderReply::Response(r) => r,
+        afc_domain::wire::ReaderReply::Error(e) => panic!("reader error {e:?}"),
+    }
+}
+
+#[tokio::test]
+async fn under_the_hard_wired_emergency_input_taps_follow_the_emergency_rules() {
+    use afc_domain::mode::ModeBits;
+    use afc_domain::model::{Direction, Reason};
+    use afc_domain::wire::{DecisionKind, ModeMessage};
+    let plc = plc().await;
+    let agent = Agent::start(free_port(), &plc).await;
+    agent.seed_defaults();
+    let g = agent.running.gate.clone();
+    let mut reader = agent.reader().await;
+    let entered = gate_agent::gate::now().plus_minutes(-30);
+    let exit = svc_tap(Direction::Exit, card(3104_0000_0000_0011, 1000, Some((FAR, entered))));
+    let answer =
+        |r: &afc_domain::wire::ReaderResponse| (r.decision, r.reason, r.fare_fen, r.card_write.is_some());
+
+    plc.sim.set_emergency_input(true);
+    eventually("the emergency input to be read", || g.plc().last_inputs().emergency_input.then_some(()))
+        .await;
+    let (s, ok) = plc.sim.wait_for(DEADLINE, |s| s.free_passage && s.flaps_open).await;
+    assert!(ok, "{s:?}");
+    let under_input = response(reader.tap(&exit).await.unwrap());
+    assert_eq!(answer(&under_input), (DecisionKind::OpenExit, Reason::OkEmergencyRelease, 0, false));
+    let stored = g.store().pending(0, 10, 1 << 20).unwrap();
+    let rec = gate_agent::gate::decode_record(&stored[0].1).unwrap();
+    assert_eq!((rec.fare_fen, rec.reason), (0, Reason::OkEmergencyRelease));
+    assert!(rec.modes.has(ModeBits::EMERGENCY_RELEASE), "{:?}", rec.modes);
+
+    plc.sim.set_emergency_input(false);
+    eventually("the emergency input to clear", || (!g.plc().last_inputs().emergency_input).then_some(()))
+        .await;
+    let normal = response(reader.tap(&exit).await.unwrap());
+    assert_eq!(answer(&normal), (DecisionKind::OpenExit, Reason::Ok, 400, true));
+
+    // The API's emergency release answers the same tap the same way.
+    let msg = ModeMessage {
+        version: 1,
+        bits: ModeBits::EMERGENCY_RELEASE,
+        since: gate_agent::gate::now(),
+        history_ref: None,
+        history: vec![],
+    };
+    g.apply_mode(msg).await.unwrap();
+    let under_mode = response(reader.tap(&exit).await.unwrap());
+    assert_eq!(answer(&under_mode), answer(&under_input));
+}
