@@ -10,6 +10,7 @@ mod config;
 mod console;
 mod crash;
 mod disk;
+mod failover;
 mod forged;
 mod harness;
 mod mqtt;
