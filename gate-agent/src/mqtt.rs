@@ -6,6 +6,9 @@
 //!   connection changes go out on a watch. On an error it backs off and tries the next broker.
 //! - `mqtt-session` reacts to every ConnAck: renews the subscriptions, publishes the retained birth
 //!   status (the will says `{online:false}`), and sends heartbeats, alarms and `params/ack`.
+//!   About once a second it judges release on controller loss from the earlier of the broker
+//!   connection's loss and the controllers' absence (the retained `state` saying offline, the
+//!   leader's will, while the broker is up; a former leader's will of an older term is ignored).
 //! - `mqtt-inbox` handles each message, persists its effect, and only then acks it (manual acks):
 //!   parameter pointers and chunks, modes, commands, tx acks, used QR codes. A malformed message is
 //!   counted, logged, acked and skipped.
@@ -133,6 +136,8 @@ pub fn spawn(
         uploaded,
         leader_changed: Notify::new(),
         leader: std::sync::Mutex::new(None),
+        controllers_offline_since: std::sync::Mutex::new(None),
+        controllers_changed: Notify::new(),
         key,
     });
     tokio::spawn(eventloop_task(
@@ -165,6 +170,12 @@ struct Ctx {
     /// `(leader_node, term, since)` of the last `state` seen (a leader restarted into the same term
     /// announces a new `since`).
     leader: std::sync::Mutex<Option<(u64, u64, Timestamp)>>,
+    /// Since when the retained `state` has said the controllers are offline (the leader's will),
+    /// received while connected to the broker; cleared by an online `state`. Release on
+    /// controller loss counts from the earlier of this and the broker connection's loss.
+    controllers_offline_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Woken when `controllers_offline_since` changes, so the loss is re-evaluated at once.
+    controllers_changed: Notify,
     /// The gate's key: signs its tx batches and every message it publishes but the will.
     key: SigningKey,
 }
@@ -358,7 +369,10 @@ async fn session_task(
                 } else if lost_since.is_none() {
                     lost_since = Some(tokio::time::Instant::now());
                 }
-                g.controller_loss(lost_since.map(|t| t.elapsed())).await;
+                g.controller_loss(controllers_lost_since(&ctx, lost_since).map(|t| t.elapsed())).await;
+            }
+            () = ctx.controllers_changed.notified() => {
+                g.controller_loss(controllers_lost_since(&ctx, lost_since).map(|t| t.elapsed())).await;
             }
             _ = heartbeat.tick() => {
                 if !ctx.connected() { continue; }
@@ -391,6 +405,19 @@ async fn session_task(
         }
     }
     tracing::info!("mqtt-session task stopped");
+}
+
+/// Since when the gate has had no controller: the earlier of the broker connection's loss and
+/// the controllers' announced absence (`state` offline).
+fn controllers_lost_since(
+    ctx: &Ctx,
+    broker_lost: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    let offline = *ctx.controllers_offline_since.lock().unwrap_or_else(|p| p.into_inner());
+    match (broker_lost, offline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// A package being downloaded.
@@ -570,9 +597,38 @@ async fn inbox_task(
                         }
                         *seen = Some((l.leader_node, l.term, l.since));
                     }
+                    drop(seen);
+                    let was = ctx.controllers_offline_since.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if was.is_some() {
+                        tracing::info!(leader = l.leader_node, term = l.term, "controllers online again");
+                        ctx.controllers_changed.notify_one();
+                    }
                     Ok(())
                 }
-                Ok(wire::StationState::Offline(_)) => Ok(()),
+                Ok(wire::StationState::Offline(off)) => {
+                    // A will naming an older term (or another node in the same term) than the
+                    // leader last seen online is a former leader's: it says nothing of the current one.
+                    let seen = *ctx.leader.lock().unwrap_or_else(|p| p.into_inner());
+                    let stale = match (seen, off.term) {
+                        (Some((node, term, _)), Some(t)) => {
+                            t < term || (t == term && off.leader_node.is_some_and(|n| n != node))
+                        }
+                        _ => false,
+                    };
+                    if stale {
+                        tracing::info!(?off, "offline state of a former leader ignored");
+                    } else {
+                        let mut since =
+                            ctx.controllers_offline_since.lock().unwrap_or_else(|p| p.into_inner());
+                        if since.is_none() {
+                            tracing::warn!(?off, "station state: the controllers are offline");
+                            *since = Some(tokio::time::Instant::now());
+                            drop(since);
+                            ctx.controllers_changed.notify_one();
+                        }
+                    }
+                    Ok(())
+                }
                 Err(e) => Err(e.to_string()),
             },
             _ => Ok(()),

@@ -104,3 +104,83 @@ async fn under_the_hard_wired_emergency_input_taps_follow_the_emergency_rules() 
     let under_mode = response(reader.tap(&exit).await.unwrap());
     assert_eq!(answer(&under_mode), answer(&under_input));
 }
+
+#[tokio::test]
+async fn with_the_broker_up_and_the_controllers_offline_too_long_the_gate_releases() {
+    use afc_domain::model::{ParamKind, Timestamp};
+    use afc_domain::wire::{self, LeaderState, Offline, StationState};
+    use gate_agent::params::GateConfigBody;
+    const LIMIT_SECS: u64 = 2;
+    let port = free_port();
+    start_broker(port).await;
+    let controller = Controller::connect(port).await;
+    let state_topic = format!("afc/v1/{STATION}/state");
+    let online = |node, term| {
+        wire::encode(&StationState::Online(LeaderState {
+            leader_node: node,
+            term,
+            since: gate_agent::gate::now(),
+        }))
+    };
+    let offline = |node, term| {
+        wire::encode(&StationState::Offline(Offline { leader_node: Some(node), term: Some(term) }))
+    };
+    controller.publish(state_topic.clone(), true, online(1, 1)).await;
+    let plc = plc().await;
+    let agent = Agent::start_in_dir(tempfile::tempdir().unwrap(), port, &plc, "").await;
+    let g = agent.running.gate.clone();
+    eventually("the gate's MQTT session", || {
+        g.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed).then_some(())
+    })
+    .await;
+    let body =
+        GateConfigBody { release_on_controller_loss_secs: Some(LIMIT_SECS), ..GateConfigBody::default() };
+    agent.seed(ParamKind::GateConfig, 1, Timestamp(0), serde_json::to_vec(&body).unwrap());
+    // Broker and controllers up: no release.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!plc.sim.snapshot().free_passage && !g.free_passage());
+
+    // The leader's will: the broker stays up, the controllers are gone.
+    let t0 = Instant::now();
+    controller.publish(state_topic.clone(), true, offline(1, 1)).await;
+    let (s, ok) = plc.sim.wait_for(DEADLINE, |s| s.free_passage).await;
+    assert!(ok, "never released: {s:?}");
+    let released_after = t0.elapsed();
+    println!("released {released_after:?} after the controllers' offline state (limit {LIMIT_SECS} s)");
+    assert!(released_after >= Duration::from_secs(LIMIT_SECS), "{released_after:?}");
+    assert!(released_after < Duration::from_secs(LIMIT_SECS + 2), "{released_after:?}");
+    eventually("the controller_lost alarm", || {
+        controller
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == AlarmKind::ControllerLost && !e.cleared)
+            .then_some(())
+    })
+    .await;
+
+    // A leader announces itself: the passage is restored.
+    let t1 = Instant::now();
+    controller.publish(state_topic.clone(), true, online(2, 2)).await;
+    let (s, ok) = plc.sim.wait_for(DEADLINE, |s| !s.free_passage).await;
+    assert!(ok, "never restored: {s:?}");
+    let restored_after = t1.elapsed();
+    println!("restored {restored_after:?} after the online state");
+    assert!(restored_after < Duration::from_secs(1), "{restored_after:?}");
+    eventually("the controller_lost alarm cleared", || {
+        controller
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == AlarmKind::ControllerLost && e.cleared)
+            .then_some(())
+    })
+    .await;
+
+    // A former leader's late will (older term) says nothing of the current leader.
+    controller.publish(state_topic.clone(), true, offline(1, 1)).await;
+    tokio::time::sleep(Duration::from_millis(LIMIT_SECS * 1000 + 1500)).await;
+    assert!(!plc.sim.snapshot().free_passage && !g.free_passage());
+}
