@@ -74,6 +74,11 @@ pub enum Request {
         tx_public_key: String,
         hardware_profile: String,
     },
+    /// Takes a gate out of service for good: its batches are refused from then on
+    /// ([`Rejection::GateDecommissioned`]) and its messages no longer verify; its ledger progress
+    /// is kept, so a gate registered again under this id (a recommissioning) does not reuse a
+    /// gate_seq already in the ledger.
+    DecommissionGate { gate: Ident },
     /// Stores a signed parameter package; `version` must exceed the kind's current version.
     /// Only for small packages: a large one goes as [`Request::PutPackagePiece`]s and a
     /// [`Request::CommitPackage`], so that no Raft entry is large.
@@ -266,6 +271,7 @@ impl Request {
             Request::AppendTxBatch { .. } => "append_tx_batch",
             Request::AppendTxBatches { .. } => "append_tx_batches",
             Request::RegisterGate { .. } => "register_gate",
+            Request::DecommissionGate { .. } => "decommission_gate",
             Request::PutPackage { .. } => "put_package",
             Request::PutPackagePiece { .. } => "put_package_piece",
             Request::CommitPackage { .. } => "commit_package",
@@ -290,6 +296,8 @@ impl Request {
 pub enum Rejection {
     #[error("gate {gate} is not registered")]
     UnknownGate { gate: Ident },
+    #[error("gate {gate} is decommissioned")]
+    GateDecommissioned { gate: Ident },
     #[error("batch signature does not verify against the gate's key")]
     BadSignature,
     #[error("record {gate_seq} names station/gate {station}/{gate}, not the batch's")]
@@ -354,6 +362,9 @@ pub enum Response {
         gate: Ident,
         key_replaced: bool,
     },
+    GateDecommissioned {
+        gate: Ident,
+    },
     /// A package piece is stored; `received` pieces of the upload are held.
     PieceStored {
         upload: u64,
@@ -415,6 +426,9 @@ pub struct GateInfo {
     pub hardware_profile: String,
     /// Contiguous high-water mark and out-of-order seqs received.
     pub progress: GateProgress,
+    /// Taken out of service ([`Request::DecommissionGate`]); registering it again clears this.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub decommissioned: bool,
 }
 
 /// The versions of one package kind held in the store.
@@ -612,6 +626,13 @@ impl StationState {
             Request::RegisterGate { gate, tx_public_key, hardware_profile } => {
                 self.register_gate(gate, tx_public_key, hardware_profile)
             }
+            Request::DecommissionGate { gate } => match self.gates.get_mut(gate) {
+                Some(info) => {
+                    info.decommissioned = true;
+                    Response::GateDecommissioned { gate: gate.clone() }
+                }
+                None => Response::Rejected { rejection: Rejection::UnknownGate { gate: gate.clone() } },
+            },
             Request::PutPackage { kind, version, package } => self.put_package(*kind, *version, package, out),
             Request::PutPackagePiece { upload, index, at, bytes } => {
                 self.put_piece(*upload, *index, *at, bytes, out)
@@ -729,6 +750,9 @@ impl StationState {
         let Some(info) = self.gates.get_mut(gate) else {
             return reject(Rejection::UnknownGate { gate: gate.clone() });
         };
+        if info.decommissioned {
+            return reject(Rejection::GateDecommissioned { gate: gate.clone() });
+        }
         let (Some(sig), Ok(key)) =
             (decode_signature(signature), VerifyingKey::from_bytes(&info.tx_public_key))
         else {
@@ -784,6 +808,7 @@ impl StationState {
                 let replaced = info.tx_public_key != key;
                 info.tx_public_key = key;
                 info.hardware_profile = hardware_profile.to_owned();
+                info.decommissioned = false;
                 replaced
             }
             None => {
@@ -793,6 +818,7 @@ impl StationState {
                         tx_public_key: key,
                         hardware_profile: hardware_profile.to_owned(),
                         progress: GateProgress::default(),
+                        decommissioned: false,
                     },
                 );
                 false

@@ -64,8 +64,12 @@ impl GateView for NoGateView {
 pub struct GateOut {
     #[serde(flatten)]
     pub live: GateSnapshot,
-    /// Registered in the replicated state (its transaction key is known).
+    /// Registered in the replicated state (its transaction key is known) and not decommissioned.
     pub registered: bool,
+    /// Taken out of service through `POST /api/v1/gates/{gate}/decommission`.
+    pub decommissioned: bool,
+    /// Its registered transaction-signing key (ed25519, hex).
+    pub tx_public_key: Option<String>,
     pub hardware_profile: Option<String>,
     /// Per kind, the version the station wants every gate to hold.
     pub desired_versions: BTreeMap<String, u64>,
@@ -124,7 +128,9 @@ fn merge(state: &ApiState, view: Vec<GateSnapshot>) -> Result<Vec<GateOut>, ApiE
                 .map(|(k, _)| k.clone())
                 .collect();
             GateOut {
-                registered: info.is_some(),
+                registered: info.as_ref().is_some_and(|i| !i.decommissioned),
+                decommissioned: info.as_ref().is_some_and(|i| i.decommissioned),
+                tx_public_key: info.as_ref().map(|i| hex::encode(i.tx_public_key)),
                 hardware_profile: info.as_ref().map(|i| i.hardware_profile.clone()),
                 ledger_through_seq: info.as_ref().map(|i| i.progress.contiguous_through),
                 desired_versions: desired.clone(),

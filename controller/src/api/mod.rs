@@ -7,7 +7,8 @@
 //! - [`error`]: [`ApiError`], the one place errors become HTTP statuses and stable codes.
 //! - [`auth`]: bearer tokens (sha256 in the config) → role; the [`auth::Caller`] extractor enforces
 //!   the route table's role for the matched route.
-//! - [`cluster`], [`mode`], [`params`], [`records`] (ledger, clearing, audit), [`gates`]: handlers.
+//! - [`cluster`], [`mode`], [`params`], [`records`] (ledger, clearing, audit), [`gates`],
+//!   [`commissioning`] (register, replace the key of, decommission a gate): handlers.
 //! - [`metrics`]: the Prometheus text exposition (SPEC §10) and the registry other tasks feed.
 //! - [`openapi`]: the OpenAPI 3 document built from [`ROUTES`].
 //!
@@ -17,6 +18,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod commissioning;
 pub mod error;
 pub mod gates;
 pub mod metrics;
@@ -106,6 +108,9 @@ routes! {
     GET "/api/v1/audit" Viewer false "The replicated audit log (from, limit)." => records::audit;
     GET "/api/v1/gates" Viewer false "Every gate: online, direction, service, alarms, versions desired vs reported." => gates::list;
     GET "/api/v1/gates/{gate}" Viewer false "One gate in detail." => gates::detail;
+    POST "/api/v1/gates" Engineer true "Commission a gate: register its id and transaction-signing key (ed25519, hex) with a reason; a decommissioned gate is registered again." => commissioning::register;
+    PUT "/api/v1/gates/{gate}/key" Engineer true "Replace a gate's transaction-signing key (new hardware, compromised key) with a reason: batches signed with the old key are refused from then on." => commissioning::replace_key;
+    POST "/api/v1/gates/{gate}/decommission" Engineer true "Decommission a gate with a reason: its batches are refused and its messages no longer verify; its ledger progress is kept." => commissioning::decommission;
     POST "/api/v1/gates/{gate}/commands" Operator true "Command a gate (open_once_entry, open_once_exit, set_direction, out_of_service, in_service) with a reason; answers with the gate's acknowledgement." => gates::command;
 }
 

@@ -239,16 +239,17 @@ type KeyMap = HashMap<Ident, ([u8; 32], Option<VerifyingKey>)>;
 
 impl GateKeys {
     /// Takes the state's gate keys, unless they are the ones held already.
+    /// A decommissioned gate has no key: nothing it sends verifies.
     pub(crate) fn refresh(&self, gates: &std::collections::BTreeMap<Ident, GateInfo>) {
+        let active = || gates.iter().filter(|(_, i)| !i.decommissioned);
         let same = |held: &KeyMap| {
-            held.len() == gates.len()
-                && gates.iter().all(|(g, i)| held.get(g).is_some_and(|(b, _)| *b == i.tx_public_key))
+            held.len() == active().count()
+                && active().all(|(g, i)| held.get(g).is_some_and(|(b, _)| *b == i.tx_public_key))
         };
         if self.keys.read().is_ok_and(|held| same(&held)) {
             return;
         }
-        let fresh = gates
-            .iter()
+        let fresh = active()
             .map(|(g, i)| (g.clone(), (i.tx_public_key, VerifyingKey::from_bytes(&i.tx_public_key).ok())))
             .collect();
         let mut held = self.keys.write().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -5,6 +5,7 @@ mod api;
 mod broker_auth;
 mod clearing_sync;
 mod cluster;
+mod commissioning;
 mod common;
 mod config;
 mod console;
