@@ -283,7 +283,21 @@ cluster_secret_file = "{secret}"
                     return l;
                 }
             }
-            assert!(Instant::now() < deadline, "no leader within {timeout:?}: {seen:?}");
+            if Instant::now() >= deadline {
+                // What each node said last: a start-up failure (a port taken meanwhile, a
+                // bootstrap error) shows here rather than only as "no leader".
+                let tails: String = self
+                    .nodes
+                    .values()
+                    .map(|n| {
+                        let log = n.log();
+                        let lines: Vec<&str> = log.lines().collect();
+                        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                        format!("\n--- node {} ({}) ---\n{tail}", n.id, n.addr)
+                    })
+                    .collect();
+                panic!("no leader within {timeout:?}: {seen:?}{tails}");
+            }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
