@@ -62,10 +62,12 @@ where
     F: FnOnce(net::Net) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,
 {
+    // The probe too runs one at a time: the tests of this binary start together, and the probe's
+    // namespace name is per process (two probes at once collided in CI: "File exists").
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !available() {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t = Instant::now();
     let outcome = std::thread::spawn(move || {
         let net = net::Net::enter(tag, NODES).expect("private network");
