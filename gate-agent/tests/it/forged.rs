@@ -239,22 +239,36 @@ async fn forged_commands_never_open_the_flap_are_counted_and_taps_go_on() {
     };
     let attacks = forgeries(&topic, &gate_topic("g02", "cmd"), &open);
     let acks = controller.cmd_acks.clone();
-    // A tap opens the entry coil too: count the coil writes the taps make.
-    let plc_ref = &plc;
-    let taps_before = std::sync::atomic::AtomicUsize::new(0);
-    run_attacks(&agent, &attacker, "cmd", &topic, false, attacks, |attack| {
-        // Every entry coil write so far was a tap's (one per attack before this one).
-        let taps = taps_before.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(entry_coil_writes(plc_ref), taps, "{attack}: the flap opened");
+    // A tap opens the entry coil too: every entry coil write must be a tap's. The reader hears
+    // the answer before the coil is written, so wait for each earlier tap's write to land first
+    // (under load it can trail the next attack's refusal), then require no write beyond them.
+    let coil_sets = |s: &gate_agent::plc_sim::SimState| {
+        s.writes.iter().filter(|w| **w == SimWrite::Coil { addr: 0, value: true }).count()
+    };
+    let m = agent.running.metrics.clone();
+    for (taps, (attack, reason, payload)) in attacks.into_iter().enumerate() {
+        let before = m.unverified_messages("cmd", reason);
+        attacker.publish(&topic, false, payload).await;
+        eventually(&format!("cmd: '{attack}' refused as {reason}"), || {
+            (m.unverified_messages("cmd", reason) == before + 1).then_some(())
+        })
+        .await;
+        let (s, ok) = plc.sim.wait_for(DEADLINE, |s| coil_sets(s) >= taps).await;
+        assert!(ok, "{attack}: the earlier taps' coil writes never landed: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(entry_coil_writes(&plc), taps, "{attack}: the flap opened");
         assert!(acks.lock().unwrap().is_empty(), "{attack}: a forged command was answered");
-    })
-    .await;
+        tap_goes_on(&agent, taps as u64).await;
+    }
     // A genuine command naming another gate, on this gate's topic: rejected, nothing opens.
     let for_g02 = Command { id: "for-g02".into(), gate: Ident::new("g02").unwrap(), ..open.clone() };
     controller.publish_signed(topic.clone(), false, &for_g02).await;
     let ack = eventually("the ack", || acks.lock().unwrap().first().cloned()).await;
     assert_eq!((ack.id.as_str(), ack.result), ("for-g02", CommandResult::Rejected), "{ack:?}");
     assert_eq!(agent.running.metrics.unverified_messages("cmd", "other_gate"), 1);
+    let (s, ok) = plc.sim.wait_for(DEADLINE, |s| coil_sets(s) >= 7).await;
+    assert!(ok, "the taps' coil writes never landed: {s:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(entry_coil_writes(&plc), 7);
     // The genuine one opens.
     controller.publish_signed(topic, false, &Command { id: "genuine".into(), ..open }).await;
