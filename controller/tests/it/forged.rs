@@ -137,6 +137,25 @@ async fn gate_view(st: &Station, node: u64, gate: &str) -> Value {
     v
 }
 
+/// An operator's command to g01 through the API of `api`, answered in the background (the
+/// request waits for the gate's acknowledgement).
+fn command_to_g01(
+    http: reqwest::Client,
+    api: String,
+    command: Value,
+) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    tokio::spawn(async move {
+        let r = http
+            .post(format!("http://{api}/api/v1/gates/g01/commands"))
+            .bearer_auth(OPERATOR)
+            .json(&command)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+    })
+}
+
 /// Publishes each forgery on `gates/{gate}/{leaf}` and adds what the leader must count to `expected`.
 async fn forge(
     client: &rumqttc::AsyncClient,
@@ -270,19 +289,7 @@ async fn forged_gate_messages_change_nothing_and_are_counted_and_what_the_leader
     let command = json!({"command": "open_once_entry", "reason": "forged ack test"});
     let api = st.apis[&leader].clone();
     let http = st.c.http.clone();
-    let waiting = tokio::spawn({
-        let (http, api, command) = (http.clone(), api.clone(), command.clone());
-        async move {
-            let r = http
-                .post(format!("http://{api}/api/v1/gates/g01/commands"))
-                .bearer_auth(OPERATOR)
-                .json(&command)
-                .send()
-                .await
-                .unwrap();
-            (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    });
+    let waiting = command_to_g01(http.clone(), api.clone(), command.clone());
     let cmd_topic = t("gates/g01/cmd");
     let cmd: Command = attacker
         .wait_for("the command to g01", Duration::from_secs(10), |p| {
@@ -343,16 +350,7 @@ async fn forged_gate_messages_change_nothing_and_are_counted_and_what_the_leader
     assert_eq!(counted, expected, "unverified messages counted by (topic, reason)");
 
     // The genuine paths still work: g01 answers a command, g04's used QR code is relayed.
-    let answered = tokio::spawn(async move {
-        let r = http
-            .post(format!("http://{api}/api/v1/gates/g01/commands"))
-            .bearer_auth(OPERATOR)
-            .json(&command)
-            .send()
-            .await
-            .unwrap();
-        (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
-    });
+    let answered = command_to_g01(http, api, command);
     let cmd2: Command = attacker
         .wait_for("the second command to g01", Duration::from_secs(10), |p| {
             (p.topic == cmd_topic).then(|| open_from_station::<Command>(&p.topic, &p.payload).ok()).flatten()
