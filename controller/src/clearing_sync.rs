@@ -117,6 +117,12 @@ pub struct ClearingStatus {
     pub watermark_advances: u64,
     /// How long the task waits before its next attempt, while it backs off.
     pub retry_in_ms: Option<u64>,
+    /// When this node's current leadership started uploading (None while not leading).
+    #[serde(default)]
+    pub leading_since: Option<Timestamp>,
+    /// When the uploader last found nothing to upload (clearing held the whole ledger).
+    #[serde(default)]
+    pub caught_up_at: Option<Timestamp>,
 }
 
 /// Shared, cheap-to-clone access to the task's status.
@@ -262,7 +268,10 @@ impl Worker {
                     }
                 }
             };
-            self.status.update(|s| s.leading = true);
+            self.status.update(|s| {
+                s.leading = true;
+                s.leading_since = Some(now());
+            });
             tracing::info!(task = TASK, term, "leader: reconciling with clearing and uploading");
             let lost = leadership_lost(metrics.clone(), self.node.id, term);
             tokio::select! {
@@ -279,6 +288,7 @@ impl Worker {
             self.status.update(|s| {
                 s.leading = false;
                 s.retry_in_ms = None;
+                s.leading_since = None;
             });
         }
     }
@@ -398,6 +408,7 @@ impl Worker {
                 Err(e) => return e.into(),
             };
             let Some(first) = entries.first() else {
+                self.status.update(|s| s.caught_up_at = Some(now()));
                 tokio::time::sleep(poll).await;
                 continue;
             };

@@ -433,6 +433,10 @@ pub struct ClearingConfig {
     pub feed_key_id: u32,
     /// How often the leader asks for new feed items.
     pub feed_poll_ms: u64,
+    /// The clearing lag alarm (`GET /api/v1/clearing` `lag_alarm`, `afc_clearing_lag_alarm`, the
+    /// console's banner) is raised once ledger records have waited this many seconds with no
+    /// upload acknowledged and clearing not caught up (see [`crate::clearing_lag`]). 1 or more.
+    pub lag_alarm_secs: u64,
 }
 
 impl Default for ClearingConfig {
@@ -449,6 +453,7 @@ impl Default for ClearingConfig {
             feed_key: None,
             feed_key_id: 1,
             feed_poll_ms: 1_000,
+            lag_alarm_secs: 900,
         }
     }
 }
@@ -482,6 +487,9 @@ impl ClearingConfig {
             return Err(ConfigError::Invalid(
                 "clearing: backoff_min_ms and poll_ms must be > 0, backoff_max_ms >= backoff_min_ms".into(),
             ));
+        }
+        if self.lag_alarm_secs == 0 {
+            return Err(ConfigError::Invalid("clearing.lag_alarm_secs must be > 0".into()));
         }
         Ok(())
     }

@@ -25,6 +25,7 @@
 
 pub mod api;
 pub mod chain;
+pub mod clearing_lag;
 pub mod clearing_sync;
 pub mod cli;
 pub mod config;

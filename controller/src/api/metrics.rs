@@ -455,6 +455,19 @@ pub fn render(state: &ApiState) -> String {
         "1 while clearing and the station ledger disagree (behind, fork, pruned, refused).",
         f64::from(u8::from(cl.alarm.is_some())),
     );
+    let lag = super::records::lag_now(state, &cl);
+    o.one(
+        "afc_clearing_lag_seconds",
+        "gauge",
+        "Seconds ledger records have waited with no upload acknowledged by clearing (0 when caught up, and on followers: only the leader uploads).",
+        lag.lag_ms.map_or(0.0, |ms| ms as f64 / 1000.0),
+    );
+    o.one(
+        "afc_clearing_lag_alarm",
+        "gauge",
+        "1 while the clearing lag is at or above clearing.lag_alarm_secs (leader only).",
+        f64::from(u8::from(lag.lag_alarm)),
+    );
     o.family("afc_rollout_state", "gauge", "1 for the rollout state each parameter kind is in.");
     let mut rollouts = fm.rollouts.lock().map(|r| r.clone()).unwrap_or_default();
     // The replicated rollouts (every node has them) win over a task's own report.

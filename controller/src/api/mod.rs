@@ -104,7 +104,7 @@ routes! {
     GET "/api/v1/ledger/search" Viewer false "Ledger entries by time range (since_ms, until_ms), gate, card id and media; paged (from, limit → next_from)." => records::ledger_search;
     GET "/api/v1/ledger/stats" Viewer false "Ledger size, head and clearing backlog." => records::ledger_stats;
     GET "/api/v1/ledger/verify" Viewer false "Verify the hash chain of the retained ledger." => records::ledger_verify;
-    GET "/api/v1/clearing" Viewer false "Clearing cursor, backlog, last success and last error." => records::clearing;
+    GET "/api/v1/clearing" Viewer false "Clearing cursor, backlog, last success and last error; lag_ms and lag_alarm (records waiting with no upload acknowledged for clearing.lag_alarm_secs, leader only)." => records::clearing;
     GET "/api/v1/audit" Viewer false "The replicated audit log (from, limit)." => records::audit;
     GET "/api/v1/gates" Viewer false "Every gate: online, direction, service, alarms, versions desired vs reported." => gates::list;
     GET "/api/v1/gates/{gate}" Viewer false "One gate in detail." => gates::detail;

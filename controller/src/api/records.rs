@@ -258,10 +258,29 @@ pub async fn ledger_verify(_c: Caller, state: web::Data<ApiState>) -> Result<Htt
     Ok(HttpResponse::Ok().json(result))
 }
 
+/// The clearing lag of `status` now, with this node's `clearing.lag_alarm_secs`.
+pub fn lag_now(
+    state: &ApiState,
+    status: &crate::clearing_sync::ClearingStatus,
+) -> crate::clearing_lag::ClearingLag {
+    let now = afc_domain::model::Timestamp(
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0),
+        )
+        .unwrap_or(i64::MAX),
+    );
+    let after = std::time::Duration::from_secs(state.node.config.clearing.lag_alarm_secs);
+    crate::clearing_lag::clearing_lag(status, now, after)
+}
+
 /// `GET /api/v1/clearing`: the uploader's [`crate::clearing_sync::ClearingStatus`] (cursor,
-/// backlog, watermark, last success, last error, alarm, counters). Cursor, last index and backlog
-/// come from this node's replicated state; the rest is this node's uploader (on a follower: that of
-/// its last leadership, with `leading: false`).
+/// backlog, watermark, last success, last error, alarm, counters), with the clearing lag
+/// (`lag_ms`, `lag_alarm`, `lag_alarm_secs`: [`crate::clearing_lag`]). Cursor, last index and
+/// backlog come from this node's replicated state; the rest is this node's uploader (on a follower:
+/// that of its last leadership, with `leading: false` and `lag_ms: null`).
 pub async fn clearing(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     let st = stats(&state)?;
     let mut c = state.clearing.as_ref().map(|c| c.snapshot()).unwrap_or_default();
@@ -272,6 +291,10 @@ pub async fn clearing(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResp
     // Names kept from the first version of this view.
     v["acked_through"] = st.clearing_acked_through.into();
     v["last_success_ms"] = c.last_success.map(|t| t.millis()).into();
+    let lag = lag_now(&state, &c);
+    v["lag_ms"] = lag.lag_ms.into();
+    v["lag_alarm"] = lag.lag_alarm.into();
+    v["lag_alarm_secs"] = lag.lag_alarm_secs.into();
     let f = state.node.sm.state()?.feed;
     v["feed"] = serde_json::json!({
         "after": f.after,

@@ -88,11 +88,31 @@ async fn cluster_with_clearing(n: u64, clearing: &Clearing, batch_records: usize
     c
 }
 
+/// The `[raft]` body of these tests: fast elections.
+const RAFT: &str = "heartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\nconnect_timeout_ms = 200\n";
+
 fn spawn_node(c: &mut Cluster, id: u64, addr: String, clearing: &Clearing, batch_records: usize) {
+    spawn_node_with(c, id, addr, clearing, batch_records, RAFT, "", "");
+}
+
+/// `spawn_node` with its own `[raft]` body, further `[clearing]` keys and further sections
+/// before `[clearing]`.
+#[allow(clippy::too_many_arguments)]
+fn spawn_node_with(
+    c: &mut Cluster,
+    id: u64,
+    addr: String,
+    clearing: &Clearing,
+    batch_records: usize,
+    raft: &str,
+    clearing_keys: &str,
+    sections: &str,
+) {
     let token = c.node_dir(id).join("clearing-token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let extra = format!(
         r#"
+{sections}
 [clearing]
 url = "http://{clearing}"
 token_file = "{token}"
@@ -100,11 +120,11 @@ batch_records = {batch_records}
 backoff_min_ms = 50
 backoff_max_ms = 400
 poll_ms = 50
+{clearing_keys}
 "#,
         clearing = clearing.addr,
         token = token.display(),
     );
-    let raft = "heartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\nconnect_timeout_ms = 200\n";
     c.spawn_with(id, addr, id == 1, &NodeSetup { raft, extra: &extra, rust_log: "info,openraft=warn" });
 }
 
@@ -344,4 +364,247 @@ poll_ms = 50
     assert_eq!((view["enabled"].as_bool(), view["leading"].as_bool()), (Some(true), Some(true)), "{view}");
     assert_eq!((view["cursor"].as_u64(), view["backlog"].as_u64()), (Some(3), Some(2)), "{view}");
     assert!(view["last_error"].is_string() && view["last_success_ms"].as_i64().unwrap() > 0, "{view}");
+}
+
+/// A process's resident set size in KiB (`VmRSS` of `/proc/PID/status`).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    line.trim().strip_suffix("kB")?.trim().parse().ok()
+}
+
+/// Samples a process's RSS every 50 ms on its own thread; `take_peak` returns the highest value
+/// since the previous call.
+struct RssSampler {
+    pid: u32,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        use std::sync::atomic::Ordering::Relaxed;
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Relaxed) {
+                if let Some(r) = rss_kib(pid) {
+                    p.fetch_max(r, Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        RssSampler { pid, peak, stop, thread: Some(thread) }
+    }
+
+    fn take_peak(&self) -> u64 {
+        let now = rss_kib(self.pid).unwrap_or(0);
+        self.peak.swap(now, std::sync::atomic::Ordering::Relaxed).max(now)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Records before the outage (uploaded, the RSS baseline), the outage's backlog, per gate batch.
+const BEFORE_OUTAGE: u64 = 1_000;
+const OUTAGE_BACKLOG: u64 = 200_000;
+const GATE_BATCH: u64 = 1_000;
+/// The leader's RSS may grow by at most this much over its RSS before the backlog, while the
+/// backlog builds and while it is uploaded. Measured (debug build, 2 cores): 62 MiB before,
+/// about 200 MiB after 200,000 records (sled's page cache, 1 GiB by default, keeps the pages
+/// written), 207 MiB at the catch-up's peak.
+const RSS_GROWTH_LIMIT_MIB: f64 = 256.0;
+/// The catch-up may add at most this much over the peak while the backlog built: the uploader
+/// pages the ledger (`batch_records` = 5,000 here: measured +7 MiB). Pages of 100,000 records,
+/// half the backlog in memory at once, measured +77 MiB; all of it would be about twice that.
+const CATCHUP_GROWTH_LIMIT_MIB: f64 = 48.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_of_traffic_while_clearing_is_down_raises_the_lag_alarm_and_arrives_once_in_bounded_memory() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let clearing_dir = dir.path().join("clearing");
+    let mut clearing = Clearing::start(&clearing_dir).await;
+    let mut c = Cluster::unstarted(3, Duration::from_secs(60));
+    let viewer = "clearing-lag-viewer-token";
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(viewer.as_bytes()));
+    let apis: std::collections::BTreeMap<u64, String> =
+        c.initial.keys().map(|id| (*id, format!("127.0.0.1:{}", free_port()))).collect();
+    // Elections slower than the other tests': 1,000-record batches on 2 cores must not cost the
+    // leadership (the RSS figures are the leader's).
+    let raft = "heartbeat_ms = 200\nelection_timeout_min_ms = 2000\nelection_timeout_max_ms = 4000\nconnect_timeout_ms = 500\n";
+    for (id, addr) in c.initial.clone() {
+        let sections = format!(
+            "[api]\nlisten = \"{api}\"\n[[api.tokens]]\nname = \"vera\"\nrole = \"viewer\"\nsha256 = \"{sha}\"\n",
+            api = apis[&id]
+        );
+        spawn_node_with(&mut c, id, addr, &clearing, 5_000, raft, "lag_alarm_secs = 2", &sections);
+    }
+    let leader = c.wait_leader(Duration::from_secs(30), None).await;
+    let follower = c.running().into_iter().find(|id| *id != leader).unwrap();
+    let pid = c.nodes[&leader].pid().unwrap();
+    let http = c.http.clone();
+    let view = |id: u64| {
+        let (http, url) = (http.clone(), format!("http://{}/api/v1/clearing", apis[&id]));
+        async move {
+            let r = http.get(url).bearer_auth(viewer).send().await.unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let metrics = |id: u64| {
+        let (http, url) = (http.clone(), format!("http://{}/metrics", apis[&id]));
+        async move { http.get(url).bearer_auth(viewer).send().await.unwrap().text().await.unwrap() }
+    };
+
+    let key = gate_key(1);
+    c.write(leader, &register("g01", &key)).await.unwrap();
+    let write_batches = |from: u64, count: u64| {
+        let (c, key) = (&c, &key);
+        async move {
+            let mut seq = from;
+            while seq < from + count {
+                let last = (seq + GATE_BATCH - 1).min(from + count - 1);
+                let r = c.write(leader, &batch("g01", key, seq..=last)).await.unwrap();
+                assert!(matches!(r, controller::state::Response::Appended { duplicates: 0, .. }), "{r:?}");
+                seq = last + 1;
+            }
+        }
+    };
+    write_batches(1, BEFORE_OUTAGE).await;
+    wait_uploaded(&c, &clearing, BEFORE_OUTAGE, Duration::from_secs(30)).await;
+    let v = view(leader).await;
+    assert_eq!((v["lag_ms"].as_u64(), v["lag_alarm"].as_bool()), (Some(0), Some(false)), "caught up: {v}");
+    let rss_before = rss_kib(pid).unwrap();
+
+    // Clearing goes down for the day; the station takes its traffic.
+    clearing.stop().await;
+    let sampler = RssSampler::start(pid);
+    let t = Instant::now();
+    write_batches(BEFORE_OUTAGE + 1, OUTAGE_BACKLOG / 2).await;
+    let mid = view(leader).await;
+    write_batches(BEFORE_OUTAGE + OUTAGE_BACKLOG / 2 + 1, OUTAGE_BACKLOG / 2).await;
+    let write_time = t.elapsed();
+    let rss_build_peak = sampler.take_peak();
+    let total = BEFORE_OUTAGE + OUTAGE_BACKLOG;
+    assert!(mid["lag_alarm"] == true || write_time < Duration::from_secs(4), "alarm halfway: {mid}");
+
+    // The alarm shows in the clearing view and in the metrics while clearing is down.
+    let down =
+        poll_view(&view, leader, "the lag alarm while clearing is down", |v| v["lag_alarm"] == true).await;
+    assert_eq!(down["backlog"].as_u64(), Some(OUTAGE_BACKLOG), "{down}");
+    assert_eq!(down["acked_through"].as_u64(), Some(BEFORE_OUTAGE), "{down}");
+    assert!(down["lag_ms"].as_u64().unwrap() >= 2_000, "{down}");
+    assert_eq!(down["lag_alarm_secs"].as_u64(), Some(2), "{down}");
+    assert!(down["last_error"].is_string(), "{down}");
+    let text = metrics(leader).await;
+    assert_eq!(sample(&text, "afc_clearing_lag_alarm"), Some(1.0), "{text}");
+    assert!(sample(&text, "afc_clearing_lag_seconds").unwrap() >= 2.0, "{text}");
+    assert_eq!(sample(&text, "afc_clearing_backlog_records"), Some(OUTAGE_BACKLOG as f64));
+    // A follower does not upload: it shows no lag of its own (and no stale alarm).
+    let f = view(follower).await;
+    assert_eq!((f["lag_ms"].is_null(), f["lag_alarm"].as_bool()), (true, Some(false)), "follower: {f}");
+    for id in c.running() {
+        assert_eq!(c.state(id).await.unwrap().clearing_acked_through, BEFORE_OUTAGE, "node {id}");
+    }
+
+    // Clearing is back: the backlog is uploaded, paged, exactly once.
+    sampler.take_peak();
+    let t = Instant::now();
+    clearing.restart().await;
+    let stats = wait_uploaded(&c, &clearing, total, Duration::from_secs(180)).await;
+    let upload_time = t.elapsed();
+    let rss_catchup_peak = sampler.take_peak();
+    drop(sampler);
+    println!(
+        "clearing outage: {OUTAGE_BACKLOG} records in {} gate batches written in {:.1} s ({:.0} records/s); \
+         uploaded in {:.1} s ({:.0} records/s, {} batches); leader RSS before {:.1} MiB, peak while \
+         building {:.1} MiB, peak during catch-up {:.1} MiB",
+        OUTAGE_BACKLOG / GATE_BATCH,
+        write_time.as_secs_f64(),
+        OUTAGE_BACKLOG as f64 / write_time.as_secs_f64(),
+        upload_time.as_secs_f64(),
+        OUTAGE_BACKLOG as f64 / upload_time.as_secs_f64(),
+        stats.batches_acked,
+        mib(rss_before),
+        mib(rss_build_peak),
+        mib(rss_catchup_peak),
+    );
+    assert_eq!(
+        c.wait_leader(Duration::from_secs(5), None).await,
+        leader,
+        "the leader changed: RSS of which?"
+    );
+    assert_eq!(stats.records, total, "{stats:?}");
+    assert_eq!(stats.acked_through, total, "{stats:?}");
+    assert_eq!(stats.duplicate_keys, 0, "{stats:?}");
+    assert_eq!(stats.resent_records, 0, "{stats:?}");
+    assert_eq!(stats.rejected, 0, "{stats:?}");
+    for (phase, peak) in [("building the backlog", rss_build_peak), ("the catch-up", rss_catchup_peak)] {
+        let growth = mib(peak.saturating_sub(rss_before));
+        assert!(
+            growth < RSS_GROWTH_LIMIT_MIB,
+            "leader RSS grew by {growth:.1} MiB during {phase} (limit {RSS_GROWTH_LIMIT_MIB} MiB)"
+        );
+    }
+    let catchup_growth = mib(rss_catchup_peak.saturating_sub(rss_build_peak));
+    assert!(
+        catchup_growth < CATCHUP_GROWTH_LIMIT_MIB,
+        "the catch-up added {catchup_growth:.1} MiB to the leader's RSS (limit {CATCHUP_GROWTH_LIMIT_MIB} MiB): \
+         is the ledger uploaded page by page?"
+    );
+
+    // The alarm clears.
+    let up = poll_view(&view, leader, "the lag alarm to clear", |v| v["lag_alarm"] == false).await;
+    assert_eq!((up["backlog"].as_u64(), up["lag_ms"].as_u64()), (Some(0), Some(0)), "{up}");
+    let text = metrics(leader).await;
+    assert_eq!(sample(&text, "afc_clearing_lag_alarm"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "afc_clearing_lag_seconds"), Some(0.0), "{text}");
+
+    // Every index once, with our hash: clearing's file, re-verified on open, against our ledger.
+    clearing.stop().await;
+    let stored = clearing::store::LedgerFile::open(&clearing_dir.join("stations").join("s1")).unwrap();
+    let ours = c.ledger(leader).await;
+    assert_eq!(ours.len() as u64, total);
+    assert_eq!(stored.acked_through(), total);
+    assert_eq!(stored.duplicate_keys(), 0);
+    for e in &ours {
+        assert_eq!(stored.hash_at(e.index), Some(e.hash), "index {}", e.index);
+    }
+    assert_eq!(stored.hash_at(total + 1), None);
+}
+
+/// Polls the clearing view of node `id` until `ok` holds (10 s).
+async fn poll_view<F, Fut>(
+    view: &F,
+    id: u64,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = serde_json::Value>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = view(id).await;
+        if ok(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
