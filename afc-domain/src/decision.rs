@@ -18,7 +18,9 @@
 //!   same-station exit and an exit without entry under sequence_free all use the card type's
 //!   discounted minimum fare.
 //! - The overstay surcharge is added after the discount and is not discounted; it is waived under
-//!   time_free and when the entry station was under emergency release since the entry.
+//!   time_free and when the entry station was under emergency release since the entry. The
+//!   ride time (this gate's clock minus the entry gate's) must exceed the limit by more than the
+//!   clock tolerance (`qr_skew`) before the surcharge applies.
 //! - At an exit with no entry record, every station that had entry_free within the lookback window
 //!   (the fare table's `max_ride_minutes`, else one day) is a possible origin; the cheapest applies.
 //! - QR codes carry no entry state: the gate opens on a valid, unused code and records the tap;
@@ -45,7 +47,8 @@ pub struct Params<'a> {
     pub fares: &'a FareTable,
     pub blacklist: &'a Blacklist,
     pub qr_keys: &'a QrKeySet,
-    /// Tolerated clock difference between QR issuers and this gate.
+    /// Tolerated clock difference between QR issuers and this gate, and between the entry gate
+    /// (the card's entry time) and this one for the ride-time limit.
     pub qr_skew: QrSkew,
 }
 
@@ -447,7 +450,11 @@ impl Ctx<'_, '_> {
         let (Some(limit), Some(e)) = (fares.max_ride_minutes(), entry) else {
             return fare;
         };
-        let overstayed = self.now.minutes_since(e.time) > i64::from(limit);
+        // The entry time is the entry gate's clock, `now` this gate's: the ride counts as
+        // overstayed only beyond the limit plus the clock tolerance, so two clocks that disagree
+        // within it never charge a passenger who rode within the limit.
+        let ride_end = Timestamp(self.now.0.saturating_sub(self.p.qr_skew.millis()));
+        let overstayed = ride_end.minutes_since(e.time) > i64::from(limit);
         if !overstayed
             || self.bits.has(ModeBits::TIME_FREE)
             || self.modes.emergency_grace(e.station, e.time, self.now)

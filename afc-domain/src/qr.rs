@@ -109,6 +109,12 @@ impl QrSkew {
     fn ms(self) -> i64 {
         i64::from(self.tolerance_ms)
     }
+
+    /// The tolerance in milliseconds (the decision also allows it on ride times: two gates'
+    /// clocks).
+    pub fn millis(self) -> i64 {
+        self.ms()
+    }
 }
 
 impl Default for QrSkew {

@@ -326,6 +326,13 @@ pub struct ModeMessage {
     pub bits: ModeBits,
     /// Since when these bits are in force.
     pub since: Timestamp,
+    /// When the controllers decided this change, on the same (controller) clock as `since`; only a
+    /// scheduled change carries it. A `since` later than it is a future start: the gate applies
+    /// the change after `min(since - decided_at, since - its own clock)` by a local timer, so its
+    /// own clock being behind never delays a change and a late delivery is not held for the full
+    /// lead. Without it (every change so far), a change is in force on receipt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<Timestamp>,
     /// Where the full history can be fetched, if it is too long to carry inline (SPEC §5).
     #[serde(default)]
     pub history_ref: Option<String>,
@@ -697,6 +704,9 @@ pub enum AlarmKind {
     /// The gate's storage refuses writes (disk full or read-only): taps are refused with
     /// `storage_unavailable` until it takes writes again.
     StorageUnavailable,
+    /// Raised by the controller, not the gate: records of this gate committed with an
+    /// `occurred_at` implausibly far from the controller's clock (`controller::leader::plausible`).
+    ImplausibleTime,
     /// A kind this build does not know.
     #[serde(other)]
     Other,

@@ -153,6 +153,10 @@ pub struct Gate {
     /// A mode message applied but not yet persisted (the disk refused it): written again by
     /// [`Gate::storage_tick`]. Free passage never waits for storage.
     unpersisted_mode: Mutex<Option<ModeMessage>>,
+    /// A scheduled mode change waiting for its start ([`mode_start_delay`]): applied by a local
+    /// timer, or superseded by any newer message. Not persisted: the retained message brings it
+    /// again after a restart.
+    scheduled_mode: Mutex<Option<ModeMessage>>,
     /// Command ids taken (mirror of the store's), with their expiry and result.
     commands: Mutex<BTreeMap<String, Remembered>>,
     /// When the last `unverified_message` alarm went out, and how many refusals since.
@@ -224,6 +228,7 @@ impl Gate {
             near_full_raised: AtomicBool::new(false),
             storage_down: AtomicBool::new(false),
             unpersisted_mode: Mutex::new(None),
+            scheduled_mode: Mutex::new(None),
             commands: Mutex::new(commands),
             unverified_alarm: Mutex::new((None, 0)),
             out: p.out,
@@ -585,11 +590,52 @@ impl Gate {
         Ok(n)
     }
 
-    /// A new mode message: ignore a stale one, swap the mode state, drive the outputs, then
-    /// persist it. Free passage never waits on storage: a write that fails is retried by
+    /// A new mode message: ignore a stale one; a scheduled future start
+    /// ([`mode_start_delay`]) waits for a local timer (the current modes stay in force until it
+    /// fires, a newer message supersedes it); anything else is in force on receipt.
+    pub async fn apply_mode(self: &Arc<Self>, msg: ModeMessage) -> Result<(), StoreError> {
+        let held = self.modes.read().unwrap_or_else(|p| p.into_inner()).0;
+        {
+            let mut scheduled = self.scheduled_mode.lock().unwrap_or_else(|p| p.into_inner());
+            let waiting = scheduled.as_ref().map_or(0, |m| m.version);
+            if msg.version < held.max(waiting) {
+                tracing::debug!(version = msg.version, held, waiting, "stale mode message ignored");
+                return Ok(());
+            }
+            match mode_start_delay(&msg, now()) {
+                Some(delay) if msg.version > held => {
+                    tracing::info!(bits = %msg.bits, version = msg.version, ?delay, "station mode scheduled");
+                    *scheduled = Some(msg.clone());
+                    let gate = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let due = {
+                            let mut s = gate.scheduled_mode.lock().unwrap_or_else(|p| p.into_inner());
+                            if s.as_ref().is_some_and(|m| m.version == msg.version) {
+                                s.take()
+                            } else {
+                                None
+                            }
+                        };
+                        if let Some(m) = due {
+                            if let Err(e) = gate.apply_mode_now(m).await {
+                                tracing::warn!(error = %e, "scheduled mode not applied");
+                            }
+                        }
+                    });
+                    return Ok(());
+                }
+                _ => *scheduled = None,
+            }
+        }
+        self.apply_mode_now(msg).await
+    }
+
+    /// Puts a mode message in force now: swap the mode state, drive the outputs, then persist it.
+    /// Free passage never waits on storage: a write that fails is retried by
     /// [`Gate::storage_tick`] (the mode is in force meanwhile; only a restart before the retry
     /// would start from the older stored mode until the retained one arrives again).
-    pub async fn apply_mode(&self, msg: ModeMessage) -> Result<(), StoreError> {
+    async fn apply_mode_now(&self, msg: ModeMessage) -> Result<(), StoreError> {
         {
             let held = self.modes.read().unwrap_or_else(|p| p.into_inner()).0;
             // Version 0 (no mode change numbered yet) is stale once any numbered one was taken: a
@@ -825,6 +871,24 @@ pub fn mode_state_received(station: StationCode, m: &ModeMessage, received: Time
     }
     s.set(station, m.bits, from);
     s
+}
+
+/// How long after its receipt at `received` (gate clock) a mode message is to take effect;
+/// `None`: at once. Only a scheduled change waits: one whose `since` lies after its `decided_at`
+/// (both the controllers' clock). It waits `min(since - decided_at, since - received)`: the lead
+/// the controllers meant, never more because the gate's clock is behind, less when the message
+/// arrives late (a retained one after a reconnect) or the gate's clock is ahead. A change that
+/// sets emergency release is never held back (free passage early is the safe side). The wait runs
+/// on the monotonic clock, so a clock jump meanwhile does not move it.
+pub fn mode_start_delay(m: &ModeMessage, received: Timestamp) -> Option<std::time::Duration> {
+    let decided = m.decided_at?;
+    if m.bits.has(ModeBits::EMERGENCY_RELEASE) {
+        return None;
+    }
+    let lead = m.since.0.saturating_sub(decided.0);
+    let by_gate_clock = m.since.0.saturating_sub(received.0);
+    let ms = lead.min(by_gate_clock);
+    (ms > 0).then(|| std::time::Duration::from_millis(ms.unsigned_abs()))
 }
 
 /// The mode state a message describes: its history, then the current bits of this station.

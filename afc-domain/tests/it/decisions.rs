@@ -506,7 +506,8 @@ fn an_overstay_adds_the_surcharge_unless_time_free() {
     let mut w = World::with_rule(D, rule(Some(120), 300));
     let within = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 120))));
     assert_decision(&within, OpenExit, Reason::Ok, 320, Some(680));
-    let over = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 121))));
+    // 121 minutes is within the limit plus the clock tolerance (30 s by default): 122 is over.
+    let over = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 122))));
     assert_decision(&over, OpenExit, Reason::Ok, 620, Some(380));
     let mut free = World::with_rule(D, rule(Some(120), 300)).mode(ModeBits::TIME_FREE);
     let waived = free.svc(Out, card(CardType::Ordinary, 1000, Some((A, 500))));
@@ -743,4 +744,57 @@ fn a_decision_becomes_a_ledger_record_with_everything_clearing_needs() {
         (17, Media::Svc, 320, Some(1000), Some(680))
     );
     assert_eq!((rec.entry_station, rec.card_tx_counter, rec.accepted), (Some(A), Some(42), true));
+}
+
+/// Issue 11 item 2: the gate decides with its own clock, and a clock off by less than the
+/// tolerance (`QrSkew`, 30 s by default) changes nothing; beyond it the code is refused with the
+/// reason the gate's clock gives (never a panic). The QR code is issued on the true clock, valid
+/// 60 s, and shown at once and at its last second; the gate's clock is off by `off` ms.
+#[test]
+fn qr_validity_and_the_ride_limit_use_the_gate_clock_within_the_skew_tolerance() {
+    const MIN: i64 = 60_000;
+    let truth = noon();
+    let issue =
+        |nonce| QrIssue { issuer: 1, key_id: 1, account: 4242, issued_at: truth, valid_secs: 60, nonce };
+    let mut nonce = 0;
+    let mut qr_at = |off: i64, shown_after_ms: i64| {
+        let mut w = World::at(A);
+        w.now = Timestamp(truth.0 + shown_after_ms + off);
+        nonce += 1;
+        let code = qr::encode_text(&qr::generate(&issue(nonce), &w.qr_key));
+        let d = w.tap(In, TapMedia::Qr { code });
+        (d.kind, d.reason)
+    };
+    for off in [-5_000, -500, 0, 500, 5_000] {
+        for shown_after in [0, 59_000] {
+            assert_eq!(
+                qr_at(off, shown_after),
+                (OpenEntry, Reason::Ok),
+                "gate {off} ms off, shown after {shown_after} ms"
+            );
+        }
+    }
+    // Beyond the tolerance: a gate 10 min behind sees a code from its future, one ahead an
+    // expired code; the edges of the tolerance itself hold to the millisecond.
+    assert_eq!(qr_at(-10 * MIN, 0), (Reject, Reason::QrNotYetValid));
+    assert_eq!(qr_at(10 * MIN, 0), (Reject, Reason::QrExpired));
+    assert_eq!(qr_at(-30_000, 0), (OpenEntry, Reason::Ok));
+    assert_eq!(qr_at(-30_001, 0), (Reject, Reason::QrNotYetValid));
+    assert_eq!(qr_at(30_000, 60_000), (OpenEntry, Reason::Ok));
+    assert_eq!(qr_at(30_001, 60_000), (Reject, Reason::QrExpired));
+    // Extreme clocks are refused (the issuer key is not valid then), never a panic.
+    assert_eq!(qr_at(i64::MAX / 2, 0), (Reject, Reason::QrUnknownKey));
+    assert_eq!(qr_at(i64::MIN / 2, 0), (Reject, Reason::QrUnknownKey));
+
+    // The ride limit (120 min, 300 fen surcharge): a ride of 120 min 58 s is within the limit; an
+    // exit gate 0.5 s or 5 s ahead of the entry gate does not charge it, 10 min ahead does.
+    let entered = Timestamp(truth.0 - (120 * MIN + 58_000));
+    for (off, fare) in [(-5_000, 320), (-500, 320), (0, 320), (500, 320), (5_000, 320), (10 * MIN, 620)] {
+        let mut w = World::with_rule(D, rule(Some(120), 300));
+        w.now = Timestamp(truth.0 + off);
+        let mut c = card(CardType::Ordinary, 1000, None);
+        c.entry = Some(EntryRecord { station: A, time: entered });
+        let d = w.svc(Out, c);
+        assert_decision(&d, OpenExit, Reason::Ok, fare, Some(1000 - fare));
+    }
 }

@@ -173,6 +173,7 @@ fn mode_message() -> impl Strategy<Value = ModeMessage> {
             version,
             bits: ModeBits(bits),
             since,
+            decided_at: None,
             history_ref,
             history,
         })

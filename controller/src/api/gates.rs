@@ -41,6 +41,14 @@ pub struct GateSnapshot {
     pub counters: BTreeMap<String, u64>,
     /// When the controller last heard from the gate (ms since the epoch).
     pub last_seen_ms: Option<i64>,
+    /// Gate clock minus controller clock at the last heartbeat (alarm `clock_drift` beyond
+    /// `mqtt.clock_drift_alarm_ms`).
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
+    /// Records committed this leadership whose `occurred_at` was implausible (alarm
+    /// `implausible_time`; `controller::leader::plausible`).
+    #[serde(default)]
+    pub implausible_time_records: u64,
 }
 
 /// A source of live gate state.

@@ -37,6 +37,8 @@ pub struct ControllerMetrics {
     rollouts: Mutex<BTreeMap<String, String>>,
     /// (kind, version) → effective_from ms, so a scrape decodes each package header once.
     effective: Mutex<BTreeMap<(u8, u64), i64>>,
+    /// gate → committed records with an implausible time (ahead, older): `controller::leader::plausible`.
+    implausible_time: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
 /// The rollout states `afc_rollout_state` reports, one series each.
@@ -47,6 +49,14 @@ pub const ROLLOUT_STATES: [&str; 7] =
 pub const SCANS: [&str; 2] = ["verify", "search"];
 
 impl ControllerMetrics {
+    /// Committed records of `gate` whose time was implausible: `ahead` of this node's clock, `older`.
+    pub fn implausible_time(&self, gate: &str, ahead: u64, older: u64) {
+        let mut m = self.implausible_time.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(gate.to_owned()).or_default();
+        e.0 += ahead;
+        e.1 += older;
+    }
+
     /// A ledger scan (`verify` or `search`, one of [`SCANS`]) was refused for want of a free slot.
     pub fn scan_refused(&self, scan: &str) {
         if let Some(i) = SCANS.iter().position(|s| *s == scan) {
@@ -338,6 +348,15 @@ pub fn render(state: &ApiState) -> String {
         "Transactions received from gates and committed by this node as leader.",
         fm.tx_ingested.load(Ordering::Relaxed) as f64,
     );
+    o.family(
+        "afc_ledger_implausible_time_total",
+        "counter",
+        "Committed records whose occurred_at was more than 5 min ahead of this node's clock (when=ahead) or more than 7 days behind it (when=older), counted while leader.",
+    );
+    for (gate, (ahead, older)) in fm.implausible_time.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        o.sample("afc_ledger_implausible_time_total", &[("gate", gate), ("when", "ahead")], *ahead as f64);
+        o.sample("afc_ledger_implausible_time_total", &[("gate", gate), ("when", "older")], *older as f64);
+    }
     o.family(
         "afc_api_scans_refused_total",
         "counter",

@@ -68,11 +68,13 @@ pub(crate) async fn ingest_task(
 async fn propose(ctx: &Ctx, gate: &Ident, batch: TxBatch) -> Option<u64> {
     let records = batch.records.len();
     let started = Instant::now();
+    let times = super::plausible::record_times(&batch);
     match ctx.node.group.write(Request::from(batch)).await {
         Ok(w) => match w {
             Response::Appended { appended, duplicates, deferred, through_seq, .. } => {
                 Stats::inc(&ctx.stats.tx_records_appended, u64::from(appended));
                 ctx.metrics.observe_append(started.elapsed(), u64::from(appended));
+                super::plausible::check(ctx, gate, &times);
                 tracing::debug!(%gate, records, appended, duplicates, deferred, through_seq, "tx batch committed");
                 Some(through_seq)
             }

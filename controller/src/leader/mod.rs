@@ -37,6 +37,7 @@
 pub mod broker;
 pub mod ingest;
 pub mod mqtt;
+pub mod plausible;
 pub mod publish;
 pub mod rollout;
 pub mod view;

@@ -385,7 +385,14 @@ pub fn mode_message(state: &StationState, station: Option<StationCode>) -> ModeM
         .mode_changes
         .iter()
         .fold(0u64, |v, c| v.saturating_add(1).max(u64::try_from(c.at.millis()).unwrap_or(0)));
-    ModeMessage { version, bits, since, history_ref: None, history: state.modes.periods.clone() }
+    ModeMessage {
+        version,
+        bits,
+        since,
+        decided_at: None,
+        history_ref: None,
+        history: state.modes.periods.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,14 @@ pub struct GateView {
     pub clock_offset_ms: Option<i64>,
     /// `|clock_offset_ms|` beyond `mqtt.clock_drift_alarm_ms`: the gate's clock needs attention.
     pub clock_drift: bool,
+    /// Committed records with an implausible `occurred_at` ([`super::plausible`]) this leadership:
+    /// ahead of the controller's clock, and too old.
+    pub implausible_ahead: u64,
+    pub implausible_older: u64,
+    /// The last committed batch had such records (alarm `implausible_time`).
+    pub implausible_time: bool,
+    /// Highest gate_seq looked at by [`Board::on_committed_times`] (each record counts once).
+    pub times_checked_through: u64,
     /// Per kind, what the gate reports holding (birth, then `params/ack`).
     pub versions_reported: BTreeMap<ParamKind, ReportedVersions>,
     /// Per kind, the version the controller publishes (the pointer's version).
@@ -72,6 +80,10 @@ impl GateView {
             last_heartbeat: None,
             clock_offset_ms: None,
             clock_drift: false,
+            implausible_ahead: 0,
+            implausible_older: 0,
+            implausible_time: false,
+            times_checked_through: 0,
             versions_reported: BTreeMap::new(),
             versions_desired: BTreeMap::new(),
             drift: false,
@@ -155,6 +167,36 @@ impl Board {
         if v.clock_drift {
             v.alarms.insert(AlarmKind::ClockDrift);
         }
+        if v.implausible_time {
+            v.alarms.insert(AlarmKind::ImplausibleTime);
+        }
+    }
+
+    /// A committed batch's `(gate_seq, occurred_at)`, at controller time `now`: the records not
+    /// looked at before, classified ([`super::plausible::classify`]); raises or clears the gate's
+    /// `implausible_time` flag. `None` when every record was looked at already (a re-sent batch).
+    pub fn on_committed_times(
+        &mut self,
+        gate: &Ident,
+        times: &[(u64, Timestamp)],
+        now: Timestamp,
+    ) -> Option<(u64, u64, Timestamp)> {
+        let v = self.entry(gate);
+        let fresh: Vec<(u64, Timestamp)> =
+            times.iter().copied().filter(|(seq, _)| *seq > v.times_checked_through).collect();
+        let last = fresh.iter().map(|(seq, _)| *seq).max()?;
+        v.times_checked_through = last;
+        let (ahead, older) = super::plausible::classify(&fresh, now);
+        v.implausible_ahead += ahead;
+        v.implausible_older += older;
+        v.implausible_time = ahead + older > 0;
+        if v.implausible_time {
+            v.alarms.insert(AlarmKind::ImplausibleTime);
+        } else {
+            v.alarms.remove(&AlarmKind::ImplausibleTime);
+        }
+        let example = fresh.iter().map(|(_, t)| *t).max_by_key(|t| (t.0 - now.0).abs()).unwrap_or(now);
+        Some((ahead, older, example))
     }
 
     pub fn on_params_ack(&mut self, gate: &Ident, ack: &ParamsAck) {
@@ -281,6 +323,8 @@ impl crate::api::GateView for super::Duties {
                 .map(|(k, n)| (k.to_owned(), n))
                 .collect(),
                 last_seen_ms: v.last_heartbeat.map(|t| t.millis()),
+                clock_offset_ms: v.clock_offset_ms,
+                implausible_time_records: v.implausible_ahead + v.implausible_older,
             })
             .collect()
     }
@@ -308,6 +352,29 @@ mod tests {
         let v = b.get(&g).unwrap();
         assert!(!v.drift);
         assert_eq!(v.versions_reported[&ParamKind::FareTable].pending, None);
+    }
+
+    #[test]
+    fn committed_records_far_ahead_or_far_behind_the_controller_clock_are_flagged_once() {
+        use super::super::plausible::{AHEAD_MS, OLDER_MS};
+        let g = Ident::new("g01").unwrap();
+        let mut b = Board::default();
+        let now = Timestamp(1_800_000_000_000);
+        let at = |ms: i64| Timestamp(now.0 + ms);
+        // 5 s ahead, 10 min behind: plausible (clock within tolerance, a late upload).
+        assert_eq!(b.on_committed_times(&g, &[(1, at(5_000)), (2, at(-600_000))], now).unwrap().0, 0);
+        assert!(!b.get(&g).unwrap().implausible_time);
+        let r = b.on_committed_times(&g, &[(3, at(AHEAD_MS + 1)), (4, at(-OLDER_MS - 1)), (5, at(0))], now);
+        assert_eq!(r.map(|(a, o, _)| (a, o)), Some((1, 1)));
+        let v = b.get(&g).unwrap();
+        assert!(v.implausible_time && v.alarms.contains(&AlarmKind::ImplausibleTime));
+        assert_eq!((v.implausible_ahead, v.implausible_older), (1, 1));
+        // The same batch again (re-sent) counts nothing; the exact bound is still plausible.
+        assert_eq!(b.on_committed_times(&g, &[(3, at(AHEAD_MS + 1))], now), None);
+        b.on_committed_times(&g, &[(6, at(AHEAD_MS)), (7, at(-OLDER_MS))], now);
+        let v = b.get(&g).unwrap();
+        assert!(!v.implausible_time && !v.alarms.contains(&AlarmKind::ImplausibleTime), "{v:?}");
+        assert_eq!((v.implausible_ahead, v.implausible_older), (1, 1));
     }
 
     #[test]

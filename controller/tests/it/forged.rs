@@ -461,6 +461,7 @@ async fn a_retained_mode_replaced_or_cleared_on_the_broker_is_published_again_by
         version: u64::MAX,
         bits: afc_domain::mode::ModeBits::EMERGENCY_RELEASE,
         since: Timestamp(0),
+        decided_at: None,
         history_ref: None,
         history: Vec::new(),
     };

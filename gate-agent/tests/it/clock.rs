@@ -2,12 +2,14 @@
 //! `gate-agent` binary with the test-only clock offset (`AFC_TEST_ONLY_CLOCK_OFFSET_FILE`, re-read
 //! every 100 ms): emergency release set and cleared by the controllers (their clock, the test's)
 //! reaches the PLC within 1 s whatever the gate's clock says, and a backward jump while the
-//! release is in force does not take it back.
+//! release is in force does not take it back. A scheduled change (a `since` after its
+//! `decided_at`) waits for a local timer, whatever the gate's clock says.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use afc_domain::mode::ModeBits;
+use afc_domain::model::Timestamp;
 use afc_domain::wire::ModeMessage;
 use gate_agent::gate::{now, TEST_CLOCK_OFFSET_FILE_ENV};
 
@@ -75,6 +77,7 @@ async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_b
             version,
             bits: ModeBits::EMERGENCY_RELEASE,
             since: now(),
+            decided_at: None,
             history_ref: None,
             history: vec![],
         };
@@ -86,8 +89,14 @@ async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_b
             assert!(plc.sim.snapshot().free_passage, "{case}: a backward jump took the release back");
         }
         version += 1;
-        let msg =
-            ModeMessage { version, bits: ModeBits::NORMAL, since: now(), history_ref: None, history: vec![] };
+        let msg = ModeMessage {
+            version,
+            bits: ModeBits::NORMAL,
+            since: now(),
+            decided_at: None,
+            history_ref: None,
+            history: vec![],
+        };
         controller.publish_signed(topic.clone(), true, &msg).await;
         let cleared = reaches(&plc, false).await;
         figures.push(format!("{case}: set {set:?}, cleared {cleared:?}"));
@@ -95,4 +104,85 @@ async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_b
     }
     assert!(agent.0.try_wait().unwrap().is_none(), "the agent stopped; see {}", log.display());
     println!("clock: {}", figures.join("; "));
+}
+
+/// A scheduled mode change (`decided_at` now, `since` 2 s later, both the controllers' clock):
+/// not in force at once, in force about 2 s after receipt by the gate's local timer, with the
+/// gate's clock right or 10 min behind (its lag is not added); a change without a schedule is in
+/// force on receipt, and one that arrives before a scheduled start supersedes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_mode_change_takes_effect_at_its_start_by_a_local_timer_whatever_the_gate_clock() {
+    const LEAD: Duration = Duration::from_secs(2);
+    let plc = plc().await;
+    let port = free_port();
+    start_broker(port).await;
+    let controller = Controller::connect(port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reader: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = write_config(dir.path(), port, plc.addr, reader, "");
+    let offset_file = dir.path().join("clock-offset-ms");
+    std::fs::write(&offset_file, "0").unwrap();
+    let log = dir.path().join("agent.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut agent = Proc(
+        Command::new(env!("CARGO_BIN_EXE_gate-agent"))
+            .arg("--config")
+            .arg(&config)
+            .env(TEST_CLOCK_OFFSET_FILE_ENV, &offset_file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the gate's birth", || (!controller.status.lock().unwrap().is_empty()).then_some(())).await;
+    let topic = format!("afc/v1/{STATION}/mode");
+    let mut version = 0;
+    let mut mode = |bits, lead: Option<Duration>| {
+        version += 1;
+        let decided = now();
+        ModeMessage {
+            version,
+            bits,
+            since: Timestamp(decided.0 + lead.map_or(0, |l| l.as_millis() as i64)),
+            decided_at: lead.map(|_| decided),
+            history_ref: None,
+            history: vec![],
+        }
+    };
+    let mut figures = Vec::new();
+    for (case, offset) in [("gate clock right", 0), ("gate clock 10 min behind", -10 * MIN)] {
+        std::fs::write(&offset_file, offset.to_string()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = Instant::now();
+        controller.publish_signed(topic.clone(), true, &mode(ModeBits::ENTRY_FREE, Some(LEAD))).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(
+            !plc.sim.snapshot().free_passage,
+            "{case}: the scheduled change was in force before its start"
+        );
+        let (s, ok) = plc.sim.wait_for(Duration::from_secs(5), |s| s.free_passage).await;
+        let took = sent.elapsed();
+        assert!(ok, "{case}: the scheduled change never took effect: {s:?}");
+        assert!(took >= LEAD && took < LEAD + Duration::from_millis(700), "{case}: in force after {took:?}");
+        figures.push(format!("{case}: in force after {took:?}"));
+        // An unscheduled change is in force on receipt.
+        let sent = Instant::now();
+        controller.publish_signed(topic.clone(), true, &mode(ModeBits::NORMAL, None)).await;
+        let (s, ok) = plc.sim.wait_for(Duration::from_secs(5), |s| !s.free_passage).await;
+        assert!(
+            ok && sent.elapsed() < WITHIN,
+            "{case}: the unscheduled change took {:?}: {s:?}",
+            sent.elapsed()
+        );
+        figures.push(format!("unscheduled {:?}", sent.elapsed()));
+    }
+    // A newer change before the start supersedes the scheduled one: it never takes effect.
+    controller.publish_signed(topic.clone(), true, &mode(ModeBits::ENTRY_FREE, Some(LEAD))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    controller.publish_signed(topic.clone(), true, &mode(ModeBits::NORMAL, None)).await;
+    tokio::time::sleep(LEAD + Duration::from_millis(500)).await;
+    assert!(!plc.sim.snapshot().free_passage, "a superseded scheduled change took effect");
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent stopped; see {}", log.display());
+    println!("scheduled mode: {}", figures.join("; "));
 }

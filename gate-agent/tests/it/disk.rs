@@ -79,7 +79,7 @@ fn fill(dir: &Path) -> PathBuf {
 }
 
 fn mode(version: u64, bits: ModeBits) -> ModeMessage {
-    ModeMessage { version, bits, since: now(), history_ref: None, history: vec![] }
+    ModeMessage { version, bits, since: now(), decided_at: None, history_ref: None, history: vec![] }
 }
 
 /// How long until the PLC's free-passage coil reads `on`.

@@ -97,6 +97,7 @@ async fn under_the_hard_wired_emergency_input_taps_follow_the_emergency_rules() 
         version: 1,
         bits: ModeBits::EMERGENCY_RELEASE,
         since: gate_agent::gate::now(),
+        decided_at: None,
         history_ref: None,
         history: vec![],
     };

@@ -166,6 +166,7 @@ fn emergency(version: u64) -> ModeMessage {
         version,
         bits: ModeBits::EMERGENCY_RELEASE,
         since: now(),
+        decided_at: None,
         history_ref: None,
         history: vec![],
     }

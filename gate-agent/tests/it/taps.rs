@@ -95,6 +95,7 @@ async fn the_emergency_input_frees_the_passage_and_emergency_release_mode_holds_
         version: 1,
         bits: afc_domain::mode::ModeBits::EMERGENCY_RELEASE,
         since: gate_agent::gate::now(),
+        decided_at: None,
         history_ref: None,
         history: vec![],
     };

@@ -99,6 +99,7 @@ pub async fn forged_control_messages_change_nothing(st: &Station, used_code: &st
         version: u64::MAX,
         bits: ModeBits::EMERGENCY_RELEASE,
         since: Timestamp(0),
+        decided_at: None,
         history_ref: None,
         history: Vec::new(),
     };
