@@ -121,6 +121,8 @@ impl Decision {
             params,
             replay_unchecked: self.replay_unchecked,
             qr: self.qr.map(|c| QrRef { issuer: c.issuer, nonce: c.nonce }),
+            installation: None,
+            voids: None,
         }
     }
 }

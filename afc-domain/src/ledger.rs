@@ -27,6 +27,12 @@
 //! | 15 | `params` | 5 varints: fare_table, blacklist, qr_keys, gate_config, mode |
 //! | 16 | `replay_unchecked` | bool byte |
 //! | 17 | `qr` | presence byte + issuer varint + nonce varint |
+//! | 18 | `installation` (version 2 only) | presence byte + 16 bytes |
+//! | 19 | `voids` (version 2 only) | presence byte + varint |
+//!
+//! A record with neither `installation` nor `voids` is written as version 1 (fields 1–17, so
+//! every record a gate of the first version wrote keeps its bytes and hash); any other record as
+//! version 2, which appends fields 18 and 19. A version 2 record with neither is not canonical.
 //!
 //! [`TxRecord::from_canonical`] is strict: it refuses unknown codes, invalid identifiers, trailing
 //! bytes and any input that is not exactly what `canonical_bytes` would produce (for instance a
@@ -64,8 +70,10 @@ pub struct ParamVersions {
     pub mode: u64,
 }
 
-/// One tap as recorded by a gate. `(station, gate, gate_seq)` is the idempotency key: the gate
-/// persists `gate_seq` before using it, and the ledger de-duplicates on it.
+/// One tap as recorded by a gate. `(station, gate, installation, gate_seq)` is the idempotency
+/// key: the gate persists `gate_seq` before using it, and the ledger de-duplicates on it (and
+/// refuses a record whose key it holds with other content). A replaced gate (new hardware or a
+/// wiped disk, same gate id) has a new installation, so its sequence numbers are its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxRecord {
     pub station: Ident,
@@ -100,6 +108,67 @@ pub struct TxRecord {
     /// For a QR tap: the code's issuer and nonce, so clearing can find a duplicate use of one code
     /// (the account alone is in `id`).
     pub qr: Option<QrRef>,
+    /// The gate installation that numbered this record (made once when the gate's store was
+    /// created); `None` only in records of gates of the first version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installation: Option<Installation>,
+    /// On a compensating record: the gate_seq (same gate and installation) of the accepted tap
+    /// whose passage did not happen (the flaps never opened), which this record voids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voids: Option<u64>,
+}
+
+/// A gate installation's identity: 16 random bytes made when its store is first created, shown
+/// and carried as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Installation(pub [u8; 16]);
+
+impl Installation {
+    /// Parses 32 hex digits.
+    pub fn parse(hex_text: &str) -> Option<Installation> {
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(hex_text.as_bytes(), &mut out).ok()?;
+        Some(Installation(out))
+    }
+}
+
+impl std::fmt::Display for Installation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl Serialize for Installation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Installation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Installation::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom("installation: expected 32 hex digits"))
+    }
+}
+
+/// A run of a gate's sequence numbers that will never reach the ledger: the gate's signed batch
+/// covered them ([`crate::wire::TxBatch::covers_from`]) and held none of them (an outbox frame it
+/// could not read). The station ledger records it through Raft so the gate's later records are
+/// acked, raises an alarm, and reports it to clearing (`POST /v1/stations/{station}/gaps`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceGap {
+    /// From 1, in the order the station recorded them.
+    pub id: u64,
+    pub gate: Ident,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installation: Option<Installation>,
+    pub from_seq: u64,
+    pub to_seq: u64,
+    /// The ledger index the gate's next record got (where in the chain the gap shows).
+    pub ledger_index: u64,
+    /// The gate's time of the record after the gap.
+    pub noticed_at: Timestamp,
 }
 
 /// Which QR code a transaction used: with the account (`TxRecord::id`) it identifies the code.
@@ -109,8 +178,10 @@ pub struct QrRef {
     pub nonce: u64,
 }
 
-/// The format version byte that starts every record's canonical bytes.
+/// The format version byte of a record without `installation` and `voids` (first-version gates).
 pub const CANONICAL_VERSION: u8 = 1;
+/// The format version byte of a record with an `installation` or `voids`.
+pub const CANONICAL_VERSION_2: u8 = 2;
 
 /// The hash before the first ledger entry.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -138,6 +209,8 @@ pub enum Field {
     Modes,
     ReplayUnchecked,
     Qr,
+    Installation,
+    Voids,
 }
 
 /// Why canonical bytes or a gate batch were refused.
@@ -191,7 +264,8 @@ impl TxRecord {
     }
 
     fn write_canonical(&self, out: &mut Vec<u8>) {
-        out.push(CANONICAL_VERSION);
+        let v2 = self.installation.is_some() || self.voids.is_some();
+        out.push(if v2 { CANONICAL_VERSION_2 } else { CANONICAL_VERSION });
         put_str(out, self.station.as_str());
         put_str(out, self.gate.as_str());
         varint::put_u64(out, self.gate_seq);
@@ -228,13 +302,23 @@ impl TxRecord {
                 varint::put_u64(out, q.nonce);
             }
         }
+        if v2 {
+            match self.installation {
+                None => out.push(0),
+                Some(i) => {
+                    out.push(1);
+                    out.extend_from_slice(&i.0);
+                }
+            }
+            put_opt(out, self.voids);
+        }
     }
 
     /// Decodes canonical bytes, refusing anything `canonical_bytes` would not have produced.
     pub fn from_canonical(bytes: &[u8]) -> Result<TxRecord, LedgerError> {
         let mut r = Reader::new(bytes);
         let version = r.byte()?;
-        if version != CANONICAL_VERSION {
+        if version != CANONICAL_VERSION && version != CANONICAL_VERSION_2 {
             return Err(LedgerError::UnknownVersion(version));
         }
         let station = get_ident(&mut r, Field::Station)?;
@@ -278,6 +362,19 @@ impl TxRecord {
         } else {
             None
         };
+        let (mut installation, mut voids) = (None, None);
+        if version == CANONICAL_VERSION_2 {
+            if get_bool(&mut r, Field::Installation)? {
+                let mut id = [0u8; 16];
+                for b in &mut id {
+                    *b = r.byte()?;
+                }
+                installation = Some(Installation(id));
+            }
+            if get_bool(&mut r, Field::Voids)? {
+                voids = Some(r.u64()?);
+            }
+        }
         if !r.is_empty() {
             return Err(LedgerError::TrailingBytes(r.remaining()));
         }
@@ -302,6 +399,8 @@ impl TxRecord {
             params,
             replay_unchecked,
             qr,
+            installation,
+            voids,
         };
         // Varints accept redundant continuation bytes; re-encoding catches every such alias.
         if record.canonical_bytes() != bytes {
@@ -311,8 +410,8 @@ impl TxRecord {
     }
 
     /// The record's idempotency key.
-    pub fn key(&self) -> (&Ident, &Ident, u64) {
-        (&self.station, &self.gate, self.gate_seq)
+    pub fn key(&self) -> (&Ident, &Ident, Option<Installation>, u64) {
+        (&self.station, &self.gate, self.installation, self.gate_seq)
     }
 }
 
@@ -540,16 +639,67 @@ impl GateProgress {
         }
         true
     }
+
+    /// Marks `from..=to` as settled because the gate no longer holds them (its signed batch
+    /// covers the range and carries none of them): returns the sub-ranges that were not in the
+    /// ledger (the sequence gaps to record) and moves the contiguous mark to at least `to`. Only
+    /// at the contiguous edge: a range that starts above `contiguous_through + 1` changes nothing
+    /// (returns no gap), since nothing says what happened below it.
+    pub fn fill(&mut self, from: u64, to: u64) -> Vec<(u64, u64)> {
+        let from = from.max(1).max(self.contiguous_through + 1);
+        if to < from || from != self.contiguous_through + 1 {
+            return Vec::new();
+        }
+        let mut gaps = Vec::new();
+        let mut next = from;
+        while let Some(&p) = self.pending.first() {
+            if p > to {
+                break;
+            }
+            self.pending.pop_first();
+            if p > next {
+                gaps.push((next, p - 1));
+            }
+            next = p + 1;
+        }
+        if next <= to {
+            gaps.push((next, to));
+        }
+        self.contiguous_through = to;
+        while self.pending.first() == Some(&(self.contiguous_through + 1)) {
+            self.pending.pop_first();
+            self.contiguous_through += 1;
+        }
+        gaps
+    }
 }
 
 /// The bytes a gate signs for a batch of its records:
 /// `BATCH_SIGNING_DOMAIN ‖ len ‖ station ‖ len ‖ gate ‖ count ‖ (len ‖ canonical bytes)*`,
-/// lengths and count as varints.
+/// lengths and count as varints. A batch that says which range of sequence numbers it covers
+/// ([`covers_from`](crate::wire::TxBatch::covers_from)) is signed under
+/// `BATCH_SIGNING_DOMAIN_V2 ‖ len ‖ station ‖ len ‖ gate ‖ covers_from ‖ count ‖ …` instead.
 pub fn batch_signing_bytes(station: &Ident, gate: &Ident, records: &[TxRecord]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BATCH_SIGNING_DOMAIN.len() + 160 + records.len() * 80);
-    out.extend_from_slice(BATCH_SIGNING_DOMAIN);
+    batch_signing_bytes_covering(station, gate, None, records)
+}
+
+/// Prefix of the bytes a gate signs for a batch that names the range it covers.
+pub const BATCH_SIGNING_DOMAIN_V2: &[u8] = b"afc/v2/gate-tx-batch\0";
+
+/// [`batch_signing_bytes`], with the first sequence number the batch covers when it names one.
+pub fn batch_signing_bytes_covering(
+    station: &Ident,
+    gate: &Ident,
+    covers_from: Option<u64>,
+    records: &[TxRecord],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BATCH_SIGNING_DOMAIN_V2.len() + 170 + records.len() * 100);
+    out.extend_from_slice(if covers_from.is_some() { BATCH_SIGNING_DOMAIN_V2 } else { BATCH_SIGNING_DOMAIN });
     put_str(&mut out, station.as_str());
     put_str(&mut out, gate.as_str());
+    if let Some(from) = covers_from {
+        varint::put_u64(&mut out, from);
+    }
     varint::put_u64(&mut out, records.len() as u64);
     let mut buf = Vec::with_capacity(96);
     for record in records {
@@ -563,7 +713,18 @@ pub fn batch_signing_bytes(station: &Ident, gate: &Ident, records: &[TxRecord]) 
 
 /// A gate's signature over a batch of its records.
 pub fn sign_batch(station: &Ident, gate: &Ident, records: &[TxRecord], key: &SigningKey) -> [u8; 64] {
-    key.sign(&batch_signing_bytes(station, gate, records)).to_bytes()
+    sign_batch_covering(station, gate, None, records, key)
+}
+
+/// A gate's signature over a batch that covers `covers_from..=` its last record.
+pub fn sign_batch_covering(
+    station: &Ident,
+    gate: &Ident,
+    covers_from: Option<u64>,
+    records: &[TxRecord],
+    key: &SigningKey,
+) -> [u8; 64] {
+    key.sign(&batch_signing_bytes_covering(station, gate, covers_from, records)).to_bytes()
 }
 
 /// Checks a gate batch: every record names this station and gate with a non-zero `gate_seq`, and
@@ -571,6 +732,18 @@ pub fn sign_batch(station: &Ident, gate: &Ident, records: &[TxRecord], key: &Sig
 pub fn verify_batch(
     station: &Ident,
     gate: &Ident,
+    records: &[TxRecord],
+    signature: &[u8; 64],
+    key: &VerifyingKey,
+) -> Result<(), LedgerError> {
+    verify_batch_covering(station, gate, None, records, signature, key)
+}
+
+/// [`verify_batch`] for a batch that may name the first sequence number it covers.
+pub fn verify_batch_covering(
+    station: &Ident,
+    gate: &Ident,
+    covers_from: Option<u64>,
     records: &[TxRecord],
     signature: &[u8; 64],
     key: &VerifyingKey,
@@ -584,7 +757,7 @@ pub fn verify_batch(
         }
     }
     let signature = Signature::from_bytes(signature);
-    key.verify_strict(&batch_signing_bytes(station, gate, records), &signature)
+    key.verify_strict(&batch_signing_bytes_covering(station, gate, covers_from, records), &signature)
         .map_err(|_| LedgerError::BadSignature)
 }
 
@@ -639,6 +812,8 @@ mod tests {
             params: ParamVersions { fare_table: 3, blacklist: 120, qr_keys: 2, gate_config: 1, mode: 9 },
             replay_unchecked: false,
             qr: None,
+            installation: None,
+            voids: None,
         }
     }
 
@@ -672,8 +847,11 @@ mod tests {
         bytes.push(0);
         assert_eq!(TxRecord::from_canonical(&bytes), Err(LedgerError::TrailingBytes(1)));
         let mut bytes = sample(1).canonical_bytes();
+        bytes[0] = 3;
+        assert_eq!(TxRecord::from_canonical(&bytes), Err(LedgerError::UnknownVersion(3)));
+        // Version 2 without its two presence bytes ends early.
         bytes[0] = 2;
-        assert_eq!(TxRecord::from_canonical(&bytes), Err(LedgerError::UnknownVersion(2)));
+        assert_eq!(TxRecord::from_canonical(&bytes), Err(LedgerError::Truncated));
         assert_eq!(TxRecord::from_canonical(&[]), Err(LedgerError::Truncated));
         // version, "a", "b", seq 1, then media code 9.
         let bad_media = [1, 1, b'a', 1, b'b', 1, 9];

@@ -554,6 +554,13 @@ pub struct TxBatch {
     /// the same gate id changes nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installation: Option<String>,
+    /// The first gate_seq this batch covers: the gate holds no record in `covers_from ..` the
+    /// last record's gate_seq other than the ones in `records` (it sends from just above its
+    /// acknowledged point). A number in that range that is neither here nor in the ledger is lost
+    /// (an unreadable outbox frame): the ledger records the gap and acks past it. Signed with the
+    /// records (`ledger::batch_signing_bytes_covering`); absent from first-version gates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covers_from: Option<u64>,
 }
 
 impl TxBatch {

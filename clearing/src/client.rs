@@ -7,14 +7,15 @@
 
 use std::time::Duration;
 
+use afc_domain::ledger::SequenceGap;
 use afc_domain::model::Ident;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::protocol::{
-    Acked, Conflict, ErrorBody, FeedItem, FeedKeyInfo, FeedPage, FeedSubmission, StationStats, UploadBatch,
-    Watermark,
+    Acked, Conflict, ErrorBody, FeedItem, FeedKeyInfo, FeedPage, FeedSubmission, GapReport, GapsStored,
+    StationStats, UploadBatch, Watermark,
 };
 
 /// Timeouts of a [`ClearingClient`].
@@ -142,6 +143,38 @@ impl ClearingClient {
         }
         let acked: Acked = answer(resp).await?;
         Ok(UploadOutcome::Acked(acked.acked_through))
+    }
+
+    /// Reports sequence gaps (ids from 1, resends allowed); how far the stored gaps run. A 409
+    /// answers `Ok(UploadOutcome::Conflict)` as for batches.
+    pub async fn report_gaps(
+        &self,
+        station: &Ident,
+        gaps: &[SequenceGap],
+    ) -> Result<UploadOutcome, ClearingError> {
+        let resp = self
+            .http
+            .post(self.station_url(station, "gaps"))
+            .bearer_auth(&self.token)
+            .json(&GapReport { gaps: gaps.to_vec() })
+            .send()
+            .await
+            .map_err(ClearingError::Transport)?;
+        let status = resp.status();
+        if status == StatusCode::CONFLICT {
+            let body = resp.bytes().await.map_err(ClearingError::Transport)?;
+            return match serde_json::from_slice::<Conflict>(&body) {
+                Ok(c) => Ok(UploadOutcome::Conflict { expected_from: c.expected_from }),
+                Err(_) => Err(unexpected(status, &body)),
+            };
+        }
+        let stored: GapsStored = answer(resp).await?;
+        Ok(UploadOutcome::Acked(stored.stored_through))
+    }
+
+    /// The sequence gaps the clearing house holds for the station.
+    pub async fn gaps(&self, station: &Ident) -> Result<Vec<SequenceGap>, ClearingError> {
+        self.get(self.station_url(station, "gaps")).await
     }
 
     /// Where the clearing house's copy of the station ledger ends.

@@ -5,7 +5,7 @@ use afc_domain::model::IdentError;
 use thiserror::Error;
 
 use crate::feed::FeedStoreError;
-use crate::protocol::{BatchError, FeedError};
+use crate::protocol::{BatchError, FeedError, GapError};
 use crate::store::StoreError;
 
 /// Everything a request or the server's start can fail with.
@@ -29,6 +29,8 @@ pub enum ServerError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Feed(#[from] FeedError),
+    #[error(transparent)]
+    Gap(#[from] GapError),
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
     #[error("no such endpoint")]

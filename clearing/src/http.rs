@@ -6,6 +6,8 @@
 //! | `POST /v1/stations/{station}/batches` | token | [`crate::protocol::Acked`] / 409 / 422 |
 //! | `GET /v1/stations/{station}/watermark` | token | [`crate::protocol::Watermark`] |
 //! | `GET /v1/stations/{station}/stats` | token | [`crate::protocol::StationStats`] |
+//! | `POST /v1/stations/{station}/gaps` | token | [`crate::protocol::GapsStored`] / 409 / 422 |
+//! | `GET /v1/stations/{station}/gaps` | token | the stored `SequenceGap`s |
 //! | `GET /v1/stations/{station}/params?after=SEQ&limit=N` | token | [`crate::protocol::FeedPage`] |
 //! | `POST /v1/admin/stations/{station}/params` | token | 201 [`crate::protocol::FeedItem`] |
 //! | `GET /v1/feed-key` | token | [`crate::protocol::FeedKeyInfo`] |
@@ -37,6 +39,7 @@ impl ServerError {
             ServerError::NotContiguous { .. } => (StatusCode::CONFLICT, "not_contiguous"),
             ServerError::Batch(e) => (StatusCode::UNPROCESSABLE_ENTITY, e.code()),
             ServerError::Feed(e) => (StatusCode::UNPROCESSABLE_ENTITY, e.code()),
+            ServerError::Gap(e) => (StatusCode::UNPROCESSABLE_ENTITY, e.code()),
             ServerError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ServerError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             ServerError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "io"),
@@ -134,6 +137,28 @@ async fn upload(
     Ok(HttpResponse::Ok().json(acked))
 }
 
+async fn report_gaps(
+    req: HttpRequest,
+    state: State,
+    station: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ServerError> {
+    let id = admit(&req, &state, &station)?;
+    let body = read_body(&req, &state, payload).await?;
+    let state = state.get_ref().clone();
+    Ok(HttpResponse::Ok().json(blocking(move || state.report_gaps(&id, &body)).await?))
+}
+
+async fn list_gaps(
+    req: HttpRequest,
+    state: State,
+    station: web::Path<String>,
+) -> Result<HttpResponse, ServerError> {
+    let id = admit(&req, &state, &station)?;
+    let state = state.get_ref().clone();
+    Ok(HttpResponse::Ok().json(blocking(move || state.gaps(&id)).await?))
+}
+
 async fn watermark(
     req: HttpRequest,
     state: State,
@@ -223,6 +248,8 @@ pub fn configure(state: Arc<ClearingState>) -> impl Fn(&mut web::ServiceConfig) 
             )
             .route("/v1/stations/{station}/batches", web::post().to(upload))
             .route("/v1/stations/{station}/watermark", web::get().to(watermark))
+            .route("/v1/stations/{station}/gaps", web::post().to(report_gaps))
+            .route("/v1/stations/{station}/gaps", web::get().to(list_gaps))
             .route("/v1/stations/{station}/stats", web::get().to(stats))
             .route("/v1/stations/{station}/params", web::get().to(params))
             .route("/v1/admin/stations/{station}/params", web::post().to(publish))

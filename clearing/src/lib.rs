@@ -27,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod feed;
+pub mod gaps;
 pub mod http;
 pub mod protocol;
 pub mod server;

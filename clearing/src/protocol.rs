@@ -23,6 +23,16 @@
 //! `GET /v1/stations/{station}/watermark` → [`Watermark`] `{acked_through, last_hash}`; a station
 //! never heard of has `acked_through = 0` and the genesis hash.
 //!
+//! # Sequence gaps
+//!
+//! `POST /v1/stations/{station}/gaps`, bearer token, body [`GapReport`] `{gaps: [SequenceGap]}`:
+//! the runs of a gate's sequence numbers that the station recorded as lost (the gate no longer
+//! held them; see `afc_domain::ledger::SequenceGap`). Ids run from 1 per station without holes; a
+//! report may repeat gaps already stored (with the same content). Answers 200 [`GapsStored`]
+//! `{stored_through}`; 409 `not_contiguous` with `expected_from` when its ids skip ahead; 422
+//! `gap_mismatch` when a stored id is sent with other content (nothing is stored). `GET` on the
+//! same path lists the stored gaps.
+//!
 //! # Parameter feed
 //!
 //! `GET /v1/stations/{station}/params?after=SEQ[&limit=N]` → [`FeedPage`]: the items with `seq >
@@ -154,6 +164,38 @@ impl BatchError {
     }
 }
 
+/// Body of `POST /v1/stations/{station}/gaps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GapReport {
+    pub gaps: Vec<afc_domain::ledger::SequenceGap>,
+}
+
+/// 200 answer to a gap report: every gap up to and including `stored_through` is stored durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapsStored {
+    pub stored_through: u64,
+}
+
+/// Why a gap report was refused (422): nothing was stored.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum GapError {
+    #[error("gap ids start at 1")]
+    ZeroId,
+    #[error("gap {id} is stored with other content")]
+    Mismatch { id: u64 },
+}
+
+impl GapError {
+    /// The stable `code` of the 422 answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GapError::ZeroId => "gap_zero_id",
+            GapError::Mismatch { .. } => "gap_mismatch",
+        }
+    }
+}
+
 /// 200 answer to an upload: everything up to and including `acked_through` is stored durably.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acked {
@@ -212,6 +254,9 @@ pub struct StationStats {
     pub duplicate_keys: u64,
     /// Items in the station's parameter feed.
     pub feed_items: u64,
+    /// Sequence gaps the station reported (stored; survives restarts).
+    #[serde(default)]
+    pub sequence_gaps: u64,
 }
 
 /// The kinds of parameter set the feed carries.

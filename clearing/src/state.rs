@@ -9,14 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use afc_domain::ledger::SequenceGap;
 use afc_domain::model::Ident;
 
 use crate::accept::{plan, Plan};
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::feed::FeedStore;
+use crate::gaps::{GapFile, GapReportError};
 use crate::protocol::{
-    Acked, FeedItem, FeedKeyInfo, FeedPage, FeedSubmission, StationStats, UploadBatch, Watermark,
+    Acked, FeedItem, FeedKeyInfo, FeedPage, FeedSubmission, GapReport, GapsStored, StationStats, UploadBatch,
+    Watermark,
 };
 use crate::store::LedgerFile;
 
@@ -36,6 +39,7 @@ struct Counters {
 /// and stored atomically with respect to other batches of the same station.
 struct Station {
     ledger: LedgerFile,
+    gaps: GapFile,
     feed: FeedStore,
     counters: Counters,
 }
@@ -106,8 +110,14 @@ impl ClearingState {
             return Ok(s.clone());
         }
         let dir = self.station_dir(id);
+        let mut ledger = LedgerFile::open(&dir)?;
+        let gaps = GapFile::open(&dir)?;
+        for g in gaps.all() {
+            ledger.settle_gap(g);
+        }
         let station = Arc::new(Mutex::new(Station {
-            ledger: LedgerFile::open(&dir)?,
+            ledger,
+            gaps,
             feed: FeedStore::open(id.clone(), &dir)?,
             counters: Counters::default(),
         }));
@@ -179,6 +189,43 @@ impl ClearingState {
                 Ok(Acked { acked_through: st.ledger.acked_through() })
             }
         }
+    }
+
+    /// Handles one gap report: parse, store what is new, answer how far the stored gaps run.
+    pub fn report_gaps(&self, id: &Ident, body: &[u8]) -> Result<GapsStored, ServerError> {
+        let report: GapReport = serde_json::from_slice(body).map_err(|e| {
+            self.note_bad_request();
+            ServerError::BadJson(e.to_string())
+        })?;
+        let station = self.station(id)?;
+        let mut st = lock(&station);
+        let first = report.gaps.first().map_or(0, |g| g.id);
+        match st.gaps.report(&report.gaps) {
+            Ok(stored_through) => {
+                for g in &report.gaps {
+                    st.ledger.settle_gap(g);
+                    tracing::warn!(station = %id, gate = %g.gate, from_seq = g.from_seq, to_seq = g.to_seq, "sequence gap reported");
+                }
+                Ok(GapsStored { stored_through })
+            }
+            Err(GapReportError::Gap(e)) => {
+                st.counters.rejected += 1;
+                tracing::error!(station = %id, error = %e, "gap report refused");
+                Err(e.into())
+            }
+            Err(GapReportError::NotContiguous { expected_from }) => {
+                st.counters.conflicts += 1;
+                Err(ServerError::NotContiguous { first_index: first, expected_from })
+            }
+            Err(GapReportError::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// The station's reported gaps.
+    pub fn gaps(&self, id: &Ident) -> Result<Vec<SequenceGap>, ServerError> {
+        let station = self.station(id)?;
+        let st = lock(&station);
+        Ok(st.gaps.all().to_vec())
     }
 
     /// Where the station's stored ledger ends.
@@ -320,6 +367,7 @@ fn stats_of(id: &Ident, st: &Station) -> StationStats {
         rejected: c.rejected,
         duplicate_keys: st.ledger.duplicate_keys(),
         feed_items: st.feed.len(),
+        sequence_gaps: st.gaps.stored_through(),
     }
 }
 

@@ -24,7 +24,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use afc_domain::ledger::{LedgerEntry, LedgerError, TxRecord, GENESIS_HASH};
+use afc_domain::ledger::{Installation, LedgerEntry, LedgerError, SequenceGap, TxRecord, GENESIS_HASH};
 use afc_domain::model::Ident;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -81,7 +81,27 @@ impl SeqSet {
         }
         true
     }
+
+    /// Marks `from..=to` settled: numbers a reported sequence gap says will never come.
+    fn settle(&mut self, from: u64, to: u64) {
+        if from <= self.contiguous_through + 1 && to > self.contiguous_through {
+            self.contiguous_through = to;
+        } else {
+            // A gap above a hole still open: remember its numbers (a gap is a few numbers).
+            for seq in from.max(self.contiguous_through + 1)..=to {
+                self.above.insert(seq);
+            }
+        }
+        self.above.retain(|s| *s > self.contiguous_through);
+        while self.above.first() == Some(&(self.contiguous_through + 1)) {
+            self.above.pop_first();
+            self.contiguous_through += 1;
+        }
+    }
 }
+
+/// A record's idempotency key without its sequence number: the gate and its installation.
+type KeyOwner = (Ident, Option<Installation>);
 
 /// One station's stored ledger: the open file plus what is needed to answer without reading it.
 pub struct LedgerFile {
@@ -92,8 +112,8 @@ pub struct LedgerFile {
     /// `hashes[i]` is the hash of entry `i + 1`: enough to check a resend or overlap against what
     /// is stored without reading the file (32 MB per million records).
     hashes: Vec<[u8; 32]>,
-    /// Idempotency keys seen, per gate.
-    keys: HashMap<Ident, SeqSet>,
+    /// Idempotency keys seen, per gate installation.
+    keys: HashMap<KeyOwner, SeqSet>,
     /// Stored records whose key was already stored (must stay 0).
     duplicate_keys: u64,
     /// Set when a failed write could not be rolled back.
@@ -213,10 +233,8 @@ impl LedgerFile {
     }
 
     fn note_key(&mut self, record: &TxRecord) {
-        let set = match self.keys.get_mut(&record.gate) {
-            Some(set) => set,
-            None => self.keys.entry(record.gate.clone()).or_default(),
-        };
+        let owner = (record.gate.clone(), record.installation);
+        let set = self.keys.entry(owner).or_default();
         if !set.insert(record.gate_seq) {
             self.duplicate_keys += 1;
             tracing::warn!(gate = %record.gate, gate_seq = record.gate_seq, "a transaction key is stored twice");
@@ -241,9 +259,16 @@ impl LedgerFile {
         self.hashes.last().copied().unwrap_or(GENESIS_HASH)
     }
 
-    /// Stored records whose `(gate, gate_seq)` was stored before.
+    /// Stored records whose `(gate, installation, gate_seq)` was stored before.
     pub fn duplicate_keys(&self) -> u64 {
         self.duplicate_keys
+    }
+
+    /// Numbers of a reported sequence gap: they will never come, so the key set moves past them
+    /// (else every later record of that gate would be held as out of order, for ever).
+    pub fn settle_gap(&mut self, gap: &SequenceGap) {
+        let set = self.keys.entry((gap.gate.clone(), gap.installation)).or_default();
+        set.settle(gap.from_seq, gap.to_seq);
     }
 
     /// Appends `entries`, which must start at `acked_through + 1` and chain from `last_hash` (the

@@ -30,6 +30,8 @@ pub fn record(station: &Ident, gate: &str, seq: u64) -> TxRecord {
         params: ParamVersions { fare_table: 3, blacklist: 120, qr_keys: 2, gate_config: 1, mode: 9 },
         replay_unchecked: false,
         qr: None,
+        installation: None,
+        voids: None,
     }
 }
 

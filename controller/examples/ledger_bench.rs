@@ -52,6 +52,8 @@ fn record(gate: &Ident, seq: u64) -> anyhow::Result<TxRecord> {
         params: ParamVersions::default(),
         replay_unchecked: false,
         qr: None,
+        installation: None,
+        voids: None,
     })
 }
 
@@ -63,6 +65,7 @@ fn batch(gate: &Ident, key: &SigningKey, seqs: std::ops::Range<u64>) -> anyhow::
         gate: gate.clone(),
         records,
         signature: hex::encode(sig),
+        covers_from: None,
     })
 }
 

@@ -2,6 +2,6 @@
 //! canonical record bytes, per-gate progress, and gate batch signatures.
 
 pub use afc_domain::ledger::{
-    chain_hash, sign_batch, verify_batch, verify_chain, GateProgress, LedgerEntry, LedgerError, SeqStatus,
-    GENESIS_HASH,
+    chain_hash, sign_batch, sign_batch_covering, verify_batch, verify_batch_covering, verify_chain,
+    GateProgress, LedgerEntry, LedgerError, SeqStatus, GENESIS_HASH,
 };

@@ -123,6 +123,9 @@ pub struct ClearingStatus {
     /// When the uploader last found nothing to upload (clearing held the whole ledger).
     #[serde(default)]
     pub caught_up_at: Option<Timestamp>,
+    /// Sequence gaps clearing has stored (from its answers; re-learnt on each leadership).
+    #[serde(default)]
+    pub gaps_reported: u64,
 }
 
 /// Shared, cheap-to-clone access to the task's status.
@@ -398,11 +401,47 @@ impl Worker {
         }
     }
 
+    /// Reports the sequence gaps recorded since the last one clearing stored (none: no call).
+    async fn report_gaps(&self) -> Result<(), SyncError> {
+        let station = &self.node.config.station;
+        loop {
+            let from = self.status.snapshot().gaps_reported + 1;
+            let gaps = self.node.sm.gaps(from, 100)?;
+            if gaps.is_empty() {
+                return Ok(());
+            }
+            match self.client.report_gaps(station, &gaps).await? {
+                UploadOutcome::Acked(through) if through >= from => {
+                    tracing::warn!(task = TASK, through, "sequence gaps reported to clearing");
+                    self.status.update(|s| s.gaps_reported = through);
+                }
+                UploadOutcome::Acked(through) => {
+                    return Err(SyncError::ShortAck { acked: through, last: from });
+                }
+                // Clearing holds fewer (or more) gaps than we thought: resend from where it is.
+                UploadOutcome::Conflict { expected_from } => {
+                    self.status.update(|s| s.gaps_reported = expected_from.saturating_sub(1));
+                    if expected_from > from {
+                        continue;
+                    }
+                    if expected_from == from {
+                        return Err(SyncError::Alarm(format!(
+                            "clearing refused gap {from} as not contiguous"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
     /// Uploads batches from `pos` until something fails; returns that failure.
     async fn upload_from(&self, mut pos: Position, backoff: &mut Backoff) -> SyncError {
         let station = &self.node.config.station;
         let poll = Duration::from_millis(self.cfg.poll_ms);
         loop {
+            if let Err(e) = self.report_gaps().await {
+                return e;
+            }
             let entries = match self.node.sm.ledger_entries(pos.next, self.cfg.batch_records) {
                 Ok(e) => e,
                 Err(e) => return e.into(),

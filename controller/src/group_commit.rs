@@ -50,11 +50,11 @@ impl GroupCommit {
     /// Proposes `req` (a gate batch with others, anything else alone) and returns what applying
     /// it gave.
     pub async fn write(&self, req: Request) -> Result<Response, WriteError> {
-        let Request::AppendTxBatch { station, gate, records, signature } = req else {
+        let Request::AppendTxBatch { station, gate, records, signature, covers_from } = req else {
             return self.raft.client_write(req).await.map(|w| w.data);
         };
         let (tx, rx) = oneshot::channel();
-        let batch = TxBatchIn { station, gate, records, signature };
+        let batch = TxBatchIn { station, gate, records, signature, covers_from };
         if let Err(mpsc::error::SendError((batch, _))) = self.tx.send((batch, tx)).await {
             // The task is gone (shutting down): propose it alone.
             return self.raft.client_write(single(batch)).await.map(|w| w.data);
@@ -67,7 +67,13 @@ impl GroupCommit {
 }
 
 fn single(b: TxBatchIn) -> Request {
-    Request::AppendTxBatch { station: b.station, gate: b.gate, records: b.records, signature: b.signature }
+    Request::AppendTxBatch {
+        station: b.station,
+        gate: b.gate,
+        records: b.records,
+        signature: b.signature,
+        covers_from: b.covers_from,
+    }
 }
 
 async fn run(raft: Raft, mut rx: mpsc::Receiver<(TxBatchIn, Waiter)>) {

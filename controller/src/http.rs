@@ -465,7 +465,11 @@ async fn state(req: HttpRequest, node: Shared) -> Result<HttpResponse, NodeError
         first_retained: s.first_retained,
         last_hash: hex::encode(s.last_hash),
         clearing_acked_through: s.clearing_acked_through,
-        gates: s.gates.iter().map(|(g, i)| (g.to_string(), i.progress.contiguous_through)).collect(),
+        gates: s
+            .gates
+            .iter()
+            .map(|(g, i)| (g.to_string(), i.current_progress().contiguous_through))
+            .collect(),
     }))
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use afc_domain::ledger::TxRecord;
+use afc_domain::ledger::{Installation, TxRecord};
 use afc_domain::mode::{ModeBits, ModeState, MODE_HISTORY_DAYS};
 use afc_domain::model::{Ident, ParamKind, StationCode, Timestamp};
 use afc_domain::rollout::{Rollout, RolloutError, RolloutPolicy, Rollouts, SecondConfirmation, Stage};
@@ -49,6 +49,9 @@ pub struct TxBatchIn {
     pub records: Vec<TxRecord>,
     /// ed25519 signature by the gate's key, hex.
     pub signature: String,
+    /// The first gate_seq the batch covers ([`afc_domain::wire::TxBatch::covers_from`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covers_from: Option<u64>,
 }
 
 /// A replicated command: the application data of a Raft log entry.
@@ -62,6 +65,10 @@ pub enum Request {
         records: Vec<TxRecord>,
         /// ed25519 signature by the gate's key, hex.
         signature: String,
+        /// The first gate_seq the batch covers ([`afc_domain::wire::TxBatch::covers_from`]):
+        /// numbers in that range neither in the batch nor in the ledger are recorded as a gap.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        covers_from: Option<u64>,
     },
     /// Several gates' batches in one entry (group commit, [`crate::group_commit`]): applied one
     /// after another exactly as that many [`Request::AppendTxBatch`]es, answered with
@@ -260,6 +267,7 @@ impl From<afc_domain::wire::TxBatch> for Request {
             gate: b.gate,
             records: b.records,
             signature: b.signature,
+            covers_from: b.covers_from,
         }
     }
 }
@@ -348,6 +356,12 @@ pub enum Response {
         duplicates: u32,
         /// Records too far ahead of the gate's high-water mark, not taken (the gate re-sends them).
         deferred: u32,
+        /// Sequence gaps recorded ([`SequenceGap`]).
+        #[serde(default)]
+        gaps: u32,
+        /// Records refused: the ledger holds their key with other content ([`KeyConflict`]).
+        #[serde(default)]
+        conflicts: u32,
         /// Ledger indexes given to the new records (absent when none was new).
         first_index: Option<u64>,
         last_index: Option<u64>,
@@ -424,12 +438,69 @@ pub struct GateInfo {
     #[serde(with = "hex::serde")]
     pub tx_public_key: [u8; 32],
     pub hardware_profile: String,
-    /// Contiguous high-water mark and out-of-order seqs received.
+    /// Contiguous high-water mark and out-of-order seqs received, for records without an
+    /// installation (gates of the first version).
     pub progress: GateProgress,
+    /// The same per installation of this gate id: a replaced gate numbers from 1 again under its
+    /// new installation, and those records are new.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub installations: BTreeMap<Installation, GateProgress>,
+    /// The installation of the last batch taken (the gate as it is now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_installation: Option<Installation>,
+    /// Sequence gaps recorded for this gate ([`SequenceGap`]), all installations.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gaps: u64,
+    /// Records refused because the ledger holds their key with other content ([`KeyConflict`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub conflicts: u64,
     /// Taken out of service ([`Request::DecommissionGate`]); registering it again clears this.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub decommissioned: bool,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl GateInfo {
+    /// The progress of the gate as it is now (its last installation, or the first-version one).
+    pub fn current_progress(&self) -> &GateProgress {
+        self.progress_of(self.last_installation.as_ref()).unwrap_or(&self.progress)
+    }
+
+    /// The progress of one installation of this gate (`None`: first-version records).
+    pub fn progress_of(&self, installation: Option<&Installation>) -> Option<&GateProgress> {
+        match installation {
+            None => Some(&self.progress),
+            Some(i) => self.installations.get(i),
+        }
+    }
+
+    fn progress_mut(&mut self, installation: Option<Installation>) -> &mut GateProgress {
+        match installation {
+            None => &mut self.progress,
+            Some(i) => self.installations.entry(i).or_default(),
+        }
+    }
+}
+
+pub use afc_domain::ledger::SequenceGap;
+
+/// A record refused because the ledger already holds its key `(gate, installation, gate_seq)`
+/// with other content: never taken as a duplicate, kept here for the engineers, and alarmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyConflict {
+    /// From 1, in the order recorded.
+    pub id: u64,
+    /// The ledger index of the record already holding the key.
+    pub ledger_index: u64,
+    /// The record refused.
+    pub record: TxRecord,
+}
+
+/// Conflicting records kept in full ([`KeyConflict`]); beyond this they are only counted.
+pub const MAX_KEPT_CONFLICTS: u64 = 10_000;
 
 /// The versions of one package kind held in the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -496,6 +567,12 @@ pub struct StationState {
     pub rollouts: RolloutBook,
     #[serde(default)]
     pub feed: FeedState,
+    /// Sequence gaps recorded (the id of the last [`SequenceGap`]).
+    #[serde(default)]
+    pub gaps: u64,
+    /// Key conflicts recorded (the id of the last [`KeyConflict`]).
+    #[serde(default)]
+    pub conflicts: u64,
 }
 
 impl Default for StationState {
@@ -515,6 +592,8 @@ impl Default for StationState {
             uploads: BTreeMap::new(),
             rollouts: RolloutBook::default(),
             feed: FeedState::default(),
+            gaps: 0,
+            conflicts: 0,
         }
     }
 }
@@ -529,6 +608,42 @@ pub mod keys {
     pub const AUDIT_PREFIX: u8 = b'A';
     pub const PACKAGE_PREFIX: u8 = b'P';
     pub const PIECE_PREFIX: u8 = b'U';
+    /// A record's key `(gate, installation, gate_seq)` → its ledger index (u64 big-endian).
+    pub const TX_KEY_PREFIX: u8 = b'K';
+    pub const GAP_PREFIX: u8 = b'G';
+    pub const CONFLICT_PREFIX: u8 = b'C';
+    /// Every prefix whose items a snapshot carries whole (the others are copied by range).
+    pub const WHOLE_PREFIXES: [u8; 3] = [TX_KEY_PREFIX, GAP_PREFIX, CONFLICT_PREFIX];
+
+    /// `K ‖ len ‖ gate ‖ 0 | 1 ‖ installation (16 bytes, when 1) ‖ gate_seq`.
+    pub fn tx_key(
+        gate: &afc_domain::model::Ident,
+        installation: Option<&afc_domain::ledger::Installation>,
+        seq: u64,
+    ) -> Vec<u8> {
+        let g = gate.as_str().as_bytes();
+        let mut k = Vec::with_capacity(2 + g.len() + 17 + 8);
+        k.push(TX_KEY_PREFIX);
+        k.push(g.len() as u8);
+        k.extend_from_slice(g);
+        match installation {
+            None => k.push(0),
+            Some(i) => {
+                k.push(1);
+                k.extend_from_slice(&i.0);
+            }
+        }
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    pub fn gap(id: u64) -> [u8; 9] {
+        prefixed(GAP_PREFIX, id)
+    }
+
+    pub fn conflict(id: u64) -> [u8; 9] {
+        prefixed(CONFLICT_PREFIX, id)
+    }
 
     /// Piece `index` of package upload `upload`.
     pub fn piece(upload: u64, index: u32) -> [u8; 13] {
@@ -589,9 +704,12 @@ pub enum ReadError {
     Corrupt { index: u64, detail: String },
 }
 
-/// Read access to stored items: ledger entries for `Prune`, package pieces for `CommitPackage`.
+/// Read access to stored items: ledger entries for `Prune` and for comparing a re-sent record
+/// with the one stored under its key, package pieces for `CommitPackage`.
 pub trait LedgerRead {
     fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError>;
+    /// The ledger index stored under a record key ([`keys::tx_key`]).
+    fn tx_index(&self, key: &[u8]) -> Result<Option<u64>, ReadError>;
     fn package_piece(&self, upload: u64, index: u32) -> Result<Option<Vec<u8>>, ReadError>;
 }
 
@@ -614,15 +732,25 @@ impl StationState {
         out: &mut Vec<Write>,
     ) -> Result<Response, ReadError> {
         let resp = match req {
-            Request::AppendTxBatch { station, gate, records, signature } => {
-                self.append_batch(station, gate, records, signature, out)
+            Request::AppendTxBatch { station, gate, records, signature, covers_from } => self.append_batch(
+                &BatchRef { station, gate, records, signature, covers_from: *covers_from },
+                ledger,
+                out,
+            )?,
+            Request::AppendTxBatches { batches } => {
+                let mut results = Vec::with_capacity(batches.len());
+                for b in batches {
+                    let b = BatchRef {
+                        station: &b.station,
+                        gate: &b.gate,
+                        records: &b.records,
+                        signature: &b.signature,
+                        covers_from: b.covers_from,
+                    };
+                    results.push(self.append_batch(&b, ledger, out)?);
+                }
+                Response::AppendedMany { results }
             }
-            Request::AppendTxBatches { batches } => Response::AppendedMany {
-                results: batches
-                    .iter()
-                    .map(|b| self.append_batch(&b.station, &b.gate, &b.records, &b.signature, out))
-                    .collect(),
-            },
             Request::RegisterGate { gate, tx_public_key, hardware_profile } => {
                 self.register_gate(gate, tx_public_key, hardware_profile)
             }
@@ -727,13 +855,12 @@ impl StationState {
 
     fn append_batch(
         &mut self,
-        station: &Ident,
-        gate: &Ident,
-        records: &[TxRecord],
-        signature: &str,
+        b: &BatchRef<'_>,
+        ledger: &dyn LedgerRead,
         out: &mut Vec<Write>,
-    ) -> Response {
-        let reject = |rejection| Response::Rejected { rejection };
+    ) -> Result<Response, ReadError> {
+        let (station, gate, records) = (b.station, b.gate, b.records);
+        let reject = |rejection| Ok(Response::Rejected { rejection });
         if records.is_empty() {
             return reject(Rejection::EmptyBatch);
         }
@@ -747,6 +874,12 @@ impl StationState {
                 gate: r.gate.clone(),
             });
         }
+        let installation = records[0].installation;
+        if records.iter().any(|r| r.installation != installation) {
+            return reject(Rejection::InvalidBatch {
+                detail: "records of more than one installation".into(),
+            });
+        }
         let Some(info) = self.gates.get_mut(gate) else {
             return reject(Rejection::UnknownGate { gate: gate.clone() });
         };
@@ -754,48 +887,116 @@ impl StationState {
             return reject(Rejection::GateDecommissioned { gate: gate.clone() });
         }
         let (Some(sig), Ok(key)) =
-            (decode_signature(signature), VerifyingKey::from_bytes(&info.tx_public_key))
+            (decode_signature(b.signature), VerifyingKey::from_bytes(&info.tx_public_key))
         else {
             return reject(Rejection::BadSignature);
         };
-        match chain::verify_batch(station, gate, records, &sig, &key) {
+        match chain::verify_batch_covering(station, gate, b.covers_from, records, &sig, &key) {
             Ok(()) => {}
             Err(LedgerError::BadSignature) => return reject(Rejection::BadSignature),
             Err(e) => return reject(Rejection::InvalidBatch { detail: e.to_string() }),
         }
-        let (mut appended, mut duplicates, mut deferred) = (0u32, 0u32, 0u32);
+        if installation.is_some() {
+            info.last_installation = installation;
+        }
+        let (mut appended, mut duplicates, mut deferred, mut gaps, mut conflicts) =
+            (0u32, 0u32, 0u32, 0u32, 0u32);
         let mut first_index = None;
+        // The next gate_seq the batch's claim covers: numbers below a record and from here that
+        // are neither in the batch nor in the ledger are gone from the gate.
+        let mut covered = b.covers_from;
         for rec in records {
-            match info.progress.classify(rec.gate_seq) {
+            let progress = info.progress_mut(installation);
+            if let Some(from) = covered.filter(|f| *f < rec.gate_seq) {
+                for (from_seq, to_seq) in progress.fill(from, rec.gate_seq - 1) {
+                    self.gaps += 1;
+                    info.gaps += 1;
+                    gaps += 1;
+                    let gap = SequenceGap {
+                        id: self.gaps,
+                        gate: gate.clone(),
+                        installation,
+                        from_seq,
+                        to_seq,
+                        ledger_index: self.next_index,
+                        noticed_at: rec.occurred_at,
+                    };
+                    tracing::error!(%gate, from_seq, to_seq, "sequence gap recorded: the gate no longer holds these records");
+                    out.push(Write::Put(keys::gap(gap.id).to_vec(), encode(&gap)));
+                }
+            }
+            covered = covered.map(|c| c.max(rec.gate_seq + 1));
+            let progress = info.progress_mut(installation);
+            match progress.classify(rec.gate_seq) {
                 SeqStatus::New => {}
                 SeqStatus::BeyondWindow => {
                     deferred += 1;
                     continue;
                 }
-                SeqStatus::Duplicate | SeqStatus::Zero => {
+                SeqStatus::Zero => {
                     duplicates += 1;
                     continue;
                 }
+                SeqStatus::Duplicate => {
+                    let key = keys::tx_key(gate, installation.as_ref(), rec.gate_seq);
+                    // Written earlier in this command (not yet readable through `ledger`), or stored.
+                    let stored = match pending_index(out, &key) {
+                        Some(i) => Some(i),
+                        None => ledger.tx_index(&key)?,
+                    };
+                    // No index: pruned (acknowledged by clearing, days old) or stored before
+                    // keys were kept; nothing to compare with.
+                    let same = match stored {
+                        None => true,
+                        Some(i) => match pending_record(out, i) {
+                            Some(r) => &r == rec,
+                            None => ledger.ledger_entry(i)?.is_none_or(|e| &e.record == rec),
+                        },
+                    };
+                    if same {
+                        duplicates += 1;
+                    } else {
+                        conflicts += 1;
+                        info.conflicts += 1;
+                        self.conflicts += 1;
+                        tracing::error!(%gate, gate_seq = rec.gate_seq, stored = ?stored, "record refused: the ledger holds its key with other content");
+                        if self.conflicts <= MAX_KEPT_CONFLICTS {
+                            let c = KeyConflict {
+                                id: self.conflicts,
+                                ledger_index: stored.unwrap_or(0),
+                                record: rec.clone(),
+                            };
+                            out.push(Write::Put(keys::conflict(c.id).to_vec(), encode(&c)));
+                        }
+                    }
+                    continue;
+                }
             }
-            info.progress.record(rec.gate_seq);
+            progress.record(rec.gate_seq);
             let index = self.next_index;
             let entry = LedgerEntry::new(index, &self.last_hash, rec.clone());
             let hash = entry.hash;
             out.push(Write::Put(keys::ledger(index).to_vec(), encode_ledger_entry(&entry)));
+            out.push(Write::Put(
+                keys::tx_key(gate, installation.as_ref(), rec.gate_seq),
+                index.to_be_bytes().to_vec(),
+            ));
             self.last_hash = hash;
             self.next_index += 1;
             appended += 1;
             first_index.get_or_insert(index);
         }
-        let through_seq = info.progress.contiguous_through;
-        Response::Appended {
+        let through_seq = info.progress_mut(installation).contiguous_through;
+        Ok(Response::Appended {
             appended,
             duplicates,
             deferred,
+            gaps,
+            conflicts,
             first_index,
             last_index: first_index.map(|_| self.last_index()),
             through_seq,
-        }
+        })
     }
 
     fn register_gate(&mut self, gate: &Ident, key_hex: &str, hardware_profile: &str) -> Response {
@@ -818,6 +1019,10 @@ impl StationState {
                         tx_public_key: key,
                         hardware_profile: hardware_profile.to_owned(),
                         progress: GateProgress::default(),
+                        installations: BTreeMap::new(),
+                        last_installation: None,
+                        gaps: 0,
+                        conflicts: 0,
                         decommissioned: false,
                     },
                 );
@@ -1063,6 +1268,8 @@ impl StationState {
                 break;
             }
             out.push(Write::Delete(keys::ledger(index).to_vec()));
+            let r = &entry.record;
+            out.push(Write::Delete(keys::tx_key(&r.gate, r.installation.as_ref(), r.gate_seq)));
             self.first_retained += 1;
             removed += 1;
         }
@@ -1081,6 +1288,35 @@ impl StationState {
         }
         Ok(Response::Pruned { removed, first_retained: self.first_retained })
     }
+}
+
+/// The fields of one gate batch, from [`Request::AppendTxBatch`] or one of
+/// [`Request::AppendTxBatches`].
+struct BatchRef<'a> {
+    station: &'a Ident,
+    gate: &'a Ident,
+    records: &'a [TxRecord],
+    signature: &'a str,
+    covers_from: Option<u64>,
+}
+
+/// The ledger index put under record key `key` among this apply's writes.
+fn pending_index(out: &[Write], key: &[u8]) -> Option<u64> {
+    out.iter().rev().find_map(|w| match w {
+        Write::Put(k, v) if k.as_slice() == key => {
+            <[u8; 8]>::try_from(v.as_slice()).ok().map(u64::from_be_bytes)
+        }
+        _ => None,
+    })
+}
+
+/// The record of ledger entry `index` among this apply's writes (written earlier in the batch).
+fn pending_record(out: &[Write], index: u64) -> Option<TxRecord> {
+    let key = keys::ledger(index);
+    out.iter().rev().find_map(|w| match w {
+        Write::Put(k, v) if k.as_slice() == key => decode_ledger_entry(index, v).ok().map(|e| e.record),
+        _ => None,
+    })
 }
 
 fn rejected(rejection: Rejection) -> Response {

@@ -349,6 +349,7 @@ impl Gate {
         let offline = !self.mqtt_connected.load(Ordering::Relaxed);
         let mut record_template: TxRecord = d.to_record(&self.station, &self.gate, 0, params.versions, at);
         record_template.replay_unchecked = d.qr.is_some() && offline;
+        record_template.installation = Some(self.store.installation_id());
         let shown_fen = match (d.kind, d.direction) {
             (DecisionKind::Reject, _) => d.fare_fen,
             (_, Direction::Exit) => d.fare_fen,

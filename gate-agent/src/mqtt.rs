@@ -33,7 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use afc_domain::ledger::{sign_batch, TxRecord};
+use afc_domain::ledger::{sign_batch_covering, TxRecord};
 use afc_domain::model::{Ident, ParamKind, Timestamp};
 use afc_domain::package::{Reassembler, MAX_CHUNK_BYTES};
 use afc_domain::signed::{open_station, seal, SignedError, GATE_KEY_ID};
@@ -755,13 +755,19 @@ async fn upload_task(ctx: Arc<Ctx>, cancel: CancellationToken) {
             }
         }
         let last = pending.last().map_or(after, |(s, _)| *s);
-        let signature = hex::encode(sign_batch(&g.station, &g.gate, &records, &ctx.key));
+        // The batch covers after+1..=last: the outbox holds nothing else in that range, so a
+        // number there that is not in `records` (an unreadable frame) is lost and the ledger
+        // records the gap instead of waiting for it for ever.
+        let covers_from = Some(after + 1);
+        let signature =
+            hex::encode(sign_batch_covering(&g.station, &g.gate, covers_from, &records, &ctx.key));
         let batch = TxBatch {
             station: g.station.clone(),
             gate: g.gate.clone(),
             records,
             signature,
             installation: Some(g.store().installation().to_owned()),
+            covers_from,
         };
         let payload = wire::encode(&batch);
         tracing::debug!(first = after + 1, last, bytes = payload.len(), "uploading batch");

@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
+use afc_domain::ledger::Installation;
 use thiserror::Error;
 
 mod log;
@@ -139,6 +140,8 @@ pub struct Store {
     outbox: Mutex<log::Log>,
     /// This installation's id: 16 random bytes, hex, made once.
     installation: String,
+    /// The same as bytes, as every record carries it.
+    installation_id: Installation,
     capacity: u64,
     /// Bytes the outbox holds (frames of unacknowledged records), mirrored for lock-free reads.
     bytes: AtomicU64,
@@ -178,7 +181,15 @@ impl Store {
                 id
             }
         };
+        let installation_id =
+            Installation::parse(&installation).ok_or(StoreError::Corrupt("installation"))?;
         let outbox = log::Log::open(&dir.join("outbox"), acked)?.with_segment_bytes(segment_bytes);
+        if outbox.skipped() > 0 {
+            tracing::error!(
+                skipped = outbox.skipped(),
+                "outbox: damaged records skipped; the ledger records their numbers as sequence gaps"
+            );
+        }
         let bytes = AtomicU64::new(outbox.live_bytes());
         let depth = AtomicU64::new(outbox.live_count() as u64);
         Ok(Store {
@@ -189,6 +200,7 @@ impl Store {
             acked: AtomicU64::new(acked),
             outbox: Mutex::new(outbox),
             installation,
+            installation_id,
             capacity,
             bytes,
             depth,
@@ -267,6 +279,11 @@ impl Store {
     /// every batch and takes only the `tx/ack`s that name it.
     pub fn installation(&self) -> &str {
         &self.installation
+    }
+
+    /// [`Store::installation`] as the records carry it (part of their idempotency key).
+    pub fn installation_id(&self) -> Installation {
+        self.installation_id
     }
 
     /// Every command remembered: id → the caller's bytes.

@@ -60,6 +60,23 @@ pub struct LedgerRow {
     pub gate: String,
     pub gate_seq: u64,
     pub hash: String,
+    /// The gate installation that numbered the record (`None` for first-version records).
+    pub installation: Option<String>,
+}
+
+/// The rows of one `GET /api/v1/ledger` page.
+pub fn ledger_rows(page: &Value) -> anyhow::Result<Vec<LedgerRow>> {
+    let entries = page.as_array().context("ledger page is not a list")?;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let gate = e.pointer("/record/gate").and_then(Value::as_str).context("record.gate")?;
+        let gate_seq = e.pointer("/record/gate_seq").and_then(Value::as_u64).context("record.gate_seq")?;
+        let index = e.get("index").and_then(Value::as_u64).context("index")?;
+        let hash = e.get("hash").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let installation = e.pointer("/record/installation").and_then(Value::as_str).map(str::to_owned);
+        out.push(LedgerRow { index, gate: gate.to_owned(), gate_seq, hash, installation });
+    }
+    Ok(out)
 }
 
 /// A running local station.
@@ -224,16 +241,13 @@ impl Station {
         let mut from = from;
         loop {
             let page = self.get(id, &format!("/api/v1/ledger?from={from}&limit=1000"), &viewer).await?;
-            let entries = page.as_array().context("ledger page is not a list")?;
-            for e in entries {
-                let gate = e.pointer("/record/gate").and_then(Value::as_str).context("record.gate")?;
-                let seq = e.pointer("/record/gate_seq").and_then(Value::as_u64).context("record.gate_seq")?;
-                let index = e.get("index").and_then(Value::as_u64).context("index")?;
-                let hash = e.get("hash").and_then(Value::as_str).unwrap_or_default().to_owned();
-                out.push(LedgerRow { index, gate: gate.to_owned(), gate_seq: seq, hash });
-                from = index + 1;
+            let rows = ledger_rows(&page)?;
+            let entries = rows.len();
+            if let Some(last) = rows.last() {
+                from = last.index + 1;
             }
-            if entries.len() < 1000 {
+            out.extend(rows);
+            if entries < 1000 {
                 return Ok(out);
             }
         }

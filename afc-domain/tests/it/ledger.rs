@@ -4,8 +4,9 @@
 use std::collections::BTreeSet;
 
 use afc_domain::ledger::{
-    batch_signing_bytes, chain_hash, sign_batch, verify_batch, verify_chain, ChainError, GateProgress,
-    LedgerEntry, LedgerError, LedgerHead, ParamVersions, QrRef, TxRecord, GENESIS_HASH,
+    batch_signing_bytes, batch_signing_bytes_covering, chain_hash, sign_batch, sign_batch_covering,
+    verify_batch, verify_batch_covering, verify_chain, ChainError, GateProgress, Installation, LedgerEntry,
+    LedgerError, LedgerHead, ParamVersions, QrRef, TxRecord, GENESIS_HASH,
 };
 use afc_domain::mode::ModeBits;
 use afc_domain::model::{Direction, Ident, Media, Reason, StationCode, Timestamp};
@@ -38,6 +39,8 @@ fn record(gate: &str, seq: u64) -> TxRecord {
         params: ParamVersions { fare_table: 1, blacklist: 1, qr_keys: 1, gate_config: 1, mode: 1 },
         replay_unchecked: false,
         qr: None,
+        installation: None,
+        voids: None,
     }
 }
 
@@ -66,6 +69,7 @@ prop_compose! {
             arb_params(), any::<bool>(),
         ),
         qr in any::<Option<(u16, u64)>>(),
+        (installation, voids) in (any::<Option<[u8; 16]>>(), any::<Option<u64>>()),
     ) -> TxRecord {
         TxRecord {
             station, gate, gate_seq, media, id, direction, accepted, reason, fare_fen, shortfall_fen,
@@ -77,6 +81,8 @@ prop_compose! {
             params,
             replay_unchecked,
             qr: qr.map(|(issuer, nonce)| QrRef { issuer, nonce }),
+            installation: installation.map(Installation),
+            voids,
         }
     }
 }
@@ -159,6 +165,8 @@ fn any_single_field_change_changes_the_hash() {
         Box::new(|r| r.params.gate_config += 1),
         Box::new(|r| r.params.mode += 1),
         Box::new(|r| r.replay_unchecked = true),
+        Box::new(|r| r.installation = Some(Installation([7; 16]))),
+        Box::new(|r| r.voids = Some(3)),
     ];
     let mut hashes = BTreeSet::from([chain_hash(&GENESIS_HASH, &base)]);
     for (i, change) in changes.iter().enumerate() {
@@ -269,4 +277,67 @@ fn re_sent_records_leave_the_ledger_unchanged() {
     assert_eq!(seqs, [1, 2, 4, 3, 5]);
     assert_eq!(progress.contiguous_through, 5);
     assert_eq!(verify_chain(GENESIS_HASH, 1, &appended), Ok(head.last_hash));
+}
+
+#[test]
+fn a_record_without_installation_keeps_its_first_version_bytes_and_one_with_it_is_version_2() {
+    let v1 = record("g01", 9);
+    let bytes = v1.canonical_bytes();
+    assert_eq!(bytes[0], 1);
+    let v2 = TxRecord { installation: Some(Installation([0xab; 16])), ..v1.clone() };
+    let b2 = v2.canonical_bytes();
+    assert_eq!((b2[0], b2.len()), (2, bytes.len() + 1 + 16 + 1), "presence + 16 bytes + voids absent");
+    assert_eq!(&b2[1..bytes.len()], &bytes[1..], "version 2 appends to the first version's fields");
+    assert_eq!(TxRecord::from_canonical(&b2).unwrap(), v2);
+    // Version 2 with neither field is the first version's record in another form: refused.
+    let mut alias = bytes.clone();
+    alias[0] = 2;
+    alias.extend_from_slice(&[0, 0]);
+    assert_eq!(TxRecord::from_canonical(&alias), Err(LedgerError::NonCanonical));
+    // A version 1 record cannot carry the new fields.
+    let mut trailing = bytes;
+    trailing.extend_from_slice(&[1; 17]);
+    assert!(matches!(TxRecord::from_canonical(&trailing), Err(LedgerError::TrailingBytes(_))));
+    // JSON: the installation as 32 hex digits, absent when none.
+    let json = serde_json::to_value(&v2).unwrap();
+    assert_eq!(json["installation"], "abababababababababababababababab");
+    assert!(serde_json::to_value(&v1).unwrap().get("installation").is_none());
+    assert_eq!(Installation::parse("zz"), None);
+}
+
+#[test]
+fn a_batch_naming_its_covered_range_signs_it_and_the_range_cannot_be_changed() {
+    let (st, g) = (ident("xian_rd"), ident("g01"));
+    let key = SigningKey::from_bytes(&[5; 32]);
+    let vk = key.verifying_key();
+    let records: Vec<TxRecord> = [3, 5].iter().map(|s| record("g01", *s)).collect();
+    let sig = sign_batch_covering(&st, &g, Some(3), &records, &key);
+    assert_eq!(verify_batch_covering(&st, &g, Some(3), &records, &sig, &vk), Ok(()));
+    // Claiming more was lost (from 1) or dropping the claim does not verify.
+    assert_eq!(verify_batch_covering(&st, &g, Some(1), &records, &sig, &vk), Err(LedgerError::BadSignature));
+    assert_eq!(verify_batch(&st, &g, &records, &sig, &vk), Err(LedgerError::BadSignature));
+    assert_ne!(
+        batch_signing_bytes_covering(&st, &g, Some(3), &records),
+        batch_signing_bytes(&st, &g, &records)
+    );
+}
+
+#[test]
+fn filling_a_covered_range_settles_it_and_returns_only_what_the_ledger_lacked() {
+    let mut p = GateProgress::default();
+    for s in [1, 2, 5, 7] {
+        p.record(s);
+    }
+    // 3, 4 and 6 are missing below 8: the gaps, and the mark moves past 7.
+    assert_eq!(p.fill(3, 7), vec![(3, 4), (6, 6)]);
+    assert_eq!((p.contiguous_through, p.pending.len()), (7, 0));
+    // Already settled: nothing.
+    assert_eq!(p.fill(1, 7), vec![]);
+    // A range that does not start at the contiguous edge says nothing about what is below it.
+    p.record(10);
+    assert_eq!(p.fill(9, 9), vec![]);
+    assert_eq!(p.contiguous_through, 7);
+    // From the edge: 8 and 9 are gaps, and the pending 10 joins the mark.
+    assert_eq!(p.fill(8, 9), vec![(8, 9)]);
+    assert_eq!(p.contiguous_through, 10);
 }

@@ -290,6 +290,8 @@ fn tx_record() -> impl Strategy<Value = TxRecord> {
             },
             replay_unchecked,
             qr: None,
+            installation: None,
+            voids: None,
         },
     )
 }
@@ -301,13 +303,15 @@ fn tx_batch() -> impl Strategy<Value = TxBatch> {
         proptest::collection::vec(tx_record(), 0..4),
         "[0-9a-f]{128}",
         proptest::option::of("[0-9a-f]{32}"),
+        proptest::option::of(1u64..u64::MAX),
     )
-        .prop_map(|(station, gate, records, signature, installation)| TxBatch {
+        .prop_map(|(station, gate, records, signature, installation, covers_from)| TxBatch {
             station,
             gate,
             records,
             signature,
             installation,
+            covers_from,
         })
 }
 

@@ -170,7 +170,7 @@ pub async fn decommission(
     let detail = format!(
         "gate {gate} (key {}…, ledger through gate_seq {}): {why}",
         short(&hex::encode(info.tx_public_key)),
-        info.progress.contiguous_through
+        info.current_progress().contiguous_through
     );
     match state
         .audited_write(&caller, "gate.decommission", detail, Request::DecommissionGate { gate: gate.clone() })

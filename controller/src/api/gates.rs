@@ -83,8 +83,14 @@ pub struct GateOut {
     pub desired_versions: BTreeMap<String, u64>,
     /// Kinds where reported differs from desired.
     pub drift: Vec<String>,
-    /// Highest contiguous gate_seq in the ledger.
+    /// Highest contiguous gate_seq in the ledger, of the gate's current installation.
     pub ledger_through_seq: Option<u64>,
+    /// The installation its last batch came from (a replaced gate has a new one).
+    pub installation: Option<String>,
+    /// Sequence gaps recorded for it (an alarm: records it no longer held).
+    pub sequence_gaps: u64,
+    /// Its records refused because the ledger held their key with other content.
+    pub key_conflicts: u64,
 }
 
 /// The live view: this node's own when it leads, else the leader's (fetched over the Raft/admin
@@ -140,7 +146,10 @@ fn merge(state: &ApiState, view: Vec<GateSnapshot>) -> Result<Vec<GateOut>, ApiE
                 decommissioned: info.as_ref().is_some_and(|i| i.decommissioned),
                 tx_public_key: info.as_ref().map(|i| hex::encode(i.tx_public_key)),
                 hardware_profile: info.as_ref().map(|i| i.hardware_profile.clone()),
-                ledger_through_seq: info.as_ref().map(|i| i.progress.contiguous_through),
+                ledger_through_seq: info.as_ref().map(|i| i.current_progress().contiguous_through),
+                installation: info.as_ref().and_then(|i| i.last_installation).map(|i| i.to_string()),
+                sequence_gaps: info.as_ref().map_or(0, |i| i.gaps),
+                key_conflicts: info.as_ref().map_or(0, |i| i.conflicts),
                 desired_versions: desired.clone(),
                 drift,
                 live: g,

@@ -243,6 +243,20 @@ pub fn render(state: &ApiState) -> String {
             "Gates registered in the replicated state.",
             s.gates.len() as f64,
         );
+        o.family(
+            "afc_ledger_sequence_gaps_total",
+            "counter",
+            "Runs of a gate's sequence numbers recorded as lost (the gate no longer held them).",
+        );
+        o.family(
+            "afc_ledger_key_conflicts_total",
+            "counter",
+            "Records refused because the ledger holds their (gate, installation, gate_seq) with other content.",
+        );
+        for (gate, g) in &s.gates {
+            o.sample("afc_ledger_sequence_gaps_total", &[("gate", gate.as_str())], g.gaps as f64);
+            o.sample("afc_ledger_key_conflicts_total", &[("gate", gate.as_str())], g.conflicts as f64);
+        }
         o.one(
             "afc_audit_entries_total",
             "counter",

@@ -103,6 +103,8 @@ routes! {
     GET "/api/v1/ledger" Viewer false "Ledger entries by index range (from, limit)." => records::ledger;
     GET "/api/v1/ledger/search" Viewer false "Ledger entries by time range (since_ms, until_ms), gate, card id and media; paged (from, limit → next_from)." => records::ledger_search;
     GET "/api/v1/ledger/stats" Viewer false "Ledger size, head and clearing backlog." => records::ledger_stats;
+    GET "/api/v1/ledger/gaps" Viewer false "Sequence gaps recorded (from, limit): runs of a gate's numbers that the gate no longer held, acked past and reported to clearing." => records::gaps;
+    GET "/api/v1/ledger/conflicts" Viewer false "Records refused because the ledger holds their (gate, installation, gate_seq) with other content (from, limit)." => records::conflicts;
     GET "/api/v1/ledger/verify" Viewer false "Verify the hash chain of the retained ledger." => records::ledger_verify;
     GET "/api/v1/clearing" Viewer false "Clearing cursor, backlog, last success and last error; lag_ms and lag_alarm (records waiting with no upload acknowledged for clearing.lag_alarm_secs, leader only)." => records::clearing;
     GET "/api/v1/audit" Viewer false "The replicated audit log (from, limit)." => records::audit;

@@ -191,6 +191,10 @@ pub struct LedgerStats {
     /// Entries not yet acknowledged by central clearing.
     pub clearing_backlog: u64,
     pub gates_registered: usize,
+    /// Sequence gaps recorded (`GET /api/v1/ledger/gaps`); any is an alarm.
+    pub sequence_gaps: u64,
+    /// Records refused for a key held with other content (`GET /api/v1/ledger/conflicts`).
+    pub key_conflicts: u64,
 }
 
 pub fn stats(state: &ApiState) -> Result<LedgerStats, ApiError> {
@@ -203,6 +207,8 @@ pub fn stats(state: &ApiState) -> Result<LedgerStats, ApiError> {
         clearing_acked_through: s.clearing_acked_through,
         clearing_backlog: s.last_index().saturating_sub(s.clearing_acked_through),
         gates_registered: s.gates.len(),
+        sequence_gaps: s.gaps,
+        key_conflicts: s.conflicts,
     })
 }
 
@@ -306,6 +312,24 @@ pub async fn clearing(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResp
         "last_refusal": f.last_refusal,
     });
     Ok(HttpResponse::Ok().json(v))
+}
+
+pub async fn gaps(
+    _c: Caller,
+    state: web::Data<ApiState>,
+    q: web::Query<Page>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(MAX_PAGE);
+    Ok(HttpResponse::Ok().json(state.node.sm.gaps(q.from.unwrap_or(1), limit)?))
+}
+
+pub async fn conflicts(
+    _c: Caller,
+    state: web::Data<ApiState>,
+    q: web::Query<Page>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(MAX_PAGE);
+    Ok(HttpResponse::Ok().json(state.node.sm.conflicts(q.from.unwrap_or(1), limit)?))
 }
 
 pub async fn audit(

@@ -67,14 +67,25 @@ pub(crate) async fn ingest_task(
 /// Proposes one batch; the through_seq to ack, or `None` when nothing may be acked.
 async fn propose(ctx: &Ctx, gate: &Ident, batch: TxBatch) -> Option<u64> {
     let records = batch.records.len();
+    // Records carry their installation (signed); the batch's unsigned copy only addresses the ack.
+    if let Some(i) = batch.records.first().and_then(|r| r.installation) {
+        if batch.installation.as_deref() != Some(i.to_string().as_str()) {
+            Stats::inc(&ctx.stats.tx_batches_rejected, 1);
+            tracing::warn!(%gate, records, "tx batch refused: its installation is not its records': not acked");
+            return None;
+        }
+    }
     let started = Instant::now();
     let times = super::plausible::record_times(&batch);
     match ctx.node.group.write(Request::from(batch)).await {
         Ok(w) => match w {
-            Response::Appended { appended, duplicates, deferred, through_seq, .. } => {
+            Response::Appended { appended, duplicates, deferred, gaps, conflicts, through_seq, .. } => {
                 Stats::inc(&ctx.stats.tx_records_appended, u64::from(appended));
                 ctx.metrics.observe_append(started.elapsed(), u64::from(appended));
                 super::plausible::check(ctx, gate, &times);
+                if gaps > 0 || conflicts > 0 {
+                    tracing::error!(%gate, gaps, conflicts, through_seq, "tx batch: sequence gaps or key conflicts recorded");
+                }
                 tracing::debug!(%gate, records, appended, duplicates, deferred, through_seq, "tx batch committed");
                 Some(through_seq)
             }

@@ -17,7 +17,8 @@ use super::snapshot::{SnapshotReader, SnapshotWriter};
 use super::{names, StoreError};
 use crate::chain::LedgerEntry;
 use crate::state::{
-    decode_ledger_entry, keys, AuditEntry, LedgerRead, ReadError, Request, Response, StationState, Write,
+    decode_ledger_entry, keys, AuditEntry, KeyConflict, LedgerRead, ReadError, Request, Response,
+    SequenceGap, StationState, Write,
 };
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
@@ -84,6 +85,11 @@ impl LedgerRead for TreeReader<'_> {
         v.map(|v| decode_ledger_entry(index, &v)).transpose()
     }
 
+    fn tx_index(&self, key: &[u8]) -> Result<Option<u64>, ReadError> {
+        let v = self.0.get(key).map_err(|e| ReadError::Storage(e.to_string()))?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes))
+    }
+
     fn package_piece(&self, upload: u64, index: u32) -> Result<Option<Vec<u8>>, ReadError> {
         let v = self.0.get(keys::piece(upload, index)).map_err(|e| ReadError::Storage(e.to_string()))?;
         Ok(v.map(|v| v.to_vec()))
@@ -95,9 +101,16 @@ fn may_delete(req: &Request) -> bool {
     matches!(req, Request::Prune { .. } | Request::PutPackagePiece { .. } | Request::CommitPackage { .. })
 }
 
-/// Whether applying `req` reads items written earlier in the same batch.
+/// Whether applying `req` reads items written earlier in the same batch (a gate batch reads the
+/// stored record under a re-sent key, to compare).
 fn reads_items(req: &Request) -> bool {
-    matches!(req, Request::Prune { .. } | Request::CommitPackage { .. })
+    matches!(
+        req,
+        Request::Prune { .. }
+            | Request::CommitPackage { .. }
+            | Request::AppendTxBatch { .. }
+            | Request::AppendTxBatches { .. }
+    )
 }
 
 /// The index in a ledger item's key.
@@ -193,6 +206,31 @@ impl StateMachineStore {
         Ok(out)
     }
 
+    /// Up to `limit` recorded sequence gaps from id `from` on.
+    pub fn gaps(&self, from: u64, limit: usize) -> Result<Vec<SequenceGap>, StoreError> {
+        self.json_items(keys::gap(from), keys::gap(u64::MAX), limit)
+    }
+
+    /// Up to `limit` kept key conflicts from id `from` on.
+    pub fn conflicts(&self, from: u64, limit: usize) -> Result<Vec<KeyConflict>, StoreError> {
+        self.json_items(keys::conflict(from), keys::conflict(u64::MAX), limit)
+    }
+
+    fn json_items<T: serde::de::DeserializeOwned>(
+        &self,
+        from: [u8; 9],
+        to: [u8; 9],
+        limit: usize,
+    ) -> Result<Vec<T>, StoreError> {
+        let tree = self.tree()?;
+        let mut out = Vec::new();
+        for kv in tree.range(from..to).take(limit) {
+            let (_, v) = kv?;
+            out.push(serde_json::from_slice(&v)?);
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` audit lines from sequence `from` on.
     pub fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let tree = self.tree()?;
@@ -261,8 +299,8 @@ impl StateMachineStore {
                 }
                 EntryPayload::Normal(req) => {
                     if reads_items(&req) && !writes.is_empty() {
-                        // Prune and CommitPackage read items; make this batch's earlier writes
-                        // visible first.
+                        // Prune, CommitPackage and gate batches read items; make this batch's
+                        // earlier writes visible first.
                         // Safe on a crash: the state key is not written yet, so the whole batch
                         // is re-applied from the log and rewrites the same items.
                         tree.apply_batch(to_batch(std::mem::take(&mut writes)))?;
@@ -395,6 +433,12 @@ fn write_snapshot_file(
     ];
     for (from, to) in ranges {
         for kv in tree.range(from..to) {
+            let (k, v) = kv?;
+            w.item(&k, &v)?;
+        }
+    }
+    for prefix in keys::WHOLE_PREFIXES {
+        for kv in tree.scan_prefix([prefix]) {
             let (k, v) = kv?;
             w.item(&k, &v)?;
         }

@@ -12,6 +12,8 @@
 //! [`KIND_PACKAGE_PIECE`]: `upload u64 ‖ index u32 ‖ at i64 ‖ u32 len ‖ bytes` (a package piece as
 //! raw bytes: base64 in JSON would make the largest entries a third larger and slow to encode), or
 //! [`KIND_TX_BATCHES`] (group commit): `u32 n ‖ (tx batch body as in KIND_TX_BATCH)*`.
+//! [`KIND_TX_BATCH_COVERING`] and [`KIND_TX_BATCHES_COVERING`] are the same with `covers u64`
+//! (0 = none) after the signature; new entries are written so, the first two kinds still read.
 //!
 //! Append RPC layout: `FORMAT ‖ u32 len ‖ JSON {vote, prev_log_id, leader_commit} ‖ u32 count ‖
 //! (u32 len ‖ entry)*`.
@@ -33,6 +35,8 @@ pub const KIND_JSON: u8 = 2;
 pub const KIND_TX_BATCH: u8 = 3;
 pub const KIND_PACKAGE_PIECE: u8 = 4;
 pub const KIND_TX_BATCHES: u8 = 5;
+pub const KIND_TX_BATCH_COVERING: u8 = 6;
+pub const KIND_TX_BATCHES_COVERING: u8 = 7;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -130,15 +134,15 @@ pub fn encode_entry_into(entry: &Entry, out: &mut Vec<u8>) -> Result<(), CodecEr
             out.push(KIND_MEMBERSHIP);
             serde_json::to_writer(&mut *out, m)?;
         }
-        EntryPayload::Normal(Request::AppendTxBatch { station, gate, records, signature }) => {
-            out.push(KIND_TX_BATCH);
-            put_tx_batch(out, station, gate, signature, records)?;
+        EntryPayload::Normal(Request::AppendTxBatch { station, gate, records, signature, covers_from }) => {
+            out.push(KIND_TX_BATCH_COVERING);
+            put_tx_batch(out, station, gate, signature, *covers_from, records)?;
         }
         EntryPayload::Normal(Request::AppendTxBatches { batches }) => {
-            out.push(KIND_TX_BATCHES);
+            out.push(KIND_TX_BATCHES_COVERING);
             put_u32(out, batches.len())?;
             for b in batches {
-                put_tx_batch(out, &b.station, &b.gate, &b.signature, &b.records)?;
+                put_tx_batch(out, &b.station, &b.gate, &b.signature, b.covers_from, &b.records)?;
             }
         }
         EntryPayload::Normal(Request::PutPackagePiece { upload, index, at, bytes }) => {
@@ -161,11 +165,13 @@ fn put_tx_batch(
     station: &Ident,
     gate: &Ident,
     signature: &str,
+    covers_from: Option<u64>,
     records: &[TxRecord],
 ) -> Result<(), CodecError> {
     put_bytes(out, station.as_str().as_bytes())?;
     put_bytes(out, gate.as_str().as_bytes())?;
     put_bytes(out, signature.as_bytes())?;
+    out.extend_from_slice(&covers_from.unwrap_or(0).to_le_bytes());
     put_u32(out, records.len())?;
     for r in records {
         put_bytes(out, &r.canonical_bytes())?;
@@ -173,17 +179,18 @@ fn put_tx_batch(
     Ok(())
 }
 
-fn read_tx_batch(r: &mut Reader<'_>) -> Result<TxBatchIn, CodecError> {
+fn read_tx_batch(r: &mut Reader<'_>, covering: bool) -> Result<TxBatchIn, CodecError> {
     let station = r.ident()?;
     let gate = r.ident()?;
     let signature = r.str()?.to_owned();
+    let covers_from = if covering { Some(r.u64()?).filter(|c| *c != 0) } else { None };
     let count = r.u32()?;
     // Each record takes at least a few bytes: bound the allocation by the input.
     let mut records = Vec::with_capacity(count.min(r.0.len()));
     for _ in 0..count {
         records.push(TxRecord::from_canonical(r.bytes()?)?);
     }
-    Ok(TxBatchIn { station, gate, records, signature })
+    Ok(TxBatchIn { station, gate, records, signature, covers_from })
 }
 
 /// The encoding of `entry`.
@@ -210,15 +217,16 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
         KIND_BLANK => EntryPayload::Blank,
         KIND_MEMBERSHIP => EntryPayload::Membership(serde_json::from_slice(r.take(r.0.len())?)?),
         KIND_JSON => EntryPayload::Normal(serde_json::from_slice(r.take(r.0.len())?)?),
-        KIND_TX_BATCH => {
-            let TxBatchIn { station, gate, records, signature } = read_tx_batch(&mut r)?;
-            EntryPayload::Normal(Request::AppendTxBatch { station, gate, records, signature })
+        KIND_TX_BATCH | KIND_TX_BATCH_COVERING => {
+            let TxBatchIn { station, gate, records, signature, covers_from } =
+                read_tx_batch(&mut r, kind == KIND_TX_BATCH_COVERING)?;
+            EntryPayload::Normal(Request::AppendTxBatch { station, gate, records, signature, covers_from })
         }
-        KIND_TX_BATCHES => {
+        KIND_TX_BATCHES | KIND_TX_BATCHES_COVERING => {
             let n = r.u32()?;
             let mut batches = Vec::with_capacity(n.min(r.0.len()));
             for _ in 0..n {
-                batches.push(read_tx_batch(&mut r)?);
+                batches.push(read_tx_batch(&mut r, kind == KIND_TX_BATCHES_COVERING)?);
             }
             EntryPayload::Normal(Request::AppendTxBatches { batches })
         }

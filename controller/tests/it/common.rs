@@ -71,6 +71,8 @@ pub fn record(station: &str, gate: &str, seq: u64) -> TxRecord {
         params: ParamVersions::default(),
         replay_unchecked: false,
         qr: None,
+        installation: None,
+        voids: None,
     }
 }
 
@@ -86,7 +88,13 @@ pub fn register(gate: &str, key: &SigningKey) -> Request {
 pub fn batch(gate: &str, key: &SigningKey, seqs: impl IntoIterator<Item = u64>) -> Request {
     let records: Vec<TxRecord> = seqs.into_iter().map(|s| record("s1", gate, s)).collect();
     let sig = sign_batch(&ident("s1"), &ident(gate), &records, key);
-    Request::AppendTxBatch { station: ident("s1"), gate: ident(gate), records, signature: hex::encode(sig) }
+    Request::AppendTxBatch {
+        station: ident("s1"),
+        gate: ident(gate),
+        records,
+        signature: hex::encode(sig),
+        covers_from: None,
+    }
 }
 
 /// Polls `f` until it returns Some or the deadline passes.

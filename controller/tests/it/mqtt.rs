@@ -179,6 +179,7 @@ pub fn tx_batch(gate: &str, key_n: u8, seqs: std::ops::RangeInclusive<u64>) -> V
         records,
         signature: hex::encode(sig),
         installation: installation(gate),
+        covers_from: None,
     })
 }
 

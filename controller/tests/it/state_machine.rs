@@ -2,11 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use afc_domain::ledger::{Installation, TxRecord};
 use afc_domain::mode::ModeBits;
 use afc_domain::model::{ParamKind, StationCode, Timestamp};
 use controller::chain::{chain_hash, LedgerEntry, GENESIS_HASH};
 use controller::state::{
-    decode_ledger_entry, keys, LedgerRead, ReadError, Rejection, Request, Response, StationState, Write,
+    decode_ledger_entry, keys, KeyConflict, LedgerRead, ReadError, Rejection, Request, Response, SequenceGap,
+    StationState, Write,
 };
 
 use crate::common::*;
@@ -18,6 +20,10 @@ struct Items(BTreeMap<Vec<u8>, Vec<u8>>);
 impl LedgerRead for Items {
     fn ledger_entry(&self, index: u64) -> Result<Option<LedgerEntry>, ReadError> {
         Ok(self.0.get(keys::ledger(index).as_slice()).map(|v| decode_ledger_entry(index, v).unwrap()))
+    }
+
+    fn tx_index(&self, key: &[u8]) -> Result<Option<u64>, ReadError> {
+        Ok(self.0.get(key).map(|v| u64::from_be_bytes(v.as_slice().try_into().unwrap())))
     }
 
     fn package_piece(&self, upload: u64, index: u32) -> Result<Option<Vec<u8>>, ReadError> {
@@ -68,6 +74,8 @@ fn a_signed_batch_is_appended_with_contiguous_indexes_and_a_hash_chain() {
             appended: 3,
             duplicates: 0,
             deferred: 0,
+            gaps: 0,
+            conflicts: 0,
             first_index: Some(1),
             last_index: Some(3),
             through_seq: 3
@@ -97,8 +105,8 @@ fn a_group_of_batches_applies_exactly_as_the_batches_one_by_one() {
     let batches = parts
         .iter()
         .map(|b| match b.clone() {
-            Request::AppendTxBatch { station, gate, records, signature } => {
-                controller::state::TxBatchIn { station, gate, records, signature }
+            Request::AppendTxBatch { station, gate, records, signature, covers_from } => {
+                controller::state::TxBatchIn { station, gate, records, signature, covers_from }
             }
             other => panic!("{other:?}"),
         })
@@ -123,6 +131,8 @@ fn a_resent_batch_is_not_counted_twice() {
             appended: 2,
             duplicates: 2,
             deferred: 0,
+            gaps: 0,
+            conflicts: 0,
             first_index: Some(4),
             last_index: Some(5),
             through_seq: 5
@@ -148,12 +158,14 @@ fn a_forged_batch_is_a_no_op_with_a_reason() {
     let before = st.clone();
     let r = items.apply(&mut st, &batch("g01", &gate_key(9), 1..=3));
     assert_eq!(r, Response::Rejected { rejection: Rejection::BadSignature });
-    let Request::AppendTxBatch { station, gate, mut records, signature } = batch("g01", &gate_key(1), 1..=2)
+    let Request::AppendTxBatch { station, gate, mut records, signature, .. } =
+        batch("g01", &gate_key(1), 1..=2)
     else {
         unreachable!()
     };
     records[1].fare_fen = 1; // tampered after signing
-    let r = items.apply(&mut st, &Request::AppendTxBatch { station, gate, records, signature });
+    let r = items
+        .apply(&mut st, &Request::AppendTxBatch { station, gate, records, signature, covers_from: None });
     assert_eq!(r, Response::Rejected { rejection: Rejection::BadSignature });
     let r = items.apply(&mut st, &batch("g02", &gate_key(2), 1..=1));
     assert_eq!(r, Response::Rejected { rejection: Rejection::UnknownGate { gate: ident("g02") } });
@@ -169,7 +181,8 @@ fn a_record_from_another_gate_in_a_batch_rejects_the_whole_batch() {
     };
     records[0].gate = ident("g07");
     let sig = controller::chain::sign_batch(&station, &gate, &records, &gate_key(1));
-    let req = Request::AppendTxBatch { station, gate, records, signature: hex::encode(sig) };
+    let req =
+        Request::AppendTxBatch { station, gate, records, signature: hex::encode(sig), covers_from: None };
     assert!(matches!(
         items.apply(&mut st, &req),
         Response::Rejected { rejection: Rejection::RecordMismatch { gate_seq: 1, .. } }
@@ -544,4 +557,116 @@ fn prune_keeps_the_version_a_rollout_points_gates_at() {
     assert_eq!(st.packages[kind.as_str()].versions, vec![1, 3], "v1 is what gates run; v2 goes");
     assert!(items.0.contains_key(keys::package(kind, 1).as_slice()));
     assert!(!items.0.contains_key(keys::package(kind, 2).as_slice()));
+}
+
+/// A signed batch of `records` from g01 (key 1), covering from `covers_from` when given.
+fn installed_batch(records: Vec<TxRecord>, covers_from: Option<u64>) -> Request {
+    let sig = controller::chain::sign_batch_covering(
+        &ident("s1"),
+        &ident("g01"),
+        covers_from,
+        &records,
+        &gate_key(1),
+    );
+    Request::AppendTxBatch {
+        station: ident("s1"),
+        gate: ident("g01"),
+        records,
+        signature: hex::encode(sig),
+        covers_from,
+    }
+}
+
+fn installed(inst: u8, seq: u64) -> TxRecord {
+    TxRecord { installation: Some(Installation([inst; 16])), ..record("s1", "g01", seq) }
+}
+
+fn appended(r: &Response) -> (u32, u32, u32, u32, u64) {
+    match r {
+        Response::Appended { appended, duplicates, gaps, conflicts, through_seq, .. } => {
+            (*appended, *duplicates, *gaps, *conflicts, *through_seq)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_replaced_gate_numbering_from_one_again_under_a_new_installation_is_new_not_a_duplicate() {
+    let (mut st, mut items) = setup();
+    let first: Vec<TxRecord> = (1..=5).map(|s| installed(1, s)).collect();
+    assert_eq!(appended(&items.apply(&mut st, &installed_batch(first.clone(), Some(1)))), (5, 0, 0, 0, 5));
+    // The disk was wiped: a new installation, gate_seq from 1, and a different passenger each time.
+    let second: Vec<TxRecord> = (1..=3).map(|s| TxRecord { id: 77_000 + s, ..installed(2, s) }).collect();
+    assert_eq!(appended(&items.apply(&mut st, &installed_batch(second, Some(1)))), (3, 0, 0, 0, 3));
+    assert_eq!(items.ledger().len(), 8);
+    // The first installation's re-send is still a plain duplicate.
+    assert_eq!(appended(&items.apply(&mut st, &installed_batch(first, Some(1)))), (0, 5, 0, 0, 5));
+    let g = &st.gates[&ident("g01")];
+    assert_eq!(g.installations.len(), 2);
+    assert_eq!(g.progress_of(Some(&Installation([2; 16]))).unwrap().contiguous_through, 3);
+}
+
+#[test]
+fn a_record_whose_key_is_held_with_other_content_is_refused_kept_and_counted_never_a_duplicate() {
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &installed_batch((1..=3).map(|s| installed(1, s)).collect(), Some(1)));
+    // Same installation and gate_seq 2, another card (a restored disk image numbering again).
+    let other = TxRecord { id: 555, ..installed(1, 2) };
+    let r = items
+        .apply(&mut st, &installed_batch(vec![installed(1, 1), other.clone(), installed(1, 4)], Some(1)));
+    assert_eq!(appended(&r), (1, 1, 0, 1, 4), "seq 1 duplicate, 2 conflict, 4 new");
+    assert_eq!(items.ledger().len(), 4);
+    assert_eq!(items.ledger()[1].record.id, installed(1, 2).id, "the stored record stays");
+    assert_eq!((st.conflicts, st.gates[&ident("g01")].conflicts), (1, 1));
+    let kept: Vec<KeyConflict> = items
+        .0
+        .iter()
+        .filter(|(k, _)| k[0] == keys::CONFLICT_PREFIX)
+        .map(|(_, v)| serde_json::from_slice(v).unwrap())
+        .collect();
+    assert_eq!(kept, vec![KeyConflict { id: 1, ledger_index: 2, record: other.clone() }]);
+    // Within one command too: a batch carrying seq 9 twice with different content.
+    let twice = vec![installed(1, 5), installed(1, 6), TxRecord { id: 1, ..installed(1, 6) }];
+    assert_eq!(appended(&items.apply(&mut st, &installed_batch(twice, Some(5)))), (2, 0, 0, 1, 6));
+}
+
+#[test]
+fn numbers_a_covering_batch_does_not_carry_are_recorded_as_a_gap_and_the_gate_is_acked_past_them() {
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &installed_batch((1..=2).map(|s| installed(1, s)).collect(), Some(1)));
+    // Without the covering claim, a missing 3 and 4 stall the acks at 2.
+    let r = items.apply(&mut st, &installed_batch((5..=6).map(|s| installed(1, s)).collect(), None));
+    assert_eq!(appended(&r), (2, 0, 0, 0, 2));
+    // The gate says it holds nothing else from 3 on: 3 and 4 are lost; 5, 6 are already in.
+    let r = items
+        .apply(&mut st, &installed_batch(vec![installed(1, 5), installed(1, 6), installed(1, 8)], Some(3)));
+    assert_eq!(appended(&r), (1, 2, 2, 0, 8), "gaps 3..=4 and 7..=7");
+    let gaps: Vec<SequenceGap> = items
+        .0
+        .iter()
+        .filter(|(k, _)| k[0] == keys::GAP_PREFIX)
+        .map(|(_, v)| serde_json::from_slice(v).unwrap())
+        .collect();
+    assert_eq!(
+        gaps.iter().map(|g| (g.id, g.from_seq, g.to_seq)).collect::<Vec<_>>(),
+        vec![(1, 3, 4), (2, 7, 7)]
+    );
+    assert_eq!(gaps[1].ledger_index, 5, "the record after the gap got ledger index 5");
+    assert_eq!(gaps[0].installation, Some(Installation([1; 16])));
+    assert_eq!((st.gaps, st.gates[&ident("g01")].gaps), (2, 2));
+    // A covering claim is signed: a forged wider claim does not verify.
+    let Request::AppendTxBatch { station, gate, records, signature, .. } =
+        installed_batch(vec![installed(1, 12)], Some(9))
+    else {
+        unreachable!()
+    };
+    let forged = Request::AppendTxBatch { station, gate, records, signature, covers_from: Some(1) };
+    assert!(matches!(items.apply(&mut st, &forged), Response::Rejected { .. }));
+}
+
+#[test]
+fn a_batch_mixing_installations_is_refused() {
+    let (mut st, mut items) = setup();
+    let r = items.apply(&mut st, &installed_batch(vec![installed(1, 1), installed(2, 2)], Some(1)));
+    assert!(matches!(r, Response::Rejected { rejection: Rejection::InvalidBatch { .. } }), "{r:?}");
 }

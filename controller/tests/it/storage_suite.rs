@@ -61,8 +61,8 @@ mod codec {
     /// Two gates' batches in one entry (group commit).
     fn group_of_two() -> Request {
         let one = |gate: &str, key: u8, seqs| match batch(gate, &gate_key(key), seqs) {
-            Request::AppendTxBatch { station, gate, records, signature } => {
-                controller::state::TxBatchIn { station, gate, records, signature }
+            Request::AppendTxBatch { station, gate, records, signature, covers_from } => {
+                controller::state::TxBatchIn { station, gate, records, signature, covers_from }
             }
             other => panic!("{other:?}"),
         };

@@ -522,6 +522,7 @@ async fn metrics_move_with_gate_traffic_and_the_ledger_can_be_searched_by_gate_a
             records,
             signature: hex::encode(sig),
             installation: crate::mqtt::installation("g01"),
+            covers_from: None,
         })
     };
     for payload in [batch(1..=3), batch(1..=3), batch(4..=5)] {

@@ -7,6 +7,10 @@
 //! fails its check ends that segment (a write torn by a crash), and the file is cut there, so a
 //! torn frame is never half-read and never followed by new frames. A frame is only reported
 //! written after `fdatasync` returned, so a torn frame is one nobody was told about.
+//! A damaged frame followed by a valid one is not a torn write (records were written after it,
+//! so it was whole once): it is skipped and counted ([`Log::skipped`]), the frames after it are
+//! kept, and its number is missing from the live records: the upload's covered range then tells
+//! the ledger that number is lost (a sequence gap), instead of losing every record after it.
 //!
 //! Segments are preallocated (written with zeros, synced, then renamed into place), so appending a
 //! frame changes no file size and its `fdatasync` commits no metadata: under other disk traffic a
@@ -32,6 +36,23 @@ pub const MAX_RECORD: usize = 64 * 1024;
 pub const PROBE_ROOM: usize = 4096;
 const HEADER: usize = 4 + 8;
 const CHECK: usize = 8;
+
+/// Whether a whole frame numbered above `after` starts at `off`.
+fn valid_frame_at(bytes: &[u8], off: usize, after: u64) -> bool {
+    let Some(h) = bytes.get(off..off + HEADER) else { return false };
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let seq = u64::from_le_bytes([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]);
+    if len == 0 || len > MAX_RECORD || seq <= after {
+        return false;
+    }
+    match (
+        bytes.get(off + HEADER..off + HEADER + len),
+        bytes.get(off + HEADER + len..off + HEADER + len + CHECK),
+    ) {
+        (Some(payload), Some(c)) => c == check(seq, payload),
+        _ => false,
+    }
+}
 
 fn check(seq: u64, payload: &[u8]) -> [u8; CHECK] {
     let mut h = Sha256::new();
@@ -71,6 +92,8 @@ pub struct Log {
     last_seq: u64,
     /// The size a new segment is preallocated to.
     segment_bytes: u64,
+    /// Damaged frames skipped on open (followed by whole ones).
+    skipped: u64,
 }
 
 fn frame_len(payload: usize) -> u64 {
@@ -110,6 +133,7 @@ impl Log {
             live_bytes: 0,
             last_seq: 0,
             segment_bytes: SEGMENT_BYTES,
+            skipped: 0,
         };
         for (first, path) in names {
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
@@ -130,6 +154,14 @@ impl Log {
                 let Some(payload) = bytes.get(off + HEADER..off + HEADER + len) else { break };
                 let Some(c) = bytes.get(off + HEADER + len..off + HEADER + len + CHECK) else { break };
                 if c != check(seq, payload) {
+                    let next = off + HEADER + len + CHECK;
+                    // (Its own header may be the damaged part: only the frame after it is trusted.)
+                    if valid_frame_at(&bytes, next, last_seq) {
+                        tracing::error!(segment = %path.display(), offset = off, "outbox log: a damaged record followed by whole ones is skipped (its number becomes a sequence gap)");
+                        log.skipped += 1;
+                        off = next;
+                        continue;
+                    }
                     break;
                 }
                 if seq > acked {
@@ -160,6 +192,11 @@ impl Log {
 
     pub fn last_seq(&self) -> u64 {
         self.last_seq
+    }
+
+    /// Damaged frames skipped when the log was opened (records lost: sequence gaps).
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     pub fn live_bytes(&self) -> u64 {
@@ -348,17 +385,44 @@ mod tests {
         log.append(6, b"record 6").unwrap();
         drop(log);
         assert_eq!(Log::open(dir.path(), 0).unwrap().last_seq(), 6);
-        // A frame failing its check is not trusted, nor anything after it.
+        // The last frame failing its check is not trusted.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[whole as usize + HEADER] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         let log = Log::open(dir.path(), 0).unwrap();
-        assert_eq!(log.last_seq(), 5);
+        assert_eq!((log.last_seq(), log.skipped()), (5, 0));
         // A preallocation cut short by a crash leaves a .tmp file that is removed.
         std::fs::write(dir.path().join("00000000000000000099.log.tmp"), b"partial").unwrap();
         drop(log);
         Log::open(dir.path(), 0).unwrap();
         assert!(!dir.path().join("00000000000000000099.log.tmp").exists());
+    }
+
+    #[test]
+    fn a_damaged_record_followed_by_whole_ones_is_skipped_and_the_rest_kept() {
+        let at = |n: u64| (1..n).map(|s| frame_len(format!("record {s}").len())).sum::<u64>() as usize;
+        // Record 2's payload, or record 4's header (its seq), damaged.
+        for (damage, kept) in [(at(2) + HEADER + 1, vec![1, 3, 4, 5]), (at(4) + 5, vec![1, 2, 3, 5])] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let mut log = Log::open(dir.path(), 0).unwrap();
+                for seq in 1..=5 {
+                    log.append(seq, format!("record {seq}").as_bytes()).unwrap();
+                }
+            }
+            let path = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[damage] ^= 0x40;
+            std::fs::write(&path, &bytes).unwrap();
+            let mut log = Log::open(dir.path(), 0).unwrap();
+            let seqs: Vec<u64> = log.read(0, 100, 1 << 20).unwrap().iter().map(|(s, _)| *s).collect();
+            assert_eq!((seqs, log.last_seq(), log.skipped()), (kept, 5, 1));
+            // Writing goes on after the last record, and everything reads back after a reopen.
+            log.append(6, b"record 6").unwrap();
+            drop(log);
+            let log = Log::open(dir.path(), 0).unwrap();
+            assert_eq!((log.last_seq(), log.live_count(), log.skipped()), (6, 5, 1));
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use afc_domain::blacklist::{Blacklist, Entry};
-use afc_domain::ledger::{verify_batch, TxRecord};
+use afc_domain::ledger::{verify_batch_covering, TxRecord};
 use afc_domain::model::{BusinessDayRule, CardType, Date, Ident, Media, ParamKind, StationCode, Timestamp};
 use afc_domain::network::{compile, Band, FareRule, Increment, Line, NetworkDescription, Station, Stop};
 use afc_domain::package::{package_sha256, split, BlacklistBody, Package};
@@ -295,7 +295,16 @@ impl Controller {
                             Topic::GateTx { gate, station } => {
                                 let Ok(batch) = wire::decode::<TxBatch>(&p.payload) else { continue };
                                 let sig = batch.signature_bytes().unwrap();
-                                if verify_batch(&station, &gate, &batch.records, &sig, &verifying).is_err() {
+                                if verify_batch_covering(
+                                    &station,
+                                    &gate,
+                                    batch.covers_from,
+                                    &batch.records,
+                                    &sig,
+                                    &verifying,
+                                )
+                                .is_err()
+                                {
                                     *forged.lock().unwrap() += 1;
                                     continue;
                                 }

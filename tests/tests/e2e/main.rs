@@ -10,6 +10,7 @@
 
 mod clock;
 mod forged;
+mod replaced;
 mod scenario;
 
 use std::path::{Path, PathBuf};

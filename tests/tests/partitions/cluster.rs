@@ -242,16 +242,13 @@ impl Cluster {
         let mut from = 1;
         loop {
             let page = self.get(id, &format!("/api/v1/ledger?from={from}&limit=1000")).await?;
-            let entries = page.as_array().context("ledger page is not a list")?;
-            for e in entries {
-                let gate = e.pointer("/record/gate").and_then(Value::as_str).context("record.gate")?;
-                let seq = e.pointer("/record/gate_seq").and_then(Value::as_u64).context("record.gate_seq")?;
-                let index = e.get("index").and_then(Value::as_u64).context("index")?;
-                let hash = e.get("hash").and_then(Value::as_str).unwrap_or_default().to_owned();
-                out.push(LedgerRow { index, gate: gate.to_owned(), gate_seq: seq, hash });
-                from = index + 1;
+            let rows = system_tests::ledger_rows(&page)?;
+            let entries = rows.len();
+            if let Some(last) = rows.last() {
+                from = last.index + 1;
             }
-            if entries.len() < 1000 {
+            out.extend(rows);
+            if entries < 1000 {
                 return Ok(out);
             }
         }
