@@ -124,12 +124,27 @@ impl ClearingClient {
 
     /// Uploads one batch.
     pub async fn upload(&self, station: &Ident, batch: &UploadBatch) -> Result<UploadOutcome, ClearingError> {
+        let url = self.station_url(station, "batches");
+        let acked: Result<Acked, u64> = self.post_or_conflict(url, batch, self.config.upload_timeout).await?;
+        Ok(acked.map_or_else(
+            |expected_from| UploadOutcome::Conflict { expected_from },
+            |a| UploadOutcome::Acked(a.acked_through),
+        ))
+    }
+
+    /// POSTs `body`: the 2xx answer, or `Err(expected_from)` for a 409, or the error.
+    async fn post_or_conflict<B: serde::Serialize, A: DeserializeOwned>(
+        &self,
+        url: String,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<Result<A, u64>, ClearingError> {
         let resp = self
             .http
-            .post(self.station_url(station, "batches"))
+            .post(url)
             .bearer_auth(&self.token)
-            .timeout(self.config.upload_timeout)
-            .json(batch)
+            .timeout(timeout)
+            .json(body)
             .send()
             .await
             .map_err(ClearingError::Transport)?;
@@ -137,12 +152,11 @@ impl ClearingClient {
         if status == StatusCode::CONFLICT {
             let body = resp.bytes().await.map_err(ClearingError::Transport)?;
             return match serde_json::from_slice::<Conflict>(&body) {
-                Ok(c) => Ok(UploadOutcome::Conflict { expected_from: c.expected_from }),
+                Ok(c) => Ok(Err(c.expected_from)),
                 Err(_) => Err(unexpected(status, &body)),
             };
         }
-        let acked: Acked = answer(resp).await?;
-        Ok(UploadOutcome::Acked(acked.acked_through))
+        Ok(Ok(answer(resp).await?))
     }
 
     /// Reports sequence gaps (ids from 1, resends allowed); how far the stored gaps run. A 409
@@ -152,24 +166,14 @@ impl ClearingClient {
         station: &Ident,
         gaps: &[SequenceGap],
     ) -> Result<UploadOutcome, ClearingError> {
-        let resp = self
-            .http
-            .post(self.station_url(station, "gaps"))
-            .bearer_auth(&self.token)
-            .json(&GapReport { gaps: gaps.to_vec() })
-            .send()
-            .await
-            .map_err(ClearingError::Transport)?;
-        let status = resp.status();
-        if status == StatusCode::CONFLICT {
-            let body = resp.bytes().await.map_err(ClearingError::Transport)?;
-            return match serde_json::from_slice::<Conflict>(&body) {
-                Ok(c) => Ok(UploadOutcome::Conflict { expected_from: c.expected_from }),
-                Err(_) => Err(unexpected(status, &body)),
-            };
-        }
-        let stored: GapsStored = answer(resp).await?;
-        Ok(UploadOutcome::Acked(stored.stored_through))
+        let url = self.station_url(station, "gaps");
+        let report = GapReport { gaps: gaps.to_vec() };
+        let stored: Result<GapsStored, u64> =
+            self.post_or_conflict(url, &report, self.config.request_timeout).await?;
+        Ok(stored.map_or_else(
+            |expected_from| UploadOutcome::Conflict { expected_from },
+            |s| UploadOutcome::Acked(s.stored_through),
+        ))
     }
 
     /// The sequence gaps the clearing house holds for the station.

@@ -67,13 +67,7 @@ impl GroupCommit {
 }
 
 fn single(b: TxBatchIn) -> Request {
-    Request::AppendTxBatch {
-        station: b.station,
-        gate: b.gate,
-        records: b.records,
-        signature: b.signature,
-        covers_from: b.covers_from,
-    }
+    Request::from(b)
 }
 
 async fn run(raft: Raft, mut rx: mpsc::Receiver<(TxBatchIn, Waiter)>) {

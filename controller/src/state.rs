@@ -260,8 +260,8 @@ impl RolloutBook {
     }
 }
 
-impl From<afc_domain::wire::TxBatch> for Request {
-    fn from(b: afc_domain::wire::TxBatch) -> Request {
+impl From<TxBatchIn> for Request {
+    fn from(b: TxBatchIn) -> Request {
         Request::AppendTxBatch {
             station: b.station,
             gate: b.gate,
@@ -269,6 +269,13 @@ impl From<afc_domain::wire::TxBatch> for Request {
             signature: b.signature,
             covers_from: b.covers_from,
         }
+    }
+}
+
+impl From<afc_domain::wire::TxBatch> for Request {
+    fn from(b: afc_domain::wire::TxBatch) -> Request {
+        let afc_domain::wire::TxBatch { station, gate, records, signature, covers_from, .. } = b;
+        Request::from(TxBatchIn { station, gate, records, signature, covers_from })
     }
 }
 
