@@ -214,9 +214,30 @@ pub struct Watermark {
     /// The highest index stored (0 for none); the next batch must start at `acked_through + 1`.
     pub acked_through: u64,
     /// The hash of entry `acked_through` (genesis for 0), hex: the reconciling controller checks
-    /// it against its own ledger.
-    #[serde(with = "hex_array")]
-    pub last_hash: [u8; 32],
+    /// it against its own ledger. An extension of this reference server (SPEC §8 does not define
+    /// the watermark's body): a clearing house that leaves it out is still uploaded to, without the
+    /// fork check at the watermark.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex_array_opt")]
+    pub last_hash: Option<[u8; 32]>,
+}
+
+/// Serde helper: an optional fixed-size byte array as a hex string (absent or null = `None`).
+mod hex_array_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_str(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let Some(text) = Option::<std::borrow::Cow<'de, str>>::deserialize(d)? else { return Ok(None) };
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
+        Ok(Some(out))
+    }
 }
 
 /// Every error answer: a stable `code`, a human message, and for 409 where to resume.
@@ -488,6 +509,15 @@ mod tests {
     fn batch(n: u64) -> UploadBatch {
         let mut head = LedgerHead::genesis();
         UploadBatch::new(GENESIS_HASH, (1..=n).map(|s| head.append(record(s))).collect()).unwrap()
+    }
+
+    #[test]
+    fn a_watermark_without_last_hash_parses_as_the_protocol_defines_it() {
+        let w: Watermark = serde_json::from_str(r#"{"acked_through": 7}"#).unwrap();
+        assert_eq!((w.acked_through, w.last_hash), (7, None));
+        let w = Watermark { acked_through: 3, last_hash: Some([9; 32]) };
+        assert_eq!(serde_json::from_str::<Watermark>(&serde_json::to_string(&w).unwrap()).unwrap(), w);
+        assert!(serde_json::from_str::<Watermark>(r#"{"acked_through": 1, "last_hash": "zz"}"#).is_err());
     }
 
     #[test]

@@ -232,7 +232,7 @@ impl ClearingState {
     pub fn watermark(&self, id: &Ident) -> Result<Watermark, ServerError> {
         let station = self.station(id)?;
         let st = lock(&station);
-        Ok(Watermark { acked_through: st.ledger.acked_through(), last_hash: st.ledger.last_hash() })
+        Ok(Watermark { acked_through: st.ledger.acked_through(), last_hash: Some(st.ledger.last_hash()) })
     }
 
     /// The station's counters.

@@ -369,12 +369,15 @@ impl Worker {
                 ),
             );
         }
-        match self.hash_at(w)? {
-            Some(ours) if ours != wm.last_hash => Err(alarm(
+        if wm.last_hash.is_none() {
+            tracing::warn!(task = TASK, watermark = w, "clearing's watermark carries no last_hash: the fork check at the watermark is skipped (each batch still names its prev_hash)");
+        }
+        match (self.hash_at(w)?, wm.last_hash) {
+            (Some(ours), Some(theirs)) if ours != theirs => Err(alarm(
                 AlarmKind::HashMismatch,
                 format!("clearing's hash at index {w} differs from the station ledger's: the ledgers forked"),
             )),
-            Some(ours) => {
+            (Some(ours), _) => {
                 if w > cursor {
                     tracing::info!(
                         task = TASK,
@@ -389,11 +392,11 @@ impl Worker {
             }
             // Pruned here: only possible at or below the cursor. Clearing's hash is checked
             // against the next entry's chain before the first upload.
-            None if w == cursor => Ok(Position { next: w + 1, prev_hash: wm.last_hash }),
-            None => Err(alarm(
+            (None, Some(theirs)) if w == cursor => Ok(Position { next: w + 1, prev_hash: theirs }),
+            (None, _) => Err(alarm(
                 AlarmKind::RecordsPruned,
                 format!(
-                    "clearing needs records from {} but the ledger keeps them only from {}",
+                    "clearing needs records from {} but the ledger keeps them only from {} (or clearing gave no hash to chain from)",
                     w + 1,
                     state.first_retained
                 ),

@@ -97,7 +97,7 @@ async fn uploader(
                     } else {
                         chain.get(w.acked_through as usize - 1).map(|e| e.hash)
                     };
-                    if ours != Some(w.last_hash) {
+                    if ours != w.last_hash {
                         p.findings
                             .push(format!("the hash at watermark {} is not the chain's", w.acked_through));
                     }
@@ -210,7 +210,7 @@ async fn a_clearing_server_cut_off_at_random_moments_keeps_every_acknowledged_ba
             server.log_tail(20)
         );
         let ours = if w.acked_through == 0 { GENESIS_HASH } else { chain[w.acked_through as usize - 1].hash };
-        assert_eq!(w.last_hash, ours, "cut {n}: the hash at the watermark is not the chain's");
+        assert_eq!(w.last_hash, Some(ours), "cut {n}: the hash at the watermark is not the chain's");
         // Progress before the next cut, so each cut has acknowledged batches to lose.
         let deadline = Instant::now() + START_DEADLINE;
         while acked() <= promised.max(w.acked_through) && acked() < CHAIN {

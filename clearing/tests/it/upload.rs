@@ -15,11 +15,11 @@ async fn contiguous_batches_are_acknowledged_and_the_watermark_follows() {
     let c = &server.client;
     let chain = testdata::ledger(&station(), 30);
     let w = c.watermark(&station()).await.unwrap();
-    assert_eq!((w.acked_through, w.last_hash), (0, GENESIS_HASH));
+    assert_eq!((w.acked_through, w.last_hash), (0, Some(GENESIS_HASH)));
     assert_eq!(c.upload(&station(), &batch(&chain, 1, 10)).await.unwrap(), UploadOutcome::Acked(10));
     assert_eq!(c.upload(&station(), &batch(&chain, 11, 30)).await.unwrap(), UploadOutcome::Acked(30));
     let w = c.watermark(&station()).await.unwrap();
-    assert_eq!((w.acked_through, w.last_hash), (30, chain[29].hash));
+    assert_eq!((w.acked_through, w.last_hash), (30, Some(chain[29].hash)));
     let stats = c.stats(&station()).await.unwrap();
     assert_eq!((stats.records, stats.batches_acked, stats.resends, stats.duplicate_keys), (30, 2, 0, 0));
     server.stop().await;
@@ -169,7 +169,7 @@ async fn a_restarted_server_keeps_its_watermark_and_chain() {
     let server = TestServer::start(dir.path()).await;
     let c = &server.client;
     let w = c.watermark(&station()).await.unwrap();
-    assert_eq!((w.acked_through, w.last_hash), (25, chain[24].hash));
+    assert_eq!((w.acked_through, w.last_hash), (25, Some(chain[24].hash)));
     // The stored chain is checked against resends and continued by the next batch.
     assert_eq!(c.upload(&station(), &batch(&chain, 20, 25)).await.unwrap(), UploadOutcome::Acked(25));
     assert_eq!(

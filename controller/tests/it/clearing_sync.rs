@@ -608,3 +608,70 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A clearing house written from SPEC §8 alone: `POST batches` (append from `acked_through + 1`,
+/// 200 for a resend, 409 `{expected_from}` otherwise) and `GET watermark` answering only
+/// `{acked_through}`, with no `last_hash` (the protocol does not define one).
+async fn spec_only_clearing() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<u64>>) {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let stored = std::sync::Arc::new(std::sync::Mutex::new(0u64));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = stored.clone();
+    let server = HttpServer::new(move || {
+        let (w, b) = (s.clone(), s.clone());
+        App::new()
+            .app_data(web::JsonConfig::default().limit(64 << 20))
+            .route(
+                "/v1/stations/{station}/watermark",
+                web::get().to(move || {
+                    let w = w.clone();
+                    async move { HttpResponse::Ok().json(serde_json::json!({ "acked_through": *w.lock().unwrap() })) }
+                }),
+            )
+            .route(
+                "/v1/stations/{station}/batches",
+                web::post().to(move |body: web::Json<serde_json::Value>| {
+                    let b = b.clone();
+                    async move {
+                        let mut acked = b.lock().unwrap();
+                        let first = body["first_index"].as_u64().unwrap_or(0);
+                        let last = body["last_index"].as_u64().unwrap_or(0);
+                        if first > *acked + 1 {
+                            return HttpResponse::Conflict()
+                                .json(serde_json::json!({ "code": "not_contiguous", "message": "gap", "expected_from": *acked + 1 }));
+                        }
+                        *acked = (*acked).max(last);
+                        HttpResponse::Ok().json(serde_json::json!({ "acked_through": *acked }))
+                    }
+                }),
+            )
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .run();
+    tokio::spawn(server);
+    (addr, stored)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clearing_house_whose_watermark_has_no_last_hash_is_still_uploaded_to() {
+    let (addr, stored) = spec_only_clearing().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = ClearingClient::new(&format!("http://{addr}"), TOKEN, ClientConfig::default()).unwrap();
+    let clearing = Clearing { data: dir.path().to_owned(), addr, client, running: None };
+    let c = cluster_with_clearing(3, &clearing, 40).await;
+    register_gate(&c).await;
+    append(&c, 1, 1, 100).await;
+    poll("the spec-only clearing house holds the 100 records", Duration::from_secs(30), || {
+        (*stored.lock().unwrap() == 100).then_some(())
+    })
+    .await;
+    let leader = c.wait_leader(Duration::from_secs(10), None).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.state(leader).await.map(|s| s.clearing_acked_through) != Some(100) {
+        assert!(Instant::now() < deadline, "the replicated cursor did not follow clearing's acks");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
