@@ -360,6 +360,11 @@ pub enum Reason {
     OkSequenceFree = 6,
     /// Exit with no entry record accepted as an entry at a station that was under entry_free.
     OkEntryFreeExit = 7,
+    /// A re-tap, within the gate's re-tap window, by the medium whose accepted tap at this gate
+    /// was voided by a `passage_not_made` record (the flaps never opened): let through without
+    /// deciding again, nothing charged and nothing written to the card (it carries what the
+    /// voided tap wrote already). One such re-tap per voided passage.
+    OkRetapAfterFailedPassage = 8,
 
     Blacklisted = 20,
     CardExpired = 21,
@@ -396,10 +401,14 @@ pub enum Reason {
     /// The gate cannot make the record durable (its disk is full or read-only): refused before
     /// anything is promised; free passage (emergency release, the emergency input) still works.
     StorageUnavailable = 87,
+    /// Not a decision: the compensating record of an accepted tap whose flaps never opened (the
+    /// open command to the PLC failed after the reader had been answered). It voids that tap's
+    /// record (`TxRecord::voids`); the card keeps what the voided tap wrote.
+    PassageNotMade = 88,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 34] = [
+    pub const ALL: [Reason; 36] = [
         Reason::Ok,
         Reason::OkEmergencyRelease,
         Reason::OkEntryFree,
@@ -408,6 +417,7 @@ impl Reason {
         Reason::OkEmergencyGrace,
         Reason::OkSequenceFree,
         Reason::OkEntryFreeExit,
+        Reason::OkRetapAfterFailedPassage,
         Reason::Blacklisted,
         Reason::CardExpired,
         Reason::EntryExists,
@@ -434,6 +444,7 @@ impl Reason {
         Reason::NoParameters,
         Reason::MalformedTap,
         Reason::StorageUnavailable,
+        Reason::PassageNotMade,
     ];
 
     /// The display / ledger code.
@@ -461,6 +472,7 @@ impl Reason {
             Reason::OkEmergencyGrace => "ok_emergency_grace",
             Reason::OkSequenceFree => "ok_sequence_free",
             Reason::OkEntryFreeExit => "ok_entry_free_exit",
+            Reason::OkRetapAfterFailedPassage => "ok_retap_after_failed_passage",
             Reason::Blacklisted => "blacklisted",
             Reason::CardExpired => "card_expired",
             Reason::EntryExists => "entry_exists",
@@ -487,6 +499,7 @@ impl Reason {
             Reason::NoParameters => "no_parameters",
             Reason::MalformedTap => "malformed_tap",
             Reason::StorageUnavailable => "storage_unavailable",
+            Reason::PassageNotMade => "passage_not_made",
         }
     }
 }
@@ -592,6 +605,21 @@ mod tests {
         assert_eq!(seen.len(), Reason::ALL.len());
         // Codes are never renumbered: the last one added keeps its number.
         assert_eq!(Reason::StorageUnavailable.code(), 87);
+        assert_eq!(Reason::PassageNotMade.code(), 88);
+    }
+
+    #[test]
+    fn the_failed_passage_reasons_have_fixed_codes_names_and_sides() {
+        for (r, code, name, accept) in [
+            (Reason::OkRetapAfterFailedPassage, 8, "ok_retap_after_failed_passage", true),
+            (Reason::PassageNotMade, 88, "passage_not_made", false),
+        ] {
+            assert_eq!((r.code(), r.as_str(), r.is_accept()), (code, name, accept));
+            assert_eq!(Reason::from_code(code), Some(r));
+            assert_eq!(serde_json::to_string(&r).unwrap(), format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<Reason>(&format!("\"{name}\"")).unwrap(), r);
+            assert_eq!(r.to_string(), name);
+        }
     }
 
     #[test]

@@ -714,6 +714,10 @@ pub enum AlarmKind {
     /// Raised by the controller, not the gate: records of this gate committed with an
     /// `occurred_at` implausibly far from the controller's clock (`controller::leader::plausible`).
     ImplausibleTime,
+    /// An accepted tap's flaps never opened (the open command to the PLC failed after the reader
+    /// was answered): a `passage_not_made` record voids it and the medium may re-tap at this gate
+    /// within the re-tap window. Cleared by the next open command the PLC takes.
+    PassageNotMade,
     /// A kind this build does not know.
     #[serde(other)]
     Other,

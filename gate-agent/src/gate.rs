@@ -10,6 +10,18 @@
 //! wrong direction, no fare table) touches no card and writes no record; every decision of the
 //! shared engine, accepted or refused, is recorded.
 //!
+//! A passage that did not happen: the reader is answered (and writes the card) together with the
+//! open command, so the open command can fail after the card was written (the PLC dropped between
+//! the pre-check and the coil write). Then [`Gate::run_flap`] appends a compensating record
+//! (`passage_not_made`, `voids` = the accepted record's gate_seq, nothing charged, the balances
+//! and entry as the card now carries them), counts it (`afc_gate_passages_voided_total`) and
+//! raises `passage_not_made`. The same medium re-tapping at this gate in the same direction
+//! within gate_config's re-tap window (default 120 s), with the card still as the voided tap
+//! left it, is let through once without deciding again (`ok_retap_after_failed_passage`, fare 0,
+//! no card write). The window is held in memory only: after a restart the re-tap is decided
+//! normally (anti-passback refuses it and the station desk clears it, the compensating record
+//! being in the ledger), which errs on the side of no free passage.
+//!
 //! Control messages reach this module only after the MQTT side verified their station signature
 //! (`afc_domain::signed`); what fails verification is counted and alarmed here
 //! ([`Gate::unverified`]) and changes nothing. Signed messages are still checked against
@@ -24,19 +36,19 @@
 //! meant (never twice); one that is ahead answers `expired` early (fail-safe). Only a clock set
 //! back by more than `COMMAND_KEPT_AFTER_EXPIRY` after an id was forgotten could run it again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use afc_domain::decision::{decide, with_emergency_input, Params as DecisionParams};
+use afc_domain::decision::{decide, with_emergency_input, Decision, Params as DecisionParams};
 use afc_domain::ledger::TxRecord;
 use afc_domain::mode::{ModeBits, ModeState};
-use afc_domain::model::{Direction, Ident, Reason, StationCode, Timestamp};
+use afc_domain::model::{Direction, Ident, Media, Reason, StationCode, Timestamp};
 use afc_domain::qr::{QrSkew, ReplayCache, ReplayKey, ReplaySource};
 use afc_domain::wire::{
-    self, AlarmKind, Command, CommandAck, CommandKind, CommandResult, DecisionKind, GateDirection, GateEvent,
-    ModeMessage, QrUsed, QrUsedBatch, ReaderResponse, TapRequest, TxAck,
+    self, AlarmKind, CardWrite, Command, CommandAck, CommandKind, CommandResult, DecisionKind, EntryRecord,
+    GateDirection, GateEvent, ModeMessage, QrUsed, QrUsedBatch, ReaderResponse, TapMedia, TapRequest, TxAck,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
@@ -90,7 +102,64 @@ pub struct TapOutcome {
     pub flap: Option<Flap>,
     /// When the tap arrived, for the tap → flap latency.
     pub started: Instant,
+    /// For an accepted tap: its durable record and the card as the reader leaves it, for the
+    /// compensating record should the open command fail.
+    pub accepted: Option<AcceptedTap>,
 }
+
+/// An accepted tap whose flaps are about to open.
+#[derive(Debug, Clone)]
+pub struct AcceptedTap {
+    pub record: TxRecord,
+    pub card: CardState,
+}
+
+/// What a medium carries after an accepted tap (the reader's write applied): a re-tap after a
+/// voided passage is let through only if the card still shows exactly this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CardState {
+    Svc {
+        balance_fen: u32,
+        tx_counter: u32,
+        entry: Option<EntryRecord>,
+    },
+    Token {
+        entry: Option<EntryRecord>,
+    },
+    /// A QR code carries no state.
+    Qr,
+}
+
+impl CardState {
+    /// The medium of `tap` with `write` applied (as tapped when `None`).
+    pub fn after(tap: &TapMedia, write: Option<&CardWrite>) -> CardState {
+        match (tap, write) {
+            (TapMedia::Svc { .. }, Some(w)) => {
+                CardState::Svc { balance_fen: w.balance_fen, tx_counter: w.tx_counter, entry: w.entry }
+            }
+            (TapMedia::Svc { card }, None) => CardState::Svc {
+                balance_fen: card.balance_fen,
+                tx_counter: card.tx_counter,
+                entry: card.entry,
+            },
+            (TapMedia::Token { .. }, Some(w)) => CardState::Token { entry: w.entry },
+            (TapMedia::Token { token }, None) => CardState::Token { entry: token.entry },
+            (TapMedia::Qr { .. }, _) => CardState::Qr,
+        }
+    }
+}
+
+/// A voided passage waiting for its re-tap, keyed by (media, id, direction).
+#[derive(Debug, Clone)]
+struct Voided {
+    /// The voided record (the re-tap's record copies its entry, balances and counter).
+    record: TxRecord,
+    card: CardState,
+    until: Instant,
+}
+
+/// At most this many voided passages wait for a re-tap (the oldest window is closed first).
+pub const RETAP_MEMORY: usize = 1024;
 
 /// Operator settings of the aisle.
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +233,11 @@ pub struct Gate {
     out: mpsc::UnboundedSender<Outgoing>,
     pub taps: AtomicU64,
     pub rejects: AtomicU64,
+    /// Voided passages whose medium may re-tap once without a second charge, until their
+    /// window closes. In memory only (see the module doc).
+    retaps: Mutex<HashMap<(Media, u64, Direction), Voided>>,
+    /// Whether `passage_not_made` is raised (cleared by the next open command the PLC takes).
+    passage_alarm: AtomicBool,
 }
 
 pub struct GateParts {
@@ -234,6 +308,8 @@ impl Gate {
             out: p.out,
             taps: AtomicU64::new(0),
             rejects: AtomicU64::new(0),
+            retaps: Mutex::new(HashMap::new()),
+            passage_alarm: AtomicBool::new(false),
         };
         g.update_outbox_metrics();
         g
@@ -297,6 +373,7 @@ impl Gate {
             },
             flap: Some(Flap::Show { display_code: reason.code(), display_fen: 0 }),
             started: Instant::now(),
+            accepted: None,
         }
     }
 
@@ -340,16 +417,47 @@ impl Gate {
             qr_keys: &params.qr_keys,
             qr_skew: self.qr_skew,
         };
+        let bits = modes.bits_at(self.station_code, at);
         let t = Instant::now();
-        let d = {
-            let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-            decide(&tap, &dp, &modes, at, &mut replay)
+        // A card re-tapping after its voided passage is let through without deciding again.
+        let mut granted = self.retap_grant(&tap, &params.blacklist, bits);
+        let d = match &granted {
+            Some(v) => retap_decision(&tap, v, bits),
+            None => {
+                let d = {
+                    let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+                    decide(&tap, &dp, &modes, at, &mut replay)
+                };
+                // A QR code is single-use: the code of the voided passage shown again is refused
+                // as replayed (its signature verified, not blacklisted); within the window it is
+                // the re-tap.
+                match (d.reason, d.media) {
+                    (Reason::QrReplayed, Media::Qr) => {
+                        granted = self.take_retap((Media::Qr, d.id, tap.direction), &CardState::Qr, bits);
+                        match &granted {
+                            Some(v) => retap_decision(&tap, v, bits),
+                            None => d,
+                        }
+                    }
+                    _ => d,
+                }
+            }
         };
         self.metrics.decision_seconds.observe(t.elapsed());
+        if d.accepted() && granted.is_none() {
+            // Decided and let through normally: no free re-tap remains for this medium here.
+            self.retaps_lock().remove(&(d.media, d.id, d.direction));
+        }
         let offline = !self.mqtt_connected.load(Ordering::Relaxed);
         let mut record_template: TxRecord = d.to_record(&self.station, &self.gate, 0, params.versions, at);
         record_template.replay_unchecked = d.qr.is_some() && offline;
         record_template.installation = Some(self.store.installation_id());
+        if let Some(v) = &granted {
+            // The card keeps its counter (nothing written); a QR re-tap names the voided code.
+            record_template.card_tx_counter = v.record.card_tx_counter;
+            record_template.qr = v.record.qr;
+        }
+        let card = CardState::after(&tap.media, d.card_write.as_ref());
         let shown_fen = match (d.kind, d.direction) {
             (DecisionKind::Reject, _) => d.fare_fen,
             (_, Direction::Exit) => d.fare_fen,
@@ -361,10 +469,12 @@ impl Gate {
         // after the record is durable.
         let (appended, shown) = tokio::join!(
             tokio::task::spawn_blocking(move || {
-                store.append(|seq| {
-                    record_template.gate_seq = seq;
-                    record_template.canonical_bytes()
-                })
+                store
+                    .append(|seq| {
+                        record_template.gate_seq = seq;
+                        record_template.canonical_bytes()
+                    })
+                    .map(|seq| (seq, record_template))
             }),
             self.plc.show(d.reason.code(), shown_fen)
         );
@@ -372,15 +482,33 @@ impl Gate {
         if let Err(e) = shown {
             tracing::warn!(error = %e, "display write failed");
         }
-        let seq = match appended.map_err(|e| StoreError::Batch(format!("append task failed: {e}")))? {
-            Ok(seq) => seq,
-            Err(StoreError::Full { .. }) => return Ok(self.refuse(&tap, Reason::OutboxFull)),
-            Err(e) if e.is_fault() => {
-                self.storage_fault("outbox", &e);
-                return Ok(self.refuse(&tap, Reason::StorageUnavailable));
+        let appended =
+            appended.map_err(|e| StoreError::Batch(format!("append task failed: {e}"))).and_then(|r| r);
+        let (seq, record) = match appended {
+            Ok(r) => r,
+            Err(e) => {
+                // Not let through: the re-tap stays owed.
+                if let Some(v) = granted {
+                    self.retaps_lock().insert((d.media, d.id, d.direction), v);
+                }
+                return match e {
+                    StoreError::Full { .. } => Ok(self.refuse(&tap, Reason::OutboxFull)),
+                    e if e.is_fault() => {
+                        self.storage_fault("outbox", &e);
+                        Ok(self.refuse(&tap, Reason::StorageUnavailable))
+                    }
+                    e => Err(e),
+                };
             }
-            Err(e) => return Err(e),
         };
+        if let Some(v) = &granted {
+            tracing::info!(
+                seq,
+                voided = v.record.gate_seq,
+                media = d.media.as_str(),
+                "re-tap after a voided passage let through without a second charge"
+            );
+        }
         self.update_outbox_metrics();
         self.new_records.notify_one();
         let accepted = d.accepted();
@@ -410,9 +538,141 @@ impl Gate {
                 card_write: d.card_write,
                 gate_seq: Some(seq),
             },
+            accepted: flap.is_some().then_some(AcceptedTap { record, card }),
             flap,
             started,
         })
+    }
+
+    fn retaps_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Media, u64, Direction), Voided>> {
+        self.retaps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A card or token re-tapping after its voided passage: the window it may take (removed, so
+    /// it is taken once), if the station is neither closed nor under emergency release (then the
+    /// tap is decided as any other), the medium is not blacklisted meanwhile, and it still
+    /// carries what the voided tap wrote (a card the reader never wrote is decided normally: it
+    /// pays as if for the first time, its earlier record being voided).
+    fn retap_grant(
+        &self,
+        tap: &TapRequest,
+        blacklist: &afc_domain::blacklist::Blacklist,
+        bits: ModeBits,
+    ) -> Option<Voided> {
+        let (media, id) = match &tap.media {
+            TapMedia::Svc { card } => (Media::Svc, card.card_id),
+            TapMedia::Token { token } => (Media::Token, token.token_id),
+            TapMedia::Qr { .. } => return None,
+        };
+        if blacklist.contains(media, id) {
+            return None;
+        }
+        self.take_retap((media, id, tap.direction), &CardState::after(&tap.media, None), bits)
+    }
+
+    /// Takes the open re-tap window of `key` if the medium shows `card` as the voided tap left it.
+    fn take_retap(&self, key: (Media, u64, Direction), card: &CardState, bits: ModeBits) -> Option<Voided> {
+        if bits.has(ModeBits::EMERGENCY_RELEASE) || bits.has(ModeBits::CLOSED) {
+            return None;
+        }
+        let mut retaps = self.retaps_lock();
+        let now = Instant::now();
+        retaps.retain(|_, v| v.until > now);
+        if retaps.get(&key).is_some_and(|v| v.card == *card) {
+            retaps.remove(&key)
+        } else {
+            None
+        }
+    }
+
+    /// The open command of an accepted tap failed: the passenger never passed, though the reader
+    /// was answered (and wrote the card). Appends the compensating record, counts and alarms it,
+    /// and opens the re-tap window. Nothing is voided while the flaps are held open (free
+    /// passage, the emergency input): the passenger could pass anyway.
+    ///
+    /// Which failures count as "not opened": every one. `Offline`, `Stopped` and an exception
+    /// answer mean the coil was not written; a dropped connection or a timeout after the request
+    /// was sent could in rare cases hide a write the PLC did apply, and then the passenger passed
+    /// on a voided record and gets one more free passage at most, within the window, at this
+    /// gate, in this direction, with this card.
+    async fn void_passage(&self, acc: &AcceptedTap, err: &PlcError) {
+        if self.free_passage() || self.plc.last_inputs().emergency_input {
+            tracing::warn!(seq = acc.record.gate_seq, error = %err, "open command failed while the flaps are held open: not voided");
+            return;
+        }
+        let voided = acc.record.gate_seq;
+        // Same medium, id, direction, entry, modes and parameter versions as the voided record:
+        // it takes that tap back. Nothing charged; the balances are the card's as the voided
+        // tap left it (the reader wrote the card before the open command failed, and the
+        // compensating record changes nothing on it).
+        let mut rec = acc.record.clone();
+        rec.accepted = false;
+        rec.reason = Reason::PassageNotMade;
+        rec.fare_fen = 0;
+        rec.shortfall_fen = 0;
+        rec.balance_before = acc.record.balance_after;
+        rec.balance_after = acc.record.balance_after;
+        rec.occurred_at = now();
+        rec.replay_unchecked = false;
+        rec.voids = Some(voided);
+        let store = self.store.clone();
+        let appended = tokio::task::spawn_blocking(move || {
+            store.append(|seq| {
+                rec.gate_seq = seq;
+                rec.canonical_bytes()
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Batch(format!("append task failed: {e}")))
+        .and_then(|r| r);
+        self.metrics.event("passage_not_made");
+        self.passage_alarm.store(true, Ordering::Relaxed);
+        let seq = match appended {
+            Ok(seq) => seq,
+            Err(e) => {
+                if e.is_fault() {
+                    self.storage_fault("outbox", &e);
+                }
+                tracing::error!(voided, error = %e, plc_error = %err, "passage not made and its compensating record could not be written");
+                self.event(
+                    AlarmKind::PassageNotMade,
+                    false,
+                    Some(format!(
+                        "gate_seq {voided} not voided (record not written: {e}); open command: {err}"
+                    )),
+                );
+                return;
+            }
+        };
+        self.metrics.passages_voided.fetch_add(1, Ordering::Relaxed);
+        self.update_outbox_metrics();
+        self.new_records.notify_one();
+        let window = self.params.in_force(now()).gate_config.retap_window();
+        let r = &acc.record;
+        tracing::warn!(voided, seq, error = %err, ?window, media = r.media.as_str(), "passage not made: tap voided");
+        self.event(
+            AlarmKind::PassageNotMade,
+            false,
+            Some(format!("gate_seq {voided} voided by {seq}; open command: {err}")),
+        );
+        if window.is_zero() {
+            return;
+        }
+        let mut retaps = self.retaps_lock();
+        let now = Instant::now();
+        retaps.retain(|_, v| v.until > now);
+        while retaps.len() >= RETAP_MEMORY {
+            let Some(oldest) = retaps.iter().min_by_key(|(_, v)| v.until).map(|(k, _)| *k) else { break };
+            retaps.remove(&oldest);
+        }
+        let v = Voided { record: acc.record.clone(), card: acc.card.clone(), until: now + window };
+        retaps.insert((r.media, r.id, r.direction), v);
+    }
+
+    /// Whether a re-tap window is open for this medium (tests and diagnostics).
+    pub fn retap_open(&self, media: Media, id: u64, direction: Direction) -> bool {
+        let now = Instant::now();
+        self.retaps_lock().get(&(media, id, direction)).is_some_and(|v| v.until > now)
     }
 
     /// Runs the flap command of a tap (after its record is durable).
@@ -423,6 +683,9 @@ impl Gate {
                 let r = self.plc.open_coil(aisle).await;
                 if r.is_ok() {
                     self.metrics.tap_to_flap_seconds.observe(outcome.started.elapsed());
+                    if self.passage_alarm.swap(false, Ordering::Relaxed) {
+                        self.event(AlarmKind::PassageNotMade, true, None);
+                    }
                 }
                 r
             }
@@ -431,6 +694,9 @@ impl Gate {
         if let Err(e) = r {
             if !matches!(e, PlcError::Offline) || matches!(flap, Flap::Open { .. }) {
                 tracing::error!(error = %e, ?flap, seq = ?outcome.response.gate_seq, "flap command failed");
+            }
+            if let (Flap::Open { .. }, Some(acc)) = (flap, &outcome.accepted) {
+                self.void_passage(acc, &e).await;
             }
         }
     }
@@ -897,6 +1163,35 @@ pub fn mode_state(station: StationCode, m: &ModeMessage) -> ModeState {
     let mut s = ModeState { periods: m.history.clone() };
     s.set(station, m.bits, m.since);
     s
+}
+
+/// The decision of a re-tap let through after its voided passage `v`: open, nothing charged,
+/// nothing written, the balances and the entry as the card carries them since the voided tap.
+fn retap_decision(tap: &TapRequest, v: &Voided, bits: ModeBits) -> Decision {
+    let r = &v.record;
+    let entry = match (r.entry_station, r.entry_time) {
+        (Some(station), Some(time)) => Some(EntryRecord { station, time }),
+        _ => None,
+    };
+    Decision {
+        kind: match tap.direction {
+            Direction::Entry => DecisionKind::OpenEntry,
+            Direction::Exit => DecisionKind::OpenExit,
+        },
+        reason: Reason::OkRetapAfterFailedPassage,
+        media: r.media,
+        id: r.id,
+        direction: tap.direction,
+        fare_fen: 0,
+        shortfall_fen: 0,
+        balance_before: r.balance_after,
+        balance_after: r.balance_after,
+        card_write: None,
+        entry,
+        modes: bits,
+        qr: None,
+        replay_unchecked: false,
+    }
 }
 
 /// The record a tap would produce, for tests that check what was stored.

@@ -104,6 +104,8 @@ pub struct Metrics {
     storage_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Set while the gate's storage refuses writes (taps refused with `storage_unavailable`).
     pub storage_unavailable: AtomicBool,
+    /// Accepted taps voided by a `passage_not_made` record (their open command failed).
+    pub passages_voided: AtomicU64,
 }
 
 fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
@@ -281,6 +283,13 @@ impl Metrics {
         for ((kind, state), v) in get(&self.param_versions) {
             let _ = writeln!(o, "afc_gate_param_version{{kind=\"{kind}\",state=\"{state}\"}} {v}");
         }
+        let _ = writeln!(
+            o,
+            "# HELP afc_gate_passages_voided_total Accepted taps whose flaps never opened (open command failed), voided by a passage_not_made record."
+        );
+        let _ = writeln!(o, "# TYPE afc_gate_passages_voided_total counter");
+        let _ =
+            writeln!(o, "afc_gate_passages_voided_total {}", self.passages_voided.load(Ordering::Relaxed));
         let gauges = [
             (
                 "afc_gate_outbox_depth",
@@ -403,6 +412,7 @@ mod tests {
         m.modbus_error("timeout");
         m.set_param_version("fare_table", "active", 3);
         m.unverified("mode", "bad_signature");
+        m.passages_voided.fetch_add(1, Ordering::Relaxed);
         let text = m.render();
         for family in [
             "afc_gate_decisions_total{result=\"accept\",reason=\"ok\",media=\"svc\",direction=\"entry\"} 1",
@@ -414,6 +424,7 @@ mod tests {
             "afc_gate_outbox_depth 0",
             "afc_gate_param_version{kind=\"fare_table\",state=\"active\"} 3",
             "afc_gate_unverified_messages_total{topic=\"mode\",reason=\"bad_signature\"} 1",
+            "# TYPE afc_gate_passages_voided_total counter\nafc_gate_passages_voided_total 1",
         ] {
             assert!(text.contains(family), "missing {family} in\n{text}");
         }

@@ -44,6 +44,21 @@ pub struct GateConfigBody {
     /// The hardware profile name the gate should run (informational; shown on the console).
     #[serde(default)]
     pub hardware_profile: Option<String>,
+    /// How long after a voided passage (`passage_not_made`: the flaps never opened for an
+    /// accepted tap) the same medium may re-tap at this gate, in the same direction, and be let
+    /// through once without a second charge; [`DEFAULT_RETAP_WINDOW_SECS`] when absent, 0: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retap_window_secs: Option<u64>,
+}
+
+/// The re-tap window after a voided passage when gate_config says nothing.
+pub const DEFAULT_RETAP_WINDOW_SECS: u64 = 120;
+
+impl GateConfigBody {
+    /// The re-tap window after a voided passage ([`GateConfigBody::retap_window_secs`]).
+    pub fn retap_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.retap_window_secs.unwrap_or(DEFAULT_RETAP_WINDOW_SECS))
+    }
 }
 
 /// Everything a decision reads from the parameters, swapped whole on a switch.

@@ -10,7 +10,9 @@
 //! `plc-sim` binary (a line-based control socket, [`PlcSim::control`]): a delay before every
 //! answer, silence (requests are read and never answered), exception responses, and dropped
 //! connections (every request closes its connection; [`PlcSim::drop_connections`] closes the
-//! open ones at once).
+//! open ones at once). [`PlcSim::drop_on_next_open`] drops the connection on the next open-coil
+//! write only, without applying it: the PLC lost between the gate's pre-check and its open
+//! command, deterministically.
 
 use std::future::Future;
 use std::io;
@@ -112,6 +114,8 @@ struct Inner {
     conns: Mutex<Vec<std::net::TcpStream>>,
     /// Bumped on every change, so tests wait for a state instead of sleeping.
     changed: watch::Sender<u64>,
+    /// Open-coil writes still to be answered by closing the connection instead.
+    drop_opens: std::sync::atomic::AtomicU32,
 }
 
 /// A handle on a simulated PLC; clones share the same PLC.
@@ -135,6 +139,7 @@ impl PlcSim {
                 state: Mutex::new((SimState::default(), Fault::None)),
                 conns: Mutex::new(Vec::new()),
                 changed,
+                drop_opens: std::sync::atomic::AtomicU32::new(0),
             }),
         }
     }
@@ -181,6 +186,27 @@ impl PlcSim {
         for c in conns {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// The next open-coil write (`open_entry` or `open_exit` set) is not applied: its connection
+    /// is closed instead, as when the PLC drops off the network just before the open command.
+    /// Requests before and after it are answered normally.
+    pub fn drop_on_next_open(&self) {
+        self.inner.drop_opens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Takes one pending [`PlcSim::drop_on_next_open`] if `req` is an open-coil write.
+    fn take_dropped_open(&self, req: &Request<'static>) -> bool {
+        let c = self.inner.config.map.coils;
+        let open =
+            matches!(req, Request::WriteSingleCoil(a, true) if *a == c.open_entry || *a == c.open_exit);
+        open && self
+            .inner
+            .drop_opens
+            .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok()
     }
 
     pub fn set_emergency_input(&self, on: bool) {
@@ -251,7 +277,7 @@ impl PlcSim {
 
     /// Applies one control line of the `plc-sim` binary's control socket and returns the answer:
     /// `fault none|silence|exception|disconnect|delay MS`, `emergency on|off`,
-    /// `door_fault on|off`, `tailgate`, `force entry|exit`, `drop`, `state`.
+    /// `door_fault on|off`, `tailgate`, `force entry|exit`, `drop`, `drop_next_open`, `state`.
     pub fn control(&self, line: &str) -> Result<String, String> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let on_off = |w: Option<&&str>| match w.copied() {
@@ -282,6 +308,7 @@ impl PlcSim {
                 _ => return Err("expected force entry|exit".into()),
             },
             Some("drop") => self.drop_connections(),
+            Some("drop_next_open") => self.drop_on_next_open(),
             Some("state") => {
                 let mut s = self.snapshot();
                 s.writes.clear();
@@ -507,6 +534,12 @@ impl tokio_modbus::server::Service for SimService {
     type Future = SimFuture;
 
     fn call(&self, req: Self::Request) -> Self::Future {
+        if self.sim.take_dropped_open(&req) {
+            tracing::info!("plc-sim: open command dropped with its connection");
+            self.sim.update(|s| s.requests += 1);
+            let _ = self.conn.shutdown(std::net::Shutdown::Both);
+            return Box::pin(std::future::ready(Ok(None)));
+        }
         match self.sim.fault() {
             Fault::None => {
                 let r = self.sim.handle(req).map(Some);

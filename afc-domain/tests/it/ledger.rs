@@ -341,3 +341,26 @@ fn filling_a_covered_range_settles_it_and_returns_only_what_the_ledger_lacked() 
     assert_eq!(p.fill(8, 9), vec![(8, 9)]);
     assert_eq!(p.contiguous_through, 10);
 }
+
+#[test]
+fn a_compensating_record_and_the_free_re_tap_keep_their_reasons_and_the_voided_seq_in_canonical_bytes() {
+    let voided = TxRecord { installation: Some(Installation([7; 16])), ..record("g01", 41) };
+    let compensating = TxRecord {
+        gate_seq: 42,
+        accepted: false,
+        reason: Reason::PassageNotMade,
+        voids: Some(voided.gate_seq),
+        ..voided.clone()
+    };
+    let retap =
+        TxRecord { gate_seq: 43, reason: Reason::OkRetapAfterFailedPassage, voids: None, ..voided.clone() };
+    for r in [&compensating, &retap] {
+        let bytes = r.canonical_bytes();
+        assert_eq!(bytes[0], 2);
+        let back = TxRecord::from_canonical(&bytes).unwrap();
+        assert_eq!(&back, r);
+        assert_eq!(Reason::from_code(back.reason.code()), Some(r.reason));
+    }
+    assert_eq!(TxRecord::from_canonical(&compensating.canonical_bytes()).unwrap().voids, Some(41));
+    assert_ne!(chain_hash(&GENESIS_HASH, &compensating), chain_hash(&GENESIS_HASH, &voided));
+}

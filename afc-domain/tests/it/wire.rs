@@ -69,6 +69,7 @@ fn alarm() -> impl Strategy<Value = AlarmKind> {
         AlarmKind::PackageRejected,
         AlarmKind::ControllerLost,
         AlarmKind::AckBeyondLastSeq,
+        AlarmKind::PassageNotMade,
         AlarmKind::Other,
     ])
 }

@@ -8,6 +8,7 @@ mod faults;
 mod forged;
 mod harness;
 mod packages;
+mod passage;
 mod plc;
 mod powercut;
 mod process;
