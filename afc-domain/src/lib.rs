@@ -17,6 +17,7 @@
 //! - [`signed`]: the signed envelope of every MQTT message that steers a gate or a controller.
 //! - [`varint`]: the small integer codec the compact encodings share.
 
+pub mod backoff;
 pub mod blacklist;
 pub mod decision;
 pub mod ledger;

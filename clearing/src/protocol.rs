@@ -270,7 +270,7 @@ pub struct StationStats {
     pub conflicts: u64,
     /// Batches answered 422 (nothing stored).
     pub rejected: u64,
-    /// Stored records whose `(gate, gate_seq)` was already stored at another index: a fare
+    /// Stored records whose `(gate, installation, gate_seq)` was already stored at another index: a fare
     /// counted twice by the station. Must stay 0; survives restarts (recomputed on load).
     pub duplicate_keys: u64,
     /// Items in the station's parameter feed.

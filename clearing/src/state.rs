@@ -296,7 +296,7 @@ impl ClearingState {
             }),
             (
                 "afc_clearing_duplicate_keys",
-                "Stored records whose (gate, gate_seq) was already stored: fares counted twice. Must be 0.",
+                "Stored records whose (gate, installation, gate_seq) was already stored: fares counted twice. Must be 0.",
                 |s| s.duplicate_keys,
             ),
             ("afc_clearing_feed_items", "Items in the station's parameter feed.", |s| s.feed_items),

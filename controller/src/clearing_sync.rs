@@ -22,6 +22,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use afc_domain::backoff::Backoff;
 use afc_domain::model::Timestamp;
 use clearing::protocol::UploadBatch;
 use clearing::{ClearingClient, ClearingError, ClientConfig, UploadOutcome};
@@ -220,24 +221,6 @@ struct Position {
     prev_hash: [u8; 32],
 }
 
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let wait = self.current;
-        self.current = (self.current * 2).min(self.max);
-        wait
-    }
-
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-}
-
 struct Worker {
     node: Arc<Node>,
     client: ClearingClient,
@@ -299,17 +282,16 @@ impl Worker {
     /// Reconciles and uploads until the future is dropped (leadership lost or shutdown); every
     /// failure is recorded and retried after a backoff.
     async fn lead(&self) {
-        let mut backoff = Backoff {
-            min: Duration::from_millis(self.cfg.backoff_min_ms),
-            max: Duration::from_millis(self.cfg.backoff_max_ms),
-            current: Duration::from_millis(self.cfg.backoff_min_ms),
-        };
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.cfg.backoff_min_ms),
+            Duration::from_millis(self.cfg.backoff_max_ms),
+        );
         loop {
             let err = match self.reconcile().await {
                 Ok(pos) => self.upload_from(pos, &mut backoff).await,
                 Err(e) => e,
             };
-            let wait = backoff.next();
+            let wait = backoff.next_wait();
             match &err {
                 SyncError::Clearing(e) if !e.is_retryable() => {
                     self.status.alarm(AlarmKind::Refused, e.to_string());

@@ -20,6 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use afc_domain::backoff::Backoff;
 use afc_domain::model::{Ident, ParamKind, Timestamp};
 use afc_domain::network::{compile, FareRule, NetworkDescription};
 use afc_domain::package::Package;
@@ -102,11 +103,13 @@ pub fn start(
 impl Worker {
     async fn run(self, stop: CancellationToken) {
         tracing::info!(task = TASK, "started");
-        let mut backoff = self.every;
+        // The poll interval while pulls succeed; after a failure, a jittered backoff up to 30 s.
+        let mut failing = Backoff::new(self.every, Duration::from_secs(30));
+        let mut wait = self.every;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(wait) => {}
             }
             let leading = {
                 let m = self.node.raft.metrics();
@@ -114,14 +117,18 @@ impl Worker {
                 m.state == ServerState::Leader && m.current_leader == Some(self.node.id)
             };
             if !leading {
-                backoff = self.every;
+                failing.reset();
+                wait = self.every;
                 continue;
             }
             match self.poll().await {
-                Ok(()) => backoff = self.every,
+                Ok(()) => {
+                    failing.reset();
+                    wait = self.every;
+                }
                 Err(e) => {
                     tracing::warn!(task = TASK, error = %e, "feed pull failed; backing off");
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    wait = failing.next_wait();
                 }
             }
         }

@@ -450,7 +450,8 @@ impl Gate {
         }
         let offline = !self.mqtt_connected.load(Ordering::Relaxed);
         let mut record_template: TxRecord = d.to_record(&self.station, &self.gate, 0, params.versions, at);
-        record_template.replay_unchecked = d.qr.is_some() && offline;
+        // Also when the decision could not check the replay cache (it was full): never cleared here.
+        record_template.replay_unchecked |= d.qr.is_some() && offline;
         record_template.installation = Some(self.store.installation_id());
         if let Some(v) = &granted {
             // The card keeps its counter (nothing written); a QR re-tap names the voided code.

@@ -33,6 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use afc_domain::backoff::Backoff;
 use afc_domain::ledger::{sign_batch_covering, TxRecord};
 use afc_domain::model::{Ident, ParamKind, Timestamp};
 use afc_domain::package::{Reassembler, MAX_CHUNK_BYTES};
@@ -211,7 +212,7 @@ async fn eventloop_task(
     cancel: CancellationToken,
 ) {
     tracing::info!("mqtt-eventloop task started");
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), ctx.settings.backoff_max);
     let mut broker = 0usize;
     loop {
         let ev = tokio::select! {
@@ -220,7 +221,7 @@ async fn eventloop_task(
         };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 tracing::info!(broker = %ctx.settings.brokers[broker], "mqtt connected");
                 conn.send_modify(|g| *g = if *g % 2 == 0 { *g + 1 } else { *g + 2 });
                 ctx.metrics.mqtt_connected.store(true, Ordering::Relaxed);
@@ -241,9 +242,8 @@ async fn eventloop_task(
                 ctx.gate.mqtt_connected.store(false, Ordering::Relaxed);
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff.next_wait()) => {}
                 }
-                backoff = (backoff * 2).min(ctx.settings.backoff_max);
                 if ctx.settings.brokers.len() > 1 {
                     broker = (broker + 1) % ctx.settings.brokers.len();
                     eventloop.mqtt_options =

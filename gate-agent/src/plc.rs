@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use afc_domain::backoff::Backoff;
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_modbus::client::Context;
@@ -319,7 +320,7 @@ type Step<T> = Result<T, PlcError>;
 impl PlcTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Request>, cancel: CancellationToken) {
         tracing::info!(plc = %self.config.address, "plc task started");
-        let mut backoff = self.config.backoff_min;
+        let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
         let mut next_connect = tokio::time::Instant::now();
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -327,14 +328,13 @@ impl PlcTask {
             if self.ctx.is_none() && tokio::time::Instant::now() >= next_connect {
                 match self.connect().await {
                     Ok(()) => {
-                        backoff = self.config.backoff_min;
+                        backoff.reset();
                         self.set_online(true);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "plc connect failed");
                         self.set_online(false);
-                        next_connect = tokio::time::Instant::now() + backoff;
-                        backoff = (backoff * 2).min(self.config.backoff_max);
+                        next_connect = tokio::time::Instant::now() + backoff.next_wait();
                     }
                 }
             }
@@ -355,8 +355,7 @@ impl PlcTask {
             }
             if self.ctx.is_none() && *self.online.borrow() {
                 self.set_online(false);
-                next_connect = tokio::time::Instant::now() + backoff;
-                backoff = (backoff * 2).min(self.config.backoff_max);
+                next_connect = tokio::time::Instant::now() + backoff.next_wait();
             }
         }
         if let Some(mut ctx) = self.ctx.take() {

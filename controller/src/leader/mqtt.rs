@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use afc_domain::backoff::Backoff;
 use afc_domain::topic::Topic;
 use afc_domain::wire::{self, Offline, StationState};
 use rumqttc::{
@@ -69,7 +70,7 @@ pub async fn eventloop_task(
     stop: CancellationToken,
 ) {
     tracing::info!(task = "mqtt-eventloop", "started");
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), backoff_max);
     loop {
         let ev = tokio::select! {
             () = stop.cancelled() => break,
@@ -77,7 +78,7 @@ pub async fn eventloop_task(
         };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 tracing::info!(task = "mqtt-eventloop", "connected to the broker");
                 stats.set_connected(true);
                 conn.send_modify(|g| *g += 1);
@@ -92,14 +93,13 @@ pub async fn eventloop_task(
                 if stats.connected() {
                     tracing::warn!(task = "mqtt-eventloop", error = %e, "broker connection lost");
                 } else {
-                    tracing::debug!(task = "mqtt-eventloop", error = %e, retry_in = ?backoff, "cannot connect");
+                    tracing::debug!(task = "mqtt-eventloop", error = %e, step = ?backoff.step(), "cannot connect");
                 }
                 stats.set_connected(false);
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff.next_wait()) => {}
                 }
-                backoff = (backoff * 2).min(backoff_max);
             }
         }
     }
