@@ -64,6 +64,8 @@ pub struct Node {
     /// Proposals go through here: gate batches are packed into one entry (group commit).
     pub group: crate::group_commit::GroupCommit,
     http: reqwest::Client,
+    /// [`Node::fatal`]'s answer once Raft has stopped on an error (it never runs again).
+    fatal: std::sync::OnceLock<RaftFatal>,
 }
 
 /// Body of `POST /admin/learner`.
@@ -103,7 +105,15 @@ impl Node {
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let http = config.peer_client()?.build()?;
         let group = crate::group_commit::GroupCommit::start(raft.clone());
-        let node = Arc::new(Node { id: config.node_id, raft, sm, config: config.clone(), group, http });
+        let node = Arc::new(Node {
+            id: config.node_id,
+            raft,
+            sm,
+            config: config.clone(),
+            group,
+            http,
+            fatal: std::sync::OnceLock::new(),
+        });
         if config.bootstrap {
             node.bootstrap(was_empty).await?;
         }
@@ -291,10 +301,13 @@ impl Node {
     /// the core panicked. Such a node takes part in nothing any more: it is not ready, whatever
     /// leader it last knew, and the service exits for its supervisor to restart it.
     pub fn fatal(&self) -> Option<RaftFatal> {
+        if let Some(f) = self.fatal.get() {
+            return Some(f.clone());
+        }
         let m = self.raft.metrics().borrow().clone();
         match m.running_state {
             Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
-            Err(e) => Some(RaftFatal::of(&e)),
+            Err(e) => Some(self.fatal.get_or_init(|| RaftFatal::of(&e, &self.config.data_dir)).clone()),
         }
     }
 
@@ -347,7 +360,11 @@ impl RaftFatal {
     /// `panicked`.
     pub const REASONS: [&'static str; 4] = ["storage_full", "storage_read_only", "storage", "panicked"];
 
-    fn of(e: &openraft::error::Fatal<NodeId>) -> RaftFatal {
+    /// Classifies by the error's errno; an error that names neither ENOSPC nor EROFS (a sync that
+    /// failed with EIO: an ext4 that remounted itself read-only on an error fails the writeback of
+    /// pages dirtied before with EIO, and later writes with EROFS) is checked against `data_dir`
+    /// itself: a file that cannot be created there for EROFS makes it `storage_read_only`.
+    fn of(e: &openraft::error::Fatal<NodeId>, data_dir: &std::path::Path) -> RaftFatal {
         let error = e.to_string();
         let reason = match e {
             openraft::error::Fatal::Panicked => "panicked",
@@ -355,9 +372,22 @@ impl RaftFatal {
             _ if error.contains("Read-only file system") || error.contains("os error 30") => {
                 "storage_read_only"
             }
+            _ if data_dir_read_only(data_dir) => "storage_read_only",
             _ => "storage",
         };
         RaftFatal { reason, error }
+    }
+}
+
+/// Whether creating a file in `data_dir` fails for EROFS (the probe file is removed again).
+fn data_dir_read_only(data_dir: &std::path::Path) -> bool {
+    let probe = data_dir.join(".fatal-probe");
+    match std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            false
+        }
+        Err(e) => e.raw_os_error() == Some(30),
     }
 }
 

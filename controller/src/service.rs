@@ -204,6 +204,12 @@ pub async fn run_with_api(
             tracing::warn!(error = %e, "storage flush after the fatal error failed too");
         }
         tracing::info!("shutdown complete; exiting with an error");
+        // Not dropped: the last handle on sled's database would run its `Drop`, which syncs the
+        // data file and unwraps the result; on a disk that failed (an ext4 gone read-only
+        // answers EROFS) that panics, and the panic hook aborts (SIGABRT, a backtrace in the
+        // log) instead of this exit 1. sled itself skips that sync after an I/O error it saw;
+        // this one it did not see (a sync of ours failed). Nothing more can reach the disk.
+        std::mem::forget(node);
         return Err(NodeError::Raft(format!("raft stopped ({}): {}", f.reason, f.error)));
     }
     flushed?;

@@ -1,8 +1,6 @@
 //! Real three-process clusters of the `controller` binary on loopback.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use controller::chain::{chain_hash, LedgerEntry, GENESIS_HASH};
@@ -107,32 +105,6 @@ async fn writes_sent_to_any_node_reach_all_three_and_resent_or_forged_batches_ch
     assert!(positions.windows(2).all(|w| w[0] < w[1] && w[1] != usize::MAX), "shutdown order: {positions:?}");
 }
 
-/// Sends `req` to the nodes in turn until one acknowledges it (resending is safe: dedup).
-async fn write_any(
-    http: &reqwest::Client,
-    addrs: &[String],
-    start: usize,
-    req: &Request,
-) -> Option<Response> {
-    for k in 0..addrs.len() * 4 {
-        let addr = &addrs[(start + k) % addrs.len()];
-        let r = http
-            .post(format!("http://{addr}/admin/write"))
-            .header("x-afc-cluster-secret", SECRET)
-            .json(req)
-            .timeout(Duration::from_secs(12))
-            .send()
-            .await;
-        if let Ok(r) = r {
-            if r.status().is_success() {
-                return r.json().await.ok();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_under_load_elects_a_new_one_within_3s_and_loses_no_acknowledged_write() {
     let _serial = CLUSTER_LOCK.lock().await;
@@ -142,41 +114,17 @@ async fn killing_the_leader_under_load_elects_a_new_one_within_3s_and_loses_no_a
         c.write(1, &register(g, &gate_key(i as u8 + 1))).await.unwrap();
     }
     let addrs: Vec<String> = (1..=3).map(|id| c.addr(id).to_owned()).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks = Arc::new(AtomicU64::new(0));
-    let mut writers = Vec::new();
-    for (i, g) in gates.iter().enumerate() {
-        let (http, addrs, stop, acks) = (c.http.clone(), addrs.clone(), stop.clone(), acks.clone());
-        let g = g.to_string();
-        writers.push(tokio::spawn(async move {
-            let key = gate_key(i as u8 + 1);
-            let mut acked_through = 0u64;
-            let mut next = 1u64;
-            while !stop.load(Ordering::Relaxed) {
-                let req = batch(&g, &key, next..next + 10);
-                match write_any(&http, &addrs, i + next as usize, &req).await {
-                    Some(Response::Appended { through_seq, .. }) => {
-                        acked_through = through_seq;
-                        next += 10;
-                        acks.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => panic!("batch of {g} from {next} not acknowledged: {other:?}"),
-                }
-            }
-            (g, acked_through)
-        }));
-    }
-    poll("load to build up", Duration::from_secs(20), || (acks.load(Ordering::Relaxed) >= 100).then_some(()))
-        .await;
+    let writers = GateWriters::start(&c.http, &addrs, &gates, Retry::Rounds(4));
+    poll("load to build up", Duration::from_secs(20), || (writers.acks() >= 100).then_some(())).await;
 
     let old = c.wait_leader(Duration::from_secs(5), None).await;
     let killed_at = Instant::now();
     c.nodes.get_mut(&old).unwrap().kill();
-    let acks_at_kill = acks.load(Ordering::Relaxed);
+    let acks_at_kill = writers.acks();
     let new = c.wait_leader(Duration::from_secs(10), Some(old)).await;
     let elected_in = killed_at.elapsed();
     poll("ingestion to resume", Duration::from_secs(10), || {
-        (acks.load(Ordering::Relaxed) > acks_at_kill + 4).then_some(())
+        (writers.acks() > acks_at_kill + 4).then_some(())
     })
     .await;
     let resumed_in = killed_at.elapsed();
@@ -187,15 +135,10 @@ async fn killing_the_leader_under_load_elects_a_new_one_within_3s_and_loses_no_a
     assert!(resumed_in < Duration::from_secs(3), "ingestion resumed after {resumed_in:?}");
 
     poll("more load on the new leader", Duration::from_secs(20), || {
-        (acks.load(Ordering::Relaxed) > acks_at_kill + 50).then_some(())
+        (writers.acks() > acks_at_kill + 50).then_some(())
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let mut acked = BTreeMap::new();
-    for w in writers {
-        let (g, through) = w.await.unwrap();
-        acked.insert(g, through);
-    }
+    let acked = writers.stop().await;
 
     c.restart(old, false);
     let leader = c.wait_leader(Duration::from_secs(10), None).await;

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use afc_domain::ledger::{ParamVersions, TxRecord};
@@ -9,7 +12,7 @@ use afc_domain::model::{Direction, Ident, Media, Reason, Timestamp};
 use afc_domain::signed::{self, SignedError, GATE_KEY_ID};
 use afc_domain::wire::WireMessage;
 use controller::chain::sign_batch;
-use controller::state::Request;
+use controller::state::{Request, Response};
 use ed25519_dalek::SigningKey;
 use serde::de::DeserializeOwned;
 
@@ -106,5 +109,121 @@ pub async fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long [`write_via_any`] keeps trying the nodes before giving up.
+#[derive(Clone, Copy, Debug)]
+pub enum Retry {
+    /// This many attempts per node, 20 ms apart.
+    Rounds(usize),
+    /// Until this much time has passed, 20 ms between attempts.
+    For(Duration),
+}
+
+/// Sends `req` through `/admin/write` to the nodes in turn, from `addrs[start % len]`, until one
+/// acknowledges it (resending is safe: dedup) or `retry` is used up.
+pub async fn write_via_any(
+    http: &reqwest::Client,
+    addrs: &[String],
+    start: usize,
+    req: &Request,
+    retry: Retry,
+) -> Option<Response> {
+    let deadline = match retry {
+        Retry::For(d) => Some(Instant::now() + d),
+        Retry::Rounds(_) => None,
+    };
+    let mut k = 0;
+    loop {
+        if let Retry::Rounds(rounds) = retry {
+            if k >= addrs.len() * rounds {
+                return None;
+            }
+        }
+        let addr = &addrs[(start + k) % addrs.len()];
+        k += 1;
+        let r = http
+            .post(format!("http://{addr}/admin/write"))
+            .header("x-afc-cluster-secret", crate::harness::SECRET)
+            .json(req)
+            .timeout(Duration::from_secs(12))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            if r.status().is_success() {
+                // `Rounds` takes the first success's body as the answer, `For` retries a bad one.
+                match (r.json().await, retry) {
+                    (Ok(resp), _) => return Some(resp),
+                    (Err(_), Retry::Rounds(_)) => return None,
+                    (Err(_), Retry::For(_)) => {}
+                }
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One writer task per gate (gate `gates[i]` signs with `gate_key(i + 1)` and must be registered),
+/// each appending batches of 10 records (seq 1..) through any node ([`write_via_any`]) until
+/// stopped; a batch not acknowledged within `retry` fails the test.
+pub struct GateWriters {
+    stop: Arc<AtomicBool>,
+    acks: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<(String, u64)>>,
+}
+
+impl GateWriters {
+    pub fn start(http: &reqwest::Client, addrs: &[String], gates: &[&str], retry: Retry) -> GateWriters {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for (i, g) in gates.iter().enumerate() {
+            let (http, addrs, stop, acks) = (http.clone(), addrs.to_vec(), stop.clone(), acks.clone());
+            let g = g.to_string();
+            tasks.push(tokio::spawn(async move {
+                let key = gate_key(i as u8 + 1);
+                let (mut acked_through, mut next) = (0u64, 1u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let req = batch(&g, &key, next..next + 10);
+                    match write_via_any(&http, &addrs, i + next as usize, &req, retry).await {
+                        Some(Response::Appended { through_seq, .. }) => {
+                            acked_through = through_seq;
+                            next += 10;
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            panic!("batch of {g} from {next} not acknowledged within {retry:?}: {other:?}")
+                        }
+                    }
+                }
+                (g, acked_through)
+            }));
+        }
+        GateWriters { stop, acks, tasks }
+    }
+
+    /// Batches acknowledged so far, all gates together.
+    pub fn acks(&self) -> u64 {
+        self.acks.load(Ordering::Relaxed)
+    }
+
+    /// The shared counter behind [`GateWriters::acks`], for a task watching it.
+    pub fn ack_counter(&self) -> Arc<AtomicU64> {
+        self.acks.clone()
+    }
+
+    /// Stops the writers after their batch in flight; per gate the seq acknowledged through.
+    pub async fn stop(self) -> BTreeMap<String, u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut acked = BTreeMap::new();
+        for t in self.tasks {
+            let (g, through) = t.await.unwrap();
+            acked.insert(g, through);
+        }
+        acked
     }
 }
