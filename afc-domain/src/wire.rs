@@ -522,6 +522,10 @@ pub struct Heartbeat {
     pub outbox_depth: u64,
     /// Bytes the outbox occupies, against its capacity.
     pub outbox_bytes: u64,
+    /// The outbox's capacity in bytes (`[outbox] max_bytes`): taps are refused `outbox_full`
+    /// when a record no longer fits. 0 from gates that do not send it.
+    #[serde(default)]
+    pub outbox_capacity_bytes: u64,
     /// Whether the PLC answers; while it does not, the gate refuses taps.
     pub plc_online: bool,
     /// The aisle direction currently set.

@@ -391,6 +391,7 @@ async fn session_task(
                     },
                     outbox_depth: g.store().depth(),
                     outbox_bytes: g.store().bytes(),
+                    outbox_capacity_bytes: g.store().capacity(),
                     plc_online: g.plc().online(),
                     direction: g.direction(),
                     in_service: g.in_service(),

@@ -333,13 +333,23 @@ pub fn render(state: &ApiState) -> String {
         }
     }
     o.family("afc_gate_outbox_depth", "gauge", "Transactions in the gate's outbox, from its heartbeat.");
-    o.family("afc_gate_outbox_capacity", "gauge", "Capacity of the gate's outbox, from its heartbeat.");
+    o.family("afc_gate_outbox_bytes", "gauge", "Bytes held by the gate's outbox, from its heartbeat.");
+    o.family(
+        "afc_gate_outbox_capacity_bytes",
+        "gauge",
+        "The gate's outbox capacity in bytes (taps are refused outbox_full beyond it), from its heartbeat.",
+    );
     for g in &gates {
+        let gate = [("gate", g.live.gate.as_str())];
         if let Some(d) = g.live.counters.get("outbox_depth") {
-            o.sample("afc_gate_outbox_depth", &[("gate", &g.live.gate)], *d as f64);
+            o.sample("afc_gate_outbox_depth", &gate, *d as f64);
         }
-        if let Some(c) = g.live.counters.get("outbox_capacity") {
-            o.sample("afc_gate_outbox_capacity", &[("gate", &g.live.gate)], *c as f64);
+        if let Some(b) = g.live.counters.get("outbox_bytes") {
+            o.sample("afc_gate_outbox_bytes", &gate, *b as f64);
+        }
+        // Absent (0) from gates that do not send it: no series, so the alert does not divide by 0.
+        if let Some(c) = g.live.counters.get("outbox_capacity_bytes").filter(|c| **c > 0) {
+            o.sample("afc_gate_outbox_capacity_bytes", &gate, *c as f64);
         }
     }
 

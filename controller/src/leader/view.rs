@@ -54,6 +54,9 @@ pub struct GateView {
     pub counters: GateCounters,
     /// Transactions waiting in the gate's outbox at the last heartbeat.
     pub outbox_depth: u64,
+    /// Bytes they take, and the outbox's capacity in bytes (the limit taps are refused at).
+    pub outbox_bytes: u64,
+    pub outbox_capacity_bytes: u64,
     /// The aisle setting, service state and free passage at the last heartbeat.
     pub direction: Option<GateDirection>,
     pub in_service: bool,
@@ -90,6 +93,8 @@ impl GateView {
             alarms: BTreeSet::new(),
             counters: GateCounters::default(),
             outbox_depth: 0,
+            outbox_bytes: 0,
+            outbox_capacity_bytes: 0,
             direction: None,
             in_service: false,
             free_passage: false,
@@ -155,6 +160,8 @@ impl Board {
         v.clock_drift = offset.abs() > drift_bound_ms;
         v.counters = hb.counters;
         v.outbox_depth = hb.outbox_depth;
+        v.outbox_bytes = hb.outbox_bytes;
+        v.outbox_capacity_bytes = hb.outbox_capacity_bytes;
         v.direction = Some(hb.direction);
         v.in_service = hb.in_service;
         v.free_passage = hb.free_passage;
@@ -318,6 +325,8 @@ impl crate::api::GateView for super::Duties {
                     ("tailgating", v.counters.tailgating),
                     ("forced_passage", v.counters.forced_passage),
                     ("outbox_depth", v.outbox_depth),
+                    ("outbox_bytes", v.outbox_bytes),
+                    ("outbox_capacity_bytes", v.outbox_capacity_bytes),
                 ]
                 .into_iter()
                 .map(|(k, n)| (k.to_owned(), n))
@@ -406,6 +415,7 @@ mod tests {
             counters: GateCounters::default(),
             outbox_depth: 0,
             outbox_bytes: 0,
+            outbox_capacity_bytes: 0,
             plc_online: true,
             direction: afc_domain::wire::GateDirection::Bidirectional,
             in_service: true,

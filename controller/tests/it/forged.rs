@@ -70,6 +70,7 @@ fn heartbeat(taps: u64, rejects: u64, alarms: Vec<AlarmKind>, free_passage: bool
         counters: GateCounters { taps, rejects, ..GateCounters::default() },
         outbox_depth: outbox,
         outbox_bytes: 0,
+        outbox_capacity_bytes: 0,
         plc_online: true,
         direction: GateDirection::Bidirectional,
         in_service: true,

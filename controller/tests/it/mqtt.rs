@@ -435,6 +435,7 @@ async fn commands_are_answered_gates_are_tracked_and_used_qr_codes_are_relayed_t
         counters: GateCounters { taps: 7, ..GateCounters::default() },
         outbox_depth: 3,
         outbox_bytes: 300,
+        outbox_capacity_bytes: 1000,
         plc_online: true,
         direction: GateDirection::Bidirectional,
         in_service: true,

@@ -147,6 +147,7 @@ impl SimGate {
                     counters,
                     outbox_depth: 0,
                     outbox_bytes: 0,
+                    outbox_capacity_bytes: 0,
                     plc_online: true,
                     direction: GateDirection::Bidirectional,
                     in_service: true,
