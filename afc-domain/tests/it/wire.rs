@@ -237,6 +237,7 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
                     counters,
                     outbox_depth,
                     outbox_bytes,
+                    outbox_capacity_bytes: outbox_bytes.saturating_mul(2),
                     plc_online,
                     direction,
                     in_service,
