@@ -1,6 +1,8 @@
 //! Process start-up shared by every service binary (controller, gate agent, simulators, clearing
 //! server, the local station): logging from `RUST_LOG`, the panic policy, termination signals and
-//! the tokio runtime. The domain crate stays free of all of it.
+//! the tokio runtime, systemd notifications ([`systemd`]). The domain crate stays free of all of it.
+
+pub mod systemd;
 
 use std::future::Future;
 
@@ -57,6 +59,7 @@ pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("termination signal received");
+        systemd::stopping();
         signal.cancel();
     });
     token

@@ -145,6 +145,10 @@ pub async fn run_with_api(
         _ => None,
     };
 
+    // Raft is up and every listener serves: systemd's `Type=notify` start ends here (a no-op
+    // without systemd). Not gated on a leader: a node waiting for its peers is running.
+    afc_process::systemd::ready("controller node serving: raft, peer and API listeners up");
+
     // Runs until asked to stop, or until Raft stops on a fatal error (a storage write failed: disk
     // full, filesystem read-only). Such a node can take part in nothing any more, so it stays up
     // `raft.fatal_exit_delay_ms` answering /readyz 503 and /metrics with the reason, then shuts

@@ -192,6 +192,8 @@ async fn test_clock(path: std::path::PathBuf, cancel: CancellationToken) {
 /// Runs the agent until `cancel` fires, then flushes the store.
 pub async fn run(config: &Config, listeners: Listeners, cancel: CancellationToken) -> Result<(), RunError> {
     let running = start(config, listeners, cancel.clone()).await?;
+    // Serving the reader port: systemd's `Type=notify` start ends here (a no-op without systemd).
+    afc_process::systemd::ready("gate agent serving the reader port");
     cancel.cancelled().await;
     tracing::info!("shutting down: flushing the store");
     running.gate.store().flush()?;
