@@ -2,6 +2,7 @@
 //! loopback, ports chosen at run time, an embedded broker, the PLC simulator.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod alerts;
 mod clock;
 mod disk;
 mod faults;
