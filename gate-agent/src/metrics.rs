@@ -201,6 +201,14 @@ impl Metrics {
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(8 * 1024);
+        let _ = writeln!(o, "# HELP afc_build_info The running build: version and commit (always 1).");
+        let _ = writeln!(o, "# TYPE afc_build_info gauge");
+        let _ = writeln!(
+            o,
+            "afc_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            env!("AFC_GIT_COMMIT")
+        );
         let _ = writeln!(
             o,
             "# HELP afc_gate_decisions_total Tap decisions by result, reason, media and direction."

@@ -127,6 +127,11 @@ async fn outbox_near_full_fires_on_a_real_gates_scrape_and_not_on_an_empty_outbo
     })
     .await;
     let empty = scrape(&agent).await;
+    // The build is named on every scrape: the crate's version and the commit build.rs found.
+    let info = format!("afc_build_info{{version=\"{}\",commit=\"", env!("CARGO_PKG_VERSION"));
+    let commit =
+        empty.lines().find_map(|l| l.strip_prefix(info.as_str())).unwrap_or_else(|| panic!("{empty}"));
+    assert!(commit.ends_with("\"} 1") && commit.len() > 4, "{commit}");
     let (ok, said) =
         promtool_test(&promtool, dir.path(), "empty.test.yml", &test_file(&input_series(&empty), " []"));
     assert!(ok, "promtool on the empty outbox's scrape:\n{said}");
