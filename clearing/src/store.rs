@@ -65,8 +65,12 @@ struct SeqSet {
 }
 
 impl SeqSet {
-    /// Marks `seq` stored; `false` if it already was.
+    /// Marks `seq` stored; `false` if it already was. The first number of a set may be above 1:
+    /// a gate upgraded to records that carry their installation numbers on where it was.
     fn insert(&mut self, seq: u64) -> bool {
+        if self.contiguous_through == 0 && self.above.is_empty() && seq > 1 {
+            self.contiguous_through = seq - 1;
+        }
         if seq <= self.contiguous_through || self.above.contains(&seq) {
             return false;
         }

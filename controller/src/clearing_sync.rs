@@ -127,6 +127,10 @@ pub struct ClearingStatus {
     /// Sequence gaps clearing has stored (from its answers; re-learnt on each leadership).
     #[serde(default)]
     pub gaps_reported: u64,
+    /// When clearing last answered that it has no gap endpoint (404/405, a clearing house built
+    /// from SPEC §8 alone): gaps are not reported for 10 minutes, the ledger still is.
+    #[serde(default)]
+    pub gaps_unsupported_at: Option<Timestamp>,
 }
 
 /// Shared, cheap-to-clone access to the task's status.
@@ -389,13 +393,28 @@ impl Worker {
     /// Reports the sequence gaps recorded since the last one clearing stored (none: no call).
     async fn report_gaps(&self) -> Result<(), SyncError> {
         let station = &self.node.config.station;
-        loop {
+        let unsupported = self.status.snapshot().gaps_unsupported_at;
+        if unsupported.is_some_and(|at| now().millis() - at.millis() < 10 * 60 * 1000) {
+            return Ok(());
+        }
+        for _ in 0..1000 {
             let from = self.status.snapshot().gaps_reported + 1;
             let gaps = self.node.sm.gaps(from, 100)?;
             if gaps.is_empty() {
                 return Ok(());
             }
-            match self.client.report_gaps(station, &gaps).await? {
+            let answer = match self.client.report_gaps(station, &gaps).await {
+                Err(
+                    ClearingError::Refused { status: 404 | 405, .. }
+                    | ClearingError::Unexpected { status: 404 | 405, .. },
+                ) => {
+                    tracing::warn!(task = TASK, "clearing has no gap endpoint: sequence gaps are not reported (the ledger is); asking again in 10 min");
+                    self.status.update(|s| s.gaps_unsupported_at = Some(now()));
+                    return Ok(());
+                }
+                other => other?,
+            };
+            match answer {
                 UploadOutcome::Acked(through) if through >= from => {
                     tracing::warn!(task = TASK, through, "sequence gaps reported to clearing");
                     self.status.update(|s| s.gaps_reported = through);
@@ -405,18 +424,16 @@ impl Worker {
                 }
                 // Clearing holds fewer (or more) gaps than we thought: resend from where it is.
                 UploadOutcome::Conflict { expected_from } => {
-                    self.status.update(|s| s.gaps_reported = expected_from.saturating_sub(1));
-                    if expected_from > from {
-                        continue;
-                    }
-                    if expected_from == from {
+                    if expected_from == 0 || expected_from == from {
                         return Err(SyncError::Alarm(format!(
-                            "clearing refused gap {from} as not contiguous"
+                            "clearing refused gap {from} as not contiguous (expects {expected_from})"
                         )));
                     }
+                    self.status.update(|s| s.gaps_reported = expected_from - 1);
                 }
             }
         }
+        Err(SyncError::Alarm("gap reporting did not settle in 1,000 rounds".into()))
     }
 
     /// Uploads batches from `pos` until something fails; returns that failure.

@@ -903,8 +903,18 @@ impl StationState {
             Err(LedgerError::BadSignature) => return reject(Rejection::BadSignature),
             Err(e) => return reject(Rejection::InvalidBatch { detail: e.to_string() }),
         }
-        if installation.is_some() {
-            info.last_installation = installation;
+        if let Some(inst) = installation {
+            info.last_installation = Some(inst);
+            // A gate upgraded from a build whose records carried no installation numbers on
+            // under its installation: it was acked through covers_from - 1 before (under the
+            // first-version key), so a fresh installation starts there. A wiped gate starts
+            // with nothing acked (covers_from 1) and numbers from 1.
+            let p = info.installations.entry(inst).or_default();
+            if let Some(from) = b.covers_from.filter(|f| *f > 1) {
+                if p.contiguous_through == 0 && p.pending.is_empty() {
+                    p.contiguous_through = from - 1;
+                }
+            }
         }
         let (mut appended, mut duplicates, mut deferred, mut gaps, mut conflicts) =
             (0u32, 0u32, 0u32, 0u32, 0u32);
@@ -932,7 +942,7 @@ impl StationState {
                     out.push(Write::Put(keys::gap(gap.id).to_vec(), encode(&gap)));
                 }
             }
-            covered = covered.map(|c| c.max(rec.gate_seq + 1));
+            covered = covered.map(|c| c.max(rec.gate_seq.saturating_add(1)));
             let progress = info.progress_mut(installation);
             match progress.classify(rec.gate_seq) {
                 SeqStatus::New => {}
@@ -946,19 +956,13 @@ impl StationState {
                 }
                 SeqStatus::Duplicate => {
                     let key = keys::tx_key(gate, installation.as_ref(), rec.gate_seq);
-                    // Written earlier in this command (not yet readable through `ledger`), or stored.
-                    let stored = match pending_index(out, &key) {
-                        Some(i) => Some(i),
-                        None => ledger.tx_index(&key)?,
-                    };
+                    // Written earlier in this apply (not yet in the tree), or stored.
+                    let stored = tx_index(out, ledger, &key)?;
                     // No index: pruned (acknowledged by clearing, days old) or stored before
                     // keys were kept; nothing to compare with.
                     let same = match stored {
                         None => true,
-                        Some(i) => match pending_record(out, i) {
-                            Some(r) => &r == rec,
-                            None => ledger.ledger_entry(i)?.is_none_or(|e| &e.record == rec),
-                        },
+                        Some(i) => record_at(out, ledger, i)?.is_none_or(|r| &r == rec),
                     };
                     if same {
                         duplicates += 1;
@@ -1151,7 +1155,12 @@ impl StationState {
         }
         let mut package = Vec::with_capacity(usize::try_from(u.bytes).unwrap_or(0));
         for i in 0..u.pieces {
-            let piece = items.package_piece(upload, i)?.ok_or_else(|| {
+            let key = keys::piece(upload, i);
+            let piece = match pending(out, &key) {
+                Some(v) => v.map(<[u8]>::to_vec),
+                None => items.package_piece(upload, i)?,
+            };
+            let piece = piece.ok_or_else(|| {
                 ReadError::Storage(format!("piece {i} of upload {upload} is missing from the store"))
             })?;
             package.extend_from_slice(&piece);
@@ -1265,21 +1274,38 @@ impl StationState {
         out: &mut Vec<Write>,
     ) -> Result<Response, ReadError> {
         let mut removed = 0;
+        // Ledger entries written earlier in this apply (not yet in the tree), looked up once.
+        let fresh: std::collections::HashMap<u64, &[u8]> = out
+            .iter()
+            .filter_map(|w| match w {
+                Write::Put(k, v) if k.len() == 9 && k[0] == keys::LEDGER_PREFIX => {
+                    Some((u64::from_be_bytes(k[1..9].try_into().ok()?), v.as_slice()))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut deletes = Vec::new();
         while self.first_retained <= self.clearing_acked_through && removed < MAX_PRUNE_PER_COMMAND {
             let index = self.first_retained;
-            let entry = ledger.ledger_entry(index)?.ok_or_else(|| ReadError::Corrupt {
+            let entry = match fresh.get(&index) {
+                Some(v) => decode_ledger_entry(index, v).ok(),
+                None => ledger.ledger_entry(index)?,
+            };
+            let entry = entry.ok_or_else(|| ReadError::Corrupt {
                 index,
                 detail: "missing below the acknowledged point".into(),
             })?;
             if entry.record.occurred_at >= before {
                 break;
             }
-            out.push(Write::Delete(keys::ledger(index).to_vec()));
+            deletes.push(Write::Delete(keys::ledger(index).to_vec()));
             let r = &entry.record;
-            out.push(Write::Delete(keys::tx_key(&r.gate, r.installation.as_ref(), r.gate_seq)));
+            deletes.push(Write::Delete(keys::tx_key(&r.gate, r.installation.as_ref(), r.gate_seq)));
             self.first_retained += 1;
             removed += 1;
         }
+        drop(fresh);
+        out.extend(deletes);
         for (name, held) in self.packages.iter_mut() {
             let Some(kind) = ParamKind::parse(name) else { continue };
             // Versions a rollout points gates at (or may roll back to) stay.
@@ -1307,23 +1333,33 @@ struct BatchRef<'a> {
     covers_from: Option<u64>,
 }
 
-/// The ledger index put under record key `key` among this apply's writes.
-fn pending_index(out: &[Write], key: &[u8]) -> Option<u64> {
+/// The last write of `key` among this apply's writes (not yet in the tree): `Some(Some(value))`
+/// put, `Some(None)` deleted, `None` not written. Gate batches read through this overlay, so the
+/// tree is never written in the middle of an apply for them (a Prune's deletes made visible, and
+/// durable with someone else's sync, before the state that says they happened would make the
+/// Prune fail when it is applied again after a crash).
+fn pending<'a>(out: &'a [Write], key: &[u8]) -> Option<Option<&'a [u8]>> {
     out.iter().rev().find_map(|w| match w {
-        Write::Put(k, v) if k.as_slice() == key => {
-            <[u8; 8]>::try_from(v.as_slice()).ok().map(u64::from_be_bytes)
-        }
+        Write::Put(k, v) if k.as_slice() == key => Some(Some(v.as_slice())),
+        Write::Delete(k) if k.as_slice() == key => Some(None),
         _ => None,
     })
 }
 
-/// The record of ledger entry `index` among this apply's writes (written earlier in the batch).
-fn pending_record(out: &[Write], index: u64) -> Option<TxRecord> {
-    let key = keys::ledger(index);
-    out.iter().rev().find_map(|w| match w {
-        Write::Put(k, v) if k.as_slice() == key => decode_ledger_entry(index, v).ok().map(|e| e.record),
-        _ => None,
-    })
+/// The ledger index stored under record key `key`, this apply's writes first.
+fn tx_index(out: &[Write], ledger: &dyn LedgerRead, key: &[u8]) -> Result<Option<u64>, ReadError> {
+    match pending(out, key) {
+        Some(v) => Ok(v.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes)),
+        None => ledger.tx_index(key),
+    }
+}
+
+/// The record of ledger entry `index`, this apply's writes first.
+fn record_at(out: &[Write], ledger: &dyn LedgerRead, index: u64) -> Result<Option<TxRecord>, ReadError> {
+    match pending(out, &keys::ledger(index)) {
+        Some(v) => Ok(v.and_then(|v| decode_ledger_entry(index, v).ok()).map(|e| e.record)),
+        None => Ok(ledger.ledger_entry(index)?.map(|e| e.record)),
+    }
 }
 
 fn rejected(rejection: Rejection) -> Response {

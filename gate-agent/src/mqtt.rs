@@ -748,17 +748,34 @@ async fn upload_task(ctx: Arc<Ctx>, cancel: CancellationToken) {
             }
             continue;
         }
+        // The batch ends before a record this build cannot read (it is kept, never declared
+        // lost: a downgraded agent, say) and where the records' installation changes (records
+        // numbered before they carried one, then with it: the ledger keys them apart).
         let mut records: Vec<TxRecord> = Vec::with_capacity(pending.len());
+        let mut last = after;
         for (seq, bytes) in &pending {
             match TxRecord::from_canonical(bytes) {
-                Ok(r) => records.push(r),
-                Err(e) => tracing::error!(seq, error = %e, "outbox record unreadable; skipped in this batch"),
+                Ok(r) if records.first().is_none_or(|f: &TxRecord| f.installation == r.installation) => {
+                    records.push(r);
+                    last = *seq;
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "outbox record unreadable: kept, and the upload waits before it");
+                    break;
+                }
             }
         }
-        let last = pending.last().map_or(after, |(s, _)| *s);
-        // The batch covers after+1..=last: the outbox holds nothing else in that range, so a
-        // number there that is not in `records` (an unreadable frame) is lost and the ledger
-        // records the gap instead of waiting for it for ever.
+        if records.is_empty() {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            continue;
+        }
+        // The batch covers after+1..=last: the outbox holds nothing else in that range (a frame
+        // it could not read back was skipped when the log was opened), so a number there that is
+        // not in `records` is lost and the ledger records the gap instead of waiting for ever.
         let covers_from = Some(after + 1);
         let signature =
             hex::encode(sign_batch_covering(&g.station, &g.gate, covers_from, &records, &ctx.key));

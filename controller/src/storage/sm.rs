@@ -101,18 +101,6 @@ fn may_delete(req: &Request) -> bool {
     matches!(req, Request::Prune { .. } | Request::PutPackagePiece { .. } | Request::CommitPackage { .. })
 }
 
-/// Whether applying `req` reads items written earlier in the same batch (a gate batch reads the
-/// stored record under a re-sent key, to compare).
-fn reads_items(req: &Request) -> bool {
-    matches!(
-        req,
-        Request::Prune { .. }
-            | Request::CommitPackage { .. }
-            | Request::AppendTxBatch { .. }
-            | Request::AppendTxBatches { .. }
-    )
-}
-
 /// The index in a ledger item's key.
 fn ledger_index(key: &[u8]) -> Result<u64, StoreError> {
     key.get(1..9)
@@ -298,13 +286,9 @@ impl StateMachineStore {
                     Response::None
                 }
                 EntryPayload::Normal(req) => {
-                    if reads_items(&req) && !writes.is_empty() {
-                        // Prune, CommitPackage and gate batches read items; make this batch's
-                        // earlier writes visible first.
-                        // Safe on a crash: the state key is not written yet, so the whole batch
-                        // is re-applied from the log and rewrites the same items.
-                        tree.apply_batch(to_batch(std::mem::take(&mut writes)))?;
-                    }
+                    // Reads of items written earlier in this batch go through an overlay of the
+                    // pending writes (`state::pending`): the tree is written once, atomically
+                    // with `last_applied`, so a crash re-applies the whole batch from the log.
                     state.apply(&req, &TreeReader(&tree), &mut writes)?
                 }
             };

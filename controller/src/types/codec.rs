@@ -134,15 +134,19 @@ pub fn encode_entry_into(entry: &Entry, out: &mut Vec<u8>) -> Result<(), CodecEr
             out.push(KIND_MEMBERSHIP);
             serde_json::to_writer(&mut *out, m)?;
         }
+        // Batches without a covered range keep the first kinds, so a node not yet upgraded reads
+        // what an upgraded leader replicates from gates not yet upgraded (a rolling upgrade).
         EntryPayload::Normal(Request::AppendTxBatch { station, gate, records, signature, covers_from }) => {
-            out.push(KIND_TX_BATCH_COVERING);
-            put_tx_batch(out, station, gate, signature, *covers_from, records)?;
+            let covering = covers_from.is_some();
+            out.push(if covering { KIND_TX_BATCH_COVERING } else { KIND_TX_BATCH });
+            put_tx_batch(out, station, gate, signature, covers_from.filter(|_| covering), records, covering)?;
         }
         EntryPayload::Normal(Request::AppendTxBatches { batches }) => {
-            out.push(KIND_TX_BATCHES_COVERING);
+            let covering = batches.iter().any(|b| b.covers_from.is_some());
+            out.push(if covering { KIND_TX_BATCHES_COVERING } else { KIND_TX_BATCHES });
             put_u32(out, batches.len())?;
             for b in batches {
-                put_tx_batch(out, &b.station, &b.gate, &b.signature, b.covers_from, &b.records)?;
+                put_tx_batch(out, &b.station, &b.gate, &b.signature, b.covers_from, &b.records, covering)?;
             }
         }
         EntryPayload::Normal(Request::PutPackagePiece { upload, index, at, bytes }) => {
@@ -167,11 +171,14 @@ fn put_tx_batch(
     signature: &str,
     covers_from: Option<u64>,
     records: &[TxRecord],
+    covering: bool,
 ) -> Result<(), CodecError> {
     put_bytes(out, station.as_str().as_bytes())?;
     put_bytes(out, gate.as_str().as_bytes())?;
     put_bytes(out, signature.as_bytes())?;
-    out.extend_from_slice(&covers_from.unwrap_or(0).to_le_bytes());
+    if covering {
+        out.extend_from_slice(&covers_from.unwrap_or(0).to_le_bytes());
+    }
     put_u32(out, records.len())?;
     for r in records {
         put_bytes(out, &r.canonical_bytes())?;

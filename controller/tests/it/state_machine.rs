@@ -670,3 +670,17 @@ fn a_batch_mixing_installations_is_refused() {
     let r = items.apply(&mut st, &installed_batch(vec![installed(1, 1), installed(2, 2)], Some(1)));
     assert!(matches!(r, Response::Rejected { rejection: Rejection::InvalidBatch { .. } }), "{r:?}");
 }
+
+#[test]
+fn a_gate_upgraded_to_records_with_an_installation_numbers_on_and_is_acked_past_its_old_records() {
+    let (mut st, mut items) = setup();
+    // First-version records (no installation), acked through 5.
+    let old: Vec<TxRecord> = (1..=5).map(|s| record("s1", "g01", s)).collect();
+    assert_eq!(appended(&items.apply(&mut st, &installed_batch(old, None))), (5, 0, 0, 0, 5));
+    // Upgraded: the same gate numbers on under its installation, covering from 6.
+    let r = items.apply(&mut st, &installed_batch((6..=8).map(|s| installed(1, s)).collect(), Some(6)));
+    assert_eq!(appended(&r), (3, 0, 0, 0, 8), "numbers on, acked through 8, no gap");
+    // A wiped gate (another installation, nothing acked, covering from 1) still starts at 1.
+    let r = items.apply(&mut st, &installed_batch((1..=2).map(|s| installed(2, s)).collect(), Some(1)));
+    assert_eq!(appended(&r), (2, 0, 0, 0, 2));
+}

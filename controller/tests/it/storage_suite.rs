@@ -55,7 +55,31 @@ mod codec {
                 }),
             },
             Entry { log_id: log_id(2, 3, 6), payload: EntryPayload::Normal(group_of_two()) },
+            // The same with a covered range (the covering kinds); the group mixes both.
+            Entry {
+                log_id: log_id(2, 3, 7),
+                payload: EntryPayload::Normal(covering(batch("g01", &gate_key(1), 9..=9))),
+            },
+            Entry {
+                log_id: log_id(2, 3, 8),
+                payload: EntryPayload::Normal(match group_of_two() {
+                    Request::AppendTxBatches { mut batches } => {
+                        batches[0].covers_from = Some(6);
+                        Request::AppendTxBatches { batches }
+                    }
+                    other => other,
+                }),
+            },
         ]
+    }
+
+    fn covering(req: Request) -> Request {
+        match req {
+            Request::AppendTxBatch { station, gate, records, signature, .. } => {
+                Request::AppendTxBatch { station, gate, records, signature, covers_from: Some(9) }
+            }
+            other => other,
+        }
     }
 
     /// Two gates' batches in one entry (group commit).

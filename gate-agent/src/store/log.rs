@@ -148,21 +148,32 @@ impl Log {
                 let mut seq8 = [0u8; 8];
                 seq8.copy_from_slice(&h[4..]);
                 let seq = u64::from_le_bytes(seq8);
-                if len == 0 || len > MAX_RECORD || seq <= last_seq {
-                    break;
-                }
-                let Some(payload) = bytes.get(off + HEADER..off + HEADER + len) else { break };
-                let Some(c) = bytes.get(off + HEADER + len..off + HEADER + len + CHECK) else { break };
-                if c != check(seq, payload) {
-                    let next = off + HEADER + len + CHECK;
-                    // (Its own header may be the damaged part: only the frame after it is trusted.)
-                    if valid_frame_at(&bytes, next, last_seq) {
-                        tracing::error!(segment = %path.display(), offset = off, "outbox log: a damaged record followed by whole ones is skipped (its number becomes a sequence gap)");
-                        log.skipped += 1;
-                        off = next;
-                        continue;
+                let whole = len != 0
+                    && len <= MAX_RECORD
+                    && seq > last_seq
+                    && bytes.get(off + HEADER..off + HEADER + len).is_some_and(|payload| {
+                        bytes.get(off + HEADER + len..off + HEADER + len + CHECK)
+                            == Some(&check(seq, payload)[..])
+                    });
+                if !whole {
+                    // The end of the frames (zeros), a torn tail, or a damaged frame followed by
+                    // whole ones. Its own header may be the damaged part (length or number):
+                    // look for the next whole frame anywhere after it; none means the end.
+                    if bytes[off..].iter().all(|b| *b == 0) {
+                        break;
                     }
-                    break;
+                    let next = off + HEADER + len.min(MAX_RECORD) + CHECK;
+                    let found = if valid_frame_at(&bytes, next, last_seq) {
+                        Some(next)
+                    } else {
+                        (off + 1..bytes.len().saturating_sub(HEADER))
+                            .find(|o| valid_frame_at(&bytes, *o, last_seq))
+                    };
+                    let Some(next) = found else { break };
+                    tracing::error!(segment = %path.display(), offset = off, "outbox log: a damaged record followed by whole ones is skipped (its number becomes a sequence gap)");
+                    log.skipped += 1;
+                    off = next;
+                    continue;
                 }
                 if seq > acked {
                     log.live.push_back(Loc { seq, segment: first, offset: off as u64, len: len as u32 });
@@ -401,8 +412,13 @@ mod tests {
     #[test]
     fn a_damaged_record_followed_by_whole_ones_is_skipped_and_the_rest_kept() {
         let at = |n: u64| (1..n).map(|s| frame_len(format!("record {s}").len())).sum::<u64>() as usize;
-        // Record 2's payload, or record 4's header (its seq), damaged.
-        for (damage, kept) in [(at(2) + HEADER + 1, vec![1, 3, 4, 5]), (at(4) + 5, vec![1, 2, 3, 5])] {
+        // Record 2's payload, record 4's seq raised or lowered, record 3's length: damaged.
+        for (damage, bits, kept) in [
+            (at(2) + HEADER + 1, 0x40, vec![1, 3, 4, 5]),
+            (at(4) + 5, 0x40, vec![1, 2, 3, 5]),
+            (at(4) + 4, 0x04, vec![1, 2, 3, 5]),
+            (at(3), 0x20, vec![1, 2, 4, 5]),
+        ] {
             let dir = tempfile::tempdir().unwrap();
             {
                 let mut log = Log::open(dir.path(), 0).unwrap();
@@ -412,7 +428,7 @@ mod tests {
             }
             let path = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
             let mut bytes = std::fs::read(&path).unwrap();
-            bytes[damage] ^= 0x40;
+            bytes[damage] ^= bits;
             std::fs::write(&path, &bytes).unwrap();
             let mut log = Log::open(dir.path(), 0).unwrap();
             let seqs: Vec<u64> = log.read(0, 100, 1 << 20).unwrap().iter().map(|(s, _)| *s).collect();
