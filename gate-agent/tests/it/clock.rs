@@ -27,16 +27,17 @@ impl Drop for Proc {
     }
 }
 
-async fn reaches(plc: &Plc, on: bool) -> Duration {
-    let t = Instant::now();
-    let (s, ok) = plc.sim.wait_for(Duration::from_secs(5), |s| s.free_passage == on).await;
-    assert!(ok, "free passage never became {on}: {s:?}");
-    t.elapsed()
+/// The real agent binary on its own broker, its clock offset `offset_ms` (re-read from
+/// `offset_file`), once the stand-in controller heard its birth.
+struct Agent {
+    agent: Proc,
+    controller: Controller,
+    offset_file: std::path::PathBuf,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_behind_ahead_or_jumping() {
-    let plc = plc().await;
+async fn agent(plc: &Plc, offset_ms: i64) -> Agent {
     let port = free_port();
     start_broker(port).await;
     let controller = Controller::connect(port).await;
@@ -44,10 +45,10 @@ async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_b
     let reader: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = write_config(dir.path(), port, plc.addr, reader, "");
     let offset_file = dir.path().join("clock-offset-ms");
-    std::fs::write(&offset_file, (-10 * MIN).to_string()).unwrap();
+    std::fs::write(&offset_file, offset_ms.to_string()).unwrap();
     let log = dir.path().join("agent.log");
     let out = std::fs::File::create(&log).unwrap();
-    let mut agent = Proc(
+    let agent = Proc(
         Command::new(env!("CARGO_BIN_EXE_gate-agent"))
             .arg("--config")
             .arg(&config)
@@ -59,6 +60,20 @@ async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_b
             .unwrap(),
     );
     eventually("the gate's birth", || (!controller.status.lock().unwrap().is_empty()).then_some(())).await;
+    Agent { agent, controller, offset_file, log, _dir: dir }
+}
+
+async fn reaches(plc: &Plc, on: bool) -> Duration {
+    let t = Instant::now();
+    let (s, ok) = plc.sim.wait_for(Duration::from_secs(5), |s| s.free_passage == on).await;
+    assert!(ok, "free passage never became {on}: {s:?}");
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_behind_ahead_or_jumping() {
+    let plc = plc().await;
+    let Agent { mut agent, controller, offset_file, log, _dir } = agent(&plc, -10 * MIN).await;
     let topic = format!("afc/v1/{STATION}/mode");
     let mut version = 0;
     let mut figures = Vec::new();
@@ -114,28 +129,7 @@ async fn emergency_release_reaches_the_plc_within_a_second_with_the_gate_clock_b
 async fn a_scheduled_mode_change_takes_effect_at_its_start_by_a_local_timer_whatever_the_gate_clock() {
     const LEAD: Duration = Duration::from_secs(2);
     let plc = plc().await;
-    let port = free_port();
-    start_broker(port).await;
-    let controller = Controller::connect(port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let reader: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = write_config(dir.path(), port, plc.addr, reader, "");
-    let offset_file = dir.path().join("clock-offset-ms");
-    std::fs::write(&offset_file, "0").unwrap();
-    let log = dir.path().join("agent.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut agent = Proc(
-        Command::new(env!("CARGO_BIN_EXE_gate-agent"))
-            .arg("--config")
-            .arg(&config)
-            .env(TEST_CLOCK_OFFSET_FILE_ENV, &offset_file)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap(),
-    );
-    eventually("the gate's birth", || (!controller.status.lock().unwrap().is_empty()).then_some(())).await;
+    let Agent { mut agent, controller, offset_file, log, _dir } = agent(&plc, 0).await;
     let topic = format!("afc/v1/{STATION}/mode");
     let mut version = 0;
     let mut mode = |bits, lead: Option<Duration>| {

@@ -611,6 +611,22 @@ impl Agent {
     }
 
     /// Fare table v1 and blacklist v1, active now.
+    /// Seeds QR keys trusting issuer 1 (key id 1) and returns that issuer's signing key.
+    pub fn seed_qr_issuer(&self) -> SigningKey {
+        use afc_domain::qr::{QrIssuerKey, QrKeySet};
+        let issuer_key = SigningKey::from_bytes(&[5u8; 32]);
+        let keys = QrKeySet::new(vec![QrIssuerKey {
+            issuer: 1,
+            key_id: 1,
+            public_key: issuer_key.verifying_key().to_bytes(),
+            valid_from: Timestamp(0),
+            valid_to: Timestamp::from_secs(4_000_000_000),
+        }])
+        .unwrap();
+        self.seed(ParamKind::QrKeys, 1, Timestamp(0), serde_json::to_vec(&keys).unwrap());
+        issuer_key
+    }
+
     pub fn seed_defaults(&self) {
         let past = Timestamp(0);
         self.seed(ParamKind::FareTable, 1, past, fare_body(100));

@@ -177,21 +177,12 @@ async fn an_open_command_lost_with_the_plc_is_voided_through_the_ledger_and_one_
 
 #[tokio::test]
 async fn the_qr_code_of_a_voided_entry_shown_again_passes_once_and_then_is_a_replay() {
-    use afc_domain::qr::{self, QrIssue, QrIssuerKey, QrKeySet};
+    use afc_domain::qr::{self, QrIssue};
     use afc_domain::wire::{TapMedia, TapRequest};
     let plc = plc().await;
     let agent = Agent::start(free_port(), &plc).await;
     agent.seed_defaults();
-    let issuer_key = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]);
-    let keys = QrKeySet::new(vec![QrIssuerKey {
-        issuer: 1,
-        key_id: 1,
-        public_key: issuer_key.verifying_key().to_bytes(),
-        valid_from: Timestamp(0),
-        valid_to: Timestamp::from_secs(4_000_000_000),
-    }])
-    .unwrap();
-    agent.seed(ParamKind::QrKeys, 1, Timestamp(0), serde_json::to_vec(&keys).unwrap());
+    let issuer_key = agent.seed_qr_issuer();
     let g = agent.running.gate.clone();
     let issue = QrIssue {
         issuer: 1,

@@ -193,23 +193,12 @@ async fn the_metrics_endpoint_serves_the_gate_series_and_healthz_answers() {
 
 #[tokio::test]
 async fn the_reader_simulators_mixed_taps_are_all_answered_recorded_and_a_replayed_qr_code_is_refused() {
-    use afc_domain::model::{ParamKind, Timestamp};
-    use afc_domain::qr::{QrIssuerKey, QrKeySet};
     use afc_domain::wire::TapMedia;
     use gate_agent::reader_sim::{Presented, QrIssuer, ReaderSim};
     let plc = plc().await;
     let agent = Agent::start(free_port(), &plc).await;
     agent.seed_defaults();
-    let issuer_key = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]);
-    let keys = QrKeySet::new(vec![QrIssuerKey {
-        issuer: 1,
-        key_id: 1,
-        public_key: issuer_key.verifying_key().to_bytes(),
-        valid_from: Timestamp(0),
-        valid_to: Timestamp::from_secs(4_000_000_000),
-    }])
-    .unwrap();
-    agent.seed(ParamKind::QrKeys, 1, Timestamp(0), serde_json::to_vec(&keys).unwrap());
+    let issuer_key = agent.seed_qr_issuer();
     let origins = vec![afc_domain::model::StationCode(102), FAR];
     let qr = QrIssuer { issuer: 1, key_id: 1, key: issuer_key };
     let mut sim = ReaderSim::new(7, HERE, origins, 50, Some(qr));
