@@ -200,9 +200,11 @@ impl ClearingState {
         let station = self.station(id)?;
         let mut st = lock(&station);
         let first = report.gaps.first().map_or(0, |g| g.id);
+        let before = st.gaps.stored_through();
         match st.gaps.report(&report.gaps) {
             Ok(stored_through) => {
-                for g in &report.gaps {
+                // Only the gaps new in this report (a new leader sends the stored ones again).
+                for g in report.gaps.iter().filter(|g| g.id > before) {
                     st.ledger.settle_gap(g);
                     tracing::warn!(station = %id, gate = %g.gate, from_seq = g.from_seq, to_seq = g.to_seq, "sequence gap reported");
                 }
