@@ -7,36 +7,13 @@
 use std::time::Instant;
 
 use afc_domain::blacklist::{realistic_sample, Blacklist, BlacklistDelta};
-use afc_domain::model::{Media, ParamKind, Timestamp};
+use afc_domain::model::{Media, ParamKind};
 use afc_domain::package::{
-    package_sha256, split, BlacklistBody, ChunkError, Package, Reassembler, TrustedKeys, MAX_CHUNK_BYTES,
+    package_sha256, split, BlacklistBody, ChunkError, Package, Reassembler, MAX_CHUNK_BYTES,
 };
-use ed25519_dalek::SigningKey;
+use afc_test_support::keys::{blacklist_package, trusted};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-
-const KEY_ID: u32 = 2026;
-
-fn station_key() -> SigningKey {
-    SigningKey::from_bytes(&[42; 32])
-}
-
-fn trusted() -> TrustedKeys {
-    let mut keys = TrustedKeys::new();
-    keys.insert(KEY_ID, station_key().verifying_key());
-    keys
-}
-
-fn blacklist_package(version: u64, body: &BlacklistBody) -> Package {
-    Package::sign(
-        ParamKind::Blacklist,
-        version,
-        Timestamp(1_780_000_000_000),
-        body.encode(),
-        KEY_ID,
-        &station_key(),
-    )
-}
 
 fn reassemble(chunks: &[Vec<u8>], sha: [u8; 32], len: usize) -> Result<Vec<u8>, ChunkError> {
     let mut r = Reassembler::new(sha, len as u64, chunks.len() as u32)?;
@@ -97,6 +74,10 @@ fn main() {
     let t = Instant::now();
     applied.apply_delta(&delta).unwrap();
     let apply = t.elapsed();
+    let t = Instant::now();
+    let built = list.with_delta(&delta).unwrap();
+    let with_delta = t.elapsed();
+    assert_eq!(built, applied);
 
     let t = Instant::now();
     let p = blacklist_package(1, &BlacklistBody::Full(list.clone())).encode();
@@ -112,7 +93,9 @@ fn main() {
     println!("encoded {} B = {:.2} B/entry", encoded.len(), encoded.len() as f64 / 1e6);
     println!("from_entries {build:?}, encode {encode:?}, decode {decode:?}");
     println!("contains: {per_lookup:.0} ns/lookup mean over {} lookups ({hits} hits)", 5 * probes.len());
-    println!("apply 1,000-add/100-remove delta: {apply:?}");
+    println!(
+        "apply 1,000-add/100-remove delta: {apply:?} in place; {with_delta:?} as a new list beside the old"
+    );
     println!(
         "package {} B, {} chunks; encode+sign {sign:?}; reassemble+verify+decode {receive:?}",
         p.len(),

@@ -51,9 +51,75 @@ pub struct Entry {
 #[serde(deny_unknown_fields)]
 struct EntryJson {
     media: Media,
+    /// A single id (then neither `first` nor `last`).
     id: Option<u64>,
+    /// The lowest id of a range.
     first: Option<u64>,
+    /// The highest id of a range (inclusive; default `first`).
     last: Option<u64>,
+}
+
+/// An entry's schema is that of the JSON it is read from ([`EntryJson`]): `{media, id}` or
+/// `{media, first, last?}`, nothing else (the only form the controller's API takes).
+#[cfg(feature = "schema")]
+impl utoipa::PartialSchema for Entry {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            AdditionalProperties, KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, SchemaType, Type,
+        };
+        use utoipa::openapi::Ref;
+        let id = |nullable: bool| {
+            let t = if nullable {
+                SchemaType::from_iter([Type::Integer, Type::Null])
+            } else {
+                Type::Integer.into()
+            };
+            ObjectBuilder::new()
+                .schema_type(t)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(0))
+        };
+        let null = || ObjectBuilder::new().schema_type(Type::Null);
+        let shape = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .description(Some(description))
+                .property("media", Ref::from_schema_name("Media"))
+                .required("media")
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        OneOfBuilder::new()
+            .description(Some("A blacklisted id, or an inclusive range of ids, of one medium."))
+            .item(
+                shape("One id.")
+                    .property("id", id(false))
+                    .property("first", null())
+                    .property("last", null())
+                    .required("id"),
+            )
+            .item(
+                shape("A range `first..=last` (`last` defaults to `first`).")
+                    .property("id", null())
+                    .property("first", id(false))
+                    .property("last", id(true))
+                    .required("first"),
+            )
+            .into()
+    }
+}
+
+#[cfg(feature = "schema")]
+impl utoipa::ToSchema for Entry {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "BlacklistEntry".into()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        schemas.push((
+            <Media as utoipa::ToSchema>::name().into_owned(),
+            <Media as utoipa::PartialSchema>::schema(),
+        ));
+    }
 }
 
 impl TryFrom<EntryJson> for Entry {
@@ -155,6 +221,9 @@ impl BlacklistError {
 /// 250 KB, which stays in cache, and a lookup touches only one 256-byte block of the big vector.
 const BLOCK: usize = 32;
 
+/// [`MediaList::changed`] patches near the changes when the list has this many times more items.
+const PATCH_RATIO: usize = 256;
+
 /// The ids of one medium, in canonical form (see the module documentation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct MediaList {
@@ -210,6 +279,90 @@ impl MediaList {
         in_ranges.saturating_add(self.singles.len() as u64)
     }
 
+    /// This list with `remove` taken out and then `add` put in (both sorted and merged, as
+    /// [`normalize`] makes them): [`MediaList::patched`] for a few changes (a delta on a large
+    /// list, measured 1.1k changes on 1M items about a quarter faster), [`MediaList::merged`]
+    /// for many (deltas folded at start-up: one window per change costs more than one merge).
+    fn changed(&self, add: &[(u64, u64)], remove: &[(u64, u64)]) -> MediaList {
+        let items = self.singles.len() + self.ranges.len();
+        if (add.len() + remove.len()).saturating_mul(PATCH_RATIO) < items {
+            self.patched(add, remove)
+        } else {
+            self.merged(add, remove)
+        }
+    }
+
+    /// [`MediaList::changed`] in one merge over every item.
+    fn merged(&self, add: &[(u64, u64)], remove: &[(u64, u64)]) -> MediaList {
+        let mut b = Builder::with_capacity(
+            self.singles.len() + add.len() + 2 * remove.len(),
+            self.ranges.len() + add.len() + remove.len(),
+        );
+        for iv in MergeByStart::new(Subtract::new(self.intervals(), remove), add.iter().copied()) {
+            b.push(iv);
+        }
+        b.finish()
+    }
+
+    /// What [`MediaList::merged`] makes, touching only the items near a change: the ids a change
+    /// covers, widened by one each side (an added id may join a neighbour), make windows; the
+    /// items between windows are copied in bulk, the items of a window merged with its changes.
+    /// A window is widened to the whole of every range it meets, so its output touches nothing
+    /// outside it, and the canonical form holds across windows.
+    fn patched(&self, add: &[(u64, u64)], remove: &[(u64, u64)]) -> MediaList {
+        let widened = add.iter().chain(remove).map(|&(f, l)| (f.saturating_sub(1), l.saturating_add(1)));
+        let windows = normalize(widened.collect());
+        let (s, r) = (&self.singles, &self.ranges);
+        let mut singles = Vec::with_capacity(s.len() + add.len() + 2 * remove.len());
+        let mut ranges = Vec::with_capacity(r.len() + add.len() + remove.len());
+        let (mut si, mut ri) = (0usize, 0usize);
+        let mut w = windows.iter().copied().peekable();
+        while let Some((mut lo, mut hi)) = w.next() {
+            // The first range reaching into the window, and every range it meets, widen it;
+            // a widened window may reach the next one, which then joins it.
+            let first_range = ri + r[ri..].partition_point(|&(_, last)| last < lo);
+            let mut end_range = first_range;
+            if let Some(&(f, _)) = r.get(first_range).filter(|&&(f, _)| f <= hi) {
+                lo = lo.min(f);
+            }
+            loop {
+                while let Some(&(_, l)) = r.get(end_range).filter(|&&(f, _)| f <= hi) {
+                    hi = hi.max(l);
+                    end_range += 1;
+                }
+                match w.peek() {
+                    Some(&(next_lo, next_hi)) if next_lo <= hi.saturating_add(1) => {
+                        hi = hi.max(next_hi);
+                        w.next();
+                    }
+                    _ => break,
+                }
+            }
+            let first_single = si + s[si..].partition_point(|&id| id < lo);
+            let end_single = first_single + s[first_single..].partition_point(|&id| id <= hi);
+            singles.extend_from_slice(&s[si..first_single]);
+            ranges.extend_from_slice(&r[ri..first_range]);
+            let items = MergeByStart::new(
+                s[first_single..end_single].iter().map(|&id| (id, id)),
+                r[first_range..end_range].iter().copied(),
+            );
+            let cut_from = remove.partition_point(|&(_, l)| l < lo);
+            let cut_to = remove.partition_point(|&(f, _)| f <= hi);
+            let add_from = add.partition_point(|&(_, l)| l < lo);
+            let add_to = add.partition_point(|&(f, _)| f <= hi);
+            let mut b = Builder { singles, ranges, pending: None };
+            let kept = Subtract::new(items, &remove[cut_from..cut_to.max(cut_from)]);
+            for iv in MergeByStart::new(kept, add[add_from..add_to.max(add_from)].iter().copied()) {
+                b.push(iv);
+            }
+            (singles, ranges) = b.into_parts();
+            (si, ri) = (end_single, end_range);
+        }
+        singles.extend_from_slice(&s[si..]);
+        ranges.extend_from_slice(&r[ri..]);
+        MediaList::new(singles, ranges)
+    }
+
     fn heap_bytes(&self) -> usize {
         (self.singles.capacity() + self.singles_index.capacity() + self.ranges_index.capacity())
             * std::mem::size_of::<u64>()
@@ -253,11 +406,17 @@ impl Builder {
         }
     }
 
-    fn finish(mut self) -> MediaList {
+    fn finish(self) -> MediaList {
+        let (singles, ranges) = self.into_parts();
+        MediaList::new(singles, ranges)
+    }
+
+    /// The finished singles and ranges, without building indexes.
+    fn into_parts(mut self) -> (Vec<u64>, Vec<(u64, u64)>) {
         if let Some(done) = self.pending.take() {
             self.emit(done);
         }
-        MediaList::new(self.singles, self.ranges)
+        (self.singles, self.ranges)
     }
 }
 
@@ -481,25 +640,7 @@ impl Blacklist {
     /// Removals are applied before additions, so an id both removed and added stays blacklisted;
     /// removing part of a range splits it.
     pub fn apply_delta(&mut self, d: &BlacklistDelta) -> Result<(), BlacklistError> {
-        d.check_applies_to(self.version)?;
-        let add = intervals_by_media(&d.add);
-        let remove = intervals_by_media(&d.remove);
-        let mut rebuilt: [Option<MediaList>; 3] = Default::default();
-        for i in 0..3 {
-            if add[i].is_empty() && remove[i].is_empty() {
-                continue;
-            }
-            let old = &self.lists[i];
-            let mut b = Builder::with_capacity(
-                old.singles.len() + add[i].len() + 2 * remove[i].len(),
-                old.ranges.len() + add[i].len() + remove[i].len(),
-            );
-            let kept = Subtract::new(old.intervals(), &remove[i]);
-            for iv in MergeByStart::new(kept, add[i].iter().copied()) {
-                b.push(iv);
-            }
-            rebuilt[i] = Some(b.finish());
-        }
+        let rebuilt = self.rebuilt_by(d)?;
         // Nothing below can fail: the change is all or nothing.
         for (list, new) in self.lists.iter_mut().zip(rebuilt) {
             if let Some(new) = new {
@@ -508,6 +649,32 @@ impl Blacklist {
         }
         self.version = d.to_version;
         Ok(())
+    }
+
+    /// The list this one becomes with `d` applied ([`Blacklist::apply_delta`]), built from this
+    /// one without copying it first: a gate keeps deciding with this list while the next is made.
+    pub fn with_delta(&self, d: &BlacklistDelta) -> Result<Blacklist, BlacklistError> {
+        let rebuilt = self.rebuilt_by(d)?;
+        let mut lists: [MediaList; 3] = Default::default();
+        for ((out, old), new) in lists.iter_mut().zip(&self.lists).zip(rebuilt) {
+            *out = new.unwrap_or_else(|| old.clone());
+        }
+        Ok(Blacklist { version: d.to_version, lists })
+    }
+
+    /// The media lists `d` changes, rebuilt with it applied (`None`: unchanged).
+    fn rebuilt_by(&self, d: &BlacklistDelta) -> Result<[Option<MediaList>; 3], BlacklistError> {
+        d.check_applies_to(self.version)?;
+        let add = intervals_by_media(&d.add);
+        let remove = intervals_by_media(&d.remove);
+        let mut rebuilt: [Option<MediaList>; 3] = Default::default();
+        for i in 0..3 {
+            if add[i].is_empty() && remove[i].is_empty() {
+                continue;
+            }
+            rebuilt[i] = Some(self.lists[i].changed(&add[i], &remove[i]));
+        }
+        Ok(rebuilt)
     }
 
     /// How many ids `newer` blacklists that this list does not: `|newer \ self|` over `(media, id)`,
@@ -593,6 +760,29 @@ impl BlacklistDelta {
             return Err(BlacklistError::DeltaStale { held, from });
         }
         Ok(())
+    }
+
+    /// The one delta that does what this delta and then `next` do: applying it equals applying
+    /// both in turn. `next` must start where this one ends (the same check as on a list holding
+    /// this delta's `to_version`). With `(A, R)` applied as `(L − R) ∪ A`, the two make
+    /// `(L − (R1 ∪ R2)) ∪ ((A1 − R2) ∪ A2)`. A gate folds its stored deltas into one this way at
+    /// start-up, so it merges its base list once, however many deltas it holds.
+    pub fn then(&self, next: &BlacklistDelta) -> Result<BlacklistDelta, BlacklistError> {
+        next.check_applies_to(self.to_version)?;
+        let (a1, r1) = (intervals_by_media(&self.add), intervals_by_media(&self.remove));
+        let (a2, r2) = (intervals_by_media(&next.add), intervals_by_media(&next.remove));
+        let mut add = Vec::new();
+        let mut remove = Vec::new();
+        for m in Media::ALL {
+            let i = slot(m);
+            let entry = |(first, last)| Entry { media: m, first, last };
+            let kept: Vec<(u64, u64)> = Subtract::new(a1[i].iter().copied(), &r2[i]).collect();
+            add.extend(
+                normalize(kept.into_iter().chain(a2[i].iter().copied()).collect()).into_iter().map(entry),
+            );
+            remove.extend(normalize(r1[i].iter().chain(&r2[i]).copied().collect()).into_iter().map(entry));
+        }
+        Ok(BlacklistDelta { from_version: self.from_version, to_version: next.to_version, add, remove })
     }
 
     /// The ids this delta adds (before merging with the list; saturating). The mass-insertion
@@ -1041,6 +1231,38 @@ mod tests {
     }
 
     #[test]
+    fn a_list_with_a_delta_is_the_list_the_delta_applied_in_place_makes() {
+        let base = Blacklist::from_entries(3, realistic_sample(3000, 5));
+        let d = delta(3, 4, realistic_sample(100, 6), base.entries().step_by(7).collect());
+        let mut applied = base.clone();
+        applied.apply_delta(&d).unwrap();
+        assert_eq!(base.with_delta(&d).unwrap(), applied);
+        assert_eq!(base.version(), 3, "the list it was built from is unchanged");
+        assert_eq!(
+            base.with_delta(&delta(4, 5, vec![], vec![])).unwrap_err(),
+            BlacklistError::DeltaGap { held: 3, from: 4 }
+        );
+    }
+
+    #[test]
+    fn two_deltas_compose_only_when_the_second_starts_where_the_first_ends() {
+        let d1 = delta(1, 2, vec![svc(1, 1)], vec![]);
+        assert_eq!(
+            d1.then(&delta(3, 4, vec![], vec![])).unwrap_err(),
+            BlacklistError::DeltaGap { held: 2, from: 3 }
+        );
+        assert_eq!(
+            d1.then(&delta(1, 3, vec![], vec![])).unwrap_err(),
+            BlacklistError::DeltaStale { held: 2, from: 1 }
+        );
+        let both = d1.then(&delta(2, 3, vec![svc(5, 9)], vec![svc(1, 1), svc(7, 7)])).unwrap();
+        assert_eq!((both.from_version, both.to_version), (1, 3));
+        let mut bl = Blacklist::from_entries(1, [svc(1, 3)]);
+        bl.apply_delta(&both).unwrap();
+        assert_eq!(bl.entries().collect::<Vec<_>>(), vec![svc(2, 3), svc(5, 9)]);
+    }
+
+    #[test]
     fn entries_read_from_json_are_validated() {
         let e: Entry = serde_json::from_str(r#"{"media":"svc","id":42}"#).unwrap();
         assert_eq!(e, svc(42, 42));
@@ -1179,6 +1401,35 @@ mod tests {
             }
             // The result is canonical: building it again from its entries changes nothing.
             prop_assert_eq!(Blacklist::from_entries(2, bl.entries()), bl);
+        }
+
+        #[test]
+        fn patching_near_the_changes_makes_what_one_merge_over_every_item_makes(
+            base in prop::collection::vec(arb_entry(), 0..60),
+            add in prop::collection::vec(arb_entry(), 0..12),
+            remove in prop::collection::vec(arb_entry(), 0..12),
+        ) {
+            let list = Blacklist::from_entries(1, base);
+            let (add, remove) = (intervals_by_media(&add), intervals_by_media(&remove));
+            for i in 0..3 {
+                prop_assert_eq!(list.lists[i].patched(&add[i], &remove[i]), list.lists[i].merged(&add[i], &remove[i]));
+            }
+        }
+
+        #[test]
+        fn a_composed_delta_applies_like_its_two_deltas_in_turn(
+            base in prop::collection::vec(arb_entry(), 0..30),
+            add1 in prop::collection::vec(arb_entry(), 0..10),
+            remove1 in prop::collection::vec(arb_entry(), 0..10),
+            add2 in prop::collection::vec(arb_entry(), 0..10),
+            remove2 in prop::collection::vec(arb_entry(), 0..10),
+        ) {
+            let (d1, d2) = (delta(1, 2, add1, remove1), delta(2, 3, add2, remove2));
+            let mut in_turn = Blacklist::from_entries(1, base.iter().copied());
+            in_turn.apply_delta(&d1).unwrap();
+            in_turn.apply_delta(&d2).unwrap();
+            let at_once = Blacklist::from_entries(1, base).with_delta(&d1.then(&d2).unwrap()).unwrap();
+            prop_assert_eq!(at_once, in_turn);
         }
 
         #[test]

@@ -28,10 +28,10 @@
 //! - Under hours_24 a token stays valid into the next business day (the night did not roll over).
 
 use crate::blacklist::Blacklist;
+use crate::fare::FareTable;
 use crate::ledger::{ParamVersions, QrRef, TxRecord};
 use crate::mode::{ModeBits, ModeState};
 use crate::model::{Direction, Ident, Media, Reason, StationCode, Timestamp};
-use crate::network::FareTable;
 use crate::qr::{self, QrClaims, QrKeySet, QrSkew, ReplayCache};
 use crate::wire::{CardWrite, DecisionKind, EntryRecord, SvcCard, TapMedia, TapRequest, TokenCard};
 

@@ -62,6 +62,7 @@ use crate::varint::{self, Reader, VarintError};
 
 /// The parameter versions a decision was made with (0 = none held).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct ParamVersions {
     pub fare_table: u64,
     pub blacklist: u64,
@@ -75,6 +76,7 @@ pub struct ParamVersions {
 /// refuses a record whose key it holds with other content). A replaced gate (new hardware or a
 /// wiped disk, same gate id) has a new installation, so its sequence numbers are its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct TxRecord {
     pub station: Ident,
     pub gate: Ident,
@@ -121,6 +123,8 @@ pub struct TxRecord {
 /// A gate installation's identity: 16 random bytes made when its store is first created, shown
 /// and carried as 32 lowercase hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "schema", schema(value_type = String, format = "hex", example = "00112233445566778899aabbccddeeff"))]
 pub struct Installation(pub [u8; 16]);
 
 impl Installation {
@@ -157,6 +161,7 @@ impl<'de> Deserialize<'de> for Installation {
 /// could not read). The station ledger records it through Raft so the gate's later records are
 /// acked, raises an alarm, and reports it to clearing (`POST /v1/stations/{station}/gaps`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct SequenceGap {
     /// From 1, in the order the station recorded them.
     pub id: u64,
@@ -173,6 +178,7 @@ pub struct SequenceGap {
 
 /// Which QR code a transaction used: with the account (`TxRecord::id`) it identifies the code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct QrRef {
     pub issuer: u16,
     pub nonce: u64,
@@ -463,10 +469,91 @@ fn get_ident(r: &mut Reader<'_>, field: Field) -> Result<Ident, LedgerError> {
 
 /// The chain hash of `record` following `prev`: `sha256(prev ‖ canonical bytes)`.
 pub fn chain_hash(prev: &[u8; 32], record: &TxRecord) -> [u8; 32] {
+    chain_hash_canonical(prev, &record.canonical_bytes())
+}
+
+/// [`chain_hash`] over a record's canonical bytes as they are (a [`CanonicalRecord::bytes`] or
+/// bytes read back from a store), without encoding the record again.
+pub fn chain_hash_canonical(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev);
-    h.update(record.canonical_bytes());
+    h.update(canonical);
     h.finalize().into()
+}
+
+/// A record with its canonical bytes, which always agree: made only by a strict decode of the
+/// bytes ([`CanonicalRecord::from_canonical`]) or by encoding a record once
+/// ([`CanonicalRecord::from_record`]). The bytes a gate wrote to its outbox travel in this form to
+/// the ledger, so they are signed, replicated, hashed and stored as they are, never encoded again.
+///
+/// JSON: the record's own JSON (a [`TxRecord`]), so a type that carries these serializes as one
+/// that carried records; deserializing encodes the record once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalRecord {
+    /// `record.canonical_bytes()`, held so that nothing on the way encodes the record again.
+    bytes: Vec<u8>,
+    /// The decoded record, for the checks made on its fields.
+    record: TxRecord,
+}
+
+impl CanonicalRecord {
+    /// Decodes `bytes` strictly ([`TxRecord::from_canonical`]) and keeps them: they are exactly
+    /// the canonical bytes of the record, so hashing or signing them is hashing the record.
+    pub fn from_canonical(bytes: Vec<u8>) -> Result<CanonicalRecord, LedgerError> {
+        let record = TxRecord::from_canonical(&bytes)?;
+        Ok(CanonicalRecord { bytes, record })
+    }
+
+    /// Encodes `record` once.
+    pub fn from_record(record: TxRecord) -> CanonicalRecord {
+        CanonicalRecord { bytes: record.canonical_bytes(), record }
+    }
+
+    /// The canonical bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The record.
+    pub fn record(&self) -> &TxRecord {
+        &self.record
+    }
+
+    /// The record, dropping its bytes.
+    pub fn into_record(self) -> TxRecord {
+        self.record
+    }
+
+    /// The canonical bytes, dropping the record.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+impl From<TxRecord> for CanonicalRecord {
+    fn from(record: TxRecord) -> Self {
+        CanonicalRecord::from_record(record)
+    }
+}
+
+impl std::ops::Deref for CanonicalRecord {
+    type Target = TxRecord;
+
+    fn deref(&self) -> &TxRecord {
+        &self.record
+    }
+}
+
+impl Serialize for CanonicalRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.record.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for CanonicalRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        TxRecord::deserialize(d).map(CanonicalRecord::from_record)
+    }
 }
 
 /// One record as stored in the station ledger.
@@ -475,11 +562,13 @@ pub fn chain_hash(prev: &[u8; 32], record: &TxRecord) -> [u8; 32] {
 /// previous entry's `hash` (or the `prev_hash` a batch or query carries for its first entry), and
 /// leaving it out saves 32 bytes per stored record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct LedgerEntry {
     /// The contiguous ledger index, from 1; clearing batches are ranges of it.
     pub index: u64,
     /// `sha256(previous hash ‖ canonical bytes of record)`, hex in JSON.
     #[serde(with = "hex_array")]
+    #[cfg_attr(feature = "schema", schema(value_type = String, format = "hex"))]
     pub hash: [u8; 32],
     pub record: TxRecord,
 }
@@ -508,6 +597,17 @@ pub fn verify_chain(
     first_index: u64,
     entries: &[LedgerEntry],
 ) -> Result<[u8; 32], ChainError> {
+    verify_chain_keeping(prev_hash, first_index, entries).map(|(last, _)| last)
+}
+
+/// [`verify_chain`], also returning the canonical bytes of each entry's record that were hashed
+/// (each record encoded once), for a caller that stores what it verified.
+pub fn verify_chain_keeping(
+    prev_hash: [u8; 32],
+    first_index: u64,
+    entries: &[LedgerEntry],
+) -> Result<([u8; 32], Vec<Vec<u8>>), ChainError> {
+    let mut canonical = Vec::with_capacity(entries.len());
     let mut prev = prev_hash;
     let mut expected = Some(first_index);
     for (position, entry) in entries.iter().enumerate() {
@@ -519,13 +619,15 @@ pub fn verify_chain(
                 found: entry.index,
             });
         }
-        if chain_hash(&prev, &entry.record) != entry.hash {
+        let bytes = entry.record.canonical_bytes();
+        if chain_hash_canonical(&prev, &bytes) != entry.hash {
             return Err(ChainError::HashMismatch { index: entry.index });
         }
+        canonical.push(bytes);
         prev = entry.hash;
         expected = entry.index.checked_add(1);
     }
-    Ok(prev)
+    Ok((prev, canonical))
 }
 
 /// Where the ledger ends: the state the replicated state machine keeps to append the next record.
@@ -693,20 +795,50 @@ pub fn batch_signing_bytes_covering(
     covers_from: Option<u64>,
     records: &[TxRecord],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BATCH_SIGNING_DOMAIN_V2.len() + 170 + records.len() * 100);
-    out.extend_from_slice(if covers_from.is_some() { BATCH_SIGNING_DOMAIN_V2 } else { BATCH_SIGNING_DOMAIN });
-    put_str(&mut out, station.as_str());
-    put_str(&mut out, gate.as_str());
-    if let Some(from) = covers_from {
-        varint::put_u64(&mut out, from);
-    }
-    varint::put_u64(&mut out, records.len() as u64);
+    let mut out = batch_signing_head(station, gate, covers_from, records.len(), records.len() * 100);
     let mut buf = Vec::with_capacity(96);
     for record in records {
         buf.clear();
         record.write_canonical(&mut buf);
         varint::put_u64(&mut out, buf.len() as u64);
         out.extend_from_slice(&buf);
+    }
+    out
+}
+
+/// What a batch signature covers before its records: the domain, station, gate, the covered
+/// start (v2 only) and the record count; room reserved for `records_size` more bytes.
+fn batch_signing_head(
+    station: &Ident,
+    gate: &Ident,
+    covers_from: Option<u64>,
+    count: usize,
+    records_size: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BATCH_SIGNING_DOMAIN_V2.len() + 170 + records_size);
+    out.extend_from_slice(if covers_from.is_some() { BATCH_SIGNING_DOMAIN_V2 } else { BATCH_SIGNING_DOMAIN });
+    put_str(&mut out, station.as_str());
+    put_str(&mut out, gate.as_str());
+    if let Some(from) = covers_from {
+        varint::put_u64(&mut out, from);
+    }
+    varint::put_u64(&mut out, count as u64);
+    out
+}
+
+/// [`batch_signing_bytes_covering`] over records' canonical bytes as they are: the same bytes
+/// for the same records, with no record encoded again.
+pub fn canonical_batch_signing_bytes(
+    station: &Ident,
+    gate: &Ident,
+    covers_from: Option<u64>,
+    records: &[CanonicalRecord],
+) -> Vec<u8> {
+    let size: usize = records.iter().map(|r| r.bytes.len() + 2).sum();
+    let mut out = batch_signing_head(station, gate, covers_from, records.len(), size);
+    for record in records {
+        varint::put_u64(&mut out, record.bytes.len() as u64);
+        out.extend_from_slice(&record.bytes);
     }
     out
 }
@@ -725,6 +857,51 @@ pub fn sign_batch_covering(
     key: &SigningKey,
 ) -> [u8; 64] {
     key.sign(&batch_signing_bytes_covering(station, gate, covers_from, records)).to_bytes()
+}
+
+/// [`sign_batch_covering`] over records' canonical bytes as they are (the gate signs what its
+/// outbox holds).
+pub fn sign_canonical_batch(
+    station: &Ident,
+    gate: &Ident,
+    covers_from: Option<u64>,
+    records: &[CanonicalRecord],
+    key: &SigningKey,
+) -> [u8; 64] {
+    key.sign(&canonical_batch_signing_bytes(station, gate, covers_from, records)).to_bytes()
+}
+
+/// [`verify_batch_covering`] over records' canonical bytes as received: the same checks, the
+/// signature verified over the bytes the gate signed, no record encoded again.
+pub fn verify_canonical_batch(
+    station: &Ident,
+    gate: &Ident,
+    covers_from: Option<u64>,
+    records: &[CanonicalRecord],
+    signature: &[u8; 64],
+    key: &VerifyingKey,
+) -> Result<(), LedgerError> {
+    check_batch_records(station, gate, records.iter().map(CanonicalRecord::record))?;
+    let signature = Signature::from_bytes(signature);
+    key.verify_strict(&canonical_batch_signing_bytes(station, gate, covers_from, records), &signature)
+        .map_err(|_| LedgerError::BadSignature)
+}
+
+/// Every record of a batch names its station and gate and has a non-zero `gate_seq`.
+fn check_batch_records<'a>(
+    station: &Ident,
+    gate: &Ident,
+    records: impl Iterator<Item = &'a TxRecord>,
+) -> Result<(), LedgerError> {
+    for (position, record) in records.enumerate() {
+        if &record.station != station || &record.gate != gate {
+            return Err(LedgerError::ForeignRecord { position });
+        }
+        if record.gate_seq == 0 {
+            return Err(LedgerError::ZeroGateSeq { position });
+        }
+    }
+    Ok(())
 }
 
 /// Checks a gate batch: every record names this station and gate with a non-zero `gate_seq`, and
@@ -748,14 +925,7 @@ pub fn verify_batch_covering(
     signature: &[u8; 64],
     key: &VerifyingKey,
 ) -> Result<(), LedgerError> {
-    for (position, record) in records.iter().enumerate() {
-        if &record.station != station || &record.gate != gate {
-            return Err(LedgerError::ForeignRecord { position });
-        }
-        if record.gate_seq == 0 {
-            return Err(LedgerError::ZeroGateSeq { position });
-        }
-    }
+    check_batch_records(station, gate, records.iter())?;
     let signature = Signature::from_bytes(signature);
     key.verify_strict(&batch_signing_bytes_covering(station, gate, covers_from, records), &signature)
         .map_err(|_| LedgerError::BadSignature)

@@ -5,7 +5,8 @@
 //!
 //! - [`model`]: identifiers, money, time and dates, card types, media, directions, reject reasons.
 //! - [`mode`]: the station operating-mode bitmask (SPEC §2) and the mode history gates consult.
-//! - [`network`]: the network description and fare rule, compiled into an OD [`network::FareTable`].
+//! - [`fare`]: the network description and fare rule, compiled into an OD [`fare::FareTable`]
+//!   ([`network`] is its former path, kept for the crates that name it).
 //! - [`blacklist`]: `(media, id)` entries and number ranges, a full base plus ordered deltas.
 //! - [`qr`]: the ride-code byte layout, its ed25519 verification, the replay cache and a generator.
 //! - [`decision`]: the tap decision, a pure function of (tap, parameters, modes, now).
@@ -20,10 +21,12 @@
 pub mod backoff;
 pub mod blacklist;
 pub mod decision;
+pub mod fare;
 pub mod ledger;
 pub mod mode;
 pub mod model;
-pub mod network;
+/// The fare module under its former name: `afc_domain::network::FareTable` and the rest still resolve.
+pub use fare as network;
 pub mod package;
 pub mod qr;
 pub mod rollout;

@@ -14,6 +14,7 @@ use crate::model::{StationCode, Timestamp};
 /// The operating-mode bitmask. Unknown bits are kept (a newer controller may define more) but have
 /// no effect on decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct ModeBits(pub u16);
 

@@ -11,6 +11,7 @@ use thiserror::Error;
 
 /// An instant, UTC milliseconds since 1970-01-01T00:00:00Z.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct Timestamp(pub i64);
 
@@ -147,6 +148,7 @@ impl<'de> Deserialize<'de> for Date {
 /// When the business day rolls over: a fixed UTC offset (Dalian: +480) and the local time of the
 /// rollover (AFC systems roll at night after the last train, typically 02:00–04:00).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct BusinessDayRule {
     pub utc_offset_minutes: i32,
     pub rollover_minute_of_day: u32,
@@ -168,6 +170,7 @@ impl BusinessDayRule {
 
 /// A station's numeric code, as written on cards and used in the OD table (Dalian: line × 100 + n).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct StationCode(pub u16);
 
@@ -180,6 +183,7 @@ impl fmt::Display for StationCode {
 /// A name used in MQTT topics and file paths: a station id (`"xian_rd"`) or a gate id (`"g01"`).
 /// 1–64 characters of `[A-Za-z0-9_-]`, so it can never inject a topic level or wildcard.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct Ident(String);
 
@@ -226,6 +230,7 @@ impl std::str::FromStr for Ident {
 
 /// The payment medium of a tap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Media {
     /// Stored-value card: the Mingzhu card, and phones emulating it (NFC SWP-SIM or HCE).
@@ -267,6 +272,7 @@ impl Media {
 
 /// Which way a passenger passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     Entry,
@@ -297,44 +303,98 @@ impl Direction {
     }
 }
 
-/// A stored-value card's concession type, as written on the card by the issuer. The fare rule gives
-/// each accepted type a discount; a type the rule does not list is refused (`card_type_not_accepted`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CardType {
-    Ordinary,
-    Student,
-    /// Seniors 60–69 (Dalian: 50 %).
-    Senior,
-    /// Seniors 70+ and the listed groups who ride free.
-    ElderlyFree,
-    Disabled,
-    Staff,
-}
+/// A stored-value card's concession type: the byte its issuer writes on the card. Card types are
+/// data: the fare rule lists the types it accepts, with their discounts and names, so a fare rule
+/// from another city with its own concessions needs no new code; a type the rule does not list is
+/// refused (`card_type_not_accepted`).
+///
+/// In JSON a type is a string: codes 1–6 by the names the first version used (`ordinary`,
+/// `student`, `senior`, `elderly_free`, `disabled`, `staff`), any other code as its decimal number
+/// (`"20"`); a bare number is read too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "schema", schema(value_type = String, example = "ordinary"))]
+pub struct CardType(pub u8);
 
 impl CardType {
-    pub const ALL: [CardType; 6] = [
-        CardType::Ordinary,
-        CardType::Student,
-        CardType::Senior,
-        CardType::ElderlyFree,
-        CardType::Disabled,
-        CardType::Staff,
+    pub const ORDINARY: CardType = CardType(1);
+    pub const STUDENT: CardType = CardType(2);
+    /// Seniors 60–69 (Dalian: 50 %).
+    pub const SENIOR: CardType = CardType(3);
+    /// Seniors 70+ and the listed groups who ride free.
+    pub const ELDERLY_FREE: CardType = CardType(4);
+    pub const DISABLED: CardType = CardType(5);
+    pub const STAFF: CardType = CardType(6);
+    /// The types with a name of their own in JSON (Dalian's; the first version's closed list).
+    pub const NAMED: [CardType; 6] = [
+        CardType::ORDINARY,
+        CardType::STUDENT,
+        CardType::SENIOR,
+        CardType::ELDERLY_FREE,
+        CardType::DISABLED,
+        CardType::STAFF,
     ];
+    const NAMES: [&'static str; 6] = ["ordinary", "student", "senior", "elderly_free", "disabled", "staff"];
 
     pub fn code(self) -> u8 {
-        match self {
-            CardType::Ordinary => 1,
-            CardType::Student => 2,
-            CardType::Senior => 3,
-            CardType::ElderlyFree => 4,
-            CardType::Disabled => 5,
-            CardType::Staff => 6,
-        }
+        self.0
     }
 
-    pub fn from_code(c: u8) -> Option<CardType> {
-        CardType::ALL.into_iter().find(|t| t.code() == c)
+    /// The JSON name of codes 1–6.
+    pub fn name(self) -> Option<&'static str> {
+        CardType::NAMED.iter().position(|t| *t == self).and_then(|i| CardType::NAMES.get(i).copied())
+    }
+
+    /// Reads a JSON name or a decimal code.
+    pub fn parse(text: &str) -> Option<CardType> {
+        match CardType::NAMES.iter().position(|n| *n == text) {
+            Some(i) => CardType::NAMED.get(i).copied(),
+            None if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => {
+                text.parse().ok().map(CardType)
+            }
+            None => None,
+        }
+    }
+}
+
+impl fmt::Display for CardType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(n) => f.write_str(n),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl Serialize for CardType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CardType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<CardType, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = CardType;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a card type: a name (ordinary, student, senior, elderly_free, disabled, staff) or a code 0-255")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CardType, E> {
+                CardType::parse(v).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<CardType, E> {
+                u8::try_from(v)
+                    .map(CardType)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<CardType, E> {
+                u8::try_from(v)
+                    .map(CardType)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -342,6 +402,7 @@ impl CardType {
 /// register `display_code`) and into the ledger; the snake_case name goes to the reader and to JSON.
 /// Codes are part of the external interface: never renumber, only add.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// Accepted with full checks.
@@ -512,6 +573,7 @@ impl fmt::Display for Reason {
 
 /// The kinds of parameter set (SPEC §4). The code is used in package headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ParamKind {
     FareTable,

@@ -38,6 +38,7 @@ pub const PPM: u64 = 1_000_000;
 /// How a rollout is staged and judged. Copied into each [`Rollout`] when it starts, so a config
 /// change never alters a rollout already under way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct RolloutPolicy {
     /// Gates that receive a new version first. When empty, the first `canary_count` gates online
@@ -115,6 +116,7 @@ pub struct Observations {
 
 /// Where a rollout is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(tag = "stage", rename_all = "snake_case")]
 pub enum Stage {
     /// Override pointers sent to the canaries; waiting for them to acknowledge and activate.
@@ -131,6 +133,7 @@ pub enum Stage {
 
 /// Why a rollout was rolled back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(tag = "cause", rename_all = "snake_case")]
 pub enum RollbackReason {
     /// The canaries rejected taps too often, against the baseline when there was one.
@@ -182,6 +185,7 @@ pub enum RolloutError {
 /// One rollout of one kind, from `from_version` to `to_version`. Serializable: the controller
 /// keeps it in the replicated state machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct Rollout {
     pub kind: ParamKind,
     /// The version every gate held before; its content is what a rollback republishes. `None`
@@ -465,6 +469,7 @@ fn ppm(part: u64, whole: u64) -> u64 {
 
 /// One rollout per kind, so kinds never wait for each other.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct Rollouts {
     pub by_kind: BTreeMap<ParamKind, Rollout>,
 }
@@ -585,6 +590,7 @@ impl MassInsertionGuard {
 
 /// A mass blacklist insertion waiting for (or holding) its second operator's confirmation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct SecondConfirmation {
     /// The blacklist version the delta produces.
     pub to_version: u64,

@@ -11,11 +11,13 @@
 
 use std::collections::BTreeMap;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::ledger::TxRecord;
+use crate::ledger::{CanonicalRecord, LedgerError, TxRecord};
 use crate::mode::{ModeBits, ModePeriod};
 use crate::model::{CardType, Date, Direction, Ident, Media, ParamKind, Reason, StationCode, Timestamp};
 
@@ -449,6 +451,7 @@ impl GateStatus {
 
 /// How a gate's aisle is set; the code is the Modbus `direction` holding register (SPEC §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum GateDirection {
     /// No passage either way.
@@ -494,6 +497,7 @@ impl GateDirection {
 /// Monotonic counters since the gate agent started (a decrease means a restart; the controller
 /// computes rates from deltas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct GateCounters {
     /// Taps decided, accepted or not.
     pub taps: u64,
@@ -544,13 +548,24 @@ pub struct Heartbeat {
 }
 
 /// `gates/{gate}/tx`: transactions from the gate's outbox, in gate_seq order, signed by the gate.
+///
+/// The records come in one of two forms, exactly one present: `raw`, the canonical bytes of each
+/// record as the gate's outbox holds them (what gates send), or `records`, each record as JSON
+/// (what gates of earlier versions send). [`TxBatch::canonical_records`] reads either.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxBatch {
     /// Must match the topic's station; the controller refuses a mismatch.
     pub station: Ident,
     /// Must match the topic's gate and every record's gate.
     pub gate: Ident,
-    pub records: Vec<TxRecord>,
+    /// The records as JSON: the form of gates of earlier versions, each record encoded again by
+    /// whoever checks the signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<Vec<TxRecord>>,
+    /// Each record's canonical bytes ([`TxRecord::canonical_bytes`]) in standard base64 with
+    /// padding: the bytes the gate's outbox holds and the signature covers, taken as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Vec<String>>,
     /// Hex of the 64-byte ed25519 signature over the batch (see `ledger`).
     pub signature: String,
     /// The gate's installation id (made once when its store is created; a replaced gate has a new
@@ -572,6 +587,45 @@ impl TxBatch {
     pub fn signature_bytes(&self) -> Result<[u8; 64], FieldError> {
         hex_array("signature", &self.signature)
     }
+
+    /// The `raw` form of `records`: each record's canonical bytes in base64.
+    pub fn raw_of(records: &[CanonicalRecord]) -> Vec<String> {
+        records.iter().map(|r| BASE64.encode(r.bytes())).collect()
+    }
+
+    /// The batch's records with their canonical bytes, from whichever form it carries: `raw`
+    /// decoded strictly once each (the bytes kept as received), `records` encoded once each.
+    /// Refused when the batch carries both forms or neither, or a raw record that is not base64
+    /// or not canonical bytes.
+    pub fn canonical_records(&self) -> Result<Vec<CanonicalRecord>, TxBatchError> {
+        match (&self.records, &self.raw) {
+            (Some(_), Some(_)) => Err(TxBatchError::BothForms),
+            (None, None) => Err(TxBatchError::NoRecords),
+            (Some(records), None) => Ok(records.iter().cloned().map(CanonicalRecord::from_record).collect()),
+            (None, Some(raw)) => raw
+                .iter()
+                .enumerate()
+                .map(|(position, text)| {
+                    let bytes = BASE64.decode(text).map_err(|_| TxBatchError::NotBase64 { position })?;
+                    CanonicalRecord::from_canonical(bytes)
+                        .map_err(|error| TxBatchError::NotCanonical { position, error })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Why the records of a [`TxBatch`] cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TxBatchError {
+    #[error("tx batch carries both `records` and `raw`; exactly one is allowed")]
+    BothForms,
+    #[error("tx batch carries neither `records` nor `raw`")]
+    NoRecords,
+    #[error("tx batch raw record {position} is not standard base64")]
+    NotBase64 { position: usize },
+    #[error("tx batch raw record {position} is not a record's canonical bytes: {error}")]
+    NotCanonical { position: usize, error: LedgerError },
 }
 
 /// `gates/{gate}/tx/ack`: every gate_seq up to here is committed; the gate may drop them.
@@ -664,6 +718,7 @@ impl Command {
 
 /// The outcome of a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CommandResult {
     Ok,
@@ -725,6 +780,50 @@ pub enum AlarmKind {
     /// A kind this build does not know.
     #[serde(other)]
     Other,
+}
+
+impl AlarmKind {
+    /// Every kind a gate or the controller raises ([`AlarmKind::Other`] is what an unknown name
+    /// from a newer gate reads as, and is listed last): the console names each one.
+    pub const ALL: [AlarmKind; 15] = [
+        AlarmKind::Tailgating,
+        AlarmKind::ForcedPassage,
+        AlarmKind::DoorFault,
+        AlarmKind::PlcOffline,
+        AlarmKind::EmergencyInput,
+        AlarmKind::OutboxNearFull,
+        AlarmKind::ClockDrift,
+        AlarmKind::PackageRejected,
+        AlarmKind::ControllerLost,
+        AlarmKind::AckBeyondLastSeq,
+        AlarmKind::UnverifiedMessage,
+        AlarmKind::StorageUnavailable,
+        AlarmKind::ImplausibleTime,
+        AlarmKind::PassageNotMade,
+        AlarmKind::Other,
+    ];
+
+    /// Its position in [`AlarmKind::ALL`]: an exhaustive match, so a new kind cannot be added
+    /// without listing it there.
+    pub fn index(self) -> usize {
+        match self {
+            AlarmKind::Tailgating => 0,
+            AlarmKind::ForcedPassage => 1,
+            AlarmKind::DoorFault => 2,
+            AlarmKind::PlcOffline => 3,
+            AlarmKind::EmergencyInput => 4,
+            AlarmKind::OutboxNearFull => 5,
+            AlarmKind::ClockDrift => 6,
+            AlarmKind::PackageRejected => 7,
+            AlarmKind::ControllerLost => 8,
+            AlarmKind::AckBeyondLastSeq => 9,
+            AlarmKind::UnverifiedMessage => 10,
+            AlarmKind::StorageUnavailable => 11,
+            AlarmKind::ImplausibleTime => 12,
+            AlarmKind::PassageNotMade => 13,
+            AlarmKind::Other => 14,
+        }
+    }
 }
 
 /// `gates/{gate}/events`: an alarm raised or cleared.
@@ -866,6 +965,116 @@ pub fn encode_line<T: WireMessage>(msg: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::{sign_canonical_batch, verify_canonical_batch, ParamVersions};
+    use ed25519_dalek::SigningKey;
+
+    fn tx_record(gate_seq: u64) -> TxRecord {
+        TxRecord {
+            station: Ident::new("s1").unwrap(),
+            gate: Ident::new("g01").unwrap(),
+            gate_seq,
+            media: Media::Svc,
+            id: 42,
+            direction: Direction::Entry,
+            accepted: true,
+            reason: Reason::Ok,
+            fare_fen: 0,
+            shortfall_fen: 0,
+            balance_before: Some(500),
+            balance_after: Some(500),
+            card_tx_counter: Some(1),
+            entry_station: None,
+            entry_time: None,
+            occurred_at: Timestamp(1_790_000_000_000),
+            modes: ModeBits::NORMAL,
+            params: ParamVersions::default(),
+            replay_unchecked: false,
+            qr: None,
+            installation: None,
+            voids: None,
+        }
+    }
+
+    fn tx_batch(records: Option<Vec<TxRecord>>, raw: Option<Vec<String>>) -> TxBatch {
+        TxBatch {
+            station: Ident::new("s1").unwrap(),
+            gate: Ident::new("g01").unwrap(),
+            records,
+            raw,
+            signature: "00".repeat(64),
+            installation: None,
+            covers_from: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_raw_batch_and_a_records_batch_of_the_same_records_read_the_same_and_verify_alike() {
+        let records: Vec<TxRecord> = (1..=3).map(tx_record).collect();
+        let canonical: Vec<CanonicalRecord> = records.iter().cloned().map(CanonicalRecord::from).collect();
+        let raw = decode::<TxBatch>(&encode(&tx_batch(None, Some(TxBatch::raw_of(&canonical))))).unwrap();
+        let json = decode::<TxBatch>(&encode(&tx_batch(Some(records), None))).unwrap();
+        assert_eq!(raw.canonical_records().unwrap(), canonical);
+        assert_eq!(json.canonical_records().unwrap(), canonical);
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let (st, g) = (&raw.station, &raw.gate);
+        let sig = sign_canonical_batch(st, g, Some(1), &canonical, &key);
+        for b in [&raw, &json] {
+            let records = b.canonical_records().unwrap();
+            assert_eq!(verify_canonical_batch(st, g, Some(1), &records, &sig, &key.verifying_key()), Ok(()));
+        }
+        let plain: Vec<TxRecord> = canonical.iter().map(|r| r.record().clone()).collect();
+        assert_eq!(
+            crate::ledger::verify_batch_covering(st, g, Some(1), &plain, &sig, &key.verifying_key()),
+            Ok(()),
+            "the same signature as over the records encoded again"
+        );
+    }
+
+    #[test]
+    fn a_tx_batch_with_both_forms_or_neither_is_refused() {
+        let canonical = vec![CanonicalRecord::from(tx_record(1))];
+        let both = tx_batch(Some(vec![tx_record(1)]), Some(TxBatch::raw_of(&canonical)));
+        assert_eq!(both.canonical_records(), Err(TxBatchError::BothForms));
+        assert_eq!(tx_batch(None, None).canonical_records(), Err(TxBatchError::NoRecords));
+        let neither = br#"{"station":"s1","gate":"g01","signature":"00"}"#;
+        assert_eq!(decode::<TxBatch>(neither).unwrap().canonical_records(), Err(TxBatchError::NoRecords));
+    }
+
+    #[test]
+    fn a_raw_record_that_is_not_canonical_bytes_is_refused() {
+        let bytes = tx_record(5).canonical_bytes();
+        // gate_seq 5 follows version + "s1" + "g01" at offset 1 + 3 + 4 = 8.
+        assert_eq!(bytes[8], 5);
+        let mut overlong = bytes[..8].to_vec();
+        overlong.extend_from_slice(&[0x85, 0x00]);
+        overlong.extend_from_slice(&bytes[9..]);
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        for (bad, error) in
+            [(overlong, LedgerError::OverlongVarint), (trailing, LedgerError::TrailingBytes(1))]
+        {
+            let raw = vec![BASE64.encode(&bytes), BASE64.encode(bad)];
+            assert_eq!(
+                tx_batch(None, Some(raw)).canonical_records(),
+                Err(TxBatchError::NotCanonical { position: 1, error })
+            );
+        }
+        let raw = vec!["not base64!".to_owned()];
+        assert_eq!(
+            tx_batch(None, Some(raw)).canonical_records(),
+            Err(TxBatchError::NotBase64 { position: 0 })
+        );
+    }
+
+    #[test]
+    fn every_alarm_kind_is_listed_once_in_order() {
+        for (i, k) in AlarmKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i, "{k:?}");
+        }
+        let names: std::collections::BTreeSet<String> =
+            AlarmKind::ALL.iter().map(|k| serde_json::to_string(k).unwrap()).collect();
+        assert_eq!(names.len(), AlarmKind::ALL.len());
+    }
 
     #[test]
     fn the_spec_examples_parse() {

@@ -1,7 +1,9 @@
 //! Process start-up shared by every service binary (controller, gate agent, simulators, clearing
 //! server, the local station): logging from `RUST_LOG`, the panic policy, termination signals and
-//! the tokio runtime, systemd notifications ([`systemd`]). The domain crate stays free of all of it.
+//! the tokio runtime, systemd notifications ([`systemd`]), the Prometheus registry and exposition
+//! ([`metrics`]). The domain crate stays free of all of it.
 
+pub mod metrics;
 pub mod systemd;
 
 use std::future::Future;

@@ -176,6 +176,34 @@ impl ClearingClient {
         ))
     }
 
+    /// Sends the close of one business day. `Ok(Ok(stored))` when stored (or already stored, the
+    /// same: `duplicate`), `Ok(Err(()))` on a 409: clearing holds another close of that day.
+    pub async fn close_day(
+        &self,
+        station: &Ident,
+        close: &crate::protocol::DayClose,
+    ) -> Result<Result<crate::protocol::DayStored, ()>, ClearingError> {
+        let url = self.station_url(station, "days");
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(&self.token)
+            .timeout(self.config.request_timeout)
+            .json(close)
+            .send()
+            .await
+            .map_err(ClearingError::Transport)?;
+        if resp.status() == StatusCode::CONFLICT {
+            return Ok(Err(()));
+        }
+        Ok(Ok(answer(resp).await?))
+    }
+
+    /// The closed days the clearing house holds for the station.
+    pub async fn days(&self, station: &Ident) -> Result<Vec<crate::protocol::DayClose>, ClearingError> {
+        self.get(self.station_url(station, "days")).await
+    }
+
     /// The sequence gaps the clearing house holds for the station.
     pub async fn gaps(&self, station: &Ident) -> Result<Vec<SequenceGap>, ClearingError> {
         self.get(self.station_url(station, "gaps")).await

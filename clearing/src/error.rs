@@ -31,6 +31,8 @@ pub enum ServerError {
     Feed(#[from] FeedError),
     #[error(transparent)]
     Gap(#[from] GapError),
+    #[error("day {day} is stored with another close")]
+    DayConflict { day: afc_domain::model::Date },
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
     #[error("no such endpoint")]

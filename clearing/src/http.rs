@@ -8,9 +8,13 @@
 //! | `GET /v1/stations/{station}/stats` | token | [`crate::protocol::StationStats`] |
 //! | `POST /v1/stations/{station}/gaps` | token | [`crate::protocol::GapsStored`] / 409 / 422 |
 //! | `GET /v1/stations/{station}/gaps` | token | the stored `SequenceGap`s |
+//! | `POST /v1/stations/{station}/days` | token | [`crate::protocol::DayStored`] / 409 |
+//! | `GET /v1/stations/{station}/days` | token | the stored `DayClose`s |
 //! | `GET /v1/stations/{station}/params?after=SEQ&limit=N` | token | [`crate::protocol::FeedPage`] |
 //! | `POST /v1/admin/stations/{station}/params` | token | 201 [`crate::protocol::FeedItem`] |
 //! | `GET /v1/feed-key` | token | [`crate::protocol::FeedKeyInfo`] |
+//! | `GET /v1/admin/qr/journeys?as_of=MS` | token | [`crate::journeys::Priced`]: every QR journey priced, pending and unpriced taps |
+//! | `GET /v1/admin/qr/settlements/{issuer}/{day}?as_of=MS` | token | the issuer's settlement file for that business day, CSV |
 //! | `GET /metrics` | none | Prometheus text, `afc_clearing_*` |
 //! | `GET /healthz` | none | `ok` |
 
@@ -40,6 +44,7 @@ impl ServerError {
             ServerError::Batch(e) => (StatusCode::UNPROCESSABLE_ENTITY, e.code()),
             ServerError::Feed(e) => (StatusCode::UNPROCESSABLE_ENTITY, e.code()),
             ServerError::Gap(e) => (StatusCode::UNPROCESSABLE_ENTITY, e.code()),
+            ServerError::DayConflict { .. } => (StatusCode::CONFLICT, "day_conflict"),
             ServerError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ServerError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             ServerError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "io"),
@@ -159,6 +164,28 @@ async fn list_gaps(
     Ok(HttpResponse::Ok().json(blocking(move || state.gaps(&id)).await?))
 }
 
+async fn close_day(
+    req: HttpRequest,
+    state: State,
+    station: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ServerError> {
+    let id = admit(&req, &state, &station)?;
+    let body = read_body(&req, &state, payload).await?;
+    let state = state.get_ref().clone();
+    Ok(HttpResponse::Ok().json(blocking(move || state.close_day(&id, &body)).await?))
+}
+
+async fn list_days(
+    req: HttpRequest,
+    state: State,
+    station: web::Path<String>,
+) -> Result<HttpResponse, ServerError> {
+    let id = admit(&req, &state, &station)?;
+    let state = state.get_ref().clone();
+    Ok(HttpResponse::Ok().json(blocking(move || state.days(&id)).await?))
+}
+
 async fn watermark(
     req: HttpRequest,
     state: State,
@@ -215,6 +242,51 @@ async fn publish(
     Ok(HttpResponse::Created().json(blocking(move || state.publish(&id, submission)).await?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PricingQuery {
+    /// The instant open entries are judged at (default: now).
+    as_of: Option<i64>,
+}
+
+impl PricingQuery {
+    fn as_of(&self) -> afc_domain::model::Timestamp {
+        let now = || {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            i64::try_from(ms).unwrap_or(i64::MAX)
+        };
+        afc_domain::model::Timestamp(self.as_of.unwrap_or_else(now))
+    }
+}
+
+async fn qr_journeys(
+    req: HttpRequest,
+    state: State,
+    query: web::Query<PricingQuery>,
+) -> Result<HttpResponse, ServerError> {
+    state.authorize(bearer(&req))?;
+    let (state, as_of) = (state.get_ref().clone(), query.as_of());
+    Ok(HttpResponse::Ok().json(blocking(move || state.price_qr(as_of)).await?))
+}
+
+async fn qr_settlement(
+    req: HttpRequest,
+    state: State,
+    path: web::Path<(u16, String)>,
+    query: web::Query<PricingQuery>,
+) -> Result<HttpResponse, ServerError> {
+    state.authorize(bearer(&req))?;
+    let (issuer, day) = path.into_inner();
+    let day: afc_domain::model::Date = serde_json::from_value(serde_json::Value::String(day))
+        .map_err(|e| ServerError::BadQuery(format!("day: {e}")))?;
+    let (state, as_of) = (state.get_ref().clone(), query.as_of());
+    let priced = blocking(move || state.price_qr(as_of)).await?;
+    let csv = crate::journeys::settlement_csv(&priced.journeys, issuer, day);
+    Ok(HttpResponse::Ok().content_type("text/csv; charset=utf-8").body(csv))
+}
+
 async fn feed_key(req: HttpRequest, state: State) -> Result<HttpResponse, ServerError> {
     state.authorize(bearer(&req))?;
     Ok(HttpResponse::Ok().json(state.feed_key()))
@@ -250,10 +322,14 @@ pub fn configure(state: Arc<ClearingState>) -> impl Fn(&mut web::ServiceConfig) 
             .route("/v1/stations/{station}/watermark", web::get().to(watermark))
             .route("/v1/stations/{station}/gaps", web::post().to(report_gaps))
             .route("/v1/stations/{station}/gaps", web::get().to(list_gaps))
+            .route("/v1/stations/{station}/days", web::post().to(close_day))
+            .route("/v1/stations/{station}/days", web::get().to(list_days))
             .route("/v1/stations/{station}/stats", web::get().to(stats))
             .route("/v1/stations/{station}/params", web::get().to(params))
             .route("/v1/admin/stations/{station}/params", web::post().to(publish))
             .route("/v1/feed-key", web::get().to(feed_key))
+            .route("/v1/admin/qr/journeys", web::get().to(qr_journeys))
+            .route("/v1/admin/qr/settlements/{issuer}/{day}", web::get().to(qr_settlement))
             .route("/metrics", web::get().to(metrics))
             .route("/healthz", web::get().to(healthz))
             .default_service(web::to(not_found));

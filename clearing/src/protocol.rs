@@ -33,6 +33,16 @@
 //! `gap_mismatch` when a stored id is sent with other content (nothing is stored). `GET` on the
 //! same path lists the stored gaps.
 //!
+//! # Closed business days
+//!
+//! `POST /v1/stations/{station}/days`, bearer token, body [`DayClose`] `{day, record}`: the
+//! station's close of one business day (`day` `YYYY-MM-DD`; `record` the station's close record
+//! as JSON: totals per gate, medium and direction, rejects by reason, the reconciliation against
+//! the gates' own passage counters). Idempotent on (station, day): the first close of a day is
+//! stored (fsynced) and answered 200 [`DayStored`] `{day, duplicate: false}`; the same close again
+//! → 200 with `duplicate: true`; another close of a stored day → 409 `day_conflict` (nothing
+//! changes). `GET` on the same path lists the stored closes.
+//!
 //! # Parameter feed
 //!
 //! `GET /v1/stations/{station}/params?after=SEQ[&limit=N]` → [`FeedPage`]: the items with `seq >
@@ -53,7 +63,7 @@
 //! fare_rule, blacklist — full and delta share one — and qr_keys).
 
 use afc_domain::blacklist::{BlacklistDelta, Entry};
-use afc_domain::ledger::{hex_array, verify_chain, ChainError, LedgerEntry};
+use afc_domain::ledger::{hex_array, verify_chain_keeping, ChainError, LedgerEntry};
 use afc_domain::model::{Ident, Timestamp};
 use afc_domain::network::{FareRule, NetworkDescription};
 use afc_domain::qr::QrKeySet;
@@ -107,6 +117,12 @@ impl UploadBatch {
     /// The checks that need no stored state: the header agrees with the records, every record is
     /// this station's, the entries chain from `prev_hash` and end at `last_hash`.
     pub fn verify(&self, station: &Ident) -> Result<(), BatchError> {
+        self.verify_canonical(station).map(|_| ())
+    }
+
+    /// [`verify`](Self::verify), returning the canonical bytes of each record that were hashed
+    /// (each record encoded once): the store keeps exactly these, so nothing encodes them again.
+    pub fn verify_canonical(&self, station: &Ident) -> Result<Vec<Vec<u8>>, BatchError> {
         let count = self.records.len() as u64;
         if count == 0
             || self.first_index == 0
@@ -121,14 +137,15 @@ impl UploadBatch {
         if let Some(bad) = self.records.iter().find(|e| &e.record.station != station) {
             return Err(BatchError::ForeignRecord { index: bad.index });
         }
-        let last = verify_chain(self.prev_hash, self.first_index, &self.records).map_err(|e| match e {
-            ChainError::IndexGap { expected, found, .. } => BatchError::IndexGap { expected, found },
-            ChainError::HashMismatch { index } => BatchError::ChainMismatch { index },
-        })?;
+        let (last, canonical) = verify_chain_keeping(self.prev_hash, self.first_index, &self.records)
+            .map_err(|e| match e {
+                ChainError::IndexGap { expected, found, .. } => BatchError::IndexGap { expected, found },
+                ChainError::HashMismatch { index } => BatchError::ChainMismatch { index },
+            })?;
         if last != self.last_hash {
             return Err(BatchError::LastHashMismatch);
         }
-        Ok(())
+        Ok(canonical)
     }
 }
 
@@ -175,6 +192,22 @@ pub struct GapReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GapsStored {
     pub stored_through: u64,
+}
+
+/// A station's close of one business day (`POST /v1/stations/{station}/days`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DayClose {
+    pub day: afc_domain::model::Date,
+    /// The station's close record, stored as sent.
+    pub record: serde_json::Value,
+}
+
+/// 200 answer to a day close: the day is stored durably (`duplicate`: it already was, the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayStored {
+    pub day: afc_domain::model::Date,
+    pub duplicate: bool,
 }
 
 /// Why a gap report was refused (422): nothing was stored.

@@ -14,6 +14,7 @@ use afc_domain::model::Ident;
 
 use crate::accept::{plan, Plan};
 use crate::config::Config;
+use crate::days::{DayFile, DayStored};
 use crate::error::ServerError;
 use crate::feed::FeedStore;
 use crate::gaps::{GapFile, GapReportError};
@@ -40,6 +41,7 @@ struct Counters {
 struct Station {
     ledger: LedgerFile,
     gaps: GapFile,
+    days: DayFile,
     feed: FeedStore,
     counters: Counters,
 }
@@ -118,11 +120,35 @@ impl ClearingState {
         let station = Arc::new(Mutex::new(Station {
             ledger,
             gaps,
+            days: DayFile::open(&dir)?,
             feed: FeedStore::open(id.clone(), &dir)?,
             counters: Counters::default(),
         }));
         stations.insert(id.clone(), station.clone());
         Ok(station)
+    }
+
+    /// Pairs and prices every station's QR taps (see [`crate::journeys`]), as of `as_of`. Each
+    /// station's records are read under its lock, then priced outside every lock.
+    pub fn price_qr(
+        &self,
+        as_of: afc_domain::model::Timestamp,
+    ) -> Result<crate::journeys::Priced, ServerError> {
+        use crate::journeys::{price_qr, Timeline};
+        let stations: Vec<(Ident, Arc<Mutex<Station>>)> =
+            lock(&self.stations).iter().map(|(id, s)| (id.clone(), s.clone())).collect();
+        let mut records = Vec::new();
+        let mut timelines = BTreeMap::new();
+        for (id, station) in stations {
+            let st = lock(&station);
+            records.extend(st.ledger.records()?);
+            let (timeline, problems) = Timeline::from_feed(st.feed.page(0, usize::MAX));
+            for p in problems {
+                tracing::warn!(station = %id, problem = %p, "a feed item cannot price journeys");
+            }
+            timelines.insert(id, Arc::new(timeline));
+        }
+        Ok(price_qr(&records, &|s: &Ident| timelines.get(s).cloned(), as_of))
     }
 
     /// Checks a presented bearer token in constant time.
@@ -155,14 +181,18 @@ impl ClearingState {
             });
         }
         let station = self.station(id)?;
-        // Hashing needs no stored state: done before taking the station lock.
-        let verified = batch.verify(id);
+        // Hashing needs no stored state: done before taking the station lock. Each record is
+        // encoded once, and the bytes hashed are the bytes stored.
+        let verified = batch.verify_canonical(id);
         let mut st = lock(&station);
-        if let Err(e) = verified {
-            st.counters.rejected += 1;
-            tracing::warn!(station = %id, first_index = batch.first_index, error = %e, "batch refused");
-            return Err(e.into());
-        }
+        let canonical = match verified {
+            Ok(c) => c,
+            Err(e) => {
+                st.counters.rejected += 1;
+                tracing::warn!(station = %id, first_index = batch.first_index, error = %e, "batch refused");
+                return Err(e.into());
+            }
+        };
         let acked = st.ledger.acked_through();
         let decision = plan(&batch, acked, |i| st.ledger.hash_at(i));
         match decision {
@@ -182,7 +212,7 @@ impl ClearingState {
             }
             Ok(Plan::Append { skip }) => {
                 let new = batch.records.get(skip..).unwrap_or_default();
-                st.ledger.append(new)?;
+                st.ledger.append_canonical(new, canonical.get(skip..).unwrap_or_default())?;
                 st.counters.batches_acked += 1;
                 st.counters.resent_records += skip as u64;
                 st.counters.last_append_unix = now_unix();
@@ -221,6 +251,38 @@ impl ClearingState {
             }
             Err(GapReportError::Store(e)) => Err(e.into()),
         }
+    }
+
+    /// Handles one day close: parse, store it unless its day is stored (same: a duplicate;
+    /// other: 409).
+    pub fn close_day(&self, id: &Ident, body: &[u8]) -> Result<crate::protocol::DayStored, ServerError> {
+        let close: crate::protocol::DayClose = serde_json::from_slice(body).map_err(|e| {
+            self.note_bad_request();
+            ServerError::BadJson(e.to_string())
+        })?;
+        let station = self.station(id)?;
+        let mut st = lock(&station);
+        match st.days.store(&close) {
+            Ok(stored) => {
+                if stored == DayStored::New {
+                    tracing::info!(station = %id, day = %close.day, "business day close stored");
+                }
+                Ok(crate::protocol::DayStored { day: close.day, duplicate: stored == DayStored::Duplicate })
+            }
+            Err(None) => {
+                st.counters.conflicts += 1;
+                tracing::error!(station = %id, day = %close.day, "another close of a stored day refused");
+                Err(ServerError::DayConflict { day: close.day })
+            }
+            Err(Some(e)) => Err(e.into()),
+        }
+    }
+
+    /// The station's closed days.
+    pub fn days(&self, id: &Ident) -> Result<Vec<crate::protocol::DayClose>, ServerError> {
+        let station = self.station(id)?;
+        let st = lock(&station);
+        Ok(st.days.all().to_vec())
     }
 
     /// The station's reported gaps.

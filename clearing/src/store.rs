@@ -46,6 +46,8 @@ pub enum StoreError {
     Corrupt { path: PathBuf, index: u64, reason: String },
     #[error("append must start at index {expected}, got {found}")]
     NotNext { expected: u64, found: u64 },
+    #[error("append of {entries} entries with {canonical} records' canonical bytes")]
+    Mismatch { entries: usize, canonical: usize },
     #[error("{path}: an earlier write failed and could not be rolled back; restart the server")]
     Poisoned { path: PathBuf },
 }
@@ -245,6 +247,28 @@ impl LedgerFile {
         }
     }
 
+    /// Every stored record, in index order, read back from the file (the frames were verified
+    /// when the file was opened and every append since was written by this process).
+    pub fn records(&self) -> Result<Vec<TxRecord>, StoreError> {
+        let path = &self.path;
+        let mut bytes = vec![0u8; (self.len - MAGIC.len() as u64) as usize];
+        self.file.read_exact_at(&mut bytes, MAGIC.len() as u64).map_err(io_err(path))?;
+        let mut out = Vec::with_capacity(self.hashes.len());
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let index = out.len() as u64 + 1;
+            let corrupt = |reason: String| StoreError::Corrupt { path: path.clone(), index, reason };
+            let len = bytes
+                .get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .ok_or_else(|| corrupt("partial frame length".into()))?;
+            let body = bytes.get(at + 4..at + 4 + len).ok_or_else(|| corrupt("partial frame".into()))?;
+            out.push(TxRecord::from_canonical(body).map_err(|e| corrupt(e.to_string()))?);
+            at += 4 + len + 32;
+        }
+        Ok(out)
+    }
+
     /// The highest stored index (0 for none).
     pub fn acked_through(&self) -> u64 {
         self.hashes.len() as u64
@@ -278,6 +302,21 @@ impl LedgerFile {
     /// Appends `entries`, which must start at `acked_through + 1` and chain from `last_hash` (the
     /// caller verified them), and makes them durable before returning.
     pub fn append(&mut self, entries: &[LedgerEntry]) -> Result<(), StoreError> {
+        let canonical: Vec<Vec<u8>> = entries.iter().map(|e| e.record.canonical_bytes()).collect();
+        self.append_canonical(entries, &canonical)
+    }
+
+    /// [`append`](Self::append) with each entry's canonical record bytes as the caller hashed
+    /// them ([`crate::protocol::UploadBatch::verify_canonical`]): stored as they are, not encoded
+    /// again. `canonical[i]` must be `entries[i].record.canonical_bytes()`.
+    pub fn append_canonical(
+        &mut self,
+        entries: &[LedgerEntry],
+        canonical: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        if entries.len() != canonical.len() {
+            return Err(StoreError::Mismatch { entries: entries.len(), canonical: canonical.len() });
+        }
         if self.poisoned {
             return Err(StoreError::Poisoned { path: self.path.clone() });
         }
@@ -286,11 +325,10 @@ impl LedgerFile {
             return Err(StoreError::NotNext { expected: self.acked_through() + 1, found: first.index });
         }
         let mut buf = Vec::with_capacity(entries.len() * 160);
-        for entry in entries {
-            let bytes = entry.record.canonical_bytes();
+        for (entry, bytes) in entries.iter().zip(canonical) {
             // A canonical record is a few hundred bytes at most (identifiers are ≤ 64 bytes).
             buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&bytes);
+            buf.extend_from_slice(bytes);
             buf.extend_from_slice(&entry.hash);
         }
         let written = self.file.write_all_at(&buf, self.len).and_then(|()| self.file.sync_data());
@@ -354,6 +392,24 @@ mod tests {
         assert_eq!(l.hash_at(0), Some(GENESIS_HASH));
         assert_eq!(l.hash_at(51), None);
         assert_eq!(l.duplicate_keys(), 0);
+    }
+
+    #[test]
+    fn the_bytes_a_batch_was_verified_with_are_the_bytes_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = testdata::ledger(&station(), 5);
+        let batch = crate::protocol::UploadBatch::new(GENESIS_HASH, entries.clone()).unwrap();
+        let canonical = batch.verify_canonical(&station()).unwrap();
+        assert_eq!(canonical, entries.iter().map(|e| e.record.canonical_bytes()).collect::<Vec<_>>());
+        let mut l = LedgerFile::open(dir.path()).unwrap();
+        assert!(matches!(
+            l.append_canonical(&entries, &canonical[..4]),
+            Err(StoreError::Mismatch { entries: 5, canonical: 4 })
+        ));
+        l.append_canonical(&entries, &canonical).unwrap();
+        drop(l);
+        let l = LedgerFile::open(dir.path()).unwrap();
+        assert_eq!((l.acked_through(), l.last_hash()), (5, entries[4].hash));
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn batch(gate: &Ident, key: &SigningKey, seqs: std::ops::Range<u64>) -> anyhow::
     Ok(Request::AppendTxBatch {
         station: ident("s1")?,
         gate: gate.clone(),
-        records,
+        records: records.into_iter().map(afc_domain::ledger::CanonicalRecord::from).collect(),
         signature: hex::encode(sig),
         covers_from: None,
     })

@@ -2,6 +2,7 @@
 //! canonical record bytes, per-gate progress, and gate batch signatures.
 
 pub use afc_domain::ledger::{
-    chain_hash, sign_batch, sign_batch_covering, verify_batch, verify_batch_covering, verify_chain,
-    GateProgress, LedgerEntry, LedgerError, SeqStatus, GENESIS_HASH,
+    chain_hash, chain_hash_canonical, sign_batch, sign_batch_covering, sign_canonical_batch, verify_batch,
+    verify_batch_covering, verify_canonical_batch, verify_chain, CanonicalRecord, GateProgress, LedgerEntry,
+    LedgerError, SeqStatus, GENESIS_HASH,
 };

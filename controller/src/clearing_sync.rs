@@ -20,7 +20,7 @@
 //! a [`ClearingStatusHandle`] (the HTTP API's `clearing` view and `/metrics` read it).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use afc_domain::backoff::Backoff;
 use afc_domain::model::Timestamp;
@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{chain_hash, GENESIS_HASH};
+use crate::clock::now;
 use crate::config::{ClearingConfig, ConfigError};
 use crate::node::{Node, NodeError};
 use crate::state::{Request, Response};
@@ -60,7 +61,8 @@ pub enum SyncError {
 }
 
 /// What kind of inconsistency with clearing was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = ClearingAlarmKind)]
 #[serde(rename_all = "snake_case")]
 pub enum AlarmKind {
     /// Clearing holds fewer records than it acknowledged (its watermark is below the cursor).
@@ -76,7 +78,7 @@ pub enum AlarmKind {
 }
 
 /// A raised alarm, kept in the status until the task uploads successfully again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClearingAlarm {
     pub kind: AlarmKind,
     pub message: String,
@@ -85,7 +87,7 @@ pub struct ClearingAlarm {
 
 /// A snapshot of the upload's state (SPEC §9 "clearing (cursor, backlog, last success, last
 /// error)"). On a follower `leading` is false and the counters are those of its last leadership.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClearingStatus {
     /// Whether a clearing URL is configured at all.
     pub enabled: bool,
@@ -131,6 +133,16 @@ pub struct ClearingStatus {
     /// from SPEC §8 alone): gaps are not reported for 10 minutes, the ledger still is.
     #[serde(default)]
     pub gaps_unsupported_at: Option<Timestamp>,
+    /// Closed business days clearing stored, since this node started.
+    #[serde(default)]
+    pub days_uploaded: u64,
+    /// When clearing last answered that it has no day endpoint (404/405): closed days are not
+    /// sent for 10 minutes, the ledger still is.
+    #[serde(default)]
+    pub days_unsupported_at: Option<Timestamp>,
+    /// Days clearing holds another close of (409): not sent again by this node; an alarm.
+    #[serde(default)]
+    pub days_refused: Vec<String>,
 }
 
 /// Shared, cheap-to-clone access to the task's status.
@@ -206,16 +218,11 @@ pub fn start(node: Arc<Node>, stop: CancellationToken) -> Result<ClearingSync, C
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         upload_timeout: Duration::from_millis(cfg.upload_timeout_ms),
     };
-    let client = ClearingClient::new(&url, &cfg.token()?, client_cfg)
+    let client = ClearingClient::new(&url, &node.secrets.clearing_token()?, client_cfg)
         .map_err(|e| ConfigError::Invalid(format!("clearing.url: {e}")))?;
     let worker = Worker { node, client, cfg, status: status.clone() };
     let task = tokio::spawn(worker.run(stop));
     Ok(ClearingSync { status, task: Some(task) })
-}
-
-fn now() -> Timestamp {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
 /// Where the next batch starts and the hash it must chain from.
@@ -436,12 +443,64 @@ impl Worker {
         Err(SyncError::Alarm("gap reporting did not settle in 1,000 rounds".into()))
     }
 
+    /// Sends every closed business day clearing has not stored yet whose ledger records (through
+    /// the close's `ledger_through`) clearing has acknowledged, and records each stored one
+    /// through Raft ([`Request::DayUploaded`]), so a day closed while clearing was down goes
+    /// once it is back, and a new leader sends what the old one did not.
+    async fn send_days(&self) -> Result<(), SyncError> {
+        let station = &self.node.config.station;
+        let snap = self.status.snapshot();
+        if snap.days_unsupported_at.is_some_and(|at| now().millis() - at.millis() < 10 * 60 * 1000) {
+            return Ok(());
+        }
+        let state = self.node.sm.state()?;
+        for day in state.days.iter().filter(|(_, m)| !m.uploaded).map(|(d, _)| d) {
+            if snap.days_refused.contains(&day.to_string()) {
+                continue;
+            }
+            let Some(close) = self.node.sm.day_close(*day)? else { continue };
+            if close.ledger_through > state.clearing_acked_through {
+                continue; // its records first
+            }
+            let record = serde_json::to_value(&close).map_err(|e| SyncError::Raft(e.to_string()))?;
+            let body = clearing::protocol::DayClose { day: *day, record };
+            match self.client.close_day(station, &body).await {
+                Ok(Ok(stored)) => {
+                    tracing::info!(task = TASK, day = %day, duplicate = stored.duplicate, "closed business day stored by clearing");
+                    match self.node.write(Request::DayUploaded { day: *day }, 0).await? {
+                        Response::DayUploaded { .. } => self.status.update(|s| s.days_uploaded += 1),
+                        other => return Err(SyncError::AckRefused(format!("{other:?}"))),
+                    }
+                }
+                Ok(Err(())) => {
+                    let message = format!("clearing holds another close of business day {day}");
+                    tracing::error!(task = TASK, %message);
+                    self.status.update(|s| s.days_refused.push(day.to_string()));
+                    self.status.alarm(AlarmKind::Refused, message);
+                }
+                Err(
+                    ClearingError::Refused { status: 404 | 405, .. }
+                    | ClearingError::Unexpected { status: 404 | 405, .. },
+                ) => {
+                    tracing::warn!(task = TASK, "clearing has no day endpoint: closed days are not sent (the ledger is); asking again in 10 min");
+                    self.status.update(|s| s.days_unsupported_at = Some(now()));
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Uploads batches from `pos` until something fails; returns that failure.
     async fn upload_from(&self, mut pos: Position, backoff: &mut Backoff) -> SyncError {
         let station = &self.node.config.station;
         let poll = Duration::from_millis(self.cfg.poll_ms);
         loop {
             if let Err(e) = self.report_gaps().await {
+                return e;
+            }
+            if let Err(e) = self.send_days().await {
                 return e;
             }
             let entries = match self.node.sm.ledger_entries(pos.next, self.cfg.batch_records) {

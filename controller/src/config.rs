@@ -83,44 +83,8 @@ pub struct Member {
     pub addr: String,
 }
 
-/// TLS (rustls) of this node's HTTP listeners and of its HTTP clients to other nodes. Files are
-/// PEM; they are read and checked at start.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// This node's certificate chain (leaf first). Its names must include the host part of
-    /// `advertise` (peers check it) and the names clients use for the API.
-    pub cert_file: PathBuf,
-    /// The private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-    /// The CA certificates other nodes' certificates chain to. This node's HTTP clients (Raft
-    /// RPCs, forwarding to the leader) trust only these, not the system roots.
-    pub ca_file: PathBuf,
-    /// Serve the operations API (`api.listen`) over https.
-    #[serde(default = "yes")]
-    pub api: bool,
-    /// Serve the Raft/admin listener over https and reach peers with https. Every node of a
-    /// cluster must agree (peers are addressed by `host:port`, the scheme comes from here).
-    #[serde(default = "yes")]
-    pub peers: bool,
-    /// Mutual TLS between nodes (the recommended production setting): the Raft/admin listener
-    /// completes a handshake only with a client presenting a certificate from `ca_file` (the
-    /// station CA) usable for client authentication; any other client gets no answer at all.
-    /// Needs `peers`. The API listener never asks for client certificates.
-    #[serde(default)]
-    pub require_client_cert: bool,
-    /// The certificate chain (and its key) this node presents when it calls another node's
-    /// Raft/admin listener; default `cert_file`/`key_file`, which then needs the clientAuth
-    /// extended key usage besides serverAuth (or no key-usage restriction). Both or neither.
-    #[serde(default)]
-    pub client_cert_file: Option<PathBuf>,
-    #[serde(default)]
-    pub client_key_file: Option<PathBuf>,
-}
-
-fn yes() -> bool {
-    true
-}
+/// `[tls]`: defined beside its checks and rustls configurations.
+pub use crate::tls::TlsConfig;
 
 /// `[mqtt.tls]`: shared with the gate agent.
 pub use afc_tls::MqttTls;

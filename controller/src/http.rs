@@ -26,7 +26,7 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use openraft::raft::{InstallSnapshotRequest, VoteRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::leader::{CommandOutcome, Duties};
+use crate::leader::{CommandOutcome, Duties, GateCommand};
 use crate::network::{
     constant_time_eq, SnapshotChunkHeader, APPEND_BYTE_BUDGET, HOPS_HEADER, ORIGIN_HEADER, SECRET_HEADER,
     SNAPSHOT_HEADER,
@@ -257,7 +257,7 @@ impl Origin {
             actor: self.actor(),
             action: action.to_owned(),
             detail: format!("{detail}; sent by {}", self.describe()),
-            at: crate::api::now(),
+            at: crate::clock::now(),
         }
     }
 }
@@ -486,13 +486,6 @@ async fn ledger(req: HttpRequest, node: Shared, q: web::Query<Page>) -> Result<H
     Ok(HttpResponse::Ok().json(node.sm.ledger_entries(q.from, limit)?))
 }
 
-/// Body of `POST /admin/gate-command`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GateCommand {
-    pub gate: afc_domain::model::Ident,
-    pub command: afc_domain::wire::CommandKind,
-}
-
 /// `POST /admin/gate-command`: a follower's API hands a gate command to the leader, which sends
 /// it over MQTT and answers with the [`CommandOutcome`] (200 in every case: the outcome is data).
 /// The API audited the operator's command; this node audits the relay before it sends anything.
@@ -528,7 +521,7 @@ async fn gate_view(
     authorize(&req, &node)?;
     match duties.get_ref() {
         Some(d) if node.leader_addr().is_some_and(|(l, _)| l == node.id) => {
-            Ok(HttpResponse::Ok().json(crate::api::GateView::gates(d.as_ref())))
+            Ok(HttpResponse::Ok().json(crate::gate_view::GateView::gates(d.as_ref())))
         }
         _ => Ok(HttpResponse::Conflict().json(serde_json::json!({"code": "not_leader"}))),
     }

@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use afc_domain::model::{ParamKind, Timestamp};
+use afc_domain::model::ParamKind;
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::clock::now;
 use crate::config::{Config, ConfigError};
 use crate::network::{PeerNetwork, HOPS_HEADER, MAX_FORWARD_HOPS, ORIGIN_HEADER, SECRET_HEADER};
 use crate::state::{Request, Response, PACKAGE_PIECE_BYTES};
@@ -61,6 +62,8 @@ pub struct Node {
     /// Read access to the state machine (shared with Raft).
     pub sm: StateMachineStore,
     pub config: Arc<Config>,
+    /// The secrets `config` names, read once in [`Node::start`]: every task takes them from here.
+    pub secrets: Arc<crate::secrets::Secrets>,
     /// Proposals go through here: gate batches are packed into one entry (group commit).
     pub group: crate::group_commit::GroupCommit,
     http: reqwest::Client,
@@ -96,7 +99,10 @@ enum Attempt<T> {
 
 impl Node {
     /// Opens the store and starts Raft. Bootstraps the cluster if asked and the store is empty.
+    /// Reads every secret file first ([`crate::secrets::Secrets::load`]): one that is missing or
+    /// unreadable stops the start with its name.
     pub async fn start(config: Arc<Config>) -> Result<Arc<Node>, NodeError> {
+        let secrets = Arc::new(crate::secrets::Secrets::load(&config)?);
         let (log, sm) = storage::open(&config.data_dir)?;
         let was_empty = storage::is_empty(&log, &sm)?;
         let net = PeerNetwork::new(&config.cluster_secret, config.peer_client()?, config.peer_scheme())?;
@@ -110,6 +116,7 @@ impl Node {
             raft,
             sm,
             config: config.clone(),
+            secrets,
             group,
             http,
             fatal: std::sync::OnceLock::new(),
@@ -417,18 +424,7 @@ fn forward_or_fail<T>(
 /// nanoseconds, this node's id in the top byte, and a per-process counter.
 fn next_upload_id(node: NodeId) -> u64 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let nanos = crate::clock::now_nanos() as u64;
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     (nanos ^ n.rotate_left(32)) & 0x00ff_ffff_ffff_ffff | (node << 56)
-}
-
-fn now() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
 }

@@ -12,8 +12,8 @@
 //! feed (blacklists, QR keys: their versions follow clearing's numbering, not the station's) is
 //! refused, counted and logged, and the cursor moves past it.
 //!
-//! What the feed stores reaches gates only through [`crate::api::rollouts::before_upload`], the
-//! rollout request every path builds with [`crate::api::rollouts::rollout_request`]: that is where
+//! What the feed stores reaches gates only through [`crate::packages::prepare`], the
+//! rollout request every path builds with [`crate::packages::rollout_request`]: that is where
 //! the one mass-insertion guard sits, so a blacklist taken from the feed one day would be held for
 //! a second engineer like an API upload, with nothing to add here.
 
@@ -23,15 +23,16 @@ use std::time::Duration;
 use afc_domain::backoff::Backoff;
 use afc_domain::model::{Ident, ParamKind, Timestamp};
 use afc_domain::network::{compile, FareRule, NetworkDescription};
-use afc_domain::package::Package;
 use clearing::protocol::{verify_feed_item, FeedKind};
 use clearing::{ClearingClient, ClientConfig};
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 use crate::node::Node;
+use crate::packages::{self, RolloutRule};
+use crate::secrets::StationKey;
 use crate::state::{FeedBody, Request, Response};
 
 const TASK: &str = "params-feed";
@@ -43,7 +44,7 @@ struct Worker {
     client: ClearingClient,
     station: Ident,
     feed_key: (u32, VerifyingKey),
-    signing: (u32, SigningKey),
+    signing: std::sync::Arc<StationKey>,
     every: Duration,
 }
 
@@ -58,6 +59,8 @@ enum FeedTaskError {
     Store(#[from] crate::storage::StoreError),
     #[error("refused: {0:?}")]
     Refused(Response),
+    #[error("publish: {0}")]
+    Publish(#[from] crate::packages::PublishError),
 }
 
 /// Starts the task when `[clearing]` has a `url` and a `feed_key` and the API a signing key.
@@ -76,18 +79,15 @@ pub fn start(
         .ok_or_else(|| ConfigError::Invalid("clearing.feed_key: expected 64 hex characters".into()))?;
     let key = VerifyingKey::from_bytes(&key)
         .map_err(|e| ConfigError::Invalid(format!("clearing.feed_key: {e}")))?;
-    let Some(signing_file) = node.config.api.signing_key_file.clone() else {
-        return Err(ConfigError::Invalid(
-            "clearing.feed_key needs api.signing_key_file (compiled fare tables are signed)".into(),
-        ));
-    };
-    let signing = (node.config.api.signing_key_id, crate::api::read_signing_key(&signing_file)?);
+    let signing = node.secrets.require_station_key(
+        "clearing.feed_key needs api.signing_key_file (compiled fare tables are signed)",
+    )?;
     let client_cfg = ClientConfig {
         connect_timeout: node.config.connect_timeout().max(Duration::from_secs(1)),
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         upload_timeout: Duration::from_millis(cfg.upload_timeout_ms),
     };
-    let client = ClearingClient::new(&url, &cfg.token()?, client_cfg)
+    let client = ClearingClient::new(&url, &node.secrets.clearing_token()?, client_cfg)
         .map_err(|e| ConfigError::Invalid(format!("clearing.url: {e}")))?;
     let worker = Worker {
         station: node.config.station.clone(),
@@ -214,24 +214,32 @@ impl Worker {
             }
         };
         let kind = ParamKind::FareTable;
-        let version = state.packages.get(kind.as_str()).map_or(0, |p| p.current()) + 1;
+        let version = packages::next_version(&state, kind, 0);
         let effective_from = Timestamp(network.effective_from.millis().max(rule.effective_from.millis()));
-        let (key_id, key) = &self.signing;
-        let package = Package::sign(kind, version, effective_from, table.encode(), *key_id, key);
         let why = format!("clearing feed: network v{nv}, fare rule v{rv}");
-        let audit = Request::Audit {
-            actor: TASK.into(),
-            action: "parameters.fare_table".into(),
-            detail: format!("fare_table v{version} from {why}"),
-            at: crate::api::now(),
-        };
-        self.node.write(audit, 0).await?;
-        let rollout = crate::api::rollouts::before_upload(&self.node, TASK, &package, &why).await;
-        match self.node.put_package(kind, version, &package.encode()).await? {
+        let prepared = packages::prepare(
+            &self.node,
+            &self.signing,
+            (kind, version, effective_from),
+            table.encode(),
+            TASK,
+            RolloutRule::Report { why: &why },
+        )?;
+        let audit = ("parameters.fare_table", format!("fare_table v{version} from {why}"));
+        let published = prepared.commit(&self.node, Some(audit)).await?;
+        match published.stored {
             Response::PackageStored { .. } => {}
             other => return Err(FeedTaskError::Refused(other)),
         }
-        tracing::info!(task = TASK, version, network = nv, fare_rule = rv, %rollout, "fare table compiled from the feed");
+        let rollout = published.rollout.map(|r| r.map_err(|e| e.to_string()));
+        tracing::info!(
+            task = TASK,
+            version,
+            network = nv,
+            fare_rule = rv,
+            ?rollout,
+            "fare table compiled from the feed"
+        );
         self.node
             .write(
                 Request::FeedCompiled {

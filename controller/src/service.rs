@@ -2,17 +2,19 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use actix_web::{App, HttpServer};
-use afc_domain::model::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiState, NoGateView};
+use crate::api::{self, ApiState};
 use crate::clearing_sync;
+use crate::clock::now;
 use crate::config::Config;
+use crate::gate_view::{GateView, NoGateView};
 use crate::http;
 use crate::leader;
+use crate::metrics::ControllerMetrics;
 use crate::node::{Node, NodeError};
 use crate::state::{Request, Response};
 
@@ -64,9 +66,10 @@ pub async fn run_with_api(
     let api_tls = tls(config.tls.as_ref().is_some_and(|t| t.api))?;
 
     // One registry for the values only running tasks know (ledger append latency, tx ingested).
-    let metrics = Arc::new(api::ControllerMetrics::default());
+    let metrics = Arc::new(ControllerMetrics::default());
     // The leader's MQTT duties: the API reads gates (and sends commands) through this handle.
-    // They read the station key (api.signing_key_file) here: a node that cannot sign does not start.
+    // They take the station key from the node's secrets (read in `Node::start`): a node that
+    // cannot sign does not start.
     let duties = config
         .mqtt
         .as_ref()
@@ -87,7 +90,7 @@ pub async fn run_with_api(
     let server_handle = server.handle();
     let server_task = tokio::spawn(server);
 
-    let gate_view: Arc<dyn api::GateView> = match &duties {
+    let gate_view: Arc<dyn GateView> = match &duties {
         Some(d) => d.clone(),
         None => Arc::new(NoGateView),
     };
@@ -236,11 +239,6 @@ async fn raft_fatal(node: &Node) -> crate::node::RaftFatal {
             std::future::pending::<()>().await;
         }
     }
-}
-
-fn now() -> Timestamp {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
 /// Task `ledger-pruner`: on the leader, every `prune_interval_secs`, proposes dropping records that

@@ -1,17 +1,56 @@
 //! TLS of the controller: the PEM handling and rustls configurations are `afc-tls` (shared with
-//! the gate agent); this adds the `[tls]` section's checks, the Raft/admin listener's server
-//! configuration (mutual TLS with `require_client_cert`), and the CA bundle and client identity
-//! of the reqwest clients that reach other nodes.
+//! the gate agent); this adds the `[tls]` section ([`TlsConfig`], which `config` re-exports) and
+//! its checks, the Raft/admin listener's server configuration (mutual TLS with
+//! `require_client_cert`), and the CA bundle and client identity of the reqwest clients that reach
+//! other nodes. It imports nothing of `config`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use afc_tls::{
     certificate_names, certificates, check_client_certificate, client_config, private_key, roots,
     server_config, server_config_requiring_client_cert, TlsError,
 };
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::TlsConfig;
+/// TLS (rustls) of this node's HTTP listeners and of its HTTP clients to other nodes. Files are
+/// PEM; they are read and checked at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This node's certificate chain (leaf first). Its names must include the host part of
+    /// `advertise` (peers check it) and the names clients use for the API.
+    pub cert_file: PathBuf,
+    /// The private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// The CA certificates other nodes' certificates chain to. This node's HTTP clients (Raft
+    /// RPCs, forwarding to the leader) trust only these, not the system roots.
+    pub ca_file: PathBuf,
+    /// Serve the operations API (`api.listen`) over https.
+    #[serde(default = "yes")]
+    pub api: bool,
+    /// Serve the Raft/admin listener over https and reach peers with https. Every node of a
+    /// cluster must agree (peers are addressed by `host:port`, the scheme comes from here).
+    #[serde(default = "yes")]
+    pub peers: bool,
+    /// Mutual TLS between nodes (the recommended production setting): the Raft/admin listener
+    /// completes a handshake only with a client presenting a certificate from `ca_file` (the
+    /// station CA) usable for client authentication; any other client gets no answer at all.
+    /// Needs `peers`. The API listener never asks for client certificates.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// The certificate chain (and its key) this node presents when it calls another node's
+    /// Raft/admin listener; default `cert_file`/`key_file`, which then needs the clientAuth
+    /// extended key usage besides serverAuth (or no key-usage restriction). Both or neither.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
 
 /// The CA bundle of `ca_file` as reqwest root certificates.
 pub fn reqwest_roots(ca_file: &Path) -> Result<Vec<reqwest::Certificate>, TlsError> {

@@ -1,7 +1,7 @@
 //! The Raft type configuration: what a log entry carries, what applying it returns, how nodes are
 //! named and addressed, and how snapshots are held (as files, streamed, never whole in memory).
 
-use crate::state::{Request, Response};
+use crate::state::request::{Request, Response};
 
 pub mod codec;
 

@@ -8,16 +8,18 @@
 //!    one bare tokio-modbus coil write to the same simulator.
 //! 3. The real `gate-agent` binary started on a data directory holding the 1M blacklist: time from
 //!    spawn to the first accepted tap, and its RSS.
+//! 4. The same again after 20 deltas (1,000 additions, 100 removals each) were accepted, so they
+//!    are stored beside the 1M base and folded in at start-up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use afc_domain::blacklist::{realistic_sample, Blacklist};
+use afc_domain::blacklist::{realistic_sample, Blacklist, BlacklistDelta};
 use afc_domain::model::{
     BusinessDayRule, CardType, Date, Direction, ParamKind, Reason, StationCode, Timestamp,
 };
-use afc_domain::network::{compile, Band, FareRule, Increment, Line, NetworkDescription, Station, Stop};
+use afc_domain::network::{compile, Band, FareRule, Increment};
 use afc_domain::package::{BlacklistBody, Package};
 use afc_domain::wire::{EntryRecord, ReaderReply, SvcCard, TapMedia, TapRequest};
 use ed25519_dalek::SigningKey;
@@ -40,39 +42,18 @@ fn fmt(d: Duration) -> String {
 }
 
 fn fares() -> Vec<u8> {
-    let station = |code: u16, id: &str| Station {
-        code: StationCode(code),
-        id: id.to_owned(),
-        name_zh: id.to_owned(),
-        name_en: id.to_owned(),
-    };
-    let stop = |id: &str, m: Option<u32>| Stop { station: id.to_owned(), m_from_prev: m };
-    let net = NetworkDescription {
-        name: "bench".into(),
-        provenance: vec![],
-        stations: vec![station(101, "a"), station(102, "b"), station(103, "c"), station(104, "d")],
-        lines: vec![Line {
-            id: "1".into(),
-            name: "1".into(),
-            stops: vec![
-                stop("a", None),
-                stop("b", Some(3000)),
-                stop("c", Some(4000)),
-                stop("d", Some(10_000)),
-            ],
-        }],
-        transfers: vec![],
-    };
+    let net = afc_test_support::network::sample();
     let rule = FareRule {
         name: "bench".into(),
         bands: vec![Band { up_to_m: 6000, fare_fen: 200 }, Band { up_to_m: 12_000, fare_fen: 300 }],
         beyond: Some(Increment { fen: 100, per_m: 10_000 }),
         min_fare_fen: 200,
-        discounts: [(CardType::Ordinary, 80u8)].into_iter().collect(),
+        discounts: [(CardType::ORDINARY, 80u8)].into_iter().collect(),
         token_percent: 100,
         max_ride_minutes: None,
         overstay_surcharge_fen: 0,
         business_day: BusinessDayRule::default(),
+        card_type_names: Default::default(),
     };
     compile(&net, &rule).unwrap().encode()
 }
@@ -81,7 +62,7 @@ fn tap(i: usize) -> TapRequest {
     let now = gate_agent::gate::now();
     let card = SvcCard {
         card_id: 5104_0000_0000_0000 + i as u64,
-        card_type: CardType::Ordinary,
+        card_type: CardType::ORDINARY,
         balance_fen: 10_000,
         expiry: Date::from_ymd(2035, 1, 1).unwrap(),
         tx_counter: 1,
@@ -115,6 +96,36 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// Starts the real binary on the bench's configuration: time to its first accepted tap, and its
+/// RSS 2 s later (then it is killed).
+async fn start_binary(dir: &std::path::Path, reader_addr: std::net::SocketAddr) -> (Duration, u64) {
+    let t = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gate-agent"))
+        .arg("--config")
+        .arg(dir.join("gate-agent.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = loop {
+        if let Ok(mut c) = ReaderConn::connect(reader_addr).await {
+            if let Ok(ReaderReply::Response(r)) = c.tap(&tap(3 * TAPS)).await {
+                if r.reason == Reason::Ok {
+                    break t.elapsed();
+                }
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "binary never decided");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    (first, rss)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -238,13 +249,14 @@ async fn main() {
         fmt(floor)
     );
     let m = &running.metrics;
+    use afc_process::metrics::mean;
     println!(
         "means inside the agent: decision {:?}, record flush (log frame + fdatasync, display write alongside) {:?}, \
          coil write {:?}, register write {:?}",
-        m.decision_seconds.mean(),
-        m.outbox_flush_seconds.mean(),
-        m.modbus_histogram("write_coil").map(|h| h.mean()).unwrap_or_default(),
-        m.modbus_histogram("write_registers").map(|h| h.mean()).unwrap_or_default(),
+        mean(&m.decision_seconds),
+        mean(&m.outbox_flush_seconds),
+        m.modbus_histogram("write_coil").map(|h| mean(&h)).unwrap_or_default(),
+        m.modbus_histogram("write_registers").map(|h| mean(&h)).unwrap_or_default(),
     );
     println!(
         "outbox append alone (log frame + fdatasync): p50 {}  p99 {}",
@@ -270,31 +282,40 @@ async fn main() {
         let c = cancel.clone();
         tokio::spawn(async move { sim2.serve(listener, c).await });
     }
-    let t = Instant::now();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gate-agent"))
-        .arg("--config")
-        .arg(dir.path().join("gate-agent.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = loop {
-        if let Ok(mut c) = ReaderConn::connect(reader_addr).await {
-            if let Ok(ReaderReply::Response(r)) = c.tap(&tap(3 * TAPS)).await {
-                if r.reason == Reason::Ok {
-                    break t.elapsed();
-                }
-            }
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "binary never decided");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let (first, rss) = start_binary(dir.path(), reader_addr).await;
     println!("\n== gate-agent binary with the 1M blacklist on disk");
+    println!("start-up to first accepted tap: {}", fmt(first));
+    println!("RSS after start-up: {:.1} MiB", rss as f64 / 1024.0);
+
+    // 4. The same with 20 deltas of 1,000 additions and 100 removals stored beside the 1M base,
+    // offered through the gate's parameters as the MQTT task does.
+    {
+        let store = std::sync::Arc::new(
+            gate_agent::store::Store::open(&config.data_dir.join("store"), config.outbox.max_bytes).unwrap(),
+        );
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let params = gate_agent::params::Params::open(
+            store,
+            config.trusted_keys().unwrap(),
+            gate_agent::metrics::Metrics::new(),
+            tx,
+        )
+        .unwrap();
+        let entries = realistic_sample(1_000_000, 42);
+        for v in 2..22u64 {
+            let delta = BlacklistDelta {
+                from_version: v - 1,
+                to_version: v,
+                add: realistic_sample(1000, 100 + v),
+                remove: entries.iter().skip(100 * v as usize).take(100).copied().collect(),
+            };
+            let body = BlacklistBody::Delta(delta).encode();
+            let pkg = Package::sign(ParamKind::Blacklist, v, Timestamp(0), body, 1, &key).encode();
+            params.offer(ParamKind::Blacklist, v, &pkg, gate_agent::gate::now()).unwrap();
+        }
+    }
+    let (first, rss) = start_binary(dir.path(), reader_addr).await;
+    println!("\n== gate-agent binary with the 1M blacklist and 20 deltas on disk");
     println!("start-up to first accepted tap: {}", fmt(first));
     println!("RSS after start-up: {:.1} MiB", rss as f64 / 1024.0);
     cancel.cancel();

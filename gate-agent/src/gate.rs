@@ -58,33 +58,7 @@ use crate::params::Params;
 use crate::plc::{PlcError, PlcHandle};
 use crate::store::{Store, StoreError};
 
-/// Tests only: milliseconds added to the wall clock, to run a gate behind or ahead of the
-/// controllers. Read once from [`TEST_CLOCK_OFFSET_ENV`]; with [`TEST_CLOCK_OFFSET_FILE_ENV`] the
-/// agent re-reads the offset from that file every 100 ms (a clock jump while it runs).
-static TEST_CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-static TEST_CLOCK_INIT: std::sync::Once = std::sync::Once::new();
-pub const TEST_CLOCK_OFFSET_ENV: &str = "AFC_TEST_ONLY_CLOCK_OFFSET_MS";
-pub const TEST_CLOCK_OFFSET_FILE_ENV: &str = "AFC_TEST_ONLY_CLOCK_OFFSET_FILE";
-
-/// Sets the test clock offset (see [`TEST_CLOCK_OFFSET_ENV`]).
-pub fn set_test_clock_offset_ms(ms: i64) {
-    TEST_CLOCK_INIT.call_once(|| {});
-    TEST_CLOCK_OFFSET_MS.store(ms, Ordering::Relaxed);
-}
-
-/// The wall clock as a domain timestamp (plus the test-only offset, zero in service).
-pub fn now() -> Timestamp {
-    TEST_CLOCK_INIT.call_once(|| {
-        if let Some(ms) = std::env::var(TEST_CLOCK_OFFSET_ENV).ok().and_then(|v| v.trim().parse().ok()) {
-            TEST_CLOCK_OFFSET_MS.store(ms, Ordering::Relaxed);
-        }
-    });
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    Timestamp(ms.saturating_add(TEST_CLOCK_OFFSET_MS.load(Ordering::Relaxed)))
-}
+pub use crate::clock::{now, set_test_clock_offset_ms, TEST_CLOCK_OFFSET_ENV, TEST_CLOCK_OFFSET_FILE_ENV};
 
 /// What the flaps must do after the reader is answered.
 #[derive(Debug, Clone, Copy)]
@@ -443,7 +417,7 @@ impl Gate {
                 }
             }
         };
-        self.metrics.decision_seconds.observe(t.elapsed());
+        afc_process::metrics::observe(&self.metrics.decision_seconds, t.elapsed());
         if d.accepted() && granted.is_none() {
             // Decided and let through normally: no free re-tap remains for this medium here.
             self.retaps_lock().remove(&(d.media, d.id, d.direction));
@@ -479,7 +453,7 @@ impl Gate {
             }),
             self.plc.show(d.reason.code(), shown_fen)
         );
-        self.metrics.outbox_flush_seconds.observe(t.elapsed());
+        afc_process::metrics::observe(&self.metrics.outbox_flush_seconds, t.elapsed());
         if let Err(e) = shown {
             tracing::warn!(error = %e, "display write failed");
         }
@@ -645,7 +619,7 @@ impl Gate {
                 return;
             }
         };
-        self.metrics.passages_voided.fetch_add(1, Ordering::Relaxed);
+        self.metrics.passages_voided.inc();
         self.update_outbox_metrics();
         self.new_records.notify_one();
         let window = self.params.in_force(now()).gate_config.retap_window();
@@ -683,7 +657,10 @@ impl Gate {
             Flap::Open { aisle } => {
                 let r = self.plc.open_coil(aisle).await;
                 if r.is_ok() {
-                    self.metrics.tap_to_flap_seconds.observe(outcome.started.elapsed());
+                    afc_process::metrics::observe(
+                        &self.metrics.tap_to_flap_seconds,
+                        outcome.started.elapsed(),
+                    );
                     if self.passage_alarm.swap(false, Ordering::Relaxed) {
                         self.event(AlarmKind::PassageNotMade, true, None);
                     }

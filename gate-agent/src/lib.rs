@@ -5,21 +5,28 @@
 //!
 //! Code map:
 //! - [`config`]: the TOML configuration, read and validated once.
+//! - [`clock`]: the one wall clock ([`clock::now`], with a test-only offset).
 //! - [`gate`]: one tap from reader to flap; modes, operator commands, tx acks.
 //! - [`reader`]: the card reader interface (SPEC §7), JSON lines over local TCP.
 //! - [`store`]: the durable outbox (gate_seq, records until acked) and parameter slots (sled).
 //! - [`params`]: parameter packages: verification, pending/active, the switch at `effective_from`.
-//! - [`mqtt`]: session, birth/will, heartbeats, uploads, downloads, commands (rumqttc).
-//! - [`plc`]: the Modbus task that owns the PLC connection; commands, polling, alarms.
+//! - [`mqtt`]: session, birth/will, heartbeats, uploads, downloads, commands (rumqttc); its rules
+//!   are plain types: [`mqtt::download`] (pointers, chunk reassembly), [`mqtt::acks`] (tx batches
+//!   and their acks).
+//! - [`plc`]: the Modbus task that owns the PLC connection; commands, polling; the alarm rules
+//!   are the pure function [`plc::alarms::evaluate`].
 //! - [`hardware`]: the PLC register map (SPEC §6) and hardware profiles.
 //! - [`plc_sim`]: a simulated gate PLC (Modbus TCP server) with fault injection.
 //! - [`reader_sim`]: a simulated card reader producing realistic taps.
 //! - [`metrics`]: Prometheus series and the `/metrics` + `/healthz` listener.
+//! - [`tasks`]: the named background tasks, joined with a deadline at shutdown.
 //!
 //! [`run`] wires them together; `main.rs` only parses flags, loads the configuration, binds the
-//! listeners and turns signals into a cancellation.
+//! listeners and turns signals into a cancellation. On a stop, [`Running::stop`] joins every task
+//! within [`SHUTDOWN_DEADLINE`], logging any that did not stop, and only then flushes the store.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod gate;
 pub mod hardware;
@@ -31,8 +38,10 @@ pub mod plc_sim;
 pub mod reader;
 pub mod reader_sim;
 pub mod store;
+pub mod tasks;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use afc_domain::qr::QrSkew;
 use afc_domain::wire::{HardwareInfo, PlcEndpoint};
@@ -45,6 +54,7 @@ use crate::gate::{Gate, GateParts};
 use crate::metrics::Metrics;
 use crate::params::{Params, ParamsError};
 use crate::store::{Store, StoreError};
+use crate::tasks::Tasks;
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -64,10 +74,38 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
+/// How long a stopping agent waits in all for its tasks to end before it flushes the store and
+/// exits anyway (systemd's stop timeout is longer: `deploy/systemd/afc-gate-agent.service`).
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+
 /// What a running agent exposes to its caller (tests look inside).
 pub struct Running {
     pub gate: Arc<Gate>,
     pub metrics: Arc<Metrics>,
+    /// The agent's tasks, taken by [`Running::stop`].
+    tasks: Mutex<Tasks>,
+}
+
+impl Running {
+    /// The names of the tasks still held (none after [`Running::stop`]).
+    pub fn task_names(&self) -> Vec<&'static str> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).names()
+    }
+
+    /// Stops the agent once its token is cancelled: joins every task within `within` in all
+    /// (those that did not stop are logged and returned), then flushes the store, so what the
+    /// tasks wrote on their way out is durable too.
+    pub async fn stop(&self, within: Duration) -> Result<Vec<&'static str>, StoreError> {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        tracing::info!("shutdown 1/2: joining the tasks");
+        let late = tasks.join(within).await;
+        if !late.is_empty() {
+            tracing::warn!(?late, ?within, "tasks did not stop in time; flushing the store anyway");
+        }
+        tracing::info!("shutdown 2/2: flushing the store");
+        self.gate.store().flush()?;
+        Ok(late)
+    }
 }
 
 /// Starts every task of the agent; they run until `cancel` fires.
@@ -86,10 +124,13 @@ pub async fn start(
     )?);
     let (acks_tx, acks_rx) = tokio::sync::mpsc::unbounded_channel();
     let params = Arc::new(Params::open(store.clone(), config.trusted_keys()?, metrics.clone(), acks_tx)?);
+    let mut tasks = Tasks::new();
+    tasks.spawn("params-persist", params::run_persist(params.clone(), cancel.clone()));
     let plc_config = config.plc_config()?;
     let unit_id = plc_config.map.unit_id;
     // Subscribed before the task runs: its first determination (offline from the start) counts.
-    let (plc, plc_events) = plc::spawn_with_events(plc_config, metrics.clone(), cancel.clone());
+    let (plc, plc_events, plc_task) = plc::spawn_with_events(plc_config, metrics.clone(), cancel.clone());
+    tasks.push("plc", plc_task);
     let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
     let gate = Arc::new(Gate::new(GateParts {
         station: config.station.clone(),
@@ -141,19 +182,20 @@ pub async fn start(
         acks_rx,
         plc_events,
         cancel.clone(),
+        &mut tasks,
     );
-    tokio::spawn(reader::serve(listeners.reader, gate.clone(), metrics.clone(), cancel.clone()));
+    tasks.spawn("reader", reader::serve(listeners.reader, gate.clone(), metrics.clone(), cancel.clone()));
     if let Some(l) = listeners.metrics {
-        tokio::spawn(metrics::serve(l, metrics.clone(), cancel.clone()));
+        tasks.spawn("metrics", metrics::serve(l, metrics.clone(), cancel.clone()));
     }
     let g = gate.clone();
-    tokio::spawn(async move { g.sync_outputs().await });
-    tokio::spawn(storage_probe(gate.clone(), cancel.clone()));
+    tasks.spawn("sync-outputs", async move { g.sync_outputs().await });
+    tasks.spawn("storage-probe", storage_probe(gate.clone(), cancel.clone()));
     if let Ok(path) = std::env::var(gate::TEST_CLOCK_OFFSET_FILE_ENV) {
-        tokio::spawn(test_clock(path.into(), cancel.clone()));
+        tasks.spawn("test-clock", test_clock(path.into(), cancel.clone()));
     }
     tracing::info!(station = %config.station, gate = %config.gate, "gate agent started");
-    Ok(Running { gate, metrics })
+    Ok(Running { gate, metrics, tasks: Mutex::new(tasks) })
 }
 
 /// Task `storage-probe`: once a second, while the store is unhealthy (disk full, read-only),
@@ -189,14 +231,15 @@ async fn test_clock(path: std::path::PathBuf, cancel: CancellationToken) {
     }
 }
 
-/// Runs the agent until `cancel` fires, then flushes the store.
+/// Runs the agent until `cancel` fires, then joins its tasks within [`SHUTDOWN_DEADLINE`] and
+/// flushes the store ([`Running::stop`]).
 pub async fn run(config: &Config, listeners: Listeners, cancel: CancellationToken) -> Result<(), RunError> {
     let running = start(config, listeners, cancel.clone()).await?;
     // Serving the reader port: systemd's `Type=notify` start ends here (a no-op without systemd).
     afc_process::systemd::ready("gate agent serving the reader port");
     cancel.cancelled().await;
-    tracing::info!("shutting down: flushing the store");
-    running.gate.store().flush()?;
+    tracing::info!("shutting down");
+    running.stop(SHUTDOWN_DEADLINE).await?;
     tracing::info!("gate agent stopped");
     Ok(())
 }

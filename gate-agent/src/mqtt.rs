@@ -25,8 +25,16 @@
 //!   waits for `tx/ack`; without an ack in time it sends again from the acknowledged point (the
 //!   ledger de-duplicates on gate_seq). Records stay in the outbox, never in the client's queue.
 //!
+//! The rules those tasks follow are plain types with no I/O, tested on their own:
+//! [`download`] holds the parameter pointers and reassembles the chunks of each download,
+//! [`acks`] cuts and signs the next tx batch and keeps the batch in flight until its ack. The
+//! tasks only move bytes between the `EventLoop`, the gate and those types.
+//!
 //! Sessions are clean: what matters survives in the gate's own storage (the outbox) or is retained
 //! on the broker (pointers, chunks, mode) and comes back on re-subscription.
+
+pub mod acks;
+pub mod download;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -34,14 +42,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use afc_domain::backoff::Backoff;
-use afc_domain::ledger::{sign_batch_covering, TxRecord};
 use afc_domain::model::{Ident, ParamKind, Timestamp};
-use afc_domain::package::{Reassembler, MAX_CHUNK_BYTES};
+use afc_domain::package::MAX_CHUNK_BYTES;
 use afc_domain::signed::{open_station, seal, SignedError, GATE_KEY_ID};
 use afc_domain::topic::{filters, Topic};
 use afc_domain::wire::{
     self, AlarmKind, Command, GateBirth, GateCounters, GateStatus, HardwareInfo, Heartbeat, ModeMessage,
-    ParamPointer, ParamState, ParamsAck, QrUsedBatch, TxAck, TxBatch, MAX_PAYLOAD,
+    ParamState, ParamsAck, QrUsedBatch, TxAck, MAX_PAYLOAD,
 };
 use ed25519_dalek::SigningKey;
 use rumqttc::{
@@ -54,6 +61,8 @@ use crate::config::split_host_port;
 use crate::gate::{now, Gate, Outgoing};
 use crate::metrics::Metrics;
 use crate::plc::PlcEvent;
+use crate::tasks::Tasks;
+use download::{Downloads, Step};
 
 /// Settings of the MQTT side.
 #[derive(Debug, Clone)]
@@ -81,7 +90,8 @@ pub const MAX_INCOMING_PACKET: usize = 2 * MAX_PAYLOAD + 64 * 1024;
 const _: () = assert!(MAX_INCOMING_PACKET > MAX_CHUNK_BYTES + 64 * 1024);
 /// Largest outgoing packet: a transaction batch of at most [`MAX_PAYLOAD`] plus headers.
 pub const MAX_OUTGOING_PACKET: usize = MAX_PAYLOAD + 64 * 1024;
-/// Most bytes of records per batch (keeps the JSON well under [`MAX_PAYLOAD`]).
+/// Most bytes of records per batch: their base64 in `raw` (4/3 of this, plus a few bytes a record)
+/// keeps the JSON well under [`MAX_PAYLOAD`].
 const BATCH_RECORD_BYTES: usize = 256 * 1024;
 /// Alarms kept while the broker is unreachable.
 const MAX_QUEUED_OUT: usize = 1000;
@@ -104,8 +114,8 @@ fn options(s: &MqttSettings, broker: &str, will: &[u8], will_topic: &str) -> Mqt
     o
 }
 
-/// Starts every MQTT task. `out` carries the gate's alarms and used QR codes, `acks` the
-/// parameter reports.
+/// Starts every MQTT task (kept in `tasks`). `out` carries the gate's alarms and used QR codes,
+/// `acks` the parameter reports.
 #[allow(clippy::too_many_arguments)] // each is one independent input of the MQTT side
 pub fn spawn(
     settings: MqttSettings,
@@ -116,6 +126,7 @@ pub fn spawn(
     acks: mpsc::UnboundedReceiver<ParamsAck>,
     plc_events: tokio::sync::broadcast::Receiver<PlcEvent>,
     cancel: CancellationToken,
+    tasks: &mut Tasks,
 ) {
     let session = hex::encode(rand::random::<[u8; 8]>());
     let status_topic =
@@ -141,18 +152,13 @@ pub fn spawn(
         controllers_changed: Notify::new(),
         key,
     });
-    tokio::spawn(eventloop_task(
-        ctx.clone(),
-        eventloop,
-        will,
-        status_topic,
-        conn_tx,
-        inbox_tx,
-        cancel.clone(),
-    ));
-    tokio::spawn(session_task(ctx.clone(), out, acks, plc_events, subs_rx, cancel.clone()));
-    tokio::spawn(inbox_task(ctx.clone(), inbox_rx, subs_tx, cancel.clone()));
-    tokio::spawn(upload_task(ctx, cancel));
+    tasks.spawn(
+        "mqtt-eventloop",
+        eventloop_task(ctx.clone(), eventloop, will, status_topic, conn_tx, inbox_tx, cancel.clone()),
+    );
+    tasks.spawn("mqtt-session", session_task(ctx.clone(), out, acks, plc_events, subs_rx, cancel.clone()));
+    tasks.spawn("mqtt-inbox", inbox_task(ctx.clone(), inbox_rx, subs_tx, cancel.clone()));
+    tasks.spawn("mqtt-upload", upload_task(ctx, cancel));
 }
 
 struct Ctx {
@@ -421,14 +427,6 @@ fn controllers_lost_since(
     }
 }
 
-/// A package being downloaded.
-struct Download {
-    version: u64,
-    reassembler: Reassembler,
-    filter: String,
-    deadline: tokio::time::Instant,
-}
-
 async fn inbox_task(
     ctx: Arc<Ctx>,
     mut inbox: mpsc::UnboundedReceiver<Publish>,
@@ -437,33 +435,23 @@ async fn inbox_task(
 ) {
     tracing::info!("mqtt-inbox task started");
     let g = ctx.gate.clone();
-    let mut station_ptr: BTreeMap<ParamKind, ParamPointer> = BTreeMap::new();
-    let mut gate_ptr: BTreeMap<ParamKind, ParamPointer> = BTreeMap::new();
-    let mut downloads: BTreeMap<ParamKind, Download> = BTreeMap::new();
+    let mut downloads = Downloads::new(g.station.clone(), ctx.settings.package_timeout);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut gate_config_seen = g.params.in_force(now()).versions.gate_config;
     loop {
         let p = tokio::select! {
             () = cancel.cancelled() => break,
             p = inbox.recv() => match p { Some(p) => p, None => break },
             _ = tick.tick() => {
-                let at = tokio::time::Instant::now();
-                let expired: Vec<ParamKind> =
-                    downloads.iter().filter(|(_, d)| d.deadline <= at).map(|(k, _)| *k).collect();
-                for kind in expired {
-                    if let Some(d) = downloads.remove(&kind) {
-                        let _ = subs.send(SubChange::Remove(d.filter));
-                        let missing = d.reassembler.missing();
-                        g.params.reject(kind, d.version, crate::params::Rejection::new(
-                            "chunks_missing",
-                            format!("{} chunks missing after {:?}", missing.len(), ctx.settings.package_timeout),
-                        ));
-                        g.event(AlarmKind::PackageRejected, false, Some(format!("{kind} v{}: chunks_missing", d.version)));
-                    }
-                }
-                // Switch any pending set whose time came, even with no tap to trigger it.
-                let before = g.params.in_force(now()).versions.gate_config;
+                let steps = downloads.expire(tokio::time::Instant::now().into_std());
+                download_steps(&g, &subs, steps).await;
+                // Switch any pending set whose time came, even with no tap to trigger it; a
+                // gate_config switched since the last tick (here, by a tap or by params-persist)
+                // is applied.
                 g.params.activate_due(now());
-                if g.params.in_force(now()).versions.gate_config != before {
+                let in_force = g.params.in_force(now()).versions.gate_config;
+                if in_force != gate_config_seen {
+                    gate_config_seen = in_force;
                     g.apply_gate_config().await;
                 }
                 continue;
@@ -482,80 +470,18 @@ async fn inbox_task(
         let result: Result<(), String> = match topic {
             Topic::ParamCurrent { kind, .. } | Topic::GateParamCurrent { kind, .. } => {
                 let per_gate = matches!(topic, Topic::GateParamCurrent { .. });
-                let map = if per_gate { &mut gate_ptr } else { &mut station_ptr };
-                if payload.is_empty() {
-                    map.remove(&kind);
-                    Ok(())
-                } else {
-                    match wire::decode::<ParamPointer>(payload) {
-                        Ok(ptr) => {
-                            map.insert(kind, ptr);
-                            let ptr = gate_ptr.get(&kind).or_else(|| station_ptr.get(&kind)).cloned();
-                            if let Some(ptr) = ptr {
-                                start_download(&ctx, kind, &ptr, &mut downloads, &subs);
-                            }
-                            Ok(())
-                        }
-                        Err(e) => Err(e.to_string()),
+                let at = tokio::time::Instant::now().into_std();
+                match downloads.on_pointer(per_gate, kind, payload, |k, v| g.params.wants(k, v), at) {
+                    Ok(steps) => {
+                        download_steps(&g, &subs, steps).await;
+                        Ok(())
                     }
+                    Err(e) => Err(e),
                 }
             }
             Topic::ParamChunk { kind, version, .. } => {
-                let done = match downloads.get_mut(&kind) {
-                    Some(d) if d.version == version => match d.reassembler.add(payload) {
-                        Ok(complete) => Ok(complete),
-                        Err(e) => Err((e.code(), e.to_string())),
-                    },
-                    _ => Ok(false),
-                };
-                match done {
-                    Ok(false) => Ok(()),
-                    Ok(true) | Err(_) => {
-                        let d = downloads.remove(&kind);
-                        if let Some(d) = d {
-                            let _ = subs.send(SubChange::Remove(d.filter.clone()));
-                            let outcome = match done {
-                                Err((code, msg)) => Err(crate::params::Rejection::new(code, msg)),
-                                _ => d
-                                    .reassembler
-                                    .finish()
-                                    .map_err(|e| crate::params::Rejection::new(e.code(), e.to_string())),
-                            };
-                            match outcome {
-                                Ok(bytes) => {
-                                    let params = g.params.clone();
-                                    let v = d.version;
-                                    let r = tokio::task::spawn_blocking(move || {
-                                        params.offer(kind, v, &bytes, now())
-                                    })
-                                    .await;
-                                    match r {
-                                        Ok(Ok(state)) => {
-                                            if state == ParamState::Active && kind == ParamKind::GateConfig {
-                                                g.apply_gate_config().await;
-                                            }
-                                        }
-                                        Ok(Err(rej)) => g.event(
-                                            AlarmKind::PackageRejected,
-                                            false,
-                                            Some(format!("{kind} v{v}: {}", rej.code)),
-                                        ),
-                                        Err(e) => tracing::error!(error = %e, "package check task failed"),
-                                    }
-                                }
-                                Err(rej) => {
-                                    g.event(
-                                        AlarmKind::PackageRejected,
-                                        false,
-                                        Some(format!("{kind} v{}: {}", d.version, rej.code)),
-                                    );
-                                    g.params.reject(kind, d.version, rej);
-                                }
-                            }
-                        }
-                        Ok(())
-                    }
-                }
+                download_steps(&g, &subs, downloads.on_chunk(kind, version, payload)).await;
+                Ok(())
             }
             Topic::Mode { .. } => match verified::<ModeMessage>(&g, "mode", &p.topic, payload) {
                 Some(m) => g.apply_mode(m).await.map_err(|e| e.to_string()),
@@ -664,43 +590,45 @@ fn verified<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn start_download(
-    ctx: &Ctx,
-    kind: ParamKind,
-    ptr: &ParamPointer,
-    downloads: &mut BTreeMap<ParamKind, Download>,
-    subs: &mpsc::UnboundedSender<SubChange>,
-) {
-    let g = &ctx.gate;
-    if downloads.get(&kind).is_some_and(|d| d.version == ptr.version) || !g.params.wants(kind, ptr.version) {
-        return;
-    }
-    if let Some(old) = downloads.remove(&kind) {
-        let _ = subs.send(SubChange::Remove(old.filter));
-    }
-    let reassembler = ptr
-        .sha256_bytes()
-        .map_err(|e| crate::params::Rejection::new("bad_pointer", e.to_string()))
-        .and_then(|sha| {
-            Reassembler::new(sha, ptr.size, ptr.chunks)
-                .map_err(|e| crate::params::Rejection::new(e.code(), e.to_string()))
-        });
-    match reassembler {
-        Ok(reassembler) => {
-            let filter = filters::param_chunks_filter(&g.station, kind, ptr.version);
-            tracing::info!(%kind, version = ptr.version, chunks = ptr.chunks, size = ptr.size, "downloading package");
-            let _ = subs.send(SubChange::Add(filter.clone()));
-            downloads.insert(
-                kind,
-                Download {
-                    version: ptr.version,
-                    reassembler,
-                    filter,
-                    deadline: tokio::time::Instant::now() + ctx.settings.package_timeout,
-                },
-            );
+/// Does what the download state answered: (un)subscribes chunk filters, offers a reassembled
+/// package (checked off the async threads), records and alarms rejections.
+async fn download_steps(g: &Gate, subs: &mpsc::UnboundedSender<SubChange>, steps: Vec<Step>) {
+    for step in steps {
+        match step {
+            Step::Subscribe(f) => {
+                let _ = subs.send(SubChange::Add(f));
+            }
+            Step::Unsubscribe(f) => {
+                let _ = subs.send(SubChange::Remove(f));
+            }
+            Step::Complete { kind, version, bytes } => {
+                let params = g.params.clone();
+                let r = tokio::task::spawn_blocking(move || params.offer(kind, version, &bytes, now())).await;
+                match r {
+                    Ok(Ok(state)) => {
+                        if state == ParamState::Active && kind == ParamKind::GateConfig {
+                            g.apply_gate_config().await;
+                        }
+                    }
+                    Ok(Err(rej)) => g.event(
+                        AlarmKind::PackageRejected,
+                        false,
+                        Some(format!("{kind} v{version}: {}", rej.code)),
+                    ),
+                    Err(e) => tracing::error!(error = %e, "package check task failed"),
+                }
+            }
+            Step::Reject { kind, version, rejection, alarm } => {
+                if alarm {
+                    g.event(
+                        AlarmKind::PackageRejected,
+                        false,
+                        Some(format!("{kind} v{version}: {}", rejection.code)),
+                    );
+                }
+                g.params.reject(kind, version, rejection);
+            }
         }
-        Err(rej) => g.params.reject(kind, ptr.version, rej),
     }
 }
 
@@ -709,6 +637,7 @@ async fn upload_task(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let g = ctx.gate.clone();
     let topic = ctx.topic(|station, gate| Topic::GateTx { station, gate });
     let mut conn = ctx.conn.clone();
+    let mut in_flight = acks::Acks::new(ctx.settings.ack_timeout);
     loop {
         if cancel.is_cancelled() {
             break;
@@ -739,74 +668,52 @@ async fn upload_task(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 continue;
             }
         };
-        if pending.is_empty() {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                () = g.new_records.notified() => {}
-                _ = conn.changed() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            continue;
-        }
-        // The batch ends before a record this build cannot read (it is kept, never declared
-        // lost: a downgraded agent, say) and where the records' installation changes (records
-        // numbered before they carried one, then with it: the ledger keys them apart).
-        let mut records: Vec<TxRecord> = Vec::with_capacity(pending.len());
-        let mut last = after;
-        for (seq, bytes) in &pending {
-            match TxRecord::from_canonical(bytes) {
-                Ok(r) if records.first().is_none_or(|f: &TxRecord| f.installation == r.installation) => {
-                    records.push(r);
-                    last = *seq;
-                }
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::error!(seq, error = %e, "outbox record unreadable: kept, and the upload waits before it");
-                    break;
-                }
-            }
-        }
-        if records.is_empty() {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            }
-            continue;
-        }
-        // The batch covers after+1..=last: the outbox holds nothing else in that range (a frame
-        // it could not read back was skipped when the log was opened), so a number there that is
-        // not in `records` is lost and the ledger records the gap instead of waiting for ever.
-        let covers_from = Some(after + 1);
-        let signature =
-            hex::encode(sign_batch_covering(&g.station, &g.gate, covers_from, &records, &ctx.key));
-        let batch = TxBatch {
-            station: g.station.clone(),
-            gate: g.gate.clone(),
-            records,
-            signature,
-            installation: Some(g.store().installation().to_owned()),
-            covers_from,
+        let signer = acks::Signer {
+            station: &g.station,
+            gate: &g.gate,
+            installation: g.store().installation(),
+            key: &ctx.key,
         };
-        let payload = wire::encode(&batch);
-        tracing::debug!(first = after + 1, last, bytes = payload.len(), "uploading batch");
-        ctx.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await;
-        // Wait for the ledger to acknowledge this batch, or time out and send again.
-        let deadline = tokio::time::Instant::now() + ctx.settings.ack_timeout;
-        loop {
-            if g.store().acked_through().unwrap_or(0) >= last {
-                break;
+        let batch = match acks::prepare(&signer, after, pending) {
+            acks::Prepared::Batch(b) => b,
+            acks::Prepared::Idle => {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = g.new_records.notified() => {}
+                    _ = conn.changed() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
             }
+            acks::Prepared::Blocked => {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            }
+        };
+        let last = batch.last;
+        tracing::debug!(first = batch.first, last, bytes = batch.payload.len(), "uploading batch");
+        ctx.publish(topic.clone(), QoS::AtLeastOnce, false, batch.payload).await;
+        // Wait for the ledger to acknowledge this batch, or time out and send again.
+        in_flight.sent(last, tokio::time::Instant::now().into_std());
+        while !in_flight.acked(g.store().acked_through().unwrap_or(0)) {
+            let deadline =
+                in_flight.deadline().map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = ctx.uploaded.notified() => {}
                 () = ctx.leader_changed.notified() => {
                     tracing::info!(last, "new leader; sending the unacknowledged batch again");
-                    break;
+                    in_flight.give_up();
                 }
-                _ = conn.changed() => break,
+                _ = conn.changed() => {
+                    in_flight.give_up();
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(last, "no tx/ack in time; sending again");
-                    break;
+                    in_flight.give_up();
                 }
             }
         }

@@ -9,12 +9,14 @@
 //! `plc_offline` instead of waiting.
 //!
 //! Between commands the task polls the discrete inputs and counters. It raises alarms (tailgating,
-//! forced passage, door fault, emergency input) as [`PlcEvent`]s, and on the hard-wired emergency
+//! forced passage, door fault, emergency input) as [`PlcEvent`]s by the rules of [`alarms`] (a
+//! pure function of the previous and the current reading), and on the hard-wired emergency
 //! input it sets `free_passage` at once, without asking anybody. The outputs the agent wants
 //! (free passage, out of service, direction, alarm) are kept here and written again after every
 //! reconnect, since a PLC that restarted has forgotten them.
 
-use std::collections::VecDeque;
+pub mod alarms;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,13 +34,6 @@ use crate::metrics::Metrics;
 /// Which way the flaps open for one passage (the domain's entry / exit).
 pub use afc_domain::model::Direction as Aisle;
 pub use afc_domain::wire::GateDirection;
-
-fn aisle_index(a: Aisle) -> usize {
-    match a {
-        Aisle::Entry => 0,
-        Aisle::Exit => 1,
-    }
-}
 
 /// An alarm or state change seen on the PLC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,12 +257,13 @@ pub fn spawn(config: PlcConfig, metrics: Arc<Metrics>, cancel: CancellationToken
 }
 
 /// Starts the Modbus task with a receiver of its events subscribed before the task runs, so the
-/// first determination (`Offline` for a PLC unreachable from the start) is not lost.
+/// first determination (`Offline` for a PLC unreachable from the start) is not lost; with the
+/// task's handle, for joining it at shutdown.
 pub fn spawn_with_events(
     config: PlcConfig,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
-) -> (PlcHandle, broadcast::Receiver<PlcEvent>) {
+) -> (PlcHandle, broadcast::Receiver<PlcEvent>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let (online_tx, online) = watch::channel(false);
     let (events, first_rx) = broadcast::channel(256);
@@ -288,14 +284,11 @@ pub fn spawn_with_events(
             alarm: false,
         },
         last: None,
-        pending_opens: [VecDeque::new(), VecDeque::new()],
+        opens: alarms::OpenCommands::default(),
     };
-    tokio::spawn(task.run(rx, cancel));
-    (PlcHandle { tx, online, events, inputs }, first_rx)
+    let handle = tokio::spawn(task.run(rx, cancel));
+    (PlcHandle { tx, online, events, inputs }, first_rx, handle)
 }
-
-/// How long an open command waits for its passage before it no longer explains a counted one.
-const OPEN_WINDOW: Duration = Duration::from_secs(15);
 
 struct PlcTask {
     /// The last inputs read, for heartbeats.
@@ -311,8 +304,8 @@ struct PlcTask {
     desired: Desired,
     /// Inputs of the previous poll since the last (re)connect, for edge detection.
     last: Option<PlcInputs>,
-    /// Open commands (entry, exit) not yet matched by a counted passage.
-    pending_opens: [VecDeque<Instant>; 2],
+    /// Open commands not yet matched by a counted passage.
+    opens: alarms::OpenCommands,
 }
 
 type Step<T> = Result<T, PlcError>;
@@ -494,7 +487,7 @@ impl PlcTask {
                     Aisle::Exit => c.open_exit,
                 };
                 self.write_coil(coil, true).await?;
-                self.pending_opens[aisle_index(aisle)].push_back(Instant::now());
+                self.opens.opened(aisle, Instant::now());
             }
             Command::Coil { aisle } => {
                 let coil = match aisle {
@@ -502,7 +495,7 @@ impl PlcTask {
                     Aisle::Exit => c.open_exit,
                 };
                 self.write_coil(coil, true).await?;
-                self.pending_opens[aisle_index(aisle)].push_back(Instant::now());
+                self.opens.opened(aisle, Instant::now());
             }
             Command::Show { display_code, display_fen } => self.show(display_code, display_fen).await?,
             Command::FreePassage(on) => {
@@ -564,53 +557,30 @@ impl PlcTask {
         let _ = self.events.send(ev);
     }
 
-    /// Reads inputs and counters, raises alarms on edges, and frees the passage on the emergency
-    /// input.
+    /// Reads inputs and counters, raises alarms on edges ([`alarms::evaluate`]), and frees the
+    /// passage on the emergency input.
     async fn poll(&mut self) -> Step<()> {
         let now = self.read_inputs().await?;
-        let prev = self.last.unwrap_or(PlcInputs {
-            // On the first poll after a connect, compare against "nothing set" for the inputs
-            // and against the current counters (passages while we were away are not alarms).
-            entries_total: now.entries_total,
-            exits_total: now.exits_total,
-            tailgating_total: now.tailgating_total,
-            ..PlcInputs::default()
-        });
-        self.last = Some(now);
+        let prev = self.last.replace(now);
         self.inputs.send_replace(now);
-        if now.emergency_input != prev.emergency_input {
-            self.raise(PlcEvent::EmergencyInput(now.emergency_input));
-            self.desired.emergency = now.emergency_input;
-            let v = self.desired.free();
-            let coil = self.config.map.coils.free_passage;
-            self.write_coil(coil, v).await?;
-        }
-        if now.door_fault != prev.door_fault {
-            self.raise(PlcEvent::DoorFault(now.door_fault));
-        }
-        let tail = now.tailgating_total.wrapping_sub(prev.tailgating_total);
-        if tail > 0 {
-            self.raise(PlcEvent::Tailgating(tail));
-        }
-        let expiry = Instant::now().checked_sub(OPEN_WINDOW);
-        for (aisle, delta) in [
-            (Aisle::Entry, now.entries_total.wrapping_sub(prev.entries_total)),
-            (Aisle::Exit, now.exits_total.wrapping_sub(prev.exits_total)),
-        ] {
-            let pending = &mut self.pending_opens[aisle_index(aisle)];
-            while pending.front().is_some_and(|t| expiry.is_some_and(|e| *t < e)) {
-                pending.pop_front();
-            }
-            let mut unexplained = 0;
-            for _ in 0..delta.min(1000) {
-                if pending.pop_front().is_none() {
-                    unexplained += 1;
-                }
-            }
-            if unexplained > 0 && !self.desired.free() {
-                self.raise(PlcEvent::ForcedPassage(aisle));
+        let verdict = alarms::evaluate(
+            prev.as_ref(),
+            &now,
+            &self.opens,
+            self.desired.free_passage,
+            self.desired.emergency,
+            Instant::now(),
+        );
+        for ev in verdict.events {
+            self.raise(ev);
+            if let (PlcEvent::EmergencyInput(_), Some(on)) = (ev, verdict.emergency) {
+                self.desired.emergency = on;
+                let v = self.desired.free();
+                let coil = self.config.map.coils.free_passage;
+                self.write_coil(coil, v).await?;
             }
         }
+        self.opens = verdict.opens;
         Ok(())
     }
 }

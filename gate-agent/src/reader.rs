@@ -58,11 +58,14 @@ async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>, limit: usize) -> 
     }
 }
 
-/// Serves reader connections on `listener` until `cancel` fires.
+/// Serves reader connections on `listener` until `cancel` fires, then waits for its connections
+/// to end: a tap being decided is finished (its record durable, its answer sent) before it returns.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -78,7 +81,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, metrics: Arc<Metrics>
         let gate = gate.clone();
         let metrics = metrics.clone();
         let cancel = cancel.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut r = BufReader::new(r);
             loop {
@@ -140,6 +143,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, metrics: Arc<Metrics>
             tracing::info!(%peer, "reader disconnected");
         });
     }
+    while connections.join_next().await.is_some() {}
 }
 
 #[cfg(test)]

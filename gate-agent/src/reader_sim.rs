@@ -63,10 +63,10 @@ impl ReaderSim {
             .map(|i| SvcCard {
                 card_id: CARD_BASE + i * 7 + 1,
                 card_type: match rng.gen_range(0..100) {
-                    0..=79 => CardType::Ordinary,
-                    80..=89 => CardType::Student,
-                    90..=95 => CardType::Senior,
-                    _ => CardType::ElderlyFree,
+                    0..=79 => CardType::ORDINARY,
+                    80..=89 => CardType::STUDENT,
+                    90..=95 => CardType::SENIOR,
+                    _ => CardType::ELDERLY_FREE,
                 },
                 balance_fen: rng.gen_range(0..20_000),
                 expiry: Date::from_ymd(2030, 12, 31).unwrap_or_default(),

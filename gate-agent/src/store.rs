@@ -99,6 +99,16 @@ fn param_key(kind: &str, slot: Slot) -> Vec<u8> {
     format!("{kind}/{}", slot.as_str()).into_bytes()
 }
 
+/// `{kind}/delta/`: the deltas stored on a kind's active base, keyed by the version each makes.
+fn delta_prefix(kind: &str) -> Vec<u8> {
+    format!("{kind}/delta/").into_bytes()
+}
+
+/// Zero-padded, so sled's key order is version order.
+fn delta_key(kind: &str, version: u64) -> Vec<u8> {
+    format!("{kind}/delta/{version:020}").into_bytes()
+}
+
 /// The sled side of the store (re-opened whole after a fault).
 struct Sled {
     /// sled, synced through [`afc_sled::Durable`] (data file, blob files such as a 1M-entry
@@ -106,7 +116,8 @@ struct Sled {
     durable: afc_sled::Durable,
     /// The highest acknowledged gate_seq, the installation id.
     meta: sled::Tree,
-    /// `{kind}/{active|pending}` → package bytes; other small state by name.
+    /// `{kind}/{active|pending}` → package bytes, `{kind}/delta/{version}` → a delta on the
+    /// active base (the blacklist's); other small state by name.
     params: sled::Tree,
     /// Command id → what the gate remembers of it (the gate's encoding).
     commands: sled::Tree,
@@ -223,6 +234,14 @@ impl Store {
             }
         }
         r
+    }
+
+    /// Tests only: drops sled as a storage fault would, so every sled call fails with
+    /// [`StoreError::Closed`] until [`Store::recover`] opens it again.
+    #[cfg(test)]
+    pub(crate) fn fail_for_test(&self) {
+        drop(self.sled.write().unwrap_or_else(|p| p.into_inner()).take());
+        self.sled_failed.store(true, Ordering::SeqCst);
     }
 
     /// Whether the last outbox append and every sled call since the last re-open worked.
@@ -467,6 +486,55 @@ impl Store {
             batch.remove(param_key(kind, Slot::Pending));
         }
         self.with_sled(|s| {
+            s.params.apply_batch(batch)?;
+            Ok(s.durable.sync()?)
+        })
+    }
+
+    /// A kind's deltas on its active base, in version order (see [`Store::put_param_delta`]).
+    pub fn param_deltas(&self, kind: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.with_sled(|s| {
+            let mut out = Vec::new();
+            for kv in s.params.scan_prefix(delta_prefix(kind)) {
+                out.push(kv?.1.to_vec());
+            }
+            Ok(out)
+        })
+    }
+
+    /// Stores one delta of `kind` (making `version`) beside its active base, and (optionally)
+    /// removes its pending package, in one atomic batch, durably. The base is not rewritten.
+    pub fn put_param_delta(
+        &self,
+        kind: &str,
+        version: u64,
+        value: &[u8],
+        clear_pending: bool,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(delta_key(kind, version), value);
+        if clear_pending {
+            batch.remove(param_key(kind, Slot::Pending));
+        }
+        self.with_sled(|s| {
+            s.params.apply_batch(batch)?;
+            Ok(s.durable.sync()?)
+        })
+    }
+
+    /// Writes a kind's active base, drops every delta stored on the old one and (optionally) its
+    /// pending package, in one atomic batch, durably: a full list received, or the deltas
+    /// compacted into the base.
+    pub fn set_active_base(&self, kind: &str, value: &[u8], clear_pending: bool) -> Result<(), StoreError> {
+        self.with_sled(|s| {
+            let mut batch = sled::Batch::default();
+            batch.insert(param_key(kind, Slot::Active), value);
+            for k in s.params.scan_prefix(delta_prefix(kind)).keys() {
+                batch.remove(k?);
+            }
+            if clear_pending {
+                batch.remove(param_key(kind, Slot::Pending));
+            }
             s.params.apply_batch(batch)?;
             Ok(s.durable.sync()?)
         })

@@ -30,11 +30,22 @@ async fn blacklist_version(st: &Station) -> anyhow::Result<u64> {
 
 /// Waits until every gate reports `version` of the blacklist active; the time it took.
 async fn all_gates_on(st: &Station, version: u64, t0: Instant, within: Duration) -> Duration {
-    eventually("blacklist on every gate", within, || async {
+    all_gates_on_count(st, version, usize::from(st.plan.gates), t0, within).await
+}
+
+/// When at least `count` gates report blacklist `version`, measured from `t0`.
+async fn all_gates_on_count(
+    st: &Station,
+    version: u64,
+    count: usize,
+    t0: Instant,
+    within: Duration,
+) -> Duration {
+    eventually("blacklist on the gates", within, || async {
         let gates = st.gates().await?;
         let on =
             gates.iter().filter(|g| g["reported_versions"]["blacklist"].as_u64() == Some(version)).count();
-        Ok((on == usize::from(st.plan.gates)).then(|| t0.elapsed()))
+        Ok((on >= count).then(|| t0.elapsed()))
     })
     .await
     .unwrap()
@@ -108,9 +119,14 @@ async fn main() {
     let t2 = Instant::now();
     let (status, answer) =
         st.post(1, "/api/v1/parameters/blacklist", &st.token("engineer"), &body).await.unwrap();
+    let answered = t2.elapsed();
     assert!((200..300).contains(&status), "delta: {status} {answer}");
+    let first = all_gates_on_count(&st, from + 2, 1, t2, Duration::from_secs(60)).await;
     let delta = all_gates_on(&st, from + 2, t2, Duration::from_secs(60)).await;
-    println!("1,000-entry blacklist delta applied on all {gates} gates {delta:?} after the upload request");
+    println!(
+        "1,000-entry blacklist delta applied on all {gates} gates {delta:?} after the upload request \
+         (upload answered: signed, guarded, replicated, rollout requested {answered:?}; first gate {first:?})"
+    );
 
     // Failover under traffic: taps at 4 gates; kill the leader; time to the next ledger commit.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -11,9 +11,7 @@ use afc_domain::blacklist::{Blacklist, Entry};
 use afc_domain::decision::{decide, Decision, Params};
 use afc_domain::mode::{ModeBits, ModeState};
 use afc_domain::model::{BusinessDayRule, CardType, Date, Direction, Media, Reason, StationCode, Timestamp};
-use afc_domain::network::{
-    compile, Band, FareRule, FareTable, Increment, Line, NetworkDescription, Station, Stop,
-};
+use afc_domain::network::{compile, Band, FareError, FareRule, FareTable, Increment, NetworkDescription};
 use afc_domain::qr::{self, QrIssue, QrIssuerKey, QrKeySet, QrSkew, ReplayCache};
 use afc_domain::wire::{DecisionKind, EntryRecord, SvcCard, TapMedia, TapRequest, TokenCard};
 use ed25519_dalek::SigningKey;
@@ -26,29 +24,7 @@ const BLACKLISTED_CARD: u64 = 3104_0000_0000_0666;
 const BLACKLISTED_ACCOUNT: u64 = 77;
 
 fn network() -> NetworkDescription {
-    let station = |code: u16, id: &str| Station {
-        code: StationCode(code),
-        id: id.to_owned(),
-        name_zh: id.to_owned(),
-        name_en: id.to_owned(),
-    };
-    let stop = |id: &str, m: Option<u32>| Stop { station: id.to_owned(), m_from_prev: m };
-    NetworkDescription {
-        name: "test line".into(),
-        provenance: vec![],
-        stations: vec![station(101, "a"), station(102, "b"), station(103, "c"), station(104, "d")],
-        lines: vec![Line {
-            id: "1".into(),
-            name: "Line 1".into(),
-            stops: vec![
-                stop("a", None),
-                stop("b", Some(3000)),
-                stop("c", Some(4000)),
-                stop("d", Some(10_000)),
-            ],
-        }],
-        transfers: vec![],
-    }
+    afc_test_support::network::sample()
 }
 
 fn rule(max_ride_minutes: Option<u32>, overstay_surcharge_fen: u32) -> FareRule {
@@ -62,14 +38,15 @@ fn rule(max_ride_minutes: Option<u32>, overstay_surcharge_fen: u32) -> FareRule 
         beyond: Some(Increment { fen: 100, per_m: 15_000 }),
         min_fare_fen: 200,
         discounts: BTreeMap::from([
-            (CardType::Ordinary, 80),
-            (CardType::Student, 50),
-            (CardType::ElderlyFree, 0),
+            (CardType::ORDINARY, 80),
+            (CardType::STUDENT, 50),
+            (CardType::ELDERLY_FREE, 0),
         ]),
         token_percent: 100,
         max_ride_minutes,
         overstay_surcharge_fen,
         business_day: BusinessDayRule::default(),
+        card_type_names: Default::default(),
     }
 }
 
@@ -95,7 +72,8 @@ impl World {
         let qr_keys = QrKeySet::new(vec![QrIssuerKey {
             issuer: 1,
             key_id: 1,
-            public_key: qr_key.verifying_key().to_bytes(),
+            algorithm: afc_domain::qr::QrAlgorithm::Ed25519,
+            public_key: qr_key.verifying_key().to_bytes().to_vec(),
             valid_from: Timestamp(0),
             valid_to: Timestamp::from_secs(4_000_000_000),
         }])
@@ -162,15 +140,8 @@ fn noon() -> Timestamp {
 }
 
 fn card(card_type: CardType, balance_fen: u32, entry: Option<(StationCode, i64)>) -> SvcCard {
-    SvcCard {
-        card_id: 3104_0000_0000_0001,
-        card_type,
-        balance_fen,
-        expiry: Date::from_ymd(2030, 1, 1).unwrap(),
-        tx_counter: 41,
-        entry: entry
-            .map(|(station, minutes_ago)| EntryRecord { station, time: noon().plus_minutes(-minutes_ago) }),
-    }
+    let entry = entry.map(|(station, minutes_ago)| (station, noon().plus_minutes(-minutes_ago)));
+    afc_test_support::cards::svc(3104_0000_0000_0001, card_type, balance_fen, entry)
 }
 
 fn token(origin: StationCode, paid_fen: u32, entry: Option<StationCode>) -> TokenCard {
@@ -216,7 +187,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            card(CardType::Ordinary, 1000, None),
+            card(CardType::ORDINARY, 1000, None),
             (OpenEntry, Reason::Ok, 0, Some(1000)),
         ),
         c(
@@ -224,7 +195,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 1000, None) },
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::ORDINARY, 1000, None) },
             (Reject, Reason::Blacklisted, 0, None),
         ),
         c(
@@ -232,7 +203,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             none,
             Out,
-            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 1000, Some((A, 30))) },
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::ORDINARY, 1000, Some((A, 30))) },
             (Reject, Reason::Blacklisted, 0, None),
         ),
         c(
@@ -240,7 +211,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            SvcCard { expiry: today().plus_days(-1), ..card(CardType::Ordinary, 1000, None) },
+            SvcCard { expiry: today().plus_days(-1), ..card(CardType::ORDINARY, 1000, None) },
             (Reject, Reason::CardExpired, 0, None),
         ),
         c(
@@ -248,7 +219,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            SvcCard { expiry: today(), ..card(CardType::Ordinary, 1000, None) },
+            SvcCard { expiry: today(), ..card(CardType::ORDINARY, 1000, None) },
             (OpenEntry, Reason::Ok, 0, Some(1000)),
         ),
         c(
@@ -256,7 +227,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             ModeBits::DATE_FREE,
             In,
-            SvcCard { expiry: today().plus_days(-30), ..card(CardType::Ordinary, 1000, None) },
+            SvcCard { expiry: today().plus_days(-30), ..card(CardType::ORDINARY, 1000, None) },
             (OpenEntry, Reason::Ok, 0, Some(1000)),
         ),
         c(
@@ -264,7 +235,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            card(CardType::Ordinary, 1000, Some((B, 30))),
+            card(CardType::ORDINARY, 1000, Some((B, 30))),
             (Reject, Reason::EntryExists, 0, None),
         ),
         c(
@@ -272,7 +243,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             ModeBits::SEQUENCE_FREE,
             In,
-            card(CardType::Ordinary, 1000, Some((B, 30))),
+            card(CardType::ORDINARY, 1000, Some((B, 30))),
             (OpenEntry, Reason::OkSequenceFree, 0, Some(1000)),
         ),
         c(
@@ -280,7 +251,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            card(CardType::Ordinary, 159, None),
+            card(CardType::ORDINARY, 159, None),
             (Reject, Reason::InsufficientBalance, 160, None),
         ),
         c(
@@ -288,7 +259,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            card(CardType::Ordinary, 160, None),
+            card(CardType::ORDINARY, 160, None),
             (OpenEntry, Reason::Ok, 0, Some(160)),
         ),
         c(
@@ -296,7 +267,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             ModeBits::FARE_FREE,
             In,
-            card(CardType::Ordinary, 0, None),
+            card(CardType::ORDINARY, 0, None),
             (OpenEntry, Reason::Ok, 0, Some(0)),
         ),
         c(
@@ -304,7 +275,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            card(CardType::Staff, 1000, None),
+            card(CardType::STAFF, 1000, None),
             (Reject, Reason::CardTypeNotAccepted, 0, None),
         ),
         c(
@@ -312,7 +283,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             In,
-            card(CardType::ElderlyFree, 0, None),
+            card(CardType::ELDERLY_FREE, 0, None),
             (OpenEntry, Reason::Ok, 0, Some(0)),
         ),
         c(
@@ -320,7 +291,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             none,
             Out,
-            card(CardType::Ordinary, 1000, Some((A, 30))),
+            card(CardType::ORDINARY, 1000, Some((A, 30))),
             (OpenExit, Reason::Ok, 320, Some(680)),
         ),
         c(
@@ -328,7 +299,7 @@ fn svc_cases() -> Vec<SvcCase> {
             C,
             none,
             Out,
-            card(CardType::Student, 1000, Some((A, 30))),
+            card(CardType::STUDENT, 1000, Some((A, 30))),
             (OpenExit, Reason::Ok, 150, Some(850)),
         ),
         c(
@@ -336,7 +307,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             none,
             Out,
-            card(CardType::ElderlyFree, 0, Some((A, 30))),
+            card(CardType::ELDERLY_FREE, 0, Some((A, 30))),
             (OpenExit, Reason::Ok, 0, Some(0)),
         ),
         c(
@@ -344,7 +315,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             none,
             Out,
-            card(CardType::Ordinary, 1000, Some((A, 5))),
+            card(CardType::ORDINARY, 1000, Some((A, 5))),
             (OpenExit, Reason::Ok, 160, Some(840)),
         ),
         c(
@@ -352,7 +323,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             none,
             Out,
-            card(CardType::Ordinary, 1000, None),
+            card(CardType::ORDINARY, 1000, None),
             (Reject, Reason::NoEntry, 0, None),
         ),
         c(
@@ -360,7 +331,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::SEQUENCE_FREE,
             Out,
-            card(CardType::Ordinary, 1000, None),
+            card(CardType::ORDINARY, 1000, None),
             (OpenExit, Reason::OkSequenceFree, 160, Some(840)),
         ),
         c(
@@ -368,7 +339,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             none,
             Out,
-            card(CardType::Ordinary, 319, Some((A, 30))),
+            card(CardType::ORDINARY, 319, Some((A, 30))),
             (Reject, Reason::InsufficientBalance, 320, None),
         ),
         c(
@@ -376,7 +347,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::FARE_FREE,
             Out,
-            card(CardType::Ordinary, 100, Some((A, 30))),
+            card(CardType::ORDINARY, 100, Some((A, 30))),
             (OpenExit, Reason::OkFareShortfall, 100, Some(0)),
         ),
         c(
@@ -384,7 +355,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::TRAIN_DISRUPTION,
             Out,
-            card(CardType::Ordinary, 1000, Some((A, 30))),
+            card(CardType::ORDINARY, 1000, Some((A, 30))),
             (OpenExit, Reason::OkTrainDisruption, 0, Some(1000)),
         ),
         c(
@@ -392,7 +363,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::TRAIN_DISRUPTION,
             Out,
-            card(CardType::Ordinary, 0, None),
+            card(CardType::ORDINARY, 0, None),
             (OpenExit, Reason::OkTrainDisruption, 0, Some(0)),
         ),
         c(
@@ -400,7 +371,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             ModeBits::CLOSED,
             In,
-            card(CardType::Ordinary, 1000, None),
+            card(CardType::ORDINARY, 1000, None),
             (Reject, Reason::StationClosed, 0, None),
         ),
         c(
@@ -408,7 +379,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::CLOSED,
             Out,
-            card(CardType::Ordinary, 1000, Some((A, 30))),
+            card(CardType::ORDINARY, 1000, Some((A, 30))),
             (Reject, Reason::StationClosed, 0, None),
         ),
         c(
@@ -416,7 +387,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             ModeBits::EMERGENCY_RELEASE,
             In,
-            card(CardType::Ordinary, 0, Some((B, 30))),
+            card(CardType::ORDINARY, 0, Some((B, 30))),
             (OpenEntry, Reason::OkEmergencyRelease, 0, None),
         ),
         c(
@@ -424,7 +395,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::EMERGENCY_RELEASE.with(ModeBits::CLOSED),
             Out,
-            card(CardType::Ordinary, 0, None),
+            card(CardType::ORDINARY, 0, None),
             (OpenExit, Reason::OkEmergencyRelease, 0, None),
         ),
         c(
@@ -432,7 +403,7 @@ fn svc_cases() -> Vec<SvcCase> {
             A,
             ModeBits::ENTRY_FREE,
             In,
-            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::Ordinary, 0, None) },
+            SvcCard { card_id: BLACKLISTED_CARD, ..card(CardType::ORDINARY, 0, None) },
             (OpenEntry, Reason::OkEntryFree, 0, None),
         ),
         c(
@@ -440,7 +411,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::FARE_FREE.with(ModeBits::SEQUENCE_FREE),
             Out,
-            card(CardType::Ordinary, 50, None),
+            card(CardType::ORDINARY, 50, None),
             (OpenExit, Reason::OkFareShortfall, 50, Some(0)),
         ),
         c(
@@ -448,7 +419,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::TRAIN_DISRUPTION.with(ModeBits::CLOSED),
             Out,
-            card(CardType::Ordinary, 1000, Some((A, 30))),
+            card(CardType::ORDINARY, 1000, Some((A, 30))),
             (Reject, Reason::StationClosed, 0, None),
         ),
         c(
@@ -456,7 +427,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::HOURS_24,
             Out,
-            card(CardType::Ordinary, 1000, Some((A, 30))),
+            card(CardType::ORDINARY, 1000, Some((A, 30))),
             (OpenExit, Reason::Ok, 320, Some(680)),
         ),
         c(
@@ -464,7 +435,7 @@ fn svc_cases() -> Vec<SvcCase> {
             D,
             ModeBits::TIME_FREE,
             Out,
-            card(CardType::Ordinary, 1000, Some((A, 600))),
+            card(CardType::ORDINARY, 1000, Some((A, 600))),
             (OpenExit, Reason::Ok, 320, Some(680)),
         ),
     ]
@@ -504,13 +475,13 @@ fn every_stored_value_rule_and_mode_bit_decides_as_specified() {
 #[test]
 fn an_overstay_adds_the_surcharge_unless_time_free() {
     let mut w = World::with_rule(D, rule(Some(120), 300));
-    let within = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 120))));
+    let within = w.svc(Out, card(CardType::ORDINARY, 1000, Some((A, 120))));
     assert_decision(&within, OpenExit, Reason::Ok, 320, Some(680));
     // 121 minutes is within the limit plus the clock tolerance (30 s by default): 122 is over.
-    let over = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 122))));
+    let over = w.svc(Out, card(CardType::ORDINARY, 1000, Some((A, 122))));
     assert_decision(&over, OpenExit, Reason::Ok, 620, Some(380));
     let mut free = World::with_rule(D, rule(Some(120), 300)).mode(ModeBits::TIME_FREE);
-    let waived = free.svc(Out, card(CardType::Ordinary, 1000, Some((A, 500))));
+    let waived = free.svc(Out, card(CardType::ORDINARY, 1000, Some((A, 500))));
     assert_decision(&waived, OpenExit, Reason::Ok, 320, Some(680));
 }
 
@@ -522,7 +493,7 @@ fn an_open_entry_left_at_a_station_under_emergency_release_is_accepted_anywhere_
     w.modes.set(A, ModeBits::NORMAL, entered.plus_minutes(90));
     let stale = SvcCard {
         entry: Some(EntryRecord { station: A, time: entered }),
-        ..card(CardType::Ordinary, 1000, None)
+        ..card(CardType::ORDINARY, 1000, None)
     };
     let d = w.svc(In, stale.clone());
     assert_decision(&d, OpenEntry, Reason::OkEmergencyGrace, 0, Some(1000));
@@ -535,7 +506,7 @@ fn an_open_entry_left_at_a_station_under_emergency_release_is_accepted_anywhere_
     let mut no_emergency = World::at(C);
     let entered_before_release = SvcCard {
         entry: Some(EntryRecord { station: B, time: entered }),
-        ..card(CardType::Ordinary, 1000, None)
+        ..card(CardType::ORDINARY, 1000, None)
     };
     assert_eq!(no_emergency.svc(In, entered_before_release).reason, Reason::EntryExists);
 }
@@ -544,7 +515,7 @@ fn an_open_entry_left_at_a_station_under_emergency_release_is_accepted_anywhere_
 fn an_exit_without_entry_after_entry_free_elsewhere_is_priced_from_that_station() {
     let mut w = World::at(D);
     w.modes.set(B, ModeBits::ENTRY_FREE, noon().plus_minutes(-60));
-    let d = w.svc(Out, card(CardType::Ordinary, 1000, None));
+    let d = w.svc(Out, card(CardType::ORDINARY, 1000, None));
     // B to D is 14 km: 4.00 full, 3.20 at 80 %.
     assert_decision(&d, OpenExit, Reason::OkEntryFreeExit, 320, Some(680));
     assert_eq!(d.entry.unwrap().station, B);
@@ -552,7 +523,7 @@ fn an_exit_without_entry_after_entry_free_elsewhere_is_priced_from_that_station(
     let mut two = World::at(D);
     two.modes.set(A, ModeBits::ENTRY_FREE, noon().plus_minutes(-60));
     two.modes.set(C, ModeBits::ENTRY_FREE, noon().plus_minutes(-60));
-    let cheapest = two.svc(Out, card(CardType::Ordinary, 1000, None));
+    let cheapest = two.svc(Out, card(CardType::ORDINARY, 1000, None));
     assert_eq!(
         (cheapest.entry.unwrap().station, cheapest.fare_fen),
         (C, 240),
@@ -562,20 +533,20 @@ fn an_exit_without_entry_after_entry_free_elsewhere_is_priced_from_that_station(
     let mut long_ago = World::at(D);
     long_ago.modes.set(B, ModeBits::ENTRY_FREE, noon().plus_days(-3));
     long_ago.modes.set(B, ModeBits::NORMAL, noon().plus_days(-3).plus_minutes(60));
-    assert_eq!(long_ago.svc(Out, card(CardType::Ordinary, 1000, None)).reason, Reason::NoEntry);
+    assert_eq!(long_ago.svc(Out, card(CardType::ORDINARY, 1000, None)).reason, Reason::NoEntry);
 }
 
 #[test]
 fn an_entry_record_from_a_station_the_table_does_not_know_is_refused() {
     let mut w = World::at(D);
-    let d = w.svc(Out, card(CardType::Ordinary, 1000, Some((StationCode(999), 10))));
+    let d = w.svc(Out, card(CardType::ORDINARY, 1000, Some((StationCode(999), 10))));
     assert_eq!(d.reason, Reason::UnknownStation);
 }
 
 #[test]
 fn a_card_whose_counter_would_wrap_is_sent_to_the_desk() {
     let mut w = World::at(A);
-    let d = w.svc(In, SvcCard { tx_counter: u32::MAX, ..card(CardType::Ordinary, 1000, None) });
+    let d = w.svc(In, SvcCard { tx_counter: u32::MAX, ..card(CardType::ORDINARY, 1000, None) });
     assert_eq!(d.reason, Reason::CardInvalid);
 }
 
@@ -682,7 +653,7 @@ fn a_token_without_entry_under_sequence_free_pays_from_where_it_was_sold() {
 fn a_card_is_valid_through_the_business_day_of_its_expiry_date() {
     let mut w = World::at(A);
     w.now = Timestamp::from_local(today().plus_days(1), 0, 30, 480);
-    let expiring_today = SvcCard { expiry: today(), ..card(CardType::Ordinary, 1000, None) };
+    let expiring_today = SvcCard { expiry: today(), ..card(CardType::ORDINARY, 1000, None) };
     assert_eq!(
         w.svc(In, expiring_today.clone()).kind,
         OpenEntry,
@@ -735,7 +706,7 @@ fn a_token_exit_needs_its_paid_value_to_cover_the_fare_and_is_retained() {
 #[test]
 fn a_decision_becomes_a_ledger_record_with_everything_clearing_needs() {
     let mut w = World::at(D);
-    let d = w.svc(Out, card(CardType::Ordinary, 1000, Some((A, 30))));
+    let d = w.svc(Out, card(CardType::ORDINARY, 1000, Some((A, 30))));
     let station = "dl-d".parse().unwrap();
     let gate = "g03".parse().unwrap();
     let rec = d.to_record(&station, &gate, 17, Default::default(), w.now);
@@ -792,9 +763,86 @@ fn qr_validity_and_the_ride_limit_use_the_gate_clock_within_the_skew_tolerance()
     for (off, fare) in [(-5_000, 320), (-500, 320), (0, 320), (500, 320), (5_000, 320), (10 * MIN, 620)] {
         let mut w = World::with_rule(D, rule(Some(120), 300));
         w.now = Timestamp(truth.0 + off);
-        let mut c = card(CardType::Ordinary, 1000, None);
+        let mut c = card(CardType::ORDINARY, 1000, None);
         c.entry = Some(EntryRecord { station: A, time: entered });
         let d = w.svc(Out, c);
         assert_decision(&d, OpenExit, Reason::Ok, fare, Some(1000 - fare));
     }
+}
+
+/// Another city's fare rule with a concession of its own (code 20, "veteran", 30 %): written as
+/// data, compiled, carried in the gate's binary table, and decided on; a code it does not list is
+/// refused.
+#[test]
+fn a_fare_rule_with_its_own_card_types_prices_them_through_the_binary_table() {
+    let rule_json = r#"{
+        "name": "another city", "bands": [{"up_to_m": 6000, "fare_fen": 300}, {"up_to_m": 18000, "fare_fen": 500}],
+        "beyond": null, "min_fare_fen": 300, "token_percent": 100, "max_ride_minutes": null,
+        "overstay_surcharge_fen": 0, "business_day": {"utc_offset_minutes": 480, "rollover_minute_of_day": 240},
+        "discounts": {"ordinary": 100, "20": 30, "21": 0},
+        "card_type_names": {"20": {"en": "Veteran", "zh": "优抚对象"}, "21": {"en": "Companion", "zh": "陪同人员"}}
+    }"#;
+    let rule: FareRule = serde_json::from_str(rule_json).unwrap();
+    rule.validate().unwrap();
+    assert_eq!(rule.card_type_names[&CardType(20)].zh, "优抚对象");
+    // The table a gate receives is the binary body: decode what was encoded.
+    let table = compile(&network(), &rule).unwrap();
+    let table = FareTable::decode(&table.encode()).unwrap();
+    assert_eq!(
+        table.accepted_types(),
+        vec![(CardType::ORDINARY, 100), (CardType(20), 30), (CardType(21), 0)]
+    );
+    let mut w = World::with_rule(A, rule);
+    w.fares = table;
+    let from_c = Some((C, 20));
+    let full = w.fares.full_fare_fen(C, A).unwrap();
+    let veteran = card(CardType(20), 1_000, from_c);
+    assert_decision(
+        &w.svc(Out, veteran),
+        OpenExit,
+        Reason::Ok,
+        full * 30 / 100,
+        Some(1_000 - full * 30 / 100),
+    );
+    assert_decision(
+        &w.svc(Out, card(CardType::ORDINARY, 1_000, from_c)),
+        OpenExit,
+        Reason::Ok,
+        full,
+        Some(1_000 - full),
+    );
+    // Listed by another city only: refused here, like a type the rule does not list.
+    assert_decision(
+        &w.svc(In, card(CardType(22), 1_000, None)),
+        Reject,
+        Reason::CardTypeNotAccepted,
+        0,
+        None,
+    );
+    assert_decision(
+        &w.svc(In, card(CardType::STUDENT, 1_000, None)),
+        Reject,
+        Reason::CardTypeNotAccepted,
+        0,
+        None,
+    );
+    // A card reports its type as the byte on the card: a name, a decimal string or a number.
+    for json in [r#""20""#, "20"] {
+        assert_eq!(serde_json::from_str::<CardType>(json).unwrap(), CardType(20));
+    }
+    assert_eq!(serde_json::to_string(&CardType(20)).unwrap(), r#""20""#);
+    assert_eq!(serde_json::to_string(&CardType::ELDERLY_FREE).unwrap(), r#""elderly_free""#);
+    for bad in [r#""veteran""#, "256", "-1", r#""""#, r#""2x""#] {
+        assert!(serde_json::from_str::<CardType>(bad).is_err(), "{bad}");
+    }
+    // Names only for accepted types, and never empty.
+    let mut named_only: FareRule = serde_json::from_str(rule_json).unwrap();
+    named_only.discounts.remove(&CardType(21));
+    assert!(matches!(
+        named_only.validate(),
+        Err(FareError::NamedTypeNotAccepted { card_type: CardType(21) })
+    ));
+    let mut empty: FareRule = serde_json::from_str(rule_json).unwrap();
+    empty.card_type_names.get_mut(&CardType(20)).unwrap().en = " ".into();
+    assert!(matches!(empty.validate(), Err(FareError::BadCardTypeName { .. })));
 }

@@ -34,10 +34,10 @@ fn journey(from: &str, to: &str, metres: u32, full: u32, ordinary: u32, student:
     for (a, b) in [(code(from), code(to)), (code(to), code(from))] {
         assert_eq!(t.distance_m(a, b), Some(metres), "{from} - {to}: distance");
         assert_eq!(t.full_fare_fen(a, b), Some(full), "{from} - {to}: full fare");
-        assert_eq!(t.fare_fen(a, b, CardType::Ordinary), Some(ordinary), "{from} - {to}: ordinary");
-        assert_eq!(t.fare_fen(a, b, CardType::Student), Some(student), "{from} - {to}: student");
-        assert_eq!(t.fare_fen(a, b, CardType::Senior), Some(student), "{from} - {to}: senior");
-        assert_eq!(t.fare_fen(a, b, CardType::ElderlyFree), Some(0), "{from} - {to}: free");
+        assert_eq!(t.fare_fen(a, b, CardType::ORDINARY), Some(ordinary), "{from} - {to}: ordinary");
+        assert_eq!(t.fare_fen(a, b, CardType::STUDENT), Some(student), "{from} - {to}: student");
+        assert_eq!(t.fare_fen(a, b, CardType::SENIOR), Some(student), "{from} - {to}: senior");
+        assert_eq!(t.fare_fen(a, b, CardType::ELDERLY_FREE), Some(0), "{from} - {to}: free");
         assert_eq!(t.token_fare_fen(a, b), Some(full), "{from} - {to}: token");
     }
 }
@@ -81,9 +81,9 @@ fn the_dalian_rule_has_no_ride_limit_and_rolls_over_at_four() {
     assert_eq!(t.max_ride_minutes(), None);
     assert_eq!(t.overstay_surcharge_fen(), 0);
     assert_eq!(t.min_fare_fen(), 200);
-    assert_eq!(t.min_fare_for(CardType::Ordinary), Some(160));
+    assert_eq!(t.min_fare_for(CardType::ORDINARY), Some(160));
     assert_eq!(t.business_day(), BusinessDayRule { utc_offset_minutes: 480, rollover_minute_of_day: 240 });
-    assert_eq!(t.discount_percent(CardType::Staff), Some(0));
+    assert_eq!(t.discount_percent(CardType::STAFF), Some(0));
     assert_eq!(rule.token_percent, 100);
 }
 

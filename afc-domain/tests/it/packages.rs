@@ -9,33 +9,10 @@ use afc_domain::package::{
     package_sha256, split, BlacklistBody, ChunkError, ChunkHeader, Package, PackageError, Reassembler,
     TrustedKeys, MAX_CHUNK_BYTES,
 };
-use ed25519_dalek::SigningKey;
+use afc_test_support::keys::{blacklist_package, station_key, trusted, KEY_ID};
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-
-const KEY_ID: u32 = 2026;
-
-fn station_key() -> SigningKey {
-    SigningKey::from_bytes(&[42; 32])
-}
-
-fn trusted() -> TrustedKeys {
-    let mut keys = TrustedKeys::new();
-    keys.insert(KEY_ID, station_key().verifying_key());
-    keys
-}
-
-fn blacklist_package(version: u64, body: &BlacklistBody) -> Package {
-    Package::sign(
-        ParamKind::Blacklist,
-        version,
-        Timestamp(1_780_000_000_000),
-        body.encode(),
-        KEY_ID,
-        &station_key(),
-    )
-}
 
 #[test]
 fn a_million_entry_blacklist_survives_signing_chunking_and_out_of_order_reassembly() {

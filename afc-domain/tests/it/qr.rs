@@ -19,7 +19,8 @@ fn keyset() -> QrKeySet {
     QrKeySet::new(vec![QrIssuerKey {
         issuer: 100,
         key_id: 1,
-        public_key: signing_key().verifying_key().to_bytes(),
+        algorithm: afc_domain::qr::QrAlgorithm::Ed25519,
+        public_key: signing_key().verifying_key().to_bytes().to_vec(),
         valid_from: Timestamp(0),
         valid_to: Timestamp(i64::MAX),
     }])
@@ -181,7 +182,9 @@ fn a_key_set_round_trips_through_its_json_body_and_refuses_bad_bodies() {
     assert_eq!(QrKeySet::from_json(dup.as_bytes()), Err(QrKeyError::Duplicate { issuer: 100, key_id: 1 }));
     assert!(serde_json::from_str::<QrKeySet>(&dup).is_err());
     let short_key = r#"{"keys":[{"issuer":1,"key_id":1,"public_key":"abcd","valid_from":0,"valid_to":1}]}"#;
-    assert!(matches!(QrKeySet::from_json(short_key.as_bytes()), Err(QrKeyError::Json(_))));
+    assert!(matches!(QrKeySet::from_json(short_key.as_bytes()), Err(QrKeyError::BadPublicKey { .. })));
+    let odd_hex = r#"{"keys":[{"issuer":1,"key_id":1,"public_key":"abc","valid_from":0,"valid_to":1}]}"#;
+    assert!(matches!(QrKeySet::from_json(odd_hex.as_bytes()), Err(QrKeyError::Json(_))));
     assert!(matches!(QrKeySet::from_json(b"\xff{"), Err(QrKeyError::Json(_))));
 }
 
@@ -192,7 +195,11 @@ fn lookups_find_each_key_among_many_issuers() {
         .map(|i| QrIssuerKey {
             issuer: i / 4,
             key_id: i % 4,
-            public_key: SigningKey::from_bytes(&[(i % 200) as u8 + 1; 32]).verifying_key().to_bytes(),
+            algorithm: afc_domain::qr::QrAlgorithm::Ed25519,
+            public_key: SigningKey::from_bytes(&[(i % 200) as u8 + 1; 32])
+                .verifying_key()
+                .to_bytes()
+                .to_vec(),
             valid_from: Timestamp(0),
             valid_to: Timestamp(i64::MAX),
         })

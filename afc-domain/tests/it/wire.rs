@@ -81,7 +81,7 @@ fn entry() -> impl Strategy<Value = Option<EntryRecord>> {
 }
 
 fn svc_card() -> impl Strategy<Value = SvcCard> {
-    (any::<u64>(), select(CardType::ALL.to_vec()), any::<u32>(), date(), any::<u32>(), entry()).prop_map(
+    (any::<u64>(), select(CardType::NAMED.to_vec()), any::<u32>(), date(), any::<u32>(), entry()).prop_map(
         |(card_id, card_type, balance_fen, expiry, tx_counter, entry)| SvcCard {
             card_id,
             card_type,
@@ -302,15 +302,17 @@ fn tx_batch() -> impl Strategy<Value = TxBatch> {
     (
         ident(),
         ident(),
-        proptest::collection::vec(tx_record(), 0..4),
+        proptest::option::of(proptest::collection::vec(tx_record(), 0..4)),
+        proptest::option::of(proptest::collection::vec("[A-Za-z0-9+/]{4,40}={0,2}", 0..4)),
         "[0-9a-f]{128}",
         proptest::option::of("[0-9a-f]{32}"),
         proptest::option::of(1u64..u64::MAX),
     )
-        .prop_map(|(station, gate, records, signature, installation, covers_from)| TxBatch {
+        .prop_map(|(station, gate, records, raw, signature, installation, covers_from)| TxBatch {
             station,
             gate,
             records,
+            raw,
             signature,
             installation,
             covers_from,

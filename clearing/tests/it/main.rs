@@ -5,6 +5,7 @@
 
 mod common;
 mod feed;
+mod journeys;
 mod powercut;
 mod robustness;
 mod upload;

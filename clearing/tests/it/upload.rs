@@ -268,3 +268,34 @@ async fn concurrent_uploads_of_the_same_batches_store_each_record_once() {
     assert_eq!(stats.last_hash, chain[1_999].hash);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_closed_day_is_stored_once_a_resend_is_a_duplicate_another_close_is_409_and_it_survives_a_restart()
+{
+    use clearing::protocol::DayClose;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let c = &server.client;
+    let close = |passages: u64| DayClose {
+        day: afc_domain::model::Date::parse("2026-12-01").unwrap(),
+        record: serde_json::json!({"gates": [{"gate": "g01", "passages": passages}]}),
+    };
+    let stored = c.close_day(&station(), &close(7)).await.unwrap().unwrap();
+    assert!(!stored.duplicate);
+    assert!(c.close_day(&station(), &close(7)).await.unwrap().unwrap().duplicate);
+    assert_eq!(c.close_day(&station(), &close(8)).await.unwrap(), Err(()));
+    // The raw 409 names its code.
+    let r = reqwest::Client::new()
+        .post(server.url(&format!("/v1/stations/{}/days", station())))
+        .bearer_auth(crate::common::TOKEN)
+        .json(&close(9))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["code"], "day_conflict");
+    server.stop().await;
+    let server = TestServer::start(dir.path()).await;
+    assert_eq!(server.client.days(&station()).await.unwrap(), vec![close(7)]);
+    server.stop().await;
+}

@@ -5,14 +5,16 @@ use std::collections::BTreeSet;
 use actix_web::{web, HttpResponse};
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{reason, ApiError, ApiState, Caller};
 use crate::node::{AddLearner, SetVoters};
 use crate::types::NodeId;
 
 /// One member as this node sees it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MemberOut {
+    #[schema(value_type = u64)]
     pub id: NodeId,
     pub addr: String,
     pub voter: bool,
@@ -23,11 +25,13 @@ pub struct MemberOut {
 }
 
 /// `GET /api/v1/cluster`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ClusterOut {
+    #[schema(value_type = u64)]
     pub node_id: NodeId,
     /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
     pub role: String,
+    #[schema(value_type = Option<u64>)]
     pub leader: Option<NodeId>,
     pub term: u64,
     pub last_log_index: Option<u64>,
@@ -97,9 +101,20 @@ pub async fn get(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse,
     Ok(HttpResponse::Ok().json(snapshot(&state)))
 }
 
-#[derive(Debug, Deserialize)]
+/// The answer of `POST /api/v1/cluster/nodes` and `POST /api/v1/cluster/nodes/{id}/remove`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MembershipOut {
+    #[schema(value_type = u64)]
+    pub node_id: NodeId,
+    /// The Raft log index of the (last) membership change.
+    pub log_index: u64,
+}
+
+/// Body of `POST /api/v1/cluster/nodes`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddNode {
+    #[schema(value_type = u64)]
     pub node_id: NodeId,
     /// The new node's Raft/admin listener address (`host:port`).
     pub addr: String,
@@ -138,10 +153,11 @@ pub async fn add(
         voters.insert(b.node_id);
         log_index = state.node.set_voters(SetVoters { voters }, 0).await?.log_index;
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "node_id": b.node_id, "log_index": log_index })))
+    Ok(HttpResponse::Ok().json(MembershipOut { node_id: b.node_id, log_index }))
 }
 
-#[derive(Debug, Deserialize)]
+/// Body of `POST /api/v1/cluster/nodes/{id}/remove`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoveNode {
     pub reason: String,
@@ -165,5 +181,5 @@ pub async fn remove(
     }
     state.audit(&caller, "cluster.remove_node", format!("node {id}: {why}")).await?;
     let changed = state.node.set_voters(SetVoters { voters }, 0).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "node_id": id, "log_index": changed.log_index })))
+    Ok(HttpResponse::Ok().json(MembershipOut { node_id: id, log_index: changed.log_index }))
 }

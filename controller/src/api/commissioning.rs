@@ -14,13 +14,14 @@
 use actix_web::{web, HttpResponse};
 use afc_domain::model::Ident;
 use ed25519_dalek::VerifyingKey;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{reason, ApiError, ApiState, Caller};
 use crate::state::{GateInfo, Request, Response};
 
 /// Body of `POST /api/v1/gates`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
     pub gate: String,
@@ -32,12 +33,39 @@ pub struct RegisterBody {
     pub reason: String,
 }
 
+/// The answer of `POST /api/v1/gates`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RegisteredOut {
+    pub gate: Ident,
+    /// The registered key (lower-case hex).
+    pub tx_public_key: String,
+    /// The gate was decommissioned and is registered again.
+    pub recommissioned: bool,
+}
+
+/// The answer of `PUT /api/v1/gates/{gate}/key`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyReplacedOut {
+    pub gate: Ident,
+    /// The new key (lower-case hex).
+    pub tx_public_key: String,
+    pub key_replaced: bool,
+}
+
+/// The answer of `POST /api/v1/gates/{gate}/decommission`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DecommissionedOut {
+    pub gate: Ident,
+    /// Always true.
+    pub decommissioned: bool,
+}
+
 fn default_profile() -> String {
     "default".into()
 }
 
 /// Body of `PUT /api/v1/gates/{gate}/key`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplaceKeyBody {
     pub tx_public_key: String,
@@ -47,7 +75,7 @@ pub struct ReplaceKeyBody {
 }
 
 /// Body of `POST /api/v1/gates/{gate}/decommission`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecommissionBody {
     pub reason: String,
@@ -112,9 +140,11 @@ pub async fn register(
     let req =
         Request::RegisterGate { gate: gate.clone(), tx_public_key: key.clone(), hardware_profile: profile };
     match state.audited_write(&caller, "gate.register", detail, req).await? {
-        Response::GateRegistered { .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
-            "gate": gate, "tx_public_key": key, "recommissioned": recommission
-        }))),
+        Response::GateRegistered { .. } => Ok(HttpResponse::Ok().json(RegisteredOut {
+            gate,
+            tx_public_key: key,
+            recommissioned: recommission,
+        })),
         other => Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
     }
 }
@@ -148,9 +178,9 @@ pub async fn replace_key(
     let req =
         Request::RegisterGate { gate: gate.clone(), tx_public_key: key.clone(), hardware_profile: profile };
     match state.audited_write(&caller, "gate.replace_key", detail, req).await? {
-        Response::GateRegistered { key_replaced, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
-            "gate": gate, "tx_public_key": key, "key_replaced": key_replaced
-        }))),
+        Response::GateRegistered { key_replaced, .. } => {
+            Ok(HttpResponse::Ok().json(KeyReplacedOut { gate, tx_public_key: key, key_replaced }))
+        }
         other => Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
     }
 }
@@ -177,7 +207,7 @@ pub async fn decommission(
         .await?
     {
         Response::GateDecommissioned { .. } => {
-            Ok(HttpResponse::Ok().json(serde_json::json!({ "gate": gate, "decommissioned": true })))
+            Ok(HttpResponse::Ok().json(DecommissionedOut { gate, decommissioned: true }))
         }
         other => Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
     }

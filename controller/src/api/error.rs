@@ -52,10 +52,15 @@ pub enum ApiError {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    code: &'a str,
-    message: String,
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody<'a> {
+    /// The stable machine-readable code ([`ApiError::code`]).
+    #[schema(value_type = String)]
+    pub code: &'a str,
+    /// For people; may change.
+    pub message: String,
 }
 
 impl ApiError {
@@ -130,6 +135,23 @@ impl From<NodeError> for ApiError {
     }
 }
 
+impl From<crate::packages::PublishError> for ApiError {
+    fn from(e: crate::packages::PublishError) -> Self {
+        use crate::packages::PublishError as P;
+        match e {
+            P::Node(e) => e.into(),
+            P::Store(e) => e.into(),
+            P::Rejected(r) => match super::rejection_to_error(r) {
+                Err(e) => e,
+                Ok(r) => ApiError::Internal(format!("unexpected response {r:?}")),
+            },
+            P::InvalidParameters(m) => ApiError::InvalidParameters(m),
+            P::Conflict(m) => ApiError::Conflict(m),
+            P::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError::Internal(e.to_string())
@@ -142,5 +164,83 @@ pub fn json_error(err: actix_web::error::JsonPayloadError, limit: usize) -> acti
     match err {
         J::Overflow { .. } | J::OverflowKnownLength { .. } => ApiError::TooLarge { limit }.into(),
         other => ApiError::BadRequest(other.to_string()).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of each variant; the match makes a new variant a compile error here until it is added.
+    fn one_of_each() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::BadRequest(String::new()),
+            ApiError::InvalidParameters(String::new()),
+            ApiError::Unauthorized,
+            ApiError::Forbidden { role: "viewer", needed: "engineer" },
+            ApiError::SameConfirmer { actor: String::new() },
+            ApiError::NotFound(String::new()),
+            ApiError::NoRoute { method: String::new(), path: String::new() },
+            ApiError::Conflict(String::new()),
+            ApiError::TooLarge { limit: 1 },
+            ApiError::NoLeader(String::new()),
+            ApiError::RaftStopped { reason: "x", error: String::new() },
+            ApiError::SigningKeyMissing,
+            ApiError::CommandRejected(String::new()),
+            ApiError::CommandExpired(String::new()),
+            ApiError::CommandFailed(String::new()),
+            ApiError::GateTimeout(1),
+            ApiError::MqttUnavailable(String::new()),
+            ApiError::Busy { what: String::new(), retry_after_secs: 1 },
+            ApiError::Internal(String::new()),
+        ];
+        for e in &all {
+            match e {
+                ApiError::BadRequest(_)
+                | ApiError::InvalidParameters(_)
+                | ApiError::Unauthorized
+                | ApiError::Forbidden { .. }
+                | ApiError::SameConfirmer { .. }
+                | ApiError::NotFound(_)
+                | ApiError::NoRoute { .. }
+                | ApiError::Conflict(_)
+                | ApiError::TooLarge { .. }
+                | ApiError::NoLeader(_)
+                | ApiError::RaftStopped { .. }
+                | ApiError::SigningKeyMissing
+                | ApiError::CommandRejected(_)
+                | ApiError::CommandExpired(_)
+                | ApiError::CommandFailed(_)
+                | ApiError::GateTimeout(_)
+                | ApiError::MqttUnavailable(_)
+                | ApiError::Busy { .. }
+                | ApiError::Internal(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn the_openapi_document_lists_every_status_and_code_an_error_can_have() {
+        let listed = crate::api::openapi::ERRORS;
+        for e in one_of_each() {
+            let status = e.status_code().as_u16();
+            let codes = listed.iter().find(|(s, _, _)| *s == status).map(|(_, c, _)| *c);
+            assert!(
+                codes.is_some_and(|c| c.contains(&e.code())),
+                "{status} {} not in openapi::ERRORS",
+                e.code()
+            );
+        }
+        let used: Vec<(u16, &str)> =
+            one_of_each().iter().map(|e| (e.status_code().as_u16(), e.code())).collect();
+        for (status, codes, _) in listed {
+            for c in *codes {
+                assert!(
+                    used.contains(&(*status, *c)),
+                    "openapi::ERRORS lists {status} {c}, which no error gives"
+                );
+            }
+        }
     }
 }

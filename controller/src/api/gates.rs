@@ -2,7 +2,7 @@
 //! /api/v1/gates/{gate}/commands`: a command to one gate (SPEC §5 `gates/{gate}/cmd`).
 //!
 //! The live part (online, direction, service, alarms, reported versions, counters) comes from a
-//! [`GateView`]: the leader's MQTT duties ([`crate::leader::Duties`], fed by `leader/view.rs`). A
+//! [`GateView`] (`gate_view.rs`): the leader's MQTT duties ([`crate::leader::Duties`], fed by `leader/view.rs`). A
 //! node without `[mqtt]` uses [`NoGateView`], which reports nothing live; the list then holds the
 //! gates registered in the replicated state, with their desired parameter versions and ledger
 //! progress. Only the leader hears the gates: a follower's API asks the leader's Raft/admin
@@ -20,55 +20,13 @@ use actix_web::{web, HttpResponse};
 use afc_domain::model::Ident;
 use afc_domain::wire::{CommandKind, CommandResult, GateDirection};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{ApiError, ApiState, Caller};
-
-/// What the live view knows of one gate.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GateSnapshot {
-    pub gate: String,
-    pub online: bool,
-    /// `closed`, `entry`, `exit` or `bidirectional`, as last reported.
-    pub direction: Option<String>,
-    pub in_service: bool,
-    /// Free passage held (emergency release or entry_free).
-    pub free_passage: bool,
-    /// Active alarms (`tailgating`, `door_fault`, `plc_offline`, ...).
-    pub alarms: Vec<String>,
-    /// Per parameter kind, the active version the gate reports.
-    pub reported_versions: BTreeMap<String, u64>,
-    /// Counters from the last heartbeat (entries, exits, outbox depth, ...).
-    pub counters: BTreeMap<String, u64>,
-    /// When the controller last heard from the gate (ms since the epoch).
-    pub last_seen_ms: Option<i64>,
-    /// Gate clock minus controller clock at the last heartbeat (alarm `clock_drift` beyond
-    /// `mqtt.clock_drift_alarm_ms`).
-    #[serde(default)]
-    pub clock_offset_ms: Option<i64>,
-    /// Records committed this leadership whose `occurred_at` was implausible (alarm
-    /// `implausible_time`; `controller::leader::plausible`).
-    #[serde(default)]
-    pub implausible_time_records: u64,
-}
-
-/// A source of live gate state.
-pub trait GateView: Send + Sync {
-    /// Every gate the view knows, in any order.
-    fn gates(&self) -> Vec<GateSnapshot>;
-}
-
-/// A view that knows no live state (before the leader's gate view is wired in).
-#[derive(Debug, Default)]
-pub struct NoGateView;
-
-impl GateView for NoGateView {
-    fn gates(&self) -> Vec<GateSnapshot> {
-        Vec::new()
-    }
-}
+pub use crate::gate_view::{GateSnapshot, GateView, NoGateView};
 
 /// One gate as the API shows it: live state, desired versions, ledger progress.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct GateOut {
     #[serde(flatten)]
     pub live: GateSnapshot,
@@ -177,7 +135,7 @@ pub async fn detail(
 }
 
 /// Body of `POST /api/v1/gates/{gate}/commands`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandBody {
     /// `open_once_entry`, `open_once_exit`, `set_direction`, `out_of_service` or `in_service`.
@@ -209,7 +167,7 @@ impl CommandBody {
 }
 
 /// The answer of an acknowledged command.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CommandOut {
     pub gate: String,
     pub command: String,
@@ -246,7 +204,7 @@ pub async fn command(
     let outcome = match state.node.leader_addr() {
         Some((leader, _)) if leader == state.node.id => duties.deliver(&id, kind).await,
         Some((_, addr)) => {
-            let body = crate::http::GateCommand { gate: id.clone(), command: kind };
+            let body = crate::leader::GateCommand { gate: id.clone(), command: kind };
             state.node.forward(&addr, "/admin/gate-command", &body, 1).await?
         }
         None => return Err(ApiError::NoLeader("no leader known to send the command".into())),

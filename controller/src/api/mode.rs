@@ -3,12 +3,14 @@
 use actix_web::{web, HttpResponse};
 use afc_domain::mode::ModeBits;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::{now, reason, ApiError, ApiState, Caller};
+use super::{reason, ApiError, ApiState, Caller};
+use crate::clock::now;
 use crate::state::{ModeChange, Request, Response};
 
 /// `GET /api/v1/mode`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ModeOut {
     pub station_code: u16,
     pub bits: u16,
@@ -34,8 +36,10 @@ pub async fn get(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse,
     Ok(HttpResponse::Ok().json(current(&state)?))
 }
 
-/// `PUT /api/v1/mode`: either `bits` or `names` (`["fare_free", "time_free"]`, `["normal"]`).
-#[derive(Debug, Deserialize)]
+/// `PUT /api/v1/mode`: either `bits` or `names` (`["fare_free", "time_free"]`, `["normal"]`): the
+/// whole set of bits. The emergency release bit must stay as it is (400 `invalid_parameters`
+/// otherwise): only `POST /api/v1/mode/emergency-release` with `confirm` changes it.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetMode {
     pub bits: Option<u16>,
@@ -62,9 +66,22 @@ async fn write_mode(
         Response::ModeSet { previous, .. } => previous,
         _ => bits,
     };
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "bits": bits.0, "names": bits.names(), "previous": previous.0,
-    })))
+    Ok(HttpResponse::Ok().json(ModeSetOut {
+        bits: bits.0,
+        names: bits.names().into_iter().map(str::to_owned).collect(),
+        previous: previous.0,
+    }))
+}
+
+/// The answer of `PUT /api/v1/mode` and `POST /api/v1/mode/emergency-release`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModeSetOut {
+    /// The mode bits now set.
+    pub bits: u16,
+    /// Their names (`normal` when none).
+    pub names: Vec<String>,
+    /// The bits before the change.
+    pub previous: u16,
 }
 
 pub async fn set(
@@ -83,11 +100,21 @@ pub async fn set(
         })?,
         _ => return Err(ApiError::BadRequest("give exactly one of bits and names".into())),
     };
+    // Emergency release opens every flap: it is set and cleared only through its own guarded
+    // route (with confirm), never as a side effect of another bit's change.
+    let held = state.node.sm.state()?.modes.bits_at(state.station_code, now());
+    let er = ModeBits::EMERGENCY_RELEASE;
+    if bits.has(er) != held.has(er) {
+        return Err(ApiError::InvalidParameters(format!(
+            "emergency release is {} only through POST /api/v1/mode/emergency-release with \"confirm\": true",
+            if bits.has(er) { "set" } else { "cleared" }
+        )));
+    }
     write_mode(&caller, &state, "mode.set", bits, why).await
 }
 
 /// `POST /api/v1/mode/emergency-release`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Emergency {
     /// true sets emergency release, false clears it (default true).

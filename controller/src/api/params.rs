@@ -2,7 +2,7 @@
 //! and a fare rule; upload blacklists (full or delta). A blacklist adding more ids to what gates
 //! hold than `api.blacklist_confirm_threshold` (SPEC §4: a real metro once blocked 250,000 good
 //! cards) is stored with its rollout request held, by the one mass-insertion guard every path goes
-//! through ([`super::rollouts::rollout_request`]), until another engineer confirms it.
+//! through ([`crate::packages::rollout_request`]), until another engineer confirms it.
 
 use actix_web::{web, HttpResponse};
 use afc_domain::blacklist::{Blacklist, BlacklistDelta, Entry};
@@ -10,12 +10,17 @@ use afc_domain::model::{ParamKind, Timestamp};
 use afc_domain::network::{compile, FareRule, NetworkDescription};
 use afc_domain::package::{package_sha256, BlacklistBody, Package};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::{now, reason, ApiError, ApiState, Caller};
+use super::rollouts::{outcome_json, RolloutOutcome};
+use crate::packages::{self, RolloutRule};
+
+use super::{reason, ApiError, ApiState, Caller};
+use crate::clock::now;
 use crate::state::{Request, Response};
 
 /// One kind's stored versions.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct KindOut {
     pub kind: String,
     pub versions: Vec<u64>,
@@ -41,7 +46,7 @@ pub async fn list(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse
 }
 
 /// `GET /api/v1/parameters/{kind}/{version}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PackageOut {
     pub kind: String,
     pub version: u64,
@@ -79,10 +84,6 @@ pub async fn show(
     }))
 }
 
-fn current_version(state: &ApiState, kind: ParamKind) -> Result<u64, ApiError> {
-    Ok(state.node.sm.state()?.packages.get(kind.as_str()).map(|p| p.current()).unwrap_or(0))
-}
-
 /// Signs `body` as `version` of `kind` and stores it through Raft (audited).
 #[allow(clippy::too_many_arguments)]
 async fn sign_and_store(
@@ -94,24 +95,74 @@ async fn sign_and_store(
     effective_from: Timestamp,
     body: Vec<u8>,
 ) -> Result<HttpResponse, ApiError> {
-    let (key_id, key) = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
-    let signed = Package::sign(kind, version, effective_from, body, *key_id, key);
-    let package = signed.encode();
-    let size = package.len();
-    state.audit(caller, action, detail.clone()).await?;
-    let rollout = super::rollouts::before_upload(&state.node, &caller.name, &signed, &detail).await;
-    let stored = state.node.put_package(kind, version, &package).await?;
-    match super::rejection_to_error(stored)? {
-        Response::PackageStored { sha256, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
-            "kind": kind.as_str(), "version": version, "sha256": hex::encode(sha256),
-            "size": size, "effective_from": effective_from.0, "rollout": rollout,
-        }))),
+    let key = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
+    let rule = RolloutRule::Report { why: &detail };
+    let prepared =
+        packages::prepare(&state.node, key, (kind, version, effective_from), body, &caller.name, rule)?;
+    let size = prepared.bytes.len();
+    let published = prepared.commit(&state.node, Some((action, detail.clone()))).await?;
+    let rollout = outcome_json(published.rollout);
+    match super::rejection_to_error(published.stored)? {
+        Response::PackageStored { sha256, .. } => Ok(HttpResponse::Ok().json(UploadOut {
+            kind: kind.as_str().to_owned(),
+            version,
+            sha256: hex::encode(sha256),
+            size,
+            effective_from: effective_from.0,
+            added: None,
+            rollout,
+        })),
         other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
     }
 }
 
+/// The answer of a stored upload (`POST /api/v1/parameters/fare-table`, `.../qr-keys`, and a
+/// blacklist that needs no second engineer).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UploadOut {
+    pub kind: String,
+    pub version: u64,
+    /// sha256 of the signed package (hex).
+    pub sha256: String,
+    /// Bytes of the signed package.
+    pub size: usize,
+    /// ms since the epoch.
+    pub effective_from: i64,
+    /// Blacklist only: the ids it adds to what gates hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<u64>,
+    /// The rollout requested for it.
+    pub rollout: RolloutOutcome,
+}
+
+/// The answer (202) of a blacklist upload held for a second engineer's confirmation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HeldUploadOut {
+    /// Always `confirmation_required`.
+    pub code: String,
+    /// The id to confirm (`POST /api/v1/parameters/blacklist/pending/{id}/confirm`): the version.
+    pub pending_id: u64,
+    pub version: u64,
+    /// The ids it adds to what gates hold.
+    pub added: u64,
+    /// `api.blacklist_confirm_threshold`.
+    pub threshold: u64,
+    pub sha256: String,
+    pub size: usize,
+    pub message: String,
+}
+
+/// The answer of `POST /api/v1/parameters/blacklist/pending/{id}/confirm`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConfirmedUploadOut {
+    pub kind: String,
+    pub version: u64,
+    pub added: u64,
+    pub rollout: RolloutOutcome,
+}
+
 /// `POST /api/v1/parameters/fare-table`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FareUpload {
     pub network: NetworkDescription,
@@ -129,7 +180,7 @@ pub async fn upload_fare_table(
     let b = body.into_inner();
     let why = reason(&b.reason)?;
     let table = compile(&b.network, &b.fare_rule).map_err(|e| ApiError::InvalidParameters(e.to_string()))?;
-    let version = current_version(&state, ParamKind::FareTable)? + 1;
+    let version = packages::next_version(&state.node.sm.state()?, ParamKind::FareTable, 0);
     let detail = format!(
         "fare_table v{version} from network {:?} ({} stations) and rule {:?}: {why}",
         b.network.name,
@@ -150,7 +201,7 @@ pub async fn upload_fare_table(
 }
 
 /// `POST /api/v1/parameters/blacklist`: exactly one of `full` and `delta`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BlacklistUpload {
     /// The complete list; replaces what gates hold.
@@ -160,7 +211,8 @@ pub struct BlacklistUpload {
     pub reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// A blacklist delta of an upload.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeltaUpload {
     /// The version this delta was written against: must be the current one, else 409.
@@ -178,8 +230,8 @@ pub async fn upload_blacklist(
 ) -> Result<HttpResponse, ApiError> {
     let b = body.into_inner();
     let why = reason(&b.reason)?;
-    let current = current_version(&state, ParamKind::Blacklist)?;
-    let version = current + 1;
+    let version = packages::next_version(&state.node.sm.state()?, ParamKind::Blacklist, 0);
+    let current = version - 1;
     let body = match (b.full, b.delta) {
         (Some(entries), None) => BlacklistBody::Full(Blacklist::from_entries(version, entries)),
         (None, Some(d)) => {
@@ -197,52 +249,59 @@ pub async fn upload_blacklist(
         _ => return Err(ApiError::BadRequest("give exactly one of full and delta".into())),
     };
     let eff = Timestamp(b.effective_from.unwrap_or(now().0));
-    let (key_id, key) = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
+    let key = state.signing.as_ref().ok_or(ApiError::SigningKeyMissing)?;
     let what = if matches!(body, BlacklistBody::Full(_)) { "full" } else { "delta" };
-    let signed = Package::sign(ParamKind::Blacklist, version, eff, body.encode(), *key_id, key);
-    drop(body);
-    let package = signed.encode();
-    let size = package.len();
     // The one mass-insertion guard: the ids this adds to what gates hold, by set difference.
-    let s = state.node.sm.state()?;
-    let (request, added) = super::rollouts::rollout_request(&state.node, &s, &signed, &caller.name, &why)?;
-    drop(s);
-    let added = added.unwrap_or(0);
+    let prepared = packages::prepare(
+        &state.node,
+        key,
+        (ParamKind::Blacklist, version, eff),
+        body.encode(),
+        &caller.name,
+        RolloutRule::Guarded { why: &why },
+    )?;
+    drop(body);
+    let size = prepared.bytes.len();
+    let added = prepared.added.unwrap_or(0);
     let threshold = state.node.config.api.blacklist_confirm_threshold;
-    let held = request.confirmation.is_some();
+    let held = prepared.held();
     let detail = format!("blacklist v{version} ({what}) adds {added} ids to what gates hold: {why}");
-    let rollout = if held {
-        state.audit(&caller, "parameters.blacklist.held", format!("{detail} (> {threshold}: held)")).await?;
-        // The held request is on record before the package is stored, or nothing is stored: a
-        // stored version that no request holds back could reach gates as it is.
-        let r = super::rollouts::record(&state.node, request).await?;
-        if !matches!(r, Response::RolloutRequested { held: true, .. }) {
-            return Err(ApiError::Internal(format!("held rollout request not recorded: {r:?}")));
-        }
-        None
+    let audit = if held {
+        ("parameters.blacklist.held", format!("{detail} (> {threshold}: held)"))
     } else {
-        state.audit(&caller, "parameters.blacklist", detail).await?;
-        Some(super::rollouts::outcome_json(super::rollouts::record(&state.node, request).await))
+        ("parameters.blacklist", detail)
     };
-    let stored = state.node.put_package(ParamKind::Blacklist, version, &package).await?;
-    let sha256 = match super::rejection_to_error(stored)? {
+    let published = prepared.commit(&state.node, Some(audit)).await?;
+    let rollout = if held { None } else { Some(outcome_json(published.rollout)) };
+    let sha256 = match super::rejection_to_error(published.stored)? {
         Response::PackageStored { sha256, .. } => hex::encode(sha256),
         other => return Err(ApiError::Internal(format!("unexpected response {other:?}"))),
     };
     match rollout {
-        None => Ok(HttpResponse::Accepted().json(serde_json::json!({
-            "code": "confirmation_required", "pending_id": version, "version": version,
-            "added": added, "threshold": threshold, "sha256": sha256, "size": size,
-            "message": "stored, not rolled out: a second engineer must confirm this upload",
-        }))),
-        Some(rollout) => Ok(HttpResponse::Ok().json(serde_json::json!({
-            "kind": "blacklist", "version": version, "sha256": sha256, "size": size,
-            "effective_from": eff.0, "added": added, "rollout": rollout,
-        }))),
+        None => Ok(HttpResponse::Accepted().json(HeldUploadOut {
+            code: "confirmation_required".into(),
+            pending_id: version,
+            version,
+            added,
+            threshold,
+            sha256,
+            size,
+            message: "stored, not rolled out: a second engineer must confirm this upload".into(),
+        })),
+        Some(rollout) => Ok(HttpResponse::Ok().json(UploadOut {
+            kind: "blacklist".into(),
+            version,
+            sha256,
+            size,
+            effective_from: eff.0,
+            added: Some(added),
+            rollout,
+        })),
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Body of `POST /api/v1/parameters/blacklist/pending/{id}/confirm`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Confirm {
     pub reason: String,
@@ -280,15 +339,18 @@ pub async fn confirm_blacklist(
     // The state machine checks again (another engineer, this version still waiting).
     let req = Request::RolloutConfirmVersion { kind, version: id, by: caller.name.clone(), at: now() };
     match state.audited_write(&caller, "parameters.blacklist", detail, req).await? {
-        Response::RolloutConfirmed { version, .. } => Ok(HttpResponse::Ok().json(serde_json::json!({
-            "kind": kind.as_str(), "version": version, "added": c.added,
-            "rollout": { "requested": true, "held_for_confirmation": false },
-        }))),
+        Response::RolloutConfirmed { version, .. } => Ok(HttpResponse::Ok().json(ConfirmedUploadOut {
+            kind: kind.as_str().to_owned(),
+            version,
+            added: c.added,
+            rollout: RolloutOutcome { requested: true, held_for_confirmation: Some(false), detail: None },
+        })),
         other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/v1/parameters/qr-keys`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QrKeysUpload {
     /// The complete set of issuer keys gates trust for QR ride codes (replaces the current set).
@@ -306,10 +368,48 @@ pub async fn upload_qr_keys(
     let why = reason(&b.reason)?;
     let set =
         afc_domain::qr::QrKeySet::new(b.keys).map_err(|e| ApiError::InvalidParameters(e.to_string()))?;
-    let version = current_version(&state, ParamKind::QrKeys)? + 1;
+    let version = packages::next_version(&state.node.sm.state()?, ParamKind::QrKeys, 0);
     let detail = format!("qr_keys v{version} ({} issuer keys): {why}", set.len());
     let json = serde_json::to_vec(&set).map_err(|e| ApiError::Internal(e.to_string()))?;
     let eff = Timestamp(b.effective_from.unwrap_or(now().0));
     sign_and_store(&state, &caller, ("parameters.qr_keys", detail), ParamKind::QrKeys, version, eff, json)
         .await
+}
+
+/// `POST /api/v1/parameters/gate-config`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GateConfigUpload {
+    /// The whole `gate_config` every gate of the station runs (replaces the current one); unknown
+    /// fields and values out of range are refused.
+    #[schema(value_type = afc_domain::package::GateConfigBody)]
+    pub config: serde_json::Value,
+    pub effective_from: Option<i64>,
+    pub reason: String,
+}
+
+pub async fn upload_gate_config(
+    caller: Caller,
+    state: web::Data<ApiState>,
+    body: web::Json<GateConfigUpload>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.into_inner();
+    let why = reason(&b.reason)?;
+    let config = afc_domain::package::GateConfigBody::from_json_strict(&b.config)
+        .map_err(ApiError::InvalidParameters)?;
+    let version = packages::next_version(&state.node.sm.state()?, ParamKind::GateConfig, 0);
+    let json =
+        afc_domain::package::encode_json_body(&config).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let detail = format!("gate_config v{version} {}: {why}", String::from_utf8_lossy(&json));
+    let eff = Timestamp(b.effective_from.unwrap_or(now().0));
+    sign_and_store(
+        &state,
+        &caller,
+        ("parameters.gate_config", detail),
+        ParamKind::GateConfig,
+        version,
+        eff,
+        json,
+    )
+    .await
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use utoipa::ToSchema;
 
 use super::{ApiError, ApiState, Caller};
 use crate::chain::{verify_chain, GENESIS_HASH};
@@ -36,9 +37,13 @@ impl ScanLimit {
         }
     }
 
-    /// A slot for one `scan` (one of [`super::metrics::SCANS`]), held until the permit drops: move
+    /// A slot for one `scan` (one of [`crate::metrics::SCANS`]), held until the permit drops: move
     /// it into the blocking task, so a scan whose client went away still counts until it ends.
-    async fn acquire(&self, state: &ApiState, scan: &str) -> Result<OwnedSemaphorePermit, ApiError> {
+    pub(super) async fn acquire(
+        &self,
+        state: &ApiState,
+        scan: &str,
+    ) -> Result<OwnedSemaphorePermit, ApiError> {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => Ok(p),
             Err(_) => match tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await {
@@ -60,8 +65,25 @@ impl ScanLimit {
 /// Most entries one page returns.
 pub const MAX_PAGE: usize = 1000;
 
+/// `GET /healthz`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthOut {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// `GET /readyz` when ready.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReadyOut {
+    /// Always `ready`.
+    pub status: String,
+    /// The leader this node knows.
+    #[schema(value_type = u64)]
+    pub leader: crate::types::NodeId,
+}
+
 pub async fn healthz(_c: Caller) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+    HttpResponse::Ok().json(HealthOut { status: "ok".into() })
 }
 
 pub async fn readyz(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
@@ -71,15 +93,19 @@ pub async fn readyz(_c: Caller, state: web::Data<ApiState>) -> Result<HttpRespon
     }
     let leader = state.node.raft.metrics().borrow().current_leader;
     match leader {
-        Some(l) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "leader": l }))),
+        Some(l) => Ok(HttpResponse::Ok().json(ReadyOut { status: "ready".into(), leader: l })),
         None => Err(ApiError::NoLeader("this node knows no leader".into())),
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of the paged lists (ledger, gaps, conflicts, audit).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Page {
+    /// First index (or id) returned (default: the first; audit: the latest `limit` lines).
     pub from: Option<u64>,
+    /// Most items returned (default 100, at most 1000).
     pub limit: Option<usize>,
 }
 
@@ -97,7 +123,8 @@ pub async fn ledger(
 pub const MAX_SCAN: usize = 20_000;
 
 /// `GET /api/v1/ledger/search`: filters over the retained ledger, in ledger-index order.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Search {
     /// First ledger index to look at (default: the first retained); continue with `next_from`.
@@ -113,11 +140,12 @@ pub struct Search {
     /// Only this card, ticket or account id (the record's `id`), with `media` if ids may collide.
     pub card: Option<u64>,
     /// `svc`, `qr` or `token`.
+    #[param(inline)]
     pub media: Option<afc_domain::model::Media>,
 }
 
 /// One page of a ledger search.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SearchPage {
     pub entries: Vec<crate::chain::LedgerEntry>,
     /// Where to continue (`from=`), or `None` when the whole retained ledger was searched.
@@ -181,7 +209,7 @@ pub async fn ledger_search(
 }
 
 /// `GET /api/v1/ledger/stats` and the ledger part of `GET /api/v1/clearing`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LedgerStats {
     pub first_retained: u64,
     pub last_index: u64,
@@ -216,6 +244,22 @@ pub async fn ledger_stats(_c: Caller, state: web::Data<ApiState>) -> Result<Http
     Ok(HttpResponse::Ok().json(stats(&state)?))
 }
 
+/// `GET /api/v1/ledger/verify`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VerifyOut {
+    /// The retained ledger chains and ends at the state's head.
+    pub ok: bool,
+    /// Entries checked.
+    pub checked: u64,
+    /// The range walked (absent when the walk stopped at a broken or missing entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_index: Option<u64>,
+    /// What is wrong, or null.
+    pub error: Option<String>,
+}
+
 /// Walks the retained ledger page by page: contiguous indexes, each hash following from its record
 /// and predecessor, the last equal to the state's head. Entry 1 chains from the genesis hash; after
 /// a prune, the first retained entry's own hash is the starting point.
@@ -223,7 +267,14 @@ pub async fn ledger_verify(_c: Caller, state: web::Data<ApiState>) -> Result<Htt
     let s = state.node.sm.state()?;
     let sm = state.node.sm.clone();
     let permit = state.scans.acquire(&state, "verify").await?;
-    let result = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
+    let failed = |checked: u64, error: String| VerifyOut {
+        ok: false,
+        checked,
+        first_index: None,
+        last_index: None,
+        error: Some(error),
+    };
+    let result = tokio::task::spawn_blocking(move || -> Result<VerifyOut, ApiError> {
         let _permit = permit;
         let mut next = s.first_retained;
         let mut prev = GENESIS_HASH;
@@ -232,7 +283,7 @@ pub async fn ledger_verify(_c: Caller, state: web::Data<ApiState>) -> Result<Htt
             let mut page = sm.ledger_entries(next, 10_000)?;
             page.retain(|e| e.index <= s.last_index());
             if page.is_empty() {
-                return Ok(serde_json::json!({ "ok": false, "checked": checked, "error": format!("entry {next} is missing") }));
+                return Ok(failed(checked, format!("entry {next} is missing")));
             }
             if next == s.first_retained && next > 1 {
                 // The predecessor was pruned: trust the first retained hash and check from there.
@@ -250,14 +301,17 @@ pub async fn ledger_verify(_c: Caller, state: web::Data<ApiState>) -> Result<Htt
                     checked += page.len() as u64;
                     next += page.len() as u64;
                 }
-                Err(e) => return Ok(serde_json::json!({ "ok": false, "checked": checked, "error": e.to_string() })),
+                Err(e) => return Ok(failed(checked, e.to_string())),
             }
         }
         let head_ok = s.last_index() == 0 || prev == s.last_hash;
-        Ok(serde_json::json!({
-            "ok": head_ok, "checked": checked, "first_index": s.first_retained, "last_index": s.last_index(),
-            "error": (!head_ok).then_some("the last entry's hash is not the state's head"),
-        }))
+        Ok(VerifyOut {
+            ok: head_ok,
+            checked,
+            first_index: Some(s.first_retained),
+            last_index: Some(s.last_index()),
+            error: (!head_ok).then(|| "the last entry's hash is not the state's head".to_owned()),
+        })
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
@@ -269,15 +323,7 @@ pub fn lag_now(
     state: &ApiState,
     status: &crate::clearing_sync::ClearingStatus,
 ) -> crate::clearing_lag::ClearingLag {
-    let now = afc_domain::model::Timestamp(
-        i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0),
-        )
-        .unwrap_or(i64::MAX),
-    );
+    let now = crate::clock::now();
     let after = std::time::Duration::from_secs(state.node.config.clearing.lag_alarm_secs);
     crate::clearing_lag::clearing_lag(status, now, after)
 }
@@ -293,25 +339,62 @@ pub async fn clearing(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResp
     c.cursor = st.clearing_acked_through;
     c.last_index = st.last_index;
     c.backlog = st.clearing_backlog;
-    let mut v = serde_json::to_value(&c).map_err(|e| ApiError::Internal(e.to_string()))?;
-    // Names kept from the first version of this view.
-    v["acked_through"] = st.clearing_acked_through.into();
-    v["last_success_ms"] = c.last_success.map(|t| t.millis()).into();
     let lag = lag_now(&state, &c);
-    v["lag_ms"] = lag.lag_ms.into();
-    v["lag_alarm"] = lag.lag_alarm.into();
-    v["lag_alarm_secs"] = lag.lag_alarm_secs.into();
     let f = state.node.sm.state()?.feed;
-    v["feed"] = serde_json::json!({
-        "after": f.after,
-        "network_version": f.network.as_ref().map(|b| b.version),
-        "fare_rule_version": f.fare_rule.as_ref().map(|b| b.version),
-        "compiled_from": f.compiled,
-        "last_fare_table": f.last_fare_table,
-        "refused": f.refused,
-        "last_refusal": f.last_refusal,
-    });
-    Ok(HttpResponse::Ok().json(v))
+    let feed = FeedOut {
+        after: f.after,
+        network_version: f.network.as_ref().map(|b| b.version),
+        fare_rule_version: f.fare_rule.as_ref().map(|b| b.version),
+        compiled_from: f.compiled,
+        last_fare_table: f.last_fare_table,
+        refused: f.refused,
+        last_refusal: f.last_refusal,
+    };
+    Ok(HttpResponse::Ok().json(ClearingOut {
+        // Names kept from the first version of this view.
+        acked_through: st.clearing_acked_through,
+        last_success_ms: c.last_success.map(|t| t.millis()),
+        lag_ms: lag.lag_ms,
+        lag_alarm: lag.lag_alarm,
+        lag_alarm_secs: lag.lag_alarm_secs,
+        feed,
+        status: c,
+    }))
+}
+
+/// `GET /api/v1/clearing`: the uploader's status with the clearing lag and the parameter feed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClearingOut {
+    #[serde(flatten)]
+    pub status: crate::clearing_sync::ClearingStatus,
+    /// The replicated cursor (as `cursor`).
+    pub acked_through: u64,
+    /// `last_success` (ms since the epoch).
+    pub last_success_ms: Option<i64>,
+    /// Milliseconds records have waited without an upload acknowledged; null when this node does
+    /// not upload (clearing not configured, or not the leader).
+    pub lag_ms: Option<u64>,
+    /// The lag reached `lag_alarm_secs`.
+    pub lag_alarm: bool,
+    /// `clearing.lag_alarm_secs`.
+    pub lag_alarm_secs: u64,
+    pub feed: FeedOut,
+}
+
+/// Where the leader is in clearing's parameter feed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FeedOut {
+    /// The last feed item taken.
+    pub after: u64,
+    pub network_version: Option<u64>,
+    pub fare_rule_version: Option<u64>,
+    /// `[network, fare rule]` versions the last compiled fare table came from.
+    #[schema(value_type = Option<Vec<u64>>, min_items = 2, max_items = 2)]
+    pub compiled_from: Option<(u64, u64)>,
+    pub last_fare_table: Option<u64>,
+    /// Feed items refused, and the last reason.
+    pub refused: u64,
+    pub last_refusal: Option<String>,
 }
 
 pub async fn gaps(
@@ -332,16 +415,78 @@ pub async fn conflicts(
     Ok(HttpResponse::Ok().json(state.node.sm.conflicts(q.from.unwrap_or(1), limit)?))
 }
 
+/// Most audit lines one filtered request reads before it answers (what it found so far).
+pub const AUDIT_FILTER_SCAN: usize = 10_000;
+
+/// `GET /api/v1/audit`: a page of the log, optionally filtered.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// First line id returned (default: the latest `limit` lines, matching ones when filtered).
+    pub from: Option<u64>,
+    /// Most lines returned (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// Only lines whose actor contains this text (case-insensitive).
+    pub actor: Option<String>,
+    /// Only lines whose action contains this text (case-insensitive), e.g. `mode.` or `gate.command`.
+    pub action: Option<String>,
+}
+
+/// Lines oldest first. Filtered, it reads at most [`AUDIT_FILTER_SCAN`] lines: forwards from `from`,
+/// or backwards from the latest line without it, until `limit` lines matched.
 pub async fn audit(
     _c: Caller,
     state: web::Data<ApiState>,
-    q: web::Query<Page>,
+    q: web::Query<AuditQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    let q = q.into_inner();
     let limit = q.limit.unwrap_or(100).min(MAX_PAGE);
-    // Without `from`, the latest `limit` lines.
-    let from = match q.from {
-        Some(f) => f,
-        None => state.node.sm.state()?.next_audit.saturating_sub(limit as u64).max(1),
+    let lower =
+        |s: &Option<String>| s.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_lowercase);
+    let (actor, action) = (lower(&q.actor), lower(&q.action));
+    let next_audit = state.node.sm.state()?.next_audit;
+    if actor.is_none() && action.is_none() {
+        // Without `from`, the latest `limit` lines.
+        let from = q.from.unwrap_or_else(|| next_audit.saturating_sub(limit as u64).max(1));
+        return Ok(HttpResponse::Ok().json(state.node.sm.audit_entries(from, limit)?));
+    }
+    let keep = move |a: &crate::state::AuditEntry| {
+        actor.as_ref().is_none_or(|s| a.actor.to_lowercase().contains(s))
+            && action.as_ref().is_none_or(|s| a.action.to_lowercase().contains(s))
     };
-    Ok(HttpResponse::Ok().json(state.node.sm.audit_entries(from, limit)?))
+    let sm = state.node.sm.clone();
+    let out = tokio::task::spawn_blocking(move || -> Result<Vec<crate::state::AuditEntry>, ApiError> {
+        let mut out = Vec::new();
+        let mut read = 0usize;
+        match q.from {
+            Some(mut next) => {
+                while out.len() < limit && read < AUDIT_FILTER_SCAN {
+                    let page = sm.audit_entries(next, 1000.min(AUDIT_FILTER_SCAN - read))?;
+                    let Some(last) = page.last().map(|a| a.seq) else { break };
+                    read += page.len();
+                    out.extend(page.into_iter().filter(&keep).take(limit - out.len()));
+                    next = last + 1;
+                }
+            }
+            None => {
+                let mut end = next_audit; // exclusive
+                while out.len() < limit && read < AUDIT_FILTER_SCAN && end > 1 {
+                    let start = end.saturating_sub(1000).max(1);
+                    let page = sm.audit_entries(start, (end - start) as usize)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    read += page.len();
+                    out.extend(page.into_iter().rev().filter(&keep).take(limit - out.len()));
+                    end = start;
+                }
+                out.reverse();
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(HttpResponse::Ok().json(out))
 }

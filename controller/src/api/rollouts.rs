@@ -3,34 +3,94 @@
 //! with what the gates report (see [`crate::leader::rollout`]).
 
 use actix_web::{web, HttpResponse};
-use afc_domain::blacklist::Blacklist;
-use afc_domain::model::{ParamKind, Timestamp};
-use afc_domain::package::{BlacklistBody, Package};
-use afc_domain::rollout::{blacklist_ids_added, MassInsertionGuard, SecondConfirmation};
-use serde::Deserialize;
+use afc_domain::model::ParamKind;
+use afc_domain::package::Package;
+use std::collections::BTreeMap;
 
-use super::{now, reason, rejection_to_error, ApiError, ApiState, Caller};
-use crate::node::Node;
-use crate::state::{Request, Response, RolloutStart, StationState};
+use afc_domain::rollout::Rollout;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{reason, ApiError, ApiState, Caller};
+use crate::clock::now;
+use crate::state::{Request, Response, RolloutStart};
 
 pub async fn status(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     let s = state.node.sm.state()?;
-    let station: serde_json::Map<String, serde_json::Value> = ParamKind::ALL
+    let station_versions: BTreeMap<String, u64> = ParamKind::ALL
         .iter()
         .filter_map(|k| {
             let stored = s.packages.get(k.as_str()).map(|p| p.current()).filter(|v| *v > 0);
-            s.rollouts.station_version(*k, stored).map(|v| (k.as_str().to_owned(), v.into()))
+            s.rollouts.station_version(*k, stored).map(|v| (k.as_str().to_owned(), v))
         })
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "rollouts": s.rollouts.rollouts.by_kind,
-        "requests": s.rollouts.requests,
-        "station_versions": station,
-    })))
+    Ok(HttpResponse::Ok().json(RolloutsOut {
+        rollouts: s.rollouts.rollouts.by_kind,
+        requests: s.rollouts.requests,
+        station_versions,
+    }))
+}
+
+/// `GET /api/v1/rollouts`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutsOut {
+    /// The rollout of each kind (the last one, also once done or rolled back).
+    pub rollouts: BTreeMap<ParamKind, Rollout>,
+    /// Requests waiting to start (for a mass blacklist insertion: its second engineer).
+    pub requests: BTreeMap<ParamKind, RolloutStart>,
+    /// Per kind, the version every gate is pointed at (`params/{kind}/current`).
+    pub station_versions: BTreeMap<String, u64>,
+}
+
+/// The answer of `POST /api/v1/rollouts` (202: recorded, the leader starts it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutRequestedOut {
+    /// `requested`, or `confirmation_required` for a mass blacklist insertion.
+    pub code: String,
+    pub kind: ParamKind,
+    pub version: u64,
+    /// With `confirmation_required`: what to do next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The answer of `POST /api/v1/rollouts/{kind}/abort`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutAbortedOut {
+    pub kind: ParamKind,
+    /// A request still waiting to start was dropped too.
+    pub dropped_request: bool,
+}
+
+/// The answer of `POST /api/v1/rollouts/{kind}/confirm`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutConfirmedOut {
+    pub kind: ParamKind,
+    /// The version whose rollout may now start.
+    pub version: u64,
+}
+
+/// What an upload tells the uploader about the rollout it requested.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RolloutOutcome {
+    /// Whether a rollout request was recorded.
+    pub requested: bool,
+    /// When requested: whether it waits for a second engineer (mass blacklist insertion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_for_confirmation: Option<bool>,
+    /// When not requested: why (one of the kind is still staging, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl std::fmt::Display for RolloutOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_json::to_string(self).map_err(|_| std::fmt::Error)?)
+    }
 }
 
 /// `POST /api/v1/rollouts`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartBody {
     pub kind: String,
@@ -40,128 +100,6 @@ pub struct StartBody {
 
 fn parse_kind(name: &str) -> Result<ParamKind, ApiError> {
     ParamKind::parse(name).ok_or_else(|| ApiError::NotFound(format!("kind {name}")))
-}
-
-/// The rollout request for `package` (stored, or about to be stored as the next version), from
-/// what the state holds now, and for a blacklist the ids it adds to what gates hold.
-///
-/// Every path that can change what gates hold builds its request here (an API upload, a rollout
-/// started by hand, the parameter feed: [`before_upload`] and [`start`]), and the leader starts
-/// only ready requests: so this is the one place the mass-insertion guard is asked
-/// ([`blacklist_guard`]). A blacklist adding more ids than the threshold carries a confirmation
-/// that an engineer other than `by` must give before the rollout starts.
-pub fn rollout_request(
-    node: &Node,
-    s: &StationState,
-    package: &Package,
-    by: &str,
-    why: &str,
-) -> Result<(RolloutStart, Option<u64>), ApiError> {
-    let (kind, version) = (package.header.kind, package.header.version);
-    let stored_before =
-        s.packages.get(kind.as_str()).and_then(|p| p.versions.iter().rev().find(|v| **v < version).copied());
-    // What gates hold now: the rollout's station version; with a request still waiting (held for
-    // a second engineer, say), what that request started from, never the version it would bring.
-    let from_version = s.rollouts.station_version(kind, stored_before);
-    let at = now();
-    let (added, confirmation) = if kind == ParamKind::Blacklist {
-        let (added, c) = blacklist_guard(node, package, from_version, by, at)?;
-        (Some(added), c)
-    } else {
-        (None, None)
-    };
-    let request = RolloutStart {
-        kind,
-        to_version: version,
-        from_version,
-        effective_from: package.header.effective_from,
-        policy: node.config.rollout.clone(),
-        by: by.to_owned(),
-        at,
-        reason: why.to_owned(),
-        confirmation,
-    };
-    Ok((request, added))
-}
-
-/// The controller's side of the one mass-insertion guard (SPEC §4,
-/// [`MassInsertionGuard`]): how many ids the blacklist `package` adds to the list gates hold at
-/// `from` (by set difference, never entry counts), and the confirmation it needs when that is
-/// above `api.blacklist_confirm_threshold`. A delta written on another version than the gates
-/// hold is judged by the list it makes. When the list at `from` cannot be rebuilt (a package on
-/// the way missing), the guard counts against an empty list: it holds rather than waves through.
-pub fn blacklist_guard(
-    node: &Node,
-    package: &Package,
-    from: Option<u64>,
-    by: &str,
-    at: Timestamp,
-) -> Result<(u64, Option<SecondConfirmation>), ApiError> {
-    let new = BlacklistBody::decode(&package.body)
-        .map_err(|e| ApiError::InvalidParameters(format!("blacklist body: {e}")))?;
-    let held = match from {
-        Some(v) => list_at(node, v)?.unwrap_or_else(|| {
-            tracing::warn!(
-                version = v,
-                "blacklist held by gates cannot be rebuilt: counting every id as added"
-            );
-            Blacklist::empty()
-        }),
-        None => Blacklist::empty(),
-    };
-    let added = match blacklist_ids_added(&held, &new) {
-        Ok(added) => added,
-        Err(_) => {
-            // A delta on another version (one stored after what gates hold): the list it makes.
-            let BlacklistBody::Delta(d) = &new else {
-                return Err(ApiError::Internal("a full blacklist is always comparable".into()));
-            };
-            let made = list_at(node, d.from_version)?
-                .and_then(|mut base| base.apply_delta(d).ok().map(|()| base))
-                .ok_or_else(|| {
-                    ApiError::Conflict(format!(
-                        "blacklist v{} is a delta on v{}, which cannot be rebuilt: upload a full list",
-                        d.to_version, d.from_version
-                    ))
-                })?;
-            held.ids_added_by(&made)
-        }
-    };
-    let guard = MassInsertionGuard::new(node.config.api.blacklist_confirm_threshold);
-    Ok((added, guard.confirmation(added, package.header.version, by, at)))
-}
-
-/// The blacklist gates hold at `version`: its full list, or the deltas since the last full list
-/// applied in order (version 0: the empty list). `None` when a package on the way is missing,
-/// does not decode or does not apply.
-fn list_at(node: &Node, version: u64) -> Result<Option<Blacklist>, ApiError> {
-    let mut deltas = Vec::new();
-    let mut v = version;
-    let mut list = loop {
-        if v == 0 {
-            break Blacklist::empty();
-        }
-        let body = node
-            .sm
-            .package(ParamKind::Blacklist, v)?
-            .and_then(|b| Package::decode(&b).ok())
-            .and_then(|p| BlacklistBody::decode(&p.body).ok());
-        match body {
-            Some(BlacklistBody::Full(list)) => break list,
-            // Each step goes to a lower version, so the walk ends.
-            Some(BlacklistBody::Delta(d)) if d.from_version < v => {
-                v = d.from_version;
-                deltas.push(d);
-            }
-            _ => return Ok(None),
-        }
-    };
-    for d in deltas.iter().rev() {
-        if list.apply_delta(d).is_err() {
-            return Ok(None);
-        }
-    }
-    Ok(Some(list))
 }
 
 fn stored_package(state: &ApiState, kind: ParamKind, version: u64) -> Result<Package, ApiError> {
@@ -183,7 +121,7 @@ pub async fn start(
     let kind = parse_kind(&b.kind)?;
     let s = state.node.sm.state()?;
     let package = stored_package(&state, kind, b.version)?;
-    let (request, _) = rollout_request(&state.node, &s, &package, &caller.name, &why)?;
+    let (request, _) = crate::packages::rollout_request(&state.node, &s, &package, &caller.name, &why)?;
     let detail = format!("{kind} v{} from {:?}: {why}", b.version, request.from_version);
     let r =
         state.audited_write(&caller, "rollouts.start", detail, Request::RolloutRequest { request }).await?;
@@ -193,18 +131,21 @@ pub async fn start(
 fn requested(r: Response) -> Result<HttpResponse, ApiError> {
     match r {
         Response::RolloutRequested { kind, version, held: true } => {
-            Ok(HttpResponse::Accepted().json(serde_json::json!({
-                "code": "confirmation_required", "kind": kind, "version": version,
-                "message": "a mass blacklist insertion: another engineer must confirm it",
-            })))
+            Ok(HttpResponse::Accepted().json(RolloutRequestedOut {
+                code: "confirmation_required".into(),
+                kind,
+                version,
+                message: Some("a mass blacklist insertion: another engineer must confirm it".into()),
+            }))
         }
         Response::RolloutRequested { kind, version, held: false } => Ok(HttpResponse::Accepted()
-            .json(serde_json::json!({ "code": "requested", "kind": kind, "version": version }))),
+            .json(RolloutRequestedOut { code: "requested".into(), kind, version, message: None })),
         other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Body of `POST /api/v1/rollouts/{kind}/abort` and `.../confirm`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReasonBody {
     pub reason: String,
@@ -221,8 +162,7 @@ pub async fn abort(
     let req = Request::RolloutAbort { kind, by: caller.name.clone(), at: now() };
     match state.audited_write(&caller, "rollouts.abort", format!("{kind}: {why}"), req).await? {
         Response::RolloutAborted { kind, dropped_request } => {
-            Ok(HttpResponse::Ok()
-                .json(serde_json::json!({ "kind": kind, "dropped_request": dropped_request })))
+            Ok(HttpResponse::Ok().json(RolloutAbortedOut { kind, dropped_request }))
         }
         other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
     }
@@ -239,39 +179,30 @@ pub async fn confirm(
     let req = Request::RolloutConfirm { kind, by: caller.name.clone(), at: now() };
     match state.audited_write(&caller, "rollouts.confirm", format!("{kind}: {why}"), req).await? {
         Response::RolloutConfirmed { kind, version } => {
-            Ok(HttpResponse::Ok().json(serde_json::json!({ "kind": kind, "version": version })))
+            Ok(HttpResponse::Ok().json(RolloutConfirmedOut { kind, version }))
         }
         other => Err(ApiError::Internal(format!("unexpected response {other:?}"))),
     }
 }
 
-/// Before an upload is stored: requests its rollout (SPEC §4: rollout is automatic), so no
-/// pointer names the new version before its rollout exists. Returns what to tell the uploader:
-/// the request's outcome, or why no rollout was requested (one of the kind is still staging:
-/// start it later with `POST /api/v1/rollouts`).
-pub async fn before_upload(node: &Node, by: &str, package: &Package, why: &str) -> serde_json::Value {
-    let outcome = async {
-        let s = node.sm.state()?;
-        let (request, _) = rollout_request(node, &s, package, by, why)?;
-        record(node, request).await
-    }
-    .await;
-    outcome_json(outcome)
-}
-
-/// Records a rollout request built by [`rollout_request`] (not audited: the upload it belongs to
-/// is).
-pub async fn record(node: &Node, request: RolloutStart) -> Result<Response, ApiError> {
-    rejection_to_error(node.write(Request::RolloutRequest { request }, 0).await?)
-}
-
-/// What [`before_upload`] tells the uploader about a request's outcome.
-pub fn outcome_json(outcome: Result<Response, ApiError>) -> serde_json::Value {
-    match outcome {
+/// What an upload tells the uploader about its rollout request's outcome
+/// ([`crate::packages::Prepared::commit`]).
+pub fn outcome_json(outcome: Option<Result<Response, crate::packages::PublishError>>) -> RolloutOutcome {
+    let Some(outcome) = outcome else {
+        let detail = Some("no rollout requested".to_owned());
+        return RolloutOutcome { requested: false, held_for_confirmation: None, detail };
+    };
+    match outcome.map_err(ApiError::from) {
         Ok(Response::RolloutRequested { held, .. }) => {
-            serde_json::json!({ "requested": true, "held_for_confirmation": held })
+            RolloutOutcome { requested: true, held_for_confirmation: Some(held), detail: None }
         }
-        Ok(other) => serde_json::json!({ "requested": false, "detail": format!("{other:?}") }),
-        Err(e) => serde_json::json!({ "requested": false, "detail": e.to_string() }),
+        Ok(other) => RolloutOutcome {
+            requested: false,
+            held_for_confirmation: None,
+            detail: Some(format!("{other:?}")),
+        },
+        Err(e) => {
+            RolloutOutcome { requested: false, held_for_confirmation: None, detail: Some(e.to_string()) }
+        }
     }
 }

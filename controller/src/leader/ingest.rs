@@ -17,21 +17,40 @@ use std::time::Instant;
 
 use afc_domain::model::Ident;
 use afc_domain::topic::Topic;
-use afc_domain::wire::{TxAck, TxBatch};
+use afc_domain::wire::{TxAck, TxBatch, TxBatchError};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::{Request, Response};
+use crate::state::{Request, Response, TxBatchIn};
 
 use super::{Ctx, Stats};
 
 /// Batches waiting for a proposal slot; beyond this the dispatcher drops (the gate re-sends).
 pub const QUEUE: usize = 4096;
 
+/// A gate batch as the dispatcher hands it on: its records read once, with the canonical bytes
+/// the gate signed (as received from a `raw` batch, or encoded once from an earlier gate's
+/// `records`), which the Raft entry, the signature check, the hash chain and the store use.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    /// The batch's unsigned `installation`, which only addresses the ack.
+    pub(crate) installation: Option<String>,
+    pub(crate) batch: TxBatchIn,
+}
+
+impl Incoming {
+    /// Reads a batch's records from either form; refused when it carries both or neither, or a
+    /// raw record that is not canonical bytes.
+    pub(crate) fn read(batch: TxBatch) -> Result<Incoming, TxBatchError> {
+        let installation = batch.installation.clone();
+        Ok(Incoming { installation, batch: TxBatchIn::try_from(batch)? })
+    }
+}
+
 pub(crate) async fn ingest_task(
     ctx: Arc<Ctx>,
-    mut rx: mpsc::Receiver<(Ident, TxBatch)>,
+    mut rx: mpsc::Receiver<(Ident, Incoming)>,
     stop: CancellationToken,
 ) {
     tracing::info!(task = "tx-ingest", "started");
@@ -65,18 +84,19 @@ pub(crate) async fn ingest_task(
 }
 
 /// Proposes one batch; the through_seq to ack, or `None` when nothing may be acked.
-async fn propose(ctx: &Ctx, gate: &Ident, batch: TxBatch) -> Option<u64> {
+async fn propose(ctx: &Ctx, gate: &Ident, incoming: Incoming) -> Option<u64> {
+    let Incoming { installation, batch } = incoming;
     let records = batch.records.len();
     // Records carry their installation (signed); the batch's unsigned copy only addresses the ack.
     if let Some(i) = batch.records.first().and_then(|r| r.installation) {
-        if batch.installation.as_deref() != Some(i.to_string().as_str()) {
+        if installation.as_deref() != Some(i.to_string().as_str()) {
             Stats::inc(&ctx.stats.tx_batches_rejected, 1);
             tracing::warn!(%gate, records, "tx batch refused: its installation is not its records': not acked");
             return None;
         }
     }
     let started = Instant::now();
-    let times = super::plausible::record_times(&batch);
+    let times = super::plausible::record_times(&batch.records);
     match ctx.node.group.write(Request::from(batch)).await {
         Ok(w) => match w {
             Response::Appended { appended, duplicates, deferred, gaps, conflicts, through_seq, .. } => {

@@ -25,11 +25,14 @@
 //!   leadership confirmed first;
 //! - `qr-relay`: batches `gates/+/qr/used` onto `qr/used`;
 //! - `rollout-driver` ([`rollout`]): starts and steps the replicated staged rollouts with what
-//!   the board shows, and republishes the old content after a rollback.
+//!   the board shows, and republishes the old content after a rollback;
+//! - `counter-readings` ([`readings`]): records each gate's PLC counters through Raft at the
+//!   first heartbeat after each business-day boundary, for the day close.
 //!
 //! What the leader publishes that steers a gate (`mode`, `cmd`, `tx/ack`, the relayed `qr/used`)
-//! is sealed with the station key ([`StationKey`], `api.signing_key_file`, read once when the
-//! duties are created: `[mqtt]` without it is refused by the config check).
+//! is sealed with the station key ([`StationKey`], `api.signing_key_file`, read once with the
+//! node's other secrets in [`crate::secrets`]: `[mqtt]` without it is refused by the config
+//! check). The MQTT password and `[mqtt.tls]` are read there too, not at each leadership.
 //!
 //! [`Duties`] is the long-lived handle shared with the HTTP API: the gate board, counters, and
 //! [`Duties::send_command`].
@@ -39,22 +42,22 @@ pub mod ingest;
 pub mod mqtt;
 pub mod plausible;
 pub mod publish;
+pub mod readings;
 pub mod rollout;
 pub mod view;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use afc_domain::model::{Ident, Timestamp};
 use afc_domain::signed::{self, SignedError};
 use afc_domain::topic::{Topic, TopicError};
 use afc_domain::wire::{
     self, Command, CommandAck, CommandKind, GateEvent, GateStatus, Heartbeat, ParamsAck, QrUsed, QrUsedBatch,
-    WireMessage,
 };
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use openraft::ServerState;
 use rumqttc::{AsyncClient, Publish, QoS};
 use serde::de::DeserializeOwned;
@@ -63,9 +66,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ControllerMetrics;
-use crate::config::{ApiConfig, ConfigError, MqttConfig};
+use crate::clock::now;
+use crate::config::{ConfigError, MqttConfig};
+use crate::metrics::ControllerMetrics;
 use crate::node::Node;
+pub use crate::secrets::StationKey;
 use crate::state::{GateInfo, Request, Response};
 
 use self::view::{Board, GateView};
@@ -169,6 +174,13 @@ pub enum CommandError {
     Publish(String),
 }
 
+/// Body of `POST /admin/gate-command`: a command a follower's API hands to the leader.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct GateCommand {
+    pub gate: Ident,
+    pub command: afc_domain::wire::CommandKind,
+}
+
 /// What became of a command, in a form that travels between nodes (a follower's API forwards a
 /// command to the leader's `/admin/gate-command` and maps the outcome exactly as the leader would).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -186,45 +198,6 @@ pub enum CommandOutcome {
 
 /// Commands waiting for their `cmd/ack`: command id → (the gate it went to, the waiter).
 type Waiters = Arc<Mutex<HashMap<String, (Ident, oneshot::Sender<CommandAck>)>>>;
-
-/// The station key (`api.signing_key_file`, `api.signing_key_id`: the key that signs packages)
-/// that seals everything the leader publishes to gates; gates verify it with their trusted keys.
-pub struct StationKey {
-    pub key_id: u32,
-    key: SigningKey,
-}
-
-impl std::fmt::Debug for StationKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StationKey").field("key_id", &self.key_id).finish_non_exhaustive()
-    }
-}
-
-impl StationKey {
-    pub fn new(key_id: u32, key: SigningKey) -> StationKey {
-        StationKey { key_id, key }
-    }
-
-    /// Reads `api.signing_key_file`; the leader's MQTT duties cannot run without it.
-    pub fn load(api: &ApiConfig) -> Result<StationKey, ConfigError> {
-        let path = api.signing_key_file.as_ref().ok_or_else(|| {
-            ConfigError::Invalid(
-                "[mqtt] needs api.signing_key_file: gates take mode, commands and tx acks only signed by the station key"
-                    .into(),
-            )
-        })?;
-        Ok(StationKey { key_id: api.signing_key_id, key: crate::api::read_signing_key(path)? })
-    }
-
-    pub fn verifying_key(&self) -> VerifyingKey {
-        self.key.verifying_key()
-    }
-
-    /// The payload to publish `msg` on `topic` with.
-    pub fn seal<T: WireMessage>(&self, topic: &str, msg: &T) -> Vec<u8> {
-        signed::seal(topic, msg, self.key_id, &self.key)
-    }
-}
 
 /// The registered gates' keys, as the dispatcher checks gate messages with them: built from the
 /// replicated state at the start of a session and refreshed by the publisher whenever it reads
@@ -291,14 +264,16 @@ pub struct DutiesStatus {
 }
 
 impl Duties {
-    /// The duties of `node`; reads the station key (`api.signing_key_file`) once, here: without
-    /// it the node does not start.
+    /// The duties of `node`, with the station key its [`crate::secrets::Secrets`] hold
+    /// (`api.signing_key_file`): without it the node does not start.
     pub fn new(
         node: Arc<Node>,
         cfg: MqttConfig,
         metrics: Arc<ControllerMetrics>,
     ) -> Result<Arc<Duties>, ConfigError> {
-        let station_key = Arc::new(StationKey::load(&node.config.api)?);
+        let station_key = node.secrets.require_station_key(
+            "[mqtt] needs api.signing_key_file: gates take mode, commands and tx acks only signed by the station key",
+        )?;
         Ok(Arc::new(Duties {
             node,
             cfg,
@@ -536,20 +511,9 @@ impl Ctx {
 
 async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
     let node = duties.node.clone();
-    let password = match duties.cfg.password() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the MQTT password; duties not started");
-            return;
-        }
-    };
-    let tls = match duties.cfg.tls.as_ref().map(|t| t.client_config()).transpose() {
-        Ok(t) => t.map(Arc::new),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot load the MQTT TLS files; duties not started");
-            return;
-        }
-    };
+    // Read once when the node started (`crate::secrets`), never again per leadership.
+    let password = node.secrets.mqtt_password.clone();
+    let tls = node.secrets.mqtt_tls.clone();
     let options = mqtt::options(&duties.cfg, &node.config.station, node.id, term, password, tls);
     let (client, eventloop) = AsyncClient::new(options, mqtt::REQUEST_CAPACITY);
     let (conn_tx, conn_rx) = watch::channel(0u64);
@@ -599,6 +563,7 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
     tasks.spawn(qr_relay_task(ctx.clone(), qr_rx, stop.clone()));
     tasks.spawn(rollout::driver_task(ctx.clone(), stop.clone()));
     tasks.spawn(lease_task(ctx.clone(), stop.clone()));
+    tasks.spawn(readings::readings_task(ctx.clone(), stop.clone()));
     tasks.spawn(register_seeds(ctx, stop.clone()));
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {
@@ -679,7 +644,7 @@ async fn register_seeds(ctx: Arc<Ctx>, stop: CancellationToken) {
 async fn dispatch_task(
     ctx: Arc<Ctx>,
     mut inbox: mpsc::UnboundedReceiver<Publish>,
-    tx: mpsc::Sender<(Ident, wire::TxBatch)>,
+    tx: mpsc::Sender<(Ident, ingest::Incoming)>,
     qr: mpsc::UnboundedSender<QrUsed>,
     waiters: Waiters,
     stop: CancellationToken,
@@ -729,6 +694,8 @@ enum Refused {
     Payload(#[from] wire::WireError),
     #[error("batch names station/gate {station}/{gate}, not its topic's")]
     Mismatch { station: Ident, gate: Ident },
+    #[error(transparent)]
+    Records(#[from] wire::TxBatchError),
     #[error("used QR code attributed to gate {0}, not to the gate that reports it")]
     QrOfAnotherGate(Ident),
     #[error("{} message does not verify: {error}", topic.label())]
@@ -755,7 +722,7 @@ fn open_from_gate<T: DeserializeOwned>(
 fn dispatch(
     ctx: &Ctx,
     p: &Publish,
-    tx: &mpsc::Sender<(Ident, wire::TxBatch)>,
+    tx: &mpsc::Sender<(Ident, ingest::Incoming)>,
     qr: &mpsc::UnboundedSender<QrUsed>,
     waiters: &Waiters,
 ) -> Result<(), Refused> {
@@ -773,7 +740,10 @@ fn dispatch(
             if batch.gate != gate || batch.station != ctx.station {
                 return Err(Refused::Mismatch { station: batch.station, gate: batch.gate });
             }
-            if tx.try_send((gate, batch)).is_err() {
+            // Its records read once here (`raw` decoded strictly, `records` encoded), kept with
+            // their canonical bytes from here to the ledger's store.
+            let incoming = ingest::Incoming::read(batch)?;
+            if tx.try_send((gate, incoming)).is_err() {
                 Stats::inc(&ctx.stats.tx_batches_dropped, 1);
                 tracing::warn!("tx ingest saturated: batch dropped (the gate re-sends it)");
             }
@@ -807,7 +777,7 @@ fn dispatch(
         Topic::GateEvents { gate, .. } => {
             let ev: GateEvent = open_from_gate(ctx, GateSigned::Events, &gate, name, payload)?;
             tracing::info!(%gate, kind = ?ev.kind, cleared = ev.cleared, "gate event");
-            board().on_event(&gate, ev);
+            board().on_event(&gate, ev, now());
         }
         Topic::GateCmdAck { gate, .. } => {
             let ack: CommandAck = open_from_gate(ctx, GateSigned::CmdAck, &gate, name, payload)?;
@@ -902,9 +872,4 @@ pub(crate) fn split_host_port(addr: &str) -> (String, u16) {
         Some((h, p)) => (h.trim_matches(['[', ']']).to_owned(), p.parse().unwrap_or(1883)),
         None => (addr.to_owned(), 1883),
     }
-}
-
-pub(crate) fn now() -> Timestamp {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
 }

@@ -7,8 +7,8 @@
 //! of that gate has none. Only committed batches are looked at (their gate signature checked by the
 //! state machine), and each gate_seq once per leadership.
 
+use afc_domain::ledger::CanonicalRecord;
 use afc_domain::model::{Ident, Timestamp};
-use afc_domain::wire::TxBatch;
 
 use super::Ctx;
 
@@ -17,9 +17,9 @@ pub const AHEAD_MS: i64 = 5 * 60_000;
 /// A record this far behind the controller's clock is implausible.
 pub const OLDER_MS: i64 = 7 * Timestamp::DAY_MS;
 
-/// What [`check`] needs of a batch, taken before the batch goes to Raft.
-pub(crate) fn record_times(batch: &TxBatch) -> Vec<(u64, Timestamp)> {
-    batch.records.iter().map(|r| (r.gate_seq, r.occurred_at)).collect()
+/// What [`check`] needs of a batch's records, taken before the batch goes to Raft.
+pub(crate) fn record_times(records: &[CanonicalRecord]) -> Vec<(u64, Timestamp)> {
+    records.iter().map(|r| (r.gate_seq, r.occurred_at)).collect()
 }
 
 /// How many of `times` are implausible at `now`: (ahead, older).
@@ -37,7 +37,7 @@ pub fn classify(times: &[(u64, Timestamp)], now: Timestamp) -> (u64, u64) {
 
 /// After `gate`'s batch committed: counts, flags and logs its implausible records.
 pub(crate) fn check(ctx: &Ctx, gate: &Ident, times: &[(u64, Timestamp)]) {
-    let now = super::now();
+    let now = crate::clock::now();
     let fresh = {
         let mut board = ctx.board.write().unwrap_or_else(|p| p.into_inner());
         board.on_committed_times(gate, times, now)

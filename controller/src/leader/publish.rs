@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::StationState;
 
-use super::{now, Ctx};
+use super::Ctx;
+use crate::clock::now;
 
 /// How often the publisher looks for newly applied entries.
 pub const POLL: Duration = Duration::from_millis(50);

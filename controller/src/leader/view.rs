@@ -50,6 +50,9 @@ pub struct GateView {
     pub drift: bool,
     /// Alarms in force (raised and not cleared), from events and heartbeats.
     pub alarms: BTreeSet<AlarmKind>,
+    /// Per alarm in force, when this leader first saw it raised (controller clock): kept while the
+    /// alarm stays in force, dropped when it clears ([`GateView::stamp_alarms`]).
+    pub alarms_since: BTreeMap<AlarmKind, Timestamp>,
     /// The gate's counters at the last heartbeat.
     pub counters: GateCounters,
     /// Transactions waiting in the gate's outbox at the last heartbeat.
@@ -91,6 +94,7 @@ impl GateView {
             versions_desired: BTreeMap::new(),
             drift: false,
             alarms: BTreeSet::new(),
+            alarms_since: BTreeMap::new(),
             counters: GateCounters::default(),
             outbox_depth: 0,
             outbox_bytes: 0,
@@ -99,6 +103,16 @@ impl GateView {
             in_service: false,
             free_passage: false,
             recent_events: VecDeque::new(),
+        }
+    }
+
+    /// Brings `alarms_since` in line with `alarms`: an alarm that appeared gets `now`, one still in
+    /// force keeps its first time, a cleared one is dropped.
+    fn stamp_alarms(&mut self, now: Timestamp) {
+        let alarms = &self.alarms;
+        self.alarms_since.retain(|k, _| alarms.contains(k));
+        for a in alarms {
+            self.alarms_since.entry(*a).or_insert(now);
         }
     }
 }
@@ -177,6 +191,7 @@ impl Board {
         if v.implausible_time {
             v.alarms.insert(AlarmKind::ImplausibleTime);
         }
+        v.stamp_alarms(now);
     }
 
     /// A committed batch's `(gate_seq, occurred_at)`, at controller time `now`: the records not
@@ -202,6 +217,7 @@ impl Board {
         } else {
             v.alarms.remove(&AlarmKind::ImplausibleTime);
         }
+        v.stamp_alarms(now);
         let example = fresh.iter().map(|(_, t)| *t).max_by_key(|t| (t.0 - now.0).abs()).unwrap_or(now);
         Some((ahead, older, example))
     }
@@ -220,13 +236,15 @@ impl Board {
         }
     }
 
-    pub fn on_event(&mut self, gate: &Ident, ev: GateEvent) {
+    /// A gate event, heard at controller time `now`.
+    pub fn on_event(&mut self, gate: &Ident, ev: GateEvent, now: Timestamp) {
         let v = self.entry(gate);
         if ev.cleared {
             v.alarms.remove(&ev.kind);
         } else {
             v.alarms.insert(ev.kind);
         }
+        v.stamp_alarms(now);
         if v.recent_events.len() >= RECENT_EVENTS {
             v.recent_events.pop_front();
         }
@@ -301,17 +319,18 @@ fn json_name<T: Serialize>(v: &T) -> String {
 }
 
 /// The operations API's gate list (`/api/v1/gates`) reads the board through this.
-impl crate::api::GateView for super::Duties {
-    fn gates(&self) -> Vec<crate::api::GateSnapshot> {
+impl crate::gate_view::GateView for super::Duties {
+    fn gates(&self) -> Vec<crate::gate_view::GateSnapshot> {
         super::Duties::gates(self)
             .into_iter()
-            .map(|v| crate::api::GateSnapshot {
+            .map(|v| crate::gate_view::GateSnapshot {
                 gate: v.gate.to_string(),
                 online: v.online,
                 direction: v.direction.map(|d| json_name(&d)),
                 in_service: v.in_service,
                 free_passage: v.free_passage,
                 alarms: v.alarms.iter().map(json_name).collect(),
+                alarms_since_ms: v.alarms_since.iter().map(|(k, t)| (json_name(k), t.millis())).collect(),
                 reported_versions: v
                     .versions_reported
                     .iter()
@@ -427,5 +446,24 @@ mod tests {
         let v = b.get(&g).unwrap();
         assert!(!v.drift, "{v:?}");
         assert_eq!(v.versions_reported[&ParamKind::FareTable].active, Some(1));
+    }
+
+    #[test]
+    fn an_alarm_keeps_the_time_it_first_appeared_until_it_clears() {
+        let g = Ident::new("g01").unwrap();
+        let mut b = Board::default();
+        let ev = |kind, cleared| GateEvent { at: Timestamp(1), kind, cleared, detail: None };
+        b.on_event(&g, ev(AlarmKind::DoorFault, false), Timestamp(1_000));
+        b.on_event(&g, ev(AlarmKind::Tailgating, false), Timestamp(2_000));
+        // Raised again (and repeated by heartbeats): the first time stays.
+        b.on_event(&g, ev(AlarmKind::DoorFault, false), Timestamp(3_000));
+        let v = b.get(&g).unwrap();
+        assert_eq!(v.alarms_since[&AlarmKind::DoorFault], Timestamp(1_000));
+        assert_eq!(v.alarms_since[&AlarmKind::Tailgating], Timestamp(2_000));
+        b.on_event(&g, ev(AlarmKind::DoorFault, true), Timestamp(4_000));
+        let v = b.get(&g).unwrap();
+        assert!(!v.alarms_since.contains_key(&AlarmKind::DoorFault), "{v:?}");
+        b.on_event(&g, ev(AlarmKind::DoorFault, false), Timestamp(5_000));
+        assert_eq!(b.get(&g).unwrap().alarms_since[&AlarmKind::DoorFault], Timestamp(5_000));
     }
 }

@@ -4,7 +4,6 @@
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use afc_domain::model::ParamKind;
 use afc_sled::Durable;
@@ -66,10 +65,6 @@ fn sm_err(verb: ErrorVerb) -> impl Fn(StoreError) -> StorageError {
 
 fn snap_err(verb: ErrorVerb) -> impl Fn(StoreError) -> StorageError {
     move |e| e.into_raft(ErrorSubject::Snapshot(None), verb)
-}
-
-fn now_nanos() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
 fn lock_err<T>(_: T) -> StoreError {
@@ -174,6 +169,27 @@ impl StateMachineStore {
         Ok(self.inner.live.read().map_err(lock_err)?.state.clone())
     }
 
+    /// The waiting rollout requests as `(kind, version, ready, stored)` (`stored`: the package
+    /// of that version is in the state): a cheap read (the whole state is not cloned) for the
+    /// rollout driver to notice at once a request it can start.
+    pub fn rollout_requests(&self) -> Vec<(afc_domain::model::ParamKind, u64, bool, bool)> {
+        self.inner.live.read().map_or_else(
+            |_| Vec::new(),
+            |l| {
+                let s = &l.state;
+                s.rollouts
+                    .requests
+                    .iter()
+                    .map(|(k, q)| {
+                        let stored =
+                            s.packages.get(k.as_str()).is_some_and(|p| p.versions.contains(&q.to_version));
+                        (*k, q.to_version, q.ready(), stored)
+                    })
+                    .collect()
+            },
+        )
+    }
+
     pub fn last_applied(&self) -> Option<LogId> {
         self.inner.live.read().ok().and_then(|l| l.state.last_applied)
     }
@@ -217,6 +233,34 @@ impl StateMachineStore {
             out.push(serde_json::from_slice(&v)?);
         }
         Ok(out)
+    }
+
+    /// Every gate's counter readings, each gate's in time order ([`crate::day`]).
+    pub fn counter_readings(
+        &self,
+    ) -> Result<
+        std::collections::BTreeMap<afc_domain::model::Ident, Vec<crate::day::CounterReading>>,
+        StoreError,
+    > {
+        let tree = self.tree()?;
+        let mut out: std::collections::BTreeMap<_, Vec<crate::day::CounterReading>> = Default::default();
+        for kv in tree.scan_prefix([keys::READING_PREFIX]) {
+            let (_, v) = kv?;
+            let r: crate::day::CounterReading = serde_json::from_slice(&v)?;
+            out.entry(r.gate.clone()).or_default().push(r);
+        }
+        Ok(out)
+    }
+
+    /// The stored close of a business day.
+    pub fn day_close(
+        &self,
+        day: afc_domain::model::Date,
+    ) -> Result<Option<crate::day::DayClose>, StoreError> {
+        match self.tree()?.get(keys::day(day))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
     }
 
     /// Up to `limit` audit lines from sequence `from` on.
@@ -314,7 +358,11 @@ impl StateMachineStore {
         let (new_name, new_tree, state, file) = tokio::task::spawn_blocking(move || {
             let inner = &this.inner;
             // Keep our own copy of the received file: it becomes the current snapshot.
-            let file = format!("snap-{}-{}", meta.last_log_id.map(|l| l.index).unwrap_or(0), now_nanos());
+            let file = format!(
+                "snap-{}-{}",
+                meta.last_log_id.map(|l| l.index).unwrap_or(0),
+                crate::clock::now_nanos()
+            );
             let tmp = inner.snapshot_dir.join(format!("{file}.tmp"));
             src.seek(SeekFrom::Start(0))?;
             {
@@ -452,7 +500,7 @@ fn write_snapshot_file(
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let index = self.state.last_applied.map(|l| l.index).unwrap_or(0);
-        let file = format!("snap-{index}-{}", now_nanos());
+        let file = format!("snap-{index}-{}", crate::clock::now_nanos());
         let meta = SnapshotMeta {
             last_log_id: self.state.last_applied,
             last_membership: self.state.last_membership.clone(),

@@ -2,7 +2,8 @@
 //!
 //! JSON cost more CPU than anything else on the write path (three nodes encode and decode every
 //! entry several times), so entries carrying a gate batch are written as the records' canonical
-//! bytes ([`TxRecord::canonical_bytes`], strict to decode) with a small binary frame. Rare entries
+//! bytes with a small binary frame: the bytes the gate signed, carried as they are
+//! ([`CanonicalRecord::bytes`], never encoded again), and decoded strictly once per node. Rare entries
 //! (membership, other commands) stay JSON inside the frame: they are small and infrequent.
 //!
 //! Entry layout: `FORMAT ‖ term u64 ‖ leader u64 ‖ index u64 ‖ kind u8 ‖ body`, numbers
@@ -18,13 +19,13 @@
 //! Append RPC layout: `FORMAT ‖ u32 len ‖ JSON {vote, prev_log_id, leader_commit} ‖ u32 count ‖
 //! (u32 len ‖ entry)*`.
 
-use afc_domain::ledger::{LedgerError, TxRecord};
+use afc_domain::ledger::{CanonicalRecord, LedgerError};
 use afc_domain::model::{Ident, Timestamp};
 use openraft::raft::AppendEntriesRequest;
 use openraft::{CommittedLeaderId, EntryPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Request, TxBatchIn};
+use crate::state::request::{Request, TxBatchIn};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 /// The version byte that starts every encoded entry and append body. JSON starts with `{`.
@@ -170,7 +171,7 @@ fn put_tx_batch(
     gate: &Ident,
     signature: &str,
     covers_from: Option<u64>,
-    records: &[TxRecord],
+    records: &[CanonicalRecord],
     covering: bool,
 ) -> Result<(), CodecError> {
     put_bytes(out, station.as_str().as_bytes())?;
@@ -181,7 +182,7 @@ fn put_tx_batch(
     }
     put_u32(out, records.len())?;
     for r in records {
-        put_bytes(out, &r.canonical_bytes())?;
+        put_bytes(out, r.bytes())?;
     }
     Ok(())
 }
@@ -195,7 +196,7 @@ fn read_tx_batch(r: &mut Reader<'_>, covering: bool) -> Result<TxBatchIn, CodecE
     // Each record takes at least a few bytes: bound the allocation by the input.
     let mut records = Vec::with_capacity(count.min(r.0.len()));
     for _ in 0..count {
-        records.push(TxRecord::from_canonical(r.bytes()?)?);
+        records.push(CanonicalRecord::from_canonical(r.bytes()?.to_vec())?);
     }
     Ok(TxBatchIn { station, gate, records, signature, covers_from })
 }

@@ -319,6 +319,17 @@ async fn mode_changes_and_emergency_release_are_audited_with_who_and_why() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "emergency release without confirmation");
+    // Nor as a bit of the whole mode: PUT /mode leaves emergency release as it is.
+    let (s, v) = n
+        .call(
+            Method::PUT,
+            "/api/v1/mode",
+            Some(OPERATOR),
+            Some(json!({"names": ["fare_free", "time_free", "emergency_release"], "reason": "sneaky"})),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_parameters")), "{v}");
+    assert_eq!(n.get("/api/v1/mode", VIEWER).await["emergency_release"], false);
     let (s, v) = n
         .call(
             Method::POST,
@@ -352,6 +363,29 @@ async fn mode_changes_and_emergency_release_are_audited_with_who_and_why() {
     assert_eq!((lines[1].0.as_str(), lines[1].1.as_str()), ("otto", "mode.emergency_release.set"));
     assert!(lines[1].2.contains("fire alarm B exit"));
     assert!(audit[1]["at"].as_i64().unwrap() > 1_700_000_000_000);
+    // Other bits change with emergency release kept; dropping it through PUT is refused.
+    let (s, v) = n
+        .call(
+            Method::PUT,
+            "/api/v1/mode",
+            Some(OPERATOR),
+            Some(json!({"bits": 0x082, "reason": "fares back"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _) = n
+        .call(Method::PUT, "/api/v1/mode", Some(OPERATOR), Some(json!({"bits": 0x002, "reason": "oops"})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "emergency release cleared through PUT");
+    let (s, v) = n
+        .call(
+            Method::PUT,
+            "/api/v1/mode",
+            Some(OPERATOR),
+            Some(json!({"bits": 0x08a, "reason": "fault again"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     n.stop().await;
 }
 
@@ -615,7 +649,7 @@ async fn ledger_gates_and_clearing_show_what_gates_uploaded() {
 async fn the_openapi_document_lists_exactly_the_served_routes() {
     let n = ApiNode::start(true).await;
     let doc = n.get("/api/v1/openapi.json", VIEWER).await;
-    assert_eq!(doc["openapi"], "3.0.3");
+    assert_eq!(doc["openapi"], "3.1.0");
     let mut listed = BTreeSet::new();
     for (path, ops) in doc["paths"].as_object().unwrap() {
         for (method, op) in ops.as_object().unwrap() {
@@ -634,19 +668,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
     n.stop().await;
 }
 
-/// Where `promtool` is, or None (after saying so) outside CI. In CI its absence fails the test.
-pub fn promtool() -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("promtool")).find(|p| p.is_file()));
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "promtool is required in CI (apt-get install prometheus)"
-        );
-        eprintln!("SKIPPED: promtool not found on PATH (install the Debian package `prometheus`)");
-    }
-    found
-}
+pub use afc_test_support::promtool::promtool;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_check_metrics() {
@@ -675,21 +697,7 @@ async fn metrics_pass_promtool_check_metrics() {
     }
     n.stop().await;
     let Some(promtool) = promtool() else { return };
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    afc_test_support::promtool::check_metrics(&promtool, &text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -746,5 +754,58 @@ async fn the_ledger_is_searched_by_time_gate_and_card_page_by_page() {
         let (s, v) = n.call(Method::GET, &format!("/api/v1/ledger/search?{bad}"), Some(VIEWER), None).await;
         assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{bad}: {v}");
     }
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_is_filtered_by_actor_and_action_over_the_whole_log() {
+    let n = ApiNode::start(true).await;
+    let set = |token: &'static str, bits: u16| {
+        let n = &n;
+        async move {
+            let body = json!({"bits": bits, "reason": format!("step {bits}")});
+            let (s, v) = n.call(Method::PUT, "/api/v1/mode", Some(token), Some(body)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    };
+    set(OPERATOR, 1).await;
+    set(ENGINEER, 2).await;
+    set(OPERATOR, 4).await;
+    set(ENGINEER, 8).await;
+    set(OPERATOR, 16).await;
+    let body = json!({"confirm": true, "reason": "drill"});
+    let (s, v) = n.call(Method::POST, "/api/v1/mode/emergency-release", Some(ENGINEER), Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let details = |v: Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} {} {}",
+                    a["actor"].as_str().unwrap(),
+                    a["action"].as_str().unwrap(),
+                    a["detail"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let emma = details(n.get("/api/v1/audit?actor=EMM", VIEWER).await);
+    assert_eq!(emma.len(), 3, "{emma:?}");
+    assert!(emma[0].starts_with("emma mode.set") && emma[0].ends_with("step 2"), "{emma:?}");
+    assert!(emma[2].starts_with("emma mode.emergency_release.set"), "{emma:?}");
+    let er = details(n.get("/api/v1/audit?action=emergency", VIEWER).await);
+    assert_eq!(er.len(), 1, "{er:?}");
+    // The latest two of otto's, oldest first; from the start, the first two.
+    let latest = details(n.get("/api/v1/audit?actor=otto&action=mode.set&limit=2", VIEWER).await);
+    assert!(
+        latest[0].ends_with("step 4") && latest[1].ends_with("step 16") && latest.len() == 2,
+        "{latest:?}"
+    );
+    let first = details(n.get("/api/v1/audit?actor=otto&from=1&limit=2", VIEWER).await);
+    assert!(first[0].ends_with("step 1") && first[1].ends_with("step 4") && first.len() == 2, "{first:?}");
+    assert_eq!(n.get("/api/v1/audit?actor=nobody", VIEWER).await, json!([]));
+    // No filter: as before, the latest lines.
+    assert_eq!(n.get("/api/v1/audit?limit=1", VIEWER).await.as_array().unwrap().len(), 1);
     n.stop().await;
 }

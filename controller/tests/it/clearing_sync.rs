@@ -675,3 +675,51 @@ async fn a_clearing_house_whose_watermark_has_no_last_hash_is_still_uploaded_to(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_closed_while_clearing_is_down_is_sent_once_it_returns_and_marked_uploaded() {
+    use afc_domain::model::BusinessDayRule;
+    use controller::day::{CloseHead, DayTally};
+    let _serial = CLUSTER_LOCK.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut clearing = Clearing::start(dir.path()).await;
+    let c = cluster_with_clearing(1, &clearing, 500).await;
+    register_gate(&c).await;
+    append(&c, 1, 1, 100).await;
+    wait_uploaded(&c, &clearing, 100, Duration::from_secs(30)).await;
+
+    clearing.stop().await;
+    let rule = BusinessDayRule::default();
+    let now = controller::clock::now();
+    let day = rule.business_day(now).plus_days(-1);
+    let head = CloseHead {
+        day,
+        station: ident("s1"),
+        rule,
+        closed_at: now,
+        closed_by: "otto".into(),
+        reason: "end of day".into(),
+        ledger_through: 100,
+    };
+    let close = DayTally::default().close(head, &Default::default());
+    let r =
+        c.write(1, &controller::state::Request::CloseDay { close: Box::new(close.clone()) }).await.unwrap();
+    assert!(matches!(r, controller::state::Response::DayClosed { duplicate: false, .. }), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let sent = "closed business day stored by clearing";
+    assert!(!c.nodes[&1].log().contains(sent), "sent while clearing is down");
+
+    clearing.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.nodes[&1].log().contains(sent) {
+        assert!(Instant::now() < deadline, "the closed day was not sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Recorded as uploaded (through Raft): not sent again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.nodes[&1].log().matches(sent).count(), 1, "sent more than once");
+    let stored = clearing.client.days(&ident("s1")).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].day, day);
+    assert_eq!(stored[0].record, serde_json::to_value(&close).unwrap());
+}

@@ -94,9 +94,32 @@ pub fn batch(gate: &str, key: &SigningKey, seqs: impl IntoIterator<Item = u64>) 
     Request::AppendTxBatch {
         station: ident("s1"),
         gate: ident(gate),
-        records,
+        records: records.into_iter().map(afc_domain::ledger::CanonicalRecord::from).collect(),
         signature: hex::encode(sig),
         covers_from: None,
+    }
+}
+
+/// `record` of installation `[inst; 16]`.
+pub fn installed_record(gate: &str, inst: u8, seq: u64) -> TxRecord {
+    TxRecord { installation: Some(afc_domain::ledger::Installation([inst; 16])), ..record("s1", gate, seq) }
+}
+
+/// A signed batch of `records` from `gate` at station `s1` claiming to cover every number from
+/// `covers_from` on (what it does not carry is a gap).
+pub fn covering_batch(
+    gate: &str,
+    key: &SigningKey,
+    records: Vec<TxRecord>,
+    covers_from: Option<u64>,
+) -> Request {
+    let sig = controller::chain::sign_batch_covering(&ident("s1"), &ident(gate), covers_from, &records, key);
+    Request::AppendTxBatch {
+        station: ident("s1"),
+        gate: ident(gate),
+        records: records.into_iter().map(afc_domain::ledger::CanonicalRecord::from).collect(),
+        signature: hex::encode(sig),
+        covers_from,
     }
 }
 

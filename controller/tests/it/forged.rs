@@ -123,10 +123,10 @@ async fn unverified(st: &Station, node: u64) -> BTreeMap<(String, String), u64> 
     let text = st.c.http.get(format!("http://{}/metrics", st.apis[&node])).send().await.unwrap();
     let text = text.text().await.unwrap();
     text.lines()
-        .filter_map(|l| l.strip_prefix("afc_controller_unverified_messages_total{topic=\""))
+        .filter_map(|l| l.strip_prefix("afc_controller_unverified_messages_total{reason=\""))
         .filter_map(|l| {
-            let (topic, rest) = l.split_once("\",reason=\"")?;
-            let (reason, value) = rest.split_once("\"} ")?;
+            let (reason, rest) = l.split_once("\",topic=\"")?;
+            let (topic, value) = rest.split_once("\"} ")?;
             Some(((topic.to_owned(), reason.to_owned()), value.trim().parse().ok()?))
         })
         .collect()

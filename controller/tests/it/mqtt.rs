@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use std::time::{Duration, Instant};
 
-use afc_domain::ledger::{sign_batch, TxRecord};
+use afc_domain::ledger::{sign_batch, sign_canonical_batch, CanonicalRecord, TxRecord};
 use afc_domain::mode::ModeBits;
 use afc_domain::model::{ParamKind, StationCode, Timestamp};
 use afc_domain::package::{Package, Reassembler, TrustedKeys};
@@ -176,10 +176,28 @@ pub fn tx_batch(gate: &str, key_n: u8, seqs: std::ops::RangeInclusive<u64>) -> V
     wire::encode(&TxBatch {
         station: ident("s1"),
         gate: ident(gate),
-        records,
+        records: Some(records),
+        raw: None,
         signature: hex::encode(sig),
         installation: installation(gate),
         covers_from: None,
+    })
+}
+
+/// [`tx_batch`] as gates send it now: each record's canonical bytes in `raw`, covering from the
+/// first of `seqs`.
+pub fn tx_batch_raw(gate: &str, key_n: u8, seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+    let covers_from = Some(*seqs.start());
+    let records: Vec<CanonicalRecord> = seqs.map(|s| CanonicalRecord::from(record("s1", gate, s))).collect();
+    let sig = sign_canonical_batch(&ident("s1"), &ident(gate), covers_from, &records, &gate_key(key_n));
+    wire::encode(&TxBatch {
+        station: ident("s1"),
+        gate: ident(gate),
+        records: None,
+        raw: Some(TxBatch::raw_of(&records)),
+        signature: hex::encode(sig),
+        installation: installation(gate),
+        covers_from,
     })
 }
 
@@ -236,7 +254,24 @@ async fn a_gate_batch_lands_on_all_three_nodes_is_acked_and_a_resend_after_failo
     wait_state(&mut g, next).await;
     g.publish(&topic("gates/g01/tx"), batch).await;
     wait_ack(&mut g, 10).await;
-    g.publish(&topic("gates/g01/tx"), tx_batch("g01", 1, 11..=12)).await;
+    // A batch in both forms, and one whose raw record is not canonical: refused, never acked.
+    let mut both: TxBatch = wire::decode(&tx_batch_raw("g01", 1, 11..=12)).unwrap();
+    both.records = Some(vec![record("s1", "g01", 11), record("s1", "g01", 12)]);
+    g.publish(&topic("gates/g01/tx"), wire::encode(&both)).await;
+    let mut trailing: TxBatch = wire::decode(&tx_batch_raw("g01", 1, 11..=12)).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let raw = &mut trailing.raw.as_mut().unwrap()[0];
+    let mut bytes = base64::Engine::decode(&b64, raw.as_bytes()).unwrap();
+    bytes.push(0);
+    *raw = base64::Engine::encode(&b64, &bytes);
+    g.publish(&topic("gates/g01/tx"), wire::encode(&trailing)).await;
+    g.none_within(Duration::from_millis(500), |p| {
+        p.topic.ends_with("tx/ack")
+            && open_from_station::<TxAck>(&p.topic, &p.payload).is_ok_and(|a| a.through_seq > 10)
+    })
+    .await;
+    // An upgraded gate sends its records' bytes as they are: the same ledger takes them.
+    g.publish(&topic("gates/g01/tx"), tx_batch_raw("g01", 1, 11..=12)).await;
     wait_ack(&mut g, 12).await;
     c.wait_applied(c.leader_applied(next).await, Duration::from_secs(10)).await;
     for id in c.running() {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use afc_domain::ledger::{Installation, TxRecord};
+use afc_domain::ledger::{CanonicalRecord, Installation, TxRecord};
 use afc_domain::mode::ModeBits;
 use afc_domain::model::{ParamKind, StationCode, Timestamp};
 use controller::chain::{chain_hash, LedgerEntry, GENESIS_HASH};
@@ -120,6 +120,74 @@ fn a_group_of_batches_applies_exactly_as_the_batches_one_by_one() {
     assert_eq!(items.ledger().len(), 5);
 }
 
+/// Gate `g01`'s batch of `seqs` covering from 1 as it goes on the wire: `raw` (the canonical bytes,
+/// what gates send) or `records` (JSON, what gates of earlier versions send).
+fn wire_batch(seqs: std::ops::RangeInclusive<u64>, raw: bool) -> afc_domain::wire::TxBatch {
+    let records: Vec<CanonicalRecord> = seqs.map(|s| CanonicalRecord::from(record("s1", "g01", s))).collect();
+    let sig =
+        controller::chain::sign_canonical_batch(&ident("s1"), &ident("g01"), Some(1), &records, &gate_key(1));
+    let batch = afc_domain::wire::TxBatch {
+        station: ident("s1"),
+        gate: ident("g01"),
+        records: (!raw).then(|| records.iter().map(|r| r.record().clone()).collect()),
+        raw: raw.then(|| afc_domain::wire::TxBatch::raw_of(&records)),
+        signature: hex::encode(sig),
+        installation: None,
+        covers_from: Some(1),
+    };
+    // Through the JSON, as a gate sends it and the leader reads it.
+    afc_domain::wire::decode(&afc_domain::wire::encode(&batch)).unwrap()
+}
+
+fn request(batch: afc_domain::wire::TxBatch) -> Result<Request, afc_domain::wire::TxBatchError> {
+    controller::state::TxBatchIn::try_from(batch).map(Request::from)
+}
+
+#[test]
+fn a_raw_batch_and_a_records_batch_of_the_same_records_append_the_same_ledger() {
+    let (mut st_raw, mut items_raw) = setup();
+    let (mut st_json, mut items_json) = setup();
+    let r_raw = items_raw.apply(&mut st_raw, &request(wire_batch(1..=4, true)).unwrap());
+    let r_json = items_json.apply(&mut st_json, &request(wire_batch(1..=4, false)).unwrap());
+    assert!(matches!(r_raw, Response::Appended { appended: 4, through_seq: 4, .. }), "{r_raw:?}");
+    assert_eq!(r_raw, r_json);
+    assert_eq!(items_raw.ledger(), items_json.ledger(), "same entries, same hashes");
+    assert_eq!(items_raw.0, items_json.0, "the same stored bytes");
+    assert_eq!(st_raw.last_hash, st_json.last_hash);
+    // A gate upgraded midway: its old batch re-sent as raw is a duplicate, not a conflict.
+    let r = items_json.apply(&mut st_json, &request(wire_batch(1..=5, true)).unwrap());
+    assert!(matches!(r, Response::Appended { appended: 1, duplicates: 4, conflicts: 0, .. }), "{r:?}");
+}
+
+#[test]
+fn a_batch_with_both_forms_or_neither_never_reaches_the_ledger() {
+    use afc_domain::wire::TxBatchError;
+    let mut both = wire_batch(1..=2, true);
+    both.records = wire_batch(1..=2, false).records;
+    assert_eq!(request(both).unwrap_err(), TxBatchError::BothForms);
+    let mut neither = wire_batch(1..=2, true);
+    neither.raw = None;
+    assert_eq!(request(neither).unwrap_err(), TxBatchError::NoRecords);
+}
+
+#[test]
+fn a_raw_record_whose_bytes_are_not_canonical_is_refused() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut batch = wire_batch(1..=2, true);
+    let raw = batch.raw.as_mut().unwrap();
+    let mut bytes = b64.decode(&raw[1]).unwrap();
+    bytes.push(0);
+    raw[1] = b64.encode(&bytes);
+    assert!(matches!(
+        request(batch).unwrap_err(),
+        afc_domain::wire::TxBatchError::NotCanonical {
+            position: 1,
+            error: afc_domain::ledger::LedgerError::TrailingBytes(1)
+        }
+    ));
+}
+
 #[test]
 fn a_resent_batch_is_not_counted_twice() {
     let (mut st, mut items) = setup();
@@ -158,12 +226,13 @@ fn a_forged_batch_is_a_no_op_with_a_reason() {
     let before = st.clone();
     let r = items.apply(&mut st, &batch("g01", &gate_key(9), 1..=3));
     assert_eq!(r, Response::Rejected { rejection: Rejection::BadSignature });
-    let Request::AppendTxBatch { station, gate, mut records, signature, .. } =
-        batch("g01", &gate_key(1), 1..=2)
+    let Request::AppendTxBatch { station, gate, records, signature, .. } = batch("g01", &gate_key(1), 1..=2)
     else {
         unreachable!()
     };
+    let mut records: Vec<TxRecord> = records.into_iter().map(CanonicalRecord::into_record).collect();
     records[1].fare_fen = 1; // tampered after signing
+    let records = records.into_iter().map(CanonicalRecord::from).collect();
     let r = items
         .apply(&mut st, &Request::AppendTxBatch { station, gate, records, signature, covers_from: None });
     assert_eq!(r, Response::Rejected { rejection: Rejection::BadSignature });
@@ -176,11 +245,13 @@ fn a_forged_batch_is_a_no_op_with_a_reason() {
 #[test]
 fn a_record_from_another_gate_in_a_batch_rejects_the_whole_batch() {
     let (mut st, mut items) = setup();
-    let Request::AppendTxBatch { station, gate, mut records, .. } = batch("g01", &gate_key(1), 1..=2) else {
+    let Request::AppendTxBatch { station, gate, records, .. } = batch("g01", &gate_key(1), 1..=2) else {
         unreachable!()
     };
+    let mut records: Vec<TxRecord> = records.into_iter().map(CanonicalRecord::into_record).collect();
     records[0].gate = ident("g07");
     let sig = controller::chain::sign_batch(&station, &gate, &records, &gate_key(1));
+    let records = records.into_iter().map(CanonicalRecord::from).collect();
     let req =
         Request::AppendTxBatch { station, gate, records, signature: hex::encode(sig), covers_from: None };
     assert!(matches!(
@@ -292,6 +363,8 @@ fn every_request_round_trips_through_json() {
             size: 6,
             sha256: [4; 32],
         },
+        Request::RecordCounters { reading: reading("g01", Timestamp(9), 3, 1) },
+        Request::DayUploaded { day: afc_domain::model::Date(20_000) },
     ];
     for r in reqs {
         let json = serde_json::to_string(&r).unwrap();
@@ -561,24 +634,11 @@ fn prune_keeps_the_version_a_rollout_points_gates_at() {
 
 /// A signed batch of `records` from g01 (key 1), covering from `covers_from` when given.
 fn installed_batch(records: Vec<TxRecord>, covers_from: Option<u64>) -> Request {
-    let sig = controller::chain::sign_batch_covering(
-        &ident("s1"),
-        &ident("g01"),
-        covers_from,
-        &records,
-        &gate_key(1),
-    );
-    Request::AppendTxBatch {
-        station: ident("s1"),
-        gate: ident("g01"),
-        records,
-        signature: hex::encode(sig),
-        covers_from,
-    }
+    covering_batch("g01", &gate_key(1), records, covers_from)
 }
 
 fn installed(inst: u8, seq: u64) -> TxRecord {
-    TxRecord { installation: Some(Installation([inst; 16])), ..record("s1", "g01", seq) }
+    installed_record("g01", inst, seq)
 }
 
 fn appended(r: &Response) -> (u32, u32, u32, u32, u64) {
@@ -683,4 +743,131 @@ fn a_gate_upgraded_to_records_with_an_installation_numbers_on_and_is_acked_past_
     // A wiped gate (another installation, nothing acked, covering from 1) still starts at 1.
     let r = items.apply(&mut st, &installed_batch((1..=2).map(|s| installed(2, s)).collect(), Some(1)));
     assert_eq!(appended(&r), (2, 0, 0, 0, 2));
+}
+
+fn reading(gate: &str, at: Timestamp, entries: u64, forced: u64) -> controller::day::CounterReading {
+    use afc_domain::model::BusinessDayRule;
+    controller::day::CounterReading {
+        gate: ident(gate),
+        at,
+        business_day: BusinessDayRule::default().business_day(at),
+        counters: controller::day::CounterValues { entries, exits: 0, tailgating: 0, forced_passage: forced },
+    }
+}
+
+/// The close of the business day of the test records (`record`'s times), computed as the API
+/// does: a tally of the day's ledger records and the stored readings.
+fn close_of(
+    items: &Items,
+    closed_at: Timestamp,
+    readings: &[controller::day::CounterReading],
+) -> controller::day::DayClose {
+    use afc_domain::model::BusinessDayRule;
+    use controller::day::{day_bounds, CloseHead, DayTally};
+    let rule = BusinessDayRule::default();
+    let day = rule.business_day(record("s1", "g01", 1).occurred_at);
+    let (from, until) = day_bounds(rule, day);
+    let mut tally = DayTally::default();
+    let ledger = items.ledger();
+    for e in &ledger {
+        if e.record.occurred_at >= from && e.record.occurred_at < until {
+            tally.add(&e.record);
+        }
+    }
+    let mut by_gate: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    for r in readings {
+        by_gate.entry(r.gate.clone()).or_insert_with(Vec::new).push(r.clone());
+    }
+    let head = CloseHead {
+        day,
+        station: ident("s1"),
+        rule,
+        closed_at,
+        closed_by: "op".into(),
+        reason: "end of day".into(),
+        ledger_through: ledger.len() as u64,
+    };
+    tally.close(head, &by_gate)
+}
+
+#[test]
+fn a_closed_day_totals_the_ledger_lists_a_forced_passage_as_a_discrepancy_and_is_stored_once() {
+    use afc_domain::model::BusinessDayRule;
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &register("g02", &gate_key(2)));
+    items.apply(&mut st, &batch("g01", &gate_key(1), 1..=5));
+    items.apply(&mut st, &batch("g02", &gate_key(2), 1..=3));
+    let rule = BusinessDayRule::default();
+    let day = rule.business_day(record("s1", "g01", 1).occurred_at);
+    let (from, until) = controller::day::day_bounds(rule, day);
+    // Readings: g01's PLC counted 5 passages for 5 taps; g02's 4 for 3 taps and one forced
+    // passage; the registers wrap (g02 starts just below 2^32).
+    let near_wrap = u64::from(u32::MAX) - 1;
+    let rs = [
+        reading("g01", from.plus_minutes(1), 100, 0),
+        reading("g01", until.plus_minutes(1), 105, 0),
+        reading("g02", from.plus_minutes(1), near_wrap, 2),
+        reading("g02", until.plus_minutes(1), (near_wrap + 4) % (1 << 32), 3),
+    ];
+    for r in &rs {
+        let resp = items.apply(&mut st, &Request::RecordCounters { reading: r.clone() });
+        assert_eq!(resp, Response::CountersRecorded { recorded: true });
+    }
+    // A retried (or older) reading changes nothing.
+    let again = items.apply(&mut st, &Request::RecordCounters { reading: rs[1].clone() });
+    assert_eq!(again, Response::CountersRecorded { recorded: false });
+
+    let close = close_of(&items, until.plus_minutes(5), &rs);
+    assert_eq!(close.records, 8);
+    let accepted: u64 = close.totals.iter().map(|t| t.accepted).sum();
+    assert_eq!(accepted, 8);
+    let g02 = close.discrepancies.iter().find(|d| d.gate == ident("g02")).expect("g02 discrepancy");
+    assert_eq!(
+        (g02.plc_passages, g02.recorded_taps, g02.difference, g02.forced_passage),
+        (Some(4), 3, Some(1), Some(1))
+    );
+    assert!(close.discrepancies.iter().all(|d| d.gate != ident("g01")), "{:?}", close.discrepancies);
+
+    let req = Request::CloseDay { close: Box::new(close.clone()) };
+    assert_eq!(items.apply(&mut st, &req), Response::DayClosed { day, duplicate: false, discrepancies: 1 });
+    // The same proposal again (a retry) is a duplicate; another close of the day is refused.
+    assert_eq!(items.apply(&mut st, &req), Response::DayClosed { day, duplicate: true, discrepancies: 1 });
+    let other = close_of(&items, until.plus_minutes(6), &rs);
+    let refused = items.apply(&mut st, &Request::CloseDay { close: Box::new(other) });
+    assert_eq!(
+        refused,
+        Response::Rejected { rejection: Rejection::DayAlreadyClosed { day: day.to_string() } }
+    );
+    assert_eq!(st.days[&day].discrepancies, 1);
+    assert!(!st.days[&day].uploaded);
+    let stored: controller::day::DayClose =
+        serde_json::from_slice(&items.0[keys::day(day).as_slice()]).unwrap();
+    assert_eq!(stored, close);
+    assert_eq!(items.apply(&mut st, &Request::DayUploaded { day }), Response::DayUploaded { day });
+    assert!(st.days[&day].uploaded);
+    // The state with its days and readings round-trips (it is stored as JSON after every apply).
+    let json = serde_json::to_vec(&st).unwrap();
+    assert_eq!(serde_json::from_slice::<StationState>(&json).unwrap(), st);
+}
+
+#[test]
+fn a_day_not_over_cannot_be_closed_and_a_reading_of_an_unknown_gate_is_refused() {
+    use afc_domain::model::BusinessDayRule;
+    let (mut st, mut items) = setup();
+    items.apply(&mut st, &batch("g01", &gate_key(1), 1..=2));
+    let rule = BusinessDayRule::default();
+    let day = rule.business_day(record("s1", "g01", 1).occurred_at);
+    let (_, until) = controller::day::day_bounds(rule, day);
+    let early = close_of(&items, until.plus_minutes(-1), &[]);
+    let r = items.apply(&mut st, &Request::CloseDay { close: Box::new(early) });
+    assert!(matches!(r, Response::Rejected { rejection: Rejection::DayNotOver { .. } }), "{r:?}");
+    assert!(st.days.is_empty());
+    // Without readings the PLC side is unknown: taps at the gate are a discrepancy, not a match.
+    let close = close_of(&items, until, &[]);
+    assert_eq!(close.discrepancies.len(), 1);
+    assert_eq!(close.discrepancies[0].plc_passages, None);
+    let r = items.apply(&mut st, &Request::RecordCounters { reading: reading("g99", until, 1, 0) });
+    assert!(matches!(r, Response::Rejected { rejection: Rejection::UnknownGate { .. } }), "{r:?}");
+    let r = items.apply(&mut st, &Request::DayUploaded { day });
+    assert!(matches!(r, Response::Rejected { rejection: Rejection::DayNotClosed { .. } }), "{r:?}");
 }

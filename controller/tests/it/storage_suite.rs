@@ -101,6 +101,35 @@ mod codec {
     }
 
     #[test]
+    fn a_batch_entry_carries_the_records_bytes_as_received() {
+        let Request::AppendTxBatch { records, .. } = batch("g01", &gate_key(1), 1..=3) else {
+            unreachable!()
+        };
+        let entry = Entry {
+            log_id: log_id(2, 3, 4),
+            payload: EntryPayload::Normal(batch("g01", &gate_key(1), 1..=3)),
+        };
+        let bytes = encode_entry(&entry).unwrap();
+        for r in &records {
+            let framed = [&(r.bytes().len() as u32).to_le_bytes()[..], r.bytes()].concat();
+            assert!(
+                bytes.windows(framed.len()).any(|w| w == framed),
+                "record {} framed as received",
+                r.gate_seq
+            );
+        }
+        let EntryPayload::Normal(Request::AppendTxBatch { records: back, .. }) =
+            decode_entry(&bytes).unwrap().payload
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            back.iter().map(|r| r.bytes()).collect::<Vec<_>>(),
+            records.iter().map(|r| r.bytes()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn a_log_entry_stored_as_json_by_an_older_version_still_decodes() {
         for e in entries() {
             assert_eq!(decode_entry(&serde_json::to_vec(&e).unwrap()).unwrap(), e);
@@ -138,7 +167,7 @@ mod codec {
         let Request::AppendTxBatch { records, .. } = batch("g01", &gate_key(1), 7..=7) else {
             unreachable!()
         };
-        let entry = LedgerEntry::new(9, &GENESIS_HASH, records[0].clone());
+        let entry = LedgerEntry::new(9, &GENESIS_HASH, records[0].record().clone());
         assert_eq!(decode_ledger_entry(9, &encode_ledger_entry(&entry)).unwrap(), entry);
         assert_eq!(decode_ledger_entry(9, &serde_json::to_vec(&entry).unwrap()).unwrap(), entry);
         assert!(decode_ledger_entry(9, b"\x01short").is_err());

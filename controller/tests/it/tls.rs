@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use afc_domain::topic::Topic;
 use afc_domain::wire::{self, Command as WireCommand, CommandAck, CommandResult};
+use afc_test_support::pki::TestCa;
 use reqwest::{Method, StatusCode};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -47,21 +48,9 @@ impl Pki {
 
     /// A CA named `ca_name` and its node certificate, in files whose names start with `prefix`.
     pub fn generate_as(dir: &Path, prefix: &str, ca_name: &str) -> Pki {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(rcgen::DnType::CommonName, ca_name);
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca_cert, &ca_key)
-            .unwrap();
-        let other_key = rcgen::KeyPair::generate().unwrap();
-        let other = rcgen::CertificateParams::new(vec!["controller-9.example".to_owned()])
-            .unwrap()
-            .signed_by(&other_key, &ca_cert, &ca_key)
-            .unwrap();
+        let ca = TestCa::new(ca_name).unwrap();
+        let leaf = ca.leaf(&["localhost", "127.0.0.1"]).unwrap();
+        let other = ca.leaf(&["controller-9.example"]).unwrap();
         let pki = Pki {
             ca: dir.join(format!("{prefix}ca.pem")),
             cert: dir.join(format!("{prefix}node.pem")),
@@ -69,11 +58,11 @@ impl Pki {
             other_host_cert: dir.join(format!("{prefix}node9.pem")),
             other_host_key: dir.join(format!("{prefix}node9.key")),
         };
-        std::fs::write(&pki.other_host_cert, other.pem()).unwrap();
-        std::fs::write(&pki.other_host_key, other_key.serialize_pem()).unwrap();
-        std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
-        std::fs::write(&pki.cert, leaf.pem()).unwrap();
-        std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+        std::fs::write(&pki.other_host_cert, other.cert_pem).unwrap();
+        std::fs::write(&pki.other_host_key, other.key_pem).unwrap();
+        std::fs::write(&pki.ca, ca.pem()).unwrap();
+        std::fs::write(&pki.cert, leaf.cert_pem).unwrap();
+        std::fs::write(&pki.key, leaf.key_pem).unwrap();
         pki
     }
 
@@ -399,6 +388,22 @@ async fn gate_commands_from_any_node_reach_the_gate_over_a_tls_broker_connection
     // The leader's MQTT session comes up (only through the TLS proxy can it reach the broker),
     // and /metrics says so.
     t.wait_mqtt(leader).await;
+    // The leader registers the configured gates through Raft beside its MQTT start-up; a node
+    // answers 404 for a gate it has not applied yet, so wait until the follower has both.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, gates) = t.call(follower, Method::GET, "/api/v1/gates", VIEWER, None).await;
+        let names: Vec<&str> =
+            gates.as_array().into_iter().flatten().filter_map(|g| g["gate"].as_str()).collect();
+        if names.contains(&"g01") && names.contains(&"g02") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower never learnt the configured gates: {gates}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let cmd = |dir: Option<&str>, command: &str| {
         let mut b = json!({"command": command, "reason": "desk let a wheelchair through"});
         if let Some(d) = dir {
@@ -519,7 +524,8 @@ async fn metrics_move_with_gate_traffic_and_the_ledger_can_be_searched_by_gate_a
         wire::encode(&wire::TxBatch {
             station: ident("s1"),
             gate: ident("g01"),
-            records,
+            records: Some(records),
+            raw: None,
             signature: hex::encode(sig),
             installation: crate::mqtt::installation("g01"),
             covers_from: None,

@@ -3,28 +3,16 @@
 //! `promtool test rules` runs the real `deploy/prometheus/afc.rules.yml` on them. An alert on a
 //! series the gate no longer emits (renamed, dropped) then fails here, not only in production.
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use afc_domain::model::Direction;
 use afc_domain::wire::ReaderReply;
 
-use crate::harness::*;
+use std::fmt::Write as _;
 
-/// Where `promtool` is, or None (after saying so) outside CI. In CI its absence fails the test.
-fn promtool() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("promtool")).find(|p| p.is_file()));
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "promtool is required in CI (apt-get install prometheus)"
-        );
-        eprintln!("SKIPPED: promtool not found on PATH (install the Debian package `prometheus`)");
-    }
-    found
-}
+use afc_test_support::promtool::{self, promtool};
+
+use crate::harness::*;
 
 /// The agent's `/metrics` body (status checked).
 async fn scrape(agent: &Agent) -> String {
@@ -38,61 +26,23 @@ async fn scrape(agent: &Agent) -> String {
     body.to_owned()
 }
 
-/// Every sample line of `text` as a promtool `input_series` entry: its labels plus the target
-/// labels Prometheus adds to a gate's scrape (job, instance) and the relabelled station and gate,
-/// held constant for 30 minutes at one-minute steps.
-fn input_series(text: &str) -> String {
-    let target = format!("job=\"afc-gate\",instance=\"gate\",station=\"{STATION}\",gate=\"{GATE}\"");
-    let mut out = String::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value in {line:?}"));
-        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        if !v.is_finite() {
-            continue;
-        }
-        let series = match series.split_once('{') {
-            Some((name, labels)) => {
-                let labels = labels.strip_suffix('}').unwrap_or_else(|| panic!("bad labels in {line:?}"));
-                if labels.is_empty() {
-                    format!("{name}{{{target}}}")
-                } else {
-                    format!("{name}{{{labels},{target}}}")
-                }
-            }
-            None => format!("{series}{{{target}}}"),
-        };
-        assert!(!series.contains('\''), "a quote in {series}");
-        // f64's Display never uses an exponent, which promtool's series notation would misread.
-        let _ = writeln!(out, "      - series: '{series}'\n        values: '{v}x30'");
-    }
-    out
+/// The labels Prometheus adds to a gate's scrape (job, instance) and the relabelled station and gate.
+fn target() -> String {
+    format!("job=\"afc-gate\",instance=\"gate\",station=\"{STATION}\",gate=\"{GATE}\"")
 }
 
-/// The rule file under test, from the workspace.
-fn rules_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/afc.rules.yml").canonicalize().unwrap()
+/// Every sample of `text` held for 30 minutes at one-minute steps.
+fn input_series(text: &str) -> String {
+    promtool::input_series(text, &target(), 31)
 }
 
 /// A promtool test file: `series` as input, `AfcOutboxNearFull` checked at 10 m against
 /// `exp_alerts` (YAML, already indented as a list under `exp_alerts:`, or `[]`).
 fn test_file(series: &str, exp_alerts: &str) -> String {
-    format!(
-        "rule_files:\n  - '{rules}'\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    alert_rule_test:\n      - eval_time: 10m\n        alertname: AfcOutboxNearFull\n        exp_alerts:{exp_alerts}\n",
-        rules = rules_file().display(),
+    promtool::test_file(
+        series,
+        &format!("    alert_rule_test:\n      - eval_time: 10m\n        alertname: AfcOutboxNearFull\n        exp_alerts:{exp_alerts}\n"),
     )
-}
-
-/// Runs `promtool test rules` on `text`, written to `dir/name`; (success, output).
-fn promtool_test(promtool: &Path, dir: &Path, name: &str, text: &str) -> (bool, String) {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    let out = std::process::Command::new(promtool).arg("test").arg("rules").arg(&path).output().unwrap();
-    let said = format!(
-        "{}\n{}\n--- {name} ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), said)
 }
 
 /// A small outbox: some thirty taps fill it past 80 %.
@@ -127,20 +77,35 @@ async fn outbox_near_full_fires_on_a_real_gates_scrape_and_not_on_an_empty_outbo
     })
     .await;
     let empty = scrape(&agent).await;
-    // The build is named on every scrape: the crate's version and the commit build.rs found.
-    let info = format!("afc_build_info{{version=\"{}\",commit=\"", env!("CARGO_PKG_VERSION"));
-    let commit =
-        empty.lines().find_map(|l| l.strip_prefix(info.as_str())).unwrap_or_else(|| panic!("{empty}"));
-    assert!(commit.ends_with("\"} 1") && commit.len() > 4, "{commit}");
-    let (ok, said) =
-        promtool_test(&promtool, dir.path(), "empty.test.yml", &test_file(&input_series(&empty), " []"));
+    // The build is named on every scrape: the commit build.rs found and the crate's version.
+    let info = format!(",version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let commit = empty
+        .lines()
+        .find_map(|l| l.strip_prefix("afc_build_info{commit=\"")?.strip_suffix(info.as_str()))
+        .unwrap_or_else(|| panic!("{empty}"));
+    assert!(commit.len() > 1 && commit.ends_with('"'), "{commit}");
+    // The process series are there too (memory, CPU, open files).
+    for p in ["process_resident_memory_bytes ", "process_cpu_seconds_total ", "process_open_fds "] {
+        assert!(empty.contains(p), "no {p} in\n{empty}");
+    }
+    promtool::check_metrics(&promtool, &empty);
+    let (ok, said) = promtool::test_rules(
+        &promtool,
+        dir.path(),
+        "empty.test.yml",
+        &test_file(&input_series(&empty), " []"),
+    );
     assert!(ok, "promtool on the empty outbox's scrape:\n{said}");
 
     // Fill the outbox past 80 % (and short of full, where taps would be refused).
     let mut reader = agent.reader().await;
     let ratio = || m.outbox_bytes.load(Ordering::Relaxed) as f64 / CAPACITY as f64;
     let mut taps = 0u64;
+    let mut half = None;
     while ratio() <= 0.82 {
+        if half.is_none() && ratio() > 0.4 {
+            half = Some(scrape(&agent).await);
+        }
         assert!(
             taps < 500,
             "the outbox never filled: {} bytes after {taps} taps",
@@ -157,6 +122,42 @@ async fn outbox_near_full_fires_on_a_real_gates_scrape_and_not_on_an_empty_outbo
     let full = scrape(&agent).await;
     assert!(full.contains(&format!("afc_gate_outbox_depth {taps}")), "{full}");
     let (ok, said) =
-        promtool_test(&promtool, dir.path(), "full.test.yml", &test_file(&input_series(&full), FIRES));
+        promtool::test_rules(&promtool, dir.path(), "full.test.yml", &test_file(&input_series(&full), FIRES));
     assert!(ok, "promtool on the full outbox's scrape ({taps} taps, {:.0} % full):\n{said}", ratio() * 100.0);
+    promtool::check_metrics(&promtool, &full);
+
+    // The recording rules on the three scrapes, 15 minutes each: at 32 m the last 5 minutes
+    // hold the step from the half-full to the full scrape, so every rate and quantile has moved.
+    let half = half.expect("a scrape at half full");
+    let series = promtool::input_series_over(&[&empty, &half, &full], &target(), 15);
+    let gate = format!("gate=\"{GATE}\",station=\"{STATION}\"");
+    let recorded = [
+        (
+            "gate:afc_gate_decisions:rate5m{result=\"accept\"}",
+            format!("direction=\"entry\",{gate},result=\"accept\""),
+        ),
+        (
+            "station:afc_gate_decisions:rate5m{result=\"accept\"}",
+            format!("direction=\"entry\",result=\"accept\",station=\"{STATION}\""),
+        ),
+        ("gate:afc_gate_tap_to_flap_seconds:p99_5m", gate.clone()),
+        ("station:afc_gate_tap_to_flap_seconds:p99_5m", format!("station=\"{STATION}\"")),
+        ("gate:afc_gate_modbus_call_seconds:p99_5m{op=\"write_coil\"}", format!("{gate},op=\"write_coil\"")),
+        ("gate:afc_gate_outbox_fill:ratio > 0.8 ", format!("{gate},instance=\"gate\",job=\"afc-gate\"")),
+    ];
+    let mut tests = String::from("    promql_expr_test:\n");
+    for (expr, labels) in &recorded {
+        // `> bool 0`: the rule produced a positive value for exactly these labels.
+        let _ = write!(
+            tests,
+            "      - expr: '{expr} > bool 0'\n        eval_time: 32m\n        exp_samples:\n          - labels: '{{{labels}}}'\n            value: 1\n"
+        );
+    }
+    let (ok, said) = promtool::test_rules(
+        &promtool,
+        dir.path(),
+        "recorded.test.yml",
+        &promtool::test_file(&series, &tests),
+    );
+    assert!(ok, "the recording rules on a real gate's scrapes:\n{said}");
 }

@@ -12,15 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use afc_domain::blacklist::{Blacklist, Entry};
-use afc_domain::ledger::{verify_batch_covering, TxRecord};
-use afc_domain::model::{BusinessDayRule, CardType, Date, Ident, Media, ParamKind, StationCode, Timestamp};
-use afc_domain::network::{compile, Band, FareRule, Increment, Line, NetworkDescription, Station, Stop};
+use afc_domain::ledger::{verify_canonical_batch, TxRecord};
+use afc_domain::model::{BusinessDayRule, CardType, Ident, Media, ParamKind, StationCode, Timestamp};
+use afc_domain::network::{compile, Band, FareRule, Increment, NetworkDescription};
 use afc_domain::package::{package_sha256, split, BlacklistBody, Package};
 use afc_domain::signed::{open_gate, seal};
 use afc_domain::topic::Topic;
 use afc_domain::wire::{
-    self, CommandAck, EntryRecord, GateEvent, GateStatus, Heartbeat, ParamPointer, ParamsAck, QrUsedBatch,
-    SvcCard, TapMedia, TapRequest, TxAck, TxBatch, WireMessage,
+    self, CommandAck, GateEvent, GateStatus, Heartbeat, ParamPointer, ParamsAck, QrUsedBatch, SvcCard,
+    TapMedia, TapRequest, TxAck, TxBatch, WireMessage,
 };
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use gate_agent::config::Config;
@@ -109,29 +109,7 @@ next_connection_delay_ms = 1
 
 /// The test network: one line A(101) – B(102) – C(103) – D(104), 3, 4 and 10 km apart.
 pub fn network() -> NetworkDescription {
-    let station = |code: u16, id: &str| Station {
-        code: StationCode(code),
-        id: id.to_owned(),
-        name_zh: id.to_owned(),
-        name_en: id.to_owned(),
-    };
-    let stop = |id: &str, m: Option<u32>| Stop { station: id.to_owned(), m_from_prev: m };
-    NetworkDescription {
-        name: "test line".into(),
-        provenance: vec![],
-        stations: vec![station(101, "a"), station(102, "b"), station(103, "c"), station(104, "d")],
-        lines: vec![Line {
-            id: "1".into(),
-            name: "Line 1".into(),
-            stops: vec![
-                stop("a", None),
-                stop("b", Some(3000)),
-                stop("c", Some(4000)),
-                stop("d", Some(10_000)),
-            ],
-        }],
-        transfers: vec![],
-    }
+    afc_test_support::network::sample()
 }
 
 /// Bands 2/3/4 yuan (scaled by `scale_percent`), ordinary cards pay 100 %.
@@ -146,11 +124,12 @@ pub fn fare_body(scale_percent: u32) -> Vec<u8> {
         ],
         beyond: Some(Increment { fen: s(100), per_m: 15_000 }),
         min_fare_fen: s(200),
-        discounts: BTreeMap::from([(CardType::Ordinary, 100), (CardType::Student, 50)]),
+        discounts: BTreeMap::from([(CardType::ORDINARY, 100), (CardType::STUDENT, 50)]),
         token_percent: 100,
         max_ride_minutes: None,
         overstay_surcharge_fen: 0,
         business_day: BusinessDayRule::default(),
+        card_type_names: Default::default(),
     };
     compile(&network(), &rule).unwrap().encode()
 }
@@ -180,14 +159,7 @@ pub fn pointer_for(bytes: &[u8], version: u64, chunks: u32, effective_from: Time
 }
 
 pub fn card(id: u64, balance_fen: u32, entry: Option<(StationCode, Timestamp)>) -> SvcCard {
-    SvcCard {
-        card_id: id,
-        card_type: CardType::Ordinary,
-        balance_fen,
-        expiry: Date::from_ymd(2035, 1, 1).unwrap(),
-        tx_counter: 10,
-        entry: entry.map(|(station, time)| EntryRecord { station, time }),
-    }
+    afc_test_support::cards::svc(id, CardType::ORDINARY, balance_fen, entry)
 }
 
 pub fn svc_tap(direction: afc_domain::model::Direction, card: SvcCard) -> TapRequest {
@@ -295,11 +267,12 @@ impl Controller {
                             Topic::GateTx { gate, station } => {
                                 let Ok(batch) = wire::decode::<TxBatch>(&p.payload) else { continue };
                                 let sig = batch.signature_bytes().unwrap();
-                                if verify_batch_covering(
+                                let records = batch.canonical_records().unwrap();
+                                if verify_canonical_batch(
                                     &station,
                                     &gate,
                                     batch.covers_from,
-                                    &batch.records,
+                                    &records,
                                     &sig,
                                     &verifying,
                                 )
@@ -308,11 +281,11 @@ impl Controller {
                                     *forged.lock().unwrap() += 1;
                                     continue;
                                 }
-                                *received.lock().unwrap() += batch.records.len() as u64;
+                                *received.lock().unwrap() += records.len() as u64;
                                 let through = {
                                     let mut l = ledger.lock().unwrap();
-                                    for r in batch.records {
-                                        l.entry(r.gate_seq).or_insert(r);
+                                    for r in records {
+                                        l.entry(r.gate_seq).or_insert(r.into_record());
                                     }
                                     let mut through = 0;
                                     while l.contains_key(&(through + 1)) {
@@ -529,6 +502,14 @@ impl Agent {
         self.dir.take().unwrap()
     }
 
+    /// Stops this agent as a signal does (cancel, then [`Running::stop`]: its tasks joined within
+    /// `within`, the store flushed) and hands back the tasks that did not stop and its directory.
+    pub async fn shut_down(mut self, within: Duration) -> (Vec<&'static str>, tempfile::TempDir) {
+        self.cancel.cancel();
+        let late = self.running.stop(within).await.unwrap();
+        (late, self.dir.take().unwrap())
+    }
+
     /// Stops this agent and starts a new one on the same data directory (as after a crash or a
     /// reboot), waiting until the old one has let go of its storage.
     pub async fn restart(mut self) -> Agent {
@@ -618,7 +599,8 @@ impl Agent {
         let keys = QrKeySet::new(vec![QrIssuerKey {
             issuer: 1,
             key_id: 1,
-            public_key: issuer_key.verifying_key().to_bytes(),
+            algorithm: afc_domain::qr::QrAlgorithm::Ed25519,
+            public_key: issuer_key.verifying_key().to_bytes().to_vec(),
             valid_from: Timestamp(0),
             valid_to: Timestamp::from_secs(4_000_000_000),
         }])

@@ -13,6 +13,7 @@ mod passage;
 mod plc;
 mod powercut;
 mod process;
+mod reconnect;
 mod taps;
 mod tls;
 mod upload;

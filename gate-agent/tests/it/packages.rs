@@ -222,3 +222,20 @@ async fn a_gate_config_may_free_the_passage_when_the_controllers_are_lost_too_lo
     assert!(ok, "{s:?}");
     assert!(agent.running.gate.free_passage());
 }
+
+#[tokio::test]
+async fn a_future_dated_gate_config_is_applied_at_its_time_with_no_tap_and_no_broker() {
+    use afc_domain::wire::GateDirection;
+    use gate_agent::params::GateConfigBody;
+    let plc = plc().await;
+    let agent = Agent::start(free_port(), &plc).await;
+    let g = agent.running.gate.clone();
+    let before = g.direction();
+    let want = if before == GateDirection::Exit { GateDirection::Entry } else { GateDirection::Exit };
+    let body = GateConfigBody { direction: Some(want), ..GateConfigBody::default() };
+    let at = now().0 + 1_000;
+    agent.seed(ParamKind::GateConfig, 1, Timestamp(at), serde_json::to_vec(&body).unwrap());
+    assert_eq!(g.direction(), before);
+    let t = eventually("the new direction applied", || (g.direction() == want).then(now)).await;
+    assert!(t.0 >= at, "applied {} ms early", at - t.0);
+}

@@ -2,7 +2,6 @@
 //! and the open-coil write of an accepted tap. The tap is voided by a compensating record through
 //! the ledger, and the same card re-tapping within the window is let through once, uncharged.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use afc_domain::model::{Direction, Media, ParamKind, Reason, Timestamp};
@@ -79,7 +78,7 @@ async fn an_open_command_lost_with_the_plc_is_voided_through_the_ledger_and_one_
     assert_eq!(compensating.installation, original.installation);
     assert_eq!(coil_writes(&plc, &OPEN_ENTRY), 0, "the open command never reached the PLC");
     assert_eq!(plc.sim.snapshot().entries_total, 0);
-    assert_eq!(agent.running.metrics.passages_voided.load(Ordering::Relaxed), 1);
+    assert_eq!(agent.running.metrics.passages_voided.get(), 1);
     assert!(g.retap_open(Media::Svc, a.card_id, Direction::Entry));
     eventually("the passage_not_made alarm", || {
         let events = controller.events.lock().unwrap();
@@ -170,7 +169,7 @@ async fn an_open_command_lost_with_the_plc_is_voided_through_the_ledger_and_one_
     assert_eq!((retap.entry_station, retap.entry_time), (original.entry_station, original.entry_time));
     assert_eq!((ledger[&6].balance_before, ledger[&6].balance_after), (Some(600), Some(600)));
     assert_eq!(ledger[&6].balance_after, Some(b_written.balance_fen));
-    assert_eq!(agent.running.metrics.passages_voided.load(Ordering::Relaxed), 3);
+    assert_eq!(agent.running.metrics.passages_voided.get(), 3);
     assert_eq!(agent.running.metrics.decisions_with_reason("ok_retap_after_failed_passage"), 1);
     assert_eq!(*controller.forged_batches.lock().unwrap(), 0);
 }

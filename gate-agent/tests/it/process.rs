@@ -1,4 +1,4 @@
-//! The real `gate-agent` binary, killed with SIGKILL and restarted.
+//! The real `gate-agent` binary, killed with SIGKILL and restarted, and stopped with SIGTERM.
 
 use std::process::{Child, Command, Stdio};
 
@@ -110,4 +110,44 @@ async fn an_agent_killed_between_answering_and_the_ack_resends_after_restart_and
     // Every card that opened before the kill is in the ledger exactly once.
     let ids: std::collections::BTreeSet<u64> = ledger.values().map(|r| r.id).collect();
     assert_eq!(ids.len(), 11);
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_agent_cleanly_with_every_task_joined_within_the_deadline() {
+    let plc = plc().await;
+    let port = free_port();
+    start_broker(port).await;
+    let controller = Controller::connect(port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reader_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = write_config(dir.path(), port, plc.addr, reader_addr, "");
+    let log = dir.path().join("agent.log");
+    let mut agent = spawn(&config, &log);
+    // A reader connected and the broker session up: every task is busy with something.
+    let _reader = connect(reader_addr).await;
+    eventually("the gate's birth", || (!controller.status.lock().unwrap().is_empty()).then_some(())).await;
+    let pid = agent.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline =
+        std::time::Instant::now() + gate_agent::SHUTDOWN_DEADLINE + std::time::Duration::from_secs(5);
+    let exit = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not exit after SIGTERM; see {}",
+            log.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let order = ["shutdown 1/2", "shutdown 2/2", "gate agent stopped"];
+    let positions: Vec<usize> = order.iter().map(|s| text.find(s).unwrap_or(usize::MAX)).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1] && w[1] != usize::MAX),
+        "shutdown order {positions:?}: {text}"
+    );
+    assert!(!text.contains("did not stop"), "{text}");
 }

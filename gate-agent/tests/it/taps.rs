@@ -179,9 +179,13 @@ async fn the_metrics_endpoint_serves_the_gate_series_and_healthz_answers() {
     agent.seed_defaults();
     let mut reader = agent.reader().await;
     reader.tap(&svc_tap(Direction::Entry, card(3104_0000_0000_0006, 1000, None))).await.unwrap();
-    for (path, needle) in
-        [("/metrics", "afc_gate_decisions_total{result=\"accept\""), ("/healthz", "\"ok\":true")]
-    {
+    for (path, needle) in [
+        (
+            "/metrics",
+            "afc_gate_decisions_total{direction=\"entry\",media=\"svc\",reason=\"ok\",result=\"accept\"} 1",
+        ),
+        ("/healthz", "\"ok\":true"),
+    ] {
         let mut s = tokio::net::TcpStream::connect(agent.metrics_addr).await.unwrap();
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
         let mut body = String::new();
@@ -224,4 +228,58 @@ async fn the_reader_simulators_mixed_taps_are_all_answered_recorded_and_a_replay
     assert!(matches!(replay.media, TapMedia::Qr { .. }));
     let r = response(reader.tap(&replay).await.unwrap());
     assert_eq!((r.decision, r.reason), (DecisionKind::Reject, Reason::QrReplayed));
+}
+
+#[tokio::test]
+async fn an_sm2_signed_qr_code_opens_the_gate_beside_an_ed25519_issuer_and_a_forged_one_is_refused() {
+    use afc_domain::model::{ParamKind, Timestamp};
+    use afc_domain::qr::{self, QrAlgorithm, QrIssue, QrIssuerKey, QrKeySet, QrSigner};
+    use afc_domain::wire::{TapMedia, TapRequest};
+    let plc = plc().await;
+    let agent = Agent::start(free_port(), &plc).await;
+    agent.seed_defaults();
+    // A transport-standard issuer (SM2) and an app issuer (ed25519) in one `qr_keys` set.
+    let sm2 = QrSigner::sm2_from_bytes(&[9u8; 32]).unwrap();
+    let ed = QrSigner::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]));
+    let key = |issuer: u16, s: &QrSigner| QrIssuerKey {
+        issuer,
+        key_id: 1,
+        algorithm: s.algorithm(),
+        public_key: s.public_key(),
+        valid_from: Timestamp(0),
+        valid_to: Timestamp::from_secs(4_000_000_000),
+    };
+    let keys = QrKeySet::new(vec![key(1, &ed), key(2, &sm2)]).unwrap();
+    assert_eq!(keys.get(2, 1).map(|k| k.algorithm), Some(QrAlgorithm::Sm2));
+    agent.seed(ParamKind::QrKeys, 1, Timestamp(0), serde_json::to_vec(&keys).unwrap());
+    let tap = |issuer: u16, nonce: u64, signer: &QrSigner, flip: Option<usize>| {
+        let issue = QrIssue {
+            issuer,
+            key_id: 1,
+            account: 77,
+            issued_at: gate_agent::gate::now(),
+            valid_secs: 60,
+            nonce,
+        };
+        let mut code = qr::generate_with(&issue, signer);
+        if let Some(at) = flip {
+            code[at] ^= 1;
+        }
+        TapRequest { direction: Direction::Entry, media: TapMedia::Qr { code: qr::encode_text(&code) } }
+    };
+    let mut reader = agent.reader().await;
+    let r = response(reader.tap(&tap(2, 1, &sm2, None)).await.unwrap());
+    assert_eq!((r.decision, r.reason), (DecisionKind::OpenEntry, Reason::Ok), "{r:?}");
+    let r = response(reader.tap(&tap(1, 2, &ed, None)).await.unwrap());
+    assert_eq!((r.decision, r.reason), (DecisionKind::OpenEntry, Reason::Ok), "{r:?}");
+    // A flipped signature bit, and an SM2 code presented under the ed25519 issuer's name.
+    let r = response(reader.tap(&tap(2, 3, &sm2, Some(qr::QR_CODE_LEN - 5))).await.unwrap());
+    assert_eq!((r.decision, r.reason), (DecisionKind::Reject, Reason::QrBadSignature), "{r:?}");
+    let r = response(reader.tap(&tap(1, 4, &sm2, None)).await.unwrap());
+    assert_eq!((r.decision, r.reason), (DecisionKind::Reject, Reason::QrBadSignature), "{r:?}");
+    // The accepted SM2 code cannot be used twice.
+    let r = response(reader.tap(&tap(2, 1, &sm2, None)).await.unwrap());
+    assert_eq!((r.decision, r.reason), (DecisionKind::Reject, Reason::QrReplayed), "{r:?}");
+    // Every tap, refusals included, is recorded.
+    assert_eq!(agent.running.gate.store().depth(), 5);
 }

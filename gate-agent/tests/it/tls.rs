@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use afc_domain::model::Direction;
 use afc_domain::wire::{DecisionKind, ReaderReply};
+use afc_test_support::pki::TestCa;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -16,18 +17,11 @@ use crate::harness::*;
 /// Writes `ca.pem` (a fresh test CA) to `dir` and returns a server configuration presenting a
 /// certificate for `localhost` and `127.0.0.1` signed by it.
 fn test_pki(dir: &Path) -> Arc<rustls::ServerConfig> {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca_cert, &ca_key)
-        .unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    let chain = vec![CertificateDer::from_pem_slice(leaf.pem().as_bytes()).unwrap()];
-    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let ca = TestCa::new("").unwrap();
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Arc::new(
         rustls::ServerConfig::builder_with_provider(provider)

@@ -2,7 +2,8 @@
 
 use std::sync::atomic::Ordering;
 
-use afc_domain::model::Direction;
+use afc_domain::ledger::TxRecord;
+use afc_domain::model::{Direction, Reason};
 use afc_domain::wire::{DecisionKind, ReaderReply};
 
 use crate::harness::*;
@@ -107,4 +108,50 @@ async fn a_forged_ack_above_the_last_gate_seq_changes_nothing_and_raises_an_alar
     // A true ack still works.
     controller.acking.store(true, Ordering::SeqCst);
     eventually("the outbox to drain", || (g.store().depth() == 0).then_some(())).await;
+}
+
+#[tokio::test]
+async fn a_stopped_gate_joins_every_task_within_the_deadline_and_keeps_its_unacknowledged_taps() {
+    let plc = plc().await;
+    let port = free_port();
+    start_broker(port).await;
+    let controller = Controller::connect(port).await;
+    controller.acking.store(false, Ordering::SeqCst);
+    let agent = Agent::start(port, &plc).await;
+    agent.seed_defaults();
+    eventually("the gate's birth", || (!controller.status.lock().unwrap().is_empty()).then_some(())).await;
+    let names = agent.running.task_names();
+    for name in
+        ["plc", "mqtt-eventloop", "mqtt-session", "mqtt-inbox", "mqtt-upload", "reader", "storage-probe"]
+    {
+        assert!(names.contains(&name), "{name} not held: {names:?}");
+    }
+    // A reader stays connected across the stop: its connection is joined too.
+    let mut reader = agent.reader().await;
+    for i in 0..3u64 {
+        let r =
+            reader.tap(&svc_tap(Direction::Entry, card(3104_0000_0000_3000 + i, 1000, None))).await.unwrap();
+        assert!(matches!(r, ReaderReply::Response(ref r) if r.decision == DecisionKind::OpenEntry), "{r:?}");
+    }
+    assert_eq!(agent.running.gate.store().depth(), 3);
+    let started = tokio::time::Instant::now();
+    let (late, dir) = agent.shut_down(gate_agent::SHUTDOWN_DEADLINE).await;
+    assert!(late.is_empty(), "tasks that did not stop: {late:?}");
+    assert!(started.elapsed() < gate_agent::SHUTDOWN_DEADLINE, "stopped in {:?}", started.elapsed());
+    // Nothing is lost: the next agent on the same directory holds every unacknowledged tap (and
+    // may hold more: on a slow machine a passage window can close before the stop, and the gate
+    // then adds the tap's compensating `passage_not_made` record).
+    let agent = Agent::start_in_dir(dir, port, &plc, "").await;
+    let held: Vec<TxRecord> = agent
+        .running
+        .gate
+        .store()
+        .pending(0, 100, 1 << 20)
+        .unwrap()
+        .iter()
+        .map(|(_, bytes)| TxRecord::from_canonical(bytes).unwrap())
+        .collect();
+    let taps: Vec<u64> = held.iter().filter(|r| r.accepted && r.voids.is_none()).map(|r| r.id).collect();
+    assert_eq!(taps, (0..3).map(|i| 3104_0000_0000_3000 + i).collect::<Vec<_>>(), "{held:?}");
+    assert!(held.iter().all(|r| r.voids.is_none() || r.reason == Reason::PassageNotMade), "{held:?}");
 }

@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod clock;
+mod day_close;
 mod forged;
 mod replaced;
 mod scenario;
