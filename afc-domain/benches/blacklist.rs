@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use afc_domain::blacklist::{realistic_sample, Blacklist, BlacklistDelta};
+use afc_domain::blacklist::{realistic_sample, Blacklist, BlacklistDelta, Entry};
 use afc_domain::model::{Media, ParamKind};
 use afc_domain::package::{
     package_sha256, split, BlacklistBody, ChunkError, Package, Reassembler, MAX_CHUNK_BYTES,
@@ -101,4 +101,69 @@ fn main() {
         p.len(),
         chunks.len()
     );
+
+    deny_list();
+}
+
+/// The deny list: 1,000,000 denied bank tokens as the blacklist's `bank` ids (8-byte keys of
+/// random 32-byte tokens, so nothing compresses into ranges), alone and beside the 1M card list.
+fn deny_list() {
+    let tokens = afc_domain::bank::sample_tokens(1_000_000, 9);
+    let bank: Vec<Entry> = tokens.iter().map(|t| Entry::single(Media::Bank, t.deny_key())).collect();
+    let t = Instant::now();
+    let list = Blacklist::from_entries(1, bank.iter().copied());
+    let build = t.elapsed();
+    let encoded = list.encode();
+    let t = Instant::now();
+    let decoded = Blacklist::decode(&encoded).unwrap();
+    let decode = t.elapsed();
+    assert_eq!(decoded, list);
+    let probes: Vec<u64> = tokens
+        .iter()
+        .step_by(5)
+        .map(|t| t.deny_key())
+        .chain(afc_domain::bank::sample_tokens(200_000, 10).iter().map(|t| t.deny_key()))
+        .collect();
+    let mut ns = Vec::with_capacity(probes.len());
+    let mut hits = 0usize;
+    for &k in &probes {
+        let t0 = Instant::now();
+        hits += usize::from(list.contains(Media::Bank, std::hint::black_box(k)));
+        ns.push(t0.elapsed().as_nanos() as u64);
+    }
+    ns.sort_unstable();
+    let q = |f: f64| ns[((ns.len() as f64 * f) as usize).min(ns.len() - 1)];
+    let p = blacklist_package(1, &BlacklistBody::Full(list.clone())).encode();
+    let chunks = split(&p, MAX_CHUNK_BYTES);
+    let delta = BlacklistDelta {
+        from_version: 1,
+        to_version: 2,
+        add: afc_domain::bank::sample_tokens(1000, 11)
+            .iter()
+            .map(|t| Entry::single(Media::Bank, t.deny_key()))
+            .collect(),
+        remove: bank.iter().take(100).copied().collect(),
+    };
+    let mut applied = list.clone();
+    let t = Instant::now();
+    applied.apply_delta(&delta).unwrap();
+    let apply = t.elapsed();
+    let both =
+        Blacklist::from_entries(1, realistic_sample(1_000_000, 7).into_iter().chain(bank.iter().copied()));
+    println!(
+        "deny list 1M tokens: heap {} B ({:.2} B/token), encoded {} B, package {} B in {} chunks; from_entries {build:?}, decode {decode:?}",
+        list.heap_bytes(),
+        list.heap_bytes() as f64 / 1e6,
+        encoded.len(),
+        p.len(),
+        chunks.len()
+    );
+    println!(
+        "deny list contains ({hits} hits of {}): p50 {} ns, p99 {} ns, max {} ns; 1,000-add/100-remove delta in place {apply:?}",
+        probes.len(),
+        q(0.5),
+        q(0.99),
+        ns[ns.len() - 1]
+    );
+    println!("1M cards + 1M denied tokens in one list: heap {} B", both.heap_bytes());
 }

@@ -8,13 +8,14 @@
 
 use std::time::Instant;
 
-use afc_domain::blacklist::{realistic_sample, Blacklist};
+use afc_domain::bank::{BankRisk, Cryptogram};
+use afc_domain::blacklist::{realistic_sample, Blacklist, Entry};
 use afc_domain::decision::{decide, Params};
 use afc_domain::mode::ModeState;
 use afc_domain::model::{CardType, Date, Direction, Media, StationCode, Timestamp};
 use afc_domain::network::{compile, FareRule, FareTable, NetworkDescription};
 use afc_domain::qr::{self, QrIssue, QrIssuerKey, QrKeySet, QrSkew, ReplayCache};
-use afc_domain::wire::{EntryRecord, SvcCard, TapMedia, TapRequest};
+use afc_domain::wire::{BankCard, EntryRecord, SvcCard, TapMedia, TapRequest};
 use criterion::{black_box, criterion_group, Criterion};
 use ed25519_dalek::SigningKey;
 
@@ -72,6 +73,7 @@ fn bench(c: &mut Criterion) {
     let stream = taps(&s, 4096);
     let modes = ModeState::default();
     let mut replay = ReplayCache::new(1024, QrSkew::default());
+    let mut bank = BankRisk::default();
     let mut i = 0usize;
     c.bench_function("decide_svc_exit_dalian_1m_blacklist", |b| {
         b.iter(|| {
@@ -83,8 +85,9 @@ fn bench(c: &mut Criterion) {
                 blacklist: &s.blacklist,
                 qr_keys: &s.qr_keys,
                 qr_skew: QrSkew::default(),
+                bank_taps_per_day: afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY,
             };
-            black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay))
+            black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay, &mut bank))
         })
     });
 }
@@ -94,6 +97,7 @@ fn percentiles() {
     let stream = taps(&s, 200_000);
     let modes = ModeState::default();
     let mut replay = ReplayCache::new(1024, QrSkew::default());
+    let mut bank = BankRisk::default();
     let mut ns = Vec::with_capacity(stream.len());
     let mut opened = 0usize;
     for (station, tap) in &stream {
@@ -103,9 +107,10 @@ fn percentiles() {
             blacklist: &s.blacklist,
             qr_keys: &s.qr_keys,
             qr_skew: QrSkew::default(),
+            bank_taps_per_day: afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY,
         };
         let t0 = Instant::now();
-        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay));
+        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay, &mut bank));
         ns.push(t0.elapsed().as_nanos() as u64);
         opened += usize::from(d.accepted());
     }
@@ -153,18 +158,20 @@ fn qr_percentiles(signer: &qr::QrSigner) {
         .collect();
     let modes = ModeState::default();
     let mut replay = ReplayCache::new(50_000, QrSkew::default());
+    let mut bank = BankRisk::default();
     let p = Params {
         station: s.stations[0],
         fares: &s.fares,
         blacklist: &s.blacklist,
         qr_keys: &s.qr_keys,
         qr_skew: QrSkew::default(),
+        bank_taps_per_day: afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY,
     };
     let mut ns = Vec::with_capacity(codes.len());
     let mut opened = 0usize;
     for tap in &codes {
         let t0 = Instant::now();
-        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay));
+        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay, &mut bank));
         ns.push(t0.elapsed().as_nanos() as u64);
         opened += usize::from(d.accepted());
     }
@@ -181,12 +188,68 @@ fn qr_percentiles(signer: &qr::QrSigner) {
     );
 }
 
+/// Bank taps against a 1,000,000-token deny list (the blacklist's `bank` ids) beside the 1M card
+/// list: one in ten tokens denied, the rest entering once each.
+fn bank_percentiles() {
+    let mut s = setup();
+    let denied = afc_domain::bank::sample_tokens(1_000_000, 7);
+    let entries: Vec<Entry> = s
+        .blacklist
+        .entries()
+        .chain(denied.iter().map(|t| Entry::single(Media::Bank, t.deny_key())))
+        .collect();
+    s.blacklist = Blacklist::from_entries(2, entries);
+    let fresh = afc_domain::bank::sample_tokens(200_000, 8);
+    let expiry = Date::from_ymd(2030, 1, 31).unwrap();
+    let taps: Vec<TapRequest> = fresh
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let token = if i % 10 == 0 { denied[i % denied.len()] } else { *t };
+            let bank = BankCard { token, expiry, oda_passed: true, cryptogram: Cryptogram([1; 8]), atc: 1 };
+            TapRequest { direction: Direction::Entry, media: TapMedia::Bank { bank } }
+        })
+        .collect();
+    let modes = ModeState::default();
+    let mut replay = ReplayCache::new(1024, QrSkew::default());
+    let mut bank = BankRisk::default();
+    let p = Params {
+        station: s.stations[0],
+        fares: &s.fares,
+        blacklist: &s.blacklist,
+        qr_keys: &s.qr_keys,
+        qr_skew: QrSkew::default(),
+        bank_taps_per_day: afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY,
+    };
+    let mut ns = Vec::with_capacity(taps.len());
+    let mut opened = 0usize;
+    for tap in &taps {
+        let t0 = Instant::now();
+        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay, &mut bank));
+        ns.push(t0.elapsed().as_nanos() as u64);
+        opened += usize::from(d.accepted());
+    }
+    assert_eq!(opened, taps.len() - taps.len() / 10);
+    ns.sort_unstable();
+    let q = |f: f64| ns[((ns.len() as f64 * f) as usize).min(ns.len() - 1)];
+    println!(
+        "bank decision latency over {} taps ({} opened), 1M denied tokens + 1M cards: p50 {} ns, p99 {} ns, p99.9 {} ns, max {} ns",
+        ns.len(),
+        opened,
+        q(0.50),
+        q(0.99),
+        q(0.999),
+        ns[ns.len() - 1]
+    );
+}
+
 criterion_group!(benches, bench);
 
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
     percentiles();
+    bank_percentiles();
     qr_percentiles(&qr::QrSigner::Ed25519(SigningKey::from_bytes(&[7u8; 32])));
     qr_percentiles(&qr::QrSigner::sm2_from_bytes(&[7u8; 32]).expect("a valid SM2 scalar"));
 }

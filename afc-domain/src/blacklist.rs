@@ -27,13 +27,33 @@ use crate::varint::{self, Reader, VarintError};
 pub const FULL_MAGIC: u8 = b'B';
 /// The first byte of an encoded delta.
 pub const DELTA_MAGIC: u8 = b'D';
-/// The encoding format, after the magic byte; bumped on any incompatible change.
+/// The encoding format, after the magic byte; bumped on any incompatible change. Format 1 holds
+/// the sections of svc, qr and token; a list (or delta) with `bank` ids is written as
+/// [`FORMAT_BANK`], which appends the bank section (so every list without bank ids keeps its
+/// bytes, and a gate of an earlier version refuses, rather than misreads, a list with them).
 pub const FORMAT: u8 = 1;
+/// The format of a list or delta holding `bank` ids: four sections, svc, qr, token, bank.
+pub const FORMAT_BANK: u8 = 2;
+
+/// Lists held per blacklist, one per medium (indexed by [`slot`]).
+const MEDIA_SLOTS: usize = 4;
+
+/// The media a list of `format` holds sections for, in order.
+fn media_of(format: u8) -> &'static [Media] {
+    if format == FORMAT_BANK {
+        &Media::ALL
+    } else {
+        &Media::ALL[..3]
+    }
+}
 
 /// One blacklist line: a single id (`first == last`) or an inclusive number range of one medium.
 ///
 /// JSON: `{"media": "svc", "first": 1, "last": 9}`, or `{"media": "svc", "id": 5}` for a single
-/// id; an inverted range (`first > last`) is refused there. Built in code, an inverted range means
+/// id; an inverted range (`first > last`) is refused there. A denied bank token is written
+/// `{"media": "bank", "token": "<64 hex digits>"}` and held under its
+/// [`deny_key`](crate::bank::BankToken::deny_key) (or `{"media": "bank", "id": key}`); a bank range
+/// means nothing (keys are hashes) and is refused. Built in code, an inverted range means
 /// the ids between its two ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "EntryJson")]
@@ -57,6 +77,8 @@ struct EntryJson {
     first: Option<u64>,
     /// The highest id of a range (inclusive; default `first`).
     last: Option<u64>,
+    /// A bank payment token (medium `bank` only, alone).
+    token: Option<crate::bank::BankToken>,
 }
 
 /// An entry's schema is that of the JSON it is read from ([`EntryJson`]): `{media, id}` or
@@ -104,6 +126,14 @@ impl utoipa::PartialSchema for Entry {
                     .property("last", id(true))
                     .required("first"),
             )
+            .item(
+                shape("A denied bank payment token (medium `bank`), held under its first 8 bytes.")
+                    .property(
+                        "token",
+                        ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[0-9a-fA-F]{64}$")),
+                    )
+                    .required("token"),
+            )
             .into()
     }
 }
@@ -126,9 +156,13 @@ impl TryFrom<EntryJson> for Entry {
     type Error = BlacklistError;
 
     fn try_from(j: EntryJson) -> Result<Entry, BlacklistError> {
-        match (j.id, j.first, j.last) {
-            (Some(id), None, None) => Ok(Entry::single(j.media, id)),
-            (None, Some(first), last) => Entry::range(j.media, first, last.unwrap_or(first)),
+        let bank = j.media == Media::Bank;
+        match (j.id, j.first, j.last, j.token) {
+            (None, None, None, Some(token)) if bank => Ok(Entry::single(j.media, token.deny_key())),
+            (Some(id), None, None, None) => Ok(Entry::single(j.media, id)),
+            (None, Some(first), last, None) if !bank || last.is_none_or(|l| l == first) => {
+                Entry::range(j.media, first, last.unwrap_or(first))
+            }
             _ => Err(BlacklistError::EntryShape { media: j.media }),
         }
     }
@@ -173,11 +207,11 @@ pub enum BlacklistError {
     DeltaNotForward { from: u64, to: u64 },
     #[error("{} blacklist range {first}..={last} is inverted", media.as_str())]
     InvertedRange { media: Media, first: u64, last: u64 },
-    #[error("{} blacklist entry must have either `id` or `first` (and optionally `last`)", media.as_str())]
+    #[error("{} blacklist entry must have either `id` or `first` (and optionally `last`; a bank entry `token` or `id`, no range)", media.as_str())]
     EntryShape { media: Media },
     #[error("encoded blacklist starts with 0x{found:02x}, expected 0x{expected:02x}")]
     BadMagic { expected: u8, found: u8 },
-    #[error("encoded blacklist has format {found}, this build reads format {FORMAT}")]
+    #[error("encoded blacklist has format {found}, this build reads formats {FORMAT} and {FORMAT_BANK}")]
     UnsupportedFormat { found: u8 },
     #[error("encoded blacklist ends in the middle of {field}")]
     Truncated { field: &'static str },
@@ -193,6 +227,8 @@ pub enum BlacklistError {
     NotCanonical { section: &'static str, media: Media, id: u64 },
     #[error("encoded blacklist has {count} bytes after its end")]
     TrailingBytes { count: usize },
+    #[error("encoded blacklist has the bank format but no bank ids: it must be format {FORMAT}")]
+    BankFormatWithoutBank,
 }
 
 impl BlacklistError {
@@ -213,6 +249,7 @@ impl BlacklistError {
             BlacklistError::RangeTooShort { .. } => "blacklist_range_too_short",
             BlacklistError::NotCanonical { .. } => "blacklist_not_canonical",
             BlacklistError::TrailingBytes { .. } => "blacklist_trailing_bytes",
+            BlacklistError::BankFormatWithoutBank => "blacklist_not_canonical",
         }
     }
 }
@@ -247,6 +284,10 @@ fn block_of<'a, T>(items: &'a [T], index: &[u64], id: u64) -> &'a [T] {
 }
 
 impl MediaList {
+    fn is_empty(&self) -> bool {
+        self.singles.is_empty() && self.ranges.is_empty()
+    }
+
     /// A list from canonical singles and ranges, with its indexes built.
     fn new(mut singles: Vec<u64>, mut ranges: Vec<(u64, u64)>) -> MediaList {
         singles.shrink_to_fit();
@@ -549,12 +590,13 @@ fn slot(media: Media) -> usize {
         Media::Svc => 0,
         Media::Qr => 1,
         Media::Token => 2,
+        Media::Bank => 3,
     }
 }
 
 /// Splits entries into normalized intervals per medium (indexed by [`slot`]).
-fn intervals_by_media<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> [Vec<(u64, u64)>; 3] {
-    let mut by_media: [Vec<(u64, u64)>; 3] = Default::default();
+fn intervals_by_media<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> [Vec<(u64, u64)>; MEDIA_SLOTS] {
+    let mut by_media: [Vec<(u64, u64)>; MEDIA_SLOTS] = Default::default();
     for e in entries {
         by_media[slot(e.media)].push(e.bounds());
     }
@@ -567,7 +609,7 @@ pub struct Blacklist {
     /// The parameter version this list is, so deltas can be checked against it (0 = none yet).
     version: u64,
     /// The ids of each medium, indexed by [`slot`].
-    lists: [MediaList; 3],
+    lists: [MediaList; MEDIA_SLOTS],
 }
 
 impl fmt::Debug for Blacklist {
@@ -655,7 +697,7 @@ impl Blacklist {
     /// one without copying it first: a gate keeps deciding with this list while the next is made.
     pub fn with_delta(&self, d: &BlacklistDelta) -> Result<Blacklist, BlacklistError> {
         let rebuilt = self.rebuilt_by(d)?;
-        let mut lists: [MediaList; 3] = Default::default();
+        let mut lists: [MediaList; MEDIA_SLOTS] = Default::default();
         for ((out, old), new) in lists.iter_mut().zip(&self.lists).zip(rebuilt) {
             *out = new.unwrap_or_else(|| old.clone());
         }
@@ -663,12 +705,12 @@ impl Blacklist {
     }
 
     /// The media lists `d` changes, rebuilt with it applied (`None`: unchanged).
-    fn rebuilt_by(&self, d: &BlacklistDelta) -> Result<[Option<MediaList>; 3], BlacklistError> {
+    fn rebuilt_by(&self, d: &BlacklistDelta) -> Result<[Option<MediaList>; MEDIA_SLOTS], BlacklistError> {
         d.check_applies_to(self.version)?;
         let add = intervals_by_media(&d.add);
         let remove = intervals_by_media(&d.remove);
-        let mut rebuilt: [Option<MediaList>; 3] = Default::default();
-        for i in 0..3 {
+        let mut rebuilt: [Option<MediaList>; MEDIA_SLOTS] = Default::default();
+        for i in 0..MEDIA_SLOTS {
             if add[i].is_empty() && remove[i].is_empty() {
                 continue;
             }
@@ -705,16 +747,17 @@ impl Blacklist {
         BlacklistDelta { from_version: self.version, to_version: newer.version, add, remove }
     }
 
-    /// The compact package body: magic, format, version, then per medium (svc, qr, token) the
-    /// singles and the ranges as varint gaps (see [`encode_section`]).
+    /// The compact package body: magic, format, version, then per medium (svc, qr, token, and bank
+    /// in [`FORMAT_BANK`]) the singles and the ranges as varint gaps (see [`encode_section`]).
     pub fn encode(&self) -> Vec<u8> {
         let items = self.item_count();
         let mut out = Vec::with_capacity(items * 2 + 16);
+        let format = if self.lists[slot(Media::Bank)].is_empty() { FORMAT } else { FORMAT_BANK };
         out.push(FULL_MAGIC);
-        out.push(FORMAT);
+        out.push(format);
         varint::put_u64(&mut out, self.version);
-        for list in &self.lists {
-            encode_section(&mut out, list);
+        for &m in media_of(format) {
+            encode_section(&mut out, &self.lists[slot(m)]);
         }
         out
     }
@@ -722,13 +765,16 @@ impl Blacklist {
     /// Reads [`Blacklist::encode`]'s bytes, refusing anything that is not exactly canonical.
     pub fn decode(bytes: &[u8]) -> Result<Blacklist, BlacklistError> {
         let mut r = Reader::new(bytes);
-        read_header(&mut r, FULL_MAGIC)?;
+        let format = read_header(&mut r, FULL_MAGIC)?;
         let version = read_u64(&mut r, "version")?;
-        let mut lists: [MediaList; 3] = Default::default();
-        for m in Media::ALL {
+        let mut lists: [MediaList; MEDIA_SLOTS] = Default::default();
+        for &m in media_of(format) {
             lists[slot(m)] = decode_section(&mut r, "list", m)?;
         }
         expect_end(&r)?;
+        if format == FORMAT_BANK && lists[slot(Media::Bank)].is_empty() {
+            return Err(BlacklistError::BankFormatWithoutBank);
+        }
         Ok(Blacklist { version, lists })
     }
 }
@@ -845,12 +891,16 @@ impl BlacklistDelta {
         let add = canonical_lists(&self.add);
         let remove = canonical_lists(&self.remove);
         let mut out = Vec::with_capacity((self.add.len() + self.remove.len()) * 3 + 24);
+        let bank = slot(Media::Bank);
+        let format = if add[bank].is_empty() && remove[bank].is_empty() { FORMAT } else { FORMAT_BANK };
         out.push(DELTA_MAGIC);
-        out.push(FORMAT);
+        out.push(format);
         varint::put_u64(&mut out, self.from_version);
         varint::put_u64(&mut out, self.to_version);
-        for list in add.iter().chain(remove.iter()) {
-            encode_section(&mut out, list);
+        for lists in [&add, &remove] {
+            for &m in media_of(format) {
+                encode_section(&mut out, &lists[slot(m)]);
+            }
         }
         out
     }
@@ -859,24 +909,27 @@ impl BlacklistDelta {
     /// delta. Versions are checked when the delta is applied, not here.
     pub fn decode(bytes: &[u8]) -> Result<BlacklistDelta, BlacklistError> {
         let mut r = Reader::new(bytes);
-        read_header(&mut r, DELTA_MAGIC)?;
+        let format = read_header(&mut r, DELTA_MAGIC)?;
         let from_version = read_u64(&mut r, "from_version")?;
         let to_version = read_u64(&mut r, "to_version")?;
         let mut add = Vec::new();
         let mut remove = Vec::new();
         for (section, out) in [("add", &mut add), ("remove", &mut remove)] {
-            for m in Media::ALL {
+            for &m in media_of(format) {
                 let list = decode_section(&mut r, section, m)?;
                 out.extend(list.intervals().map(|(first, last)| Entry { media: m, first, last }));
             }
         }
         expect_end(&r)?;
+        if format == FORMAT_BANK && !add.iter().chain(&remove).any(|e| e.media == Media::Bank) {
+            return Err(BlacklistError::BankFormatWithoutBank);
+        }
         Ok(BlacklistDelta { from_version, to_version, add, remove })
     }
 }
 
 /// Entries as canonical per-medium lists (indexed by [`slot`]).
-fn canonical_lists(entries: &[Entry]) -> [MediaList; 3] {
+fn canonical_lists(entries: &[Entry]) -> [MediaList; MEDIA_SLOTS] {
     intervals_by_media(entries).map(|ivs| {
         let mut b = Builder::default();
         for iv in ivs {
@@ -973,16 +1026,17 @@ fn decode_section(
     Ok(list)
 }
 
-fn read_header(r: &mut Reader<'_>, expected: u8) -> Result<(), BlacklistError> {
+/// Reads the magic and the format, returning the format.
+fn read_header(r: &mut Reader<'_>, expected: u8) -> Result<u8, BlacklistError> {
     let found = r.byte().map_err(|_| BlacklistError::Truncated { field: "magic" })?;
     if found != expected {
         return Err(BlacklistError::BadMagic { expected, found });
     }
     let format = r.byte().map_err(|_| BlacklistError::Truncated { field: "format" })?;
-    if format != FORMAT {
+    if format != FORMAT && format != FORMAT_BANK {
         return Err(BlacklistError::UnsupportedFormat { found: format });
     }
-    Ok(())
+    Ok(format)
 }
 
 fn read_u64(r: &mut Reader<'_>, field: &'static str) -> Result<u64, BlacklistError> {
@@ -1068,6 +1122,45 @@ pub fn realistic_sample(n: usize, seed: u64) -> Vec<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bank_ids_are_written_in_the_bank_format_and_every_list_without_them_keeps_format_1() {
+        let cards = Blacklist::from_entries(
+            3,
+            [Entry::single(Media::Svc, 42), Entry::range(Media::Qr, 5, 9).unwrap()],
+        );
+        assert_eq!(cards.encode()[1], FORMAT);
+        let tokens = crate::bank::sample_tokens(3, 1);
+        let with_bank = Blacklist::from_entries(
+            4,
+            cards.entries().chain(tokens.iter().map(|t| Entry::single(Media::Bank, t.deny_key()))),
+        );
+        let bytes = with_bank.encode();
+        assert_eq!(bytes[1], FORMAT_BANK);
+        assert_eq!(Blacklist::decode(&bytes), Ok(with_bank.clone()));
+        assert!(with_bank.contains(Media::Bank, tokens[2].deny_key()));
+        assert!(!with_bank.contains(Media::Svc, tokens[2].deny_key()));
+        // The bank format with an empty bank section is an alias of format 1: refused.
+        let mut alias = cards.encode();
+        alias[1] = FORMAT_BANK;
+        alias.extend_from_slice(&[0, 0]);
+        assert_eq!(Blacklist::decode(&alias), Err(BlacklistError::BankFormatWithoutBank));
+        // A delta that adds a token is in the bank format and applies in place.
+        let delta = cards.delta_to(&Blacklist::from_entries(4, with_bank.entries()));
+        let encoded = delta.encode();
+        assert_eq!(encoded[1], FORMAT_BANK);
+        let mut applied = cards.clone();
+        applied.apply_delta(&BlacklistDelta::decode(&encoded).unwrap()).unwrap();
+        assert_eq!(applied, with_bank);
+        // JSON: a token is held by its deny key; a bank range is refused.
+        let json = format!(r#"{{"media":"bank","token":"{}"}}"#, tokens[0]);
+        assert_eq!(
+            serde_json::from_str::<Entry>(&json).unwrap(),
+            Entry::single(Media::Bank, tokens[0].deny_key())
+        );
+        assert!(serde_json::from_str::<Entry>(r#"{"media":"bank","first":1,"last":9}"#).is_err());
+        assert!(serde_json::from_str::<Entry>(r#"{"media":"svc","token":"00"}"#).is_err());
+    }
     use proptest::prelude::*;
 
     fn svc(first: u64, last: u64) -> Entry {
@@ -1351,7 +1444,7 @@ mod tests {
     }
 
     fn arb_entry() -> impl Strategy<Value = Entry> {
-        let media = prop_oneof![Just(Media::Svc), Just(Media::Qr), Just(Media::Token)];
+        let media = prop_oneof![Just(Media::Svc), Just(Media::Qr), Just(Media::Token), Just(Media::Bank)];
         let near = (0u64..400, 0u64..5).prop_map(|(f, len)| (f, f + len));
         let edge = (0u64..4, 0u64..4).prop_map(|(a, b)| (u64::MAX - a, u64::MAX - b));
         let any = (any::<u64>(), any::<u64>());
@@ -1411,7 +1504,7 @@ mod tests {
         ) {
             let list = Blacklist::from_entries(1, base);
             let (add, remove) = (intervals_by_media(&add), intervals_by_media(&remove));
-            for i in 0..3 {
+            for i in 0..MEDIA_SLOTS {
                 prop_assert_eq!(list.lists[i].patched(&add[i], &remove[i]), list.lists[i].merged(&add[i], &remove[i]));
             }
         }

@@ -26,14 +26,21 @@
 //! - QR codes carry no entry state: the gate opens on a valid, unused code and records the tap;
 //!   clearing pairs entries and exits and charges the account, so the gate's fare for QR is 0.
 //! - Under hours_24 a token stays valid into the next business day (the night did not roll over).
+//! - Bank cards (medium `bank`) carry no entry state either and are never written: the gate checks
+//!   the deny list (the blacklist's `bank` ids), the expiry and the offline data authentication,
+//!   opens within the unpaid-tap limit ([`BankRisk`]) and records the tap with its cryptogram;
+//!   clearing pairs entry and exit and charges the journey, so the gate's fare is 0. An exit is
+//!   never refused for the limit (the passenger is inside). An exit cannot show the journey's fare:
+//!   the card holds no entry, and the entry may have been at another station.
 
+use crate::bank::{BankRef, BankRisk};
 use crate::blacklist::Blacklist;
 use crate::fare::FareTable;
 use crate::ledger::{ParamVersions, QrRef, TxRecord};
 use crate::mode::{ModeBits, ModeState};
 use crate::model::{Direction, Ident, Media, Reason, StationCode, Timestamp};
 use crate::qr::{self, QrClaims, QrKeySet, QrSkew, ReplayCache};
-use crate::wire::{CardWrite, DecisionKind, EntryRecord, SvcCard, TapMedia, TapRequest, TokenCard};
+use crate::wire::{BankCard, CardWrite, DecisionKind, EntryRecord, SvcCard, TapMedia, TapRequest, TokenCard};
 
 /// How far back an entry_free period counts for an exit without entry when the fare table has no
 /// ride-time limit.
@@ -50,6 +57,9 @@ pub struct Params<'a> {
     /// Tolerated clock difference between QR issuers and this gate, and between the entry gate
     /// (the card's entry time) and this one for the ride-time limit.
     pub qr_skew: QrSkew,
+    /// Accepted taps one bank token may make per business day at this gate before an entry is
+    /// refused (`gate_config.bank_unpaid_taps_per_day`).
+    pub bank_taps_per_day: u16,
 }
 
 /// The outcome of one tap.
@@ -58,7 +68,8 @@ pub struct Decision {
     pub kind: DecisionKind,
     pub reason: Reason,
     pub media: Media,
-    /// Card number, QR account or token serial (0 when a QR code could not be read at all).
+    /// Card number, QR account, token serial or bank deny key (0 when a QR code could not be read
+    /// at all).
     pub id: u64,
     pub direction: Direction,
     /// Fen taken by this tap (svc: from the card balance; token: the fare the paid value covered;
@@ -79,6 +90,8 @@ pub struct Decision {
     /// The replay cache was full, so single use of this QR code could not be guaranteed here:
     /// the transaction is flagged for clearing's duplicate check.
     pub replay_unchecked: bool,
+    /// A bank tap's token, cryptogram and counter, for the record.
+    pub bank: Option<BankRef>,
 }
 
 impl Decision {
@@ -123,17 +136,21 @@ impl Decision {
             qr: self.qr.map(|c| QrRef { issuer: c.issuer, nonce: c.nonce }),
             installation: None,
             voids: None,
+            bank: self.bank,
+            tac: None,
         }
     }
 }
 
 /// Decides one tap. Never panics and never fails: every problem is a reject with its reason.
+/// `replay` and `bank` are the gate's memory of used QR codes and of bank taps today.
 pub fn decide(
     tap: &TapRequest,
     p: &Params<'_>,
     modes: &ModeState,
     now: Timestamp,
     replay: &mut ReplayCache,
+    bank: &mut BankRisk,
 ) -> Decision {
     let bits = modes.bits_at(p.station, now);
     let (media, id) = media_and_id(&tap.media);
@@ -152,6 +169,7 @@ pub fn decide(
         modes: bits,
         qr: None,
         replay_unchecked: false,
+        bank: None,
     };
     if bits.has(ModeBits::EMERGENCY_RELEASE) {
         return base.open(Reason::OkEmergencyRelease);
@@ -167,6 +185,7 @@ pub fn decide(
         TapMedia::Svc { card } => ctx.svc(card, base),
         TapMedia::Qr { code } => ctx.qr(code, base, replay),
         TapMedia::Token { token } => ctx.token(token, base),
+        TapMedia::Bank { bank: card } => ctx.bank(card, base, bank),
     }
 }
 
@@ -199,6 +218,7 @@ fn media_and_id(m: &TapMedia) -> (Media, u64) {
         TapMedia::Svc { card } => (Media::Svc, card.card_id),
         TapMedia::Qr { .. } => (Media::Qr, 0),
         TapMedia::Token { token } => (Media::Token, token.token_id),
+        TapMedia::Bank { bank } => (Media::Bank, bank.token.deny_key()),
     }
 }
 
@@ -398,6 +418,33 @@ impl Ctx<'_, '_> {
                 d.open(reason)
             }
         }
+    }
+
+    fn bank(&self, card: &BankCard, mut d: Decision, risk: &mut BankRisk) -> Decision {
+        d.bank = Some(BankRef { token: card.token, cryptogram: card.cryptogram, atc: card.atc });
+        if self.p.blacklist.contains(Media::Bank, card.token.deny_key()) {
+            return d.reject(Reason::BankDenied);
+        }
+        let today = self.p.fares.business_day().business_day(self.now);
+        if !self.bits.has(ModeBits::DATE_FREE) && card.expiry < today {
+            return d.reject(Reason::CardExpired);
+        }
+        if !card.oda_passed {
+            return d.reject(Reason::BankAuthFailed);
+        }
+        let reason = match d.direction {
+            Direction::Entry => {
+                if risk.taps(&card.token, today) >= self.p.bank_taps_per_day {
+                    return d.reject(Reason::BankUnpaidLimit);
+                }
+                d.entry = Some(EntryRecord { station: self.p.station, time: self.now });
+                Reason::Ok
+            }
+            Direction::Exit if self.bits.has(ModeBits::TRAIN_DISRUPTION) => Reason::OkTrainDisruption,
+            Direction::Exit => Reason::Ok,
+        };
+        risk.count(&card.token, today);
+        d.open(reason)
     }
 
     /// Whether a token sold on `sold_on` is valid at `t`: on its business day, or on the next one

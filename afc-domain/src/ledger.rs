@@ -29,10 +29,15 @@
 //! | 17 | `qr` | presence byte + issuer varint + nonce varint |
 //! | 18 | `installation` (version 2 only) | presence byte + 16 bytes |
 //! | 19 | `voids` (version 2 only) | presence byte + varint |
+//! | 20 | `bank` (version 3 only) | presence byte + 32 bytes token + 8 bytes cryptogram + varint atc |
+//! | 21 | `tac` (version 3 only) | presence byte + varint PSAM id + varint PSAM counter + 8 bytes TAC |
 //!
 //! A record with neither `installation` nor `voids` is written as version 1 (fields 1–17, so
-//! every record a gate of the first version wrote keeps its bytes and hash); any other record as
-//! version 2, which appends fields 18 and 19. A version 2 record with neither is not canonical.
+//! every record a gate of the first version wrote keeps its bytes and hash); a record with either
+//! and neither `bank` nor `tac` as version 2, which appends fields 18 and 19; a bank tap or a
+//! PSAM-signed debit as version 3, which appends fields 18 to 21. A version 2 record with neither
+//! `installation` nor `voids`, or a version 3 record with neither `bank` nor `tac`, is not
+//! canonical.
 //!
 //! [`TxRecord::from_canonical`] is strict: it refuses unknown codes, invalid identifiers, trailing
 //! bytes and any input that is not exactly what `canonical_bytes` would produce (for instance a
@@ -118,6 +123,44 @@ pub struct TxRecord {
     /// whose passage did not happen (the flaps never opened), which this record voids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub voids: Option<u64>,
+    /// For a bank tap: the payment token, cryptogram and counter clearing charges with (the
+    /// ledger id `id` is the token's deny key, its first 8 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bank: Option<crate::bank::BankRef>,
+    /// For a stored-value debit signed by the reader's PSAM: its id, counter and the TAC over
+    /// the debit, which clearing verifies with the issuer's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tac: Option<TacRef>,
+}
+
+/// The PSAM's signature of one stored-value debit (a TAC), as the ledger keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+pub struct TacRef {
+    /// The PSAM (secure access module) that computed the TAC.
+    pub psam: u64,
+    /// The PSAM's own transaction counter for this debit.
+    pub psam_seq: u32,
+    /// The transaction authentication code, 16 hex digits in JSON.
+    #[serde(with = "hex_8")]
+    #[cfg_attr(feature = "schema", schema(value_type = String, format = "hex"))]
+    pub tac: [u8; 8],
+}
+
+mod hex_8 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 8], D::Error> {
+        let text = String::deserialize(d)?;
+        let mut out = [0u8; 8];
+        hex::decode_to_slice(text.as_bytes(), &mut out)
+            .map_err(|_| serde::de::Error::custom("a TAC is 16 hex digits"))?;
+        Ok(out)
+    }
 }
 
 /// A gate installation's identity: 16 random bytes made when its store is first created, shown
@@ -188,6 +231,8 @@ pub struct QrRef {
 pub const CANONICAL_VERSION: u8 = 1;
 /// The format version byte of a record with an `installation` or `voids`.
 pub const CANONICAL_VERSION_2: u8 = 2;
+/// The format version byte of a bank tap's record (`bank` set).
+pub const CANONICAL_VERSION_3: u8 = 3;
 
 /// The hash before the first ledger entry.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -217,6 +262,8 @@ pub enum Field {
     Qr,
     Installation,
     Voids,
+    Bank,
+    Tac,
 }
 
 /// Why canonical bytes or a gate batch were refused.
@@ -270,8 +317,15 @@ impl TxRecord {
     }
 
     fn write_canonical(&self, out: &mut Vec<u8>) {
-        let v2 = self.installation.is_some() || self.voids.is_some();
-        out.push(if v2 { CANONICAL_VERSION_2 } else { CANONICAL_VERSION });
+        let v3 = self.bank.is_some() || self.tac.is_some();
+        let v2 = v3 || self.installation.is_some() || self.voids.is_some();
+        out.push(if v3 {
+            CANONICAL_VERSION_3
+        } else if v2 {
+            CANONICAL_VERSION_2
+        } else {
+            CANONICAL_VERSION
+        });
         put_str(out, self.station.as_str());
         put_str(out, self.gate.as_str());
         varint::put_u64(out, self.gate_seq);
@@ -318,13 +372,33 @@ impl TxRecord {
             }
             put_opt(out, self.voids);
         }
+        if v3 {
+            match &self.bank {
+                None => out.push(0),
+                Some(b) => {
+                    out.push(1);
+                    out.extend_from_slice(&b.token.0);
+                    out.extend_from_slice(&b.cryptogram.0);
+                    varint::put_u64(out, u64::from(b.atc));
+                }
+            }
+            match &self.tac {
+                None => out.push(0),
+                Some(t) => {
+                    out.push(1);
+                    varint::put_u64(out, t.psam);
+                    varint::put_u64(out, u64::from(t.psam_seq));
+                    out.extend_from_slice(&t.tac);
+                }
+            }
+        }
     }
 
     /// Decodes canonical bytes, refusing anything `canonical_bytes` would not have produced.
     pub fn from_canonical(bytes: &[u8]) -> Result<TxRecord, LedgerError> {
         let mut r = Reader::new(bytes);
         let version = r.byte()?;
-        if version != CANONICAL_VERSION && version != CANONICAL_VERSION_2 {
+        if !(CANONICAL_VERSION..=CANONICAL_VERSION_3).contains(&version) {
             return Err(LedgerError::UnknownVersion(version));
         }
         let station = get_ident(&mut r, Field::Station)?;
@@ -368,8 +442,8 @@ impl TxRecord {
         } else {
             None
         };
-        let (mut installation, mut voids) = (None, None);
-        if version == CANONICAL_VERSION_2 {
+        let (mut installation, mut voids, mut bank, mut tac) = (None, None, None, None);
+        if version >= CANONICAL_VERSION_2 {
             if get_bool(&mut r, Field::Installation)? {
                 let mut id = [0u8; 16];
                 for b in &mut id {
@@ -379,6 +453,33 @@ impl TxRecord {
             }
             if get_bool(&mut r, Field::Voids)? {
                 voids = Some(r.u64()?);
+            }
+        }
+        if version == CANONICAL_VERSION_3 {
+            if get_bool(&mut r, Field::Bank)? {
+                let mut token = [0u8; 32];
+                for b in &mut token {
+                    *b = r.byte()?;
+                }
+                let mut cryptogram = [0u8; 8];
+                for b in &mut cryptogram {
+                    *b = r.byte()?;
+                }
+                let atc = get_u16(&mut r, Field::Bank)?;
+                bank = Some(crate::bank::BankRef {
+                    token: crate::bank::BankToken(token),
+                    cryptogram: crate::bank::Cryptogram(cryptogram),
+                    atc,
+                });
+            }
+            if get_bool(&mut r, Field::Tac)? {
+                let psam = r.u64()?;
+                let psam_seq = r.u32()?;
+                let mut code = [0u8; 8];
+                for b in &mut code {
+                    *b = r.byte()?;
+                }
+                tac = Some(TacRef { psam, psam_seq, tac: code });
             }
         }
         if !r.is_empty() {
@@ -407,6 +508,8 @@ impl TxRecord {
             qr,
             installation,
             voids,
+            bank,
+            tac,
         };
         // Varints accept redundant continuation bytes; re-encoding catches every such alias.
         if record.canonical_bytes() != bytes {
@@ -984,6 +1087,8 @@ mod tests {
             qr: None,
             installation: None,
             voids: None,
+            bank: None,
+            tac: None,
         }
     }
 
@@ -1017,8 +1122,14 @@ mod tests {
         bytes.push(0);
         assert_eq!(TxRecord::from_canonical(&bytes), Err(LedgerError::TrailingBytes(1)));
         let mut bytes = sample(1).canonical_bytes();
-        bytes[0] = 3;
-        assert_eq!(TxRecord::from_canonical(&bytes), Err(LedgerError::UnknownVersion(3)));
+        bytes[0] = 4;
+        assert_eq!(TxRecord::from_canonical(&bytes), Err(LedgerError::UnknownVersion(4)));
+        // Version 3 with neither bank nor TAC is the alias of a version 1 or 2 record.
+        let mut v3 = sample(1).canonical_bytes();
+        v3[0] = CANONICAL_VERSION_3;
+        v3.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(TxRecord::from_canonical(&v3), Err(LedgerError::NonCanonical));
+        let mut bytes = sample(1).canonical_bytes();
         // Version 2 without its two presence bytes ends early.
         bytes[0] = 2;
         assert_eq!(TxRecord::from_canonical(&bytes), Err(LedgerError::Truncated));

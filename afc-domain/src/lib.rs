@@ -8,6 +8,8 @@
 //! - [`fare`]: the network description and fare rule, compiled into an OD [`fare::FareTable`]
 //!   ([`network`] is its former path, kept for the crates that name it).
 //! - [`blacklist`]: `(media, id)` entries and number ranges, a full base plus ordered deltas.
+//! - [`bank`]: bank cards and phones (payment token references, the deny-list key, the
+//!   unpaid-tap limit).
 //! - [`qr`]: the ride-code byte layout, its ed25519 verification, the replay cache and a generator.
 //! - [`decision`]: the tap decision, a pure function of (tap, parameters, modes, now).
 //! - [`package`]: signed parameter packages, their body encodings and chunking for MQTT.
@@ -19,6 +21,7 @@
 //! - [`varint`]: the small integer codec the compact encodings share.
 
 pub mod backoff;
+pub mod bank;
 pub mod blacklist;
 pub mod decision;
 pub mod fare;

@@ -239,16 +239,20 @@ pub enum Media {
     Qr,
     /// Single-journey token sold at one station for one business day.
     Token,
+    /// A bank card or phone paying by UnionPay QuickPass / EMV contactless: the gate sees only a
+    /// payment token reference (never the PAN), decides offline, and clearing charges the journey.
+    Bank,
 }
 
 impl Media {
-    pub const ALL: [Media; 3] = [Media::Svc, Media::Qr, Media::Token];
+    pub const ALL: [Media; 4] = [Media::Svc, Media::Qr, Media::Token, Media::Bank];
 
     pub fn code(self) -> u8 {
         match self {
             Media::Svc => 1,
             Media::Qr => 2,
             Media::Token => 3,
+            Media::Bank => 4,
         }
     }
 
@@ -257,6 +261,7 @@ impl Media {
             1 => Some(Media::Svc),
             2 => Some(Media::Qr),
             3 => Some(Media::Token),
+            4 => Some(Media::Bank),
             _ => None,
         }
     }
@@ -266,6 +271,7 @@ impl Media {
             Media::Svc => "svc",
             Media::Qr => "qr",
             Media::Token => "token",
+            Media::Bank => "bank",
         }
     }
 }
@@ -466,10 +472,18 @@ pub enum Reason {
     /// open command to the PLC failed after the reader had been answered). It voids that tap's
     /// record (`TxRecord::voids`); the card keeps what the voided tap wrote.
     PassageNotMade = 88,
+    /// A bank payment token on the deny list (the blacklist's `bank` entries: the acquirer
+    /// declined an earlier charge, or the issuer reported the card).
+    BankDenied = 100,
+    /// The card's offline data authentication failed (or was not performed): it may be a clone.
+    BankAuthFailed = 101,
+    /// The token already made as many taps today at this gate as the unpaid-tap limit allows
+    /// (first-ride risk: nothing is charged until clearing does it).
+    BankUnpaidLimit = 102,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 36] = [
+    pub const ALL: [Reason; 39] = [
         Reason::Ok,
         Reason::OkEmergencyRelease,
         Reason::OkEntryFree,
@@ -506,6 +520,9 @@ impl Reason {
         Reason::MalformedTap,
         Reason::StorageUnavailable,
         Reason::PassageNotMade,
+        Reason::BankDenied,
+        Reason::BankAuthFailed,
+        Reason::BankUnpaidLimit,
     ];
 
     /// The display / ledger code.
@@ -561,6 +578,9 @@ impl Reason {
             Reason::MalformedTap => "malformed_tap",
             Reason::StorageUnavailable => "storage_unavailable",
             Reason::PassageNotMade => "passage_not_made",
+            Reason::BankDenied => "bank_denied",
+            Reason::BankAuthFailed => "bank_auth_failed",
+            Reason::BankUnpaidLimit => "bank_unpaid_limit",
         }
     }
 }

@@ -53,6 +53,22 @@ pub struct SvcCard {
     pub entry: Option<EntryRecord>,
 }
 
+/// A bank card or phone (UnionPay QuickPass / EMV contactless) as the reader read it. The PAN
+/// never reaches the gate: the reader reports the payment token reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BankCard {
+    /// The payment token reference (PAR, or a hash of PAN and expiry): 64 hex digits.
+    pub token: crate::bank::BankToken,
+    /// The last day the card is valid (the reader turns the card's YYMM into its month's last day).
+    pub expiry: Date,
+    /// Whether the card's offline data authentication (fDDA/CDA) passed.
+    pub oda_passed: bool,
+    /// The application cryptogram the card produced for this tap, for clearing's charge.
+    pub cryptogram: crate::bank::Cryptogram,
+    /// The card's application transaction counter.
+    pub atc: u16,
+}
+
 /// A single-journey token as the reader read it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenCard {
@@ -112,6 +128,9 @@ pub enum TapMedia {
     Qr { code: String },
     /// `{"media":"token","token":{...}}`
     Token { token: TokenCard },
+    /// `{"media":"bank","bank":{"token":"<64 hex>","expiry":"2028-05-31","oda_passed":true,
+    /// "cryptogram":"<16 hex>","atc":17}}`
+    Bank { bank: BankCard },
 }
 
 impl TapMedia {
@@ -121,6 +140,7 @@ impl TapMedia {
             TapMedia::Svc { .. } => Media::Svc,
             TapMedia::Qr { .. } => Media::Qr,
             TapMedia::Token { .. } => Media::Token,
+            TapMedia::Bank { .. } => Media::Bank,
         }
     }
 }
@@ -992,6 +1012,8 @@ mod tests {
             qr: None,
             installation: None,
             voids: None,
+            bank: None,
+            tac: None,
         }
     }
 

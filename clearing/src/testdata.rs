@@ -32,6 +32,8 @@ pub fn record(station: &Ident, gate: &str, seq: u64) -> TxRecord {
         qr: None,
         installation: None,
         voids: None,
+        bank: None,
+        tac: None,
     }
 }
 

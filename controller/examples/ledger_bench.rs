@@ -54,6 +54,8 @@ fn record(gate: &Ident, seq: u64) -> anyhow::Result<TxRecord> {
         qr: None,
         installation: None,
         voids: None,
+        bank: None,
+        tac: None,
     })
 }
 

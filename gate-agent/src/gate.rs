@@ -102,6 +102,8 @@ pub enum CardState {
     },
     /// A QR code carries no state.
     Qr,
+    /// Nor does a bank card: the gate never writes it.
+    Bank,
 }
 
 impl CardState {
@@ -119,6 +121,7 @@ impl CardState {
             (TapMedia::Token { .. }, Some(w)) => CardState::Token { entry: w.entry },
             (TapMedia::Token { token }, None) => CardState::Token { entry: token.entry },
             (TapMedia::Qr { .. }, _) => CardState::Qr,
+            (TapMedia::Bank { .. }, _) => CardState::Bank,
         }
     }
 }
@@ -178,6 +181,8 @@ pub struct Gate {
     /// gate's clock: a release reaches the PLC on receipt whatever the clock says.
     modes: RwLock<(u64, Arc<ModeState>, ModeBits)>,
     replay: Mutex<ReplayCache>,
+    /// Accepted bank taps per token today at this gate: the unpaid-tap limit.
+    bank_risk: Mutex<afc_domain::bank::BankRisk>,
     qr_skew: QrSkew,
     settings: Mutex<Settings>,
     /// Whether the MQTT session is up (a QR accepted while cut off is marked replay_unchecked).
@@ -266,6 +271,7 @@ impl Gate {
             metrics: p.metrics,
             modes: RwLock::new(modes),
             replay: Mutex::new(ReplayCache::with_sources(p.replay_capacity, p.replay_sources, p.qr_skew)),
+            bank_risk: Mutex::new(afc_domain::bank::BankRisk::default()),
             qr_skew: p.qr_skew,
             settings: Mutex::new(Settings { direction, in_service: true }),
             mqtt_connected: AtomicBool::new(false),
@@ -390,6 +396,7 @@ impl Gate {
             blacklist: &params.blacklist,
             qr_keys: &params.qr_keys,
             qr_skew: self.qr_skew,
+            bank_taps_per_day: params.gate_config.bank_taps_per_day(),
         };
         let bits = modes.bits_at(self.station_code, at);
         let t = Instant::now();
@@ -400,7 +407,8 @@ impl Gate {
             None => {
                 let d = {
                     let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-                    decide(&tap, &dp, &modes, at, &mut replay)
+                    let mut bank = self.bank_risk.lock().unwrap_or_else(|p| p.into_inner());
+                    decide(&tap, &dp, &modes, at, &mut replay, &mut bank)
                 };
                 // A QR code is single-use: the code of the voided passage shown again is refused
                 // as replayed (its signature verified, not blacklisted); within the window it is
@@ -537,6 +545,7 @@ impl Gate {
         let (media, id) = match &tap.media {
             TapMedia::Svc { card } => (Media::Svc, card.card_id),
             TapMedia::Token { token } => (Media::Token, token.token_id),
+            TapMedia::Bank { bank } => (Media::Bank, bank.token.deny_key()),
             TapMedia::Qr { .. } => return None,
         };
         if blacklist.contains(media, id) {
@@ -1169,6 +1178,7 @@ fn retap_decision(tap: &TapRequest, v: &Voided, bits: ModeBits) -> Decision {
         modes: bits,
         qr: None,
         replay_unchecked: false,
+        bank: r.bank,
     }
 }
 

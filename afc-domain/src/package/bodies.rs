@@ -91,6 +91,10 @@ pub struct GateConfigBody {
     /// through once without a second charge; [`DEFAULT_RETAP_WINDOW_SECS`] when absent, 0: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retap_window_secs: Option<u64>,
+    /// The unpaid-tap limit: accepted taps one bank token may make per business day at this gate
+    /// before an entry is refused; [`crate::bank::DEFAULT_UNPAID_TAPS_PER_DAY`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bank_unpaid_taps_per_day: Option<u16>,
 }
 
 /// The re-tap window after a voided passage when gate_config says nothing.
@@ -98,8 +102,13 @@ pub const DEFAULT_RETAP_WINDOW_SECS: u64 = 120;
 
 impl GateConfigBody {
     /// Every field a `gate_config` body may carry.
-    pub const FIELDS: [&'static str; 4] =
-        ["direction", "release_on_controller_loss_secs", "hardware_profile", "retap_window_secs"];
+    pub const FIELDS: [&'static str; 5] = [
+        "direction",
+        "release_on_controller_loss_secs",
+        "hardware_profile",
+        "retap_window_secs",
+        "bank_unpaid_taps_per_day",
+    ];
 
     /// Reads a body an operator wrote: unknown fields (a typo) and values out of range are refused.
     pub fn from_json_strict(v: &serde_json::Value) -> Result<GateConfigBody, String> {
@@ -113,7 +122,7 @@ impl GateConfigBody {
     }
 
     /// Bounds: release after 10 s to 1 day without controllers; a re-tap window of at most an
-    /// hour; a profile name of 1 to 64 characters.
+    /// hour; 1 to 100 unpaid bank taps a day; a profile name of 1 to 64 characters.
     pub fn check(&self) -> Result<(), String> {
         if let Some(s) = self.release_on_controller_loss_secs.filter(|s| !(10..=86_400).contains(s)) {
             return Err(format!("release_on_controller_loss_secs {s} is outside 10..=86400"));
@@ -121,10 +130,18 @@ impl GateConfigBody {
         if let Some(s) = self.retap_window_secs.filter(|s| *s > 3_600) {
             return Err(format!("retap_window_secs {s} is above 3600"));
         }
+        if let Some(n) = self.bank_unpaid_taps_per_day.filter(|n| !(1..=100).contains(n)) {
+            return Err(format!("bank_unpaid_taps_per_day {n} is outside 1..=100"));
+        }
         if let Some(p) = self.hardware_profile.as_ref().filter(|p| p.is_empty() || p.len() > 64) {
             return Err(format!("hardware_profile {p:?} must be 1 to 64 characters"));
         }
         Ok(())
+    }
+
+    /// The unpaid-tap limit for bank tokens ([`GateConfigBody::bank_unpaid_taps_per_day`]).
+    pub fn bank_taps_per_day(&self) -> u16 {
+        self.bank_unpaid_taps_per_day.unwrap_or(crate::bank::DEFAULT_UNPAID_TAPS_PER_DAY)
     }
 
     /// The re-tap window after a voided passage ([`GateConfigBody::retap_window_secs`]).

@@ -7,13 +7,14 @@
 
 use std::collections::BTreeMap;
 
+use afc_domain::bank::{BankRisk, BankToken, Cryptogram};
 use afc_domain::blacklist::{Blacklist, Entry};
 use afc_domain::decision::{decide, Decision, Params};
 use afc_domain::mode::{ModeBits, ModeState};
 use afc_domain::model::{BusinessDayRule, CardType, Date, Direction, Media, Reason, StationCode, Timestamp};
 use afc_domain::network::{compile, Band, FareError, FareRule, FareTable, Increment, NetworkDescription};
 use afc_domain::qr::{self, QrIssue, QrIssuerKey, QrKeySet, QrSkew, ReplayCache};
-use afc_domain::wire::{DecisionKind, EntryRecord, SvcCard, TapMedia, TapRequest, TokenCard};
+use afc_domain::wire::{BankCard, DecisionKind, EntryRecord, SvcCard, TapMedia, TapRequest, TokenCard};
 use ed25519_dalek::SigningKey;
 
 const A: StationCode = StationCode(101);
@@ -22,6 +23,7 @@ const C: StationCode = StationCode(103);
 const D: StationCode = StationCode(104);
 const BLACKLISTED_CARD: u64 = 3104_0000_0000_0666;
 const BLACKLISTED_ACCOUNT: u64 = 77;
+const DENIED_TOKEN: BankToken = BankToken([0xde; 32]);
 
 fn network() -> NetworkDescription {
     afc_test_support::network::sample()
@@ -60,6 +62,7 @@ struct World {
     modes: ModeState,
     now: Timestamp,
     replay: ReplayCache,
+    bank: BankRisk,
 }
 
 impl World {
@@ -84,6 +87,7 @@ impl World {
                 Entry { media: Media::Svc, first: BLACKLISTED_CARD, last: BLACKLISTED_CARD },
                 Entry { media: Media::Qr, first: BLACKLISTED_ACCOUNT, last: BLACKLISTED_ACCOUNT },
                 Entry { media: Media::Token, first: 900, last: 999 },
+                Entry::single(Media::Bank, DENIED_TOKEN.deny_key()),
             ],
         );
         World {
@@ -95,6 +99,7 @@ impl World {
             modes: ModeState::default(),
             now: noon(),
             replay: ReplayCache::new(1000, QrSkew::default()),
+            bank: BankRisk::default(),
         }
     }
 
@@ -110,8 +115,16 @@ impl World {
             blacklist: &self.blacklist,
             qr_keys: &self.qr_keys,
             qr_skew: QrSkew::default(),
+            bank_taps_per_day: afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY,
         };
-        decide(&TapRequest { direction, media }, &params, &self.modes, self.now, &mut self.replay)
+        decide(
+            &TapRequest { direction, media },
+            &params,
+            &self.modes,
+            self.now,
+            &mut self.replay,
+            &mut self.bank,
+        )
     }
 
     fn svc(&mut self, direction: Direction, card: SvcCard) -> Decision {
@@ -845,4 +858,78 @@ fn a_fare_rule_with_its_own_card_types_prices_them_through_the_binary_table() {
     let mut empty: FareRule = serde_json::from_str(rule_json).unwrap();
     empty.card_type_names.get_mut(&CardType(20)).unwrap().en = " ".into();
     assert!(matches!(empty.validate(), Err(FareError::BadCardTypeName { .. })));
+}
+
+fn bank_card(token: u8, expiry: Date, oda_passed: bool) -> TapMedia {
+    TapMedia::Bank {
+        bank: BankCard {
+            token: BankToken([token; 32]),
+            expiry,
+            oda_passed,
+            cryptogram: Cryptogram([token, 1, 2, 3, 4, 5, 6, 7]),
+            atc: 17,
+        },
+    }
+}
+
+#[test]
+fn a_bank_card_is_refused_when_denied_expired_or_unauthenticated_and_otherwise_opens_with_nothing_charged() {
+    let mut w = World::at(B);
+    let valid = Date::from_ymd(2030, 1, 31).unwrap();
+    let d = w.tap(In, bank_card(0x11, valid, true));
+    assert_decision(&d, OpenEntry, Reason::Ok, 0, None);
+    assert_eq!(d.media, Media::Bank);
+    assert_eq!(d.id, BankToken([0x11; 32]).deny_key());
+    assert_eq!(d.entry, Some(EntryRecord { station: B, time: w.now }));
+    assert_eq!(d.card_write, None, "a bank card is never written");
+    let record = d.to_record(
+        &afc_domain::model::Ident::new("s").unwrap(),
+        &afc_domain::model::Ident::new("g").unwrap(),
+        1,
+        Default::default(),
+        w.now,
+    );
+    let bank = record.bank.expect("the record keeps the bank reference");
+    assert_eq!((bank.token, bank.cryptogram.0[0], bank.atc), (BankToken([0x11; 32]), 0x11, 17));
+    assert_eq!(afc_domain::ledger::TxRecord::from_canonical(&record.canonical_bytes()), Ok(record));
+
+    let exit = w.tap(Out, bank_card(0x11, valid, true));
+    assert_decision(&exit, OpenExit, Reason::Ok, 0, None);
+
+    let denied = TapMedia::Bank {
+        bank: BankCard {
+            token: DENIED_TOKEN,
+            expiry: valid,
+            oda_passed: true,
+            cryptogram: Cryptogram([0; 8]),
+            atc: 1,
+        },
+    };
+    assert_decision(&w.tap(In, denied.clone()), Reject, Reason::BankDenied, 0, None);
+    assert_decision(&w.tap(Out, denied), Reject, Reason::BankDenied, 0, None);
+    let expired = today().plus_days(-1);
+    assert_decision(&w.tap(In, bank_card(0x12, expired, true)), Reject, Reason::CardExpired, 0, None);
+    // The card's last day still rides; date_free lets an expired one through.
+    assert_decision(&w.tap(In, bank_card(0x13, today(), true)), OpenEntry, Reason::Ok, 0, None);
+    assert_decision(&w.tap(In, bank_card(0x14, valid, false)), Reject, Reason::BankAuthFailed, 0, None);
+    let mut w = w.mode(ModeBits::DATE_FREE);
+    assert_decision(&w.tap(In, bank_card(0x12, expired, true)), OpenEntry, Reason::Ok, 0, None);
+}
+
+#[test]
+fn a_bank_token_enters_at_most_the_unpaid_limit_a_day_and_is_always_let_out() {
+    let mut w = World::at(B);
+    let valid = Date::from_ymd(2030, 1, 31).unwrap();
+    let limit = afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY;
+    // Entries and exits both count; the limit refuses entries only.
+    for i in 0..limit {
+        let dir = if i % 2 == 0 { In } else { Out };
+        assert!(w.tap(dir, bank_card(0x21, valid, true)).accepted(), "tap {i}");
+    }
+    assert_decision(&w.tap(In, bank_card(0x21, valid, true)), Reject, Reason::BankUnpaidLimit, 0, None);
+    assert_decision(&w.tap(Out, bank_card(0x21, valid, true)), OpenExit, Reason::Ok, 0, None);
+    // Another token is not affected, and the next business day starts again.
+    assert!(w.tap(In, bank_card(0x22, valid, true)).accepted());
+    w.now = w.now.plus_days(1);
+    assert!(w.tap(In, bank_card(0x21, valid, true)).accepted());
 }

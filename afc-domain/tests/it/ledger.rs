@@ -3,10 +3,11 @@
 
 use std::collections::BTreeSet;
 
+use afc_domain::bank::{BankRef, BankToken, Cryptogram};
 use afc_domain::ledger::{
     batch_signing_bytes, batch_signing_bytes_covering, chain_hash, sign_batch, sign_batch_covering,
     verify_batch, verify_batch_covering, verify_chain, ChainError, GateProgress, Installation, LedgerEntry,
-    LedgerError, LedgerHead, ParamVersions, QrRef, TxRecord, GENESIS_HASH,
+    LedgerError, LedgerHead, ParamVersions, QrRef, TacRef, TxRecord, GENESIS_HASH,
 };
 use afc_domain::mode::ModeBits;
 use afc_domain::model::{Direction, Ident, Media, Reason, StationCode, Timestamp};
@@ -41,6 +42,8 @@ fn record(gate: &str, seq: u64) -> TxRecord {
         qr: None,
         installation: None,
         voids: None,
+        bank: None,
+        tac: None,
     }
 }
 
@@ -70,6 +73,7 @@ prop_compose! {
         ),
         qr in any::<Option<(u16, u64)>>(),
         (installation, voids) in (any::<Option<[u8; 16]>>(), any::<Option<u64>>()),
+        (bank, tac) in (any::<Option<([u8; 32], [u8; 8], u16)>>(), any::<Option<(u64, u32, [u8; 8])>>()),
     ) -> TxRecord {
         TxRecord {
             station, gate, gate_seq, media, id, direction, accepted, reason, fare_fen, shortfall_fen,
@@ -83,6 +87,12 @@ prop_compose! {
             qr: qr.map(|(issuer, nonce)| QrRef { issuer, nonce }),
             installation: installation.map(Installation),
             voids,
+            bank: bank.map(|(token, cryptogram, atc)| BankRef {
+                token: BankToken(token),
+                cryptogram: Cryptogram(cryptogram),
+                atc,
+            }),
+            tac: tac.map(|(psam, psam_seq, tac)| TacRef { psam, psam_seq, tac }),
         }
     }
 }

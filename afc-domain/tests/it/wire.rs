@@ -294,6 +294,8 @@ fn tx_record() -> impl Strategy<Value = TxRecord> {
             qr: None,
             installation: None,
             voids: None,
+            bank: None,
+            tac: None,
         },
     )
 }

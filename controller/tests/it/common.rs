@@ -76,6 +76,8 @@ pub fn record(station: &str, gate: &str, seq: u64) -> TxRecord {
         qr: None,
         installation: None,
         voids: None,
+        bank: None,
+        tac: None,
     }
 }
 

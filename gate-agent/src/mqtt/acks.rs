@@ -176,6 +176,8 @@ mod tests {
             qr: None,
             installation,
             voids: None,
+            bank: None,
+            tac: None,
         };
         (seq, r.canonical_bytes())
     }
