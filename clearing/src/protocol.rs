@@ -59,8 +59,10 @@
 //! parses. The station is in the signed bytes so an item cannot be replayed to another station.
 //! Bodies by kind: `network` [`NetworkDescription`], `fare_rule` [`FareRule`], `blacklist_full`
 //! [`BlacklistFullBody`], `blacklist_delta` [`BlacklistDelta`] (its `to_version` is the item's
-//! version), `qr_keys` [`QrKeySet`]. Versions are strictly increasing per family (network,
-//! fare_rule, blacklist — full and delta share one — and qr_keys).
+//! version), `qr_keys` [`QrKeySet`], `deny_list` [`DenyListBody`] (bank payment tokens to refuse
+//! from now on, or no longer: a change, applied by the controller on top of the station's own
+//! blacklist as its `bank` ids, under the station's numbering). Versions are strictly increasing
+//! per family (network, fare_rule, blacklist — full and delta share one —, qr_keys, deny_list).
 
 use afc_domain::blacklist::{BlacklistDelta, Entry};
 use afc_domain::ledger::{hex_array, verify_chain_keeping, ChainError, LedgerEntry};
@@ -322,6 +324,7 @@ pub enum FeedKind {
     BlacklistFull,
     BlacklistDelta,
     QrKeys,
+    DenyList,
 }
 
 impl FeedKind {
@@ -333,6 +336,7 @@ impl FeedKind {
             FeedKind::BlacklistFull => "blacklist_full",
             FeedKind::BlacklistDelta => "blacklist_delta",
             FeedKind::QrKeys => "qr_keys",
+            FeedKind::DenyList => "deny_list",
         }
     }
 
@@ -350,6 +354,18 @@ impl FeedKind {
 #[serde(deny_unknown_fields)]
 pub struct BlacklistFullBody {
     pub entries: Vec<Entry>,
+}
+
+/// The body of a `deny_list` item: bank payment tokens to add to the station's deny list (the
+/// acquirer declined a charge, or the issuer reported the card) and tokens to take off it (a
+/// declined debt was paid). A token in both is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyListBody {
+    #[serde(default)]
+    pub add: Vec<afc_domain::bank::BankToken>,
+    #[serde(default)]
+    pub remove: Vec<afc_domain::bank::BankToken>,
 }
 
 /// A parameter set to publish, as an operator or test submits it (admin POST or a feed-dir file);
@@ -396,6 +412,15 @@ impl FeedSubmission {
             }
             FeedKind::QrKeys => {
                 serde_json::from_str::<QrKeySet>(text).map_err(invalid)?;
+            }
+            FeedKind::DenyList => {
+                let body = serde_json::from_str::<DenyListBody>(text).map_err(invalid)?;
+                if let Some(t) = body.add.iter().find(|t| body.remove.contains(t)) {
+                    return Err(FeedError::InvalidBody {
+                        kind: self.kind,
+                        reason: format!("token {t} is both added and removed"),
+                    });
+                }
             }
         }
         if self.version == 0 {
