@@ -12,6 +12,13 @@
 //! feed (blacklists, QR keys: their versions follow clearing's numbering, not the station's) is
 //! refused, counted and logged, and the cursor moves past it.
 //!
+//! A `deny_list` item (bank tokens an acquirer declined, or allowed again) is replicated with the
+//! cursor ([`FeedState::deny`](crate::state::FeedState)) and then published as a blacklist delta
+//! of `bank` ids under the station's numbering ([`Request::FeedDenied`] records it), so a
+//! declined token reaches every gate like any blacklist change; a leader that dies in between
+//! leaves it to the next, which publishes it again (the same ids: a delta that changes nothing
+//! new).
+//!
 //! What the feed stores reaches gates only through [`crate::packages::prepare`], the
 //! rollout request every path builds with [`crate::packages::rollout_request`]: that is where
 //! the one mass-insertion guard sits, so a blacklist taken from the feed one day would be held for
@@ -21,9 +28,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use afc_domain::backoff::Backoff;
+use afc_domain::blacklist::{BlacklistDelta, Entry};
+use afc_domain::model::Media;
 use afc_domain::model::{Ident, ParamKind, Timestamp};
 use afc_domain::network::{compile, FareRule, NetworkDescription};
-use clearing::protocol::{verify_feed_item, FeedKind};
+use afc_domain::package::BlacklistBody;
+use clearing::protocol::{verify_feed_item, DenyListBody, FeedKind};
 use clearing::{ClearingClient, ClientConfig};
 use ed25519_dalek::VerifyingKey;
 use openraft::ServerState;
@@ -144,7 +154,7 @@ impl Worker {
             .map_err(|e| FeedTaskError::Clearing(e.to_string()))?;
         let items: Vec<_> = page.items.into_iter().filter(|i| i.seq > after).take(PAGE as usize).collect();
         if let Some(last) = items.last().map(|i| i.seq) {
-            let (mut network, mut fare_rule, mut refused) = (None, None, Vec::new());
+            let (mut network, mut fare_rule, mut refused, mut deny) = (None, None, Vec::new(), Vec::new());
             for item in &items {
                 let (key_id, key) = &self.feed_key;
                 if let Err(e) = verify_feed_item(&self.station, item, *key_id, key) {
@@ -165,6 +175,10 @@ impl Worker {
                         Ok(_) => fare_rule = Some(body),
                         Err(e) => refused.push(format!("item {}: fare rule does not decode: {e}", item.seq)),
                     },
+                    FeedKind::DenyList => match serde_json::from_str::<DenyListBody>(&body.json) {
+                        Ok(_) => deny.push(body),
+                        Err(e) => refused.push(format!("item {}: deny list does not decode: {e}", item.seq)),
+                    },
                     other => refused.push(format!(
                         "item {}: {} is not taken from the feed",
                         item.seq,
@@ -175,13 +189,78 @@ impl Worker {
             for r in &refused {
                 tracing::warn!(task = TASK, refusal = %r, "feed item refused");
             }
-            let req = Request::FeedAdvance { through: last, network, fare_rule, refused };
+            let req = Request::FeedAdvance { through: last, network, fare_rule, refused, deny };
             match self.node.write(req, 0).await? {
                 Response::FeedAdvanced { .. } => {}
                 other => return Err(FeedTaskError::Refused(other)),
             }
         }
-        self.compile_if_new().await
+        self.compile_if_new().await?;
+        self.deny_if_new().await
+    }
+
+    /// Publishes the pending `deny_list` items as one blacklist delta: their bank tokens, by
+    /// deny key, added to or taken off the list gates hold (in feed order: a later item wins),
+    /// under the station's own numbering and the one mass-insertion guard.
+    async fn deny_if_new(&self) -> Result<(), FeedTaskError> {
+        let state = self.node.sm.state()?;
+        let Some(through) = state.feed.deny.last().map(|d| d.version) else { return Ok(()) };
+        let mut change: std::collections::BTreeMap<u64, bool> = std::collections::BTreeMap::new();
+        let mut effective_from = Timestamp(0);
+        for d in &state.feed.deny {
+            // Verified and decoded before it was replicated; a body that no longer decodes is
+            // a bug, not a feed fault: it stops the publication rather than skipping tokens.
+            let body: DenyListBody = serde_json::from_str(&d.json)
+                .map_err(|e| FeedTaskError::Clearing(format!("deny_list v{}: {e}", d.version)))?;
+            for t in &body.add {
+                change.insert(t.deny_key(), true);
+            }
+            for t in &body.remove {
+                change.insert(t.deny_key(), false);
+            }
+            effective_from = Timestamp(effective_from.millis().max(d.effective_from.millis()));
+        }
+        let kind = ParamKind::Blacklist;
+        let version = packages::next_version(&state, kind, 0);
+        let (add, remove): (Vec<_>, Vec<_>) = change.into_iter().partition(|(_, add)| *add);
+        let entry = |(key, _): (u64, bool)| Entry::single(Media::Bank, key);
+        let (added, removed) = (add.len(), remove.len());
+        let delta = BlacklistDelta {
+            from_version: version - 1,
+            to_version: version,
+            add: add.into_iter().map(entry).collect(),
+            remove: remove.into_iter().map(entry).collect(),
+        }
+        .normalized();
+        let why = format!(
+            "clearing feed: deny_list through v{through} ({added} tokens denied, {removed} allowed again)"
+        );
+        let prepared = packages::prepare(
+            &self.node,
+            &self.signing,
+            (kind, version, effective_from),
+            BlacklistBody::Delta(delta).encode(),
+            TASK,
+            RolloutRule::Guarded { why: &why },
+        )?;
+        let held = prepared.held();
+        let audit = ("parameters.blacklist", format!("blacklist v{version} from {why}"));
+        let published = prepared.commit(&self.node, Some(audit)).await?;
+        match published.stored {
+            Response::PackageStored { .. } => {}
+            other => return Err(FeedTaskError::Refused(other)),
+        }
+        tracing::info!(
+            task = TASK,
+            version,
+            through,
+            added,
+            removed,
+            held,
+            "deny list published from the feed"
+        );
+        self.node.write(Request::FeedDenied { through, blacklist_version: version }, 0).await?;
+        Ok(())
     }
 
     /// Compiles, stores and rolls out a fare table when the feed's pair changed.

@@ -349,6 +349,9 @@ pub async fn clearing(_c: Caller, state: web::Data<ApiState>) -> Result<HttpResp
         last_fare_table: f.last_fare_table,
         refused: f.refused,
         last_refusal: f.last_refusal,
+        deny_pending: f.deny.len() as u64,
+        deny_published: f.deny_published.map(|(v, _)| v),
+        deny_blacklist: f.deny_published.map(|(_, b)| b),
     };
     Ok(HttpResponse::Ok().json(ClearingOut {
         // Names kept from the first version of this view.
@@ -395,6 +398,11 @@ pub struct FeedOut {
     /// Feed items refused, and the last reason.
     pub refused: u64,
     pub last_refusal: Option<String>,
+    /// `deny_list` items taken but not yet published into the blacklist.
+    pub deny_pending: u64,
+    /// The newest `deny_list` version published, and the blacklist version it went out in.
+    pub deny_published: Option<u64>,
+    pub deny_blacklist: Option<u64>,
 }
 
 pub async fn gaps(

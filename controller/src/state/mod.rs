@@ -59,13 +59,29 @@ pub struct FeedState {
     /// Feed items refused (bad signature, undecodable, unsupported kind), and the last reason.
     pub refused: u64,
     pub last_refusal: Option<String>,
+    /// Verified `deny_list` items not yet published, in version order (at most
+    /// [`MAX_PENDING_DENY`]; a newer leader publishes them if this one could not).
+    #[serde(default)]
+    pub deny: Vec<FeedBody>,
+    /// The newest `deny_list` version published into the blacklist, and the blacklist version.
+    #[serde(default)]
+    pub deny_published: Option<(u64, u64)>,
 }
+
+/// Most `deny_list` items waiting to be published (each is published within a poll or two).
+pub const MAX_PENDING_DENY: usize = 1_000;
 
 impl FeedState {
     /// The (network, fare rule) pair to compile, when it differs from the last compiled one.
     pub fn to_compile(&self) -> Option<(&FeedBody, &FeedBody)> {
         let (n, r) = (self.network.as_ref()?, self.fare_rule.as_ref()?);
         (self.compiled != Some((n.version, r.version))).then_some((n, r))
+    }
+
+    /// The newest `deny_list` version taken (pending or published).
+    pub fn deny_version(&self) -> u64 {
+        let published = self.deny_published.map_or(0, |(v, _)| v);
+        self.deny.last().map_or(published, |d| d.version.max(published))
     }
 }
 
@@ -302,10 +318,25 @@ impl StationState {
             Request::RolloutUpdate { kind, previous, next, started } => {
                 self.rollout_update(*kind, previous.as_deref(), next, *started)
             }
-            Request::FeedAdvance { through, network, fare_rule, refused } => {
+            Request::FeedAdvance { through, network, fare_rule, refused, deny } => {
                 let f = &mut self.feed;
                 if *through > f.after {
                     f.after = *through;
+                    for d in deny {
+                        if d.version <= f.deny_version() {
+                            continue;
+                        }
+                        if f.deny.len() >= MAX_PENDING_DENY {
+                            // Never silently: counted and named like any refused item.
+                            f.refused += 1;
+                            f.last_refusal = Some(format!(
+                                "deny_list v{}: {MAX_PENDING_DENY} items already wait",
+                                d.version
+                            ));
+                            continue;
+                        }
+                        f.deny.push(d.clone());
+                    }
                     let newer = |held: &Option<FeedBody>, new: &Option<FeedBody>| {
                         new.as_ref().filter(|n| held.as_ref().is_none_or(|h| n.version > h.version)).cloned()
                     };
@@ -329,6 +360,14 @@ impl StationState {
                     self.feed.last_fare_table = Some(*fare_table_version);
                 }
                 Response::FeedCompiled
+            }
+            Request::FeedDenied { through, blacklist_version } => {
+                let f = &mut self.feed;
+                if f.deny_published.is_none_or(|(v, _)| *through > v) {
+                    f.deny_published = Some((*through, *blacklist_version));
+                }
+                f.deny.retain(|d| d.version > *through);
+                Response::FeedDenied
             }
             Request::RecordCounters { reading } => {
                 if !self.gates.contains_key(&reading.gate) {

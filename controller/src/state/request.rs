@@ -113,8 +113,16 @@ pub enum Request {
     /// start of the waiting request of `kind`, which it removes.
     RolloutUpdate { kind: ParamKind, previous: Option<Box<Rollout>>, next: Box<Rollout>, started: bool },
     /// The leader read clearing's parameter feed through item `through` (only moves forward):
-    /// the newest verified network and fare rule it carried, and why items were refused.
-    FeedAdvance { through: u64, network: Option<FeedBody>, fare_rule: Option<FeedBody>, refused: Vec<String> },
+    /// the newest verified network and fare rule it carried, its verified `deny_list` items in
+    /// feed order, and why items were refused.
+    FeedAdvance {
+        through: u64,
+        network: Option<FeedBody>,
+        fare_rule: Option<FeedBody>,
+        refused: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        deny: Vec<FeedBody>,
+    },
     /// The leader's reading of a gate's PLC counters ([`crate::day`]): taken at the first
     /// heartbeat it sees from the gate and at the first after each business-day boundary. Only a
     /// reading later than the gate's last one is stored (a retried proposal changes nothing).
@@ -131,6 +139,9 @@ pub enum Request {
     /// The fare table compiled from these feed versions is stored and its rollout requested
     /// (`fare_table_version` 0: the pair does not compile and is not tried again).
     FeedCompiled { network_version: u64, fare_rule_version: u64, fare_table_version: u64 },
+    /// The feed's `deny_list` items through version `through` are published as blacklist
+    /// `blacklist_version` (their bank tokens added to or taken off the list gates hold).
+    FeedDenied { through: u64, blacklist_version: u64 },
 }
 
 /// One verified feed body (JSON text as clearing signed it).
@@ -209,6 +220,7 @@ impl Request {
             Request::RolloutUpdate { .. } => "rollout_update",
             Request::FeedAdvance { .. } => "feed_advance",
             Request::FeedCompiled { .. } => "feed_compiled",
+            Request::FeedDenied { .. } => "feed_denied",
             Request::RecordCounters { .. } => "record_counters",
             Request::CloseDay { .. } => "close_day",
             Request::DayUploaded { .. } => "day_uploaded",
@@ -354,6 +366,7 @@ pub enum Response {
         after: u64,
     },
     FeedCompiled,
+    FeedDenied,
     /// `recorded`: false when the gate already has a reading at or after this one's time.
     CountersRecorded {
         recorded: bool,

@@ -169,3 +169,49 @@ async fn feed_items_not_signed_by_the_trusted_feed_key_are_refused_and_compile_n
     assert_eq!(fare_table_current(&get(c, &api, "/api/v1/parameters").await), 0);
     st.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_list_items_from_the_clearing_feed_become_a_blacklist_delta_of_bank_ids() {
+    let _serial = CLUSTER_LOCK.lock().await;
+    let st = Setup::start(FEED_SEED).await;
+    let (c, api, client) = (&st.c, st.api.clone(), &st.client);
+    let s1 = ident("s1");
+    let tokens = afc_domain::bank::sample_tokens(3, 5);
+    // Two denials, then one taken back: the list gates get holds the two others.
+    let deny = |add: &[usize], remove: &[usize]| {
+        json!({
+            "add": add.iter().map(|i| tokens[*i].to_string()).collect::<Vec<_>>(),
+            "remove": remove.iter().map(|i| tokens[*i].to_string()).collect::<Vec<_>>(),
+        })
+    };
+    client.publish(&s1, &submission(FeedKind::DenyList, 1, &deny(&[0, 1], &[]))).await.unwrap();
+    client.publish(&s1, &submission(FeedKind::DenyList, 2, &deny(&[2], &[1]))).await.unwrap();
+    let clearing = wait_for(c, &api, "/api/v1/clearing", "the deny list published", |v| {
+        v["feed"]["deny_published"] == 2 && v["feed"]["deny_pending"] == 0
+    })
+    .await;
+    assert_eq!(clearing["feed"]["refused"], 0, "{clearing}");
+    let version = clearing["feed"]["deny_blacklist"].as_u64().unwrap();
+    // The stored package is a signed delta of exactly these bank ids: its body hash says so.
+    use afc_domain::blacklist::{BlacklistDelta, Entry};
+    use afc_domain::model::Media;
+    let bank = |i: usize| Entry::single(Media::Bank, tokens[i].deny_key());
+    let want = BlacklistDelta {
+        from_version: version - 1,
+        to_version: version,
+        add: vec![bank(0), bank(2)],
+        remove: vec![bank(1)],
+    }
+    .normalized();
+    let body = afc_domain::package::BlacklistBody::Delta(want).encode();
+    let header = get(c, &api, &format!("/api/v1/parameters/blacklist/{version}")).await;
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body));
+    assert_eq!(header["body_sha256"], sha, "{header}");
+    let rollouts = get(c, &api, "/api/v1/rollouts").await;
+    assert_eq!(rollouts["requests"]["blacklist"]["to_version"], version, "{rollouts}");
+    // Nothing is published twice.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let clearing = get(c, &api, "/api/v1/clearing").await;
+    assert_eq!(clearing["feed"]["deny_blacklist"], version, "{clearing}");
+    st.finish().await;
+}
