@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod alerts;
+mod bank;
 mod clock;
 mod disk;
 mod faults;
