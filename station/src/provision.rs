@@ -25,6 +25,8 @@ pub struct Secrets {
     pub clearing_token_file: PathBuf,
     pub clearing_token: String,
     pub feed_key_file: PathBuf,
+    /// The clearing server's feed key (its public half is pinned in every controller's config).
+    pub feed_key: SigningKey,
     pub qr_issuer_key: SigningKey,
     /// `(name, role, token)` per [`TOKEN_NAMES`].
     pub api_tokens: Vec<(String, String, String)>,
@@ -94,7 +96,7 @@ pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
     let (cluster_secret_file, _) = secret(dir.join("cluster-secret"), 24)?;
     let (package_key_file, package_key) = signing_key(dir.join("package-signing.key"))?;
     let (clearing_token_file, clearing_token) = secret(dir.join("clearing-token"), 24)?;
-    let (feed_key_file, _) = signing_key(dir.join("clearing-feed.key"))?;
+    let (feed_key_file, feed_key) = signing_key(dir.join("clearing-feed.key"))?;
     let (_, qr_issuer_key) = signing_key(dir.join("qr-issuer.key"))?;
     let mut api_tokens = Vec::new();
     for (name, role) in TOKEN_NAMES {
@@ -125,6 +127,7 @@ pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
         clearing_token_file,
         clearing_token,
         feed_key_file,
+        feed_key,
         qr_issuer_key,
         api_tokens,
         gate_keys,
@@ -208,9 +211,12 @@ pub fn controller_config(layout: &Layout, plan: &Plan, s: &Secrets, id: u16, soa
         );
     }
     t += &format!(
-        "\n[clearing]\nurl = {}\ntoken_file = {}\n",
+        "\n[clearing]\nurl = {}\ntoken_file = {}\n\
+         # Clearing's signed parameter feed: fare data and the deny list of declined bank tokens.\n\
+         feed_key = {}\nfeed_key_id = 1\nfeed_poll_ms = 2000\n",
         q(format!("http://{}", plan.clearing())),
-        p(&s.clearing_token_file)
+        p(&s.clearing_token_file),
+        q(hex::encode(s.feed_key.verifying_key().to_bytes())),
     );
     t += &format!(
         "\n[rollout]\n# New fare tables and QR keys go to the canary gate first, then to all.\n\
