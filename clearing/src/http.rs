@@ -17,7 +17,7 @@
 //! | `GET /v1/admin/qr/settlements/{issuer}/{day}?as_of=MS` | token | the issuer's settlement file for that business day, CSV |
 //! | `GET /v1/admin/bank/journeys?as_of=MS` | token | [`crate::journeys::Priced`]: every bank journey priced, pending and unpriced taps |
 //! | `GET /v1/admin/bank/charges?day=YYYY-MM-DD[&format=csv]` | token | the stored charges of that business day, one [`crate::bank::DayCharge`] per token (JSON), or the acquirer settlement file (CSV) |
-//! | `POST /v1/admin/bank/charge-pass` | token | [`crate::bank::PassReport`]: one charge pass, run now |
+//! | `POST /v1/admin/bank/charge-pass` | token | [`crate::bank::PassReport`]: one full charge pass, run now |
 //! | `GET /metrics` | none | Prometheus text, `afc_clearing_*` |
 //! | `GET /healthz` | none | `ok` |
 
@@ -312,7 +312,7 @@ async fn bank_charges(
 async fn bank_charge_pass(req: HttpRequest, state: State) -> Result<HttpResponse, ServerError> {
     state.authorize(bearer(&req))?;
     let state = state.get_ref().clone();
-    Ok(HttpResponse::Ok().json(blocking(move || state.charge_pass(crate::state::now())).await?))
+    Ok(HttpResponse::Ok().json(blocking(move || state.charge_pass(crate::state::now(), true)).await?))
 }
 
 async fn qr_settlement(

@@ -16,7 +16,8 @@ use crate::state::ClearingState;
 /// until `shutdown` is cancelled.
 ///
 /// Besides HTTP, one background task runs: `bank-charge`, a bank charge pass every
-/// `config.bank.charge_interval` (see [`ClearingState::charge_pass`]).
+/// `config.bank.charge_interval` (see [`ClearingState::charge_pass`]; skipped while nothing it
+/// depends on changed and nothing waits).
 ///
 /// Shutdown order: 1. stop the charge task (a pass in progress runs to its end: its answers are
 /// stored before it returns); 2. stop accepting connections and finish requests in flight (5 s at
@@ -90,7 +91,7 @@ async fn charge_task(state: Arc<ClearingState>, stop: CancellationToken) {
             _ = tokio::time::sleep(wait) => {}
         }
         let pass_state = state.clone();
-        let pass = tokio::task::spawn_blocking(move || pass_state.charge_pass(crate::state::now()));
+        let pass = tokio::task::spawn_blocking(move || pass_state.charge_pass(crate::state::now(), false));
         wait = match pass.await {
             Ok(Ok(report)) => {
                 if report.submitted > 0 || report.deny_items > 0 {

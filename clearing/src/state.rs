@@ -56,6 +56,10 @@ struct Station {
 struct Bank {
     charges: ChargeFile,
     acquirer: Acquirer,
+    /// `bank_changes` as the last completed pass saw it, and whether that pass left token-days
+    /// waiting: with neither changed since, a background pass has nothing to do and skips the
+    /// pricing (which reads every station's whole ledger).
+    last_pass: Option<(u64, u64)>,
 }
 
 /// Bank charging figures since the server started, for `/metrics`.
@@ -77,6 +81,9 @@ pub struct ClearingState {
     stations: Mutex<BTreeMap<Ident, Arc<Mutex<Station>>>>,
     bank: Mutex<Bank>,
     bank_counters: BankCounters,
+    /// Bumped by whatever can make a charge pass do something new: bank records stored, a day
+    /// close stored, a station opened.
+    bank_changes: AtomicU64,
     /// Requests refused as malformed (400/413) or unauthorized (401), for `/metrics`.
     bad_requests: AtomicU64,
     unauthorized: AtomicU64,
@@ -112,12 +119,14 @@ impl ClearingState {
         let bank = Bank {
             charges: ChargeFile::open(&config.data_dir.join("bank"))?,
             acquirer: Acquirer::new(config.bank.declined_tokens.clone()),
+            last_pass: None,
         };
         let state = ClearingState {
             config,
             stations: Mutex::new(BTreeMap::new()),
             bank: Mutex::new(bank),
             bank_counters: BankCounters::default(),
+            bank_changes: AtomicU64::new(0),
             bad_requests: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
         };
@@ -164,6 +173,7 @@ impl ClearingState {
             counters: Counters::default(),
         }));
         stations.insert(id.clone(), station.clone());
+        self.bank_changes.fetch_add(1, Ordering::Relaxed);
         Ok(station)
     }
 
@@ -196,9 +206,10 @@ impl ClearingState {
     /// One charge pass (see [`crate::bank`]): prices the bank journeys as of `as_of`, submits
     /// every token-day due to the acquirer, stores the answers durably, then puts every declined
     /// token on the deny list of every known station that does not have it yet. Counted in the
-    /// metrics whether it succeeds or fails.
-    pub fn charge_pass(&self, as_of: Timestamp) -> Result<PassReport, ServerError> {
-        let result = self.run_charge_pass(as_of);
+    /// metrics whether it succeeds or fails. Unless `force`, a pass finding nothing changed since
+    /// the last one that left nothing waiting does nothing.
+    pub fn charge_pass(&self, as_of: Timestamp, force: bool) -> Result<PassReport, ServerError> {
+        let result = self.run_charge_pass(as_of, force);
         let c = &self.bank_counters;
         match &result {
             Ok(_) => {
@@ -213,8 +224,12 @@ impl ClearingState {
         result
     }
 
-    fn run_charge_pass(&self, as_of: Timestamp) -> Result<PassReport, ServerError> {
+    fn run_charge_pass(&self, as_of: Timestamp, force: bool) -> Result<PassReport, ServerError> {
         let mut bank = lock(&self.bank);
+        let changes = self.bank_changes.load(Ordering::Relaxed);
+        if !force && bank.last_pass == Some((changes, 0)) {
+            return Ok(PassReport::default());
+        }
         let priced = self.price(Media::Bank, as_of)?;
         let days = token_days(&priced.journeys, self.config.bank.daily_cap_fen);
         let closed = self.closed_everywhere();
@@ -243,6 +258,7 @@ impl ClearingState {
             tracing::info!(token = %c.token, day = %c.business_day, attempt = c.attempt, amount_fen = c.amount_fen, result = c.result.as_str(), "bank charge submitted");
         }
         let deny_items = self.deny_declined(bank.charges.all(), as_of)?;
+        bank.last_pass = Some((changes, owed.waiting));
         Ok(PassReport {
             submitted: charges.len() as u64,
             approved,
@@ -375,6 +391,9 @@ impl ClearingState {
             Ok(Plan::Append { skip }) => {
                 let new = batch.records.get(skip..).unwrap_or_default();
                 st.ledger.append_canonical(new, canonical.get(skip..).unwrap_or_default())?;
+                if new.iter().any(|e| e.record.media == Media::Bank) {
+                    self.bank_changes.fetch_add(1, Ordering::Relaxed);
+                }
                 st.counters.batches_acked += 1;
                 st.counters.resent_records += skip as u64;
                 st.counters.last_append_unix = now_unix();
@@ -427,6 +446,7 @@ impl ClearingState {
         match st.days.store(&close) {
             Ok(stored) => {
                 if stored == DayStored::New {
+                    self.bank_changes.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(station = %id, day = %close.day, "business day close stored");
                 }
                 Ok(crate::protocol::DayStored { day: close.day, duplicate: stored == DayStored::Duplicate })
