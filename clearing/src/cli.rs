@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::config::{load_signing_key, load_token, Config};
+use crate::config::{load_declined_tokens, load_signing_key, load_token, Config};
 use anyhow::Context;
 use clap::Parser;
 
@@ -46,6 +46,16 @@ struct Cli {
     /// HTTP worker threads.
     #[arg(long, env = "AFC_CLEARING_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// [bank] Most fen charged to one bank token for one business day (default: no cap).
+    #[arg(long, env = "AFC_CLEARING_BANK_DAILY_CAP_FEN")]
+    bank_daily_cap_fen: Option<u32>,
+    /// [bank] File of the tokens the acquirer simulation declines, one per line (64 hex digits;
+    /// `#` comments).
+    #[arg(long, env = "AFC_CLEARING_BANK_DECLINED_TOKENS_FILE")]
+    bank_declined_tokens_file: Option<PathBuf>,
+    /// [bank] Seconds between two background charge passes.
+    #[arg(long, env = "AFC_CLEARING_BANK_CHARGE_INTERVAL_SECS", default_value_t = 30)]
+    bank_charge_interval_secs: u64,
 }
 
 /// Parse `args` (the first is the program name), then serve until SIGTERM or Ctrl-C.
@@ -73,6 +83,11 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     config.max_body_bytes = cli.max_body_bytes;
     config.max_batch_records = cli.max_batch_records;
     config.workers = cli.workers;
+    config.bank.daily_cap_fen = cli.bank_daily_cap_fen;
+    if let Some(path) = &cli.bank_declined_tokens_file {
+        config.bank.declined_tokens = load_declined_tokens(path)?;
+    }
+    config.bank.charge_interval = std::time::Duration::from_secs(cli.bank_charge_interval_secs);
     config.validate()?;
     let listener =
         std::net::TcpListener::bind(cli.listen).with_context(|| format!("binding {}", cli.listen))?;

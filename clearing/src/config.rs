@@ -1,7 +1,10 @@
 //! The server's configuration, loaded and checked once at start.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use afc_domain::bank::BankToken;
 use ed25519_dalek::SigningKey;
 
 use crate::error::ServerError;
@@ -29,6 +32,33 @@ pub struct Config {
     pub max_batch_records: usize,
     /// HTTP worker threads.
     pub workers: usize,
+    /// Bank-card charging (the `[bank]` settings).
+    pub bank: BankConfig,
+}
+
+/// How clearing charges bank cards (see [`crate::bank`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BankConfig {
+    /// At most this much is charged to one token for one business day (`None`: no cap).
+    pub daily_cap_fen: Option<u32>,
+    /// The acquirer simulation declines every charge to these tokens (from
+    /// `--bank-declined-tokens-file`, see [`load_declined_tokens`]).
+    pub declined_tokens: BTreeSet<BankToken>,
+    /// How often the background charge pass runs.
+    pub charge_interval: Duration,
+}
+
+/// Default time between two charge passes.
+pub const DEFAULT_CHARGE_INTERVAL: Duration = Duration::from_secs(30);
+
+impl Default for BankConfig {
+    fn default() -> Self {
+        BankConfig {
+            daily_cap_fen: None,
+            declined_tokens: BTreeSet::new(),
+            charge_interval: DEFAULT_CHARGE_INTERVAL,
+        }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -41,6 +71,7 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_batch_records", &self.max_batch_records)
             .field("workers", &self.workers)
+            .field("bank", &self.bank)
             .finish()
     }
 }
@@ -57,6 +88,7 @@ impl Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_batch_records: DEFAULT_MAX_BATCH_RECORDS,
             workers: 2,
+            bank: BankConfig::default(),
         }
     }
 
@@ -72,8 +104,32 @@ impl Config {
                 "max_body_bytes >= 1024, max_batch_records >= 1 and workers >= 1 are required".into(),
             ));
         }
+        if self.bank.daily_cap_fen == Some(0) || self.bank.charge_interval < Duration::from_secs(1) {
+            return Err(ServerError::Config(
+                "bank.daily_cap_fen >= 1 (or none) and bank.charge_interval >= 1 s are required".into(),
+            ));
+        }
         Ok(())
     }
+}
+
+/// Reads the tokens the acquirer simulation declines: one token (64 hex digits) per line; blank
+/// lines and lines starting with `#` are ignored.
+pub fn load_declined_tokens(path: &Path) -> Result<BTreeSet<BankToken>, ServerError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ServerError::Config(format!("reading the declined tokens {}: {e}", path.display())))?;
+    let mut out = BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let token = BankToken::parse(line).ok_or_else(|| {
+            ServerError::Config(format!("{} line {}: a bank token is 64 hex digits", path.display(), i + 1))
+        })?;
+        out.insert(token);
+    }
+    Ok(out)
 }
 
 /// Reads a feed signing key: a file holding the 32-byte ed25519 secret as 64 hex digits.

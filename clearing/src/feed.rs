@@ -14,11 +14,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use afc_domain::bank::BankToken;
 use afc_domain::model::Ident;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{sign_feed_item, FeedError, FeedItem, FeedSubmission};
+use crate::protocol::{sign_feed_item, DenyListBody, FeedError, FeedItem, FeedKind, FeedSubmission};
 use crate::store::{sync_dir, StoreError};
 
 /// An item as stored, with where it came from.
@@ -50,6 +51,9 @@ pub struct FeedStore {
     failed: HashMap<String, Option<SystemTime>>,
     /// Latest version per kind family, for the strictly-increasing rule.
     latest: HashMap<&'static str, u64>,
+    /// Every bank token a `deny_list` item of this feed ever added (removed later or not), so
+    /// clearing denies a declined token to a station once.
+    deny_added: HashSet<BankToken>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -87,6 +91,7 @@ impl FeedStore {
             taken: HashSet::new(),
             failed: HashMap::new(),
             latest: HashMap::new(),
+            deny_added: HashSet::new(),
         };
         for (i, s) in stored.into_iter().enumerate() {
             if s.item.seq != i as u64 + 1 {
@@ -99,15 +104,31 @@ impl FeedStore {
             if let Some(name) = s.source.strip_prefix("file:") {
                 feed.taken.insert(name.to_owned());
             }
-            feed.note_version(&s.item);
+            feed.note_item(&s.item);
             feed.items.push(s.item);
         }
         Ok(feed)
     }
 
-    fn note_version(&mut self, item: &FeedItem) {
+    fn note_item(&mut self, item: &FeedItem) {
         let latest = self.latest.entry(item.kind.family()).or_default();
         *latest = (*latest).max(item.version);
+        if item.kind == FeedKind::DenyList {
+            // Validated before it was signed, so it parses; an item that did not is no denial.
+            if let Ok(body) = serde_json::from_str::<DenyListBody>(item.body.get()) {
+                self.deny_added.extend(body.add);
+            }
+        }
+    }
+
+    /// The latest version published in `kind`'s family (0: none).
+    pub fn latest_version(&self, kind: FeedKind) -> u64 {
+        self.latest.get(kind.family()).copied().unwrap_or(0)
+    }
+
+    /// Whether a `deny_list` item of this feed ever added `token`.
+    pub fn deny_list_added(&self, token: &BankToken) -> bool {
+        self.deny_added.contains(token)
     }
 
     /// How many items the feed holds.
@@ -163,7 +184,7 @@ impl FeedStore {
         if let Some(name) = stored.source.strip_prefix("file:") {
             self.taken.insert(name.to_owned());
         }
-        self.note_version(&stored.item);
+        self.note_item(&stored.item);
         let item = stored.item.clone();
         self.items.push(stored.item);
         Ok(item)

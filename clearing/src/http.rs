@@ -15,6 +15,9 @@
 //! | `GET /v1/feed-key` | token | [`crate::protocol::FeedKeyInfo`] |
 //! | `GET /v1/admin/qr/journeys?as_of=MS` | token | [`crate::journeys::Priced`]: every QR journey priced, pending and unpriced taps |
 //! | `GET /v1/admin/qr/settlements/{issuer}/{day}?as_of=MS` | token | the issuer's settlement file for that business day, CSV |
+//! | `GET /v1/admin/bank/journeys?as_of=MS` | token | [`crate::journeys::Priced`]: every bank journey priced, pending and unpriced taps |
+//! | `GET /v1/admin/bank/charges?day=YYYY-MM-DD[&format=csv]` | token | the stored charges of that business day, one [`crate::bank::DayCharge`] per token (JSON), or the acquirer settlement file (CSV) |
+//! | `POST /v1/admin/bank/charge-pass` | token | [`crate::bank::PassReport`]: one full charge pass, run now |
 //! | `GET /metrics` | none | Prometheus text, `afc_clearing_*` |
 //! | `GET /healthz` | none | `ok` |
 
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use afc_domain::model::Ident;
+use afc_domain::model::{Ident, Media};
 use serde::Deserialize;
 
 use crate::error::ServerError;
@@ -251,13 +254,7 @@ struct PricingQuery {
 
 impl PricingQuery {
     fn as_of(&self) -> afc_domain::model::Timestamp {
-        let now = || {
-            let ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            i64::try_from(ms).unwrap_or(i64::MAX)
-        };
-        afc_domain::model::Timestamp(self.as_of.unwrap_or_else(now))
+        self.as_of.map_or_else(crate::state::now, afc_domain::model::Timestamp)
     }
 }
 
@@ -268,7 +265,54 @@ async fn qr_journeys(
 ) -> Result<HttpResponse, ServerError> {
     state.authorize(bearer(&req))?;
     let (state, as_of) = (state.get_ref().clone(), query.as_of());
-    Ok(HttpResponse::Ok().json(blocking(move || state.price_qr(as_of)).await?))
+    Ok(HttpResponse::Ok().json(blocking(move || state.price(Media::Qr, as_of)).await?))
+}
+
+async fn bank_journeys(
+    req: HttpRequest,
+    state: State,
+    query: web::Query<PricingQuery>,
+) -> Result<HttpResponse, ServerError> {
+    state.authorize(bearer(&req))?;
+    let (state, as_of) = (state.get_ref().clone(), query.as_of());
+    Ok(HttpResponse::Ok().json(blocking(move || state.price(Media::Bank, as_of)).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ReportFormat {
+    Json,
+    Csv,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChargesQuery {
+    day: afc_domain::model::Date,
+    format: Option<ReportFormat>,
+}
+
+async fn bank_charges(
+    req: HttpRequest,
+    state: State,
+    query: web::Query<ChargesQuery>,
+) -> Result<HttpResponse, ServerError> {
+    state.authorize(bearer(&req))?;
+    let day = query.day;
+    let state = state.get_ref().clone();
+    let rows = blocking(move || Ok(state.bank_charges(day))).await?;
+    Ok(match query.format {
+        Some(ReportFormat::Csv) => HttpResponse::Ok()
+            .content_type("text/csv; charset=utf-8")
+            .body(crate::bank::settlement_csv(&rows, day)),
+        None | Some(ReportFormat::Json) => HttpResponse::Ok().json(rows),
+    })
+}
+
+async fn bank_charge_pass(req: HttpRequest, state: State) -> Result<HttpResponse, ServerError> {
+    state.authorize(bearer(&req))?;
+    let state = state.get_ref().clone();
+    Ok(HttpResponse::Ok().json(blocking(move || state.charge_pass(crate::state::now(), true)).await?))
 }
 
 async fn qr_settlement(
@@ -282,7 +326,7 @@ async fn qr_settlement(
     let day: afc_domain::model::Date = serde_json::from_value(serde_json::Value::String(day))
         .map_err(|e| ServerError::BadQuery(format!("day: {e}")))?;
     let (state, as_of) = (state.get_ref().clone(), query.as_of());
-    let priced = blocking(move || state.price_qr(as_of)).await?;
+    let priced = blocking(move || state.price(Media::Qr, as_of)).await?;
     let csv = crate::journeys::settlement_csv(&priced.journeys, issuer, day);
     Ok(HttpResponse::Ok().content_type("text/csv; charset=utf-8").body(csv))
 }
@@ -330,6 +374,9 @@ pub fn configure(state: Arc<ClearingState>) -> impl Fn(&mut web::ServiceConfig) 
             .route("/v1/feed-key", web::get().to(feed_key))
             .route("/v1/admin/qr/journeys", web::get().to(qr_journeys))
             .route("/v1/admin/qr/settlements/{issuer}/{day}", web::get().to(qr_settlement))
+            .route("/v1/admin/bank/journeys", web::get().to(bank_journeys))
+            .route("/v1/admin/bank/charges", web::get().to(bank_charges))
+            .route("/v1/admin/bank/charge-pass", web::post().to(bank_charge_pass))
             .route("/metrics", web::get().to(metrics))
             .route("/healthz", web::get().to(healthz))
             .default_service(web::to(not_found));

@@ -1,12 +1,15 @@
-//! QR journeys priced and charged by clearing (issue 15 item 2, QR part).
+//! QR and bank journeys priced by clearing (issue 15 item 2).
 //!
-//! A QR ride code names an account, not a card: the gate records the entry and the exit with fare
-//! 0 and leaves the charge to clearing. Here every station's accepted QR taps are paired per
-//! account `(issuer, account)` in time order, across stations and days, and each journey is priced
+//! A QR ride code names an account, not a card, and a bank card is charged by its acquirer: for
+//! both media the gate records the entry and the exit with fare 0 and leaves the charge to
+//! clearing. Here every station's accepted taps of one medium are paired per [`JourneyKey`] (a QR
+//! account `(issuer, account)`, or a bank card's full 32-byte payment token, from `record.bank`:
+//! the ledger id is only its first 8 bytes) in time order, across stations and days, by one
+//! routine for both media, and each journey is priced
 //! from the fare table in force **at entry** at the entry station (compiled from that station's
 //! feed: the same [`compile`] the controllers run, so the same table the gates hold), at the full
-//! single-journey fare: card-type discounts belong to stored-value card products, and a ride code
-//! carries no card type.
+//! single-journey fare: card-type discounts belong to stored-value card products, and neither a
+//! ride code nor a bank card carries a card type.
 //!
 //! Pairing, per account, in time order:
 //! - an entry followed by an exit is a journey from the entry's station to the exit's; past the
@@ -16,18 +19,23 @@
 //!   with no entry before it an *unpaired exit*. Both are charged the policy fare: the highest
 //!   full fare from (for an entry) or to (for an exit) that station in the table in force then;
 //! - a younger entry with no exit yet is *pending*: not charged until its exit arrives or it ages;
-//! - a tap whose passage was voided (a `passage_not_made` record names it) is not a passage.
+//! - a tap whose passage was voided (a `passage_not_made` record names it) is not a passage, nor
+//!   is a refused tap (`accepted == false`);
+//! - a journey (or an unpaired exit) ending with an exit the gate let out free under
+//!   train_disruption (`ok_train_disruption`) costs nothing: the journey is listed, with
+//!   `free_reason`, at fare 0. (QR exits never carry that reason today; bank exits do.)
 //!
-//! A journey's business day is the entry's (the exit's for an unpaired exit), by the rule's day
-//! boundary. Taps that cannot be priced (no tariff in force, a station the network does not list)
+//! A journey's business day is the entry's (the exit's for an unpaired exit), by the day boundary
+//! of the rule in force then; `day_ends_at` is when that business day ends. Taps that cannot be priced (no tariff in force, a station the network does not list)
 //! are listed with the reason, never priced silently.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use afc_domain::bank::BankToken;
 use afc_domain::ledger::{Installation, TxRecord};
-use afc_domain::model::{Date, Direction, Ident, Media, StationCode, Timestamp};
+use afc_domain::model::{BusinessDayRule, Date, Direction, Ident, Media, Reason, StationCode, Timestamp};
 use afc_domain::network::{compile, FareError, FareRule, FareTable, NetworkDescription};
 use serde::Serialize;
 
@@ -168,12 +176,54 @@ pub enum Outcome {
     UnpairedExit,
 }
 
-/// One charge to a QR account.
+/// Whose journeys are paired together: one QR account, or one bank card. In JSON its fields sit
+/// in the journey itself (`issuer`, `account` or `token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(untagged)]
+pub enum JourneyKey {
+    /// A QR ride code's account at its issuer (the ledger id is the account).
+    Qr { issuer: u16, account: u64 },
+    /// A bank card's payment token, in full (the ledger id is only its deny key).
+    Bank { token: BankToken },
+}
+
+impl JourneyKey {
+    /// The key of an accepted-or-not tap of `media`, if the record is one and carries what the
+    /// key needs (a QR record its `qr`, a bank record its `bank`).
+    fn of(r: &TxRecord, media: Media) -> Option<JourneyKey> {
+        match (media, r.media) {
+            (Media::Qr, Media::Qr) => r.qr.map(|q| JourneyKey::Qr { issuer: q.issuer, account: r.id }),
+            (Media::Bank, Media::Bank) => r.bank.map(|b| JourneyKey::Bank { token: b.token }),
+            _ => None,
+        }
+    }
+
+    /// The QR issuer, for a QR key.
+    pub fn issuer(&self) -> Option<u16> {
+        match self {
+            JourneyKey::Qr { issuer, .. } => Some(*issuer),
+            JourneyKey::Bank { .. } => None,
+        }
+    }
+
+    /// The bank token, for a bank key.
+    pub fn token(&self) -> Option<BankToken> {
+        match self {
+            JourneyKey::Bank { token } => Some(*token),
+            JourneyKey::Qr { .. } => None,
+        }
+    }
+}
+
+/// One charge to a QR account or a bank card.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Journey {
-    pub issuer: u16,
-    pub account: u64,
+    #[serde(flatten)]
+    pub key: JourneyKey,
     pub business_day: Date,
+    /// When `business_day` ends, by the rule in force at the journey: a bank card's day is
+    /// charged after it.
+    pub day_ends_at: Timestamp,
     pub outcome: Outcome,
     pub entry: Option<TapRef>,
     pub exit: Option<TapRef>,
@@ -182,6 +232,9 @@ pub struct Journey {
     pub fare_fen: u32,
     /// Included in `fare_fen`: the rule's surcharge for a ride over its time limit.
     pub overstay_fen: u32,
+    /// Why the journey costs nothing though it was priced (`ok_train_disruption`), if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_reason: Option<Reason>,
     pub network_version: u64,
     pub rule_version: u64,
 }
@@ -193,29 +246,39 @@ pub struct Unpriced {
     pub reason: String,
 }
 
+/// An entry still waiting for its exit, and whose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pending {
+    #[serde(flatten)]
+    pub key: JourneyKey,
+    #[serde(flatten)]
+    pub tap: TapRef,
+}
+
 /// Everything one pricing run found.
 #[derive(Debug, Default, Serialize)]
 pub struct Priced {
     pub journeys: Vec<Journey>,
     /// Entries still waiting for their exit.
-    pub pending: Vec<TapRef>,
+    pub pending: Vec<Pending>,
     pub unpriced: Vec<Unpriced>,
 }
 
-/// The accepted QR passages among `records`, without the voided ones, per account in time order.
-fn passages(records: &[TxRecord]) -> BTreeMap<(u16, u64), Vec<&TxRecord>> {
+/// The accepted passages of `media` among `records`, without the voided ones, per key in time
+/// order.
+fn passages(records: &[TxRecord], media: Media) -> BTreeMap<JourneyKey, Vec<&TxRecord>> {
     type Key<'a> = (&'a Ident, &'a Ident, Option<Installation>, u64);
     let voided: HashSet<Key> =
         records.iter().filter_map(|r| Some((&r.station, &r.gate, r.installation, r.voids?))).collect();
-    let mut by_account: BTreeMap<(u16, u64), Vec<&TxRecord>> = BTreeMap::new();
+    let mut by_account: BTreeMap<JourneyKey, Vec<&TxRecord>> = BTreeMap::new();
     for r in records {
-        let Some(qr) = r.qr.filter(|_| r.media == Media::Qr && r.accepted && r.voids.is_none()) else {
+        let Some(key) = JourneyKey::of(r, media).filter(|_| r.accepted && r.voids.is_none()) else {
             continue;
         };
         if voided.contains(&(&r.station, &r.gate, r.installation, r.gate_seq)) {
             continue;
         }
-        by_account.entry((qr.issuer, r.id)).or_default().push(r);
+        by_account.entry(key).or_default().push(r);
     }
     for taps in by_account.values_mut() {
         taps.sort_by(|a, b| {
@@ -230,26 +293,28 @@ fn passages(records: &[TxRecord]) -> BTreeMap<(u16, u64), Vec<&TxRecord>> {
     by_account
 }
 
-/// Pairs and prices the QR taps among `records` (any stations, any order). `tariffs` gives the
-/// timeline of a station's feed; `as_of` decides which open entries have aged into unpaired ones.
-pub fn price_qr(
+/// Pairs and prices the taps of `media` (QR or bank; no other medium has journeys to price here)
+/// among `records` (any stations, any order). `tariffs` gives the timeline of a station's feed;
+/// `as_of` decides which open entries have aged into unpaired ones.
+pub fn price(
     records: &[TxRecord],
+    media: Media,
     tariffs: &dyn Fn(&Ident) -> Option<Arc<Timeline>>,
     as_of: Timestamp,
 ) -> Priced {
     let mut out = Priced::default();
-    for ((issuer, account), taps) in passages(records) {
+    for (key, taps) in passages(records, media) {
         let mut open: Option<&TxRecord> = None;
         for tap in taps {
             match tap.direction {
                 Direction::Entry => {
                     if let Some(prev) = open.replace(tap) {
-                        out.charge_unpaired(issuer, account, prev, Outcome::UnpairedEntry, tariffs);
+                        out.charge_unpaired(key, prev, Outcome::UnpairedEntry, tariffs);
                     }
                 }
                 Direction::Exit => match open.take() {
-                    Some(entry) => out.charge_journey(issuer, account, entry, tap, tariffs),
-                    None => out.charge_unpaired(issuer, account, tap, Outcome::UnpairedExit, tariffs),
+                    Some(entry) => out.charge_journey(key, entry, tap, tariffs),
+                    None => out.charge_unpaired(key, tap, Outcome::UnpairedExit, tariffs),
                 },
             }
         }
@@ -257,19 +322,14 @@ pub fn price_qr(
             let aged =
                 tariff_at(tariffs, entry).is_ok_and(|t| as_of.0 - entry.occurred_at.0 > t.open_entry_ms());
             if aged {
-                out.charge_unpaired(issuer, account, entry, Outcome::UnpairedEntry, tariffs);
+                out.charge_unpaired(key, entry, Outcome::UnpairedEntry, tariffs);
             } else {
-                out.pending.push(TapRef::of(entry));
+                out.pending.push(Pending { key, tap: TapRef::of(entry) });
             }
         }
     }
     out.journeys.sort_by(|a, b| {
-        (a.business_day, a.issuer, a.account, journey_time(a)).cmp(&(
-            b.business_day,
-            b.issuer,
-            b.account,
-            journey_time(b),
-        ))
+        (a.business_day, a.key, journey_time(a)).cmp(&(b.business_day, b.key, journey_time(b)))
     });
     out
 }
@@ -289,6 +349,16 @@ fn tariff_at(
     })
 }
 
+/// The instant the business day `day` ends under `rule`: the next day's rollover.
+pub fn day_end(rule: &BusinessDayRule, day: Date) -> Timestamp {
+    Timestamp::from_local(day.plus_days(1), 0, rule.rollover_minute_of_day, rule.utc_offset_minutes)
+}
+
+/// Why an exit costs nothing, if it does: the gate let it out free under train_disruption.
+fn free_exit(exit: Option<&TxRecord>) -> Option<Reason> {
+    exit.map(|e| e.reason).filter(|r| *r == Reason::OkTrainDisruption)
+}
+
 fn code_in(t: &Tariff, tap: &TxRecord) -> Result<StationCode, String> {
     t.code_of(&tap.station)
         .ok_or_else(|| format!("station {} is not in network v{}", tap.station, t.network_version))
@@ -301,8 +371,7 @@ impl Priced {
 
     fn charge_journey(
         &mut self,
-        issuer: u16,
-        account: u64,
+        key: JourneyKey,
         entry: &TxRecord,
         exit: &TxRecord,
         tariffs: &dyn Fn(&Ident) -> Option<Arc<Timeline>>,
@@ -318,18 +387,22 @@ impl Priced {
         };
         let ride_ms = exit.occurred_at.0 - entry.occurred_at.0;
         let over = t.table.max_ride_minutes().is_some_and(|m| ride_ms > i64::from(m) * 60_000);
-        let overstay_fen = if over { t.table.overstay_surcharge_fen() } else { 0 };
+        let free_reason = free_exit(Some(exit));
+        let overstay_fen = if over && free_reason.is_none() { t.table.overstay_surcharge_fen() } else { 0 };
+        let rule = t.table.business_day();
+        let business_day = rule.business_day(entry.occurred_at);
         self.journeys.push(Journey {
-            issuer,
-            account,
-            business_day: t.table.business_day().business_day(entry.occurred_at),
+            key,
+            business_day,
+            day_ends_at: day_end(&rule, business_day),
             outcome: Outcome::Paired,
             entry: Some(TapRef::of(entry)),
             exit: Some(TapRef::of(exit)),
             from: Some(from),
             to: Some(to),
-            fare_fen: fare + overstay_fen,
+            fare_fen: if free_reason.is_some() { 0 } else { fare + overstay_fen },
             overstay_fen,
+            free_reason,
             network_version: t.network_version,
             rule_version: t.rule_version,
         });
@@ -337,8 +410,7 @@ impl Priced {
 
     fn charge_unpaired(
         &mut self,
-        issuer: u16,
-        account: u64,
+        key: JourneyKey,
         tap: &TxRecord,
         outcome: Outcome,
         tariffs: &dyn Fn(&Ident) -> Option<Arc<Timeline>>,
@@ -356,22 +428,25 @@ impl Priced {
             Err(reason) => return self.unpriced(tap, reason),
         };
         let at = Some(TapRef::of(tap));
-        let (entry, exit, from, to) = if outcome == Outcome::UnpairedExit {
-            (None, at, None, Some(s))
+        let (entry, exit, from, to, free_reason) = if outcome == Outcome::UnpairedExit {
+            (None, at, None, Some(s), free_exit(Some(tap)))
         } else {
-            (at, None, Some(s), None)
+            (at, None, Some(s), None, None)
         };
+        let rule = t.table.business_day();
+        let business_day = rule.business_day(tap.occurred_at);
         self.journeys.push(Journey {
-            issuer,
-            account,
-            business_day: t.table.business_day().business_day(tap.occurred_at),
+            key,
+            business_day,
+            day_ends_at: day_end(&rule, business_day),
             outcome,
             entry,
             exit,
             from,
             to,
-            fare_fen: fare,
+            fare_fen: if free_reason.is_some() { 0 } else { fare },
             overstay_fen: 0,
+            free_reason,
             network_version: t.network_version,
             rule_version: t.rule_version,
         });
@@ -391,7 +466,11 @@ pub fn settlement_csv(journeys: &[Journey], issuer: u16, day: Date) -> String {
         None => ",,,".to_owned(),
     };
     let code = |c: Option<StationCode>| c.map_or(String::new(), |c| c.0.to_string());
-    for j in journeys.iter().filter(|j| j.issuer == issuer && j.business_day == day) {
+    for j in journeys.iter().filter(|j| j.business_day == day) {
+        let JourneyKey::Qr { issuer: i, account } = j.key else { continue };
+        if i != issuer {
+            continue;
+        }
         let outcome = match j.outcome {
             Outcome::Paired => "paired",
             Outcome::UnpairedEntry => "unpaired_entry",
@@ -401,8 +480,8 @@ pub fn settlement_csv(journeys: &[Journey], issuer: u16, day: Date) -> String {
             out,
             "{},{},{},{outcome},{},{},{},{},{},{},{},{}",
             day,
-            j.issuer,
-            j.account,
+            i,
+            account,
             tap(&j.entry),
             tap(&j.exit),
             code(j.from),
@@ -421,6 +500,7 @@ pub fn settlement_csv(journeys: &[Journey], issuer: u16, day: Date) -> String {
 
 #[cfg(test)]
 mod tests {
+    use afc_domain::bank::{BankRef, Cryptogram};
     use afc_domain::ledger::QrRef;
     use afc_domain::model::{BusinessDayRule, Reason};
     use afc_domain::network::{Band, Line, Station, Stop};
@@ -519,9 +599,29 @@ mod tests {
         r
     }
 
+    fn account(j: &Journey) -> u64 {
+        match j.key {
+            JourneyKey::Qr { account, .. } => account,
+            JourneyKey::Bank { token } => token.deny_key(),
+        }
+    }
+
+    fn bank_tap(station: &str, seq: u64, dir: Direction, token: BankToken, at: i64) -> TxRecord {
+        let mut r = qr_tap(station, seq, dir, token.deny_key(), at);
+        r.media = Media::Bank;
+        r.qr = None;
+        r.bank = Some(BankRef { token, cryptogram: Cryptogram([seq as u8; 8]), atc: seq as u16 });
+        r
+    }
+
     fn run(records: &[TxRecord], as_of: i64) -> Priced {
         let t = timeline();
-        price_qr(records, &|s: &Ident| (s.as_str().starts_with('s')).then(|| t.clone()), Timestamp(as_of))
+        price(
+            records,
+            Media::Qr,
+            &|s: &Ident| (s.as_str().starts_with('s')).then(|| t.clone()),
+            Timestamp(as_of),
+        )
     }
 
     #[test]
@@ -549,7 +649,7 @@ mod tests {
         let fares: Vec<Row> = p
             .journeys
             .iter()
-            .map(|j| (j.account, j.from.map(|c| c.0), j.to.map(|c| c.0), j.fare_fen, j.rule_version))
+            .map(|j| (account(j), j.from.map(|c| c.0), j.to.map(|c| c.0), j.fare_fen, j.rule_version))
             .collect();
         assert_eq!(
             fares,
@@ -583,7 +683,7 @@ mod tests {
         ];
         let p = run(&records, T0 + 420 * MIN);
         let got: Vec<(u64, Outcome, u32, u32)> =
-            p.journeys.iter().map(|j| (j.account, j.outcome, j.fare_fen, j.overstay_fen)).collect();
+            p.journeys.iter().map(|j| (account(j), j.outcome, j.fare_fen, j.overstay_fen)).collect();
         assert_eq!(
             got,
             vec![
@@ -595,9 +695,10 @@ mod tests {
             ]
         );
         assert_eq!(
-            p.pending.iter().map(|t| (t.station.as_str(), t.gate_seq)).collect::<Vec<_>>(),
+            p.pending.iter().map(|p| (p.tap.station.as_str(), p.tap.gate_seq)).collect::<Vec<_>>(),
             [("s1", 3)]
         );
+        assert_eq!(p.pending[0].key, JourneyKey::Qr { issuer: 7, account: 4 });
     }
 
     #[test]
@@ -616,12 +717,51 @@ mod tests {
         let elsewhere_out = qr_tap("s2", 2, Direction::Exit, 9, T0 + 20 * MIN);
         let p = run(&[refused, voided, void, card, entry, exit, elsewhere_in, elsewhere_out], T0 + 60 * MIN);
         let got: Vec<(u64, Outcome, u32)> =
-            p.journeys.iter().map(|j| (j.account, j.outcome, j.fare_fen)).collect();
+            p.journeys.iter().map(|j| (account(j), j.outcome, j.fare_fen)).collect();
         // Account 1: one journey s1 → s2 from the unvoided entry; account 9's entry at a station
         // with no feed cannot be priced, and is listed.
         assert_eq!(got, vec![(1, Outcome::Paired, 200)]);
         assert_eq!(p.unpriced.len(), 1, "{p:?}");
         assert!(p.unpriced[0].reason.contains("x9"), "{p:?}");
+    }
+
+    #[test]
+    fn bank_taps_pair_per_full_token_not_per_deny_key_and_a_train_disruption_exit_is_free() {
+        // Two cards whose tokens share the first 8 bytes (the ledger id): still two cards.
+        let one = BankToken([1; 32]);
+        let mut two = one;
+        two.0[31] = 2;
+        let t = timeline();
+        let records = vec![
+            bank_tap("s1", 1, Direction::Entry, one, T0),
+            bank_tap("s1", 2, Direction::Entry, two, T0 + MIN),
+            bank_tap("s3", 1, Direction::Exit, one, T0 + 30 * MIN),
+            bank_tap("s2", 1, Direction::Exit, two, T0 + 20 * MIN),
+            // A QR tap of the same id is not a bank journey.
+            qr_tap("s2", 2, Direction::Exit, one.deny_key(), T0 + 25 * MIN),
+        ];
+        let mut disrupted = bank_tap("s3", 2, Direction::Exit, two, T0 + 200 * MIN);
+        disrupted.reason = Reason::OkTrainDisruption;
+        let mut records = records;
+        records.push(bank_tap("s1", 3, Direction::Entry, two, T0 + 60 * MIN));
+        records.push(disrupted);
+        let p = price(&records, Media::Bank, &|_: &Ident| Some(t.clone()), Timestamp(T0 + 600 * MIN));
+        let got: Vec<(Option<BankToken>, u32, u32, Option<Reason>)> =
+            p.journeys.iter().map(|j| (j.key.token(), j.fare_fen, j.overstay_fen, j.free_reason)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(one), 400, 0, None),
+                (Some(two), 200, 0, None),
+                // s1 → s3, over the ride-time limit, but let out free: nothing to pay.
+                (Some(two), 0, 0, Some(Reason::OkTrainDisruption)),
+            ]
+        );
+        assert!(p.pending.is_empty() && p.unpriced.is_empty(), "{p:?}");
+        let day = Date::from_ymd(2026, 12, 2).unwrap();
+        assert_eq!(p.journeys[0].business_day, day);
+        // The day ends at the next 04:00 Beijing time.
+        assert_eq!(p.journeys[0].day_ends_at, Timestamp(T0 + 18 * 60 * MIN));
     }
 
     #[test]

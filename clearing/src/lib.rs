@@ -14,6 +14,9 @@
 //! - [`store`]: one station's ledger copy, an append-only file fsynced before every ack.
 //! - [`feed`]: one station's signed parameter feed, persisted, fed by the admin endpoint or a
 //!   directory of JSON files.
+//! - [`journeys`]: QR and bank journeys paired per account or token and priced from each
+//!   station's feed; [`bank`]: bank journeys charged once per token and business day (cap,
+//!   acquirer simulation, settlement file), pure; [`charges`]: the durable charge file.
 //! - [`state`]: the stations and their counters; the operations the HTTP layer calls.
 //! - [`http`]: routes, token check, body limits, and the one mapping of [`ServerError`] to HTTP.
 //! - [`server`]: [`server::run`] on an already-bound listener until a cancellation token fires.
@@ -22,6 +25,8 @@
 //! - [`testdata`]: realistic chained ledgers for tests, the benchmark and demos.
 
 pub mod accept;
+pub mod bank;
+pub mod charges;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -2,25 +2,29 @@
 //! operations the HTTP layer calls. Everything here is synchronous and may block on disk; the HTTP
 //! layer runs it on the blocking pool.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use afc_domain::bank::BankToken;
 use afc_domain::ledger::SequenceGap;
-use afc_domain::model::Ident;
+use afc_domain::model::{Date, Ident, Media, Timestamp};
+use serde_json::value::RawValue;
 
 use crate::accept::{plan, Plan};
+use crate::bank::{day_charges, due, token_days, Acquirer, Charge, ChargeResult, DayCharge, PassReport};
+use crate::charges::ChargeFile;
 use crate::config::Config;
 use crate::days::{DayFile, DayStored};
 use crate::error::ServerError;
 use crate::feed::FeedStore;
 use crate::gaps::{GapFile, GapReportError};
 use crate::protocol::{
-    Acked, FeedItem, FeedKeyInfo, FeedPage, FeedSubmission, GapReport, GapsStored, StationStats, UploadBatch,
-    Watermark,
+    Acked, DenyListBody, FeedItem, FeedKeyInfo, FeedKind, FeedPage, FeedSubmission, GapReport, GapsStored,
+    StationStats, UploadBatch, Watermark,
 };
 use crate::store::LedgerFile;
 
@@ -46,10 +50,40 @@ struct Station {
     counters: Counters,
 }
 
+/// Bank charging: the stored charges and the acquirer, behind one lock that a charge pass holds
+/// from start to end, so two passes (the background task and the admin endpoint) never submit
+/// the same token-day.
+struct Bank {
+    charges: ChargeFile,
+    acquirer: Acquirer,
+    /// `bank_changes` as the last completed pass saw it, and whether that pass left token-days
+    /// waiting: with neither changed since, a background pass has nothing to do and skips the
+    /// pricing (which reads every station's whole ledger).
+    last_pass: Option<(u64, u64)>,
+}
+
+/// Bank charging figures since the server started, for `/metrics`.
+#[derive(Default)]
+struct BankCounters {
+    passes_ok: AtomicU64,
+    passes_failed: AtomicU64,
+    approved: AtomicU64,
+    declined: AtomicU64,
+    /// `deny_list` items published for declined tokens (one per token and station).
+    deny_items: AtomicU64,
+    /// Unix seconds of the last pass that completed (0: none since start).
+    last_pass_unix: AtomicU64,
+}
+
 /// Shared by every HTTP worker.
 pub struct ClearingState {
     config: Config,
     stations: Mutex<BTreeMap<Ident, Arc<Mutex<Station>>>>,
+    bank: Mutex<Bank>,
+    bank_counters: BankCounters,
+    /// Bumped by whatever can make a charge pass do something new: bank records stored, a day
+    /// close stored, a station opened.
+    bank_changes: AtomicU64,
     /// Requests refused as malformed (400/413) or unauthorized (401), for `/metrics`.
     bad_requests: AtomicU64,
     unauthorized: AtomicU64,
@@ -65,6 +99,12 @@ fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// The wall clock as a ledger timestamp.
+pub fn now() -> Timestamp {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
 impl ClearingState {
     /// Opens every station already stored under the data directory (verifying each ledger).
     pub fn open(config: Config) -> Result<ClearingState, ServerError> {
@@ -76,9 +116,17 @@ impl ClearingState {
             // under it (each synced) would be unreachable: a cut lost every acknowledged batch.
             crate::store::sync_dir(&config.data_dir)?;
         }
+        let bank = Bank {
+            charges: ChargeFile::open(&config.data_dir.join("bank"))?,
+            acquirer: Acquirer::new(config.bank.declined_tokens.clone()),
+            last_pass: None,
+        };
         let state = ClearingState {
             config,
             stations: Mutex::new(BTreeMap::new()),
+            bank: Mutex::new(bank),
+            bank_counters: BankCounters::default(),
+            bank_changes: AtomicU64::new(0),
             bad_requests: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
         };
@@ -125,18 +173,22 @@ impl ClearingState {
             counters: Counters::default(),
         }));
         stations.insert(id.clone(), station.clone());
+        self.bank_changes.fetch_add(1, Ordering::Relaxed);
         Ok(station)
     }
 
-    /// Pairs and prices every station's QR taps (see [`crate::journeys`]), as of `as_of`. Each
-    /// station's records are read under its lock, then priced outside every lock.
-    pub fn price_qr(
-        &self,
-        as_of: afc_domain::model::Timestamp,
-    ) -> Result<crate::journeys::Priced, ServerError> {
-        use crate::journeys::{price_qr, Timeline};
-        let stations: Vec<(Ident, Arc<Mutex<Station>>)> =
-            lock(&self.stations).iter().map(|(id, s)| (id.clone(), s.clone())).collect();
+    /// Every station clearing knows: each one with a directory under `stations/` (opened at
+    /// start, or created by its first request since).
+    fn known_stations(&self) -> Vec<(Ident, Arc<Mutex<Station>>)> {
+        lock(&self.stations).iter().map(|(id, s)| (id.clone(), s.clone())).collect()
+    }
+
+    /// Pairs and prices every station's taps of `media` (QR or bank, see [`crate::journeys`]),
+    /// as of `as_of`. Each station's records are read under its lock, then priced outside every
+    /// lock.
+    pub fn price(&self, media: Media, as_of: Timestamp) -> Result<crate::journeys::Priced, ServerError> {
+        use crate::journeys::{price, Timeline};
+        let stations = self.known_stations();
         let mut records = Vec::new();
         let mut timelines = BTreeMap::new();
         for (id, station) in stations {
@@ -148,7 +200,133 @@ impl ClearingState {
             }
             timelines.insert(id, Arc::new(timeline));
         }
-        Ok(price_qr(&records, &|s: &Ident| timelines.get(s).cloned(), as_of))
+        Ok(price(&records, media, &|s: &Ident| timelines.get(s).cloned(), as_of))
+    }
+
+    /// One charge pass (see [`crate::bank`]): prices the bank journeys as of `as_of`, submits
+    /// every token-day due to the acquirer, stores the answers durably, then puts every declined
+    /// token on the deny list of every known station that does not have it yet. Counted in the
+    /// metrics whether it succeeds or fails. Unless `force`, a pass finding nothing changed since
+    /// the last one that left nothing waiting does nothing.
+    pub fn charge_pass(&self, as_of: Timestamp, force: bool) -> Result<PassReport, ServerError> {
+        let result = self.run_charge_pass(as_of, force);
+        let c = &self.bank_counters;
+        match &result {
+            Ok(_) => {
+                c.passes_ok.fetch_add(1, Ordering::Relaxed);
+                c.last_pass_unix.store(now_unix(), Ordering::Relaxed);
+            }
+            Err(e) => {
+                c.passes_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "bank charge pass failed");
+            }
+        }
+        result
+    }
+
+    fn run_charge_pass(&self, as_of: Timestamp, force: bool) -> Result<PassReport, ServerError> {
+        let mut bank = lock(&self.bank);
+        let changes = self.bank_changes.load(Ordering::Relaxed);
+        if !force && bank.last_pass == Some((changes, 0)) {
+            return Ok(PassReport::default());
+        }
+        let priced = self.price(Media::Bank, as_of)?;
+        let days = token_days(&priced.journeys, self.config.bank.daily_cap_fen);
+        let closed = self.closed_everywhere();
+        let owed = due(&days, bank.charges.all(), as_of, &closed);
+        let charges: Vec<Charge> = owed
+            .due
+            .iter()
+            .map(|d| Charge {
+                token: d.day.token,
+                business_day: d.day.business_day,
+                attempt: d.attempt,
+                journeys: d.day.journeys,
+                before_cap_fen: d.day.before_cap_fen,
+                amount_fen: d.amount_fen,
+                result: bank.acquirer.submit(&d.day.token, d.amount_fen),
+                at: as_of,
+            })
+            .collect();
+        // Durable before anything depends on it: the deny list below, the report, the next pass.
+        bank.charges.append(&charges)?;
+        let declined = charges.iter().filter(|c| c.result == ChargeResult::Declined).count() as u64;
+        let approved = charges.len() as u64 - declined;
+        self.bank_counters.approved.fetch_add(approved, Ordering::Relaxed);
+        self.bank_counters.declined.fetch_add(declined, Ordering::Relaxed);
+        for c in &charges {
+            tracing::info!(token = %c.token, day = %c.business_day, attempt = c.attempt, amount_fen = c.amount_fen, result = c.result.as_str(), "bank charge submitted");
+        }
+        let deny_items = self.deny_declined(bank.charges.all(), as_of)?;
+        bank.last_pass = Some((changes, owed.waiting));
+        Ok(PassReport {
+            submitted: charges.len() as u64,
+            approved,
+            declined,
+            deny_items,
+            waiting: owed.waiting,
+        })
+    }
+
+    /// The business days closed everywhere they must be: a day is closed when at least one
+    /// station closed it and every station that closes days has closed it, except a station
+    /// whose first close is later (it was not in service yet). A station that never closed a day
+    /// (a directory made by a stray request, a controller that sends no closes) holds nothing up.
+    fn closed_everywhere(&self) -> impl Fn(Date) -> bool {
+        let closes: Vec<BTreeSet<Date>> = self
+            .known_stations()
+            .iter()
+            .map(|(_, station)| lock(station).days.all().iter().map(|d| d.day).collect::<BTreeSet<Date>>())
+            .filter(|days| !days.is_empty())
+            .collect();
+        move |day| {
+            closes.iter().any(|c| c.contains(&day))
+                && closes.iter().all(|c| c.contains(&day) || c.first().is_some_and(|first| day < *first))
+        }
+    }
+
+    /// Appends a signed `deny_list` item `{add: [token]}` (the family's next version) to the feed
+    /// of every known station whose feed never added the token, for every declined token in
+    /// `charges`. The feed itself is the record of what was sent, so this is idempotent across
+    /// passes and restarts, and a station that appears later gets the denials on the next pass.
+    fn deny_declined(&self, charges: &[Charge], now: Timestamp) -> Result<u64, ServerError> {
+        let declined: BTreeSet<BankToken> =
+            charges.iter().filter(|c| c.result == ChargeResult::Declined).map(|c| c.token).collect();
+        if declined.is_empty() {
+            return Ok(0);
+        }
+        let mut published = 0;
+        for (id, station) in self.known_stations() {
+            let mut st = lock(&station);
+            self.ingest_feed_dir(&id, &mut st);
+            let missing: Vec<BankToken> =
+                declined.iter().filter(|t| !st.feed.deny_list_added(t)).copied().collect();
+            for token in missing {
+                let body = DenyListBody { add: vec![token], remove: vec![] };
+                let text = serde_json::to_string(&body).map_err(|e| ServerError::Internal(e.to_string()))?;
+                let submission = FeedSubmission {
+                    kind: FeedKind::DenyList,
+                    version: st.feed.latest_version(FeedKind::DenyList) + 1,
+                    effective_from: now,
+                    body: RawValue::from_string(text).map_err(|e| ServerError::Internal(e.to_string()))?,
+                };
+                let item = st.feed.publish(
+                    submission,
+                    "bank:declined".into(),
+                    &self.config.feed_key,
+                    self.config.feed_key_id,
+                )?;
+                published += 1;
+                self.bank_counters.deny_items.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(station = %id, %token, seq = item.seq, version = item.version, "declined bank token put on the station's deny list");
+            }
+        }
+        Ok(published)
+    }
+
+    /// The stored charges of business day `day`, one row per token.
+    pub fn bank_charges(&self, day: Date) -> Vec<DayCharge> {
+        day_charges(lock(&self.bank).charges.all(), day)
     }
 
     /// Checks a presented bearer token in constant time.
@@ -213,6 +391,9 @@ impl ClearingState {
             Ok(Plan::Append { skip }) => {
                 let new = batch.records.get(skip..).unwrap_or_default();
                 st.ledger.append_canonical(new, canonical.get(skip..).unwrap_or_default())?;
+                if new.iter().any(|e| e.record.media == Media::Bank) {
+                    self.bank_changes.fetch_add(1, Ordering::Relaxed);
+                }
                 st.counters.batches_acked += 1;
                 st.counters.resent_records += skip as u64;
                 st.counters.last_append_unix = now_unix();
@@ -265,6 +446,7 @@ impl ClearingState {
         match st.days.store(&close) {
             Ok(stored) => {
                 if stored == DayStored::New {
+                    self.bank_changes.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(station = %id, day = %close.day, "business day close stored");
                 }
                 Ok(crate::protocol::DayStored { day: close.day, duplicate: stored == DayStored::Duplicate })
@@ -409,6 +591,34 @@ impl ClearingState {
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let c = &self.bank_counters;
+        let name = "afc_clearing_bank_charge_passes_total";
+        let _ =
+            writeln!(out, "# HELP {name} Bank charge passes by outcome since start.\n# TYPE {name} counter");
+        for (outcome, v) in [("ok", &c.passes_ok), ("failed", &c.passes_failed)] {
+            let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {}", v.load(Ordering::Relaxed));
+        }
+        let name = "afc_clearing_bank_charges_total";
+        let _ = writeln!(out, "# HELP {name} Bank charges submitted and stored since start, by the acquirer's answer.\n# TYPE {name} counter");
+        for (result, v) in [("approved", &c.approved), ("declined", &c.declined)] {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", v.load(Ordering::Relaxed));
+        }
+        for (name, kind, help, v) in [
+            (
+                "afc_clearing_bank_deny_items_total",
+                "counter",
+                "deny_list feed items published for declined bank tokens since start (one per token and station).",
+                &c.deny_items,
+            ),
+            (
+                "afc_clearing_bank_last_pass_timestamp_seconds",
+                "gauge",
+                "Unix time of the last bank charge pass that completed (0: none since start).",
+                &c.last_pass_unix,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
         }
         out
     }

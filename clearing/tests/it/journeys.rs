@@ -9,20 +9,20 @@ use afc_domain::model::{Direction, Ident, Media, Timestamp};
 use afc_domain::network::{FareRule, NetworkDescription};
 use clearing::protocol::{FeedKind, FeedSubmission, UploadBatch};
 use clearing::testdata;
-use clearing::UploadOutcome;
+use clearing::{ClearingClient, UploadOutcome};
 use serde_json::value::RawValue;
 
 use crate::common::{TestServer, TOKEN};
 
-const NETWORK: &str = include_str!("../../../deploy/data/dalian-network.json");
-const RULE: &str = include_str!("../../../deploy/data/dalian-fare-rule.json");
+pub const NETWORK: &str = include_str!("../../../deploy/data/dalian-network.json");
+pub const RULE: &str = include_str!("../../../deploy/data/dalian-fare-rule.json");
 /// 2026-12-02 10:00 Beijing time.
 const T0: i64 = 1_796_176_800_000;
 const MIN: i64 = 60_000;
 
 /// Shortest distances between every pair of station ids, computed here from the stop distances
 /// and transfer links, not by the product's compiler.
-fn distances(net: &NetworkDescription) -> HashMap<(String, String), u64> {
+pub fn distances(net: &NetworkDescription) -> HashMap<(String, String), u64> {
     let ids: Vec<&str> = net.stations.iter().map(|s| s.id.as_str()).collect();
     let at: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     let n = ids.len();
@@ -59,8 +59,34 @@ fn distances(net: &NetworkDescription) -> HashMap<(String, String), u64> {
     out
 }
 
-fn expected_fare(rule: &FareRule, m: u64) -> u32 {
+pub fn expected_fare(rule: &FareRule, m: u64) -> u32 {
     rule.fare_for_distance(u32::try_from(m).unwrap()).unwrap().max(rule.min_fare_fen)
+}
+
+/// Publishes the Dalian network and fare rule (version 1, in force from the epoch) to each of
+/// `stations`' feeds.
+pub async fn publish_tariff(c: &ClearingClient, stations: &[&Ident]) {
+    for s in stations {
+        for (kind, body) in [(FeedKind::Network, NETWORK), (FeedKind::FareRule, RULE)] {
+            let sub = FeedSubmission {
+                kind,
+                version: 1,
+                effective_from: Timestamp(0),
+                body: RawValue::from_string(body.to_owned()).unwrap(),
+            };
+            c.publish(s, &sub).await.unwrap();
+        }
+    }
+}
+
+/// Uploads each station's records, chained from genesis, as one batch.
+pub async fn upload_ledgers(c: &ClearingClient, ledgers: &HashMap<Ident, Vec<TxRecord>>) {
+    for (s, records) in ledgers {
+        let mut head = LedgerHead::genesis();
+        let chain: Vec<_> = records.iter().cloned().map(|r| head.append(r)).collect();
+        let batch = UploadBatch::new(afc_domain::ledger::GENESIS_HASH, chain).unwrap();
+        assert!(matches!(c.upload(s, &batch).await.unwrap(), UploadOutcome::Acked(_)));
+    }
 }
 
 fn qr_tap(station: &Ident, seq: u64, direction: Direction, account: u64, at: i64) -> TxRecord {
@@ -87,17 +113,7 @@ async fn qr_journeys_across_two_stations_are_priced_as_an_independent_recomputat
     let a = Ident::new(&net.stations[0].id).unwrap();
     let b = Ident::new(&net.lines.last().unwrap().stops.last().unwrap().station).unwrap();
     let mid = Ident::new(&net.lines[0].stops[net.lines[0].stops.len() / 2].station).unwrap();
-    for s in [&a, &b, &mid] {
-        for (kind, body) in [(FeedKind::Network, NETWORK), (FeedKind::FareRule, RULE)] {
-            let sub = FeedSubmission {
-                kind,
-                version: 1,
-                effective_from: Timestamp(0),
-                body: RawValue::from_string(body.to_owned()).unwrap(),
-            };
-            c.publish(s, &sub).await.unwrap();
-        }
-    }
+    publish_tariff(c, &[&a, &b, &mid]).await;
     // 40 accounts: entry at one station, exit at another, some over midnight; account 99 enters
     // and never leaves (unpaired after 6 h); account 98 leaves without an entry.
     let stations = [&a, &b, &mid];
@@ -121,12 +137,7 @@ async fn qr_journeys_across_two_stations_are_priced_as_an_independent_recomputat
     }
     tap(&a, Direction::Entry, 99, T0);
     tap(&b, Direction::Exit, 98, T0 + 5 * MIN);
-    for (s, records) in &ledgers {
-        let mut head = LedgerHead::genesis();
-        let chain: Vec<_> = records.iter().cloned().map(|r| head.append(r)).collect();
-        let batch = UploadBatch::new(afc_domain::ledger::GENESIS_HASH, chain).unwrap();
-        assert!(matches!(c.upload(s, &batch).await.unwrap(), UploadOutcome::Acked(_)));
-    }
+    upload_ledgers(c, &ledgers).await;
 
     let http = reqwest::Client::new();
     let as_of = T0 + 24 * 60 * MIN;

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bank;
 mod common;
 mod feed;
 mod journeys;
