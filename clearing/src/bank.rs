@@ -13,6 +13,13 @@
 //! entry that aged into an unpaired one) are submitted as an **adjustment**: the difference between
 //! the day's capped total now and what was submitted before, never more than the cap in all. The
 //! total only ever grows, so a charge is never taken back.
+//!
+//! Before any of that, a token is **authorised at first sight** ([`to_authorise`]): the first
+//! pass that finds a token in a journey or an open entry submits a zero-amount authorisation
+//! (attempt 0), as an aggregator checks a card at its first tap of the day. A declined
+//! authorisation puts the token on every station's deny list at once, without waiting for the day
+//! to end: so a card the acquirer refuses rides at most its first journey and the gates' unpaid-tap
+//! limit, not a whole day.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -121,6 +128,37 @@ impl Acquirer {
     }
 }
 
+/// The first-tap authorisations a pass should make: each bank token among `priced`'s journeys and
+/// open entries for which nothing was ever submitted, once, with the business day of its first
+/// tap seen (`day_of` turns an open entry's time into its business day).
+pub fn to_authorise(
+    priced: &crate::journeys::Priced,
+    stored: &[Charge],
+    day_of: impl Fn(Timestamp) -> Date,
+) -> Vec<(BankToken, Date)> {
+    let known: BTreeSet<BankToken> = stored.iter().map(|c| c.token).collect();
+    let mut first: BTreeMap<BankToken, Date> = BTreeMap::new();
+    let seen = priced
+        .journeys
+        .iter()
+        .filter_map(|j| match j.key {
+            JourneyKey::Bank { token } => Some((token, j.business_day)),
+            _ => None,
+        })
+        .chain(priced.pending.iter().filter_map(|p| match p.key {
+            JourneyKey::Bank { token } => Some((token, day_of(p.tap.at))),
+            _ => None,
+        }));
+    for (token, day) in seen {
+        if known.contains(&token) {
+            continue;
+        }
+        let d = first.entry(token).or_insert(day);
+        *d = (*d).min(day);
+    }
+    first.into_iter().collect()
+}
+
 /// A token-day's submission this pass should make.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
@@ -168,8 +206,11 @@ pub fn due(days: &[TokenDay], stored: &[Charge], as_of: Timestamp, closed: &dyn 
 /// What one charge pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PassReport {
-    /// Submissions made (and stored) by this pass.
+    /// Charges submitted (and stored) by this pass: attempt 1 and later.
     pub submitted: u64,
+    /// First-tap authorisations (attempt 0) made by this pass, and how many were declined.
+    pub authorised: u64,
+    pub auth_declined: u64,
     pub approved: u64,
     pub declined: u64,
     /// `deny_list` items published (one per declined token and station).
@@ -197,7 +238,11 @@ pub struct DayCharge {
 /// The stored charges of business day `day`, one row per token.
 pub fn day_charges(stored: &[Charge], day: Date) -> Vec<DayCharge> {
     let mut rows: BTreeMap<BankToken, DayCharge> = BTreeMap::new();
-    for c in stored.iter().filter(|c| c.business_day == day) {
+    let mut refused: BTreeSet<BankToken> = BTreeSet::new();
+    // An approved first-tap authorisation charges nothing and is not a row of its own; a declined
+    // one is (the token is a debt and goes on the deny list).
+    let shown = |c: &&Charge| c.business_day == day && (c.attempt > 0 || c.result == ChargeResult::Declined);
+    for c in stored.iter().filter(shown) {
         let row = rows.entry(c.token).or_insert(DayCharge {
             token: c.token,
             business_day: day,
@@ -214,9 +259,12 @@ pub fn day_charges(stored: &[Charge], day: Date) -> Vec<DayCharge> {
         row.submissions += 1;
         match c.result {
             ChargeResult::Approved => row.charged_fen += c.amount_fen,
-            ChargeResult::Declined => row.declined_fen += c.amount_fen,
+            ChargeResult::Declined => {
+                row.declined_fen += c.amount_fen;
+                refused.insert(c.token);
+            }
         }
-        row.result = match (row.charged_fen > 0, row.declined_fen > 0) {
+        row.result = match (row.charged_fen > 0, refused.contains(&c.token)) {
             (_, false) => "approved",
             (false, true) => "declined",
             (true, true) => "partly_declined",

@@ -69,6 +69,9 @@ struct BankCounters {
     passes_failed: AtomicU64,
     approved: AtomicU64,
     declined: AtomicU64,
+    /// First-tap authorisations (attempt 0, amount 0) by answer.
+    auth_approved: AtomicU64,
+    auth_declined: AtomicU64,
     /// `deny_list` items published for declined tokens (one per token and station).
     deny_items: AtomicU64,
     /// Unix seconds of the last pass that completed (0: none since start).
@@ -234,10 +237,21 @@ impl ClearingState {
         let days = token_days(&priced.journeys, self.config.bank.daily_cap_fen);
         let closed = self.closed_everywhere();
         let owed = due(&days, bank.charges.all(), as_of, &closed);
-        let charges: Vec<Charge> = owed
-            .due
+        let day_of = |t: Timestamp| afc_domain::model::BusinessDayRule::default().business_day(t);
+        let auths = crate::bank::to_authorise(&priced, bank.charges.all(), day_of);
+        let charges: Vec<Charge> = auths
             .iter()
-            .map(|d| Charge {
+            .map(|(token, day)| Charge {
+                token: *token,
+                business_day: *day,
+                attempt: 0,
+                journeys: 0,
+                before_cap_fen: 0,
+                amount_fen: 0,
+                result: bank.acquirer.submit(token, 0),
+                at: as_of,
+            })
+            .chain(owed.due.iter().map(|d| Charge {
                 token: d.day.token,
                 business_day: d.day.business_day,
                 attempt: d.attempt,
@@ -246,21 +260,28 @@ impl ClearingState {
                 amount_fen: d.amount_fen,
                 result: bank.acquirer.submit(&d.day.token, d.amount_fen),
                 at: as_of,
-            })
+            }))
             .collect();
         // Durable before anything depends on it: the deny list below, the report, the next pass.
         bank.charges.append(&charges)?;
-        let declined = charges.iter().filter(|c| c.result == ChargeResult::Declined).count() as u64;
-        let approved = charges.len() as u64 - declined;
-        self.bank_counters.approved.fetch_add(approved, Ordering::Relaxed);
-        self.bank_counters.declined.fetch_add(declined, Ordering::Relaxed);
+        let (auth, paid): (Vec<&Charge>, Vec<&Charge>) = charges.iter().partition(|c| c.attempt == 0);
+        let refused = |v: &[&Charge]| v.iter().filter(|c| c.result == ChargeResult::Declined).count() as u64;
+        let (declined, auth_declined) = (refused(&paid), refused(&auth));
+        let approved = paid.len() as u64 - declined;
+        let c = &self.bank_counters;
+        c.approved.fetch_add(approved, Ordering::Relaxed);
+        c.declined.fetch_add(declined, Ordering::Relaxed);
+        c.auth_approved.fetch_add(auth.len() as u64 - auth_declined, Ordering::Relaxed);
+        c.auth_declined.fetch_add(auth_declined, Ordering::Relaxed);
         for c in &charges {
             tracing::info!(token = %c.token, day = %c.business_day, attempt = c.attempt, amount_fen = c.amount_fen, result = c.result.as_str(), "bank charge submitted");
         }
         let deny_items = self.deny_declined(bank.charges.all(), as_of)?;
         bank.last_pass = Some((changes, owed.waiting));
         Ok(PassReport {
-            submitted: charges.len() as u64,
+            submitted: paid.len() as u64,
+            authorised: auth.len() as u64,
+            auth_declined,
             approved,
             declined,
             deny_items,
@@ -602,6 +623,11 @@ impl ClearingState {
         let name = "afc_clearing_bank_charges_total";
         let _ = writeln!(out, "# HELP {name} Bank charges submitted and stored since start, by the acquirer's answer.\n# TYPE {name} counter");
         for (result, v) in [("approved", &c.approved), ("declined", &c.declined)] {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", v.load(Ordering::Relaxed));
+        }
+        let name = "afc_clearing_bank_authorisations_total";
+        let _ = writeln!(out, "# HELP {name} First-tap authorisations of bank tokens since start, by the acquirer's answer.\n# TYPE {name} counter");
+        for (result, v) in [("approved", &c.auth_approved), ("declined", &c.auth_declined)] {
             let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", v.load(Ordering::Relaxed));
         }
         for (name, kind, help, v) in [

@@ -168,8 +168,14 @@ async fn wait_passes(server: &TestServer, n: u64) {
     }
 }
 
+/// Stored charges (attempt 1 and later), without the first-tap authorisations (attempt 0).
 fn stored_charges(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("bank").join(CHARGES_FILE)).unwrap().lines().count()
+    stored(dir).iter().filter(|c| c["attempt"] != 0).count()
+}
+
+fn stored(dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(dir.join("bank").join(CHARGES_FILE)).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn fast(config: &mut Config) {
@@ -422,4 +428,52 @@ async fn a_declined_token_goes_once_on_every_stations_deny_list_across_passes_an
     assert_eq!(metric(&server, "afc_clearing_bank_deny_items_total").await, 0);
     assert_eq!(stored_charges(dir.path()), 3);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_declined_token_is_denied_at_its_first_tap_seen_before_its_day_ends_or_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let [declined, good]: [BankToken; 2] = sample_tokens(2, 19).try_into().unwrap();
+    let config = move |c: &mut Config| {
+        fast(c);
+        c.bank.declined_tokens.insert(declined);
+    };
+    let server = TestServer::start_with(dir.path(), config).await;
+    let d = Dalian::new();
+    let [a, b, mid] = d.stations.clone();
+    publish_tariff(&server.client, &[&a, &b, &mid]).await;
+    // Only entries, in a day that is not over and that no station closed.
+    let now = afc_domain::model::Timestamp(i64::try_from(now_unix_ms()).unwrap());
+    let mut ledgers = Ledgers::default();
+    ledgers.tap(&a, Direction::Entry, declined, now.0 - MIN);
+    ledgers.tap(&b, Direction::Entry, good, now.0 - MIN);
+    upload_ledgers(&server.client, &ledgers.records).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&server, "afc_clearing_bank_deny_items_total").await < 3 {
+        assert!(Instant::now() < deadline, "the declined token was not denied at its first tap");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key = SigningKey::from_bytes(&[42; 32]).verifying_key();
+    for s in &d.stations {
+        let page = server.client.params(s, 0).await.unwrap();
+        let denied: Vec<BankToken> = page
+            .items
+            .iter()
+            .filter(|i| i.kind == FeedKind::DenyList)
+            .inspect(|i| verify_feed_item(s, i, 7, &key).unwrap())
+            .flat_map(|i| serde_json::from_str::<DenyListBody>(i.body.get()).unwrap().add)
+            .collect();
+        assert_eq!(denied, vec![declined], "{s}");
+    }
+    // One authorisation per token, nothing charged yet (the day is open).
+    let lines = stored(dir.path());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|c| c["attempt"] == 0 && c["amount_fen"] == 0), "{lines:?}");
+    assert_eq!(metric(&server, "afc_clearing_bank_authorisations_total{result=\"declined\"}").await, 1);
+    assert_eq!(metric(&server, "afc_clearing_bank_authorisations_total{result=\"approved\"}").await, 1);
+    server.stop().await;
+}
+
+fn now_unix_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
 }
