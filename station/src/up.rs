@@ -53,6 +53,15 @@ struct Args {
     /// fault-injection tests that cut power every few seconds set it low.
     #[arg(long, default_value_t = crate::supervise::BACKOFF_MAX.as_millis() as u64)]
     restart_backoff_max_ms: u64,
+    /// Bank payment tokens (64 hex digits a line) the clearing server's acquirer simulation
+    /// declines: each is authorised and declined at its first tap seen, and every station's deny
+    /// list gets it through clearing's feed.
+    #[arg(long)]
+    bank_declined_tokens_file: Option<PathBuf>,
+    /// Seconds between clearing's bank charge passes (first-tap authorisations and the daily
+    /// charges); the local station runs them often so a decline shows within seconds.
+    #[arg(long, default_value_t = 5)]
+    bank_charge_interval_secs: u64,
 }
 
 /// Entry point of `station [up]`.
@@ -84,13 +93,18 @@ pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
     reap_leftovers(&layout.pids_file(), &exe);
     let secrets = secrets(&layout, &plan)?;
     let (controllers, gates) = write_configs(&layout, &plan, &secrets, args.soak_secs)?;
+    let mut clearing_args = os(&["--bank-charge-interval-secs", &args.bank_charge_interval_secs.to_string()]);
+    if let Some(path) = &args.bank_declined_tokens_file {
+        clearing_args.push("--bank-declined-tokens-file".into());
+        clearing_args.push(path.clone().into());
+    }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(
         exe,
         layout,
         plan,
         secrets,
-        controllers,
-        gates,
+        (controllers, gates),
+        clearing_args,
         args.tap_rate,
         Duration::from_millis(args.restart_backoff_max_ms),
     ))
@@ -110,8 +124,8 @@ async fn run(
     layout: Layout,
     plan: Plan,
     secrets: Secrets,
-    controllers: Vec<PathBuf>,
-    gates: Vec<PathBuf>,
+    (controllers, gates): (Vec<PathBuf>, Vec<PathBuf>),
+    clearing_args: Vec<OsString>,
     tap_rate: f64,
     restart_backoff_max: Duration,
 ) -> anyhow::Result<()> {
@@ -121,6 +135,7 @@ async fn run(
     args.push(clearing_dir.into());
     args.extend([OsString::from("--token-file"), secrets.clearing_token_file.clone().into()]);
     args.extend([OsString::from("--feed-key-file"), secrets.feed_key_file.clone().into()]);
+    args.extend(clearing_args);
     sup.start(svc("clearing".into(), 0, args));
     if let Some(users) = &secrets.broker_users_file {
         let mut args = os(&["broker", "--listen", &plan.broker_listen().to_string(), "--users-file"]);

@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bank;
 mod clock;
 mod day_close;
 mod forged;
