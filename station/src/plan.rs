@@ -33,6 +33,10 @@ pub struct Plan {
     /// always requires them: see [`Plan::mqtt_credentials`].
     #[serde(default)]
     pub mqtt_auth: bool,
+    /// The clearing server another station of the same run serves (`host:port`), when this
+    /// station is not the one that runs it (`station --stations N`).
+    #[serde(default)]
+    pub shared_clearing: Option<String>,
 }
 
 impl Default for Plan {
@@ -44,6 +48,7 @@ impl Default for Plan {
             port_offset: 0,
             external_broker: None,
             mqtt_auth: false,
+            shared_clearing: None,
         }
     }
 }
@@ -92,8 +97,14 @@ impl Plan {
         self.port(8080 + id)
     }
 
+    /// The clearing server this station's own run starts (when it does not share another's).
     pub fn clearing(&self) -> SocketAddr {
         self.port(8480)
+    }
+
+    /// `host:port` of the clearing server the controllers upload to.
+    pub fn clearing_address(&self) -> String {
+        self.shared_clearing.clone().unwrap_or_else(|| self.clearing().to_string())
     }
 
     /// Gate `n`'s id (1-based): `g01` …

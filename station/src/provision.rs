@@ -214,7 +214,7 @@ pub fn controller_config(layout: &Layout, plan: &Plan, s: &Secrets, id: u16, soa
         "\n[clearing]\nurl = {}\ntoken_file = {}\n\
          # Clearing's signed parameter feed: fare data and the deny list of declined bank tokens.\n\
          feed_key = {}\nfeed_key_id = 1\nfeed_poll_ms = 2000\n",
-        q(format!("http://{}", plan.clearing())),
+        q(format!("http://{}", plan.clearing_address())),
         p(&s.clearing_token_file),
         q(hex::encode(s.feed_key.verifying_key().to_bytes())),
     );

@@ -31,6 +31,11 @@ struct Args {
     /// Number of gates [default: 8] (first run only; later runs keep the saved plan).
     #[arg(long)]
     gates: Option<u16>,
+    /// Stations to run (1-5), each with its own 3-node cluster, broker and gates, all sharing one
+    /// clearing server: the first is Xi'an Road (113), the others further Dalian stations, each
+    /// in DATA_DIR/stations/sN with ports 10,000 apart (first run only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=5))]
+    stations: u16,
     /// Added to every port [default: 0] (first run only), to run stations side by side.
     #[arg(long)]
     port_offset: Option<u16>,
@@ -64,13 +69,55 @@ struct Args {
     bank_charge_interval_secs: u64,
 }
 
+/// The port offset between two stations of one run: every port range of a station (99 gates) stays
+/// clear of the next one's.
+pub const STATION_PORT_STEP: u16 = 10_000;
+
+/// The stations of a multi-station run after the first (Xi'an Road), by fare-table code.
+pub const MORE_STATIONS: [u16; 4] = [105, 120, 101, 110];
+
+/// One station of the run: where it lives, its shape, secrets and configuration files.
+pub struct Planned {
+    pub layout: Layout,
+    pub plan: Plan,
+    pub secrets: Secrets,
+    pub controllers: Vec<PathBuf>,
+    pub gates: Vec<PathBuf>,
+    /// Prefix of its services' names (`""` for a single station, `"s2-"` …).
+    pub prefix: String,
+}
+
+/// The id of the Dalian station with fare-table `code`.
+fn station_id(code: u16) -> anyhow::Result<String> {
+    let net: serde_json::Value = serde_json::from_str(crate::setup::DALIAN_NETWORK)?;
+    net["stations"]
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["code"] == code))
+        .and_then(|s| s["id"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no Dalian station with code {code}"))
+}
+
+/// Copies the secrets every station of a run shares (clearing's token and feed key, the QR
+/// issuer) from the first station's secrets into `to`, where missing.
+fn share_secrets(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for name in ["clearing-token", "clearing-feed.key", "qr-issuer.key"] {
+        let target = to.join(name);
+        if !target.exists() {
+            std::fs::copy(from.join(name), &target).with_context(|| format!("sharing {name}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Entry point of `station [up]`.
 pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
     let args = Args::parse_from(args);
     afc_process::init_logging("info");
-    let layout = Layout::new(&args.data_dir);
+    let root = Layout::new(&args.data_dir);
     let defaults = Plan::default();
-    let fresh = Plan {
+    let first = Plan {
         gates: args.gates.unwrap_or(defaults.gates),
         port_offset: args.port_offset.unwrap_or(defaults.port_offset),
         external_broker: args.external_broker.clone(),
@@ -81,18 +128,39 @@ pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
         || args.port_offset.is_some()
         || args.external_broker.is_some()
         || args.mqtt_auth;
-    let (plan, mut warnings) = layout.load_or_create(&fresh)?;
-    if !given {
-        warnings.clear();
-    }
-    for w in warnings {
-        tracing::warn!("{w}");
-    }
-    let _lock = Lock::take(&layout.lock_file())?;
+    let _lock = Lock::take(&root.lock_file())?;
     let exe = std::env::current_exe().context("locating this executable")?;
-    reap_leftovers(&layout.pids_file(), &exe);
-    let secrets = secrets(&layout, &plan)?;
-    let (controllers, gates) = write_configs(&layout, &plan, &secrets, args.soak_secs)?;
+    reap_leftovers(&root.pids_file(), &exe);
+    let mut stations = Vec::new();
+    for k in 1..=args.stations {
+        let (layout, fresh, prefix) = if args.stations == 1 {
+            (root.clone(), first.clone(), String::new())
+        } else {
+            let code = if k == 1 { first.station_code } else { MORE_STATIONS[usize::from(k) - 2] };
+            let fresh = Plan {
+                station: if k == 1 { first.station.clone() } else { station_id(code)? },
+                station_code: code,
+                port_offset: first.port_offset + (k - 1) * STATION_PORT_STEP,
+                // Every station but the first uploads to the first one's clearing server.
+                shared_clearing: (k > 1).then(|| first.clearing().to_string()),
+                ..first.clone()
+            };
+            (Layout::new(&args.data_dir.join("stations").join(format!("s{k}"))), fresh, format!("s{k}-"))
+        };
+        let (plan, mut warnings) = layout.load_or_create(&fresh)?;
+        if !given {
+            warnings.clear();
+        }
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        if let Some(s1) = stations.first().map(|s: &Planned| s.layout.secrets()) {
+            share_secrets(&s1, &layout.secrets())?;
+        }
+        let secrets = secrets(&layout, &plan)?;
+        let (controllers, gates) = write_configs(&layout, &plan, &secrets, args.soak_secs)?;
+        stations.push(Planned { layout, plan, secrets, controllers, gates, prefix });
+    }
     let mut clearing_args = os(&["--bank-charge-interval-secs", &args.bank_charge_interval_secs.to_string()]);
     if let Some(path) = &args.bank_declined_tokens_file {
         clearing_args.push("--bank-declined-tokens-file".into());
@@ -100,10 +168,8 @@ pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
     }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(
         exe,
-        layout,
-        plan,
-        secrets,
-        (controllers, gates),
+        root,
+        stations,
         clearing_args,
         args.tap_rate,
         Duration::from_millis(args.restart_backoff_max_ms),
@@ -118,94 +184,116 @@ fn svc(name: String, stage: u8, args: Vec<OsString>) -> Service {
     Service { name, args, stage }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run(
     exe: PathBuf,
-    layout: Layout,
-    plan: Plan,
-    secrets: Secrets,
-    (controllers, gates): (Vec<PathBuf>, Vec<PathBuf>),
+    root: Layout,
+    stations: Vec<Planned>,
     clearing_args: Vec<OsString>,
     tap_rate: f64,
     restart_backoff_max: Duration,
 ) -> anyhow::Result<()> {
-    let mut sup = Supervisor::new(exe, layout.logs(), layout.pids_file(), restart_backoff_max)?;
-    let clearing_dir = layout.data("clearing");
-    let mut args = os(&["clearing-server", "--listen", &plan.clearing().to_string(), "--data-dir"]);
-    args.push(clearing_dir.into());
-    args.extend([OsString::from("--token-file"), secrets.clearing_token_file.clone().into()]);
-    args.extend([OsString::from("--feed-key-file"), secrets.feed_key_file.clone().into()]);
-    args.extend(clearing_args);
-    sup.start(svc("clearing".into(), 0, args));
+    let mut sup = Supervisor::new(exe, root.logs(), root.pids_file(), restart_backoff_max)?;
+    for st in &stations {
+        start_station(&mut sup, st, &clearing_args);
+    }
+    let stop = tokio::spawn(afc_process::wait_for_signal());
+    for st in &stations {
+        let engineer = st.secrets.api_token("engineer").unwrap_or_default();
+        let api = Api::new(&st.plan, engineer)?;
+        let setup = tokio::select! {
+            r = async {
+                api.wait_ready(Duration::from_secs(120)).await?;
+                first_parameters(&api, &st.secrets.qr_issuer_key).await
+            } => Some(r),
+            _ = tokio::time::sleep(Duration::from_secs(180)) => None,
+        };
+        let station = &st.plan.station;
+        match setup {
+            Some(Ok(done)) if done.is_empty() => tracing::info!(%station, "parameters already in place"),
+            Some(Ok(done)) => tracing::info!(%station, uploaded = ?done, "first parameters set"),
+            Some(Err(e)) => {
+                tracing::error!(%station, error = format!("{e:#}"), "could not set the first parameters")
+            }
+            None => tracing::error!(%station, "the cluster did not come up within 180 s; see the logs"),
+        }
+    }
+    if tap_rate > 0.0 {
+        for st in &stations {
+            start_readers(&mut sup, st, tap_rate);
+        }
+    }
+    for st in &stations {
+        println!("{}", summary(&st.layout, &st.plan, &st.secrets, tap_rate));
+    }
+    let _ = stop.await;
+    tracing::info!("stopping the station (readers, gates, PLCs, controllers, broker, clearing)");
+    sup.stop().await;
+    tracing::info!(data = %root.root.display(), "station stopped; run the same command to resume");
+    Ok(())
+}
+
+/// Starts one station's services: the clearing server (unless it shares another's), its broker,
+/// its three controllers, and per gate a PLC simulator and the gate agent.
+fn start_station(sup: &mut Supervisor, st: &Planned, clearing_args: &[OsString]) {
+    let (plan, secrets, p) = (&st.plan, &st.secrets, &st.prefix);
+    if plan.shared_clearing.is_none() {
+        let clearing_dir = st.layout.data("clearing");
+        let mut args = os(&["clearing-server", "--listen", &plan.clearing().to_string(), "--data-dir"]);
+        args.push(clearing_dir.into());
+        args.extend([OsString::from("--token-file"), secrets.clearing_token_file.clone().into()]);
+        args.extend([OsString::from("--feed-key-file"), secrets.feed_key_file.clone().into()]);
+        args.extend(clearing_args.iter().cloned());
+        sup.start(svc("clearing".into(), 0, args));
+    }
     if let Some(users) = &secrets.broker_users_file {
         let mut args = os(&["broker", "--listen", &plan.broker_listen().to_string(), "--users-file"]);
         args.push(users.clone().into());
-        sup.start(svc("broker".into(), 1, args));
+        sup.start(svc(format!("{p}broker"), 1, args));
     }
-    for (i, config) in controllers.iter().enumerate() {
+    for (i, config) in st.controllers.iter().enumerate() {
         let mut args = os(&["controller", "run", "--config"]);
         args.push(config.clone().into());
         // Bootstrap only ever acts on an empty store, so it is safe on every start.
         if i == 0 {
             args.push("--bootstrap".into());
         }
-        sup.start(svc(format!("controller-{}", i + 1), 2, args));
+        sup.start(svc(format!("{p}controller-{}", i + 1), 2, args));
     }
     for (n, gate) in plan.gate_numbers() {
         let a =
             ["plc-sim", "--listen", &plan.plc(n).to_string(), "--control", &plan.plc_control(n).to_string()];
-        sup.start(svc(format!("plc-{gate}"), 3, os(&a)));
+        sup.start(svc(format!("{p}plc-{gate}"), 3, os(&a)));
     }
-    for ((_, gate), config) in plan.gate_numbers().zip(&gates) {
+    for ((_, gate), config) in plan.gate_numbers().zip(&st.gates) {
         let mut args = os(&["gate-agent", "--config"]);
         args.push(config.clone().into());
-        sup.start(svc(format!("gate-{gate}"), 4, args));
+        sup.start(svc(format!("{p}gate-{gate}"), 4, args));
     }
-    let stop = tokio::spawn(afc_process::wait_for_signal());
-    let engineer = secrets.api_token("engineer").unwrap_or_default();
-    let api = Api::new(&plan, engineer)?;
-    let setup = tokio::select! {
-        r = async {
-            api.wait_ready(Duration::from_secs(120)).await?;
-            first_parameters(&api, &secrets.qr_issuer_key).await
-        } => Some(r),
-        _ = tokio::time::sleep(Duration::from_secs(180)) => None,
-    };
-    match setup {
-        Some(Ok(done)) if done.is_empty() => tracing::info!("parameters already in place"),
-        Some(Ok(done)) => tracing::info!(uploaded = ?done, "first parameters set"),
-        Some(Err(e)) => tracing::error!(error = format!("{e:#}"), "could not set the first parameters"),
-        None => tracing::error!("the cluster did not come up within 180 s; see the logs"),
+}
+
+/// Starts one card-reader simulator per gate of `st`.
+fn start_readers(sup: &mut Supervisor, st: &Planned, tap_rate: f64) {
+    let origins = "101,105,110,116,120,220,224,305,501";
+    for (n, gate) in st.plan.gate_numbers() {
+        let a = [
+            "reader-sim",
+            "--addr",
+            &st.plan.reader(n).to_string(),
+            "--station",
+            &st.plan.station_code.to_string(),
+            "--origins",
+            origins,
+            "--taps",
+            "0",
+            "--rate",
+            &tap_rate.to_string(),
+            "--seed",
+            &n.to_string(),
+            "--qr-key",
+            &hex::encode(st.secrets.qr_issuer_key.to_bytes()),
+        ];
+        sup.start(svc(format!("{}reader-{gate}", st.prefix), 5, os(&a)));
     }
-    if tap_rate > 0.0 {
-        let origins = "101,105,110,116,120,220,224,305,501";
-        for (n, gate) in plan.gate_numbers() {
-            let a = [
-                "reader-sim",
-                "--addr",
-                &plan.reader(n).to_string(),
-                "--station",
-                &plan.station_code.to_string(),
-                "--origins",
-                origins,
-                "--taps",
-                "0",
-                "--rate",
-                &tap_rate.to_string(),
-                "--seed",
-                &n.to_string(),
-                "--qr-key",
-                &hex::encode(secrets.qr_issuer_key.to_bytes()),
-            ];
-            sup.start(svc(format!("reader-{gate}"), 5, os(&a)));
-        }
-    }
-    println!("{}", summary(&layout, &plan, &secrets, tap_rate));
-    let _ = stop.await;
-    tracing::info!("stopping the station (readers, gates, PLCs, controllers, broker, clearing)");
-    sup.stop().await;
-    tracing::info!(data = %layout.root.display(), "station stopped; run the same command to resume");
-    Ok(())
 }
 
 fn summary(layout: &Layout, plan: &Plan, s: &Secrets, tap_rate: f64) -> String {
@@ -236,7 +324,7 @@ fn summary(layout: &Layout, plan: &Plan, s: &Secrets, tap_rate: f64) -> String {
         plan.gate_metrics(1)
     );
     t += &format!("  MQTT         {}\n", plan.broker_address());
-    t += &format!("  clearing     http://{}/\n", plan.clearing());
+    t += &format!("  clearing     http://{}/\n", plan.clearing_address());
     t += &format!(
         "  gates        {} (PLC control: echo state | nc {} {})\n",
         plan.gates,

@@ -87,9 +87,57 @@ pub struct Station {
     pub secrets: Secrets,
     child: Option<Child>,
     http: reqwest::Client,
+    /// For `station --stations N`: every station of the run; `layout`, `plan` and `secrets` are
+    /// those of the one [`Station::focus`] chose (the first at start).
+    pub members: Vec<(Layout, Plan, Secrets)>,
 }
 
 impl Station {
+    /// Starts `station up --stations n` in a fresh directory (each station `gates` gates, the
+    /// first at `port_offset`), with more arguments `args`; focused on the first station.
+    pub async fn start_network(
+        n: u16,
+        gates: u16,
+        port_offset: u16,
+        args: &[&str],
+    ) -> anyhow::Result<Station> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("station");
+        let (n_text, gates_text, offset_text) = (n.to_string(), gates.to_string(), port_offset.to_string());
+        let mut all = vec!["--stations", &n_text, "--gates", &gates_text, "--port-offset", &offset_text];
+        all.extend_from_slice(args);
+        let plan = Plan { gates, port_offset, ..Plan::default() };
+        let secrets = station::provision::secrets(&Layout::new(&root), &plan)?;
+        let mut st = Station::start_with((dir, secrets), plan, &all, &[]).await?;
+        let mut members = Vec::new();
+        for k in 1..=n {
+            let layout = Layout::new(&root.join("stations").join(format!("s{k}")));
+            let plan_file = layout.plan_file();
+            // The configs are written after the plan and the secrets: once the last is there,
+            // both can be read without racing the station that writes them.
+            let last = layout.config().join(format!("gate-{}.toml", Plan::gate_id(gates)));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !last.exists() {
+                anyhow::ensure!(Instant::now() < deadline, "{} was never written", last.display());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let plan: Plan = toml::from_str(&std::fs::read_to_string(&plan_file)?)?;
+            let secrets = station::provision::secrets(&layout, &plan)?;
+            members.push((layout, plan, secrets));
+        }
+        st.members = members;
+        st.focus(0);
+        Ok(st)
+    }
+
+    /// Points `layout`, `plan` and `secrets` (and so every API helper) at station `k` (from 0)
+    /// of a [`Station::start_network`] run.
+    pub fn focus(&mut self, k: usize) {
+        if let Some((layout, plan, secrets)) = self.members.get(k).cloned() {
+            (self.layout, self.plan, self.secrets) = (layout, plan, secrets);
+        }
+    }
+
     /// Starts `station up` in a fresh directory with `gates` gates, no simulated passengers (the
     /// test makes its own taps), ports shifted by `port_offset`, and optionally an external broker.
     pub async fn start(
@@ -141,7 +189,7 @@ impl Station {
         cmd.stdout(log.try_clone()?).stderr(log);
         let child = cmd.spawn().context("starting station")?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?;
-        Ok(Station { dir, layout, plan, secrets, child: Some(child), http })
+        Ok(Station { dir, layout, plan, secrets, child: Some(child), http, members: Vec::new() })
     }
 
     /// The station's own log (stdout and stderr of `station up`).

@@ -13,55 +13,13 @@ use clearing::{ClearingClient, UploadOutcome};
 use serde_json::value::RawValue;
 
 use crate::common::{TestServer, TOKEN};
+pub use afc_test_support::fares::{distances, expected_fare};
 
 pub const NETWORK: &str = include_str!("../../../deploy/data/dalian-network.json");
 pub const RULE: &str = include_str!("../../../deploy/data/dalian-fare-rule.json");
 /// 2026-12-02 10:00 Beijing time.
 const T0: i64 = 1_796_176_800_000;
 const MIN: i64 = 60_000;
-
-/// Shortest distances between every pair of station ids, computed here from the stop distances
-/// and transfer links, not by the product's compiler.
-pub fn distances(net: &NetworkDescription) -> HashMap<(String, String), u64> {
-    let ids: Vec<&str> = net.stations.iter().map(|s| s.id.as_str()).collect();
-    let at: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    let n = ids.len();
-    let mut d = vec![vec![u64::MAX / 4; n]; n];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[i] = 0;
-    }
-    let mut edge = |a: &str, b: &str, m: u64| {
-        let (a, b) = (at[a], at[b]);
-        d[a][b] = d[a][b].min(m);
-        d[b][a] = d[b][a].min(m);
-    };
-    for line in &net.lines {
-        for w in line.stops.windows(2) {
-            edge(&w[0].station, &w[1].station, u64::from(w[1].m_from_prev.unwrap()));
-        }
-    }
-    for t in &net.transfers {
-        edge(&t.from, &t.to, u64::from(t.m));
-    }
-    for k in 0..n {
-        for i in 0..n {
-            for j in 0..n {
-                d[i][j] = d[i][j].min(d[i][k] + d[k][j]);
-            }
-        }
-    }
-    let mut out = HashMap::new();
-    for i in 0..n {
-        for j in 0..n {
-            out.insert((ids[i].to_owned(), ids[j].to_owned()), d[i][j]);
-        }
-    }
-    out
-}
-
-pub fn expected_fare(rule: &FareRule, m: u64) -> u32 {
-    rule.fare_for_distance(u32::try_from(m).unwrap()).unwrap().max(rule.min_fare_fen)
-}
 
 /// Publishes the Dalian network and fare rule (version 1, in force from the epoch) to each of
 /// `stations`' feeds.

@@ -12,6 +12,7 @@ mod bank;
 mod clock;
 mod day_close;
 mod forged;
+mod network;
 mod replaced;
 mod scenario;
 
