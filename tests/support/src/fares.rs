@@ -1,6 +1,8 @@
 //! An independent recomputation of OD fares for tests that check what the product priced: shortest
 //! distances by Floyd–Warshall over the published stop distances and transfer links (not the
 //! product's Dijkstra in `fare/compile.rs`), then the fare rule's bands.
+//!
+//! A network or rule these cannot price is a broken test fixture: they panic, naming it.
 
 use std::collections::HashMap;
 
@@ -23,7 +25,13 @@ pub fn distances(net: &NetworkDescription) -> HashMap<(String, String), u64> {
     };
     for line in &net.lines {
         for w in line.stops.windows(2) {
-            edge(&w[0].station, &w[1].station, u64::from(w[1].m_from_prev.unwrap()));
+            edge(
+                &w[0].station,
+                &w[1].station,
+                u64::from(
+                    w[1].m_from_prev.unwrap_or_else(|| panic!("stop {} has no distance", w[1].station)),
+                ),
+            );
         }
     }
     for t in &net.transfers {
@@ -47,6 +55,8 @@ pub fn distances(net: &NetworkDescription) -> HashMap<(String, String), u64> {
 
 /// The full fare over `m` metres: the band, at least the minimum fare.
 pub fn expected_fare(rule: &FareRule, m: u64) -> u32 {
-    rule.fare_for_distance(u32::try_from(m).unwrap()).unwrap().max(rule.min_fare_fen)
+    let m = u32::try_from(m).unwrap_or_else(|_| panic!("{m} m is no distance"));
+    rule.fare_for_distance(m)
+        .unwrap_or_else(|| panic!("the rule prices no fare for {m} m"))
+        .max(rule.min_fare_fen)
 }
-

@@ -195,7 +195,7 @@ async fn run(st: &mut Station, declined: BankToken) -> anyhow::Result<()> {
         let got = eventually("clearing to price the journey", Duration::from_secs(120), || async {
             let v = clearing_get(st, &http, &path).await?;
             let found = v["journeys"].as_array().context("journeys")?.iter().find(|j| {
-                (j["account"].to_string() == who || j["token"] == who)
+                (j["account"].as_u64().map(|a| a.to_string()).as_deref() == Some(who) || j["token"] == who)
                     && j["from"] == codes[from].0
                     && j["to"] == codes[to].0
             });
