@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::config::{load_signing_key, load_token, Config};
+use crate::config::{load_signing_key, load_tac_issuer_key, load_token, Config};
 use anyhow::Context;
 use clap::Parser;
 
@@ -46,6 +46,10 @@ struct Cli {
     /// HTTP worker threads.
     #[arg(long, env = "AFC_CLEARING_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// File holding the stored-value issuer's TAC master key (64 hex digits), which verifies the
+    /// PSAM TAC of every svc debit (`GET /v1/admin/tac`); without it TACs are reported unchecked.
+    #[arg(long, env = "AFC_CLEARING_TAC_ISSUER_KEY_FILE")]
+    tac_issuer_key_file: Option<PathBuf>,
 }
 
 /// Parse `args` (the first is the program name), then serve until SIGTERM or Ctrl-C.
@@ -73,6 +77,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     config.max_body_bytes = cli.max_body_bytes;
     config.max_batch_records = cli.max_batch_records;
     config.workers = cli.workers;
+    match &cli.tac_issuer_key_file {
+        Some(path) => config.tac_issuer_key = Some(load_tac_issuer_key(path)?),
+        None => tracing::warn!("no --tac-issuer-key-file: stored-value TACs are reported unchecked"),
+    }
     config.validate()?;
     let listener =
         std::net::TcpListener::bind(cli.listen).with_context(|| format!("binding {}", cli.listen))?;

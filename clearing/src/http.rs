@@ -15,6 +15,7 @@
 //! | `GET /v1/feed-key` | token | [`crate::protocol::FeedKeyInfo`] |
 //! | `GET /v1/admin/qr/journeys?as_of=MS` | token | [`crate::journeys::Priced`]: every QR journey priced, pending and unpriced taps |
 //! | `GET /v1/admin/qr/settlements/{issuer}/{day}?as_of=MS` | token | the issuer's settlement file for that business day, CSV |
+//! | `GET /v1/admin/tac` | token | [`crate::tac::TacReport`]: every stored-value TAC verified, missing or mismatched, per gate and PSAM |
 //! | `GET /metrics` | none | Prometheus text, `afc_clearing_*` |
 //! | `GET /healthz` | none | `ok` |
 
@@ -287,6 +288,12 @@ async fn qr_settlement(
     Ok(HttpResponse::Ok().content_type("text/csv; charset=utf-8").body(csv))
 }
 
+async fn tac_report(req: HttpRequest, state: State) -> Result<HttpResponse, ServerError> {
+    state.authorize(bearer(&req))?;
+    let state = state.get_ref().clone();
+    Ok(HttpResponse::Ok().json(blocking(move || state.tac_report()).await?))
+}
+
 async fn feed_key(req: HttpRequest, state: State) -> Result<HttpResponse, ServerError> {
     state.authorize(bearer(&req))?;
     Ok(HttpResponse::Ok().json(state.feed_key()))
@@ -330,6 +337,7 @@ pub fn configure(state: Arc<ClearingState>) -> impl Fn(&mut web::ServiceConfig) 
             .route("/v1/feed-key", web::get().to(feed_key))
             .route("/v1/admin/qr/journeys", web::get().to(qr_journeys))
             .route("/v1/admin/qr/settlements/{issuer}/{day}", web::get().to(qr_settlement))
+            .route("/v1/admin/tac", web::get().to(tac_report))
             .route("/metrics", web::get().to(metrics))
             .route("/healthz", web::get().to(healthz))
             .default_service(web::to(not_found));
