@@ -25,7 +25,7 @@ async fn a_debit_with_a_forged_tac_is_reported_as_a_mismatch_for_its_gate_and_ps
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(dir.path(), |c| c.tac_issuer_key = Some(master())).await;
     let (mut p7, mut p8) = (Psam::new(master().psam_key(7), 0), Psam::new(master().psam_key(8), 0));
-    let mut records = vec![
+    let mut records = [
         signed("g01", 1, &mut p7),
         signed("g01", 2, &mut p7),
         signed("g02", 1, &mut p8),
