@@ -18,6 +18,8 @@
 //!   and the second-operator guard for mass blacklist insertions.
 //! - [`wire`] and [`topic`]: the JSON messages and topic names of SPEC §5.
 //! - [`signed`]: the signed envelope of every MQTT message that steers a gate or a controller.
+//! - [`tac`]: the PSAM-signed TAC of a stored-value debit: the bytes signed, HMAC-SHA256, key
+//!   derivation per PSAM, verification.
 //! - [`varint`]: the small integer codec the compact encodings share.
 
 pub mod backoff;
@@ -34,6 +36,7 @@ pub mod package;
 pub mod qr;
 pub mod rollout;
 pub mod signed;
+pub mod tac;
 pub mod topic;
 pub mod varint;
 pub mod wire;

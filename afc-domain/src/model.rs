@@ -480,10 +480,16 @@ pub enum Reason {
     /// The token already made as many taps today at this gate as the unpaid-tap limit allows
     /// (first-ride risk: nothing is charged until clearing does it).
     BankUnpaidLimit = 102,
+    /// The reader's PSAM did not sign a stored-value debit within the gate's bound
+    /// (`psam_timeout_ms`): refused, nothing charged, nothing written to the card.
+    PsamTimeout = 103,
+    /// The reader's PSAM refused to sign a stored-value debit (missing, locked, its counter
+    /// exhausted) or answered something else: refused, nothing charged, nothing written.
+    PsamFailed = 104,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 39] = [
+    pub const ALL: [Reason; 41] = [
         Reason::Ok,
         Reason::OkEmergencyRelease,
         Reason::OkEntryFree,
@@ -523,6 +529,8 @@ impl Reason {
         Reason::BankDenied,
         Reason::BankAuthFailed,
         Reason::BankUnpaidLimit,
+        Reason::PsamTimeout,
+        Reason::PsamFailed,
     ];
 
     /// The display / ledger code.
@@ -581,6 +589,8 @@ impl Reason {
             Reason::BankDenied => "bank_denied",
             Reason::BankAuthFailed => "bank_auth_failed",
             Reason::BankUnpaidLimit => "bank_unpaid_limit",
+            Reason::PsamTimeout => "psam_timeout",
+            Reason::PsamFailed => "psam_failed",
         }
     }
 }

@@ -163,10 +163,51 @@ pub struct TapRequest {
 /// 1 KiB; a reader sending more is broken or hostile, and the gate answers with a [`ReaderError`].
 pub const MAX_READER_LINE: usize = 16 * 1024;
 
-/// A request line from the reader: `{"tap": {...}}`.
+/// A request line from the reader: `{"tap": {...}}`, or `{"tap": {...}, "psam": true}` from a
+/// reader with a PSAM, which signs the stored-value debits of its taps (the two-phase exchange:
+/// [`PsamSignRequest`], [`PsamReply`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReaderRequest {
     pub tap: TapRequest,
+    /// The reader holds a PSAM and will answer a `sign` line before the response. Absent (an
+    /// older reader): the one-phase exchange, no TAC recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub psam: bool,
+}
+
+impl ReaderRequest {
+    /// A one-phase request (a reader without a PSAM).
+    pub fn new(tap: TapRequest) -> ReaderRequest {
+        ReaderRequest { tap, psam: false }
+    }
+}
+
+/// The gate's line between its decision and its response, to a reader that announced a PSAM:
+/// `{"sign": {card_id, tx_counter, amount_fen, station, gate, time}}`, the debit the PSAM is to
+/// sign (`afc_domain::tac`). The reader writes nothing to the card until the response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PsamSignRequest {
+    pub sign: crate::tac::TacInput,
+}
+
+/// The reader's answer to a [`PsamSignRequest`]: `{"signed": {"psam": id, "psam_seq": n, "tac":
+/// "<16 hex>"}}`, or `{"psam_error": {"code": "...", "message": "..."}}` when its PSAM cannot
+/// sign (missing, locked, counter exhausted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PsamReply {
+    Signed(crate::ledger::TacRef),
+    PsamError(PsamError),
+}
+
+/// Why a reader's PSAM did not sign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PsamError {
+    /// A short machine code from the reader (free form, logged and counted by the gate).
+    pub code: String,
+    /// Detail for the log.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// The gate's answer to a tap, sent only once the transaction is durable in the outbox.
@@ -924,6 +965,8 @@ macro_rules! wire_messages {
 
 wire_messages!(
     ReaderRequest,
+    PsamSignRequest,
+    PsamReply,
     ReaderResponse,
     ReaderError,
     ReaderReply,

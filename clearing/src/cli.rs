@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::config::{load_declined_tokens, load_signing_key, load_token, Config};
+use crate::config::{load_declined_tokens, load_signing_key, load_tac_issuer_key, load_token, Config};
 use anyhow::Context;
 use clap::Parser;
 
@@ -56,6 +56,10 @@ struct Cli {
     /// [bank] Seconds between two background charge passes.
     #[arg(long, env = "AFC_CLEARING_BANK_CHARGE_INTERVAL_SECS", default_value_t = 30)]
     bank_charge_interval_secs: u64,
+    /// File holding the stored-value issuer's TAC master key (64 hex digits), which verifies the
+    /// PSAM TAC of every svc debit (`GET /v1/admin/tac`); without it TACs are reported unchecked.
+    #[arg(long, env = "AFC_CLEARING_TAC_ISSUER_KEY_FILE")]
+    tac_issuer_key_file: Option<PathBuf>,
 }
 
 /// Parse `args` (the first is the program name), then serve until SIGTERM or Ctrl-C.
@@ -88,6 +92,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         config.bank.declined_tokens = load_declined_tokens(path)?;
     }
     config.bank.charge_interval = std::time::Duration::from_secs(cli.bank_charge_interval_secs);
+    match &cli.tac_issuer_key_file {
+        Some(path) => config.tac_issuer_key = Some(load_tac_issuer_key(path)?),
+        None => tracing::warn!("no --tac-issuer-key-file: stored-value TACs are reported unchecked"),
+    }
     config.validate()?;
     let listener =
         std::net::TcpListener::bind(cli.listen).with_context(|| format!("binding {}", cli.listen))?;

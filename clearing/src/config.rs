@@ -34,6 +34,9 @@ pub struct Config {
     pub workers: usize,
     /// Bank-card charging (the `[bank]` settings).
     pub bank: BankConfig,
+    /// The stored-value card issuer's master key, which verifies the PSAM TACs of svc debits
+    /// (`GET /v1/admin/tac`, [`crate::tac`]); `None`: every TAC is reported `unchecked`.
+    pub tac_issuer_key: Option<afc_domain::tac::IssuerKey>,
 }
 
 /// How clearing charges bank cards (see [`crate::bank`]).
@@ -72,6 +75,7 @@ impl std::fmt::Debug for Config {
             .field("max_batch_records", &self.max_batch_records)
             .field("workers", &self.workers)
             .field("bank", &self.bank)
+            .field("tac_issuer_key", &self.tac_issuer_key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -89,6 +93,7 @@ impl Config {
             max_batch_records: DEFAULT_MAX_BATCH_RECORDS,
             workers: 2,
             bank: BankConfig::default(),
+            tac_issuer_key: None,
         }
     }
 
@@ -141,6 +146,15 @@ pub fn load_signing_key(path: &Path) -> Result<SigningKey, ServerError> {
         ServerError::Config(format!("feed key {}: expected 64 hex digits: {e}", path.display()))
     })?;
     Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Reads the issuer's TAC master key: a file holding 32 bytes as 64 hex digits.
+pub fn load_tac_issuer_key(path: &Path) -> Result<afc_domain::tac::IssuerKey, ServerError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ServerError::Config(format!("reading the TAC issuer key {}: {e}", path.display())))?;
+    afc_domain::tac::IssuerKey::from_hex(&text).map_err(|e| {
+        ServerError::Config(format!("TAC issuer key {}: expected 64 hex digits: {e}", path.display()))
+    })
 }
 
 /// Reads a bearer token from a file (surrounding whitespace dropped).

@@ -18,6 +18,7 @@
 //! | `GET /v1/admin/bank/journeys?as_of=MS` | token | [`crate::journeys::Priced`]: every bank journey priced, pending and unpriced taps |
 //! | `GET /v1/admin/bank/charges?day=YYYY-MM-DD[&format=csv]` | token | the stored charges of that business day, one [`crate::bank::DayCharge`] per token (JSON), or the acquirer settlement file (CSV) |
 //! | `POST /v1/admin/bank/charge-pass` | token | [`crate::bank::PassReport`]: one full charge pass, run now |
+//! | `GET /v1/admin/tac` | token | [`crate::tac::TacReport`]: every stored-value TAC verified, missing or mismatched, per gate and PSAM |
 //! | `GET /metrics` | none | Prometheus text, `afc_clearing_*` |
 //! | `GET /healthz` | none | `ok` |
 
@@ -331,6 +332,12 @@ async fn qr_settlement(
     Ok(HttpResponse::Ok().content_type("text/csv; charset=utf-8").body(csv))
 }
 
+async fn tac_report(req: HttpRequest, state: State) -> Result<HttpResponse, ServerError> {
+    state.authorize(bearer(&req))?;
+    let state = state.get_ref().clone();
+    Ok(HttpResponse::Ok().json(blocking(move || state.tac_report()).await?))
+}
+
 async fn feed_key(req: HttpRequest, state: State) -> Result<HttpResponse, ServerError> {
     state.authorize(bearer(&req))?;
     Ok(HttpResponse::Ok().json(state.feed_key()))
@@ -377,6 +384,7 @@ pub fn configure(state: Arc<ClearingState>) -> impl Fn(&mut web::ServiceConfig) 
             .route("/v1/admin/bank/journeys", web::get().to(bank_journeys))
             .route("/v1/admin/bank/charges", web::get().to(bank_charges))
             .route("/v1/admin/bank/charge-pass", web::post().to(bank_charge_pass))
+            .route("/v1/admin/tac", web::get().to(tac_report))
             .route("/metrics", web::get().to(metrics))
             .route("/healthz", web::get().to(healthz))
             .default_service(web::to(not_found));

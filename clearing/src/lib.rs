@@ -21,6 +21,8 @@
 //! - [`http`]: routes, token check, body limits, and the one mapping of [`ServerError`] to HTTP.
 //! - [`server`]: [`server::run`] on an already-bound listener until a cancellation token fires.
 //! - [`client`]: the typed async client (`upload`, `watermark`, `params`, …).
+//! - [`tac`]: the PSAM TACs of stored-value debits verified with the issuer key, per gate and
+//!   PSAM (`GET /v1/admin/tac`, `afc_clearing_tac_records`).
 //! - [`config`], [`error`]: configuration and the server's error enum.
 //! - [`testdata`]: realistic chained ledgers for tests, the benchmark and demos.
 
@@ -40,6 +42,7 @@ pub mod protocol;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tac;
 pub mod testdata;
 
 pub use client::{ClearingClient, ClearingError, ClientConfig, UploadOutcome};

@@ -350,6 +350,28 @@ impl ClearingState {
         day_charges(lock(&self.bank).charges.all(), day)
     }
 
+    /// Every stored stored-value TAC checked with the issuer key ([`crate::tac`]). Each station's
+    /// records are read under its lock, then checked outside every lock.
+    pub fn tac_report(&self) -> Result<crate::tac::TacReport, ServerError> {
+        let all = self.all_records()?;
+        Ok(crate::tac::report(
+            self.config.tac_issuer_key.as_ref(),
+            all.iter().map(|(id, r)| (id, r.as_slice())),
+        ))
+    }
+
+    /// Every station's stored records, in ledger order.
+    fn all_records(&self) -> Result<Vec<(Ident, Vec<afc_domain::ledger::TxRecord>)>, ServerError> {
+        let stations: Vec<(Ident, Arc<Mutex<Station>>)> =
+            lock(&self.stations).iter().map(|(id, s)| (id.clone(), s.clone())).collect();
+        let mut out = Vec::with_capacity(stations.len());
+        for (id, station) in stations {
+            let records = lock(&station).ledger.records()?;
+            out.push((id, records));
+        }
+        Ok(out)
+    }
+
     /// Checks a presented bearer token in constant time.
     pub fn authorize(&self, presented: Option<&[u8]>) -> Result<(), ServerError> {
         match presented {
@@ -645,6 +667,14 @@ impl ClearingState {
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        match self.all_records() {
+            Ok(all) => crate::tac::metrics_text(
+                &mut out,
+                self.config.tac_issuer_key.as_ref(),
+                all.iter().map(|(id, r)| (id, r.as_slice())),
+            ),
+            Err(e) => tracing::error!(error = %e, "metrics: stored records unreadable, no TAC figures"),
         }
         out
     }

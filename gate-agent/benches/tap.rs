@@ -25,7 +25,7 @@ use afc_domain::wire::{EntryRecord, ReaderReply, SvcCard, TapMedia, TapRequest};
 use ed25519_dalek::SigningKey;
 use gate_agent::config::Config;
 use gate_agent::plc_sim::{PlcSim, SimConfig};
-use gate_agent::reader_sim::ReaderConn;
+use gate_agent::reader_sim::{ReaderConn, SimPsam};
 use tokio::net::TcpListener;
 use tokio_modbus::prelude::Writer;
 use tokio_util::sync::CancellationToken;
@@ -207,6 +207,18 @@ async fn main() {
         socket.push(t.elapsed());
         assert!(matches!(r, ReaderReply::Response(ref r) if r.reason == Reason::Ok));
     }
+    // The same again from a two-phase reader: every debit signed by its simulated PSAM (the sign
+    // line out, the TAC back, then the record and the response).
+    let psam = afc_domain::tac::Psam::new(afc_domain::tac::IssuerKey::from_bytes([1; 32]).psam_key(1), 0);
+    let mut conn = ReaderConn::connect_with_psam(reader_addr, SimPsam::new(psam)).await.unwrap();
+    let mut signed = Vec::with_capacity(TAPS);
+    for i in 0..TAPS {
+        let t = Instant::now();
+        let r = conn.tap(&tap(4 * TAPS + i)).await.unwrap();
+        signed.push(t.elapsed());
+        assert!(matches!(r, ReaderReply::Response(ref r) if r.reason == Reason::Ok));
+    }
+    assert_eq!(running.metrics.psam_outcomes("signed"), TAPS as u64);
     assert!(running.metrics.modbus_errors() == 0, "Modbus errors during the run");
     // For comparison: fdatasync after an append that grows the file (commits the size too).
     let mut g = std::fs::File::create(dir.path().join("floor-append")).unwrap();
@@ -239,6 +251,12 @@ async fn main() {
         fmt(pct(&mut socket, 0.5)),
         fmt(pct(&mut socket, 0.99)),
         fmt(pct(&mut socket, 1.0))
+    );
+    println!(
+        "reader socket, two-phase (tap → sign → signed → response):  p50 {}  p99 {}  max {}",
+        fmt(pct(&mut signed, 0.5)),
+        fmt(pct(&mut signed, 0.99)),
+        fmt(pct(&mut signed, 1.0))
     );
     println!(
         "floor: fdatasync p50 {} (p99 {}) + bare coil write p50 {} (p99 {}) = {}",

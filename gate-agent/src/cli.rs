@@ -139,6 +139,24 @@ struct ReaderArgs {
     /// Seed of the passenger population and of the tap sequence.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Hex issuer master key (64 digits) of a simulated PSAM: the reader becomes two-phase and
+    /// signs every stored-value debit (docs/spec/reader.md). Without it: a one-phase reader.
+    #[arg(long, env = "READER_SIM_PSAM_ISSUER_KEY", hide_env_values = true)]
+    psam_issuer_key: Option<String>,
+    /// The simulated PSAM's id.
+    #[arg(long, env = "READER_SIM_PSAM_ID", default_value_t = 1)]
+    psam_id: u64,
+}
+
+impl ReaderArgs {
+    /// The simulated PSAM, when one is configured (its counter starts at 0 for this run).
+    fn psam(&self) -> anyhow::Result<Option<crate::reader_sim::SimPsam>> {
+        let Some(hex) = &self.psam_issuer_key else { return Ok(None) };
+        let master = afc_domain::tac::IssuerKey::from_hex(hex)
+            .map_err(|e| anyhow::anyhow!("PSAM issuer key: expected 64 hex digits: {e}"))?;
+        let psam = afc_domain::tac::Psam::new(master.psam_key(self.psam_id), 0);
+        Ok(Some(crate::reader_sim::SimPsam::new(psam)))
+    }
 }
 
 /// `reader-sim`: taps a running gate agent with realistic passengers and reports the outcomes.
@@ -166,6 +184,7 @@ pub fn reader_sim<I: IntoIterator<Item = OsString>>(args: I) -> anyhow::Result<(
 
 async fn tap_counted(mut sim: ReaderSim, args: &ReaderArgs) -> anyhow::Result<()> {
     let mut conn = ReaderConn::connect(args.addr).await?;
+    conn.psam = args.psam()?;
     let mut latencies = Vec::with_capacity(args.taps as usize);
     let mut reasons = BTreeMap::<String, u64>::new();
     for _ in 0..args.taps {
@@ -191,9 +210,14 @@ async fn tap_forever(mut sim: ReaderSim, args: &ReaderArgs) -> anyhow::Result<()
     let mut reasons = BTreeMap::<String, u64>::new();
     let mut last_summary = Instant::now();
     let mut taps = 0u64;
+    // One PSAM across reconnects: its counter never goes back.
+    let mut psam = args.psam()?;
     while !stop.is_cancelled() {
         let mut conn = match ReaderConn::connect(args.addr).await {
-            Ok(c) => c,
+            Ok(mut c) => {
+                c.psam = psam.take();
+                c
+            }
             Err(e) => {
                 tracing::debug!(addr = %args.addr, error = %e, "gate agent not reachable; retrying");
                 tokio::select! {
@@ -225,6 +249,7 @@ async fn tap_forever(mut sim: ReaderSim, args: &ReaderArgs) -> anyhow::Result<()
                 _ = pace(args.rate) => {}
             }
         }
+        psam = conn.psam.take();
     }
     tracing::info!(taps, outcomes = ?reasons, "reader-sim stopped");
     Ok(())

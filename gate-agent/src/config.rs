@@ -44,6 +44,10 @@ pub struct Config {
     /// Where the card reader connects (local TCP, JSON lines).
     #[serde(default = "default_reader_listen")]
     pub reader_listen: SocketAddr,
+    /// Longest wait for the reader's PSAM to sign a stored-value debit (two-phase readers only);
+    /// past it the tap is refused with `psam_timeout`, nothing charged.
+    #[serde(default = "default_psam_timeout")]
+    pub psam_timeout_ms: u64,
     /// `/metrics` and `/healthz`; none when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
@@ -65,6 +69,10 @@ pub struct Config {
 
 fn default_reader_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7700))
+}
+
+fn default_psam_timeout() -> u64 {
+    300
 }
 
 fn default_direction() -> GateDirection {

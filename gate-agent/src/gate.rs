@@ -22,6 +22,15 @@
 //! normally (anti-passback refuses it and the station desk clears it, the compensating record
 //! being in the ledger), which errs on the side of no free passage.
 //!
+//! A stored-value debit signed by the reader's PSAM (the two-phase exchange, docs/spec/reader.md):
+//! with a reader that announced a PSAM, an accepted svc tap that writes the card is signed
+//! between the decision and the record: [`Gate::tap_with`] hands the debit
+//! ([`afc_domain::tac::TacInput`]) to the reader's [`Psam`], waits at most `psam_timeout_ms`, and
+//! records the PSAM's id, counter and TAC in the record (`TxRecord::tac`) before it is made
+//! durable and the reader answered. A timeout or a PSAM error turns the decision into a refusal
+//! (`psam_timeout`, `psam_failed`): recorded, counted (`afc_gate_psam_signatures_total`),
+//! nothing charged, nothing written to the card. A reader without a PSAM is never asked.
+//!
 //! Control messages reach this module only after the MQTT side verified their station signature
 //! (`afc_domain::signed`); what fails verification is counted and alarmed here
 //! ([`Gate::unverified`]) and changes nothing. Signed messages are still checked against
@@ -42,10 +51,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use afc_domain::decision::{decide, with_emergency_input, Decision, Params as DecisionParams};
-use afc_domain::ledger::TxRecord;
+use afc_domain::ledger::{TacRef, TxRecord};
 use afc_domain::mode::{ModeBits, ModeState};
 use afc_domain::model::{Direction, Ident, Media, Reason, StationCode, Timestamp};
 use afc_domain::qr::{QrSkew, ReplayCache, ReplayKey, ReplaySource};
+use afc_domain::tac::TacInput;
 use afc_domain::wire::{
     self, AlarmKind, CardWrite, Command, CommandAck, CommandKind, CommandResult, DecisionKind, EntryRecord,
     GateDirection, GateEvent, ModeMessage, QrUsed, QrUsedBatch, ReaderResponse, TapMedia, TapRequest, TxAck,
@@ -59,6 +69,30 @@ use crate::plc::{PlcError, PlcHandle};
 use crate::store::{Store, StoreError};
 
 pub use crate::clock::{now, set_test_clock_offset_ms, TEST_CLOCK_OFFSET_ENV, TEST_CLOCK_OFFSET_FILE_ENV};
+
+/// The reader's PSAM, as the gate sees it: asked to sign one stored-value debit between the
+/// decision and the record ([`Gate::tap_with`]; the reader socket implements it in
+/// `reader.rs`). The gate bounds the wait; an implementation only does the exchange.
+pub trait Psam: Send {
+    /// Signs `input`: the PSAM's id, its counter and the TAC, or why it did not.
+    fn sign(
+        &mut self,
+        input: &TacInput,
+    ) -> impl std::future::Future<Output = Result<TacRef, PsamFault>> + Send;
+}
+
+/// Why a PSAM did not sign: the refusal's detail, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsamFault(pub String);
+
+/// No PSAM (a one-phase reader): never asked, since [`Gate::tap`] passes none.
+pub struct NoPsam;
+
+impl Psam for NoPsam {
+    async fn sign(&mut self, _: &TacInput) -> Result<TacRef, PsamFault> {
+        Err(PsamFault("no PSAM".into()))
+    }
+}
 
 /// What the flaps must do after the reader is answered.
 #[derive(Debug, Clone, Copy)]
@@ -217,6 +251,8 @@ pub struct Gate {
     retaps: Mutex<HashMap<(Media, u64, Direction), Voided>>,
     /// Whether `passage_not_made` is raised (cleared by the next open command the PLC takes).
     passage_alarm: AtomicBool,
+    /// Longest wait for a reader's PSAM to sign a debit (`psam_timeout_ms`).
+    psam_timeout: std::time::Duration,
 }
 
 pub struct GateParts {
@@ -233,6 +269,7 @@ pub struct GateParts {
     pub direction: GateDirection,
     pub near_full_percent: u64,
     pub out: mpsc::UnboundedSender<Outgoing>,
+    pub psam_timeout: std::time::Duration,
 }
 
 impl Gate {
@@ -290,6 +327,7 @@ impl Gate {
             rejects: AtomicU64::new(0),
             retaps: Mutex::new(HashMap::new()),
             passage_alarm: AtomicBool::new(false),
+            psam_timeout: p.psam_timeout,
         };
         g.update_outbox_metrics();
         g
@@ -358,8 +396,18 @@ impl Gate {
     }
 
     /// Decides one tap and makes its record durable; the caller then answers the reader and runs
-    /// the flap command ([`Gate::run_flap`]) together.
+    /// the flap command ([`Gate::run_flap`]) together. A one-phase reader: no TAC.
     pub async fn tap(self: &Arc<Self>, tap: TapRequest) -> Result<TapOutcome, StoreError> {
+        self.tap_with(tap, None::<&mut NoPsam>).await
+    }
+
+    /// [`Gate::tap`], with the reader's PSAM when it announced one: an accepted stored-value tap
+    /// that writes the card is signed by it before its record is written (see the module doc).
+    pub async fn tap_with<P: Psam>(
+        self: &Arc<Self>,
+        tap: TapRequest,
+        psam: Option<&mut P>,
+    ) -> Result<TapOutcome, StoreError> {
         let started = Instant::now();
         self.taps.fetch_add(1, Ordering::Relaxed);
         // The outbox refused its last write: nothing can be promised (the storage probe clears it).
@@ -426,6 +474,25 @@ impl Gate {
             }
         };
         afc_process::metrics::observe(&self.metrics.decision_seconds, t.elapsed());
+        // A debit that writes the card is signed by the reader's PSAM before anything is recorded;
+        // without its TAC the tap is refused (nothing charged, nothing written).
+        let (d, tac) = match (psam, &d.card_write) {
+            (Some(p), Some(w)) if d.accepted() && d.media == Media::Svc && granted.is_none() => {
+                let input = TacInput {
+                    card_id: d.id,
+                    tx_counter: w.tx_counter,
+                    amount_fen: d.fare_fen,
+                    station: self.station.clone(),
+                    gate: self.gate.clone(),
+                    time: at,
+                };
+                match self.psam_sign(p, &input).await {
+                    Ok(t) => (d, Some(t)),
+                    Err(reason) => (psam_refusal(d, reason), None),
+                }
+            }
+            _ => (d, None),
+        };
         if d.accepted() && granted.is_none() {
             // Decided and let through normally: no free re-tap remains for this medium here.
             self.retaps_lock().remove(&(d.media, d.id, d.direction));
@@ -435,6 +502,7 @@ impl Gate {
         // Also when the decision could not check the replay cache (it was full): never cleared here.
         record_template.replay_unchecked |= d.qr.is_some() && offline;
         record_template.installation = Some(self.store.installation_id());
+        record_template.tac = tac;
         if let Some(v) = &granted {
             // The card keeps its counter (nothing written); a QR re-tap names the voided code.
             record_template.card_tx_counter = v.record.card_tx_counter;
@@ -527,6 +595,30 @@ impl Gate {
         })
     }
 
+    /// Asks the reader's PSAM to sign `input`, waiting at most `psam_timeout`; the reason of the
+    /// refusal when it does not answer in time or cannot sign.
+    async fn psam_sign<P: Psam>(&self, psam: &mut P, input: &TacInput) -> Result<TacRef, Reason> {
+        let t = Instant::now();
+        let answer = tokio::time::timeout(self.psam_timeout, psam.sign(input)).await;
+        afc_process::metrics::observe(&self.metrics.psam_seconds, t.elapsed());
+        match answer {
+            Ok(Ok(tac)) => {
+                self.metrics.psam("signed");
+                Ok(tac)
+            }
+            Ok(Err(PsamFault(why))) => {
+                self.metrics.psam("failed");
+                tracing::warn!(card = input.card_id, why, "the reader's PSAM did not sign: tap refused");
+                Err(Reason::PsamFailed)
+            }
+            Err(_) => {
+                self.metrics.psam("timeout");
+                tracing::warn!(card = input.card_id, timeout = ?self.psam_timeout, "the reader's PSAM did not answer in time: tap refused");
+                Err(Reason::PsamTimeout)
+            }
+        }
+    }
+
     fn retaps_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Media, u64, Direction), Voided>> {
         self.retaps.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -599,6 +691,8 @@ impl Gate {
         rec.occurred_at = now();
         rec.replay_unchecked = false;
         rec.voids = Some(voided);
+        // Not a debit: the voided record's TAC stays with it.
+        rec.tac = None;
         let store = self.store.clone();
         let appended = tokio::task::spawn_blocking(move || {
             store.append(|seq| {
@@ -1179,6 +1273,22 @@ fn retap_decision(tap: &TapRequest, v: &Voided, bits: ModeBits) -> Decision {
         qr: None,
         replay_unchecked: false,
         bank: r.bank,
+    }
+}
+
+/// An accepted stored-value decision its PSAM did not sign, refused for `reason` as the engine
+/// refuses: nothing charged (`fare_fen` is the fare that was due, as shown), nothing written to
+/// the card (no balance after, no counter), no shortfall.
+fn psam_refusal(d: Decision, reason: Reason) -> Decision {
+    Decision {
+        kind: DecisionKind::Reject,
+        reason,
+        shortfall_fen: 0,
+        balance_after: None,
+        card_write: None,
+        // An entry's record names the entry it would have written; a refused one writes none.
+        entry: if d.direction == Direction::Entry { None } else { d.entry },
+        ..d
     }
 }
 

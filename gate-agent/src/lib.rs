@@ -146,6 +146,7 @@ pub async fn start(
         direction: config.direction,
         near_full_percent: config.outbox.near_full_percent,
         out: out_tx,
+        psam_timeout: std::time::Duration::from_millis(config.psam_timeout_ms),
     }));
     let settings = mqtt::MqttSettings {
         brokers: config.mqtt.brokers.clone(),

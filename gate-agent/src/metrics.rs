@@ -78,6 +78,11 @@ pub struct Metrics {
     pub storage_unavailable: AtomicBool,
     /// Accepted taps voided by a `passage_not_made` record (their open command failed).
     pub passages_voided: IntCounter,
+    /// Stored-value debits the reader's PSAM was asked to sign, by outcome (signed, timeout,
+    /// failed); a timeout or failure refused the tap.
+    psam: IntCounterVec,
+    /// Time from the `sign` line sent to the PSAM's answer read.
+    pub psam_seconds: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -178,6 +183,17 @@ impl Metrics {
             ),
             param_versions,
             passages_voided,
+            psam: counters(
+                &r,
+                "afc_gate_psam_signatures_total",
+                "Stored-value debits the reader's PSAM was asked to sign, by outcome (signed, timeout, failed: the tap refused).",
+                &["outcome"],
+            ),
+            psam_seconds: histogram(
+                &r,
+                "afc_gate_psam_sign_seconds",
+                "Time for the reader's PSAM to answer a sign request.",
+            ),
             plc_online: AtomicBool::new(false),
             mqtt_connected: AtomicBool::new(false),
             outbox_depth: AtomicU64::new(0),
@@ -254,6 +270,16 @@ impl Metrics {
 
     pub fn param_rejected(&self, kind: &'static str) {
         self.params_rejected.with_label_values(&[kind]).inc();
+    }
+
+    /// One PSAM signature request ended with `outcome` (`signed`, `timeout`, `failed`).
+    pub fn psam(&self, outcome: &'static str) {
+        self.psam.with_label_values(&[outcome]).inc();
+    }
+
+    /// PSAM signature requests that ended with `outcome` (tests and health).
+    pub fn psam_outcomes(&self, outcome: &str) -> u64 {
+        sum_where(&self.psam, &[("outcome", outcome)])
     }
 
     pub fn event(&self, kind: &'static str) {

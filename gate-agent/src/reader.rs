@@ -4,16 +4,25 @@
 //! response line and commands the flaps together. A line that is not a valid request gets a
 //! `ReaderError` line (`malformed_request`, or `too_large` past [`MAX_READER_LINE`]); the
 //! connection and the agent live on. Requests on one connection are handled in order.
+//!
+//! A request with `"psam": true` comes from a reader holding a PSAM: when the gate accepts a
+//! stored-value tap that writes the card it sends a `sign` line on the same connection and reads
+//! the reader's `signed` (or `psam_error`) line before it records and answers ([`ReaderPsam`];
+//! the wait is bounded by the gate). A `signed` or `psam_error` line arriving late, after the gate
+//! gave up waiting, is dropped and counted (`afc_gate_psam_signatures_total{outcome="late"}`),
+//! never taken as a request.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use afc_domain::wire::{self, ReaderError, ReaderRequest, MAX_READER_LINE};
+use afc_domain::ledger::TacRef;
+use afc_domain::tac::TacInput;
+use afc_domain::wire::{self, PsamReply, PsamSignRequest, ReaderError, ReaderRequest, MAX_READER_LINE};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::gate::Gate;
+use crate::gate::{Gate, Psam, PsamFault};
 use crate::metrics::Metrics;
 
 /// One line read with a length bound.
@@ -54,6 +63,39 @@ async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>, limit: usize) -> 
         r.consume(consumed);
         if found.is_some() {
             return Ok(if too_long { Line::TooLong } else { Line::Text(out) });
+        }
+    }
+}
+
+/// The PSAM of the reader at the other end of one connection: a `sign` line out, one line back.
+/// The gate bounds the wait (dropping this future mid-line loses that line's start; the rest then
+/// reads as a malformed line, answered with an error line the reader ignores).
+struct ReaderPsam<'a, R, W> {
+    r: &'a mut BufReader<R>,
+    w: &'a mut W,
+}
+
+impl<R, W> Psam for ReaderPsam<'_, R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: tokio::io::AsyncWrite + Unpin + Send,
+{
+    async fn sign(&mut self, input: &TacInput) -> Result<TacRef, PsamFault> {
+        let line = wire::encode_line(&PsamSignRequest { sign: input.clone() });
+        self.w.write_all(&line).await.map_err(|e| PsamFault(format!("sending the sign line: {e}")))?;
+        let answer = loop {
+            match read_line(self.r, MAX_READER_LINE).await {
+                Ok(Line::Text(t)) if t.iter().all(|b| b.is_ascii_whitespace()) => continue,
+                Ok(Line::Text(t)) => break t,
+                Ok(Line::TooLong) => return Err(PsamFault("answer over the line limit".into())),
+                Ok(Line::Eof) => return Err(PsamFault("reader closed the connection".into())),
+                Err(e) => return Err(PsamFault(format!("reading the answer: {e}"))),
+            }
+        };
+        match wire::decode_with_limit::<PsamReply>(&answer, MAX_READER_LINE) {
+            Ok(PsamReply::Signed(tac)) => Ok(tac),
+            Ok(PsamReply::PsamError(e)) => Err(PsamFault(format!("PSAM error {}: {}", e.code, e.message))),
+            Err(e) => Err(PsamFault(format!("not a PSAM answer: {e}"))),
         }
     }
 }
@@ -113,6 +155,12 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, metrics: Arc<Metrics>
                 }
                 let req: ReaderRequest = match wire::decode_with_limit(&line, MAX_READER_LINE) {
                     Ok(r) => r,
+                    // A PSAM answer the gate stopped waiting for: nobody expects a reply to it.
+                    Err(_) if wire::decode_with_limit::<PsamReply>(&line, MAX_READER_LINE).is_ok() => {
+                        metrics.psam("late");
+                        tracing::warn!(%peer, "a PSAM answer arrived after the gate stopped waiting: dropped");
+                        continue;
+                    }
                     Err(e) => {
                         metrics.malformed("reader");
                         tracing::warn!(%peer, error = %e, "malformed reader line");
@@ -123,7 +171,12 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, metrics: Arc<Metrics>
                         continue;
                     }
                 };
-                let outcome = match gate.tap(req.tap).await {
+                let tapped = if req.psam {
+                    gate.tap_with(req.tap, Some(&mut ReaderPsam { r: &mut r, w: &mut w })).await
+                } else {
+                    gate.tap(req.tap).await
+                };
+                let outcome = match tapped {
                     Ok(o) => o,
                     Err(e) => {
                         tracing::error!(error = %e, "tap could not be recorded");

@@ -5,12 +5,18 @@
 //! (having entered at another station some minutes ago), and the reader writes back what the gate
 //! returns, so the next tap of the same card sees its new state. QR codes are signed with an
 //! issuer key the gate trusts; tokens are sold at this station and used the same day.
+//!
+//! A [`ReaderConn`] given a [`SimPsam`] is a two-phase reader: it announces its PSAM on every
+//! tap (`"psam": true`) and answers the gate's `sign` line with a TAC from its simulated PSAM
+//! (`afc_domain::tac::Psam`), or, for tests, stays silent, answers late or reports an error.
 
+use afc_domain::ledger::TacRef;
 use afc_domain::model::{CardType, Date, Direction, StationCode, Timestamp};
 use afc_domain::qr::{self, QrIssue};
+use afc_domain::tac::{Psam, TacInput};
 use afc_domain::wire::{
-    self, DecisionKind, EntryRecord, ReaderReply, ReaderRequest, ReaderResponse, SvcCard, TapMedia,
-    TapRequest, TokenCard,
+    self, DecisionKind, EntryRecord, PsamError, PsamReply, PsamSignRequest, ReaderReply, ReaderRequest,
+    ReaderResponse, SvcCard, TapMedia, TapRequest, TokenCard,
 };
 use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
@@ -163,11 +169,42 @@ impl ReaderSim {
     }
 }
 
+/// How a simulated PSAM answers the gate's `sign` line (tests inject the faults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PsamBehaviour {
+    /// Signs at once.
+    Sign,
+    /// Answers only once the gate has answered the tap (a PSAM slower than the gate's bound: the
+    /// gate refuses first), and this much later again.
+    Late(std::time::Duration),
+    /// Never answers.
+    Silent,
+    /// Answers `psam_error` with this code.
+    Error(String),
+}
+
+/// The PSAM in a simulated reader's SAM slot, and what it signed.
+#[derive(Debug, Clone)]
+pub struct SimPsam {
+    pub psam: Psam,
+    pub behaviour: PsamBehaviour,
+    /// Every sign request the gate sent, and the TAC given for it (`None`: not signed).
+    pub signed: Vec<(TacInput, Option<TacRef>)>,
+}
+
+impl SimPsam {
+    pub fn new(psam: Psam) -> SimPsam {
+        SimPsam { psam, behaviour: PsamBehaviour::Sign, signed: Vec::new() }
+    }
+}
+
 /// A reader's connection to the gate agent.
 pub struct ReaderConn {
     reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
     writer: tokio::net::tcp::OwnedWriteHalf,
     line: String,
+    /// A two-phase reader's PSAM; `None`: a one-phase (older) reader.
+    pub psam: Option<SimPsam>,
 }
 
 impl ReaderConn {
@@ -175,12 +212,17 @@ impl ReaderConn {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         let (r, w) = s.into_split();
-        Ok(ReaderConn { reader: BufReader::new(r), writer: w, line: String::new() })
+        Ok(ReaderConn { reader: BufReader::new(r), writer: w, line: String::new(), psam: None })
     }
 
-    /// Sends a raw line (for tests of malformed input) and reads the answer line.
-    pub async fn raw(&mut self, line: &[u8]) -> std::io::Result<String> {
-        self.writer.write_all(line).await?;
+    /// A two-phase reader holding `psam`.
+    pub async fn connect_with_psam(addr: std::net::SocketAddr, psam: SimPsam) -> std::io::Result<ReaderConn> {
+        let mut c = ReaderConn::connect(addr).await?;
+        c.psam = Some(psam);
+        Ok(c)
+    }
+
+    async fn read_answer(&mut self) -> std::io::Result<String> {
         self.line.clear();
         let n = self.reader.read_line(&mut self.line).await?;
         if n == 0 {
@@ -189,11 +231,62 @@ impl ReaderConn {
         Ok(self.line.clone())
     }
 
-    /// Sends one tap and reads the gate's reply.
+    /// Sends a raw line (for tests of malformed input) and reads the answer line.
+    pub async fn raw(&mut self, line: &[u8]) -> std::io::Result<String> {
+        self.writer.write_all(line).await?;
+        self.read_answer().await
+    }
+
+    /// Sends one tap and reads the gate's reply; with a PSAM, answers the gate's `sign` line
+    /// first.
     pub async fn tap(&mut self, tap: &TapRequest) -> std::io::Result<ReaderReply> {
-        let line = wire::encode_line(&ReaderRequest { tap: tap.clone() });
-        let answer = self.raw(&line).await?;
-        wire::decode(answer.as_bytes())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+        let invalid =
+            |e: wire::WireError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+        let line = wire::encode_line(&ReaderRequest { tap: tap.clone(), psam: self.psam.is_some() });
+        let mut answer = self.raw(&line).await?;
+        if let Some(mut sim) = self.psam.take() {
+            if let Ok(PsamSignRequest { sign }) = wire::decode::<PsamSignRequest>(answer.as_bytes()) {
+                let reply = match &sim.behaviour {
+                    PsamBehaviour::Error(code) => Some(PsamReply::PsamError(PsamError {
+                        code: code.clone(),
+                        message: "simulated".into(),
+                    })),
+                    PsamBehaviour::Silent => None,
+                    PsamBehaviour::Sign | PsamBehaviour::Late(_) => match sim.psam.sign(&sign) {
+                        Some(t) => Some(PsamReply::Signed(t)),
+                        None => Some(PsamReply::PsamError(PsamError {
+                            code: "counter_exhausted".into(),
+                            message: String::new(),
+                        })),
+                    },
+                };
+                let tac = match &reply {
+                    Some(PsamReply::Signed(t)) => Some(*t),
+                    _ => None,
+                };
+                sim.signed.push((sign, tac));
+                let late = match sim.behaviour {
+                    PsamBehaviour::Late(d) => Some(d),
+                    _ => None,
+                };
+                self.psam = Some(sim);
+                if let Some(d) = late {
+                    // The gate gives up first and answers; the late PSAM answer follows it.
+                    answer = self.read_answer().await?;
+                    tokio::time::sleep(d).await;
+                    if let Some(r) = reply {
+                        self.writer.write_all(&wire::encode_line(&r)).await?;
+                    }
+                    return wire::decode(answer.as_bytes()).map_err(invalid);
+                }
+                if let Some(r) = reply {
+                    self.writer.write_all(&wire::encode_line(&r)).await?;
+                }
+                answer = self.read_answer().await?;
+            } else {
+                self.psam = Some(sim);
+            }
+        }
+        wire::decode(answer.as_bytes()).map_err(invalid)
     }
 }

@@ -413,10 +413,43 @@ fn decode_as_everything(bytes: &[u8]) {
     let _ = decode::<QrUsedBatch>(bytes);
 }
 
+#[test]
+fn the_psam_exchange_lines_round_trip_and_an_older_readers_request_has_no_psam_flag() {
+    use afc_domain::ledger::TacRef;
+    use afc_domain::tac::TacInput;
+    use afc_domain::wire::{PsamError, PsamReply, PsamSignRequest};
+    let sign = PsamSignRequest {
+        sign: TacInput {
+            card_id: 3104_0000_0000_0123,
+            tx_counter: 42,
+            amount_fen: 160,
+            station: Ident::new("s1").unwrap(),
+            gate: Ident::new("g01").unwrap(),
+            time: Timestamp(1_796_176_800_000),
+        },
+    };
+    round_trips(&sign);
+    let signed = PsamReply::Signed(TacRef { psam: 9, psam_seq: 7, tac: [0xab; 8] });
+    round_trips(&signed);
+    assert_eq!(
+        String::from_utf8(encode(&signed)).unwrap(),
+        r#"{"signed":{"psam":9,"psam_seq":7,"tac":"abababababababab"}}"#
+    );
+    let refused: PsamReply = decode(br#"{"psam_error":{"code":"locked"}}"#).unwrap();
+    assert_eq!(refused, PsamReply::PsamError(PsamError { code: "locked".into(), message: String::new() }));
+    let old: ReaderRequest = decode(br#"{"tap":{"direction":"entry","media":"qr","code":"x"}}"#).unwrap();
+    assert!(!old.psam);
+    assert!(!String::from_utf8(encode(&old)).unwrap().contains("psam"));
+    let new: ReaderRequest =
+        decode(br#"{"tap":{"direction":"entry","media":"qr","code":"x"},"psam":true}"#).unwrap();
+    assert!(new.psam);
+}
+
 proptest! {
     #[test]
     fn reader_messages_round_trip(req in tap(), resp in reader_response(), err in reader_error()) {
-        round_trips(&ReaderRequest { tap: req.clone() });
+        round_trips(&ReaderRequest::new(req.clone()));
+        round_trips(&ReaderRequest { tap: req.clone(), psam: true });
         round_trips(&req);
         round_trips(&resp);
         round_trips(&err);
@@ -476,7 +509,7 @@ proptest! {
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
         cut in any::<prop::sample::Index>(),
     ) {
-        for mut bytes in [encode(&batch), encode(&ReaderRequest { tap: req })] {
+        for mut bytes in [encode(&batch), encode(&ReaderRequest::new(req))] {
             for (i, b) in &flips {
                 let i = i.index(bytes.len());
                 bytes[i] = *b;

@@ -9,4 +9,5 @@ mod feed;
 mod journeys;
 mod powercut;
 mod robustness;
+mod tac;
 mod upload;

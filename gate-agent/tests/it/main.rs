@@ -14,6 +14,7 @@ mod passage;
 mod plc;
 mod powercut;
 mod process;
+mod psam;
 mod reconnect;
 mod taps;
 mod tls;
