@@ -28,6 +28,10 @@ pub struct Secrets {
     /// The clearing server's feed key (its public half is pinned in every controller's config).
     pub feed_key: SigningKey,
     pub qr_issuer_key: SigningKey,
+    /// The stored-value issuer's TAC master key (64 hex digits): clearing verifies every PSAM TAC
+    /// with it, and each gate's simulated reader PSAM holds a key derived from it.
+    pub tac_issuer_key_file: PathBuf,
+    pub tac_issuer_key: String,
     /// `(name, role, token)` per [`TOKEN_NAMES`].
     pub api_tokens: Vec<(String, String, String)>,
     /// `(gate id, key file, key)`.
@@ -98,6 +102,7 @@ pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
     let (clearing_token_file, clearing_token) = secret(dir.join("clearing-token"), 24)?;
     let (feed_key_file, feed_key) = signing_key(dir.join("clearing-feed.key"))?;
     let (_, qr_issuer_key) = signing_key(dir.join("qr-issuer.key"))?;
+    let (tac_issuer_key_file, tac_issuer_key) = secret(dir.join("tac-issuer.key"), 32)?;
     let mut api_tokens = Vec::new();
     for (name, role) in TOKEN_NAMES {
         let (_, token) = secret(dir.join(format!("api-token-{name}")), 24)?;
@@ -129,6 +134,8 @@ pub fn secrets(layout: &Layout, plan: &Plan) -> anyhow::Result<Secrets> {
         feed_key_file,
         feed_key,
         qr_issuer_key,
+        tac_issuer_key_file,
+        tac_issuer_key,
         api_tokens,
         gate_keys,
         mqtt_users,

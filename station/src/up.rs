@@ -99,10 +99,10 @@ fn station_id(code: u16) -> anyhow::Result<String> {
 }
 
 /// Copies the secrets every station of a run shares (clearing's token and feed key, the QR
-/// issuer) from the first station's secrets into `to`, where missing.
+/// issuer, the stored-value issuer's TAC key) from the first station's secrets into `to`, where missing.
 fn share_secrets(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for name in ["clearing-token", "clearing-feed.key", "qr-issuer.key"] {
+    for name in ["clearing-token", "clearing-feed.key", "qr-issuer.key", "tac-issuer.key"] {
         let target = to.join(name);
         if !target.exists() {
             std::fs::copy(from.join(name), &target).with_context(|| format!("sharing {name}"))?;
@@ -242,6 +242,7 @@ fn start_station(sup: &mut Supervisor, st: &Planned, clearing_args: &[OsString])
         args.push(clearing_dir.into());
         args.extend([OsString::from("--token-file"), secrets.clearing_token_file.clone().into()]);
         args.extend([OsString::from("--feed-key-file"), secrets.feed_key_file.clone().into()]);
+        args.extend([OsString::from("--tac-issuer-key-file"), secrets.tac_issuer_key_file.clone().into()]);
         args.extend(clearing_args.iter().cloned());
         sup.start(svc("clearing".into(), 0, args));
     }
@@ -271,6 +272,11 @@ fn start_station(sup: &mut Supervisor, st: &Planned, clearing_args: &[OsString])
     }
 }
 
+/// The simulated PSAM in gate `n`'s reader: unique in the network (station code × 100 + gate).
+pub fn psam_id(plan: &Plan, n: u16) -> u64 {
+    u64::from(plan.station_code) * 100 + u64::from(n)
+}
+
 /// Starts one card-reader simulator per gate of `st`.
 fn start_readers(sup: &mut Supervisor, st: &Planned, tap_rate: f64) {
     let origins = "101,105,110,116,120,220,224,305,501";
@@ -291,6 +297,11 @@ fn start_readers(sup: &mut Supervisor, st: &Planned, tap_rate: f64) {
             &n.to_string(),
             "--qr-key",
             &hex::encode(st.secrets.qr_issuer_key.to_bytes()),
+            // A two-phase reader: its simulated PSAM signs every stored-value debit.
+            "--psam-issuer-key",
+            &st.secrets.tac_issuer_key,
+            "--psam-id",
+            &psam_id(&st.plan, n).to_string(),
         ];
         sup.start(svc(format!("{}reader-{gate}", st.prefix), 5, os(&a)));
     }

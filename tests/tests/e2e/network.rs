@@ -5,7 +5,8 @@
 //! - every fare the gates charged (cards, the token) and every journey clearing priced (QR,
 //!   bank) equals an independent recomputation from the Dalian network and fare rule
 //!   (`afc_test_support::fares`: Floyd–Warshall, then the bands);
-//! - the cards' balances and counters stay consistent across the two stations;
+//! - the cards' balances and counters stay consistent across the two stations, and every
+//!   stored-value debit, signed by the gate reader's simulated PSAM, verifies at clearing;
 //! - a bank card the acquirer declines rides once, then is refused at both stations once
 //!   clearing's feed delivered the denial to each.
 
@@ -20,7 +21,7 @@ use afc_domain::wire::{
     BankCard, DecisionKind, ReaderReply, ReaderResponse, SvcCard, TapMedia, TapRequest, TokenCard,
 };
 use anyhow::Context as _;
-use gate_agent::reader_sim::ReaderConn;
+use gate_agent::reader_sim::{ReaderConn, SimPsam};
 use serde_json::{json, Value};
 use system_tests::{eventually, Station};
 
@@ -47,14 +48,31 @@ fn bank(direction: Direction, token: BankToken, atc: u16) -> TapRequest {
     TapRequest { direction, media: TapMedia::Bank { bank: card } }
 }
 
-/// A stored-value card (or the phone carrying it) tapping with its state as the reader read it;
-/// the gate's write is applied back, as a reader does.
-async fn svc(st: &Station, n: u16, dir: Direction, card: &mut SvcCard) -> anyhow::Result<ReaderResponse> {
-    let r = tap(st, n, &TapRequest { direction: dir, media: TapMedia::Svc { card: card.clone() } }).await?;
+/// A stored-value card (or the phone carrying it) tapping with its state as the reader read it, at
+/// a two-phase reader whose simulated PSAM (gate `n`'s, as the station provisions it) signs the
+/// debit; the gate's write is applied back, as a reader does. Returns the response and the TAC.
+async fn svc(
+    st: &Station,
+    n: u16,
+    dir: Direction,
+    card: &mut SvcCard,
+    psam_seq: u32,
+) -> anyhow::Result<(ReaderResponse, Option<afc_domain::ledger::TacRef>)> {
+    let master = afc_domain::tac::IssuerKey::from_hex(&st.secrets.tac_issuer_key)?;
+    let id = station::up::psam_id(&st.plan, n);
+    let psam = SimPsam::new(afc_domain::tac::Psam::new(master.psam_key(id), psam_seq));
+    let mut conn = ReaderConn::connect_with_psam(st.plan.reader(n), psam).await?;
+    let t = TapRequest { direction: dir, media: TapMedia::Svc { card: card.clone() } };
+    let r = match conn.tap(&t).await? {
+        ReaderReply::Response(r) => r,
+        ReaderReply::Error(e) => anyhow::bail!("{} reader {n}: {e:?}", st.plan.station),
+    };
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let tac = conn.psam.as_ref().and_then(|p| p.signed.last()).and_then(|(_, t)| *t);
     if let Some(w) = r.card_write {
         (card.balance_fen, card.tx_counter, card.entry) = (w.balance_fen, w.tx_counter, w.entry);
     }
-    Ok(r)
+    Ok((r, tac))
 }
 
 async fn clearing_get(st: &Station, http: &reqwest::Client, path: &str) -> anyhow::Result<Value> {
@@ -115,12 +133,16 @@ async fn run(st: &mut Station, declined: BankToken) -> anyhow::Result<()> {
     let mut card = new_card(3104_0000_0055_0001);
     let mut phone = new_card(3104_0000_0055_0002);
     let trips: [(&mut SvcCard, usize, usize); 2] = [(&mut card, 0, 1), (&mut phone, 1, 0)];
-    for (c, from, to) in trips {
+    let mut tacs = 0;
+    for (i, (c, from, to)) in trips.into_iter().enumerate() {
         st.focus(from);
-        let r = svc(st, 1, Direction::Entry, c).await?;
+        let (r, tac) = svc(st, 1, Direction::Entry, c, 10 * i as u32).await?;
         anyhow::ensure!(r.decision == DecisionKind::OpenEntry, "entry refused: {r:?}");
+        anyhow::ensure!(tac.is_some(), "the entry was not signed by the PSAM");
         st.focus(to);
-        let r = svc(st, 2, Direction::Exit, c).await?;
+        let (r, tac) = svc(st, 2, Direction::Exit, c, 10 * i as u32 + 1).await?;
+        anyhow::ensure!(tac.is_some(), "the exit was not signed by the PSAM");
+        tacs += 2;
         // Mingzhu cards pay the rule's ordinary percentage of the full fare, rounded down.
         let percent = u32::from(rule.discounts[&CardType::ORDINARY]);
         let due = fare(codes[from], codes[to]) * percent / 100;
@@ -204,6 +226,17 @@ async fn run(st: &mut Station, declined: BankToken) -> anyhow::Result<()> {
         .await?;
         anyhow::ensure!(got["fare_fen"] == want, "{media} {who}: clearing priced {got}, expected {want}");
     }
+
+    // Every PSAM-signed debit verifies at clearing with the issuer's key, none mismatched.
+    let report = eventually("clearing to verify every TAC", Duration::from_secs(120), || async {
+        let v = clearing_get(st, &http, "/v1/admin/tac").await?;
+        Ok((v.pointer("/totals/verified") == Some(&json!(tacs))).then_some(v))
+    })
+    .await?;
+    anyhow::ensure!(
+        report["issuer_key"] == true && report.pointer("/totals/mismatched") == Some(&json!(0)),
+        "TAC report {report}"
+    );
 
     // The declined card: refused at both stations once each one's feed delivered the denial.
     for k in 0..2 {
