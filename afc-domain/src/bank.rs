@@ -27,7 +27,7 @@
 //!
 //! [`Reason::BankUnpaidLimit`]: crate::model::Reason::BankUnpaidLimit
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -131,12 +131,15 @@ pub struct BankRef {
 
 /// Accepted bank taps per token and business day at one gate, bounded: the unpaid-tap limit.
 ///
-/// When full, the tokens of the oldest business day are forgotten first, then an arbitrary one
-/// (a forgotten token starts again from zero: the limit errs on the passenger's side).
+/// When full, the token seen first is forgotten (tokens of earlier days are the first seen, so
+/// they go first); a forgotten token starts again from zero: the limit errs on the passenger's
+/// side. Counting costs O(1): no tap ever scans the table.
 #[derive(Debug, Clone)]
 pub struct BankRisk {
     capacity: usize,
     by_token: HashMap<u64, (Date, u16)>,
+    /// The remembered tokens in the order they were first seen, for forgetting the oldest.
+    order: VecDeque<u64>,
 }
 
 impl Default for BankRisk {
@@ -148,7 +151,7 @@ impl Default for BankRisk {
 impl BankRisk {
     /// A counter remembering at most `capacity` tokens (at least 1).
     pub fn new(capacity: usize) -> BankRisk {
-        BankRisk { capacity: capacity.max(1), by_token: HashMap::new() }
+        BankRisk { capacity: capacity.max(1), by_token: HashMap::new(), order: VecDeque::new() }
     }
 
     /// The accepted taps `token` made on `day`.
@@ -162,13 +165,12 @@ impl BankRisk {
     /// Counts one accepted tap of `token` on `day`.
     pub fn count(&mut self, token: &BankToken, day: Date) {
         let key = token.deny_key();
-        if !self.by_token.contains_key(&key) && self.by_token.len() >= self.capacity {
-            self.by_token.retain(|_, (d, _)| *d >= day);
-            if self.by_token.len() >= self.capacity {
-                if let Some(&k) = self.by_token.keys().next() {
-                    self.by_token.remove(&k);
-                }
+        if !self.by_token.contains_key(&key) {
+            while self.by_token.len() >= self.capacity {
+                let Some(oldest) = self.order.pop_front() else { break };
+                self.by_token.remove(&oldest);
             }
+            self.order.push_back(key);
         }
         let slot = self.by_token.entry(key).or_insert((day, 0));
         if slot.0 != day {
@@ -243,10 +245,10 @@ mod tests {
         r.count(&token(1), day.plus_days(1));
         assert_eq!(r.taps(&token(1), day.plus_days(1)), 1);
         r.count(&token(2), day);
-        // Full: a third token forgets the older day's token first.
+        // Full: a third token forgets the one seen first.
         r.count(&token(3), day.plus_days(1));
         assert_eq!(r.len(), 2);
-        assert_eq!(r.taps(&token(2), day), 0);
-        assert_eq!(r.taps(&token(1), day.plus_days(1)), 1);
+        assert_eq!(r.taps(&token(1), day.plus_days(1)), 0);
+        assert_eq!((r.taps(&token(2), day), r.taps(&token(3), day.plus_days(1))), (1, 1));
     }
 }
