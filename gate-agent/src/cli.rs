@@ -1,5 +1,5 @@
-//! The command lines of the gate agent and its two simulators (`gate-agent`, `plc-sim`,
-//! `reader-sim`). Library functions so the local station (`station`) runs the same code.
+//! The command lines of the gate agent and its simulators (`gate-agent`, `plc-sim`, `reader-sim`,
+//! `network-sim`). Library functions so the local station (`station`) runs the same code.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -274,4 +274,129 @@ async fn pace(rate: f64) {
     if rate > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(1.0 / rate)).await;
     }
+}
+
+#[derive(Parser)]
+#[command(about = "Simulated passengers of a network of stations: in at one station, out at another")]
+struct NetworkArgs {
+    /// A gate's reader: `STATION_CODE@HOST:PORT`, or `STATION_CODE@HOST:PORT#PSAM_ID` for a
+    /// two-phase reader with a simulated PSAM (comma-separated or repeated).
+    #[arg(long = "reader", value_delimiter = ',', required = true)]
+    readers: Vec<String>,
+    /// Taps per second over the whole network.
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
+    /// Passengers in the population.
+    #[arg(long, default_value_t = 2_000)]
+    passengers: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Hex seed of a QR issuer key the gates trust (issuer 1, key 1); no QR passengers without it.
+    #[arg(long, env = "NETWORK_SIM_QR_KEY", hide_env_values = true)]
+    qr_key: Option<String>,
+    /// Hex issuer master key (64 digits) of the readers' simulated PSAMs.
+    #[arg(long, env = "NETWORK_SIM_PSAM_ISSUER_KEY", hide_env_values = true)]
+    psam_issuer_key: Option<String>,
+}
+
+fn network_gate(text: &str) -> anyhow::Result<crate::network_sim::NetworkGate> {
+    let (code, rest) = text.split_once('@').context("a reader is CODE@HOST:PORT[#PSAM_ID]")?;
+    let (addr, psam) = match rest.split_once('#') {
+        Some((a, p)) => (a, Some(p.parse::<u64>().context("PSAM id")?)),
+        None => (rest, None),
+    };
+    Ok(crate::network_sim::NetworkGate {
+        station: StationCode(code.parse().context("station code")?),
+        addr: addr.parse().with_context(|| format!("reader address {addr:?}"))?,
+        psam_id: psam,
+    })
+}
+
+/// `network-sim`: passengers who enter at one station's gate and leave at another's, over the
+/// readers of every station of a network (the local station's `--stations N`).
+pub fn network_sim<I: IntoIterator<Item = OsString>>(args: I) -> anyhow::Result<()> {
+    let args = NetworkArgs::parse_from(args);
+    afc_process::run_service("info", async move {
+        let gates = args.readers.iter().map(|r| network_gate(r)).collect::<anyhow::Result<Vec<_>>>()?;
+        let qr = match &args.qr_key {
+            Some(h) => {
+                let seed: [u8; 32] = hex::decode(h.trim())?
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("QR key must be 32 bytes of hex"))?;
+                Some(QrIssuer { issuer: 1, key_id: 1, key: SigningKey::from_bytes(&seed) })
+            }
+            None => None,
+        };
+        let master = match &args.psam_issuer_key {
+            Some(h) => Some(
+                afc_domain::tac::IssuerKey::from_hex(h)
+                    .map_err(|e| anyhow::anyhow!("PSAM issuer key: expected 64 hex digits: {e}"))?,
+            ),
+            None => None,
+        };
+        let mut sim = crate::network_sim::NetworkSim::new(args.seed, gates, args.passengers, qr);
+        // One connection per reader, kept (with its PSAM, whose counter never goes back).
+        let mut conns: BTreeMap<usize, ReaderConn> = BTreeMap::new();
+        let mut psams: BTreeMap<usize, crate::reader_sim::SimPsam> = BTreeMap::new();
+        let stop = afc_process::shutdown_on_signal();
+        let mut reasons = BTreeMap::<String, u64>::new();
+        let (mut taps, mut last_summary) = (0u64, Instant::now());
+        while !stop.is_cancelled() {
+            let Some((p, g, tap)) = sim.next_tap(now()) else { break };
+            if let std::collections::btree_map::Entry::Vacant(slot) = conns.entry(g) {
+                let gate = &sim.gates[g];
+                match ReaderConn::connect(gate.addr).await {
+                    Ok(mut c) => {
+                        c.psam = psams.remove(&g).or_else(|| {
+                            let (m, id) = (master.as_ref()?, gate.psam_id?);
+                            Some(crate::reader_sim::SimPsam::new(afc_domain::tac::Psam::new(
+                                m.psam_key(id),
+                                0,
+                            )))
+                        });
+                        slot.insert(c);
+                    }
+                    Err(e) => {
+                        tracing::debug!(addr = %gate.addr, error = %e, "gate agent not reachable");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = pace(args.rate) => continue,
+                        }
+                    }
+                }
+            }
+            let Some(conn) = conns.get_mut(&g) else { continue };
+            let reply = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = conn.tap(&tap) => r,
+            };
+            match reply {
+                Ok(ReaderReply::Response(r)) => {
+                    *reasons.entry(format!("{:?}/{}", r.decision, r.reason)).or_default() += 1;
+                    sim.apply(p, g, &r);
+                }
+                Ok(ReaderReply::Error(e)) => *reasons.entry(format!("error/{}", e.error)).or_default() += 1,
+                Err(e) => {
+                    tracing::info!(addr = %sim.gates[g].addr, error = %e, "reader connection lost; reconnecting");
+                    if let Some(mut c) = conns.remove(&g) {
+                        if let Some(psam) = c.psam.take() {
+                            psams.insert(g, psam);
+                        }
+                    }
+                }
+            }
+            taps += 1;
+            if last_summary.elapsed() >= Duration::from_secs(60) {
+                let inside = sim.passengers.iter().filter(|p| p.inside.is_some()).count();
+                tracing::info!(taps, inside, outcomes = ?reasons, "network-sim summary");
+                last_summary = Instant::now();
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = pace(args.rate) => {}
+            }
+        }
+        tracing::info!(taps, outcomes = ?reasons, "network-sim stopped");
+        Ok(())
+    })
 }

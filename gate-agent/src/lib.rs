@@ -32,6 +32,7 @@ pub mod gate;
 pub mod hardware;
 pub mod metrics;
 pub mod mqtt;
+pub mod network_sim;
 pub mod params;
 pub mod plc;
 pub mod plc_sim;

@@ -14,8 +14,8 @@ pub mod supervise;
 pub mod up;
 
 /// The services this executable runs as a child (`station <service> <its arguments>`).
-pub const SERVICES: [&str; 6] =
-    ["controller", "gate-agent", "plc-sim", "reader-sim", "clearing-server", "broker"];
+pub const SERVICES: [&str; 7] =
+    ["controller", "gate-agent", "plc-sim", "reader-sim", "network-sim", "clearing-server", "broker"];
 
 /// Runs `service` with `args` (the first is the program name) in this process.
 pub fn run_service(service: &str, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
@@ -24,6 +24,7 @@ pub fn run_service(service: &str, args: Vec<std::ffi::OsString>) -> anyhow::Resu
         "gate-agent" => gate_agent::cli::gate_agent(args),
         "plc-sim" => gate_agent::cli::plc_sim(args),
         "reader-sim" => gate_agent::cli::reader_sim(args),
+        "network-sim" => gate_agent::cli::network_sim(args),
         "clearing-server" => clearing::cli::main(args),
         "broker" => broker(args),
         other => anyhow::bail!("unknown service {other:?}; one of {SERVICES:?}"),

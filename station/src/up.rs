@@ -217,10 +217,13 @@ async fn run(
             None => tracing::error!(%station, "the cluster did not come up within 180 s; see the logs"),
         }
     }
-    if tap_rate > 0.0 {
+    if tap_rate > 0.0 && stations.len() == 1 {
         for st in &stations {
             start_readers(&mut sup, st, tap_rate);
         }
+    } else if tap_rate > 0.0 {
+        // A network: passengers who enter at one station and leave at another, on every medium.
+        start_network_passengers(&mut sup, &stations, tap_rate);
     }
     for st in &stations {
         println!("{}", summary(&st.layout, &st.plan, &st.secrets, tap_rate));
@@ -270,6 +273,24 @@ fn start_station(sup: &mut Supervisor, st: &Planned, clearing_args: &[OsString])
         args.push(config.clone().into());
         sup.start(svc(format!("{p}gate-{gate}"), 4, args));
     }
+}
+
+/// Starts `network-sim` over every gate of every station: `tap_rate` per gate in all.
+fn start_network_passengers(sup: &mut Supervisor, stations: &[Planned], tap_rate: f64) {
+    let Some(first) = stations.first() else { return };
+    let readers: Vec<String> = stations
+        .iter()
+        .flat_map(|st| {
+            st.plan.gate_numbers().map(move |(n, _)| {
+                format!("{}@{}#{}", st.plan.station_code, st.plan.reader(n), psam_id(&st.plan, n))
+            })
+        })
+        .collect();
+    let rate = tap_rate * readers.len() as f64;
+    let mut args = os(&["network-sim", "--rate", &rate.to_string(), "--reader", &readers.join(",")]);
+    args.extend(os(&["--qr-key", &hex::encode(first.secrets.qr_issuer_key.to_bytes())]));
+    args.extend(os(&["--psam-issuer-key", &first.secrets.tac_issuer_key]));
+    sup.start(svc("passengers".into(), 5, args));
 }
 
 /// The simulated PSAM in gate `n`'s reader: unique in the network (station code × 100 + gate).
