@@ -3,25 +3,15 @@
 //! list (the blacklist's bank ids, here as a delta on the list in force) names the token, and
 //! held to the unpaid-tap limit of `gate_config`.
 
-use afc_domain::bank::{BankToken, Cryptogram};
 use afc_domain::blacklist::{BlacklistDelta, Entry};
 use afc_domain::ledger::CANONICAL_VERSION_3;
-use afc_domain::model::{Date, Direction, Media, ParamKind, Reason, Timestamp};
+use afc_domain::model::{Direction, Media, ParamKind, Reason, Timestamp};
 use afc_domain::package::{BlacklistBody, GateConfigBody};
-use afc_domain::wire::{BankCard, DecisionKind, ReaderReply, ReaderResponse, TapMedia, TapRequest};
+use afc_domain::wire::{DecisionKind, ReaderReply, ReaderResponse};
+
+use afc_test_support::cards::bank_tap;
 
 use crate::harness::*;
-
-fn bank_tap(direction: Direction, token: BankToken, atc: u16) -> TapRequest {
-    let bank = BankCard {
-        token,
-        expiry: Date::from_ymd(2031, 6, 30).unwrap(),
-        oda_passed: true,
-        cryptogram: Cryptogram([atc as u8; 8]),
-        atc,
-    };
-    TapRequest { direction, media: TapMedia::Bank { bank } }
-}
 
 fn response(r: ReaderReply) -> ReaderResponse {
     match r {

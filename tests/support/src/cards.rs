@@ -24,3 +24,22 @@ pub fn svc(
         entry: entry.map(|(station, time)| EntryRecord { station, time }),
     }
 }
+
+/// A tap of the bank card (or phone) with payment token `token`: valid through June 2031, its
+/// offline data authentication passed, the cryptogram derived from the card's counter `atc`.
+pub fn bank_tap(
+    direction: afc_domain::model::Direction,
+    token: afc_domain::bank::BankToken,
+    atc: u16,
+) -> afc_domain::wire::TapRequest {
+    use afc_domain::wire::{BankCard, TapMedia, TapRequest};
+    let bank = BankCard {
+        token,
+        #[allow(clippy::unwrap_used)]
+        expiry: Date::from_ymd(2031, 6, 30).unwrap(),
+        oda_passed: true,
+        cryptogram: afc_domain::bank::Cryptogram([atc as u8; 8]),
+        atc,
+    };
+    TapRequest { direction, media: TapMedia::Bank { bank } }
+}

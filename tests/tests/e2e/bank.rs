@@ -10,24 +10,15 @@
 
 use std::time::{Duration, Instant};
 
-use afc_domain::bank::{BankToken, Cryptogram};
-use afc_domain::model::{Date, Direction, Reason};
-use afc_domain::wire::{BankCard, DecisionKind, ReaderReply, TapMedia, TapRequest};
+use afc_domain::bank::BankToken;
+use afc_domain::model::{Direction, Reason};
+use afc_domain::wire::{DecisionKind, ReaderReply, TapRequest};
 use gate_agent::reader_sim::ReaderConn;
 use serde_json::{json, Value};
 use station::plan::Plan;
 use system_tests::{eventually, Station};
 
-fn tap(direction: Direction, token: BankToken, atc: u16) -> TapRequest {
-    let bank = BankCard {
-        token,
-        expiry: Date::from_ymd(2031, 6, 30).unwrap_or_default(),
-        oda_passed: true,
-        cryptogram: Cryptogram([atc as u8; 8]),
-        atc,
-    };
-    TapRequest { direction, media: TapMedia::Bank { bank } }
-}
+use afc_test_support::cards::bank_tap as tap;
 
 /// One decided tap at reader `n`: (decision, reason).
 async fn tap_at(st: &Station, n: u16, t: &TapRequest) -> anyhow::Result<(DecisionKind, Reason)> {

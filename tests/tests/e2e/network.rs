@@ -13,13 +13,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use afc_domain::bank::{BankToken, Cryptogram};
+use afc_domain::bank::BankToken;
 use afc_domain::model::{CardType, Date, Direction, Reason, StationCode};
 use afc_domain::network::{FareRule, NetworkDescription};
 use afc_domain::qr::{self, QrIssue};
-use afc_domain::wire::{
-    BankCard, DecisionKind, ReaderReply, ReaderResponse, SvcCard, TapMedia, TapRequest, TokenCard,
-};
+use afc_domain::wire::{DecisionKind, ReaderReply, ReaderResponse, SvcCard, TapMedia, TapRequest, TokenCard};
 use anyhow::Context as _;
 use gate_agent::reader_sim::{ReaderConn, SimPsam};
 use serde_json::{json, Value};
@@ -37,16 +35,7 @@ async fn tap(st: &Station, n: u16, t: &TapRequest) -> anyhow::Result<ReaderRespo
     Ok(r)
 }
 
-fn bank(direction: Direction, token: BankToken, atc: u16) -> TapRequest {
-    let card = BankCard {
-        token,
-        expiry: Date::from_ymd(2031, 6, 30).unwrap_or_default(),
-        oda_passed: true,
-        cryptogram: Cryptogram([atc as u8; 8]),
-        atc,
-    };
-    TapRequest { direction, media: TapMedia::Bank { bank: card } }
-}
+use afc_test_support::cards::bank_tap as bank;
 
 /// A stored-value card (or the phone carrying it) tapping with its state as the reader read it, at
 /// a two-phase reader whose simulated PSAM (gate `n`'s, as the station provisions it) signs the
