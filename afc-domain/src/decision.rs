@@ -169,7 +169,14 @@ pub fn decide(
         modes: bits,
         qr: None,
         replay_unchecked: false,
-        bank: None,
+        // Kept whatever the modes decide: clearing pairs a bank card's journey by its token, so
+        // an entry under entry_free or an exit under emergency release must still name it.
+        bank: match &tap.media {
+            TapMedia::Bank { bank } => {
+                Some(BankRef { token: bank.token, cryptogram: bank.cryptogram, atc: bank.atc })
+            }
+            _ => None,
+        },
     };
     if bits.has(ModeBits::EMERGENCY_RELEASE) {
         return base.open(Reason::OkEmergencyRelease);
@@ -421,7 +428,6 @@ impl Ctx<'_, '_> {
     }
 
     fn bank(&self, card: &BankCard, mut d: Decision, risk: &mut BankRisk) -> Decision {
-        d.bank = Some(BankRef { token: card.token, cryptogram: card.cryptogram, atc: card.atc });
         if self.p.blacklist.contains(Media::Bank, card.token.deny_key()) {
             return d.reject(Reason::BankDenied);
         }

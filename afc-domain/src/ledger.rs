@@ -27,8 +27,8 @@
 //! | 15 | `params` | 5 varints: fare_table, blacklist, qr_keys, gate_config, mode |
 //! | 16 | `replay_unchecked` | bool byte |
 //! | 17 | `qr` | presence byte + issuer varint + nonce varint |
-//! | 18 | `installation` (version 2 only) | presence byte + 16 bytes |
-//! | 19 | `voids` (version 2 only) | presence byte + varint |
+//! | 18 | `installation` (versions 2 and 3) | presence byte + 16 bytes |
+//! | 19 | `voids` (versions 2 and 3) | presence byte + varint |
 //! | 20 | `bank` (version 3 only) | presence byte + 32 bytes token + 8 bytes cryptogram + varint atc |
 //! | 21 | `tac` (version 3 only) | presence byte + varint PSAM id + varint PSAM counter + 8 bytes TAC |
 //!
@@ -231,7 +231,7 @@ pub struct QrRef {
 pub const CANONICAL_VERSION: u8 = 1;
 /// The format version byte of a record with an `installation` or `voids`.
 pub const CANONICAL_VERSION_2: u8 = 2;
-/// The format version byte of a bank tap's record (`bank` set).
+/// The format version byte of a record with `bank` (a bank tap) or `tac` (a PSAM-signed debit).
 pub const CANONICAL_VERSION_3: u8 = 3;
 
 /// The hash before the first ledger entry.

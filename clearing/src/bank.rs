@@ -118,8 +118,20 @@ impl Acquirer {
         Acquirer { declined }
     }
 
-    /// The answer to a charge of `amount_fen` to `token`.
-    pub fn submit(&self, token: &BankToken, _amount_fen: u64) -> ChargeResult {
+    /// The answer to a charge of `amount_fen` to `token` for `business_day`, submission `attempt`.
+    ///
+    /// `(token, business_day, attempt)` is the idempotency key a real acquirer is given: the pass
+    /// submits before its answer is fsynced, so a crash in between makes the next pass submit
+    /// the same key again, and the acquirer must answer it with its first answer, not charge
+    /// twice (the simulation's answer depends on the token only, so it does).
+    pub fn submit(
+        &self,
+        token: &BankToken,
+        business_day: Date,
+        attempt: u32,
+        amount_fen: u64,
+    ) -> ChargeResult {
+        let _ = (business_day, attempt, amount_fen);
         if self.declined.contains(token) {
             ChargeResult::Declined
         } else {
@@ -380,7 +392,7 @@ mod tests {
     #[test]
     fn the_acquirer_declines_exactly_the_configured_tokens() {
         let acquirer = Acquirer::new([BankToken([9; 32])].into_iter().collect());
-        assert_eq!(acquirer.submit(&BankToken([9; 32]), 100), ChargeResult::Declined);
-        assert_eq!(acquirer.submit(&BankToken([8; 32]), 100), ChargeResult::Approved);
+        assert_eq!(acquirer.submit(&BankToken([9; 32]), Date(20_000), 1, 100), ChargeResult::Declined);
+        assert_eq!(acquirer.submit(&BankToken([8; 32]), Date(20_000), 1, 100), ChargeResult::Approved);
     }
 }

@@ -51,9 +51,8 @@ pub struct FeedStore {
     failed: HashMap<String, Option<SystemTime>>,
     /// Latest version per kind family, for the strictly-increasing rule.
     latest: HashMap<&'static str, u64>,
-    /// Every bank token a `deny_list` item of this feed ever added (removed later or not), so
-    /// clearing denies a declined token to a station once.
-    deny_added: HashSet<BankToken>,
+    /// Per token, the last `deny_list` item naming it: added (`true`) or removed, and when.
+    deny_last: HashMap<BankToken, (bool, afc_domain::model::Timestamp)>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -91,7 +90,7 @@ impl FeedStore {
             taken: HashSet::new(),
             failed: HashMap::new(),
             latest: HashMap::new(),
-            deny_added: HashSet::new(),
+            deny_last: HashMap::new(),
         };
         for (i, s) in stored.into_iter().enumerate() {
             if s.item.seq != i as u64 + 1 {
@@ -116,7 +115,12 @@ impl FeedStore {
         if item.kind == FeedKind::DenyList {
             // Validated before it was signed, so it parses; an item that did not is no denial.
             if let Ok(body) = serde_json::from_str::<DenyListBody>(item.body.get()) {
-                self.deny_added.extend(body.add);
+                for t in &body.remove {
+                    self.deny_last.insert(*t, (false, item.effective_from));
+                }
+                for t in &body.add {
+                    self.deny_last.insert(*t, (true, item.effective_from));
+                }
             }
         }
     }
@@ -126,9 +130,14 @@ impl FeedStore {
         self.latest.get(kind.family()).copied().unwrap_or(0)
     }
 
-    /// Whether a `deny_list` item of this feed ever added `token`.
-    pub fn deny_list_added(&self, token: &BankToken) -> bool {
-        self.deny_added.contains(token)
+    /// Whether `token`, declined last at `declined_at`, must be added to this feed's deny list:
+    /// no item ever named it, or the last one took it off (a paid debt) before that decline.
+    pub fn deny_needed(&self, token: &BankToken, declined_at: afc_domain::model::Timestamp) -> bool {
+        match self.deny_last.get(token) {
+            None => true,
+            Some((true, _)) => false,
+            Some((false, removed_at)) => declined_at > *removed_at,
+        }
     }
 
     /// How many items the feed holds.
@@ -228,5 +237,41 @@ impl FeedStore {
             }
         }
         published
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use afc_domain::model::Timestamp;
+
+    fn deny(feed: &mut FeedStore, version: u64, at: i64, add: &[BankToken], remove: &[BankToken]) {
+        let body = crate::protocol::DenyListBody { add: add.to_vec(), remove: remove.to_vec() };
+        let sub = FeedSubmission {
+            kind: crate::protocol::FeedKind::DenyList,
+            version,
+            effective_from: Timestamp(at),
+            body: serde_json::value::RawValue::from_string(serde_json::to_string(&body).unwrap()).unwrap(),
+        };
+        feed.publish(sub, "test".into(), &SigningKey::from_bytes(&[1; 32]), 1).unwrap();
+    }
+
+    #[test]
+    fn a_token_taken_off_the_deny_list_is_denied_again_by_a_later_decline_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut feed = FeedStore::open(Ident::new("s1").unwrap(), dir.path()).unwrap();
+        let t = BankToken([7; 32]);
+        assert!(feed.deny_needed(&t, Timestamp(10)), "never named: deny");
+        deny(&mut feed, 1, 100, &[t], &[]);
+        assert!(!feed.deny_needed(&t, Timestamp(500)), "denied already");
+        // The debt is paid: an operator takes it off at 1,000.
+        deny(&mut feed, 2, 1_000, &[], &[t]);
+        assert!(!feed.deny_needed(&t, Timestamp(500)), "the decline before the removal is settled");
+        assert!(feed.deny_needed(&t, Timestamp(2_000)), "a decline after the removal denies again");
+        // The state survives a reopen (it is rebuilt from the stored items).
+        drop(feed);
+        let feed = FeedStore::open(Ident::new("s1").unwrap(), dir.path()).unwrap();
+        assert!(feed.deny_needed(&t, Timestamp(2_000)));
     }
 }

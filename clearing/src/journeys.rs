@@ -354,9 +354,10 @@ pub fn day_end(rule: &BusinessDayRule, day: Date) -> Timestamp {
     Timestamp::from_local(day.plus_days(1), 0, rule.rollover_minute_of_day, rule.utc_offset_minutes)
 }
 
-/// Why an exit costs nothing, if it does: the gate let it out free under train_disruption.
+/// Why an exit costs nothing, if it does: the gate let it out free under train_disruption or
+/// emergency release (the gate charges a stored-value card nothing there either).
 fn free_exit(exit: Option<&TxRecord>) -> Option<Reason> {
-    exit.map(|e| e.reason).filter(|r| *r == Reason::OkTrainDisruption)
+    exit.map(|e| e.reason).filter(|r| matches!(r, Reason::OkTrainDisruption | Reason::OkEmergencyRelease))
 }
 
 fn code_in(t: &Tariff, tap: &TxRecord) -> Result<StationCode, String> {

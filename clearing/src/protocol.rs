@@ -415,6 +415,12 @@ impl FeedSubmission {
             }
             FeedKind::DenyList => {
                 let body = serde_json::from_str::<DenyListBody>(text).map_err(invalid)?;
+                if body.add.is_empty() && body.remove.is_empty() {
+                    return Err(FeedError::InvalidBody {
+                        kind: self.kind,
+                        reason: "a deny_list item adds or removes at least one token".into(),
+                    });
+                }
                 if let Some(t) = body.add.iter().find(|t| body.remove.contains(t)) {
                     return Err(FeedError::InvalidBody {
                         kind: self.kind,

@@ -248,7 +248,7 @@ impl ClearingState {
                 journeys: 0,
                 before_cap_fen: 0,
                 amount_fen: 0,
-                result: bank.acquirer.submit(token, 0),
+                result: bank.acquirer.submit(token, *day, 0, 0),
                 at: as_of,
             })
             .chain(owed.due.iter().map(|d| Charge {
@@ -258,7 +258,7 @@ impl ClearingState {
                 journeys: d.day.journeys,
                 before_cap_fen: d.day.before_cap_fen,
                 amount_fen: d.amount_fen,
-                result: bank.acquirer.submit(&d.day.token, d.amount_fen),
+                result: bank.acquirer.submit(&d.day.token, d.day.business_day, d.attempt, d.amount_fen),
                 at: as_of,
             }))
             .collect();
@@ -277,7 +277,10 @@ impl ClearingState {
             tracing::info!(token = %c.token, day = %c.business_day, attempt = c.attempt, amount_fen = c.amount_fen, result = c.result.as_str(), "bank charge submitted");
         }
         let deny_items = self.deny_declined(bank.charges.all(), as_of)?;
-        bank.last_pass = Some((changes, owed.waiting));
+        // Open entries age into unpaired ones and unpriced taps may become priceable with no new
+        // record: while there are any, the next pass prices again.
+        let later = owed.waiting + (priced.pending.len() + priced.unpriced.len()) as u64;
+        bank.last_pass = Some((changes, later));
         Ok(PassReport {
             submitted: paid.len() as u64,
             authorised: auth.len() as u64,
@@ -307,12 +310,16 @@ impl ClearingState {
     }
 
     /// Appends a signed `deny_list` item `{add: [token]}` (the family's next version) to the feed
-    /// of every known station whose feed never added the token, for every declined token in
-    /// `charges`. The feed itself is the record of what was sent, so this is idempotent across
+    /// of every known station whose feed does not deny the token (never added it, or took it off
+    /// before its newest decline), for every declined token in `charges`. The feed itself is the record of what was sent, so this is idempotent across
     /// passes and restarts, and a station that appears later gets the denials on the next pass.
     fn deny_declined(&self, charges: &[Charge], now: Timestamp) -> Result<u64, ServerError> {
-        let declined: BTreeSet<BankToken> =
-            charges.iter().filter(|c| c.result == ChargeResult::Declined).map(|c| c.token).collect();
+        // Each declined token with its newest decline.
+        let mut declined: BTreeMap<BankToken, Timestamp> = BTreeMap::new();
+        for c in charges.iter().filter(|c| c.result == ChargeResult::Declined) {
+            let at = declined.entry(c.token).or_insert(c.at);
+            *at = (*at).max(c.at);
+        }
         if declined.is_empty() {
             return Ok(0);
         }
@@ -321,7 +328,7 @@ impl ClearingState {
             let mut st = lock(&station);
             self.ingest_feed_dir(&id, &mut st);
             let missing: Vec<BankToken> =
-                declined.iter().filter(|t| !st.feed.deny_list_added(t)).copied().collect();
+                declined.iter().filter(|(t, at)| st.feed.deny_needed(t, **at)).map(|(t, _)| *t).collect();
             for token in missing {
                 let body = DenyListBody { add: vec![token], remove: vec![] };
                 let text = serde_json::to_string(&body).map_err(|e| ServerError::Internal(e.to_string()))?;

@@ -152,7 +152,22 @@ impl Worker {
             .params(&self.station, after)
             .await
             .map_err(|e| FeedTaskError::Clearing(e.to_string()))?;
-        let items: Vec<_> = page.items.into_iter().filter(|i| i.seq > after).take(PAGE as usize).collect();
+        let mut items: Vec<_> =
+            page.items.into_iter().filter(|i| i.seq > after).take(PAGE as usize).collect();
+        // Never move the cursor past a deny_list item there is no room to keep: stop the page
+        // before the first one beyond the pending limit (the next poll takes it once the pending
+        // ones are published).
+        let mut room = crate::state::MAX_PENDING_DENY.saturating_sub(self.node.sm.state()?.feed.deny.len());
+        if let Some(cut) = items.iter().position(|i| {
+            if i.kind != FeedKind::DenyList {
+                return false;
+            }
+            let full = room == 0;
+            room = room.saturating_sub(1);
+            full
+        }) {
+            items.truncate(cut);
+        }
         if let Some(last) = items.last().map(|i| i.seq) {
             let (mut network, mut fare_rule, mut refused, mut deny) = (None, None, Vec::new(), Vec::new());
             for item in &items {

@@ -31,6 +31,8 @@ pub struct Service {
     pub args: Vec<OsString>,
     /// Stop order: the highest stage stops first; start order is the reverse.
     pub stage: u8,
+    /// Environment for the child beyond the station's own (secrets that must not show in `ps`).
+    pub env: Vec<(String, String)>,
 }
 
 type Pids = Arc<Mutex<BTreeMap<String, u32>>>;
@@ -124,6 +126,7 @@ fn spawn(service: &Service, ctx: &ChildCtx) -> anyhow::Result<tokio::process::Ch
     let err = log.try_clone()?;
     let mut cmd = tokio::process::Command::new(&ctx.exe);
     cmd.args(&service.args)
+        .envs(service.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)

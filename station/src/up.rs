@@ -140,7 +140,17 @@ pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
             let fresh = Plan {
                 station: if k == 1 { first.station.clone() } else { station_id(code)? },
                 station_code: code,
-                port_offset: first.port_offset + (k - 1) * STATION_PORT_STEP,
+                port_offset: (k - 1)
+                    .checked_mul(STATION_PORT_STEP)
+                    .and_then(|d| first.port_offset.checked_add(d))
+                    .filter(|o| *o <= 50_000)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--port-offset {} leaves no room for {} stations {STATION_PORT_STEP} ports apart",
+                            first.port_offset,
+                            args.stations
+                        )
+                    })?,
                 // Every station but the first uploads to the first one's clearing server.
                 shared_clearing: (k > 1).then(|| first.clearing().to_string()),
                 ..first.clone()
@@ -181,7 +191,7 @@ fn os(items: &[&str]) -> Vec<OsString> {
 }
 
 fn svc(name: String, stage: u8, args: Vec<OsString>) -> Service {
-    Service { name, args, stage }
+    Service { name, args, stage, env: Vec::new() }
 }
 
 async fn run(
@@ -289,8 +299,9 @@ fn start_network_passengers(sup: &mut Supervisor, stations: &[Planned], tap_rate
     let rate = tap_rate * readers.len() as f64;
     let mut args = os(&["network-sim", "--rate", &rate.to_string(), "--reader", &readers.join(",")]);
     args.extend(os(&["--qr-key", &hex::encode(first.secrets.qr_issuer_key.to_bytes())]));
-    args.extend(os(&["--psam-issuer-key", &first.secrets.tac_issuer_key]));
-    sup.start(svc("passengers".into(), 5, args));
+    let mut passengers = svc("passengers".into(), 5, args);
+    passengers.env.push(("NETWORK_SIM_PSAM_ISSUER_KEY".into(), first.secrets.tac_issuer_key.clone()));
+    sup.start(passengers);
 }
 
 /// The simulated PSAM in gate `n`'s reader: unique in the network (station code × 100 + gate).
@@ -318,13 +329,14 @@ fn start_readers(sup: &mut Supervisor, st: &Planned, tap_rate: f64) {
             &n.to_string(),
             "--qr-key",
             &hex::encode(st.secrets.qr_issuer_key.to_bytes()),
-            // A two-phase reader: its simulated PSAM signs every stored-value debit.
-            "--psam-issuer-key",
-            &st.secrets.tac_issuer_key,
+            // A two-phase reader: its simulated PSAM signs every stored-value debit (the issuer
+            // key goes in the environment, not on the command line `ps` shows).
             "--psam-id",
             &psam_id(&st.plan, n).to_string(),
         ];
-        sup.start(svc(format!("{}reader-{gate}", st.prefix), 5, os(&a)));
+        let mut reader = svc(format!("{}reader-{gate}", st.prefix), 5, os(&a));
+        reader.env.push(("READER_SIM_PSAM_ISSUER_KEY".into(), st.secrets.tac_issuer_key.clone()));
+        sup.start(reader);
     }
 }
 

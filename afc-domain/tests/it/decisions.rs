@@ -914,6 +914,17 @@ fn a_bank_card_is_refused_when_denied_expired_or_unauthenticated_and_otherwise_o
     assert_decision(&w.tap(In, bank_card(0x14, valid, false)), Reject, Reason::BankAuthFailed, 0, None);
     let mut w = w.mode(ModeBits::DATE_FREE);
     assert_decision(&w.tap(In, bank_card(0x12, expired, true)), OpenEntry, Reason::Ok, 0, None);
+    // Under a mode that skips card processing the record still names the token, so clearing
+    // can pair the journey (an entry under entry_free, an exit under emergency release).
+    for (bits, dir, reason) in [
+        (ModeBits::ENTRY_FREE, In, Reason::OkEntryFree),
+        (ModeBits::EMERGENCY_RELEASE, Out, Reason::OkEmergencyRelease),
+    ] {
+        let mut w = World::at(B).mode(bits);
+        let d = w.tap(dir, bank_card(0x15, valid, true));
+        assert_eq!(d.reason, reason);
+        assert_eq!(d.bank.map(|b| b.token), Some(BankToken([0x15; 32])), "{d:?}");
+    }
 }
 
 #[test]

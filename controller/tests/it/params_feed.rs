@@ -62,6 +62,11 @@ struct Setup {
 
 impl Setup {
     async fn start(trusted_seed: [u8; 32]) -> Setup {
+        Setup::start_with(trusted_seed, &[]).await
+    }
+
+    /// [`Setup::start`] with `items` already in station s1's feed when the controllers start.
+    async fn start_with(trusted_seed: [u8; 32], items: &[FeedSubmission]) -> Setup {
         let data = tempfile::tempdir().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -72,6 +77,9 @@ impl Setup {
         let client = ClearingClient::new(&format!("http://{addr}"), TOKEN, ClientConfig::default()).unwrap();
         poll("the clearing server", Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok())
             .await;
+        for item in items {
+            client.publish(&ident("s1"), item).await.unwrap();
+        }
 
         let mut c = Cluster::unstarted(3, Duration::from_secs(20));
         let apis: BTreeMap<u64, String> =
@@ -173,19 +181,21 @@ async fn feed_items_not_signed_by_the_trusted_feed_key_are_refused_and_compile_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_list_items_from_the_clearing_feed_become_a_blacklist_delta_of_bank_ids() {
     let _serial = CLUSTER_LOCK.lock().await;
-    let st = Setup::start(FEED_SEED).await;
-    let (c, api, client) = (&st.c, st.api.clone(), &st.client);
-    let s1 = ident("s1");
     let tokens = afc_domain::bank::sample_tokens(3, 5);
-    // Two denials, then one taken back: the list gates get holds the two others.
+    // Two denials, then one taken back: the list gates get holds the two others. Both items are
+    // in the feed before the controllers start, so one pull takes both and one delta folds them.
     let deny = |add: &[usize], remove: &[usize]| {
         json!({
             "add": add.iter().map(|i| tokens[*i].to_string()).collect::<Vec<_>>(),
             "remove": remove.iter().map(|i| tokens[*i].to_string()).collect::<Vec<_>>(),
         })
     };
-    client.publish(&s1, &submission(FeedKind::DenyList, 1, &deny(&[0, 1], &[]))).await.unwrap();
-    client.publish(&s1, &submission(FeedKind::DenyList, 2, &deny(&[2], &[1]))).await.unwrap();
+    let items = [
+        submission(FeedKind::DenyList, 1, &deny(&[0, 1], &[])),
+        submission(FeedKind::DenyList, 2, &deny(&[2], &[1])),
+    ];
+    let st = Setup::start_with(FEED_SEED, &items).await;
+    let (c, api) = (&st.c, st.api.clone());
     let clearing = wait_for(c, &api, "/api/v1/clearing", "the deny list published", |v| {
         v["feed"]["deny_published"] == 2 && v["feed"]["deny_pending"] == 0
     })
