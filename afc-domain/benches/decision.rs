@@ -129,6 +129,32 @@ fn percentiles() {
     );
 }
 
+/// Each of `taps` decided one by one at the first station with a replay cache of `replay_capacity`:
+/// the sorted nanoseconds of each decision, and how many opened.
+fn time_each(s: &Setup, taps: &[TapRequest], replay_capacity: usize) -> (Vec<u64>, usize) {
+    let modes = ModeState::default();
+    let mut replay = ReplayCache::new(replay_capacity, QrSkew::default());
+    let mut bank = BankRisk::default();
+    let p = Params {
+        station: s.stations[0],
+        fares: &s.fares,
+        blacklist: &s.blacklist,
+        qr_keys: &s.qr_keys,
+        qr_skew: QrSkew::default(),
+        bank_taps_per_day: afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY,
+    };
+    let mut ns = Vec::with_capacity(taps.len());
+    let mut opened = 0usize;
+    for tap in taps {
+        let t0 = Instant::now();
+        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay, &mut bank));
+        ns.push(t0.elapsed().as_nanos() as u64);
+        opened += usize::from(d.accepted());
+    }
+    ns.sort_unstable();
+    (ns, opened)
+}
+
 /// QR ride codes cost one signature verification each (ed25519 or SM2, as the issuer key
 /// declares); timed separately from stored-value taps, one run per algorithm.
 fn qr_percentiles(signer: &qr::QrSigner) {
@@ -156,27 +182,8 @@ fn qr_percentiles(signer: &qr::QrSigner) {
             TapRequest { direction: Direction::Entry, media: TapMedia::Qr { code } }
         })
         .collect();
-    let modes = ModeState::default();
-    let mut replay = ReplayCache::new(50_000, QrSkew::default());
-    let mut bank = BankRisk::default();
-    let p = Params {
-        station: s.stations[0],
-        fares: &s.fares,
-        blacklist: &s.blacklist,
-        qr_keys: &s.qr_keys,
-        qr_skew: QrSkew::default(),
-        bank_taps_per_day: afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY,
-    };
-    let mut ns = Vec::with_capacity(codes.len());
-    let mut opened = 0usize;
-    for tap in &codes {
-        let t0 = Instant::now();
-        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay, &mut bank));
-        ns.push(t0.elapsed().as_nanos() as u64);
-        opened += usize::from(d.accepted());
-    }
+    let (ns, opened) = time_each(&s, &codes, 50_000);
     assert_eq!(opened, codes.len());
-    ns.sort_unstable();
     let q = |f: f64| ns[((ns.len() as f64 * f) as usize).min(ns.len() - 1)];
     println!(
         "QR decision latency ({}) over {} codes: p50 {} ns, p99 {} ns, max {} ns",
@@ -210,27 +217,8 @@ fn bank_percentiles() {
             TapRequest { direction: Direction::Entry, media: TapMedia::Bank { bank } }
         })
         .collect();
-    let modes = ModeState::default();
-    let mut replay = ReplayCache::new(1024, QrSkew::default());
-    let mut bank = BankRisk::default();
-    let p = Params {
-        station: s.stations[0],
-        fares: &s.fares,
-        blacklist: &s.blacklist,
-        qr_keys: &s.qr_keys,
-        qr_skew: QrSkew::default(),
-        bank_taps_per_day: afc_domain::bank::DEFAULT_UNPAID_TAPS_PER_DAY,
-    };
-    let mut ns = Vec::with_capacity(taps.len());
-    let mut opened = 0usize;
-    for tap in &taps {
-        let t0 = Instant::now();
-        let d = black_box(decide(black_box(tap), &p, &modes, s.now, &mut replay, &mut bank));
-        ns.push(t0.elapsed().as_nanos() as u64);
-        opened += usize::from(d.accepted());
-    }
+    let (ns, opened) = time_each(&s, &taps, 1024);
     assert_eq!(opened, taps.len() - taps.len() / 10);
-    ns.sort_unstable();
     let q = |f: f64| ns[((ns.len() as f64 * f) as usize).min(ns.len() - 1)];
     println!(
         "bank decision latency over {} taps ({} opened), 1M denied tokens + 1M cards: p50 {} ns, p99 {} ns, p99.9 {} ns, max {} ns",

@@ -159,19 +159,19 @@ impl ReaderArgs {
     }
 }
 
+/// The simulated QR issuer (issuer 1, key 1) from the hex seed of its key, if one is given.
+fn qr_issuer(seed_hex: Option<&str>) -> anyhow::Result<Option<QrIssuer>> {
+    let Some(h) = seed_hex else { return Ok(None) };
+    let seed: [u8; 32] =
+        hex::decode(h.trim())?.try_into().map_err(|_| anyhow::anyhow!("QR key must be 32 bytes of hex"))?;
+    Ok(Some(QrIssuer { issuer: 1, key_id: 1, key: SigningKey::from_bytes(&seed) }))
+}
+
 /// `reader-sim`: taps a running gate agent with realistic passengers and reports the outcomes.
 pub fn reader_sim<I: IntoIterator<Item = OsString>>(args: I) -> anyhow::Result<()> {
     let args = ReaderArgs::parse_from(args);
     afc_process::run_service("info", async move {
-        let qr = match &args.qr_key {
-            Some(h) => {
-                let seed: [u8; 32] = hex::decode(h.trim())?
-                    .try_into()
-                    .map_err(|_| anyhow::anyhow!("QR key must be 32 bytes of hex"))?;
-                Some(QrIssuer { issuer: 1, key_id: 1, key: SigningKey::from_bytes(&seed) })
-            }
-            None => None,
-        };
+        let qr = qr_issuer(args.qr_key.as_deref())?;
         let origins = args.origins.iter().map(|c| StationCode(*c)).collect();
         let sim = ReaderSim::new(args.seed, StationCode(args.station), origins, args.cards, qr);
         if args.taps == 0 {
@@ -318,15 +318,7 @@ pub fn network_sim<I: IntoIterator<Item = OsString>>(args: I) -> anyhow::Result<
     let args = NetworkArgs::parse_from(args);
     afc_process::run_service("info", async move {
         let gates = args.readers.iter().map(|r| network_gate(r)).collect::<anyhow::Result<Vec<_>>>()?;
-        let qr = match &args.qr_key {
-            Some(h) => {
-                let seed: [u8; 32] = hex::decode(h.trim())?
-                    .try_into()
-                    .map_err(|_| anyhow::anyhow!("QR key must be 32 bytes of hex"))?;
-                Some(QrIssuer { issuer: 1, key_id: 1, key: SigningKey::from_bytes(&seed) })
-            }
-            None => None,
-        };
+        let qr = qr_issuer(args.qr_key.as_deref())?;
         let master = match &args.psam_issuer_key {
             Some(h) => Some(
                 afc_domain::tac::IssuerKey::from_hex(h)
