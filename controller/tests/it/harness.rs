@@ -20,11 +20,7 @@ pub static CLUSTER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(
 
 pub type Metrics = RaftMetrics<u64, BasicNode>;
 
-/// A port that was free a moment ago (the node binds it itself).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
+pub use afc_test_support::net::free_port;
 
 /// Tuning for tests: fast elections, small snapshot threshold so catch-up by snapshot happens.
 #[derive(Clone, Copy)]

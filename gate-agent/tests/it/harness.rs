@@ -72,9 +72,7 @@ pub async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+pub use afc_test_support::net::free_port;
 
 /// Starts rumqttd on `port` on its own thread (its `start` blocks) and waits until it accepts.
 pub async fn start_broker(port: u16) {
