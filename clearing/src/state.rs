@@ -48,6 +48,8 @@ struct Station {
     days: DayFile,
     feed: FeedStore,
     counters: Counters,
+    /// The TAC counts `/metrics` reports, through the records checked so far.
+    tacs: crate::tac::TacTally,
 }
 
 /// Bank charging: the stored charges and the acquirer, behind one lock that a charge pass holds
@@ -174,6 +176,7 @@ impl ClearingState {
             days: DayFile::open(&dir)?,
             feed: FeedStore::open(id.clone(), &dir)?,
             counters: Counters::default(),
+            tacs: crate::tac::TacTally::default(),
         }));
         stations.insert(id.clone(), station.clone());
         self.bank_changes.fetch_add(1, Ordering::Relaxed);
@@ -675,15 +678,33 @@ impl ClearingState {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
         }
-        match self.all_records() {
-            Ok(all) => crate::tac::metrics_text(
-                &mut out,
-                self.config.tac_issuer_key.as_ref(),
-                all.iter().map(|(id, r)| (id, r.as_slice())),
-            ),
+        match self.tac_tallies() {
+            Ok(all) => crate::tac::metrics_text(&mut out, all.iter().map(|(id, c)| (id, *c))),
             Err(e) => tracing::error!(error = %e, "metrics: stored records unreadable, no TAC figures"),
         }
         out
+    }
+
+    /// Every station's TAC counts, brought up to date: only the records stored since the last
+    /// call are read (under the station's lock) and checked (outside it). Two concurrent calls
+    /// may both check the same new records; only the first to come back adds them.
+    fn tac_tallies(&self) -> Result<Vec<(Ident, crate::tac::TacCounts)>, ServerError> {
+        let key = self.config.tac_issuer_key.as_ref();
+        let stations: Vec<(Ident, Arc<Mutex<Station>>)> =
+            lock(&self.stations).iter().map(|(id, s)| (id.clone(), s.clone())).collect();
+        let mut out = Vec::with_capacity(stations.len());
+        for (id, station) in stations {
+            let (from, (records, to)) = {
+                let st = lock(&station);
+                (st.tacs.through, st.ledger.records_from(st.tacs.through)?)
+            };
+            let mut new = crate::tac::TacCounts::default();
+            new.add_records(key, &records);
+            let mut st = lock(&station);
+            st.tacs.advance(from, to, new);
+            out.push((id, st.tacs.counts));
+        }
+        Ok(out)
     }
 }
 

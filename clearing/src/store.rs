@@ -126,6 +126,19 @@ pub struct LedgerFile {
     poisoned: bool,
 }
 
+/// A position in a [`LedgerFile`] between two records ([`LedgerFile::records_from`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordCursor {
+    /// Byte offset of the next record's frame (0 and the magic's length both mean the start).
+    offset: u64,
+    /// Records before it.
+    index: u64,
+}
+
+impl RecordCursor {
+    pub const START: RecordCursor = RecordCursor { offset: 0, index: 0 };
+}
+
 impl LedgerFile {
     /// Opens (or creates) the ledger file in `dir`, verifying every stored entry.
     pub fn open(dir: &Path) -> Result<LedgerFile, StoreError> {
@@ -250,13 +263,21 @@ impl LedgerFile {
     /// Every stored record, in index order, read back from the file (the frames were verified
     /// when the file was opened and every append since was written by this process).
     pub fn records(&self) -> Result<Vec<TxRecord>, StoreError> {
+        Ok(self.records_from(RecordCursor::START)?.0)
+    }
+
+    /// The records stored from `cursor` on (the start, or a cursor an earlier call returned),
+    /// and the cursor after them: the file only grows, so a reader that keeps the cursor reads
+    /// each record once.
+    pub fn records_from(&self, cursor: RecordCursor) -> Result<(Vec<TxRecord>, RecordCursor), StoreError> {
         let path = &self.path;
-        let mut bytes = vec![0u8; (self.len - MAGIC.len() as u64) as usize];
-        self.file.read_exact_at(&mut bytes, MAGIC.len() as u64).map_err(io_err(path))?;
-        let mut out = Vec::with_capacity(self.hashes.len());
+        let from = cursor.offset.max(MAGIC.len() as u64);
+        let mut bytes = vec![0u8; self.len.saturating_sub(from) as usize];
+        self.file.read_exact_at(&mut bytes, from).map_err(io_err(path))?;
+        let mut out = Vec::new();
         let mut at = 0usize;
         while at < bytes.len() {
-            let index = out.len() as u64 + 1;
+            let index = cursor.index + out.len() as u64 + 1;
             let corrupt = |reason: String| StoreError::Corrupt { path: path.clone(), index, reason };
             let len = bytes
                 .get(at..at + 4)
@@ -266,7 +287,8 @@ impl LedgerFile {
             out.push(TxRecord::from_canonical(body).map_err(|e| corrupt(e.to_string()))?);
             at += 4 + len + 32;
         }
-        Ok(out)
+        let next = RecordCursor { offset: from + bytes.len() as u64, index: cursor.index + out.len() as u64 };
+        Ok((out, next))
     }
 
     /// The highest stored index (0 for none).

@@ -15,8 +15,9 @@
 //!   a one-phase (older) reader or a gate of an earlier version. Never a mismatch;
 //! - `unchecked`: a TAC present while clearing has no issuer key configured.
 //!
-//! The report is computed from the stored ledgers on each request (and each `/metrics` scrape):
-//! one HMAC per signed record, a few microseconds each.
+//! The report is computed from the stored ledgers on each request: one HMAC per signed record, a
+//! few microseconds each. `/metrics` keeps a running tally per station ([`TacTally`]) and checks
+//! only the records stored since the previous scrape.
 
 use std::collections::BTreeMap;
 
@@ -124,6 +125,43 @@ fn add(c: &mut TacCounts, o: Outcome) {
     }
 }
 
+impl TacCounts {
+    /// Adds the outcome of every record in `records`.
+    pub fn add_records(&mut self, key: Option<&IssuerKey>, records: &[TxRecord]) {
+        for r in records {
+            add(self, check(key, r));
+        }
+    }
+}
+
+/// One station's counts for `/metrics` and how far into its ledger they reach.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TacTally {
+    pub through: crate::store::RecordCursor,
+    pub counts: TacCounts,
+}
+
+impl TacTally {
+    /// Adds `new`, the counts of the records from `from` to `to`, unless another caller already
+    /// moved the tally past `from`.
+    pub fn advance(
+        &mut self,
+        from: crate::store::RecordCursor,
+        to: crate::store::RecordCursor,
+        new: TacCounts,
+    ) {
+        if self.through != from {
+            return;
+        }
+        self.through = to;
+        let c = &mut self.counts;
+        c.verified += new.verified;
+        c.mismatched += new.mismatched;
+        c.missing += new.missing;
+        c.unchecked += new.unchecked;
+    }
+}
+
 /// The report over every station's stored records (each in ledger order).
 pub fn report<'a>(
     key: Option<&IssuerKey>,
@@ -186,22 +224,14 @@ pub fn report<'a>(
 }
 
 /// Appends `afc_clearing_tac_records{station,outcome}` (Prometheus text) for `stations`.
-pub fn metrics_text<'a>(
-    out: &mut String,
-    key: Option<&IssuerKey>,
-    stations: impl IntoIterator<Item = (&'a Ident, &'a [TxRecord])>,
-) {
+pub fn metrics_text<'a>(out: &mut String, stations: impl IntoIterator<Item = (&'a Ident, TacCounts)>) {
     use std::fmt::Write as _;
     let name = "afc_clearing_tac_records";
     let _ = writeln!(
         out,
         "# HELP {name} Stored stored-value debits by TAC outcome (verified, mismatched: flagged, never settled; missing: no TAC, an older reader; unchecked: no issuer key).\n# TYPE {name} gauge"
     );
-    for (station, records) in stations {
-        let mut c = TacCounts::default();
-        for r in records {
-            add(&mut c, check(key, r));
-        }
+    for (station, c) in stations {
         for (outcome, v) in [
             ("verified", c.verified),
             ("mismatched", c.mismatched),

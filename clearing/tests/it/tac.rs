@@ -42,6 +42,7 @@ async fn a_debit_with_a_forged_tac_is_reported_as_a_mismatch_for_its_gate_and_ps
     records[3].tac.as_mut().unwrap().tac[0] ^= 0x01;
     let mut head = LedgerHead::genesis();
     let chain: Vec<_> = records.iter().cloned().map(|r| head.append(r)).collect();
+    let prev = chain.last().unwrap().hash;
     let batch = UploadBatch::new(afc_domain::ledger::GENESIS_HASH, chain).unwrap();
     assert!(matches!(server.client.upload(&station(), &batch).await.unwrap(), UploadOutcome::Acked(_)));
 
@@ -84,9 +85,34 @@ async fn a_debit_with_a_forged_tac_is_reported_as_a_mismatch_for_its_gate_and_ps
         .collect();
     assert_eq!(listed, vec![("g01".into(), 2, 7), ("g02".into(), 2, 8)]);
 
-    let metrics = http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for (outcome, v) in [("verified", 2), ("mismatched", 2), ("missing", 1)] {
-        let line = format!("afc_clearing_tac_records{{station=\"xian_rd\",outcome=\"{outcome}\"}} {v}");
-        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
-    }
+    let scrape_has = |counts: [(&'static str, u64); 3]| {
+        let http = http.clone();
+        let url = server.url("/metrics");
+        async move {
+            let metrics = http.get(url).send().await.unwrap().text().await.unwrap();
+            for (outcome, v) in counts {
+                let line =
+                    format!("afc_clearing_tac_records{{station=\"xian_rd\",outcome=\"{outcome}\"}} {v}");
+                assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+            }
+        }
+    };
+    scrape_has([("verified", 2), ("mismatched", 2), ("missing", 1)]).await;
+    scrape_has([("verified", 2), ("mismatched", 2), ("missing", 1)]).await;
+
+    // Records stored after a scrape: the next one counts them on top of the tally (it checks
+    // only the new records), and equals what a full report counts.
+    let mut more =
+        [signed("g01", 3, &mut p7), signed("g01", 4, &mut p7), testdata::record(&station(), "g01", 5)];
+    more[1].fare_fen += 50;
+    let chain: Vec<_> = more.iter().cloned().map(|r| head.append(r)).collect();
+    let batch = UploadBatch::new(prev, chain).unwrap();
+    assert!(matches!(server.client.upload(&station(), &batch).await.unwrap(), UploadOutcome::Acked(_)));
+    scrape_has([("verified", 3), ("mismatched", 3), ("missing", 2)]).await;
+    let rep: serde_json::Value =
+        http.get(server.url("/v1/admin/tac")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        rep["totals"],
+        serde_json::json!({"verified": 3, "mismatched": 3, "missing": 2, "unchecked": 0})
+    );
 }
