@@ -131,7 +131,7 @@ struct ReaderArgs {
     #[arg(long, env = "READER_SIM_RATE", default_value_t = 2.0)]
     rate: f64,
     /// Hex seed of a QR issuer key the gate trusts (issuer 1, key 1); no QR codes without it.
-    #[arg(long, env = "READER_SIM_QR_KEY")]
+    #[arg(long, env = "READER_SIM_QR_KEY", hide_env_values = true)]
     qr_key: Option<String>,
     /// Number of simulated cards in the passenger population.
     #[arg(long, env = "READER_SIM_CARDS", default_value_t = 10_000)]

@@ -297,9 +297,10 @@ fn start_network_passengers(sup: &mut Supervisor, stations: &[Planned], tap_rate
         })
         .collect();
     let rate = tap_rate * readers.len() as f64;
-    let mut args = os(&["network-sim", "--rate", &rate.to_string(), "--reader", &readers.join(",")]);
-    args.extend(os(&["--qr-key", &hex::encode(first.secrets.qr_issuer_key.to_bytes())]));
+    let args = os(&["network-sim", "--rate", &rate.to_string(), "--reader", &readers.join(",")]);
     let mut passengers = svc("passengers".into(), 5, args);
+    // The keys go in the environment, not on the command line `ps` shows.
+    passengers.env.push(("NETWORK_SIM_QR_KEY".into(), hex::encode(first.secrets.qr_issuer_key.to_bytes())));
     passengers.env.push(("NETWORK_SIM_PSAM_ISSUER_KEY".into(), first.secrets.tac_issuer_key.clone()));
     sup.start(passengers);
 }
@@ -327,14 +328,14 @@ fn start_readers(sup: &mut Supervisor, st: &Planned, tap_rate: f64) {
             &tap_rate.to_string(),
             "--seed",
             &n.to_string(),
-            "--qr-key",
-            &hex::encode(st.secrets.qr_issuer_key.to_bytes()),
-            // A two-phase reader: its simulated PSAM signs every stored-value debit (the issuer
-            // key goes in the environment, not on the command line `ps` shows).
+            // A two-phase reader: its simulated PSAM signs every stored-value debit.
             "--psam-id",
             &psam_id(&st.plan, n).to_string(),
         ];
         let mut reader = svc(format!("{}reader-{gate}", st.prefix), 5, os(&a));
+        // The keys (QR issuer seed, PSAM issuer key) go in the environment, not on the command
+        // line `ps` shows.
+        reader.env.push(("READER_SIM_QR_KEY".into(), hex::encode(st.secrets.qr_issuer_key.to_bytes())));
         reader.env.push(("READER_SIM_PSAM_ISSUER_KEY".into(), st.secrets.tac_issuer_key.clone()));
         sup.start(reader);
     }
