@@ -29,7 +29,9 @@
 //! records the PSAM's id, counter and TAC in the record (`TxRecord::tac`) before it is made
 //! durable and the reader answered. A timeout or a PSAM error turns the decision into a refusal
 //! (`psam_timeout`, `psam_failed`): recorded, counted (`afc_gate_psam_signatures_total`),
-//! nothing charged, nothing written to the card. A reader without a PSAM is never asked.
+//! nothing charged, nothing written to the card. A reader without a PSAM is never asked; its
+//! debits are recorded without a TAC, or refused with `psam_failed` when `gate_config.require_psam`
+//! is set.
 //!
 //! Control messages reach this module only after the MQTT side verified their station signature
 //! (`afc_domain::signed`); what fails verification is counted and alarmed here
@@ -475,9 +477,16 @@ impl Gate {
         };
         afc_process::metrics::observe(&self.metrics.decision_seconds, t.elapsed());
         // A debit that writes the card is signed by the reader's PSAM before anything is recorded;
-        // without its TAC the tap is refused (nothing charged, nothing written).
+        // without its TAC the tap is refused (nothing charged, nothing written). A reader without
+        // a PSAM debits unsigned unless gate_config requires the PSAM.
+        let debit = d.accepted() && d.media == Media::Svc && granted.is_none();
         let (d, tac) = match (psam, &d.card_write) {
-            (Some(p), Some(w)) if d.accepted() && d.media == Media::Svc && granted.is_none() => {
+            (None, Some(_)) if debit && params.gate_config.psam_required() => {
+                self.metrics.psam("absent");
+                tracing::warn!(card = d.id, "a stored-value debit from a reader without a PSAM while gate_config requires one: tap refused");
+                (psam_refusal(d, Reason::PsamFailed), None)
+            }
+            (Some(p), Some(w)) if debit => {
                 let input = TacInput {
                     card_id: d.id,
                     tx_counter: w.tx_counter,

@@ -186,7 +186,7 @@ impl Metrics {
             psam: counters(
                 &r,
                 "afc_gate_psam_signatures_total",
-                "Stored-value debits the reader's PSAM was asked to sign, by outcome (signed, timeout, failed: the tap refused).",
+                "Stored-value debits the reader's PSAM was asked to sign, by outcome (signed; timeout, failed: the tap refused; absent: a reader without a PSAM while gate_config requires one, the tap refused; late: an answer after the gate stopped waiting, dropped).",
                 &["outcome"],
             ),
             psam_seconds: histogram(
@@ -272,7 +272,7 @@ impl Metrics {
         self.params_rejected.with_label_values(&[kind]).inc();
     }
 
-    /// One PSAM signature request ended with `outcome` (`signed`, `timeout`, `failed`).
+    /// One PSAM signature request ended with `outcome` (`signed`, `timeout`, `failed`, `absent`, `late`).
     pub fn psam(&self, outcome: &'static str) {
         self.psam.with_label_values(&[outcome]).inc();
     }

@@ -32,46 +32,67 @@ enum Line {
     Eof,
 }
 
-/// Reads up to the next `\n`; past `limit` bytes the rest of the line is discarded.
-async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>, limit: usize) -> std::io::Result<Line> {
-    let mut out = Vec::new();
-    let mut too_long = false;
-    loop {
-        let buf = r.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(if out.is_empty() && !too_long {
-                Line::Eof
-            } else if too_long {
-                Line::TooLong
-            } else {
-                Line::Text(out)
-            });
-        }
-        let (chunk, found) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        if !too_long {
-            if out.len() + chunk.len() > limit {
-                too_long = true;
-                out = Vec::new();
-            } else {
-                out.extend_from_slice(chunk);
+/// The lines of one reader connection, each bounded to `limit` bytes (past it the rest of the line
+/// is discarded).
+///
+/// Cancel-safe: the part of a line read so far is kept here, not in the future, so a `next` that
+/// is dropped mid-line (the gate's PSAM wait timing out while the answer is half received) loses
+/// nothing, and the next call returns the whole line.
+struct LineReader<R> {
+    r: BufReader<R>,
+    limit: usize,
+    partial: Vec<u8>,
+    too_long: bool,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    fn new(r: BufReader<R>, limit: usize) -> LineReader<R> {
+        LineReader { r, limit, partial: Vec::new(), too_long: false }
+    }
+
+    /// Reads up to the next `\n`.
+    async fn next(&mut self) -> std::io::Result<Line> {
+        loop {
+            let buf = self.r.fill_buf().await?;
+            if buf.is_empty() {
+                let out = std::mem::take(&mut self.partial);
+                return Ok(if std::mem::take(&mut self.too_long) {
+                    Line::TooLong
+                } else if out.is_empty() {
+                    Line::Eof
+                } else {
+                    Line::Text(out)
+                });
             }
-        }
-        let consumed = found.unwrap_or(buf.len());
-        r.consume(consumed);
-        if found.is_some() {
-            return Ok(if too_long { Line::TooLong } else { Line::Text(out) });
+            let (chunk, found) = match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => (&buf[..i], Some(i + 1)),
+                None => (buf, None),
+            };
+            if !self.too_long {
+                if self.partial.len() + chunk.len() > self.limit {
+                    self.too_long = true;
+                    self.partial = Vec::new();
+                } else {
+                    self.partial.extend_from_slice(chunk);
+                }
+            }
+            // No await between keeping the bytes and consuming them: a drop here loses nothing.
+            let consumed = found.unwrap_or(buf.len());
+            self.r.consume(consumed);
+            if found.is_some() {
+                let out = std::mem::take(&mut self.partial);
+                return Ok(if std::mem::take(&mut self.too_long) { Line::TooLong } else { Line::Text(out) });
+            }
         }
     }
 }
 
 /// The PSAM of the reader at the other end of one connection: a `sign` line out, one line back.
-/// The gate bounds the wait (dropping this future mid-line loses that line's start; the rest then
-/// reads as a malformed line, answered with an error line the reader ignores).
+/// The gate bounds the wait; an answer it stopped waiting for, even one cut off mid-line, is read
+/// whole by the connection's next read (the [`LineReader`] keeps the part received) and dropped
+/// there as late.
 struct ReaderPsam<'a, R, W> {
-    r: &'a mut BufReader<R>,
+    r: &'a mut LineReader<R>,
     w: &'a mut W,
 }
 
@@ -84,7 +105,7 @@ where
         let line = wire::encode_line(&PsamSignRequest { sign: input.clone() });
         self.w.write_all(&line).await.map_err(|e| PsamFault(format!("sending the sign line: {e}")))?;
         let answer = loop {
-            match read_line(self.r, MAX_READER_LINE).await {
+            match self.r.next().await {
                 Ok(Line::Text(t)) if t.iter().all(|b| b.is_ascii_whitespace()) => continue,
                 Ok(Line::Text(t)) => break t,
                 Ok(Line::TooLong) => return Err(PsamFault("answer over the line limit".into())),
@@ -125,11 +146,11 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, metrics: Arc<Metrics>
         let cancel = cancel.clone();
         connections.spawn(async move {
             let (r, mut w) = stream.into_split();
-            let mut r = BufReader::new(r);
+            let mut r = LineReader::new(BufReader::new(r), MAX_READER_LINE);
             loop {
                 let line = tokio::select! {
                     () = cancel.cancelled() => break,
-                    l = read_line(&mut r, MAX_READER_LINE) => l,
+                    l = r.next() => l,
                 };
                 let line = match line {
                     Ok(Line::Text(t)) => t,
@@ -206,10 +227,29 @@ mod tests {
     #[tokio::test]
     async fn lines_are_split_bounded_and_the_rest_of_a_long_line_is_skipped() {
         let data = b"{\"a\":1}\nxxxxxxxxxxxxxxxxxxxx\nlast".to_vec();
-        let mut r = BufReader::with_capacity(4, &data[..]);
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Text(t) if t == b"{\"a\":1}"));
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::TooLong));
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Text(t) if t == b"last"));
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Eof));
+        let mut r = LineReader::new(BufReader::with_capacity(4, &data[..]), 10);
+        assert!(matches!(r.next().await.unwrap(), Line::Text(t) if t == b"{\"a\":1}"));
+        assert!(matches!(r.next().await.unwrap(), Line::TooLong));
+        assert!(matches!(r.next().await.unwrap(), Line::Text(t) if t == b"last"));
+        assert!(matches!(r.next().await.unwrap(), Line::Eof));
+    }
+
+    #[tokio::test]
+    async fn a_read_dropped_mid_line_loses_nothing_and_the_next_read_returns_the_whole_line() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let mut r = LineReader::new(BufReader::new(rx), 100);
+        tx.write_all(b"{\"signed\":").await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(50), r.next()).await;
+        assert!(waited.is_err(), "no line yet");
+        tx.write_all(b"1}\nnext\n").await.unwrap();
+        assert!(matches!(r.next().await.unwrap(), Line::Text(t) if t == b"{\"signed\":1}"));
+        assert!(matches!(r.next().await.unwrap(), Line::Text(t) if t == b"next"));
+        // The same with a line that grows past the limit across the drop.
+        tx.write_all(&[b'x'; 60]).await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(50), r.next()).await.is_err());
+        tx.write_all(&[b'x'; 60]).await.unwrap();
+        tx.write_all(b"\nlast\n").await.unwrap();
+        assert!(matches!(r.next().await.unwrap(), Line::TooLong));
+        assert!(matches!(r.next().await.unwrap(), Line::Text(t) if t == b"last"));
     }
 }

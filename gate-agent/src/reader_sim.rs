@@ -177,6 +177,9 @@ pub enum PsamBehaviour {
     /// Answers only once the gate has answered the tap (a PSAM slower than the gate's bound: the
     /// gate refuses first), and this much later again.
     Late(std::time::Duration),
+    /// Sends the first half of its `signed` line at once and the rest only once the gate has
+    /// answered the tap (an answer cut off by the gate's bound mid-line).
+    Torn,
     /// Never answers.
     Silent,
     /// Answers `psam_error` with this code.
@@ -252,13 +255,15 @@ impl ReaderConn {
                         message: "simulated".into(),
                     })),
                     PsamBehaviour::Silent => None,
-                    PsamBehaviour::Sign | PsamBehaviour::Late(_) => match sim.psam.sign(&sign) {
-                        Some(t) => Some(PsamReply::Signed(t)),
-                        None => Some(PsamReply::PsamError(PsamError {
-                            code: "counter_exhausted".into(),
-                            message: String::new(),
-                        })),
-                    },
+                    PsamBehaviour::Sign | PsamBehaviour::Late(_) | PsamBehaviour::Torn => {
+                        match sim.psam.sign(&sign) {
+                            Some(t) => Some(PsamReply::Signed(t)),
+                            None => Some(PsamReply::PsamError(PsamError {
+                                code: "counter_exhausted".into(),
+                                message: String::new(),
+                            })),
+                        }
+                    }
                 };
                 let tac = match &reply {
                     Some(PsamReply::Signed(t)) => Some(*t),
@@ -269,7 +274,16 @@ impl ReaderConn {
                     PsamBehaviour::Late(d) => Some(d),
                     _ => None,
                 };
+                let torn = sim.behaviour == PsamBehaviour::Torn;
                 self.psam = Some(sim);
+                if let (true, Some(r)) = (torn, &reply) {
+                    let line = wire::encode_line(r);
+                    let (first, rest) = line.split_at(line.len() / 2);
+                    self.writer.write_all(first).await?;
+                    answer = self.read_answer().await?;
+                    self.writer.write_all(rest).await?;
+                    return wire::decode(answer.as_bytes()).map_err(invalid);
+                }
                 if let Some(d) = late {
                     // The gate gives up first and answers; the late PSAM answer follows it.
                     answer = self.read_answer().await?;

@@ -95,6 +95,11 @@ pub struct GateConfigBody {
     /// before an entry is refused; [`crate::bank::DEFAULT_UNPAID_TAPS_PER_DAY`] when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bank_unpaid_taps_per_day: Option<u16>,
+    /// Every stored-value debit must carry its PSAM's TAC: a debit from a reader without a PSAM
+    /// (one that does not announce `psam`) is refused with `psam_failed` instead of being recorded
+    /// unsigned. Off when absent, so older readers keep working until every reader has its PSAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_psam: Option<bool>,
 }
 
 /// The re-tap window after a voided passage when gate_config says nothing.
@@ -102,12 +107,13 @@ pub const DEFAULT_RETAP_WINDOW_SECS: u64 = 120;
 
 impl GateConfigBody {
     /// Every field a `gate_config` body may carry.
-    pub const FIELDS: [&'static str; 5] = [
+    pub const FIELDS: [&'static str; 6] = [
         "direction",
         "release_on_controller_loss_secs",
         "hardware_profile",
         "retap_window_secs",
         "bank_unpaid_taps_per_day",
+        "require_psam",
     ];
 
     /// Reads a body an operator wrote: unknown fields (a typo) and values out of range are refused.
@@ -142,6 +148,11 @@ impl GateConfigBody {
     /// The unpaid-tap limit for bank tokens ([`GateConfigBody::bank_unpaid_taps_per_day`]).
     pub fn bank_taps_per_day(&self) -> u16 {
         self.bank_unpaid_taps_per_day.unwrap_or(crate::bank::DEFAULT_UNPAID_TAPS_PER_DAY)
+    }
+
+    /// Whether an unsigned stored-value debit is refused ([`GateConfigBody::require_psam`]).
+    pub fn psam_required(&self) -> bool {
+        self.require_psam.unwrap_or(false)
     }
 
     /// The re-tap window after a voided passage ([`GateConfigBody::retap_window_secs`]).

@@ -4,11 +4,14 @@
 //! PSAM keeps the one-phase exchange.
 
 use afc_domain::ledger::TxRecord;
-use afc_domain::model::{Direction, Reason};
+use afc_domain::model::{Direction, ParamKind, Reason, Timestamp};
+use afc_domain::package::GateConfigBody;
 use afc_domain::tac::{IssuerKey, Psam, TacInput};
 use afc_domain::wire::{DecisionKind, ReaderReply, ReaderResponse};
 use gate_agent::plc_sim::SimWrite;
 use gate_agent::reader_sim::{PsamBehaviour, ReaderConn, SimPsam};
+
+use afc_test_support::cards::bank_tap;
 
 use crate::harness::*;
 
@@ -108,13 +111,25 @@ async fn a_psam_that_does_not_answer_in_time_refuses_the_tap_with_nothing_charge
     let m = agent.running.metrics.clone();
     eventually("the late answer to be counted", || (m.psam_outcomes("late") == 1).then_some(())).await;
 
+    // A PSAM answer cut off by the bound mid-line: its rest, arriving later, completes the line
+    // the gate kept, which is dropped as late, not answered as a malformed request.
+    let other = || svc_tap(Direction::Exit, card(id + 1, 1000, Some((FAR, entered))));
+    let mut torn = psam_reader(&agent, PsamBehaviour::Torn).await;
+    let r = response(torn.tap(&other()).await.unwrap());
+    assert_eq!((r.reason, r.card_write), (Reason::PsamTimeout, None));
+    torn.psam.as_mut().unwrap().behaviour = PsamBehaviour::Sign;
+    let r = response(torn.tap(&other()).await.unwrap());
+    assert_eq!((r.decision, r.fare_fen), (DecisionKind::OpenExit, 400));
+    eventually("the torn answer to be counted", || (m.psam_outcomes("late") == 2).then_some(())).await;
+    assert!(!m.render().contains("afc_gate_malformed_total{source=\"reader\"}"), "{}", m.render());
+
     let mut broken = psam_reader(&agent, PsamBehaviour::Error("locked".into())).await;
     let r = response(broken.tap(&exit()).await.unwrap());
     assert_eq!((r.decision, r.reason, r.card_write), (DecisionKind::Reject, Reason::PsamFailed, None));
 
     let recs = records(&agent);
     let refused: Vec<&TxRecord> = recs.iter().filter(|r| !r.accepted).collect();
-    assert_eq!(refused.len(), 3, "{recs:?}");
+    assert_eq!(refused.len(), 4, "{recs:?}");
     for r in refused {
         // Recorded as a refusal: nothing charged from the card, no counter written, no TAC.
         assert!(matches!(r.reason, Reason::PsamTimeout | Reason::PsamFailed));
@@ -123,12 +138,12 @@ async fn a_psam_that_does_not_answer_in_time_refuses_the_tap_with_nothing_charge
             (Some(1000), None, None, None)
         );
     }
-    assert_eq!(recs.iter().filter(|r| r.accepted && r.tac.is_some()).count(), 1);
-    assert_eq!((m.psam_outcomes("timeout"), m.psam_outcomes("failed"), m.psam_outcomes("signed")), (2, 1, 1));
-    assert_eq!(m.decisions_with_reason("psam_timeout"), 2);
-    let (s, _) = plc.sim.wait_for(DEADLINE, |s| s.exits_total >= 1).await;
+    assert_eq!(recs.iter().filter(|r| r.accepted && r.tac.is_some()).count(), 2);
+    assert_eq!((m.psam_outcomes("timeout"), m.psam_outcomes("failed"), m.psam_outcomes("signed")), (3, 1, 2));
+    assert_eq!(m.decisions_with_reason("psam_timeout"), 3);
+    let (s, _) = plc.sim.wait_for(DEADLINE, |s| s.exits_total >= 2).await;
     let opens = s.writes.iter().filter(|w| matches!(w, SimWrite::Coil { addr: 0 | 1, value: true })).count();
-    assert_eq!((s.exits_total, opens), (1, 1), "only the signed tap opened");
+    assert_eq!((s.exits_total, opens), (2, 2), "only the signed taps opened");
 }
 
 #[tokio::test]
@@ -155,4 +170,41 @@ async fn an_older_one_phase_reader_is_answered_at_once_and_its_records_carry_no_
         agent.running.metrics.psam_outcomes("signed") + agent.running.metrics.psam_outcomes("timeout"),
         0
     );
+}
+
+#[tokio::test]
+async fn with_gate_config_requiring_the_psam_a_reader_without_one_cannot_debit_and_one_with_it_can() {
+    let plc = plc().await;
+    let agent = Agent::start(free_port(), &plc).await;
+    agent.seed_defaults();
+    let config = GateConfigBody { require_psam: Some(true), ..GateConfigBody::default() };
+    agent.seed(ParamKind::GateConfig, 1, Timestamp(0), serde_json::to_vec(&config).unwrap());
+    let entered = gate_agent::gate::now().plus_minutes(-30);
+    let exit = |id| svc_tap(Direction::Exit, card(id, 1000, Some((FAR, entered))));
+
+    let mut old = agent.reader().await;
+    let r = response(old.tap(&exit(3104_0000_0000_0031)).await.unwrap());
+    assert_eq!((r.decision, r.reason, r.card_write), (DecisionKind::Reject, Reason::PsamFailed, None));
+    // What needs no debit still works from that reader: a refusal stays a refusal, a bank card
+    // (charged by clearing, never written) is let in.
+    let r = response(old.tap(&svc_tap(Direction::Entry, card(BLACKLISTED, 1000, None))).await.unwrap());
+    assert_eq!(r.reason, Reason::Blacklisted);
+    let token = afc_domain::bank::sample_tokens(1, 31)[0];
+    let r = response(old.tap(&bank_tap(Direction::Entry, token, 1)).await.unwrap());
+    assert_eq!((r.decision, r.reason), (DecisionKind::OpenEntry, Reason::Ok));
+
+    let mut signing = psam_reader(&agent, PsamBehaviour::Sign).await;
+    let r = response(signing.tap(&exit(3104_0000_0000_0032)).await.unwrap());
+    assert_eq!((r.decision, r.fare_fen), (DecisionKind::OpenExit, 400));
+
+    let m = &agent.running.metrics;
+    assert_eq!((m.psam_outcomes("absent"), m.psam_outcomes("signed")), (1, 1));
+    let recs = records(&agent);
+    assert_eq!(recs.len(), 4, "{recs:?}");
+    assert_eq!(
+        (recs[0].accepted, recs[0].reason, recs[0].balance_after, recs[0].card_tx_counter, recs[0].tac),
+        (false, Reason::PsamFailed, None, None, None),
+        "refused: nothing charged or written"
+    );
+    assert!(recs[3].accepted && recs[3].tac.is_some(), "{:?}", recs[3]);
 }
