@@ -13,12 +13,12 @@
 //!   parameter pointers and chunks, modes, commands, tx acks, used QR codes. A malformed message is
 //!   counted, logged, acked and skipped.
 //!
-//! Signatures (`afc_domain::signed`): `mode`, `cmd`, `tx/ack` and the relayed `qr/used` must be
+//! Signatures (`afc_domain::signed`): `mode`, `state`, `cmd`, `tx/ack` and the relayed `qr/used` must be
 //! signed by a station key the gate trusts (`[trusted_keys]`, the package keys) for the exact
 //! topic they arrive on; one that is not changes nothing, is counted
 //! (`afc_gate_unverified_messages_total{topic,reason}`), raises the rate-limited
 //! `unverified_message` alarm, and is acked (refused for good). Parameter pointers and chunks stay
-//! plain (the package inside is signed), and so does `state`. Everything the gate publishes is
+//! plain (the package inside is signed). Everything the gate publishes is
 //! signed with its own key (the tx batch key, key id `GATE_KEY_ID`) except the will, which is
 //! fixed at connect time and says only `offline`.
 //! - `mqtt-upload` sends the outbox in gate_seq order as signed batches on `gates/{gate}/tx` and
@@ -511,8 +511,12 @@ async fn inbox_task(
                 }
                 Ok(())
             }
-            Topic::State { .. } => match wire::decode::<wire::StationState>(payload) {
-                Ok(wire::StationState::Online(l)) => {
+            // Sealed by the station like `mode`: a forged online state naming a high term would
+            // make every genuine will look stale (the controller-loss release would never come),
+            // a forged offline one would start it.
+            Topic::State { .. } => match verified::<wire::StationState>(&g, "state", &p.topic, payload) {
+                None => Ok(()),
+                Some(wire::StationState::Online(l)) => {
                     let mut seen = ctx.leader.lock().unwrap_or_else(|p| p.into_inner());
                     let newer = seen.is_none_or(|(node, term, since)| {
                         l.term > term || (l.term == term && (l.leader_node != node || l.since != since))
@@ -532,7 +536,7 @@ async fn inbox_task(
                     }
                     Ok(())
                 }
-                Ok(wire::StationState::Offline(off)) => {
+                Some(wire::StationState::Offline(off)) => {
                     // A will naming an older term (or another node in the same term) than the
                     // leader last seen online is a former leader's: it says nothing of the current one.
                     let seen = *ctx.leader.lock().unwrap_or_else(|p| p.into_inner());
@@ -556,7 +560,6 @@ async fn inbox_task(
                     }
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
             },
             _ => Ok(()),
         };

@@ -7,7 +7,7 @@
 //! session and waits for its tasks. Task `leader-lease` confirms the leadership again every
 //! 500 ms (and the publisher on every ConnAck) and ends the session when a quorum does not, so a
 //! node that is not the leader publishes nothing retained. A session is one MQTT connection with a client id and a `state` will of
-//! its own (`{online:false, leader_node, term}`), and these tasks:
+//! its own (`{online:false, leader_node, term}`, sealed with the station key like every `state`), and these tasks:
 //! - `mqtt-eventloop` ([`mqtt`]): owns and polls the rumqttc event loop, nothing else;
 //! - `leader-dispatch` (here): routes what gates publish: tx batches to ingest, status,
 //!   heartbeats, `params/ack` and events to the gate board ([`view`]), command acks to their
@@ -21,8 +21,8 @@
 //! - `leader-publisher` ([`publish`]): re-subscribes and publishes `state`, parameter packages
 //!   (chunks first, pointer last) and `mode` on every ConnAck, then follows the state machine;
 //!   it reads the retained `mode` and `state` back and publishes its own again when the broker
-//!   holds another (an old leader's late will or `state`); a `state` naming a newer term has the
-//!   leadership confirmed first;
+//!   holds another (an old leader's late will or `state`, or an unsigned one); a `state` sealed
+//!   with the station key naming a newer term has the leadership confirmed first;
 //! - `qr-relay`: batches `gates/+/qr/used` onto `qr/used`;
 //! - `rollout-driver` ([`rollout`]): starts and steps the replicated staged rollouts with what
 //!   the board shows, and republishes the old content after a rollback;
@@ -514,7 +514,8 @@ async fn run_session(duties: Arc<Duties>, term: u64, stop: CancellationToken) {
     // Read once when the node started (`crate::secrets`), never again per leadership.
     let password = node.secrets.mqtt_password.clone();
     let tls = node.secrets.mqtt_tls.clone();
-    let options = mqtt::options(&duties.cfg, &node.config.station, node.id, term, password, tls);
+    let options =
+        mqtt::options(&duties.cfg, &node.config.station, node.id, term, password, tls, &duties.station_key);
     let (client, eventloop) = AsyncClient::new(options, mqtt::REQUEST_CAPACITY);
     let (conn_tx, conn_rx) = watch::channel(0u64);
     let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
@@ -817,7 +818,7 @@ fn dispatch(
         }
         // The retained state too: an old leader's will or `state` (or a forged one) is replaced
         // by ours; one naming a newer term first has this leadership confirmed again.
-        Topic::State { .. } => match ctx.state_guard.observe(payload, ctx.term) {
+        Topic::State { .. } => match ctx.state_guard.observe(name, payload, ctx.term, &ctx.station_key) {
             publish::StateSeen::Ours | publish::StateSeen::Unset => {}
             publish::StateSeen::Other => {
                 tracing::warn!("the retained state on the broker is not this leader's; publishing it again");

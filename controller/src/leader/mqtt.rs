@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use afc_domain::backoff::Backoff;
 use afc_domain::topic::Topic;
-use afc_domain::wire::{self, Offline, StationState};
+use afc_domain::wire::{Offline, StationState};
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
 };
@@ -24,7 +24,8 @@ use super::{split_host_port, Stats};
 pub const REQUEST_CAPACITY: usize = 1024;
 
 /// Options for the leader's connection in `term`: a client id unique to this leadership, a clean
-/// session, packets up to `max_packet_bytes` out and above any broker's cap in, the `state` will `{online:false, leader_node, term}`,
+/// session, packets up to `max_packet_bytes` out and above any broker's cap in, the `state` will
+/// `{online:false, leader_node, term}` sealed with the station key,
 /// and TLS when `tls` is given (`[mqtt.tls]`).
 pub fn options(
     cfg: &MqttConfig,
@@ -33,6 +34,7 @@ pub fn options(
     term: u64,
     password: Option<String>,
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    station_key: &crate::secrets::StationKey,
 ) -> MqttOptions {
     let (host, port) = split_host_port(&cfg.address);
     let id = format!("{}-{node_id}-{term}", cfg.client_id_prefix);
@@ -46,9 +48,11 @@ pub fn options(
     let incoming = cfg.max_packet_bytes.max(super::broker::MIN_BROKER_PAYLOAD + 64 * 1024);
     o.set_max_packet_size(incoming, cfg.max_packet_bytes);
     o.set_request_channel_capacity(REQUEST_CAPACITY);
+    // Sealed once here, like every `state` this session publishes: a gate takes no unsigned one.
     let will = StationState::Offline(Offline { leader_node: Some(node_id), term: Some(term) });
     let topic = Topic::State { station: station.clone() }.to_string();
-    o.set_last_will(LastWill::new(topic, wire::encode(&will), QoS::AtLeastOnce, true));
+    let will = station_key.seal(&topic, &will);
+    o.set_last_will(LastWill::new(topic, will, QoS::AtLeastOnce, true));
     if let Some(user) = &cfg.username {
         o.set_credentials(user.clone(), password.unwrap_or_default());
     }

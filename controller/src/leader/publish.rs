@@ -12,8 +12,10 @@
 //! payloads); on the first pass of a leadership the chunks of stored but unreferenced versions
 //! and the overrides of registered gates that should have none are cleared too.
 //!
-//! The `mode` message is sealed with the station key ([`super::StationKey`]; gates take no
-//! other) and carries a `version` that grows with every change (the millisecond time of
+//! The `state` messages (this session's online state, and its will, sealed once at connect in
+//! [`super::mqtt::options`]) are sealed with the station key, so a forged retained `state` can
+//! neither hide the controllers' loss from the gates nor fake it. The `mode` message is sealed
+//! with the station key ([`super::StationKey`]; gates take no other) and carries a `version` that grows with every change (the millisecond time of
 //! the change, or one more than the previous version if that is larger), so a gate ignores a
 //! stale retained one; an emergency release reaches the broker within one
 //! [`POLL`] of being applied here.
@@ -33,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::StationState;
 
-use super::Ctx;
+use super::{Ctx, StationKey};
 use crate::clock::now;
 
 /// How often the publisher looks for newly applied entries.
@@ -107,14 +109,19 @@ impl StateGuard {
         *self.sealed.lock().unwrap_or_else(|p| p.into_inner()) = Some(payload.to_vec());
     }
 
-    /// Classifies `payload`, read back from the retained `state`, for a session of `term`.
-    pub(crate) fn observe(&self, payload: &[u8], term: u64) -> StateSeen {
+    /// Classifies `payload`, read back from the retained `state` on `topic`, for a session of
+    /// `term`. Only a `state` sealed with the station key can name a newer term: anything else
+    /// (unsigned, forged, garbled) is simply replaced.
+    pub(crate) fn observe(&self, topic: &str, payload: &[u8], term: u64, key: &StationKey) -> StateSeen {
         let ours = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
         let Some(ours) = ours.as_deref() else { return StateSeen::Unset };
         if ours == payload {
             return StateSeen::Ours;
         }
-        let named = wire::decode::<StateMsg>(payload).ok().and_then(|s| match s {
+        let vk = key.verifying_key();
+        let opened =
+            afc_domain::signed::open::<StateMsg>(topic, payload, |id| (id == key.key_id).then_some(vk));
+        let named = opened.ok().and_then(|s| match s {
             StateMsg::Online(l) => Some(l.term),
             StateMsg::Offline(o) => o.term,
         });
@@ -150,8 +157,10 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
     let mut restored_at: Option<tokio::time::Instant> = None;
     let mut state_restored_at: Option<tokio::time::Instant> = None;
     let state_topic = Topic::State { station: ctx.station.clone() }.to_string();
-    let state =
-        wire::encode(&StateMsg::Online(LeaderState { leader_node: ctx.node.id, term: ctx.term, since }));
+    let state = ctx.station_key.seal(
+        &state_topic,
+        &StateMsg::Online(LeaderState { leader_node: ctx.node.id, term: ctx.term, since }),
+    );
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -423,6 +432,33 @@ mod tests {
         assert!(second.version > first.version);
         assert_eq!(second.bits, ModeBits::NORMAL);
         assert_eq!(second.since, Timestamp(900));
+    }
+
+    #[test]
+    fn only_a_state_sealed_with_the_station_key_can_name_a_newer_term() {
+        let key = StationKey::new(3, ed25519_dalek::SigningKey::from_bytes(&[7; 32]));
+        let topic = "afc/v1/s1/state";
+        let online = |term| StateMsg::Online(LeaderState { leader_node: 2, term, since: Timestamp(5) });
+        let guard = StateGuard::default();
+        assert!(matches!(guard.observe(topic, &key.seal(topic, &online(9)), 4, &key), StateSeen::Unset));
+        let ours = key.seal(topic, &online(4));
+        guard.published(&ours);
+        assert!(matches!(guard.observe(topic, &ours, 4, &key), StateSeen::Ours));
+        assert!(matches!(
+            guard.observe(topic, &key.seal(topic, &online(9)), 4, &key),
+            StateSeen::NewerTerm(9)
+        ));
+        // Unsigned, signed by another key, or sealed for another topic: replaced, never a reason
+        // to doubt the leadership.
+        let other = StationKey::new(3, ed25519_dalek::SigningKey::from_bytes(&[8; 32]));
+        for forged in [
+            wire::encode(&online(9)),
+            other.seal(topic, &online(9)),
+            key.seal("afc/v1/s2/state", &online(9)),
+            key.seal(topic, &online(3)),
+        ] {
+            assert!(matches!(guard.observe(topic, &forged, 4, &key), StateSeen::Other));
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use afc_domain::topic::Topic;
-use afc_domain::wire::{self, StationState};
+use afc_domain::wire::StationState;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use crate::common::*;
@@ -52,7 +52,7 @@ async fn retained_state(port: u16, probe: u32) -> Option<StationState> {
         }
         match tokio::time::timeout(left.min(Duration::from_millis(100)), ev.poll()).await {
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == state_topic() => {
-                break wire::decode::<StationState>(&p.payload).ok();
+                break open_from_station::<StationState>(&p.topic, &p.payload).ok();
             }
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacked = Some(Instant::now()),
             Ok(Ok(_)) | Err(_) => {}
@@ -76,7 +76,7 @@ fn watch_state(port: u16) -> (Arc<Mutex<Vec<StationState>>>, tokio::task::JoinHa
         loop {
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == state_topic() => {
-                    if let Ok(s) = wire::decode::<StationState>(&p.payload) {
+                    if let Ok(s) = open_from_station::<StationState>(&p.topic, &p.payload) {
                         out.lock().unwrap().push(s);
                     }
                 }

@@ -206,7 +206,7 @@ async fn wait_state(g: &mut FakeGate, leader: u64) {
     let state = topic("state");
     g.wait_for(&format!("state naming leader {leader}"), Duration::from_secs(15), |p| {
         (p.topic == state)
-            .then(|| wire::decode::<StationState>(&p.payload).ok())
+            .then(|| open_from_station::<StationState>(&p.topic, &p.payload).ok())
             .flatten()
             .filter(|s| matches!(s, StationState::Online(l) if l.leader_node == leader))
     })

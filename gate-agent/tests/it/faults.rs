@@ -116,15 +116,13 @@ async fn with_the_broker_up_and_the_controllers_offline_too_long_the_gate_releas
     start_broker(port).await;
     let controller = Controller::connect(port).await;
     let state_topic = format!("afc/v1/{STATION}/state");
-    let online = |node, term| {
-        wire::encode(&StationState::Online(LeaderState {
-            leader_node: node,
-            term,
-            since: gate_agent::gate::now(),
-        }))
+    // The leader seals every `state` (its will too) with the station key.
+    let online_msg = |node, term| {
+        StationState::Online(LeaderState { leader_node: node, term, since: gate_agent::gate::now() })
     };
+    let online = |node, term| signed(&state_topic, &online_msg(node, term));
     let offline = |node, term| {
-        wire::encode(&StationState::Offline(Offline { leader_node: Some(node), term: Some(term) }))
+        signed(&state_topic, &StationState::Offline(Offline { leader_node: Some(node), term: Some(term) }))
     };
     controller.publish(state_topic.clone(), true, online(1, 1)).await;
     let plc = plc().await;
@@ -184,4 +182,27 @@ async fn with_the_broker_up_and_the_controllers_offline_too_long_the_gate_releas
     controller.publish(state_topic.clone(), true, offline(1, 1)).await;
     tokio::time::sleep(Duration::from_millis(LIMIT_SECS * 1000 + 1500)).await;
     assert!(!plc.sim.snapshot().free_passage && !g.free_passage());
+
+    // A forged `state` on the station LAN: unsigned, it changes nothing. Taken, the online one
+    // naming a far newer term would make the real leader's will below look stale, and the gate
+    // would never release; the offline one would start the release.
+    let m = agent.running.metrics.clone();
+    controller.publish(state_topic.clone(), true, wire::encode(&online_msg(9, 1_000))).await;
+    controller
+        .publish(
+            state_topic.clone(),
+            true,
+            wire::encode(&StationState::Offline(Offline { leader_node: Some(2), term: Some(2) })),
+        )
+        .await;
+    eventually("both forged states refused", || {
+        (m.unverified_messages("state", "malformed") == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(LIMIT_SECS * 1000 + 1500)).await;
+    assert!(!plc.sim.snapshot().free_passage, "a forged offline state released the gate");
+    // The real leader's will still releases.
+    controller.publish(state_topic.clone(), true, offline(2, 2)).await;
+    let (s, ok) = plc.sim.wait_for(DEADLINE, |s| s.free_passage).await;
+    assert!(ok, "the genuine will after a forged newer term never released: {s:?}");
 }
