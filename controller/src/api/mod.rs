@@ -142,7 +142,7 @@ use days::{
     CloseBody, DayOut, DaySummary, FlowReport, IncidentsReport, RejectsReport, ReportQuery, RevenueReport,
 };
 use gates::{CommandBody, CommandOut, GateOut};
-use mode::{Emergency, ModeOut, ModeSetOut, SetMode};
+use mode::{Emergency, EndWindow, ModeOut, ModeSetOut, ScheduleMode, ScheduledOut, SetMode};
 use params::{
     BlacklistUpload, Confirm, ConfirmedUploadOut, FareUpload, GateConfigUpload, HeldUploadOut, KindOut,
     PackageOut, QrKeysUpload, UploadOut,
@@ -181,6 +181,10 @@ routes! {
         => mode::set, (), (SetMode), [200 json(ModeSetOut)], [];
     POST "/api/v1/mode/emergency-release" Operator true "Set or clear emergency release (needs confirm=true and a reason)."
         => mode::emergency, (), (Emergency), [200 json(ModeSetOut)], [];
+    POST "/api/v1/mode/schedule" Operator true "Add mode bits from a start until an end time (SPEC §2), with a reason."
+        => mode::schedule, (), (ScheduleMode), [200 json(ScheduledOut)], [];
+    POST "/api/v1/mode/schedule/end" Operator true "End a scheduled mode window now (one not begun is removed)."
+        => mode::end_window, (), (EndWindow), [200 json(ScheduledOut)], [];
     GET "/api/v1/parameters" Viewer false "Parameter kinds with their stored versions."
         => params::list, (), (), [200 list(KindOut)], [500];
     GET "/api/v1/parameters/{kind}/{version}" Viewer false "One stored package's header."

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use super::{reason, ApiError, ApiState, Caller};
 use crate::clock::now;
 use crate::state::{ModeChange, Request, Response};
+use afc_domain::model::Timestamp;
 
 /// `GET /api/v1/mode`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -84,6 +85,19 @@ pub struct ModeSetOut {
     pub previous: u16,
 }
 
+/// The bits of a body: exactly one of `bits` and `names`.
+fn bits_of(bits: Option<u16>, names: Option<Vec<String>>) -> Result<ModeBits, ApiError> {
+    match (bits, names) {
+        (Some(bits), None) => Ok(ModeBits(bits)),
+        (None, Some(names)) => names.iter().try_fold(ModeBits::NORMAL, |acc, n| {
+            ModeBits::parse_name(n)
+                .map(|b| acc.with(b))
+                .ok_or_else(|| ApiError::BadRequest(format!("unknown mode name {n:?}")))
+        }),
+        _ => Err(ApiError::BadRequest("give exactly one of bits and names".into())),
+    }
+}
+
 pub async fn set(
     caller: Caller,
     state: web::Data<ApiState>,
@@ -91,18 +105,15 @@ pub async fn set(
 ) -> Result<HttpResponse, ApiError> {
     let b = body.into_inner();
     let why = reason(&b.reason)?;
-    let bits = match (b.bits, b.names) {
-        (Some(bits), None) => ModeBits(bits),
-        (None, Some(names)) => names.iter().try_fold(ModeBits::NORMAL, |acc, n| {
-            ModeBits::parse_name(n)
-                .map(|b| acc.with(b))
-                .ok_or_else(|| ApiError::BadRequest(format!("unknown mode name {n:?}")))
-        })?,
-        _ => return Err(ApiError::BadRequest("give exactly one of bits and names".into())),
-    };
+    let bits = bits_of(b.bits, b.names)?;
+    let modes = state.node.sm.state()?.modes;
+    let at = now();
+    // Bits held only by a scheduled window now are the window's, not the station's: sent back
+    // with the whole set (as the console does), they would outlive the window.
+    let bits = bits.without(modes.window_bits_at(state.station_code, at));
     // Emergency release opens every flap: it is set and cleared only through its own guarded
     // route (with confirm), never as a side effect of another bit's change.
-    let held = state.node.sm.state()?.modes.bits_at(state.station_code, now());
+    let held = modes.bits_at(state.station_code, at);
     let er = ModeBits::EMERGENCY_RELEASE;
     if bits.has(er) != held.has(er) {
         return Err(ApiError::InvalidParameters(format!(
@@ -148,4 +159,115 @@ pub async fn emergency(
     };
     let action = if b.active { "mode.emergency_release.set" } else { "mode.emergency_release.clear" };
     write_mode(&caller, &state, action, bits, why).await
+}
+
+/// `POST /api/v1/mode/schedule`: `bits` (or `names`) added to the station's mode from `from`
+/// until `until` (ms since the epoch, controller clock), SPEC §2's mode change with a start and
+/// end time: a night closure, 24-hour service for an event, fare free during planned works. The
+/// leader publishes the mode again at both instants. Emergency release cannot be scheduled.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleMode {
+    pub bits: Option<u16>,
+    pub names: Option<Vec<String>>,
+    pub from: i64,
+    pub until: i64,
+    pub reason: String,
+}
+
+/// The answer of `POST /api/v1/mode/schedule` and `POST /api/v1/mode/schedule/end`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ScheduledOut {
+    pub bits: u16,
+    pub names: Vec<String>,
+    pub from: i64,
+    /// When the window ends (for `end`: now, or `from` when it had not begun).
+    pub until: i64,
+}
+
+impl ScheduledOut {
+    fn new(bits: ModeBits, from: Timestamp, until: Timestamp) -> ScheduledOut {
+        let names = bits.names().into_iter().map(str::to_owned).collect();
+        ScheduledOut { bits: bits.0, names, from: from.0, until: until.0 }
+    }
+}
+
+/// Longest scheduled window, and how far ahead one may start.
+const MAX_WINDOW_DAYS: i64 = 7;
+const MAX_AHEAD_DAYS: i64 = 31;
+
+pub async fn schedule(
+    caller: Caller,
+    state: web::Data<ApiState>,
+    body: web::Json<ScheduleMode>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.into_inner();
+    let why = reason(&b.reason)?;
+    let bits = bits_of(b.bits, b.names)?;
+    let (from, until, at) = (Timestamp(b.from), Timestamp(b.until), now());
+    let invalid = |m: &str| Err(ApiError::InvalidParameters(m.to_owned()));
+    if bits == ModeBits::NORMAL {
+        return invalid("a scheduled window needs at least one mode bit");
+    }
+    if bits.has(ModeBits::EMERGENCY_RELEASE) {
+        return invalid("emergency release is never scheduled: POST /api/v1/mode/emergency-release");
+    }
+    if until <= from {
+        return invalid("until must be after from");
+    }
+    if from < at.plus_minutes(-1) {
+        return invalid("from lies in the past");
+    }
+    if until > from.plus_days(MAX_WINDOW_DAYS) || from > at.plus_days(MAX_AHEAD_DAYS) {
+        return invalid("a window lasts at most 7 days and starts at most 31 days ahead");
+    }
+    let req = Request::ScheduleMode {
+        station: state.station_code,
+        bits,
+        from,
+        until,
+        reason: why.clone(),
+        actor: caller.name.clone(),
+        at,
+    };
+    let detail = format!("bits {bits} from {} until {}: {why}", from.0, until.0);
+    state.audited_write(&caller, "mode.schedule", detail, req).await?;
+    Ok(HttpResponse::Ok().json(ScheduledOut::new(bits, from, until)))
+}
+
+/// `POST /api/v1/mode/schedule/end`: ends the window that starts at `from` now (one that has not
+/// begun is removed); 400 `invalid_parameters` when there is none that has not ended.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndWindow {
+    pub from: i64,
+    pub reason: String,
+}
+
+pub async fn end_window(
+    caller: Caller,
+    state: web::Data<ApiState>,
+    body: web::Json<EndWindow>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.into_inner();
+    let why = reason(&b.reason)?;
+    let from = Timestamp(b.from);
+    let req = Request::EndModeWindow { station: state.station_code, from, at: now() };
+    let resp = state
+        .audited_write(&caller, "mode.schedule.end", format!("window from {}: {why}", from.0), req)
+        .await?;
+    let until = match resp {
+        Response::ModeScheduled { until, .. } => until,
+        _ => from,
+    };
+    let bits = state
+        .node
+        .sm
+        .state()?
+        .mode_changes
+        .iter()
+        .rev()
+        .find(|c| c.window.is_some_and(|w| w.from == from))
+        .map_or(ModeBits::NORMAL, |c| c.bits);
+    Ok(HttpResponse::Ok().json(ScheduledOut::new(bits, from, until)))
 }

@@ -152,6 +152,8 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
     let since = now();
     let mut published = Published::default();
     let mut seen_applied = None;
+    // When a scheduled mode window begins or ends next: the mode is published again then.
+    let mut next_boundary: Option<Timestamp> = None;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut restored_at: Option<tokio::time::Instant> = None;
@@ -209,13 +211,14 @@ pub(crate) async fn publisher_task(ctx: Arc<Ctx>, mut conn: watch::Receiver<u64>
             continue; // not connected yet: everything is published on the ConnAck
         }
         let applied = ctx.node.sm.last_applied();
-        if applied == seen_applied && seen_applied.is_some() {
+        let boundary_passed = next_boundary.is_some_and(|b| now() >= b);
+        if applied == seen_applied && seen_applied.is_some() && !boundary_passed {
             continue;
         }
         match ctx.node.sm.state() {
             Ok(state) => {
                 seen_applied = applied;
-                sync(&ctx, &state, &mut published).await;
+                next_boundary = sync(&ctx, &state, &mut published).await;
             }
             Err(e) => tracing::warn!(task = "leader-publisher", error = %e, "cannot read the state machine"),
         }
@@ -235,14 +238,16 @@ async fn subscribe(ctx: &Ctx) {
     }
 }
 
-/// Publishes what differs between the state machine and what this session has published.
-async fn sync(ctx: &Ctx, state: &StationState, published: &mut Published) {
+/// Publishes what differs between the state machine and what this session has published;
+/// returns when a scheduled mode window begins or ends next.
+async fn sync(ctx: &Ctx, state: &StationState, published: &mut Published) -> Option<Timestamp> {
     // The dispatcher verifies gate messages with the keys of the state we just read.
     ctx.gate_keys.refresh(&state.gates);
     // Mode first: an emergency release must not wait behind a large package.
     let api_code = ctx.node.config.api.station_code;
     let code = ctx.cfg.station_code.or((api_code != 0).then_some(api_code)).map(StationCode);
-    let mode = mode_message(state, code);
+    let at = now();
+    let mode = mode_message(state, code, at);
     if published.mode.as_ref() != Some(&mode) {
         tracing::info!(bits = %mode.bits, version = mode.version, "publishing mode");
         let topic = Topic::Mode { station: ctx.station.clone() }.to_string();
@@ -255,6 +260,7 @@ async fn sync(ctx: &Ctx, state: &StationState, published: &mut Published) {
         sync_kind(ctx, state, kind, published).await;
     }
     published.swept = true;
+    next_mode_boundary(state, code, at)
 }
 
 /// One kind's pointers (SPEC §4, §5): the station pointer and the canaries' overrides follow the
@@ -384,17 +390,67 @@ async fn clear_chunks(ctx: &Ctx, kind: ParamKind, version: u64, chunks: u32) {
     }
 }
 
-/// The `mode` message for `station` (default: the station of the last change) from the state.
-pub fn mode_message(state: &StationState, station: Option<StationCode>) -> ModeMessage {
+/// When a window ends: at its `until`, or when it was ended (at its start, if before it began).
+fn window_end(w: &crate::state::ModeWindow) -> Timestamp {
+    w.ended_at.map_or(w.until, |e| e.max(w.from).min(w.until))
+}
+
+/// The instants at which scheduled windows of `station` begin and end ([`window_end`]), in time
+/// order.
+fn window_boundaries(state: &StationState, station: StationCode) -> Vec<Timestamp> {
+    let mut out: Vec<Timestamp> = state
+        .mode_changes
+        .iter()
+        .filter(|c| c.station == station)
+        .filter_map(|c| c.window)
+        .flat_map(|w| [w.from, window_end(&w)])
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The next instant after `now` at which a scheduled window of `station` begins or ends: the
+/// publisher publishes the mode again then.
+pub fn next_mode_boundary(
+    state: &StationState,
+    station: Option<StationCode>,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let station = station.or_else(|| state.mode_changes.last().map(|c| c.station))?;
+    window_boundaries(state, station).into_iter().find(|b| *b > now)
+}
+
+/// The `mode` message for `station` (default: the station of the last change) at `now`: the bits
+/// in force (the changes made at once and the scheduled windows covering `now`), since the last
+/// instant they changed.
+pub fn mode_message(state: &StationState, station: Option<StationCode>, now: Timestamp) -> ModeMessage {
     let station = station.or_else(|| state.mode_changes.last().map(|c| c.station));
-    let last = state.mode_changes.iter().rev().find(|c| Some(c.station) == station);
-    let (bits, since) = last.map_or((ModeBits::NORMAL, Timestamp(0)), |c| (c.bits, c.at));
+    let passed: Vec<Timestamp> = station
+        .map(|s| window_boundaries(state, s).into_iter().filter(|b| *b <= now).collect())
+        .unwrap_or_default();
+    let last_change =
+        state.mode_changes.iter().rev().find(|c| Some(c.station) == station && c.window.is_none());
+    // The last change made at once holds whatever its time says (a node's clock a little ahead
+    // of this one's must not hold back an emergency release); the windows by this clock.
+    let windows = state
+        .mode_changes
+        .iter()
+        .filter(|c| Some(c.station) == station)
+        .filter(|c| c.window.is_some_and(|w| w.from <= now && now < window_end(&w)))
+        .fold(ModeBits::NORMAL, |acc, c| acc.with(c.bits));
+    let bits = last_change.map_or(ModeBits::NORMAL, |c| c.bits).with(windows);
+    let since =
+        last_change.map(|c| c.at).into_iter().chain(passed.iter().copied()).max().unwrap_or(Timestamp(0));
     // Monotonic even if a later change carries an earlier time (a leader with a slower clock):
-    // each change numbers at least one above the one before.
+    // each change numbers at least one above the one before, and so does each window boundary
+    // passed.
     let version = state
         .mode_changes
         .iter()
-        .fold(0u64, |v, c| v.saturating_add(1).max(u64::try_from(c.at.millis()).unwrap_or(0)));
+        .map(|c| c.at)
+        .chain(passed)
+        .fold(0u64, |v, at| v.saturating_add(1).max(u64::try_from(at.millis()).unwrap_or(0)));
     ModeMessage {
         version,
         bits,
@@ -418,6 +474,7 @@ mod tests {
             reason: String::new(),
             actor: String::new(),
             at: Timestamp(at),
+            window: None,
         }
     }
 
@@ -425,13 +482,51 @@ mod tests {
     fn a_mode_change_stamped_earlier_than_the_last_still_gets_a_higher_version() {
         let mut state = StationState::default();
         state.mode_changes.push(change(ModeBits::EMERGENCY_RELEASE, 1_000));
-        let first = mode_message(&state, Some(StationCode(1)));
+        state.modes.set(StationCode(1), ModeBits::EMERGENCY_RELEASE, Timestamp(1_000));
+        let first = mode_message(&state, Some(StationCode(1)), Timestamp(2_000));
         state.mode_changes.push(change(ModeBits::NORMAL, 900));
-        let second = mode_message(&state, Some(StationCode(1)));
+        state.modes.set(StationCode(1), ModeBits::NORMAL, Timestamp(900));
+        let second = mode_message(&state, Some(StationCode(1)), Timestamp(2_000));
         assert_eq!(first.version, 1_000);
         assert!(second.version > first.version);
         assert_eq!(second.bits, ModeBits::NORMAL);
         assert_eq!(second.since, Timestamp(900));
+    }
+
+    #[test]
+    fn a_scheduled_window_is_published_at_its_start_and_at_its_end_each_time_with_a_higher_version() {
+        let s = StationCode(1);
+        let mut state = StationState::default();
+        state.mode_changes.push(change(ModeBits::FARE_FREE, 1_000));
+        state.modes.set(s, ModeBits::FARE_FREE, Timestamp(1_000));
+        let window =
+            crate::state::ModeWindow { from: Timestamp(5_000), until: Timestamp(9_000), ended_at: None };
+        state.mode_changes.push(ModeChange { window: Some(window), ..change(ModeBits::CLOSED, 2_000) });
+        state.modes.periods.push(afc_domain::mode::ModePeriod {
+            station: s,
+            bits: ModeBits::CLOSED,
+            from: window.from,
+            until: Some(window.until),
+        });
+        let at = |t| mode_message(&state, Some(s), Timestamp(t));
+        let (before, during, after) = (at(4_999), at(5_000), at(9_000));
+        assert_eq!((before.bits, before.since), (ModeBits::FARE_FREE, Timestamp(1_000)));
+        assert_eq!(
+            (during.bits, during.since),
+            (ModeBits::FARE_FREE.with(ModeBits::CLOSED), Timestamp(5_000))
+        );
+        assert_eq!((after.bits, after.since), (ModeBits::FARE_FREE, Timestamp(9_000)));
+        assert!(before.version < during.version && during.version < after.version);
+        assert_eq!(next_mode_boundary(&state, Some(s), Timestamp(4_999)), Some(Timestamp(5_000)));
+        assert_eq!(next_mode_boundary(&state, Some(s), Timestamp(5_000)), Some(Timestamp(9_000)));
+        assert_eq!(next_mode_boundary(&state, Some(s), Timestamp(9_000)), None);
+        // Ended early at 7,000: published again then, not at 9,000.
+        state.mode_changes[1].window =
+            Some(crate::state::ModeWindow { ended_at: Some(Timestamp(7_000)), ..window });
+        state.modes.periods.last_mut().unwrap().until = Some(Timestamp(7_000));
+        assert_eq!(next_mode_boundary(&state, Some(s), Timestamp(6_000)), Some(Timestamp(7_000)));
+        let ended = mode_message(&state, Some(s), Timestamp(7_000));
+        assert_eq!((ended.bits, ended.since), (ModeBits::FARE_FREE, Timestamp(7_000)));
     }
 
     #[test]
@@ -463,7 +558,7 @@ mod tests {
 
     #[test]
     fn without_any_change_the_mode_is_normal_and_unnumbered() {
-        let m = mode_message(&StationState::default(), None);
+        let m = mode_message(&StationState::default(), None, Timestamp(0));
         assert_eq!((m.bits, m.version), (ModeBits::NORMAL, 0));
     }
 }

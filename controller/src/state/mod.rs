@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use afc_domain::mode::{ModeBits, ModeState, MODE_HISTORY_DAYS};
+use afc_domain::mode::{ModeBits, ModePeriod, ModeState, MODE_HISTORY_DAYS};
 use afc_domain::model::{Date, Ident, StationCode, Timestamp};
 use openraft::{LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -104,6 +104,23 @@ pub struct ModeChange {
     pub reason: String,
     pub actor: String,
     pub at: Timestamp,
+    /// A scheduled change: `bits` are added to the station's mode from `from` until `until`
+    /// (decided at `at`); absent for a change made at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<ModeWindow>,
+}
+
+/// The span of a scheduled mode change ([`Request::ScheduleMode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModeWindow {
+    #[schema(value_type = i64)]
+    pub from: Timestamp,
+    #[schema(value_type = i64)]
+    pub until: Timestamp,
+    /// Set when an operator ended the window early ([`Request::EndModeWindow`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<i64>)]
+    pub ended_at: Option<Timestamp>,
 }
 
 /// The small, in-memory part of the state machine. Serialised whole after each applied batch.
@@ -211,6 +228,49 @@ pub trait LedgerRead {
 }
 
 impl StationState {
+    /// [`Request::ScheduleMode`]: the window's bits become a period of their own, added to
+    /// whatever else is in force (the union, as for every period).
+    fn schedule_mode(&mut self, change: ModeChange) -> Response {
+        let Some(w) = change.window.filter(|w| w.from < w.until && change.bits != ModeBits::NORMAL) else {
+            let (from, until) = change.window.map_or((change.at, change.at), |w| (w.from, w.until));
+            return Response::Rejected { rejection: Rejection::InvalidModeWindow { from, until } };
+        };
+        self.modes.periods.push(ModePeriod {
+            station: change.station,
+            bits: change.bits,
+            from: w.from,
+            until: Some(w.until),
+        });
+        self.mode_changes.push(change);
+        Response::ModeScheduled { from: w.from, until: w.until }
+    }
+
+    /// [`Request::EndModeWindow`]: the station's last window starting at `from` that has not
+    /// ended ends at `at`; one that has not begun is removed.
+    fn end_mode_window(&mut self, station: StationCode, from: Timestamp, at: Timestamp) -> Response {
+        let open = |c: &ModeChange| {
+            c.station == station
+                && c.window.is_some_and(|w| w.from == from && w.ended_at.is_none() && w.until > at)
+        };
+        let Some(change) = self.mode_changes.iter_mut().rev().find(|c| open(c)) else {
+            return Response::Rejected { rejection: Rejection::NoModeWindow { from } };
+        };
+        let bits = change.bits;
+        let Some(w) = change.window.as_mut() else {
+            return Response::Rejected { rejection: Rejection::NoModeWindow { from } };
+        };
+        let end = at.max(w.from);
+        let scheduled_until = w.until;
+        w.ended_at = Some(at);
+        for p in self.modes.periods.iter_mut().filter(|p| {
+            p.station == station && p.bits == bits && p.from == from && p.until == Some(scheduled_until)
+        }) {
+            p.until = Some(end);
+        }
+        self.modes.periods.retain(|p| p.until.is_none_or(|u| u > p.from));
+        Response::ModeScheduled { from, until: end }
+    }
+
     /// Index of the last ledger entry (0 when the ledger is empty).
     pub fn last_index(&self) -> u64 {
         self.next_index - 1
@@ -270,16 +330,30 @@ impl StationState {
                 self.modes.set(*station, *bits, *at);
                 let horizon = at.plus_days(-(MODE_HISTORY_DAYS + 1));
                 self.modes.prune(horizon);
-                self.mode_changes.retain(|c| c.at >= horizon);
+                // A scheduled window's record is kept while the window may still be ended.
+                self.mode_changes.retain(|c| c.at >= horizon || c.window.is_some_and(|w| w.until >= horizon));
                 self.mode_changes.push(ModeChange {
                     station: *station,
                     bits: *bits,
                     reason: reason.clone(),
                     actor: actor.clone(),
                     at: *at,
+                    window: None,
                 });
                 Response::ModeSet { bits: *bits, previous }
             }
+            Request::ScheduleMode { station, bits, from, until, reason, actor, at } => {
+                let change = ModeChange {
+                    station: *station,
+                    bits: *bits,
+                    reason: reason.clone(),
+                    actor: actor.clone(),
+                    at: *at,
+                    window: Some(ModeWindow { from: *from, until: *until, ended_at: None }),
+                };
+                self.schedule_mode(change)
+            }
+            Request::EndModeWindow { station, from, at } => self.end_mode_window(*station, *from, *at),
             Request::ClearingAck { through_index } => {
                 if *through_index > self.last_index() {
                     Response::Rejected {

@@ -92,6 +92,19 @@ pub enum Request {
     },
     /// Changes the station's operating mode.
     SetMode { station: StationCode, bits: ModeBits, reason: String, actor: String, at: Timestamp },
+    /// Adds `bits` to the station's mode from `from` until `until` (SPEC §2: a mode change with a
+    /// start and end time), decided at `at`.
+    ScheduleMode {
+        station: StationCode,
+        bits: ModeBits,
+        from: Timestamp,
+        until: Timestamp,
+        reason: String,
+        actor: String,
+        at: Timestamp,
+    },
+    /// Ends the scheduled window starting at `from` at `at` (removes it if it has not begun).
+    EndModeWindow { station: StationCode, from: Timestamp, at: Timestamp },
     /// Central clearing has acknowledged every ledger entry up to `through_index`.
     ClearingAck { through_index: u64 },
     /// One line of the replicated audit log.
@@ -210,6 +223,8 @@ impl Request {
             Request::PutPackagePiece { .. } => "put_package_piece",
             Request::CommitPackage { .. } => "commit_package",
             Request::SetMode { .. } => "set_mode",
+            Request::ScheduleMode { .. } => "schedule_mode",
+            Request::EndModeWindow { .. } => "end_mode_window",
             Request::ClearingAck { .. } => "clearing_ack",
             Request::Audit { .. } => "audit",
             Request::Prune { .. } => "prune",
@@ -252,6 +267,10 @@ pub enum Rejection {
     StaleVersion { kind: ParamKind, version: u64, current: u64 },
     #[error("acknowledgement through {through_index} is beyond the last ledger index {last_index}")]
     AckBeyondLedger { through_index: u64, last_index: u64 },
+    #[error("a scheduled mode window needs bits and from < until (from {from:?}, until {until:?})")]
+    InvalidModeWindow { from: Timestamp, until: Timestamp },
+    #[error("no scheduled mode window from {from:?} that has not ended")]
+    NoModeWindow { from: Timestamp },
     #[error("package piece of {len} bytes is larger than {max}")]
     PieceTooLarge { len: usize, max: usize },
     #[error("upload {upload} is unknown (never opened, expired, or already committed)")]
@@ -329,6 +348,11 @@ pub enum Response {
     ModeSet {
         bits: ModeBits,
         previous: ModeBits,
+    },
+    /// A window scheduled or ended: the bits are added from `from` until `until`.
+    ModeScheduled {
+        from: Timestamp,
+        until: Timestamp,
     },
     ClearingAcked {
         acked_through: u64,

@@ -380,6 +380,44 @@ async fn with_a_node_running_the_broker_a_stored_package_is_published_as_chunks_
     assert_eq!(m.since, Timestamp::from_secs(1_800_000_100));
     assert!(m.version > 0);
     assert!(!m.history.is_empty());
+
+    // A scheduled window (SPEC §2: a start and an end time): the leader publishes the mode again
+    // when it begins and when it ends, with no other change committed meanwhile.
+    let from = Timestamp(controller::clock::now().0 + 1_500);
+    let until = Timestamp(from.0 + 1_500);
+    let schedule = Request::ScheduleMode {
+        station: StationCode(1),
+        bits: ModeBits::CLOSED,
+        from,
+        until,
+        reason: "night works".into(),
+        actor: "test".into(),
+        at: controller::clock::now(),
+    };
+    let r = c.write(leader, &schedule).await.unwrap();
+    assert!(matches!(r, Response::ModeScheduled { .. }), "{r:?}");
+    let mut seen: Vec<(Timestamp, ModeMessage)> = Vec::new();
+    g.wait_for("the window's start and end", Duration::from_secs(10), |p| {
+        if let Some(m) =
+            (p.topic == mode).then(|| open_from_station::<ModeMessage>(&p.topic, &p.payload).ok()).flatten()
+        {
+            seen.push((controller::clock::now(), m));
+        }
+        let closed = seen.iter().position(|(_, m)| m.bits.has(ModeBits::CLOSED));
+        closed.and_then(|i| seen[i..].iter().position(|(_, m)| !m.bits.has(ModeBits::CLOSED))).map(|_| ())
+    })
+    .await;
+    let start = seen.iter().find(|(_, m)| m.bits.has(ModeBits::CLOSED)).unwrap();
+    let end = seen
+        .iter()
+        .skip_while(|(_, m)| !m.bits.has(ModeBits::CLOSED))
+        .find(|(_, m)| !m.bits.has(ModeBits::CLOSED))
+        .unwrap();
+    println!("window {from:?}..{until:?}: published with closed at {:?}, without at {:?}", start.0, end.0);
+    assert!(start.0 >= from && start.0 .0 < from.0 + 500, "start published at {:?}", start.0);
+    assert!(end.0 >= until && end.0 .0 < until.0 + 500, "end published at {:?}", end.0);
+    assert!(start.1.bits.has(ModeBits::EMERGENCY_RELEASE) && end.1.bits.has(ModeBits::EMERGENCY_RELEASE));
+    assert!(m.version < start.1.version && start.1.version < end.1.version);
 }
 
 /// One node in this process, bootstrapped alone, with the embedded broker and the leader duties.

@@ -619,6 +619,27 @@ async fn every_route_answers_as_the_openapi_document_says() {
         Some(json!({"active": false, "confirm": true, "reason": "drill over"})),
     )
     .await;
+    // A scheduled window (SPEC §2: a mode change with a start and end time), then ended early.
+    let (sched, end) = ("/api/v1/mode/schedule", "/api/v1/mode/schedule/end");
+    let from = controller::clock::now().0 + 3_600_000;
+    let window =
+        json!({"names": ["closed"], "from": from, "until": from + 3_600_000, "reason": "night works"});
+    let (s, v) = c.call("POST", sched, sched, Some(OPERATOR), Some(window)).await;
+    assert_eq!(s, 200, "{v}");
+    for bad in [
+        json!({"names": ["emergency_release"], "from": from, "until": from + 1, "reason": "x"}),
+        json!({"bits": 256, "from": from, "until": from, "reason": "x"}),
+        json!({"bits": 256, "from": 0, "until": 1, "reason": "x"}),
+    ] {
+        let (s, v) = c.call("POST", sched, sched, Some(OPERATOR), Some(bad)).await;
+        assert_eq!(s, 400, "{v}");
+    }
+    let (s, v) =
+        c.call("POST", end, end, Some(OPERATOR), Some(json!({"from": from, "reason": "works off"}))).await;
+    assert_eq!((s, v["until"].as_i64()), (200, Some(from)), "{v}");
+    let (s, v) =
+        c.call("POST", end, end, Some(OPERATOR), Some(json!({"from": from, "reason": "again"}))).await;
+    assert_eq!(s, 400, "{v}");
     c.call("GET", "/api/v1/mode", "/api/v1/mode", Some(VIEWER), None).await;
 
     // Parameters: a fare table, blacklists (small, mass, a stale delta), QR keys.

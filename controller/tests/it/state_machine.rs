@@ -331,6 +331,65 @@ fn mode_changes_are_kept_as_history_for_seven_days() {
 }
 
 #[test]
+fn a_scheduled_window_adds_its_bits_from_its_start_until_its_end_and_can_be_ended_early() {
+    let (mut st, mut items) = setup();
+    let s = StationCode(1);
+    let t0 = Timestamp::from_secs(1_800_000_000);
+    let schedule = |bits, from: Timestamp, until: Timestamp| Request::ScheduleMode {
+        station: s,
+        bits,
+        from,
+        until,
+        reason: "night works".into(),
+        actor: "op1".into(),
+        at: t0,
+    };
+    items.apply(
+        &mut st,
+        &Request::SetMode {
+            station: s,
+            bits: ModeBits::FARE_FREE,
+            reason: "r".into(),
+            actor: "op1".into(),
+            at: t0,
+        },
+    );
+    let (from, until) = (t0.plus_minutes(60), t0.plus_minutes(120));
+    let r = items.apply(&mut st, &schedule(ModeBits::CLOSED, from, until));
+    assert_eq!(r, Response::ModeScheduled { from, until });
+    // The union: the station's own bits, and the window's while it runs.
+    assert_eq!(st.modes.bits_at(s, t0.plus_minutes(59)), ModeBits::FARE_FREE);
+    assert_eq!(st.modes.bits_at(s, t0.plus_minutes(61)), ModeBits::FARE_FREE.with(ModeBits::CLOSED));
+    assert_eq!(st.modes.window_bits_at(s, t0.plus_minutes(61)), ModeBits::CLOSED);
+    assert_eq!(st.modes.bits_at(s, until), ModeBits::FARE_FREE);
+    // A change made at once meanwhile leaves the window alone.
+    items.apply(
+        &mut st,
+        &Request::SetMode {
+            station: s,
+            bits: ModeBits::NORMAL,
+            reason: "r".into(),
+            actor: "op1".into(),
+            at: t0.plus_minutes(90),
+        },
+    );
+    assert_eq!(st.modes.bits_at(s, t0.plus_minutes(91)), ModeBits::CLOSED);
+    // Ended early: from then on only the station's own bits.
+    let end = Request::EndModeWindow { station: s, from, at: t0.plus_minutes(100) };
+    assert_eq!(items.apply(&mut st, &end), Response::ModeScheduled { from, until: t0.plus_minutes(100) });
+    assert_eq!(st.modes.bits_at(s, t0.plus_minutes(101)), ModeBits::NORMAL);
+    assert!(matches!(items.apply(&mut st, &end), Response::Rejected { .. }), "ended once");
+    // A window ended before it began is gone; an empty or inverted one is refused.
+    let (f2, u2) = (t0.plus_days(1), t0.plus_days(2));
+    items.apply(&mut st, &schedule(ModeBits::HOURS_24, f2, u2));
+    items.apply(&mut st, &Request::EndModeWindow { station: s, from: f2, at: t0.plus_minutes(110) });
+    assert_eq!(st.modes.bits_at(s, t0.plus_days(1).plus_minutes(1)), ModeBits::NORMAL);
+    for bad in [schedule(ModeBits::CLOSED, u2, f2), schedule(ModeBits::NORMAL, f2, u2)] {
+        assert!(matches!(items.apply(&mut st, &bad), Response::Rejected { .. }));
+    }
+}
+
+#[test]
 fn audit_lines_are_numbered() {
     let (mut st, mut items) = setup();
     let a = Request::Audit { actor: "eng".into(), action: "x".into(), detail: "y".into(), at: Timestamp(1) };
@@ -351,6 +410,16 @@ fn every_request_round_trips_through_json() {
             actor: "a".into(),
             at: Timestamp(5),
         },
+        Request::ScheduleMode {
+            station: StationCode(1),
+            bits: ModeBits::HOURS_24,
+            from: Timestamp(10),
+            until: Timestamp(20),
+            reason: "r".into(),
+            actor: "a".into(),
+            at: Timestamp(5),
+        },
+        Request::EndModeWindow { station: StationCode(1), from: Timestamp(10), at: Timestamp(12) },
         Request::ClearingAck { through_index: 9 },
         Request::Audit { actor: "a".into(), action: "b".into(), detail: "c".into(), at: Timestamp(1) },
         Request::Prune { before: Timestamp(77) },
