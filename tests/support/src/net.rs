@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 const FIRST: u16 = 20_000;
 const END: u16 = 32_700;
 
-/// A TCP port on 127.0.0.1 that is free now and that this process has never handed out before.
+/// A TCP port on 127.0.0.1 that is free now and that this process has not handed out before (until
+/// it has handed out the whole range, 12,700 ports).
 ///
 /// `bind(127.0.0.1:0)` and closing again is not enough: the kernel may give the same port to the
 /// next `bind(:0)` once the first socket is closed, and two services of one test (a node's Raft
@@ -19,9 +20,9 @@ const END: u16 = 32_700;
 pub fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let span = u32::from(END - FIRST);
+    let start = std::process::id().wrapping_mul(7_919) % span;
     for _ in 0..span {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let start = (std::process::id().wrapping_mul(7_919)) % span;
         let port = FIRST + ((start + u32::from(n)) % span) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
