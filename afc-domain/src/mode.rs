@@ -125,19 +125,6 @@ impl ModeState {
             .fold(ModeBits::NORMAL, |acc, p| acc.with(p.bits))
     }
 
-    /// The bits at `station` at `t` that only scheduled windows hold (periods with an end set
-    /// from the start that cover `t`), not the station's own open-ended mode.
-    pub fn window_bits_at(&self, station: StationCode, t: Timestamp) -> ModeBits {
-        let of = |open: bool| {
-            self.periods
-                .iter()
-                .filter(|p| p.station == station && p.covers(t) && p.until.is_none() == open)
-                .fold(ModeBits::NORMAL, |acc, p| acc.with(p.bits))
-        };
-        let base = of(true);
-        ModeBits(of(false).0 & !base.0)
-    }
-
     /// Whether `station` had emergency release in force at any time in `[since, now]`, with `since`
     /// no more than the grace period before `now`.
     pub fn emergency_grace(&self, station: StationCode, since: Timestamp, now: Timestamp) -> bool {

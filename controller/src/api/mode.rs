@@ -106,14 +106,16 @@ pub async fn set(
     let b = body.into_inner();
     let why = reason(&b.reason)?;
     let bits = bits_of(b.bits, b.names)?;
-    let modes = state.node.sm.state()?.modes;
+    let s = state.node.sm.state()?;
     let at = now();
     // Bits held only by a scheduled window now are the window's, not the station's: sent back
     // with the whole set (as the console does), they would outlive the window.
-    let bits = bits.without(modes.window_bits_at(state.station_code, at));
+    let windows = s.window_bits(state.station_code, at);
+    let own = s.last_mode_set(state.station_code).map_or(ModeBits::NORMAL, |c| c.bits);
+    let bits = bits.without(ModeBits(windows.0 & !own.0));
+    let held = s.modes.bits_at(state.station_code, at);
     // Emergency release opens every flap: it is set and cleared only through its own guarded
     // route (with confirm), never as a side effect of another bit's change.
-    let held = modes.bits_at(state.station_code, at);
     let er = ModeBits::EMERGENCY_RELEASE;
     if bits.has(er) != held.has(er) {
         return Err(ApiError::InvalidParameters(format!(
@@ -256,18 +258,9 @@ pub async fn end_window(
     let resp = state
         .audited_write(&caller, "mode.schedule.end", format!("window from {}: {why}", from.0), req)
         .await?;
-    let until = match resp {
-        Response::ModeScheduled { until, .. } => until,
-        _ => from,
+    let (bits, until) = match resp {
+        Response::ModeScheduled { bits, until, .. } => (bits, until),
+        _ => (ModeBits::NORMAL, from),
     };
-    let bits = state
-        .node
-        .sm
-        .state()?
-        .mode_changes
-        .iter()
-        .rev()
-        .find(|c| c.window.is_some_and(|w| w.from == from))
-        .map_or(ModeBits::NORMAL, |c| c.bits);
     Ok(HttpResponse::Ok().json(ScheduledOut::new(bits, from, until)))
 }

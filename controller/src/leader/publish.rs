@@ -390,26 +390,6 @@ async fn clear_chunks(ctx: &Ctx, kind: ParamKind, version: u64, chunks: u32) {
     }
 }
 
-/// When a window ends: at its `until`, or when it was ended (at its start, if before it began).
-fn window_end(w: &crate::state::ModeWindow) -> Timestamp {
-    w.ended_at.map_or(w.until, |e| e.max(w.from).min(w.until))
-}
-
-/// The instants at which scheduled windows of `station` begin and end ([`window_end`]), in time
-/// order.
-fn window_boundaries(state: &StationState, station: StationCode) -> Vec<Timestamp> {
-    let mut out: Vec<Timestamp> = state
-        .mode_changes
-        .iter()
-        .filter(|c| c.station == station)
-        .filter_map(|c| c.window)
-        .flat_map(|w| [w.from, window_end(&w)])
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// The next instant after `now` at which a scheduled window of `station` begins or ends: the
 /// publisher publishes the mode again then.
 pub fn next_mode_boundary(
@@ -418,7 +398,7 @@ pub fn next_mode_boundary(
     now: Timestamp,
 ) -> Option<Timestamp> {
     let station = station.or_else(|| state.mode_changes.last().map(|c| c.station))?;
-    window_boundaries(state, station).into_iter().find(|b| *b > now)
+    state.window_boundaries(station).into_iter().find(|b| *b > now)
 }
 
 /// The `mode` message for `station` (default: the station of the last change) at `now`: the bits
@@ -427,18 +407,12 @@ pub fn next_mode_boundary(
 pub fn mode_message(state: &StationState, station: Option<StationCode>, now: Timestamp) -> ModeMessage {
     let station = station.or_else(|| state.mode_changes.last().map(|c| c.station));
     let passed: Vec<Timestamp> = station
-        .map(|s| window_boundaries(state, s).into_iter().filter(|b| *b <= now).collect())
+        .map(|s| state.window_boundaries(s).into_iter().filter(|b| *b <= now).collect())
         .unwrap_or_default();
-    let last_change =
-        state.mode_changes.iter().rev().find(|c| Some(c.station) == station && c.window.is_none());
+    let last_change = station.and_then(|s| state.last_mode_set(s));
     // The last change made at once holds whatever its time says (a node's clock a little ahead
     // of this one's must not hold back an emergency release); the windows by this clock.
-    let windows = state
-        .mode_changes
-        .iter()
-        .filter(|c| Some(c.station) == station)
-        .filter(|c| c.window.is_some_and(|w| w.from <= now && now < window_end(&w)))
-        .fold(ModeBits::NORMAL, |acc, c| acc.with(c.bits));
+    let windows = station.map_or(ModeBits::NORMAL, |s| state.window_bits(s, now));
     let bits = last_change.map_or(ModeBits::NORMAL, |c| c.bits).with(windows);
     let since =
         last_change.map(|c| c.at).into_iter().chain(passed.iter().copied()).max().unwrap_or(Timestamp(0));
@@ -482,10 +456,8 @@ mod tests {
     fn a_mode_change_stamped_earlier_than_the_last_still_gets_a_higher_version() {
         let mut state = StationState::default();
         state.mode_changes.push(change(ModeBits::EMERGENCY_RELEASE, 1_000));
-        state.modes.set(StationCode(1), ModeBits::EMERGENCY_RELEASE, Timestamp(1_000));
         let first = mode_message(&state, Some(StationCode(1)), Timestamp(2_000));
         state.mode_changes.push(change(ModeBits::NORMAL, 900));
-        state.modes.set(StationCode(1), ModeBits::NORMAL, Timestamp(900));
         let second = mode_message(&state, Some(StationCode(1)), Timestamp(2_000));
         assert_eq!(first.version, 1_000);
         assert!(second.version > first.version);
@@ -498,16 +470,9 @@ mod tests {
         let s = StationCode(1);
         let mut state = StationState::default();
         state.mode_changes.push(change(ModeBits::FARE_FREE, 1_000));
-        state.modes.set(s, ModeBits::FARE_FREE, Timestamp(1_000));
         let window =
             crate::state::ModeWindow { from: Timestamp(5_000), until: Timestamp(9_000), ended_at: None };
         state.mode_changes.push(ModeChange { window: Some(window), ..change(ModeBits::CLOSED, 2_000) });
-        state.modes.periods.push(afc_domain::mode::ModePeriod {
-            station: s,
-            bits: ModeBits::CLOSED,
-            from: window.from,
-            until: Some(window.until),
-        });
         let at = |t| mode_message(&state, Some(s), Timestamp(t));
         let (before, during, after) = (at(4_999), at(5_000), at(9_000));
         assert_eq!((before.bits, before.since), (ModeBits::FARE_FREE, Timestamp(1_000)));
@@ -523,7 +488,6 @@ mod tests {
         // Ended early at 7,000: published again then, not at 9,000.
         state.mode_changes[1].window =
             Some(crate::state::ModeWindow { ended_at: Some(Timestamp(7_000)), ..window });
-        state.modes.periods.last_mut().unwrap().until = Some(Timestamp(7_000));
         assert_eq!(next_mode_boundary(&state, Some(s), Timestamp(6_000)), Some(Timestamp(7_000)));
         let ended = mode_message(&state, Some(s), Timestamp(7_000));
         assert_eq!((ended.bits, ended.since), (ModeBits::FARE_FREE, Timestamp(7_000)));

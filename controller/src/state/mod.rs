@@ -123,6 +123,17 @@ pub struct ModeWindow {
     pub ended_at: Option<Timestamp>,
 }
 
+impl ModeWindow {
+    /// When the window ends: at `until`, or when it was ended (at its start, if before it began).
+    pub fn end(&self) -> Timestamp {
+        self.ended_at.map_or(self.until, |e| e.max(self.from).min(self.until))
+    }
+
+    pub fn covers(&self, t: Timestamp) -> bool {
+        self.from <= t && t < self.end()
+    }
+}
+
 /// The small, in-memory part of the state machine. Serialised whole after each applied batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StationState {
@@ -228,47 +239,76 @@ pub trait LedgerRead {
 }
 
 impl StationState {
-    /// [`Request::ScheduleMode`]: the window's bits become a period of their own, added to
-    /// whatever else is in force (the union, as for every period).
-    fn schedule_mode(&mut self, change: ModeChange) -> Response {
-        let Some(w) = change.window.filter(|w| w.from < w.until && change.bits != ModeBits::NORMAL) else {
-            let (from, until) = change.window.map_or((change.at, change.at), |w| (w.from, w.until));
-            return Response::Rejected { rejection: Rejection::InvalidModeWindow { from, until } };
-        };
+    /// The last change of `station`'s own mode made at once (not a scheduled window), if any.
+    pub fn last_mode_set(&self, station: StationCode) -> Option<&ModeChange> {
+        self.mode_changes.iter().rev().find(|c| c.station == station && c.window.is_none())
+    }
+
+    /// The bits the scheduled windows of `station` add at `t` (from their records, the one
+    /// account of them the publisher and the API both read).
+    pub fn window_bits(&self, station: StationCode, t: Timestamp) -> ModeBits {
+        self.mode_changes
+            .iter()
+            .filter(|c| c.station == station && c.window.is_some_and(|w| w.covers(t)))
+            .fold(ModeBits::NORMAL, |acc, c| acc.with(c.bits))
+    }
+
+    /// The instants at which scheduled windows of `station` begin and end, in time order.
+    pub fn window_boundaries(&self, station: StationCode) -> Vec<Timestamp> {
+        let mut out: Vec<Timestamp> = self
+            .mode_changes
+            .iter()
+            .filter(|c| c.station == station)
+            .filter_map(|c| c.window)
+            .flat_map(|w| [w.from, w.end()])
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// [`Request::ScheduleMode`]: the window's bits become a period of their own in the mode
+    /// history, added to whatever else is in force (the union, as for every period).
+    fn schedule_mode(&mut self, change: ModeChange, w: ModeWindow) -> Response {
+        if w.from >= w.until || change.bits == ModeBits::NORMAL {
+            return Response::Rejected {
+                rejection: Rejection::InvalidModeWindow { from: w.from, until: w.until },
+            };
+        }
+        let bits = change.bits;
         self.modes.periods.push(ModePeriod {
             station: change.station,
-            bits: change.bits,
+            bits,
             from: w.from,
             until: Some(w.until),
         });
-        self.mode_changes.push(change);
-        Response::ModeScheduled { from: w.from, until: w.until }
+        self.mode_changes.push(ModeChange { window: Some(w), ..change });
+        Response::ModeScheduled { bits, from: w.from, until: w.until }
     }
 
     /// [`Request::EndModeWindow`]: the station's last window starting at `from` that has not
     /// ended ends at `at`; one that has not begun is removed.
     fn end_mode_window(&mut self, station: StationCode, from: Timestamp, at: Timestamp) -> Response {
-        let open = |c: &ModeChange| {
-            c.station == station
-                && c.window.is_some_and(|w| w.from == from && w.ended_at.is_none() && w.until > at)
-        };
-        let Some(change) = self.mode_changes.iter_mut().rev().find(|c| open(c)) else {
+        let found = self.mode_changes.iter_mut().rev().filter(|c| c.station == station).find_map(|c| {
+            let bits = c.bits;
+            c.window
+                .as_mut()
+                .filter(|w| w.from == from && w.ended_at.is_none() && w.until > at)
+                .map(|w| (bits, w))
+        });
+        let Some((bits, w)) = found else {
             return Response::Rejected { rejection: Rejection::NoModeWindow { from } };
         };
-        let bits = change.bits;
-        let Some(w) = change.window.as_mut() else {
-            return Response::Rejected { rejection: Rejection::NoModeWindow { from } };
-        };
-        let end = at.max(w.from);
         let scheduled_until = w.until;
         w.ended_at = Some(at);
+        let end = w.end();
         for p in self.modes.periods.iter_mut().filter(|p| {
             p.station == station && p.bits == bits && p.from == from && p.until == Some(scheduled_until)
         }) {
             p.until = Some(end);
         }
         self.modes.periods.retain(|p| p.until.is_none_or(|u| u > p.from));
-        Response::ModeScheduled { from, until: end }
+        Response::ModeScheduled { bits, from, until: end }
     }
 
     /// Index of the last ledger entry (0 when the ledger is empty).
@@ -349,9 +389,9 @@ impl StationState {
                     reason: reason.clone(),
                     actor: actor.clone(),
                     at: *at,
-                    window: Some(ModeWindow { from: *from, until: *until, ended_at: None }),
+                    window: None,
                 };
-                self.schedule_mode(change)
+                self.schedule_mode(change, ModeWindow { from: *from, until: *until, ended_at: None })
             }
             Request::EndModeWindow { station, from, at } => self.end_mode_window(*station, *from, *at),
             Request::ClearingAck { through_index } => {

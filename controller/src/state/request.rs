@@ -349,8 +349,9 @@ pub enum Response {
         bits: ModeBits,
         previous: ModeBits,
     },
-    /// A window scheduled or ended: the bits are added from `from` until `until`.
+    /// A window scheduled or ended: `bits` are added from `from` until `until`.
     ModeScheduled {
+        bits: ModeBits,
         from: Timestamp,
         until: Timestamp,
     },

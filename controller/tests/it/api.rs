@@ -389,6 +389,31 @@ async fn mode_changes_and_emergency_release_are_audited_with_who_and_why() {
     n.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_mode_sent_back_during_a_window_does_not_make_the_windows_bits_outlive_it() {
+    let n = ApiNode::start(true).await;
+    let put = |names: Value, reason: &str| json!({"names": names, "reason": reason});
+    let (s, v) =
+        n.call(Method::PUT, "/api/v1/mode", Some(OPERATOR), Some(put(json!(["time_free"]), "a"))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let from = controller::clock::now().0;
+    let window =
+        json!({"names": ["closed", "time_free"], "from": from, "until": from + 3_600_000, "reason": "works"});
+    let (s, v) = n.call(Method::POST, "/api/v1/mode/schedule", Some(OPERATOR), Some(window)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(n.get("/api/v1/mode", VIEWER).await["bits"], 0x102, "the window's bits are in force");
+    // The console sends the whole set it shows, with one bit more.
+    let all = put(json!(["closed", "time_free", "fare_free"]), "b");
+    let (s, v) = n.call(Method::PUT, "/api/v1/mode", Some(OPERATOR), Some(all)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["bits"], 0x00a, "closed is the window's, time_free the station's own too: {v}");
+    let end = json!({"from": from, "reason": "works done"});
+    let (s, v) = n.call(Method::POST, "/api/v1/mode/schedule/end", Some(OPERATOR), Some(end)).await;
+    assert_eq!((s, v["bits"].as_u64()), (StatusCode::OK, Some(0x102)), "{v}");
+    assert_eq!(n.get("/api/v1/mode", VIEWER).await["bits"], 0x00a, "only the station's own bits remain");
+    n.stop().await;
+}
+
 pub fn small_network() -> Value {
     json!({
         "name": "test line",

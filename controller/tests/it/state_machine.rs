@@ -356,11 +356,11 @@ fn a_scheduled_window_adds_its_bits_from_its_start_until_its_end_and_can_be_ende
     );
     let (from, until) = (t0.plus_minutes(60), t0.plus_minutes(120));
     let r = items.apply(&mut st, &schedule(ModeBits::CLOSED, from, until));
-    assert_eq!(r, Response::ModeScheduled { from, until });
+    assert_eq!(r, Response::ModeScheduled { bits: ModeBits::CLOSED, from, until });
     // The union: the station's own bits, and the window's while it runs.
     assert_eq!(st.modes.bits_at(s, t0.plus_minutes(59)), ModeBits::FARE_FREE);
     assert_eq!(st.modes.bits_at(s, t0.plus_minutes(61)), ModeBits::FARE_FREE.with(ModeBits::CLOSED));
-    assert_eq!(st.modes.window_bits_at(s, t0.plus_minutes(61)), ModeBits::CLOSED);
+    assert_eq!(st.window_bits(s, t0.plus_minutes(61)), ModeBits::CLOSED);
     assert_eq!(st.modes.bits_at(s, until), ModeBits::FARE_FREE);
     // A change made at once meanwhile leaves the window alone.
     items.apply(
@@ -376,7 +376,10 @@ fn a_scheduled_window_adds_its_bits_from_its_start_until_its_end_and_can_be_ende
     assert_eq!(st.modes.bits_at(s, t0.plus_minutes(91)), ModeBits::CLOSED);
     // Ended early: from then on only the station's own bits.
     let end = Request::EndModeWindow { station: s, from, at: t0.plus_minutes(100) };
-    assert_eq!(items.apply(&mut st, &end), Response::ModeScheduled { from, until: t0.plus_minutes(100) });
+    assert_eq!(
+        items.apply(&mut st, &end),
+        Response::ModeScheduled { bits: ModeBits::CLOSED, from, until: t0.plus_minutes(100) }
+    );
     assert_eq!(st.modes.bits_at(s, t0.plus_minutes(101)), ModeBits::NORMAL);
     assert!(matches!(items.apply(&mut st, &end), Response::Rejected { .. }), "ended once");
     // A window ended before it began is gone; an empty or inverted one is refused.
